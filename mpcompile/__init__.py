@@ -1,0 +1,6 @@
+"""mpcompile: a declarative mixed-precision compiler for PyTorch."""
+from . import formats
+from .errors import FormatError, MpcompileError
+from .rounding import ROUNDING_MODES, quantize, set_quantize_backend
+
+__all__ = ["formats", "quantize", "ROUNDING_MODES", "set_quantize_backend", "MpcompileError", "FormatError"]

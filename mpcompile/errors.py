@@ -1,0 +1,11 @@
+"""Exceptions raised by mpcompile; each message says what was wrong, where, and what to do."""
+
+__all__ = ["MpcompileError", "FormatError"]
+
+
+class MpcompileError(Exception):
+    """Base class of mpcompile's own errors."""
+
+
+class FormatError(MpcompileError, ValueError):
+    """A number-format name or spec that cannot be read or built."""

@@ -1,0 +1,369 @@
+"""``quantize``: what a value becomes in a format, to the last bit.
+
+The semantics are gfloat's ``round_float`` (all of its modes, saturation, special values),
+written as vectorised torch code over the bits of float32/float64 so that it runs on any
+device without a float64 detour or a host synchronisation. Rounding happens on the
+magnitude: ``|x| = y * 2**qe`` with ``qe`` the quantum exponent of ``x`` in the format, then
+``y`` is rounded to an integer by the mode, with exact tests on ``y - floor(y)``.
+
+Backends (the fused CPU path, Triton kernels) register with ``register_backend`` and must
+be bit-identical to ``reference_quantize``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Literal, NamedTuple
+
+import torch
+
+from .formats import BlockFormat, FixedFormat, FloatFormat, Format, parse
+from .formats.block_format import SCALE_EXP_MAX, SCALE_EXP_MIN
+
+__all__ = [
+    "Rounding", "ROUNDING_MODES", "quantize", "QuantPlan", "plan_quantize", "reference_quantize",
+    "register_backend", "set_quantize_backend", "get_quantize_backend", "default_sr_bits",
+]
+
+Rounding = Literal["nearest", "nearest_away", "toward_zero", "up", "down", "odd", "stochastic"]
+ROUNDING_MODES: tuple[str, ...] = ("nearest", "nearest_away", "toward_zero", "up", "down", "odd", "stochastic")
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """Everything about a quantization that is fixed before looking at data.
+
+    Equal plans run the same code, so backends may cache compiled kernels by plan.
+    Per-format numbers are not in the plan but in ``QuantParams`` (tensors), so that one
+    compiled kernel serves a whole family of formats.
+    """
+
+    kind: Literal["float", "fixed"]
+    rounding: str
+    saturate: bool
+    dtype: torch.dtype  # working dtype: float32 or float64
+    signed: bool
+    has_inf: bool
+    has_zero: bool
+    has_nz: bool
+    ftz: bool  # no subnormals: values under min_normal round between 0 and min_normal
+    parity_by_exponent: bool  # man == 0: ties-to-even looks at the exponent code
+    exact_exponent: bool  # the format reaches below the working dtype's normal range
+    finer_than_input: bool  # the format's grid can be finer than the input's
+    one_step_scale: bool  # every 2**k needed fits one power of two of the working dtype
+    sr_int_path: bool  # stochastic: more random bits than the working float holds exactly
+    block_size: int | None = None
+    axis: int = -1
+
+
+class QuantParams(NamedTuple):
+    """Per-format numbers, as 0-d tensors on the input's device."""
+
+    man: torch.Tensor  # int32: trailing significand bits (float) / fraction bits (fixed)
+    emin: torch.Tensor  # int32: exponent of the smallest normal binade (float)
+    bias: torch.Tensor  # int32
+    max: torch.Tensor  # largest finite magnitude (positive side)
+    neg_max: torch.Tensor  # largest finite magnitude on the negative side
+    min_pos: torch.Tensor  # smallest positive value
+    elem_emax: torch.Tensor  # int32: emax of a block's element format
+    sr_bits: torch.Tensor  # int64: random bits per value
+
+
+# -- dtype helpers ----------------------------------------------------------------------------
+_DT = {torch.float32: (torch.int32, 23, 127), torch.float64: (torch.int64, 52, 1023)}
+
+
+def _exponent(a: torch.Tensor) -> torch.Tensor:
+    """floor(log2(a)) for normal a >= 0, from the bits; -bias for zero and subnormals."""
+    itype, man, bias = _DT[a.dtype]
+    return ((a.view(itype) >> man) - bias).to(torch.int32)
+
+
+def _exp2i(k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """2**k, exact, for integer k inside the normal exponent range of dtype."""
+    itype, man, bias = _DT[dtype]
+    return ((k.to(itype) + bias) << man).view(dtype)
+
+
+def _scale(v: torch.Tensor, k: torch.Tensor, one_step: bool) -> torch.Tensor:
+    """v * 2**k, exact wherever the result is representable (two steps avoid 2**k overflow)."""
+    if one_step:
+        return v * _exp2i(k, v.dtype)
+    h = k >> 1
+    return v * _exp2i(h, v.dtype) * _exp2i(k - h, v.dtype)
+
+
+# -- the kernel ---------------------------------------------------------------------------------
+def _round_magnitude(a, neg, qe, plan: QuantPlan, p: QuantParams, bits):
+    """Round |x| = a to a multiple of 2**qe by plan.rounding; returns the rounded magnitude."""
+    y = _scale(a, -qe, plan.one_step_scale)
+    mode = plan.rounding
+    if mode == "nearest" and not plan.parity_by_exponent:
+        return _scale(torch.round(y), qe, plan.one_step_scale)  # torch.round is ties-to-even
+    fl = torch.floor(y)
+    if mode == "toward_zero":
+        return _scale(fl, qe, plan.one_step_scale)
+    delta = y - fl  # exact
+    if mode in ("nearest", "odd"):
+        if plan.parity_by_exponent:  # p == 1: the code's parity is the exponent's (as gfloat)
+            is_odd = (fl != 0) & (((qe + p.bias) & 1) == 1)
+        else:
+            is_odd = torch.remainder(fl, 2) == 1
+        away = (delta > 0.5) | ((delta == 0.5) & is_odd) if mode == "nearest" else (delta > 0) & ~is_odd
+    elif mode == "nearest_away":
+        away = delta >= 0.5
+    elif mode == "up":
+        away = (delta > 0) & ~neg
+    elif mode == "down":
+        away = (delta > 0) & neg
+    else:  # stochastic, as gfloat: delta rounded to sr_bits bits (ties to even), then compared
+        one = torch.ones((), dtype=a.dtype, device=a.device)
+        d = torch.round(_scale(delta, p.sr_bits.to(torch.int32), True))
+        if plan.sr_int_path:
+            away = d.to(torch.int64) + bits.to(torch.int64) >= (torch.ones_like(p.sr_bits) << p.sr_bits)
+        else:
+            away = d + bits.to(a.dtype) >= _scale(one, p.sr_bits.to(torch.int32), True)
+    return _scale(fl + away.to(a.dtype), qe, plan.one_step_scale)
+
+
+def _round_values(x, plan: QuantPlan, p: QuantParams, bits, scale_exp=None):
+    """Round every element of x (working dtype) to the format; scale_exp shifts it by 2**s."""
+    a = x.abs()
+    neg = torch.signbit(x)
+    if plan.kind == "float":
+        e = torch.frexp(a)[1] - 1 if plan.exact_exponent else _exponent(a)
+        emin = p.emin if scale_exp is None else p.emin + scale_exp
+        if plan.ftz:
+            qe = torch.where(e < emin, emin, e - p.man)
+        else:
+            qe = torch.maximum(e, emin) - p.man
+        if plan.finer_than_input:  # never round below the input's own grid
+            _, dman, dbias = _DT[a.dtype]
+            qe = torch.maximum(qe, torch.clamp_min(e, 1 - dbias) - dman)
+    else:
+        qe = -p.man if scale_exp is None else scale_exp - p.man
+    r = _round_magnitude(a, neg, qe, plan, p, bits)
+
+    amax = torch.where(neg, p.neg_max, p.max) if plan.kind == "fixed" else p.max
+    if scale_exp is not None:
+        amax = _scale(amax, scale_exp, False)
+    over = r > amax
+    if plan.saturate:
+        r = torch.where(over, amax, r)
+    else:
+        finite = torch.isfinite(a)
+        clamp = {"toward_zero": finite, "odd": finite, "up": finite & neg, "down": finite & ~neg}.get(plan.rounding)
+        if clamp is not None:
+            r = torch.where(over & clamp, amax, r)
+            over = r > amax
+        r = torch.where(over, torch.inf if plan.has_inf else torch.nan, r)
+    if not plan.has_zero:  # E8M0: nothing below min_pos, and zero is not a value
+        r = torch.where(a == 0, p.min_pos if plan.saturate else torch.nan, torch.maximum(r, p.min_pos))
+    if not plan.signed:  # negative values are out of range of an unsigned format
+        low = p.min_pos if not plan.has_zero else torch.zeros_like(p.min_pos)
+        return torch.where(neg & (a > 0), low if plan.saturate else torch.nan, r)
+    r = torch.copysign(r, x)
+    return r if plan.has_nz else torch.where(r == 0, 0.0, r)
+
+
+def _round_blocks(x, plan: QuantPlan, p: QuantParams, bits):
+    """Block-scaled rounding: s = clip(floor(log2(amax)) - elem_emax) per block, elements saturate."""
+    bs, axis = plan.block_size, plan.axis
+    xm = x.movedim(axis, -1)
+    n = xm.shape[-1]
+    pad = (-n) % bs
+    xb = torch.nn.functional.pad(xm, (0, pad)) if pad else xm
+    xb = xb.reshape(*xb.shape[:-1], -1, bs)
+    amax = xb.abs().amax(-1, keepdim=True)
+    log2 = torch.frexp(amax)[1] - 1  # exact also for subnormal amax
+    s = torch.clamp(log2 - p.elem_emax, SCALE_EXP_MIN, SCALE_EXP_MAX)
+    s = torch.where(amax == 0, SCALE_EXP_MIN, torch.where(torch.isinf(amax), SCALE_EXP_MAX, s))
+    s = s.expand(xb.shape).reshape(*xb.shape[:-2], -1)[..., :n].movedim(-1, axis)
+    r = _round_values(x, plan, p, bits, scale_exp=s)
+    block_nan = torch.isnan(amax).expand(xb.shape).reshape(*xb.shape[:-2], -1)[..., :n].movedim(-1, axis)
+    return torch.where(block_nan, torch.nan, r)
+
+
+def reference_quantize(x: torch.Tensor, plan: QuantPlan, params: QuantParams, bits: torch.Tensor | None) -> torch.Tensor:
+    """The reference kernel: eager torch. ``x`` is in ``plan.dtype``; bits as ``quantize`` draws them."""
+    if plan.block_size is not None:
+        return _round_blocks(x, plan, params, bits)
+    return _round_values(x, plan, params, bits)
+
+
+# -- plans ----------------------------------------------------------------------------------------
+def default_sr_bits(fmt: Format, dtype: torch.dtype = torch.float32) -> int:
+    """Random bits per value for stochastic rounding when none are given: the bits a value in
+    the format's normal range loses (``23 - man`` for float32 input), so that P(round away)
+    is exactly the fractional distance there; at least 1."""
+    elem = fmt.element if isinstance(fmt, BlockFormat) else fmt
+    dman = _DT[_work_dtype(dtype)][1]
+    return max(1, dman - elem.man) if isinstance(elem, FloatFormat) else dman
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def plan_quantize(fmt: Format, rounding: str, saturate: bool, dtype: torch.dtype, sr_bits: int) -> tuple[QuantPlan, dict]:
+    """The static plan and the per-format numbers (as Python values) of one quantization."""
+    work = _work_dtype(dtype)
+    _, dman, dbias = _DT[work]
+    block = fmt if isinstance(fmt, BlockFormat) else None
+    elem = fmt.element if block else fmt
+    dmax = torch.finfo(work).max
+    common = dict(rounding=rounding, saturate=saturate or block is not None, dtype=work,
+                  block_size=block.block_size if block else None, axis=block.axis if block else -1,
+                  sr_int_path=sr_bits > (24 if work == torch.float32 else 53))
+    if isinstance(elem, FixedFormat):
+        plan = QuantPlan(kind="fixed", signed=elem.signed, has_inf=False, has_zero=True, has_nz=False,
+                         ftz=False, parity_by_exponent=False, exact_exponent=False, finer_than_input=False,
+                         one_step_scale=block is None and abs(elem.fl) < dbias, **common)
+        nums = dict(man=elem.fl, emin=0, bias=0, max=min(elem.max, dmax), neg_max=min(-elem.min, dmax),
+                    min_pos=elem.min_subnormal)
+    else:
+        qe_lo = elem.emin - elem.man
+        qe_hi = dbias + 1 - elem.man
+        plan = QuantPlan(kind="float", signed=elem.signed, has_inf=elem.inf, has_zero=elem.has_zero,
+                         has_nz=bool(elem.neg_zero), ftz=not elem.subnormals and elem.man > 0,
+                         parity_by_exponent=elem.man == 0, exact_exponent=elem.emin < 1 - dbias,
+                         finer_than_input=elem.man > dman or qe_lo < 1 - dbias - dman,
+                         one_step_scale=block is None and -dbias < qe_lo and qe_hi < dbias,
+                         **common)
+        nums = dict(man=elem.man, emin=elem.emin, bias=elem.bias, max=min(elem.max, dmax),
+                    neg_max=min(elem.max, dmax), min_pos=elem.min_subnormal)
+    nums["elem_emax"] = elem.emax
+    nums["sr_bits"] = sr_bits
+    return plan, nums
+
+
+_PARAM_CACHE: dict = {}
+
+
+def _params(nums: dict, dtype: torch.dtype, device: torch.device) -> QuantParams:
+    key = (tuple(sorted(nums.items())), dtype, device)
+    hit = _PARAM_CACHE.get(key)
+    if hit is None:
+        ints = {"man", "emin", "bias", "elem_emax"}
+        hit = QuantParams(**{
+            k: torch.tensor(v, dtype=torch.int64 if k == "sr_bits" else torch.int32 if k in ints else dtype, device=device)
+            for k, v in nums.items()})
+        _PARAM_CACHE[key] = hit
+    return hit
+
+
+# -- backends ------------------------------------------------------------------------------------
+Kernel = Callable[[torch.Tensor, QuantPlan, QuantParams, "torch.Tensor | None"], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class _Backend:
+    name: str
+    kernel: Kernel
+    accepts: Callable[[torch.Tensor, QuantPlan], bool]
+
+
+_BACKENDS: dict[str, _Backend] = {"reference": _Backend("reference", reference_quantize, lambda x, plan: True)}
+_ENV = "MPCOMPILE_QUANTIZE_BACKEND"
+_forced: str | None = None
+
+
+def register_backend(name: str, kernel: Kernel, accepts: Callable[[torch.Tensor, QuantPlan], bool]) -> None:
+    """Add a backend; in ``auto`` mode the most recently registered one that accepts a call runs it.
+
+    Args:
+        name: the name ``set_quantize_backend`` and the environment variable use.
+        kernel: same contract as ``reference_quantize``, and bit-identical to it.
+        accepts: whether the backend should take this input and plan when not forced.
+    """
+    _BACKENDS[name] = _Backend(name, kernel, accepts)
+
+
+def set_quantize_backend(name: str | None) -> None:
+    """Force a backend for every ``quantize`` call (``"reference"`` = eager torch, ``"fused"``),
+    or ``None``/``"auto"`` to choose per call. Overrides the ``MPCOMPILE_QUANTIZE_BACKEND``
+    environment variable."""
+    global _forced
+    if name not in (None, "auto") and name not in _BACKENDS:
+        raise ValueError(f"set_quantize_backend: unknown backend {name!r}; known: auto, {', '.join(_BACKENDS)}")
+    _forced = None if name == "auto" else name
+
+
+def get_quantize_backend() -> str:
+    """The forced backend name, or ``"auto"``."""
+    name = _forced or os.environ.get(_ENV, "auto")
+    if name != "auto" and name not in _BACKENDS:
+        raise ValueError(f"{_ENV}={name!r} is not a backend; use auto, {', '.join(_BACKENDS)}")
+    return name
+
+
+def _select(x: torch.Tensor, plan: QuantPlan) -> _Backend:
+    name = get_quantize_backend()
+    if name != "auto":
+        return _BACKENDS[name]
+    for backend in reversed(list(_BACKENDS.values())):
+        if backend.accepts(x, plan):
+            return backend
+    return _BACKENDS["reference"]
+
+
+# -- the public function -----------------------------------------------------------------------
+def quantize(
+    x: torch.Tensor,
+    fmt: "Format | str",
+    rounding: Rounding = "nearest",
+    *,
+    saturate: bool = False,
+    sr_bits: int | None = None,
+    random_bits: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Round every element of ``x`` to a value of ``fmt``.
+
+    Args:
+        x: float64, float32, float16 or bfloat16 tensor (the last two are computed in float32).
+        fmt: a format or a name/spec that ``mpcompile.formats.parse`` reads.
+        rounding: one of ``ROUNDING_MODES``: ``nearest`` (ties to even), ``nearest_away``,
+            ``toward_zero``, ``up``, ``down``, ``odd`` (truncate, then set the last bit if inexact)
+            or ``stochastic``.
+        saturate: finite overflow and infinities become +-max instead of inf (or NaN where
+            the format has no inf). Block formats always saturate their elements.
+        sr_bits: random bits per value for ``stochastic`` (default ``default_sr_bits``).
+        random_bits: integer tensor of x's shape with values in ``[0, 2**sr_bits)``; replaces
+            the generator, so results can be checked against other implementations.
+        generator: source of random bits (default: torch's global generator).
+
+    Returns:
+        A tensor of x's shape, dtype and device whose finite entries are values of ``fmt``.
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"quantize: x must be a floating-point tensor, got "
+                        f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+    fmt = parse(fmt)
+    if rounding not in ROUNDING_MODES:
+        raise ValueError(f"quantize: rounding={rounding!r} is not one of {', '.join(ROUNDING_MODES)}")
+    if isinstance(fmt, BlockFormat) and not -x.dim() <= fmt.axis < max(x.dim(), 1):
+        raise ValueError(f"quantize: {fmt} blocks run along axis {fmt.axis}, but x has {x.dim()} dims")
+    bits = None
+    n = default_sr_bits(fmt, x.dtype) if sr_bits is None else sr_bits
+    if rounding == "stochastic":
+        if not isinstance(n, int) or not 1 <= n <= 62:
+            raise ValueError(f"quantize: sr_bits={sr_bits!r} must be an integer in [1, 62]")
+        bits = _random_bits(x, n, random_bits, generator)
+    elif random_bits is not None or sr_bits is not None:
+        raise ValueError(f"quantize: random_bits and sr_bits apply only to rounding='stochastic', not {rounding!r}")
+    plan, nums = plan_quantize(fmt, rounding, saturate, x.dtype, n)
+    params = _params(nums, plan.dtype, x.device)
+    xw = x.to(plan.dtype)
+    out = _select(xw, plan).kernel(xw, plan, params, bits)
+    return out.to(x.dtype)
+
+
+def _random_bits(x: torch.Tensor, n: int, random_bits: torch.Tensor | None, generator) -> torch.Tensor:
+    if random_bits is None:
+        itype = torch.int32 if n <= 31 else torch.int64
+        return torch.randint(0, 2**n, x.shape, generator=generator, dtype=itype, device=x.device)
+    if random_bits.shape != x.shape or random_bits.is_floating_point() or random_bits.dtype == torch.bool:
+        raise ValueError(f"quantize: random_bits must be an integer tensor of x's shape {tuple(x.shape)}, "
+                         f"got {random_bits.dtype} of shape {tuple(random_bits.shape)}")
+    return random_bits.to(x.device)
