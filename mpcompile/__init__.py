@@ -1,5 +1,5 @@
 """mpcompile: a declarative mixed-precision compiler for PyTorch."""
-from . import formats
+from . import codegen, formats
 from .errors import FormatError, MpcompileError
 from .rounding import ROUNDING_MODES, quantize, set_quantize_backend
 

@@ -76,34 +76,41 @@ _DT = {torch.float32: (torch.int32, 23, 127), torch.float64: (torch.int64, 52, 1
 def _exponent(a: torch.Tensor) -> torch.Tensor:
     """floor(log2(a)) for normal a >= 0, from the bits; -bias for zero and subnormals."""
     itype, man, bias = _DT[a.dtype]
-    return ((a.view(itype) >> man) - bias).to(torch.int32)
+    e = (a.view(itype) >> man).sub_(bias)
+    return e if itype == torch.int32 else e.to(torch.int32)
 
 
-def _exp2i(k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """2**k, exact, for integer k inside the normal exponent range of dtype."""
+def _pow2(k: torch.Tensor, dtype: torch.dtype, negate: bool) -> torch.Tensor:
+    """2**k (2**-k if negate), exact, for integer k inside the normal exponent range of dtype."""
     itype, man, bias = _DT[dtype]
-    return ((k.to(itype) + bias) << man).view(dtype)
+    k = k.to(itype)
+    return (bias - k if negate else k + bias).bitwise_left_shift_(man).view(dtype)
 
 
-def _scale(v: torch.Tensor, k: torch.Tensor, one_step: bool) -> torch.Tensor:
-    """v * 2**k, exact wherever the result is representable (two steps avoid 2**k overflow)."""
+def _scale(v: torch.Tensor, k: torch.Tensor, one_step: bool, negate: bool = False, out=None) -> torch.Tensor:
+    """v * 2**k (2**-k if negate), exact wherever the result is representable.
+
+    Two steps of 2**(k/2) reach the whole exponent range where 2**k itself would overflow.
+    ``out`` may be ``v`` when v is a temporary (the eager path then allocates less).
+    """
     if one_step:
-        return v * _exp2i(k, v.dtype)
+        return torch.mul(v, _pow2(k, v.dtype, negate), out=out)
     h = k >> 1
-    return v * _exp2i(h, v.dtype) * _exp2i(k - h, v.dtype)
+    return torch.mul(v, _pow2(h, v.dtype, negate), out=out).mul_(_pow2(k - h, v.dtype, negate))
 
 
 # -- the kernel ---------------------------------------------------------------------------------
 def _round_magnitude(a, neg, qe, plan: QuantPlan, p: QuantParams, bits):
     """Round |x| = a to a multiple of 2**qe by plan.rounding; returns the rounded magnitude."""
-    y = _scale(a, -qe, plan.one_step_scale)
+    one_step = plan.one_step_scale
+    y = _scale(a, qe, one_step, negate=True)
     mode = plan.rounding
     if mode == "nearest" and not plan.parity_by_exponent:
-        return _scale(torch.round(y), qe, plan.one_step_scale)  # torch.round is ties-to-even
-    fl = torch.floor(y)
+        return _scale(y.round_(), qe, one_step, out=y)  # torch.round is ties-to-even
     if mode == "toward_zero":
-        return _scale(fl, qe, plan.one_step_scale)
-    delta = y - fl  # exact
+        return _scale(y.floor_(), qe, one_step, out=y)
+    fl = torch.floor(y)
+    delta = y.sub_(fl)  # exact
     if mode in ("nearest", "odd"):
         if plan.parity_by_exponent:  # p == 1: the code's parity is the exponent's (as gfloat)
             is_odd = (fl != 0) & (((qe + p.bias) & 1) == 1)
@@ -117,13 +124,13 @@ def _round_magnitude(a, neg, qe, plan: QuantPlan, p: QuantParams, bits):
     elif mode == "down":
         away = (delta > 0) & neg
     else:  # stochastic, as gfloat: delta rounded to sr_bits bits (ties to even), then compared
-        one = torch.ones((), dtype=a.dtype, device=a.device)
-        d = torch.round(_scale(delta, p.sr_bits.to(torch.int32), True))
+        n = p.sr_bits.to(torch.int32)
+        d = _scale(delta, n, True, out=delta).round_()
         if plan.sr_int_path:
             away = d.to(torch.int64) + bits.to(torch.int64) >= (torch.ones_like(p.sr_bits) << p.sr_bits)
         else:
-            away = d + bits.to(a.dtype) >= _scale(one, p.sr_bits.to(torch.int32), True)
-    return _scale(fl + away.to(a.dtype), qe, plan.one_step_scale)
+            away = d.add_(bits) >= _pow2(n, a.dtype, False)
+    return _scale(fl.add_(away), qe, one_step, out=fl)
 
 
 def _round_values(x, plan: QuantPlan, p: QuantParams, bits, scale_exp=None):
@@ -131,7 +138,7 @@ def _round_values(x, plan: QuantPlan, p: QuantParams, bits, scale_exp=None):
     a = x.abs()
     neg = torch.signbit(x)
     if plan.kind == "float":
-        e = torch.frexp(a)[1] - 1 if plan.exact_exponent else _exponent(a)
+        e = (torch.frexp(a)[1] - 1) if plan.exact_exponent else _exponent(a)
         emin = p.emin if scale_exp is None else p.emin + scale_exp
         if plan.ftz:
             qe = torch.where(e < emin, emin, e - p.man)
@@ -147,23 +154,22 @@ def _round_values(x, plan: QuantPlan, p: QuantParams, bits, scale_exp=None):
     amax = torch.where(neg, p.neg_max, p.max) if plan.kind == "fixed" else p.max
     if scale_exp is not None:
         amax = _scale(amax, scale_exp, False)
-    over = r > amax
     if plan.saturate:
-        r = torch.where(over, amax, r)
+        r = torch.minimum(r, amax, out=r)  # NaN stays NaN
     else:
-        finite = torch.isfinite(a)
-        clamp = {"toward_zero": finite, "odd": finite, "up": finite & neg, "down": finite & ~neg}.get(plan.rounding)
-        if clamp is not None:
-            r = torch.where(over & clamp, amax, r)
-            over = r > amax
-        r = torch.where(over, torch.inf if plan.has_inf else torch.nan, r)
+        if plan.rounding in ("toward_zero", "odd", "up", "down"):  # never round a finite value to inf
+            clamp = torch.isfinite(a)
+            if plan.rounding in ("up", "down"):
+                clamp &= neg if plan.rounding == "up" else ~neg
+            r = torch.where((r > amax) & clamp, amax, r)
+        r = r.masked_fill_(r > amax, torch.inf if plan.has_inf else torch.nan)
     if not plan.has_zero:  # E8M0: nothing below min_pos, and zero is not a value
         r = torch.where(a == 0, p.min_pos if plan.saturate else torch.nan, torch.maximum(r, p.min_pos))
     if not plan.signed:  # negative values are out of range of an unsigned format
         low = p.min_pos if not plan.has_zero else torch.zeros_like(p.min_pos)
         return torch.where(neg & (a > 0), low if plan.saturate else torch.nan, r)
-    r = torch.copysign(r, x)
-    return r if plan.has_nz else torch.where(r == 0, 0.0, r)
+    r = torch.copysign(r, x, out=r)
+    return r if plan.has_nz else r.masked_fill_(r == 0, 0.0)
 
 
 def _round_blocks(x, plan: QuantPlan, p: QuantParams, bits):

@@ -1,0 +1,74 @@
+"""quantize speed on the CPU, as ratios to torch's own fp8 cast of the same data.
+
+16M float32 values; every figure is the median of --runs runs in this one process, after a
+warm-up call (which, for the fused backend, also pays the one-time compile, reported apart).
+glibc is told to keep freed memory (MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_) so that
+fresh large buffers do not page-fault on every call; the script re-executes itself to set it.
+
+    .venv/bin/python benchmarks/quantize.py [--runs 7] [--numel 16777216]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+if any(os.environ.get(k) != v for k, v in _MALLOC.items()):
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_MALLOC})
+
+import torch  # noqa: E402
+
+from mpcompile import quantize, set_quantize_backend  # noqa: E402
+
+CASES = [("fp8_e4m3", "nearest"), ("fp8_e4m3", "stochastic"), ("bf16", "nearest"),
+         ("fp8_e5m2", "nearest"), ("mxfp8_e4m3", "nearest")]
+
+
+def median_seconds(fn, runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--numel", type=int, default=16 * 2**20)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    x = torch.randn(args.numel)
+    y = torch.empty_like(x)
+
+    def torch_cast():
+        return x.to(torch.float8_e4m3fn).float()
+
+    torch_cast()
+    base = median_seconds(torch_cast, args.runs)
+    print(f"{args.numel / 2**20:.0f}M float32 values, {torch.get_num_threads()} threads, median of {args.runs} runs, "
+          f"malloc kept ({', '.join(f'{k}={v}' for k, v in _MALLOC.items())})")
+    print(f"{'case':34s} {'ms':>9s} {'x torch cast':>13s}")
+    print(f"{'torch x.to(float8_e4m3fn).float()':34s} {base * 1e3:9.1f} {1.0:13.2f}")
+    y.copy_(x)
+    floor = median_seconds(lambda: y.copy_(x), args.runs)
+    print(f"{'y.copy_(x) (bandwidth floor)':34s} {floor * 1e3:9.1f} {floor / base:13.2f}")
+    for backend in ("reference", "fused"):
+        set_quantize_backend(backend)
+        for fmt, rounding in CASES:
+            start = time.perf_counter()
+            quantize(x, fmt, rounding)  # warm-up; compiles on the fused backend
+            first = time.perf_counter() - start
+            t = median_seconds(lambda: quantize(x, fmt, rounding), args.runs)
+            name = f"{'eager' if backend == 'reference' else 'fused'} {fmt} {rounding}"
+            note = f"   (first call {first:.1f} s, compile included)" if backend == "fused" else ""
+            print(f"{name:34s} {t * 1e3:9.1f} {t / base:13.2f}{note}")
+    set_quantize_backend(None)
+
+
+if __name__ == "__main__":
+    main()

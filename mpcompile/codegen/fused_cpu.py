@@ -1,0 +1,52 @@
+"""The fused CPU backend: the reference kernel compiled by torch.compile (inductor).
+
+Eager torch makes one pass over memory per op; compiled, the dozen ops of a quantization
+become one loop. A kernel is compiled once per ``QuantPlan`` (format family, rounding mode,
+dtype) with dynamic shapes, since per-format numbers arrive as tensors. Used for CPU tensors
+of at least ``MIN_NUMEL`` elements; if compilation fails the call falls back to the reference
+with a warning.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..rounding import QuantParams, QuantPlan, reference_quantize, register_backend
+
+__all__ = ["MIN_NUMEL", "fused_quantize", "compiled_kernels"]
+
+MIN_NUMEL = 1 << 20  # below this, compile time and call overhead outweigh the fusion
+
+_KERNELS: dict[QuantPlan, object] = {}
+_FAILED: set[QuantPlan] = set()
+
+
+def compiled_kernels() -> int:
+    """How many kernels have been compiled in this process."""
+    return len(_KERNELS)
+
+
+def _kernel(plan: QuantPlan):
+    kernel = _KERNELS.get(plan)
+    if kernel is None:
+        def run(x: torch.Tensor, params: QuantParams, bits: torch.Tensor | None) -> torch.Tensor:
+            return reference_quantize(x, plan, params, bits)
+
+        kernel = _KERNELS[plan] = torch.compile(run, dynamic=True, fullgraph=True)
+    return kernel
+
+
+def fused_quantize(x: torch.Tensor, plan: QuantPlan, params: QuantParams, bits: torch.Tensor | None) -> torch.Tensor:
+    """``reference_quantize``, compiled; same contract and bit-identical results."""
+    if plan not in _FAILED:
+        try:
+            return _kernel(plan)(x, params, bits)
+        except Exception as err:  # a compiler failure must not cost the user the result
+            _FAILED.add(plan)
+            warnings.warn(f"mpcompile: fused quantize failed to compile for {plan}; using the eager "
+                          f"reference from now on ({type(err).__name__}: {err})", RuntimeWarning, stacklevel=3)
+    return reference_quantize(x, plan, params, bits)
+
+
+register_backend("fused", fused_quantize, lambda x, plan: x.device.type == "cpu" and x.numel() >= MIN_NUMEL)
