@@ -8,6 +8,7 @@ with a warning.
 """
 from __future__ import annotations
 
+import types
 import warnings
 
 import torch
@@ -33,6 +34,10 @@ def _kernel(plan: QuantPlan):
         def run(x: torch.Tensor, params: QuantParams, bits: torch.Tensor | None) -> torch.Tensor:
             return reference_quantize(x, plan, params, bits)
 
+        # dynamo caches per code object, up to a small recompile limit; a code object of its
+        # own per plan keeps many formats and modes from sharing (and exhausting) one cache
+        code = run.__code__.replace(co_name=f"quantize_plan_{len(_KERNELS)}")
+        run = types.FunctionType(code, run.__globals__, code.co_name, None, run.__closure__)
         kernel = _KERNELS[plan] = torch.compile(run, dynamic=True, fullgraph=True)
     return kernel
 

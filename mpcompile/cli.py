@@ -1,0 +1,50 @@
+"""The ``mpcompile`` command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import MpcompileError
+from .formats import BlockFormat, FixedFormat, FloatFormat, Format, get, names, parse
+
+__all__ = ["main", "formats_table"]
+
+
+def _specials(fmt: Format) -> str:
+    if isinstance(fmt, BlockFormat):
+        return f"{fmt.block_size} x {fmt.element} + e8m0 scale"
+    if isinstance(fmt, FixedFormat):
+        return "none" + ("" if fmt.signed else ", unsigned")
+    parts = ["inf" if fmt.inf else "", {"ieee": "NaN", "fn": "NaN (all ones)", "negzero": "NaN (-0 code)"}.get(fmt.nan, ""),
+             "-0" if fmt.neg_zero else "", "" if fmt.signed else "unsigned", "" if fmt.has_zero else "no zero",
+             "" if fmt.subnormals else "no subnormals"]
+    return ", ".join(p for p in parts if p) or "none"
+
+
+def formats_table(fmts: list[Format]) -> str:
+    """A text table of the formats' bits, range, precision and special values."""
+    head = ("format", "bits", "max", "min normal", "min subnormal", "eps", "special values")
+    rows = [(str(f), str(f.bits), f"{f.max:.6g}", f"{f.min_normal:.6g}", f"{f.min_subnormal:.6g}",
+             f"{f.eps:.6g}", _specials(f)) for f in fmts]
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    line = lambda r: "  ".join(c.ljust(w) if i in (0, 6) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+    return "\n".join([line(head), line(tuple("-" * w for w in widths)), *map(line, rows)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="mpcompile", description="Mixed-precision compiler for PyTorch.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    fp = sub.add_parser("formats", help="list the number formats (or describe the given specs)")
+    fp.add_argument("specs", nargs="*", help="format names or specs, e.g. e5m10 'p3109(8,3)' 'mx(fp6_e3m2,16)'")
+    args = ap.parse_args(argv)
+    try:
+        if args.command == "formats":
+            print(formats_table([parse(s) for s in args.specs] if args.specs else [get(n) for n in names()]))
+    except MpcompileError as err:
+        print(f"mpcompile: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The fused CPU backend is bit-identical to the eager reference; the switch and fallback work."""
+import warnings
+
+import pytest
+import torch
+
+import mpcompile.codegen.fused_cpu as fused_cpu
+from mpcompile import quantize, set_quantize_backend
+from mpcompile.formats import parse
+from mpcompile.rounding import get_quantize_backend
+
+
+def both(x, fmt, rounding="nearest", seed=None, **kw):
+    """(reference, fused) results; ``seed`` gives each call a fresh generator with that seed."""
+    gen = lambda: {} if seed is None else {"generator": torch.Generator().manual_seed(seed)}
+    try:
+        set_quantize_backend("reference")
+        ref = quantize(x, fmt, rounding, **kw, **gen())
+        set_quantize_backend("fused")
+        got = quantize(x, fmt, rounding, **kw, **gen())
+    finally:
+        set_quantize_backend(None)
+    return ref, got
+
+
+def assert_bitwise(ref, got):
+    same = (ref == got) & (torch.signbit(ref) == torch.signbit(got)) | (ref.isnan() & got.isnan())
+    assert same.all(), f"{(~same).sum()} mismatches, first at {(~same).nonzero()[:3].tolist()}"
+
+
+def hard_data(n=1 << 14, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mag = torch.exp2(torch.empty(n).uniform_(-150, 128, generator=g))
+    x = torch.where(torch.rand(n, generator=g) < 0.5, -mag, mag)
+    x[:6] = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 448.0])
+    return x
+
+
+@pytest.mark.parametrize("fmt,rounding,saturate", [
+    ("fp8_e4m3", "nearest", False), ("fp8_e5m2", "up", True), ("bf16", "odd", False),
+    ("e8m0", "nearest", False), ("fixed(8,4)", "down", True), ("mxfp4_e2m1", "nearest_away", False),
+])
+def test_fused_equals_reference(fmt, rounding, saturate):
+    x = hard_data()
+    assert_bitwise(*both(x, fmt, rounding, saturate=saturate))
+
+
+def test_fused_stochastic_equals_reference_given_bits():
+    x = hard_data()
+    bits = torch.randint(0, 2**20, x.shape, generator=torch.Generator().manual_seed(1))
+    assert_bitwise(*both(x, "fp8_e4m3", "stochastic", sr_bits=20, random_bits=bits))
+    # the default bits come from the same generator stream on both backends
+    ref, got = both(x, "fp8_e4m3", "stochastic", seed=5)
+    assert_bitwise(ref, got)
+
+
+def test_one_kernel_per_family_not_per_shape_or_format():
+    before = fused_cpu.compiled_kernels()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a recompile-limit fallback would warn
+        for n, fmt in [(1000, "fp8_e5m2"), (3000, "fp16"), (777, "e4m3")]:  # IEEE-style family, nearest
+            assert_bitwise(*both(torch.randn(n), fmt))
+    assert fused_cpu.compiled_kernels() - before <= 1
+
+
+def test_auto_picks_fused_for_large_cpu_tensors(monkeypatch):
+    from mpcompile.rounding import _select, plan_quantize
+
+    monkeypatch.setattr(fused_cpu, "MIN_NUMEL", 100)
+    plan, _ = plan_quantize(parse("fp8_e4m3"), "nearest", False, torch.float32, 20)
+    assert _select(torch.zeros(100), plan).name == "fused"
+    assert _select(torch.zeros(99), plan).name == "reference"
+    set_quantize_backend("reference")
+    try:
+        assert _select(torch.zeros(100), plan).name == "reference"
+    finally:
+        set_quantize_backend(None)
+
+
+def test_backend_switch_env_and_errors(monkeypatch):
+    monkeypatch.setenv("MPCOMPILE_QUANTIZE_BACKEND", "reference")
+    assert get_quantize_backend() == "reference"
+    monkeypatch.setenv("MPCOMPILE_QUANTIZE_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="MPCOMPILE_QUANTIZE_BACKEND"):
+        quantize(torch.ones(3), "fp16")
+    with pytest.raises(ValueError, match="unknown backend"):
+        set_quantize_backend("gpu9000")
+
+
+def test_compile_failure_falls_back_with_warning(monkeypatch):
+    def broken(fn, **kw):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(fused_cpu, "_KERNELS", {})
+    monkeypatch.setattr(fused_cpu, "_FAILED", set())
+    x = hard_data(256)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ref, got = both(x, "fp6_e3m2", "toward_zero", saturate=True)
+    assert_bitwise(ref, got)
+    assert any("failed to compile" in str(w.message) for w in caught)
