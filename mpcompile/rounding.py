@@ -179,15 +179,15 @@ def _round_blocks(x, plan: QuantPlan, p: QuantParams, bits):
     n = xm.shape[-1]
     pad = (-n) % bs
     xb = torch.nn.functional.pad(xm, (0, pad)) if pad else xm
-    xb = xb.reshape(*xb.shape[:-1], -1, bs)
+    xb = xb.reshape(*xb.shape[:-1], (n + pad) // bs, bs)
     amax = xb.abs().amax(-1, keepdim=True)
     log2 = torch.frexp(amax)[1] - 1  # exact also for subnormal amax
     s = torch.clamp(log2 - p.elem_emax, SCALE_EXP_MIN, SCALE_EXP_MAX)
     s = torch.where(amax == 0, SCALE_EXP_MIN, torch.where(torch.isinf(amax), SCALE_EXP_MAX, s))
-    s = s.expand(xb.shape).reshape(*xb.shape[:-2], -1)[..., :n].movedim(-1, axis)
+    unblock = lambda t: t.expand(xb.shape).reshape(*xb.shape[:-2], n + pad)[..., :n].movedim(-1, axis)
+    s = unblock(s)
     r = _round_values(x, plan, p, bits, scale_exp=s)
-    block_nan = torch.isnan(amax).expand(xb.shape).reshape(*xb.shape[:-2], -1)[..., :n].movedim(-1, axis)
-    return torch.where(block_nan, torch.nan, r)
+    return torch.where(unblock(torch.isnan(amax)), torch.nan, r)
 
 
 def reference_quantize(x: torch.Tensor, plan: QuantPlan, params: QuantParams, bits: torch.Tensor | None) -> torch.Tensor:
