@@ -48,7 +48,7 @@ class QuantPlan:
     has_nz: bool
     ftz: bool  # no subnormals: values under min_normal round between 0 and min_normal
     parity_by_exponent: bool  # man == 0: ties-to-even looks at the exponent code
-    exact_exponent: bool  # the format reaches below the working dtype's normal range
+    exact_exponent: bool  # the format's grid reaches below the working dtype's normal range
     finer_than_input: bool  # the format's grid can be finer than the input's
     one_step_scale: bool  # every 2**k needed fits one power of two of the working dtype
     sr_int_path: bool  # stochastic: more random bits than the working float holds exactly
@@ -73,11 +73,16 @@ class QuantParams(NamedTuple):
 _DT = {torch.float32: (torch.int32, 23, 127), torch.float64: (torch.int64, 52, 1023)}
 
 
-def _exponent(a: torch.Tensor) -> torch.Tensor:
-    """floor(log2(a)) for normal a >= 0, from the bits; -bias for zero and subnormals."""
+def _exponent(a: torch.Tensor, exact: bool) -> torch.Tensor:
+    """floor(log2(a)) for a >= 0 from the bits: exact for normal a; for zero and subnormal a,
+    -bias unless ``exact``, which normalises subnormals first (one more pass)."""
     itype, man, bias = _DT[a.dtype]
     e = (a.view(itype) >> man).sub_(bias)
-    return e if itype == torch.int32 else e.to(torch.int32)
+    e = e if itype == torch.int32 else e.to(torch.int32)
+    if exact:
+        shift = man + 1  # 2**shift makes every subnormal normal
+        return torch.where(e == -bias, _exponent(a * 2.0**shift, False) - shift, e)
+    return e
 
 
 def _pow2(k: torch.Tensor, dtype: torch.dtype, negate: bool) -> torch.Tensor:
@@ -100,8 +105,11 @@ def _scale(v: torch.Tensor, k: torch.Tensor, one_step: bool, negate: bool = Fals
 
 
 # -- the kernel ---------------------------------------------------------------------------------
-def _round_magnitude(a, neg, qe, plan: QuantPlan, p: QuantParams, bits):
-    """Round |x| = a to a multiple of 2**qe by plan.rounding; returns the rounded magnitude."""
+def _round_magnitude(a, neg, qe, plan: QuantPlan, p: QuantParams, bits, bias):
+    """Round |x| = a to a multiple of 2**qe by plan.rounding; returns the rounded magnitude.
+
+    ``bias`` turns qe into the biased exponent code (the parity rule of man == 0 formats).
+    """
     one_step = plan.one_step_scale
     y = _scale(a, qe, one_step, negate=True)
     mode = plan.rounding
@@ -113,7 +121,7 @@ def _round_magnitude(a, neg, qe, plan: QuantPlan, p: QuantParams, bits):
     delta = y.sub_(fl)  # exact
     if mode in ("nearest", "odd"):
         if plan.parity_by_exponent:  # p == 1: the code's parity is the exponent's (as gfloat)
-            is_odd = (fl != 0) & (((qe + p.bias) & 1) == 1)
+            is_odd = (fl != 0) & (((qe + bias) & 1) == 1)
         else:
             is_odd = torch.remainder(fl, 2) == 1
         away = (delta > 0.5) | ((delta == 0.5) & is_odd) if mode == "nearest" else (delta > 0) & ~is_odd
@@ -138,7 +146,7 @@ def _round_values(x, plan: QuantPlan, p: QuantParams, bits, scale_exp=None):
     a = x.abs()
     neg = torch.signbit(x)
     if plan.kind == "float":
-        e = (torch.frexp(a)[1] - 1) if plan.exact_exponent else _exponent(a)
+        e = _exponent(a, plan.exact_exponent)
         emin = p.emin if scale_exp is None else p.emin + scale_exp
         if plan.ftz:
             qe = torch.where(e < emin, emin, e - p.man)
@@ -149,7 +157,8 @@ def _round_values(x, plan: QuantPlan, p: QuantParams, bits, scale_exp=None):
             qe = torch.maximum(qe, torch.clamp_min(e, 1 - dbias) - dman)
     else:
         qe = -p.man if scale_exp is None else scale_exp - p.man
-    r = _round_magnitude(a, neg, qe, plan, p, bits)
+    bias = p.bias if scale_exp is None else p.bias - scale_exp  # codes of the unscaled element
+    r = _round_magnitude(a, neg, qe, plan, p, bits, bias)
 
     amax = torch.where(neg, p.neg_max, p.max) if plan.kind == "fixed" else p.max
     if scale_exp is not None:
@@ -175,19 +184,22 @@ def _round_values(x, plan: QuantPlan, p: QuantParams, bits, scale_exp=None):
 def _round_blocks(x, plan: QuantPlan, p: QuantParams, bits):
     """Block-scaled rounding: s = clip(floor(log2(amax)) - elem_emax) per block, elements saturate."""
     bs, axis = plan.block_size, plan.axis
-    xm = x.movedim(axis, -1)
-    n = xm.shape[-1]
+    n = x.shape[axis]
     pad = (-n) % bs
-    xb = torch.nn.functional.pad(xm, (0, pad)) if pad else xm
-    xb = xb.reshape(*xb.shape[:-1], (n + pad) // bs, bs)
+
+    def blocked(t):  # (..., n) along axis -> (..., n_blocks, bs), the tail padded with zeros
+        t = t.movedim(axis, -1)
+        t = torch.nn.functional.pad(t, (0, pad)) if pad else t
+        return t.reshape(*t.shape[:-1], (n + pad) // bs, bs)
+
+    xb = blocked(x)
     amax = xb.abs().amax(-1, keepdim=True)
     log2 = torch.frexp(amax)[1] - 1  # exact also for subnormal amax
     s = torch.clamp(log2 - p.elem_emax, SCALE_EXP_MIN, SCALE_EXP_MAX)
     s = torch.where(amax == 0, SCALE_EXP_MIN, torch.where(torch.isinf(amax), SCALE_EXP_MAX, s))
-    unblock = lambda t: t.expand(xb.shape).reshape(*xb.shape[:-2], n + pad)[..., :n].movedim(-1, axis)
-    s = unblock(s)
-    r = _round_values(x, plan, p, bits, scale_exp=s)
-    return torch.where(unblock(torch.isnan(amax)), torch.nan, r)
+    r = _round_values(xb, plan, p, None if bits is None else blocked(bits), scale_exp=s)
+    r = torch.where(torch.isnan(amax), torch.nan, r)
+    return r.reshape(*r.shape[:-2], n + pad)[..., :n].movedim(-1, axis)
 
 
 def reference_quantize(x: torch.Tensor, plan: QuantPlan, params: QuantParams, bits: torch.Tensor | None) -> torch.Tensor:
@@ -228,11 +240,12 @@ def plan_quantize(fmt: Format, rounding: str, saturate: bool, dtype: torch.dtype
         nums = dict(man=elem.fl, emin=0, bias=0, max=min(elem.max, dmax), neg_max=min(-elem.min, dmax),
                     min_pos=elem.min_subnormal)
     else:
-        qe_lo = elem.emin - elem.man
+        emin_lo = elem.emin + (SCALE_EXP_MIN if block else 0)  # a block scale shifts the range down
+        qe_lo = emin_lo - elem.man
         qe_hi = dbias + 1 - elem.man
         plan = QuantPlan(kind="float", signed=elem.signed, has_inf=elem.inf, has_zero=elem.has_zero,
                          has_nz=bool(elem.neg_zero), ftz=not elem.subnormals and elem.man > 0,
-                         parity_by_exponent=elem.man == 0, exact_exponent=elem.emin < 1 - dbias,
+                         parity_by_exponent=elem.man == 0, exact_exponent=emin_lo < 1 - dbias,
                          finer_than_input=elem.man > dman or qe_lo < 1 - dbias - dman,
                          one_step_scale=block is None and -dbias < qe_lo and qe_hi < dbias,
                          **common)
