@@ -237,7 +237,7 @@ def plan_quantize(fmt: Format, rounding: str, saturate: bool, dtype: torch.dtype
         plan = QuantPlan(kind="fixed", signed=elem.signed, has_inf=False, has_zero=True, has_nz=False,
                          ftz=False, parity_by_exponent=False, exact_exponent=False, finer_than_input=False,
                          one_step_scale=block is None and abs(elem.fl) < dbias, **common)
-        nums = dict(man=elem.fl, emin=0, bias=0, max=min(elem.max, dmax), neg_max=min(-elem.min, dmax),
+        nums = dict(man=elem.fl, emin=0, bias=0, max=min(elem.max, dmax), neg_max=min(abs(elem.min), dmax),
                     min_pos=elem.min_subnormal)
     else:
         emin_lo = elem.emin + (SCALE_EXP_MIN if block else 0)  # a block scale shifts the range down

@@ -153,37 +153,53 @@ def _read(tokens: list, spec: str):
     return (text, args, kwargs), rest[1:]
 
 
+# name: (usage, how many integers, the words it knows, takes an element format first, takes axis=)
+_CONSTRUCTORS = {
+    "p3109": ("p3109(k, p[, unsigned][, finite])", 2, {"signed", "unsigned", "extended", "finite"}, False, False),
+    "fixed": ("fixed(wl, fl[, unsigned])", 2, {"signed", "unsigned"}, False, False),
+    "mx": ("mx(element[, block_size][, axis=n])", (0, 1), set(), True, True),
+    "bfp": ("bfp(wl, block_size[, axis=n])", 2, set(), False, True),
+    "bm": ("bm(exp, man, block_size[, axis=n])", 3, set(), False, True),
+}
+
+
 def _build(node, spec: str) -> Format:
     if not isinstance(node, tuple):
         raise FormatError(f"format spec {spec!r}: expected a format, found {node!r}")
     name, args, kwargs = node
     low = name.lower()
+    m = _FLOAT_NAME.fullmatch(low)
     if args is None:
-        m = _FLOAT_NAME.fullmatch(low)
-        if m and low not in _REGISTRY:
-            return _float_from_name(m, {})
-        return get(name)
+        return _float_from_name(m, {}) if m and low not in _REGISTRY else get(name)
+    if m:
+        if args:
+            raise FormatError(f"format spec {spec!r}: {name}() takes only key=value options")
+        return _float_from_name(m, kwargs)
+    if low not in _CONSTRUCTORS:
+        raise FormatError(f"format spec {spec!r}: unknown constructor {name}(); use eXmY(key=value, ...) or "
+                          + ", ".join(usage for usage, *_ in _CONSTRUCTORS.values()))
+    usage, n_ints, known_words, takes_element, takes_axis = _CONSTRUCTORS[low]
+    bad = lambda why: FormatError(f"format spec {spec!r}: {why}; expected {usage}")
+    element = None
+    if takes_element:
+        if not args or not isinstance(args[0], tuple):
+            raise bad("missing the element format")
+        element, args = _build(args[0], spec), args[1:]
     ints = [a for a in args if isinstance(a, int)]
     words = [a[0].lower() for a in args if isinstance(a, tuple) and a[1] is None]
-    axis = {"axis": int(kwargs.pop("axis"))} if "axis" in kwargs else {}
-    m = _FLOAT_NAME.fullmatch(low)
-    if m:
-        return _float_from_name(m, kwargs)
-    if kwargs:
-        raise FormatError(f"format spec {spec!r}: {name}() takes no option {', '.join(kwargs)}")
+    lo, hi = n_ints if isinstance(n_ints, tuple) else (n_ints, n_ints)
+    if len(ints) + len(words) != len(args) or set(words) - known_words or not lo <= len(ints) <= hi:
+        raise bad(f"cannot use the arguments {', '.join(str(a if isinstance(a, int) else a[0]) for a in args) or '()'}")
+    if set(kwargs) - ({"axis"} if takes_axis else set()):
+        raise bad(f"unknown option {', '.join(kwargs)}")
+    axis = {"axis": int(kwargs["axis"])} if "axis" in kwargs else {}
     if low == "p3109":
-        return p3109(*ints, signed="unsigned" not in words,
-                     domain="finite" if "finite" in words else "extended")
+        return p3109(*ints, signed="unsigned" not in words, domain="finite" if "finite" in words else "extended")
     if low == "fixed":
         return FixedFormat(*ints, signed="unsigned" not in words)
     if low == "mx":
-        return MXFormat(_build(args[0], spec), *ints, **axis)
-    if low == "bfp":
-        return BlockFloat(*ints, **axis)
-    if low == "bm":
-        return BlockMinifloat(*ints, **axis)
-    raise FormatError(f"format spec {spec!r}: unknown constructor {name}(); use one of "
-                      "eXmY(...), p3109(k,p), fixed(wl,fl), mx(elem,block), bfp(wl,block), bm(exp,man,block)")
+        return MXFormat(element, *ints, **axis)
+    return (BlockFloat if low == "bfp" else BlockMinifloat)(*ints, **axis)
 
 
 def _float_from_name(m: re.Match, kwargs: dict) -> FloatFormat:
@@ -210,19 +226,15 @@ def _float_from_name(m: re.Match, kwargs: dict) -> FloatFormat:
 # -- writing ----------------------------------------------------------------------------------
 def format_spec(fmt: FloatFormat) -> str:
     """The spec ``parse`` reads back to ``fmt``: ``eXmY`` with fn/fnuz shorthand and options."""
-    base = f"e{fmt.exp}m{fmt.man}"
+    ieee = {"bias": 2 ** (fmt.exp - 1) - 1, "subnormals": True, "inf": True, "nan": "ieee", "signed": True}
     for suffix, kw in (("fnuz", {"inf": False, "nan": "negzero", "bias": 2 ** (fmt.exp - 1)}),
                        ("fn", {"inf": False, "nan": "fn"}), ("", {})):
-        try:
-            ref = FloatFormat(fmt.exp, fmt.man, **kw)
-        except ValueError:
-            continue
-        diffs = {k: getattr(fmt, k) for k in ("bias", "subnormals", "inf", "nan", "neg_zero", "signed")
-                 if getattr(fmt, k) != getattr(ref, k)}
+        defaults = {**ieee, **kw, "neg_zero": fmt.signed and fmt.nan != "negzero"}
+        diffs = {k: getattr(fmt, k) for k, v in defaults.items() if getattr(fmt, k) != v}
         if suffix == "" or not diffs:
             opts = ",".join(f"{k}={str(v).lower()}" for k, v in diffs.items())
-            return base + suffix + (f"({opts})" if opts else "")
-    raise AssertionError("unreachable")
+            return f"e{fmt.exp}m{fmt.man}{suffix}" + (f"({opts})" if opts else "")
+    raise AssertionError("unreachable: the plain spec always applies")
 
 
 def block_spec(fmt: MXFormat) -> str:

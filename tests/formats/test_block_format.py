@@ -158,7 +158,7 @@ def test_mx_inf_in_float32_overflows_to_inf(name):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("name", MX_NAMES)
 def test_mx_nan_poisons_its_block_only(name, dtype):
-    x = block_data(seed=3, nblocks=6).reshape(6, 32)
+    x = block_data(seed=3, nblocks=6).reshape(6, 32)[[0, 1, 2, 3, 4, 0]] * 2.0**-20
     x[1, 5] = np.nan
     x[4, :] = np.nan
     got = mpcompile.quantize(torch.tensor(x, dtype=dtype), name).double().numpy()
@@ -186,7 +186,7 @@ def test_mx_all_zero_and_subnormal_blocks():
     for dtype in (torch.float32, torch.float64):
         got = mpcompile.quantize(torch.tensor(x, dtype=dtype), "mxfp8_e4m3")
         assert_bitwise(got, gfloat_mx("mxfp8_e4m3", x, "nearest"), x)
-        assert_bitwise(got[:32], x[0])
+        assert_bitwise(got[0], x[0])
 
 
 # -- stochastic MX against gfloat.round_ndarray on x / 2**s ------------------------------------------
