@@ -119,18 +119,20 @@ def _round_magnitude(a, neg, qe, plan: QuantPlan, p: QuantParams, bits, bias):
         return _scale(y.floor_(), qe, one_step, out=y)
     fl = torch.floor(y)
     delta = y.sub_(fl)  # exact
+    if mode in ("odd", "up", "down"):  # far below a coarse quantum, y underflows to 0: still inexact
+        inexact = (delta > 0) | ((fl == 0) & (a > 0))
     if mode in ("nearest", "odd"):
         if plan.parity_by_exponent:  # p == 1: the code's parity is the exponent's (as gfloat)
             is_odd = (fl != 0) & (((qe + bias) & 1) == 1)
         else:
             is_odd = torch.remainder(fl, 2) == 1
-        away = (delta > 0.5) | ((delta == 0.5) & is_odd) if mode == "nearest" else (delta > 0) & ~is_odd
+        away = (delta > 0.5) | ((delta == 0.5) & is_odd) if mode == "nearest" else inexact & ~is_odd
     elif mode == "nearest_away":
         away = delta >= 0.5
     elif mode == "up":
-        away = (delta > 0) & ~neg
+        away = inexact & ~neg
     elif mode == "down":
-        away = (delta > 0) & neg
+        away = inexact & neg
     else:  # stochastic, as gfloat: delta rounded to sr_bits bits (ties to even), then compared
         n = p.sr_bits.to(torch.int32)
         d = _scale(delta, n, True, out=delta).round_()
@@ -229,7 +231,6 @@ def plan_quantize(fmt: Format, rounding: str, saturate: bool, dtype: torch.dtype
     _, dman, dbias = _DT[work]
     block = fmt if isinstance(fmt, BlockFormat) else None
     elem = fmt.element if block else fmt
-    dmax = torch.finfo(work).max
     common = dict(rounding=rounding, saturate=saturate or block is not None, dtype=work,
                   block_size=block.block_size if block else None, axis=block.axis if block else -1,
                   sr_int_path=sr_bits > (24 if work == torch.float32 else 53))
@@ -237,7 +238,7 @@ def plan_quantize(fmt: Format, rounding: str, saturate: bool, dtype: torch.dtype
         plan = QuantPlan(kind="fixed", signed=elem.signed, has_inf=False, has_zero=True, has_nz=False,
                          ftz=False, parity_by_exponent=False, exact_exponent=False, finer_than_input=False,
                          one_step_scale=block is None and abs(elem.fl) < dbias, **common)
-        nums = dict(man=elem.fl, emin=0, bias=0, max=min(elem.max, dmax), neg_max=min(abs(elem.min), dmax),
+        nums = dict(man=elem.fl, emin=0, bias=0, max=_floor_to(work, elem.max), neg_max=_floor_to(work, abs(elem.min)),
                     min_pos=elem.min_subnormal)
     else:
         emin_lo = elem.emin + (SCALE_EXP_MIN if block else 0)  # a block scale shifts the range down
@@ -249,11 +250,17 @@ def plan_quantize(fmt: Format, rounding: str, saturate: bool, dtype: torch.dtype
                          finer_than_input=elem.man > dman or qe_lo < 1 - dbias - dman,
                          one_step_scale=block is None and -dbias < qe_lo and qe_hi < dbias,
                          **common)
-        nums = dict(man=elem.man, emin=elem.emin, bias=elem.bias, max=min(elem.max, dmax),
-                    neg_max=min(elem.max, dmax), min_pos=elem.min_subnormal)
+        nums = dict(man=elem.man, emin=elem.emin, bias=elem.bias, max=_floor_to(work, elem.max),
+                    neg_max=_floor_to(work, elem.max), min_pos=elem.min_subnormal)
     nums["elem_emax"] = elem.emax
     nums["sr_bits"] = sr_bits
     return plan, nums
+
+
+def _floor_to(dtype: torch.dtype, v: float) -> float:
+    """The largest value of dtype not above v: a format's max as the working dtype can hold it."""
+    t = torch.tensor(v, dtype=torch.float64).to(dtype)
+    return float(t if float(t) <= v else torch.nextafter(t, torch.zeros_like(t)))
 
 
 _PARAM_CACHE: dict = {}

@@ -1,0 +1,298 @@
+"""``quantize`` against exact references written here, bit for bit (zero mismatches pass).
+
+* Fixed point: each input becomes the Fraction x * 2**fl, rounded to an integer by the mode,
+  then overflow is NaN, or clamps to [min, max] with saturate and for the directed modes that
+  round toward the range (toward_zero and odd always, up below, down above); negative input to
+  an unsigned format is NaN (0 with saturate).
+* Float formats, ``odd`` (no other library has it) and every mode for the formats gfloat cannot
+  describe (flush to zero, a 1-bit exponent): the input is placed on the sorted list of the
+  format's magnitudes (exact float comparisons, Fraction midpoints), truncated, and stepped
+  one value away by the mode. For ``odd``: when inexact and the truncated code is even. A value
+  past max steps to a virtual next value (max + its ulp), which is overflow: inf/NaN, or max
+  where the mode clamps (toward_zero, odd, up below, down above) or saturate is on.
+* Argument errors.
+"""
+from __future__ import annotations
+
+import math
+from bisect import bisect_right
+from fractions import Fraction
+from functools import lru_cache
+
+import numpy as np
+import pytest
+import torch
+
+from mpcompile import quantize
+from mpcompile.formats import FixedFormat, FloatFormat, get, parse
+from oracles import DTYPES, FLOAT_FORMATS, NON_GFLOAT, assert_bitwise, did, fid, grid, sample_values
+
+MODES = ["nearest", "nearest_away", "toward_zero", "up", "down", "odd"]
+SATS = [False, True]
+
+
+def _clamps(mode: str, neg: bool, sat: bool) -> bool:
+    """Whether overflow of a finite value becomes the extreme value instead of inf/NaN."""
+    return sat or mode in ("toward_zero", "odd") or (mode == "up" and neg) or (mode == "down" and not neg)
+
+
+# -- fixed point --------------------------------------------------------------------------------
+def _round_int(q: Fraction, mode: str, bits: int = 0, n: int = 0) -> int:
+    """q rounded to an integer on its magnitude, as the mode says."""
+    s, a = (-1 if q < 0 else 1), abs(q)
+    t = math.floor(a)
+    frac = a - t
+    if mode == "nearest":
+        away = frac > Fraction(1, 2) or (frac == Fraction(1, 2) and t % 2 == 1)
+    elif mode == "nearest_away":
+        away = frac >= Fraction(1, 2)
+    elif mode == "toward_zero":
+        away = False
+    elif mode == "up":
+        away = frac > 0 and s > 0
+    elif mode == "down":
+        away = frac > 0 and s < 0
+    elif mode == "odd":
+        away = frac > 0 and t % 2 == 0
+    else:  # stochastic (gfloat's): frac to n bits, ties to even, plus the random bits
+        away = round(frac * 2**n) + bits >= 2**n
+    return s * (t + int(away))
+
+
+def ref_fixed(f: FixedFormat, x: float, mode: str, sat: bool, bits: int = 0, n: int = 0) -> float:
+    if math.isnan(x):
+        return math.nan
+    neg = math.copysign(1.0, x) < 0
+    if not f.signed and neg and x != 0:
+        return 0.0 if sat else math.nan
+    if math.isinf(x):
+        return math.ldexp(f.min_int if neg else f.max_int, -f.fl) if sat else math.nan
+    k = _round_int(_scaled(x, f.fl), mode, bits, n)
+    if not f.min_int <= k <= f.max_int:
+        if not _clamps(mode, neg, sat):
+            return math.nan
+        k = min(max(k, f.min_int), f.max_int)
+    return float(k / _scaled(1.0, f.fl)) + 0.0  # +0.0: a zero result is +0
+
+
+@lru_cache(maxsize=None)
+def _scaled(x: float, fl: int) -> Fraction:
+    """x * 2**fl, exactly (cached: every mode and saturate flag asks again)."""
+    return Fraction(x) * Fraction(2) ** fl
+
+
+FIXED = [FixedFormat(8, 4), FixedFormat(8, 4, signed=False), FixedFormat(4, 0), FixedFormat(2, 1),
+         FixedFormat(1, 0, signed=False), FixedFormat(5, 7), FixedFormat(6, -3), FixedFormat(12, 0, signed=False),
+         FixedFormat(16, 8), FixedFormat(8, 140), FixedFormat(32, 16)]
+
+
+@lru_cache(maxsize=None)
+def fixed_inputs(f: FixedFormat, dtype: torch.dtype) -> torch.Tensor:
+    """Around every value (a sample past 8 bits) and a few past each end: the value and the
+    midpoint to the next, each +-1 and +-2 ulp of dtype; specials; random data, uniform over
+    1.5x the range and log-uniform magnitudes down to far below the step."""
+    if f.wl <= 8:
+        k = torch.arange(f.min_int - 3, f.max_int + 4, dtype=torch.float64)
+    else:
+        g = torch.Generator().manual_seed(f.wl)
+        ends = torch.arange(-3, 20, dtype=torch.float64)
+        rnd = torch.randint(f.min_int, f.max_int, (100,), generator=g, dtype=torch.int64).double()
+        k = torch.cat([f.min_int + ends, -ends, f.max_int - ends, rnd])
+    k = k.unique()
+    v = torch.cat([k, k + 0.5]) * 2.0**-f.fl
+    v = v.to(dtype)
+    parts = [v]
+    for d in (torch.inf, -torch.inf):
+        w = v
+        for _ in range(2):
+            w = torch.nextafter(w, torch.full_like(w, d))
+            parts.append(w)
+    g = torch.Generator().manual_seed(7)
+    lo, hi = 1.5 * min(f.min, -f.max), 1.5 * f.max
+    parts.append((torch.rand(256, dtype=torch.float64, generator=g) * (hi - lo) + lo).to(dtype))
+    logs = torch.empty(256, dtype=torch.float64).uniform_(-f.fl - 40, math.log2(f.max) + 2, generator=g)
+    parts.append((2.0**logs * torch.where(torch.rand(256, generator=g) < 0.5, -1.0, 1.0)).to(dtype))
+    tiny = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+    specials = [0.0, -0.0, tiny, -tiny, 2 * tiny, torch.inf, -torch.inf, torch.finfo(dtype).max]
+    parts.append(torch.tensor(specials, dtype=dtype))
+    x = torch.cat(parts)
+    return torch.cat([x[~x.isnan()].unique(), torch.tensor([torch.nan], dtype=dtype)])
+
+
+def _expected(ref, f, x: torch.Tensor, *args, bits=None) -> np.ndarray:
+    xs = x.double().tolist()
+    if bits is None:
+        out = [ref(f, v, *args) for v in xs]
+    else:
+        out = [ref(f, v, *args, b) for v, b in zip(xs, bits.tolist())]
+    exact = np.array(out, dtype=np.float64)
+    got = exact.astype(x.numpy().dtype)
+    # a clamped max the dtype cannot hold (fixed(32,16) in float32) is held as the largest
+    # dtype value inside the format: round toward zero, never out of the format
+    with np.errstate(invalid="ignore"):
+        outside = np.abs(got.astype(np.float64)) > np.abs(exact)
+    got[outside] = np.nextafter(got[outside], np.zeros_like(got[outside]))
+    return got
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=did)
+@pytest.mark.parametrize("sat", SATS, ids=["nosat", "sat"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("f", FIXED, ids=str)
+def test_fixed(f, mode, sat, dtype):
+    x = fixed_inputs(f, dtype)
+    got = quantize(x, f, mode, saturate=sat)
+    assert_bitwise(x, got, _expected(ref_fixed, f, x, mode, sat), f"{f} {mode} saturate={sat} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=did)
+@pytest.mark.parametrize("n", [4, 23, 30], ids=lambda n: f"sr{n}")
+@pytest.mark.parametrize("f", [FixedFormat(8, 4), FixedFormat(6, -3), FixedFormat(8, 4, signed=False)], ids=str)
+def test_fixed_stochastic(f, n, dtype):
+    x = fixed_inputs(f, dtype)
+    bits = torch.randint(0, 2**n, x.shape, generator=torch.Generator().manual_seed(n), dtype=torch.int64)
+    got = quantize(x, f, "stochastic", sr_bits=n, random_bits=bits)
+    expected = _expected(lambda f, v, b: ref_fixed(f, v, "stochastic", False, b, n), f, x, bits=bits)
+    assert_bitwise(x, got, expected, f"{f} stochastic sr_bits={n} {dtype}")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_unsigned_fixed_saturate_keeps_no_negative_zero(mode):
+    """Fixed point has no -0: -0 input gives +0, also where torch runs vectorised (many elements)."""
+    x = torch.full((64,), -0.0)
+    for f in (FixedFormat(8, 4, signed=False), FixedFormat(8, 4)):
+        for sat in SATS:
+            assert_bitwise(x, quantize(x, f, mode, saturate=sat), np.zeros(64), f"{f} {mode} saturate={sat}")
+
+
+# -- float formats: odd, and every mode where gfloat cannot serve ------------------------------
+@lru_cache(maxsize=None)
+def _table(f: FloatFormat):
+    """Sorted magnitudes, the value after each (max's: max + its ulp, a virtual overflow value),
+    the midpoints between them (checked exact as floats against Fractions), and whether each
+    magnitude's code is odd."""
+    mags = sorted(set(f.values().abs().tolist()))
+    e = math.frexp(f.max)[1] - 1
+    nxt = mags[1:] + [f.max + math.ldexp(1.0, max(e, f.emin) - f.man)]
+    mids = [(lo + hi) / 2 for lo, hi in zip(mags, nxt)]
+    assert all(Fraction(m) == (Fraction(lo) + Fraction(hi)) / 2 for lo, hi, m in zip(mags, nxt, mids))
+
+    def odd(v: float) -> bool:
+        if v == 0:
+            return False
+        e = math.frexp(v)[1] - 1
+        if f.man == 0:  # the code is the exponent field
+            return (e + f.bias) % 2 == 1
+        return int(Fraction(v) / Fraction(2) ** (max(e, f.emin) - f.man)) % 2 == 1
+
+    return mags, nxt, mids, [odd(v) for v in mags]
+
+
+def ref_float(f: FloatFormat, x: float, mode: str, sat: bool) -> float:
+    if math.isnan(x):
+        return math.nan
+    neg = math.copysign(1.0, x) < 0
+    low = f.min_subnormal if not f.has_zero else 0.0
+    if not f.signed and neg and x != 0:  # out of an unsigned format's range
+        return low if sat else math.nan
+    a = abs(x)
+    if a == 0 and not f.has_zero:  # E8M0-like: zero is not a value
+        return low if sat else math.nan
+    mags, nxt, mids, odd = _table(f)
+    if math.isinf(a):
+        r = f.max if sat else (math.inf if f.inf else math.nan)
+    else:
+        i = bisect_right(mags, a) - 1
+        if i < 0:  # below the lowest value of a format without zero: clamp up, every mode
+            r = mags[0]
+        elif mags[i] == a:
+            r = a
+        else:
+            away = {"nearest": a > mids[i] or (a == mids[i] and odd[i]), "nearest_away": a >= mids[i],
+                    "toward_zero": False, "up": not neg, "down": neg, "odd": not odd[i]}[mode]
+            r = nxt[i] if away else mags[i]
+            if r > f.max:
+                r = f.max if _clamps(mode, neg, sat) else (math.inf if f.inf else math.nan)
+    if not f.signed:
+        return r
+    if r == 0:
+        return -0.0 if neg and f.neg_zero else 0.0
+    return -r if neg else r
+
+
+@lru_cache(maxsize=None)
+def float_inputs(f: FloatFormat, dtype: torch.dtype) -> torch.Tensor:
+    """oracles.grid, around fewer values of formats over 8 bits and with less random data."""
+    v = sample_values(f)
+    if f.bits > 8:
+        g = torch.Generator().manual_seed(3)
+        a = v.abs()
+        v = torch.cat([v[torch.randint(0, len(v), (200,), generator=g)], v[a < f.min_normal * 2][::16],
+                       v[a < 8 * f.min_subnormal], v[a >= f.max / 2][::16]])
+    return grid(f, dtype, v, n_random=512)
+
+
+ODD_FORMATS = FLOAT_FORMATS
+ALL_MODE_FORMATS = NON_GFLOAT + [get("fp8_e4m3"), get("e8m0"), parse("p3109(8,1)"), FloatFormat(5, 2, bias=-20),
+                                 FloatFormat(8, 3, bias=150)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=did)
+@pytest.mark.parametrize("sat", SATS, ids=["nosat", "sat"])
+@pytest.mark.parametrize("f", ODD_FORMATS, ids=fid)
+def test_odd(f, sat, dtype):
+    x = float_inputs(f, dtype)
+    got = quantize(x, f, "odd", saturate=sat)
+    assert_bitwise(x, got, _expected(ref_float, f, x, "odd", sat), f"{f} odd saturate={sat} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=did)
+@pytest.mark.parametrize("sat", SATS, ids=["nosat", "sat"])
+@pytest.mark.parametrize("mode", [m for m in MODES if m != "odd"])
+@pytest.mark.parametrize("f", ALL_MODE_FORMATS, ids=fid)
+def test_float_exact(f, mode, sat, dtype):
+    x = float_inputs(f, dtype)
+    got = quantize(x, f, mode, saturate=sat)
+    assert_bitwise(x, got, _expected(ref_float, f, x, mode, sat), f"{f} {mode} saturate={sat} {dtype}")
+
+
+def test_odd_examples():
+    """Hand-checked: fp8_e4m3 around 1 (spacing 1/8), the subnormals, and max clamping."""
+    x = torch.tensor([1.01, 1.13, 1.2, -1.01, 0.0001, -0.0001, 1000.0, torch.inf, -torch.inf, -0.0])
+    expected = [1.125, 1.125, 1.125, -1.125, 2.0**-9, -(2.0**-9), 448.0, torch.nan, torch.nan, -0.0]
+    assert_bitwise(x, quantize(x, "fp8_e4m3", "odd"), np.array(expected), "fp8_e4m3 odd")
+    expected[7:9] = [448.0, -448.0]
+    assert_bitwise(x, quantize(x, "fp8_e4m3", "odd", saturate=True), np.array(expected), "fp8_e4m3 odd sat")
+
+
+@pytest.mark.parametrize("mode", ["up", "down", "odd"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=did)
+def test_tiny_input_coarse_format(dtype, mode):
+    """A format whose smallest step exceeds 1 (bias < -man, or fixed point with fl < 0): the
+    smallest positive input still rounds away from zero when the mode says so."""
+    tiny = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps  # smallest subnormal
+    x = torch.tensor([tiny, -tiny], dtype=dtype)
+    for f, step in ((FloatFormat(5, 2, bias=-20), 2.0**19), (FixedFormat(6, -3), 8.0)):
+        expected = {"up": [step, -0.0], "down": [0.0, -step], "odd": [step, -step]}[mode]
+        if isinstance(f, FixedFormat):
+            expected = [e + 0.0 for e in expected]  # fixed point has no -0
+        assert_bitwise(x, quantize(x, f, mode), np.array(expected), f"{f} {mode} {dtype}")
+
+
+# -- argument errors ----------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.int8, torch.bool], ids=did)
+def test_integer_tensor_raises(dtype):
+    with pytest.raises(TypeError, match="floating-point"):
+        quantize(torch.zeros(3, dtype=dtype), "fp8_e4m3")
+
+
+def test_unknown_rounding_raises():
+    with pytest.raises(ValueError, match="rounding='nearest_even'"):
+        quantize(torch.zeros(3), "fp8_e4m3", "nearest_even")
+
+
+@pytest.mark.parametrize("shape", [(4,), (3, 1), (1, 3), ()], ids=str)
+def test_random_bits_wrong_shape_raises(shape):
+    x = torch.zeros(3)
+    with pytest.raises(ValueError, match="random_bits"):
+        quantize(x, "fp8_e4m3", "stochastic", sr_bits=4, random_bits=torch.zeros(shape, dtype=torch.int64))
