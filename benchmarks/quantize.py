@@ -1,7 +1,8 @@
 """quantize speed on the CPU, as ratios to torch's own fp8 cast of the same data.
 
 16M float32 values; every figure is the median of --runs runs in this one process, after a
-warm-up call (which, for the fused backend, also pays the one-time compile, reported apart).
+warm-up call (which, for the fused backend, also pays the one-time compile, reported apart;
+inductor gets an empty cache directory so that this is the cold cost a user first sees).
 glibc is told to keep freed memory (MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_) so that
 fresh large buffers do not page-fault on every call; the script re-executes itself to set it.
 
@@ -13,11 +14,13 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 _MALLOC = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 if any(os.environ.get(k) != v for k, v in _MALLOC.items()):
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_MALLOC})
+    cold_cache = {"TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="mpcompile-bench-")}
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_MALLOC, **cold_cache})
 
 import torch  # noqa: E402
 
@@ -51,7 +54,7 @@ def main() -> None:
     torch_cast()
     base = median_seconds(torch_cast, args.runs)
     print(f"{args.numel / 2**20:.0f}M float32 values, {torch.get_num_threads()} threads, median of {args.runs} runs, "
-          f"malloc kept ({', '.join(f'{k}={v}' for k, v in _MALLOC.items())})")
+          f"malloc kept ({', '.join(f'{k}={v}' for k, v in _MALLOC.items())}), cold inductor cache")
     print(f"{'case':34s} {'ms':>9s} {'x torch cast':>13s}")
     print(f"{'torch x.to(float8_e4m3fn).float()':34s} {base * 1e3:9.1f} {1.0:13.2f}")
     y.copy_(x)
@@ -65,7 +68,7 @@ def main() -> None:
             first = time.perf_counter() - start
             t = median_seconds(lambda: quantize(x, fmt, rounding), args.runs)
             name = f"{'eager' if backend == 'reference' else 'fused'} {fmt} {rounding}"
-            note = f"   (first call {first:.1f} s, compile included)" if backend == "fused" else ""
+            note = f"   (first call {first:.1f} s, cold compile included)" if backend == "fused" else ""
             print(f"{name:34s} {t * 1e3:9.1f} {t / base:13.2f}{note}")
     set_quantize_backend(None)
 

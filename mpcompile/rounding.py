@@ -19,6 +19,7 @@ import torch
 
 from .formats import BlockFormat, FixedFormat, FloatFormat, Format, parse
 from .formats.block_format import SCALE_EXP_MAX, SCALE_EXP_MIN
+from .random_bits import COUNTER_BITS, counter_bits
 
 __all__ = [
     "Rounding", "ROUNDING_MODES", "quantize", "QuantPlan", "plan_quantize", "reference_quantize",
@@ -52,6 +53,7 @@ class QuantPlan:
     finer_than_input: bool  # the format's grid can be finer than the input's
     one_step_scale: bool  # every 2**k needed fits one power of two of the working dtype
     sr_int_path: bool  # stochastic: more random bits than the working float holds exactly
+    seeded: bool = False  # stochastic: ``bits`` is a 0-d seed of counter_bits, not the bits
     block_size: int | None = None
     axis: int = -1
 
@@ -135,6 +137,7 @@ def _round_magnitude(a, neg, qe, plan: QuantPlan, p: QuantParams, bits, bias):
         away = inexact & neg
     else:  # stochastic, as gfloat: delta rounded to sr_bits bits (ties to even), then compared
         n = p.sr_bits.to(torch.int32)
+        bits = bits & ((torch.ones_like(p.sr_bits) << p.sr_bits) - 1).to(bits.dtype)  # the low sr_bits bits
         d = _scale(delta, n, True, out=delta).round_()
         if plan.sr_int_path:
             away = d.to(torch.int64) + bits.to(torch.int64) >= (torch.ones_like(p.sr_bits) << p.sr_bits)
@@ -205,7 +208,11 @@ def _round_blocks(x, plan: QuantPlan, p: QuantParams, bits):
 
 
 def reference_quantize(x: torch.Tensor, plan: QuantPlan, params: QuantParams, bits: torch.Tensor | None) -> torch.Tensor:
-    """The reference kernel: eager torch. ``x`` is in ``plan.dtype``; bits as ``quantize`` draws them."""
+    """The reference kernel: eager torch. ``x`` is in ``plan.dtype``; for stochastic rounding the
+    low ``sr_bits`` bits of each entry of ``bits`` (an integer tensor of x's shape) are its random
+    bits, or, if ``plan.seeded``, ``bits`` is the 0-d seed of ``counter_bits``."""
+    if plan.seeded:
+        bits = counter_bits(bits, x.shape)
     if plan.block_size is not None:
         return _round_blocks(x, plan, params, bits)
     return _round_values(x, plan, params, bits)
@@ -225,7 +232,8 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def plan_quantize(fmt: Format, rounding: str, saturate: bool, dtype: torch.dtype, sr_bits: int) -> tuple[QuantPlan, dict]:
+def plan_quantize(fmt: Format, rounding: str, saturate: bool, dtype: torch.dtype, sr_bits: int,
+                  seeded: bool = False) -> tuple[QuantPlan, dict]:
     """The static plan and the per-format numbers (as Python values) of one quantization."""
     work = _work_dtype(dtype)
     _, dman, dbias = _DT[work]
@@ -233,7 +241,7 @@ def plan_quantize(fmt: Format, rounding: str, saturate: bool, dtype: torch.dtype
     elem = fmt.element if block else fmt
     common = dict(rounding=rounding, saturate=saturate or block is not None, dtype=work,
                   block_size=block.block_size if block else None, axis=block.axis if block else -1,
-                  sr_int_path=sr_bits > (24 if work == torch.float32 else 53))
+                  sr_int_path=sr_bits > (24 if work == torch.float32 else 53), seeded=seeded)
     if isinstance(elem, FixedFormat):
         plan = QuantPlan(kind="fixed", signed=elem.signed, has_inf=False, has_zero=True, has_nz=False,
                          ftz=False, parity_by_exponent=False, exact_exponent=False, finer_than_input=False,
@@ -357,7 +365,8 @@ def quantize(
         sr_bits: random bits per value for ``stochastic`` (default ``default_sr_bits``).
         random_bits: integer tensor of x's shape with values in ``[0, 2**sr_bits)``; replaces
             the generator, so results can be checked against other implementations.
-        generator: source of random bits (default: torch's global generator).
+        generator: draws the seed of the random bits (default: torch's global generator).
+            The bits are ``counter_bits(seed)``: the same on every backend and device.
 
     Returns:
         A tensor of x's shape, dtype and device whose finite entries are values of ``fmt``.
@@ -378,7 +387,8 @@ def quantize(
         bits = _random_bits(x, n, random_bits, generator)
     elif random_bits is not None or sr_bits is not None:
         raise ValueError(f"quantize: random_bits and sr_bits apply only to rounding='stochastic', not {rounding!r}")
-    plan, nums = plan_quantize(fmt, rounding, saturate, x.dtype, n)
+    seeded = bits is not None and random_bits is None and n <= COUNTER_BITS
+    plan, nums = plan_quantize(fmt, rounding, saturate, x.dtype, n, seeded)
     params = _params(nums, plan.dtype, x.device)
     xw = x.to(plan.dtype)
     out = _select(xw, plan).kernel(xw, plan, params, bits)
@@ -386,9 +396,12 @@ def quantize(
 
 
 def _random_bits(x: torch.Tensor, n: int, random_bits: torch.Tensor | None, generator) -> torch.Tensor:
+    """The explicit bits, checked; else a seed for counter_bits (one draw from the generator),
+    or for more than 32 bits a tensor of them from the generator."""
     if random_bits is None:
-        itype = torch.int32 if n <= 31 else torch.int64
-        return torch.randint(0, 2**n, x.shape, generator=generator, dtype=itype, device=x.device)
+        high = 2**COUNTER_BITS if n <= COUNTER_BITS else 2**n
+        shape = () if n <= COUNTER_BITS else x.shape
+        return torch.randint(0, high, shape, generator=generator, dtype=torch.int64, device=x.device)
     if random_bits.shape != x.shape or random_bits.is_floating_point() or random_bits.dtype == torch.bool:
         raise ValueError(f"quantize: random_bits must be an integer tensor of x's shape {tuple(x.shape)}, "
                          f"got {random_bits.dtype} of shape {tuple(random_bits.shape)}")

@@ -1,0 +1,58 @@
+"""counter_bits against a pure-Python lowbias32, and the statistics stochastic rounding needs."""
+import torch
+
+from mpcompile import quantize, set_quantize_backend
+from mpcompile.random_bits import counter_bits, mix32
+
+M32 = 0xFFFFFFFF
+
+
+def lowbias32(v: int) -> int:
+    """Wellons' lowbias32 on Python ints (exact 32-bit arithmetic)."""
+    v ^= v >> 16
+    v = (v * 0x7FEB352D) & M32
+    v ^= v >> 15
+    v = (v * 0x846CA68B) & M32
+    return v ^ (v >> 16)
+
+
+def test_mix32_equals_python_reference():
+    g = torch.Generator().manual_seed(0)
+    words = torch.cat([torch.tensor([0, 1, M32, 2**31, 2**31 - 1]),
+                       torch.randint(0, 2**32, (2000,), generator=g, dtype=torch.int64)])
+    assert mix32(words.clone()).tolist() == [lowbias32(w) for w in words.tolist()]
+
+
+def test_counter_bits_equals_python_reference_and_keeps_shape():
+    seed = torch.tensor(0xDEADBEEF)
+    got = counter_bits(seed, torch.Size([3, 5, 7]))
+    assert got.shape == (3, 5, 7)
+    assert got.flatten().tolist() == [lowbias32(lowbias32(i) ^ 0xDEADBEEF) for i in range(105)]
+
+
+def test_bits_are_uniform_and_seeds_independent():
+    n = 1 << 18
+    a, b = counter_bits(torch.tensor(1), torch.Size([n])), counter_bits(torch.tensor(2), torch.Size([n]))
+    ones = torch.stack([(a >> k) & 1 for k in range(32)]).double().mean(1)
+    # each bit is Bernoulli(1/2): the mean of n draws is within 5 standard errors (5 * 0.5/sqrt(n))
+    assert ((ones - 0.5).abs() < 5 * 0.5 / n**0.5).all(), ones
+    agree = ((a ^ b) & 1).double().mean()
+    assert abs(agree - 0.5) < 5 * 0.5 / n**0.5
+
+
+def test_seeded_stochastic_rounding_is_the_same_on_both_backends_and_reproducible():
+    x = torch.randn(4099)
+    run = lambda: quantize(x, "fp8_e5m2", "stochastic", generator=torch.Generator().manual_seed(7))
+    try:
+        set_quantize_backend("reference")
+        ref = run()
+        set_quantize_backend("fused")
+        fused = run()
+    finally:
+        set_quantize_backend(None)
+    assert torch.equal(ref, fused) and torch.equal(ref, run())
+    torch.manual_seed(3)
+    first = quantize(x, "fp8_e5m2", "stochastic")
+    torch.manual_seed(3)
+    assert torch.equal(first, quantize(x, "fp8_e5m2", "stochastic"))
+    assert not torch.equal(first, quantize(x, "fp8_e5m2", "stochastic"))  # the generator moved on
