@@ -11,6 +11,7 @@ be bit-identical to ``reference_quantize``.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable, Literal, NamedTuple
@@ -246,7 +247,7 @@ def plan_quantize(fmt: Format, rounding: str, saturate: bool, dtype: torch.dtype
         plan = QuantPlan(kind="fixed", signed=elem.signed, has_inf=False, has_zero=True, has_nz=False,
                          ftz=False, parity_by_exponent=False, exact_exponent=False, finer_than_input=False,
                          one_step_scale=block is None and abs(elem.fl) < dbias, **common)
-        nums = dict(man=elem.fl, emin=0, bias=0, max=_floor_to(work, elem.max), neg_max=_floor_to(work, abs(elem.min)),
+        nums = dict(man=elem.fl, emin=0, bias=0, max=_largest_held(work, elem, elem.max), neg_max=_largest_held(work, elem, abs(elem.min)),
                     min_pos=elem.min_subnormal)
     else:
         emin_lo = elem.emin + (SCALE_EXP_MIN if block else 0)  # a block scale shifts the range down
@@ -258,17 +259,25 @@ def plan_quantize(fmt: Format, rounding: str, saturate: bool, dtype: torch.dtype
                          finer_than_input=elem.man > dman or qe_lo < 1 - dbias - dman,
                          one_step_scale=block is None and -dbias < qe_lo and qe_hi < dbias,
                          **common)
-        nums = dict(man=elem.man, emin=elem.emin, bias=elem.bias, max=_floor_to(work, elem.max),
-                    neg_max=_floor_to(work, elem.max), min_pos=elem.min_subnormal)
+        nums = dict(man=elem.man, emin=elem.emin, bias=elem.bias, max=_largest_held(work, elem, elem.max),
+                    neg_max=_largest_held(work, elem, elem.max), min_pos=elem.min_subnormal)
     nums["elem_emax"] = elem.emax
     nums["sr_bits"] = sr_bits
     return plan, nums
 
 
-def _floor_to(dtype: torch.dtype, v: float) -> float:
-    """The largest value of dtype not above v: a format's max as the working dtype can hold it."""
-    t = torch.tensor(v, dtype=torch.float64).to(dtype)
-    return float(t if float(t) <= v else torch.nextafter(t, torch.zeros_like(t)))
+def _largest_held(dtype: torch.dtype, fmt: FloatFormat | FixedFormat, v: float) -> float:
+    """The largest value of fmt not above v that dtype holds: what saturation clamps to when
+    the format's max is beyond the dtype (e11m2 in float32) or not one of its values (fixed(32,16))."""
+    while True:
+        t = torch.tensor(v, dtype=torch.float64).to(dtype)
+        held = float(t if float(t) <= v else torch.nextafter(t, torch.zeros_like(t)))
+        e = math.frexp(held)[1] - 1
+        quantum = math.ldexp(1.0, -fmt.fl if isinstance(fmt, FixedFormat) else max(e, fmt.emin) - fmt.man)
+        on_grid = math.floor(held / quantum) * quantum  # exact: quantum is a power of two
+        if on_grid == v:
+            return v
+        v = on_grid
 
 
 _PARAM_CACHE: dict = {}

@@ -62,3 +62,15 @@ def test_default_sr_bits():
 def test_argument_errors(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.parametrize("fmt,held_max", [
+    ("e11m2", 1.75 * 2.0**127),  # max 1.75 * 2**1023 is beyond float32: the largest value float32 holds
+    ("fixed(32,16)", 32767.998046875),  # max 32767.99998... is not a float32: the largest one below it
+    ("fp8_e4m3", 448.0),
+])
+def test_saturation_clamps_to_the_largest_format_value_the_dtype_holds(fmt, held_max):
+    x = torch.tensor([3e38, float("inf"), -float("inf")])
+    got = quantize(x, fmt, saturate=True)
+    assert got.tolist() == [held_max, held_max, -held_max if fmt != "fixed(32,16)" else -32768.0]
+    assert bool((quantize(got, fmt, saturate=True) == got).all())  # values of the format

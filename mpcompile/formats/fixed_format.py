@@ -16,8 +16,8 @@ class FixedFormat:
     """Fixed point with word length ``wl`` and ``fl`` fractional bits.
 
     Args:
-        wl: word length in bits, 1..64 (2..64 when signed).
-        fl: fractional bits; may be negative or exceed ``wl``.
+        wl: word length in bits, 1..53 (2..53 when signed), so that every value is a float64.
+        fl: fractional bits, -252..252; may be negative or exceed ``wl``.
         signed: two's complement (range ``[-2**(wl-1), 2**(wl-1)-1] * 2**-fl``) or unsigned.
 
     ``eps`` and ``unit_roundoff`` are absolute (the spacing ``2**-fl`` and half of it), since
@@ -29,8 +29,8 @@ class FixedFormat:
     signed: bool = True
 
     def __post_init__(self) -> None:
-        _check_int("wl", self.wl, 2 if self.signed else 1, 64)
-        _check_int("fl", self.fl, -1024, 1024)
+        _check_int("wl", self.wl, 2 if self.signed else 1, 53)
+        _check_int("fl", self.fl, -252, 252)
 
     @property
     def bits(self) -> int:

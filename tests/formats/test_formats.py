@@ -179,7 +179,7 @@ def formats(draw):
     if kind == "float":
         return draw(float_formats())
     if kind == "fixed":
-        return FixedFormat(draw(st.integers(2, 64)), draw(st.integers(-40, 80)), draw(st.booleans()))
+        return FixedFormat(draw(st.integers(2, 53)), draw(st.integers(-40, 80)), draw(st.booleans()))
     if kind == "mx":
         elem = draw(float_formats() | st.builds(FixedFormat, st.integers(2, 16), st.integers(-4, 20)))
         return MXFormat(elem, block, axis)
@@ -244,10 +244,10 @@ ERRORS = [
     (lambda: FloatFormat(1, 0, nan="fn", inf=True), ["exp=1", "man=0", "no positive finite value"]),
     (lambda: FloatFormat(1, 0), ["exp=1", "man=0", "no positive finite value"]),
     (lambda: FloatFormat(11, 52, bias=-1), ["bias=-1"]),  # max would exceed float64
-    (lambda: FixedFormat(1, 0), ["wl=1", "[2, 64]"]),
-    (lambda: FixedFormat(65, 0), ["wl=65", "[2, 64]"]),
-    (lambda: FixedFormat(0, 0, signed=False), ["wl=0", "[1, 64]"]),
-    (lambda: FixedFormat(8, 2000), ["fl=2000", "[-1024, 1024]"]),
+    (lambda: FixedFormat(1, 0), ["wl=1", "[2, 53]"]),
+    (lambda: FixedFormat(54, 0), ["wl=54", "[2, 53]"]),
+    (lambda: FixedFormat(0, 0, signed=False), ["wl=0", "[1, 53]"]),
+    (lambda: FixedFormat(8, 2000), ["fl=2000", "[-252, 252]"]),
     (lambda: MXFormat(get("fp8_e4m3"), 0), ["block_size=0"]),
     (lambda: MXFormat("fp8_e4m3", 32, axis=100), ["axis=100"]),
     (lambda: MXFormat(get("mxint8")), ["element=", "float or fixed"]),
