@@ -11,6 +11,7 @@ be bit-identical to ``reference_quantize``.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -233,9 +234,13 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@functools.lru_cache(maxsize=1024)
 def plan_quantize(fmt: Format, rounding: str, saturate: bool, dtype: torch.dtype, sr_bits: int,
-                  seeded: bool = False) -> tuple[QuantPlan, dict]:
-    """The static plan and the per-format numbers (as Python values) of one quantization."""
+                  seeded: bool = False, device: torch.device = torch.device("cpu")) -> tuple[QuantPlan, QuantParams]:
+    """The static plan and the per-format numbers (tensors on ``device``) of one quantization.
+
+    Cached: a call of ``quantize`` with a known format costs no planning.
+    """
     work = _work_dtype(dtype)
     _, dman, dbias = _DT[work]
     block = fmt if isinstance(fmt, BlockFormat) else None
@@ -261,9 +266,9 @@ def plan_quantize(fmt: Format, rounding: str, saturate: bool, dtype: torch.dtype
                          **common)
         nums = dict(man=elem.man, emin=elem.emin, bias=elem.bias, max=_largest_held(work, elem, elem.max),
                     neg_max=_largest_held(work, elem, elem.max), min_pos=elem.min_subnormal)
-    nums["elem_emax"] = elem.emax
-    nums["sr_bits"] = sr_bits
-    return plan, nums
+    ints = dict(man=torch.int32, emin=torch.int32, bias=torch.int32, elem_emax=torch.int32, sr_bits=torch.int64)
+    nums.update(elem_emax=elem.emax, sr_bits=sr_bits)
+    return plan, QuantParams(**{k: torch.tensor(v, dtype=ints.get(k, work), device=device) for k, v in nums.items()})
 
 
 def _largest_held(dtype: torch.dtype, fmt: FloatFormat | FixedFormat, v: float) -> float:
@@ -278,21 +283,6 @@ def _largest_held(dtype: torch.dtype, fmt: FloatFormat | FixedFormat, v: float) 
         if on_grid == v:
             return v
         v = on_grid
-
-
-_PARAM_CACHE: dict = {}
-
-
-def _params(nums: dict, dtype: torch.dtype, device: torch.device) -> QuantParams:
-    key = (tuple(sorted(nums.items())), dtype, device)
-    hit = _PARAM_CACHE.get(key)
-    if hit is None:
-        ints = {"man", "emin", "bias", "elem_emax"}
-        hit = QuantParams(**{
-            k: torch.tensor(v, dtype=torch.int64 if k == "sr_bits" else torch.int32 if k in ints else dtype, device=device)
-            for k, v in nums.items()})
-        _PARAM_CACHE[key] = hit
-    return hit
 
 
 # -- backends ------------------------------------------------------------------------------------
@@ -397,8 +387,7 @@ def quantize(
     elif random_bits is not None or sr_bits is not None:
         raise ValueError(f"quantize: random_bits and sr_bits apply only to rounding='stochastic', not {rounding!r}")
     seeded = bits is not None and random_bits is None and n <= COUNTER_BITS
-    plan, nums = plan_quantize(fmt, rounding, saturate, x.dtype, n, seeded)
-    params = _params(nums, plan.dtype, x.device)
+    plan, params = plan_quantize(fmt, rounding, saturate, x.dtype, n, seeded, x.device)
     xw = x.to(plan.dtype)
     out = _select(xw, plan).kernel(xw, plan, params, bits)
     return out.to(x.dtype)

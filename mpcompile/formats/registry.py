@@ -10,6 +10,7 @@ or ``key=value``::
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from dataclasses import replace
 from typing import Union
@@ -102,6 +103,11 @@ def parse(spec: "str | Format") -> Format:
         if isinstance(spec, (FloatFormat, FixedFormat, BlockFormat)):
             return spec
         raise FormatError(f"expected a format or a format spec string, got {type(spec).__name__}")
+    return _parse_spec(spec)
+
+
+@functools.lru_cache(maxsize=512)
+def _parse_spec(spec: str) -> Format:
     tokens = _tokenize(spec)
     try:
         node, rest = _read(tokens, spec)
