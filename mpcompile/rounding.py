@@ -81,8 +81,7 @@ def _exponent(a: torch.Tensor, exact: bool) -> torch.Tensor:
     """floor(log2(a)) for a >= 0 from the bits: exact for normal a; for zero and subnormal a,
     -bias unless ``exact``, which normalises subnormals first (one more pass)."""
     itype, man, bias = _DT[a.dtype]
-    e = (a.view(itype) >> man).sub_(bias)
-    e = e if itype == torch.int32 else e.to(torch.int32)
+    e = (a.view(itype) >> man).sub_(bias)  # in the integer width of a's dtype
     if exact:
         shift = man + 1  # 2**shift makes every subnormal normal
         return torch.where(e == -bias, _exponent(a * 2.0**shift, False) - shift, e)
@@ -201,7 +200,7 @@ def _round_blocks(x, plan: QuantPlan, p: QuantParams, bits):
 
     xb = blocked(x)
     amax = xb.abs().amax(-1, keepdim=True)
-    log2 = torch.frexp(amax)[1] - 1  # exact also for subnormal amax
+    log2 = _exponent(amax, exact=True)  # exact also for subnormal amax
     s = torch.clamp(log2 - p.elem_emax, SCALE_EXP_MIN, SCALE_EXP_MAX)
     s = torch.where(amax == 0, SCALE_EXP_MIN, torch.where(torch.isinf(amax), SCALE_EXP_MAX, s))
     r = _round_values(xb, plan, p, None if bits is None else blocked(bits), scale_exp=s)

@@ -49,8 +49,10 @@ def fused_quantize(x: torch.Tensor, plan: QuantPlan, params: QuantParams, bits: 
             return _kernel(plan)(x, params, bits)
         except Exception as err:  # a compiler failure must not cost the user the result
             _FAILED.add(plan)
+            first_line = (str(err).strip().splitlines() or [""])[0][:300]
             warnings.warn(f"mpcompile: fused quantize failed to compile for {plan}; using the eager "
-                          f"reference from now on ({type(err).__name__}: {err})", RuntimeWarning, stacklevel=3)
+                          f"reference for it from now on ({type(err).__name__}: {first_line})",
+                          RuntimeWarning, stacklevel=3)
     return reference_quantize(x, plan, params, bits)
 
 

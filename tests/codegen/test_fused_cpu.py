@@ -6,7 +6,10 @@ import torch
 
 import mpcompile.codegen.fused_cpu as fused_cpu
 from mpcompile import quantize, set_quantize_backend
-from mpcompile.formats import parse
+from mpcompile.formats import MXFormat, get, parse
+
+# a compile failure falls back to the reference with a RuntimeWarning: here it must fail
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 from mpcompile.rounding import get_quantize_backend
 
 
@@ -43,6 +46,12 @@ def hard_data(n=1 << 14, seed=0):
 def test_fused_equals_reference(fmt, rounding, saturate):
     x = hard_data()
     assert_bitwise(*both(x, fmt, rounding, saturate=saturate))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_fused_blocks_across_an_inner_axis(dtype):
+    x = hard_data(66 * 64).reshape(66, 64).to(dtype)
+    assert_bitwise(*both(x, MXFormat(get("fp6_e2m3"), 16, axis=0), "up"))
 
 
 def test_fused_stochastic_equals_reference_given_bits():
@@ -87,6 +96,7 @@ def test_backend_switch_env_and_errors(monkeypatch):
         set_quantize_backend("gpu9000")
 
 
+@pytest.mark.filterwarnings("default::RuntimeWarning")
 def test_compile_failure_falls_back_with_warning(monkeypatch):
     def broken(fn, **kw):
         raise RuntimeError("no compiler here")
