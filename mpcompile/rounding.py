@@ -196,7 +196,7 @@ def _round_blocks(x, plan: QuantPlan, p: QuantParams, bits):
     def blocked(t):  # (..., n) along axis -> (..., n_blocks, bs), the tail padded with zeros
         t = t.movedim(axis, -1)
         t = torch.nn.functional.pad(t, (0, pad)) if pad else t
-        return t.reshape(*t.shape[:-1], (n + pad) // bs, bs)
+        return t.reshape(*t.shape[:-1], (n + pad) // bs, bs).contiguous()  # the kernel writes out= in place
 
     xb = blocked(x)
     amax = xb.abs().amax(-1, keepdim=True)
@@ -387,7 +387,7 @@ def quantize(
         raise ValueError(f"quantize: random_bits and sr_bits apply only to rounding='stochastic', not {rounding!r}")
     seeded = bits is not None and random_bits is None and n <= COUNTER_BITS
     plan, params = plan_quantize(fmt, rounding, saturate, x.dtype, n, seeded, x.device)
-    xw = x.to(plan.dtype)
+    xw = x.to(plan.dtype).contiguous()  # kernels write out= in place, which dynamo wants contiguous
     out = _select(xw, plan).kernel(xw, plan, params, bits)
     return out.to(x.dtype)
 

@@ -48,6 +48,12 @@ def test_fused_equals_reference(fmt, rounding, saturate):
     assert_bitwise(*both(x, fmt, rounding, saturate=saturate))
 
 
+def test_fused_non_contiguous_input():
+    x = hard_data(64 * 48).reshape(64, 48).t()
+    assert_bitwise(*both(x, "fp8_e4m3", "up"))
+    assert_bitwise(*both(x, "fp8_e5m2", "stochastic", seed=0))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_fused_blocks_across_an_inner_axis(dtype):
     x = hard_data(66 * 64).reshape(66, 64).to(dtype)
