@@ -361,8 +361,9 @@ def quantize(
         saturate: finite overflow and infinities become +-max instead of inf (or NaN where
             the format has no inf). Block formats always saturate their elements.
         sr_bits: random bits per value for ``stochastic`` (default ``default_sr_bits``).
-        random_bits: integer tensor of x's shape with values in ``[0, 2**sr_bits)``; replaces
-            the generator, so results can be checked against other implementations.
+        random_bits: integer tensor of x's shape with values in ``[0, 2**sr_bits)`` (higher bits
+            are ignored: checking them would cost a host synchronisation); replaces the
+            generator, so results can be checked against other implementations.
         generator: draws the seed of the random bits (default: torch's global generator).
             The bits are ``counter_bits(seed)``: the same on every backend and device.
 
@@ -402,4 +403,4 @@ def _random_bits(x: torch.Tensor, n: int, random_bits: torch.Tensor | None, gene
     if random_bits.shape != x.shape or random_bits.is_floating_point() or random_bits.dtype == torch.bool:
         raise ValueError(f"quantize: random_bits must be an integer tensor of x's shape {tuple(x.shape)}, "
                          f"got {random_bits.dtype} of shape {tuple(random_bits.shape)}")
-    return random_bits.to(x.device)
+    return random_bits.to(device=x.device, dtype=torch.int64)
