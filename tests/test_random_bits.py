@@ -30,6 +30,14 @@ def test_counter_bits_equals_python_reference_and_keeps_shape():
     assert got.flatten().tolist() == [lowbias32(lowbias32(i) ^ 0xDEADBEEF) for i in range(105)]
 
 
+def test_chunked_eager_bits_equal_the_formula():
+    n = (1 << 17) + 5  # more than one eager chunk, with a tail
+    seed = torch.tensor(12345)
+    chunked = counter_bits(seed, torch.Size([n]))
+    whole = mix32(mix32(torch.arange(n) & M32) ^ seed)
+    assert torch.equal(chunked, whole)
+
+
 def test_bits_are_uniform_and_seeds_independent():
     n = 1 << 18
     a, b = counter_bits(torch.tensor(1), torch.Size([n])), counter_bits(torch.tensor(2), torch.Size([n]))
