@@ -138,10 +138,11 @@ def _round_magnitude(a, neg, qe, plan: QuantPlan, p: QuantParams, bits, bias):
         away = inexact & neg
     else:  # stochastic, as gfloat: delta rounded to sr_bits bits (ties to even), then compared
         n = p.sr_bits.to(torch.int32)
-        bits = bits & ((torch.ones_like(p.sr_bits) << p.sr_bits) - 1).to(bits.dtype)  # the low sr_bits bits
+        two_n = torch.ones_like(p.sr_bits) << p.sr_bits  # int64, like bits
+        bits = bits & (two_n - 1)  # the low sr_bits bits
         d = _scale(delta, n, True, out=delta).round_()
         if plan.sr_int_path:
-            away = d.to(torch.int64) + bits.to(torch.int64) >= (torch.ones_like(p.sr_bits) << p.sr_bits)
+            away = d.to(torch.int64) + bits >= two_n
         else:
             away = d.add_(bits) >= _pow2(n, a.dtype, False)
     return _scale(fl.add_(away), qe, one_step, out=fl)

@@ -63,9 +63,9 @@ class FloatFormat:
             )
         if self.bits > 64:
             raise ValueError(f"FloatFormat: {self.bits} bits (sign+exp+man) exceeds the allowed 64")
-        top = (self._max_code >> self.man) - self.bias  # exponent of the largest binade
-        lo, hi = (self._max_code >> self.man) - 1023, (self.emin + self.bias) - self.man + 1074
-        if top > 1023 or self.emin - self.man < -1074:
+        top_field = self._max_code >> self.man  # exponent field of the largest binade
+        lo, hi = top_field - 1023, (self.emin + self.bias) - self.man + 1074
+        if not lo <= self.bias <= hi:
             raise ValueError(f"FloatFormat: bias={self.bias} puts values outside the float64 range; "
                              f"with exp={self.exp}, man={self.man} bias must be in [{lo}, {hi}]")
         if self._max_code < 0 or self._decode(self._max_code) <= 0:

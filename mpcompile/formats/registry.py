@@ -159,13 +159,13 @@ def _read(tokens: list, spec: str):
     return (text, args, kwargs), rest[1:]
 
 
-# name: (usage, how many integers, the words it knows, takes an element format first, takes axis=)
+# name: (usage, (min, max) integers, the words it knows, takes an element format first, takes axis=)
 _CONSTRUCTORS = {
-    "p3109": ("p3109(k, p[, unsigned][, finite])", 2, {"signed", "unsigned", "extended", "finite"}, False, False),
-    "fixed": ("fixed(wl, fl[, unsigned])", 2, {"signed", "unsigned"}, False, False),
+    "p3109": ("p3109(k, p[, unsigned][, finite])", (2, 2), {"signed", "unsigned", "extended", "finite"}, False, False),
+    "fixed": ("fixed(wl, fl[, unsigned])", (2, 2), {"signed", "unsigned"}, False, False),
     "mx": ("mx(element[, block_size][, axis=n])", (0, 1), set(), True, True),
-    "bfp": ("bfp(wl, block_size[, axis=n])", 2, set(), False, True),
-    "bm": ("bm(exp, man, block_size[, axis=n])", 3, set(), False, True),
+    "bfp": ("bfp(wl, block_size[, axis=n])", (2, 2), set(), False, True),
+    "bm": ("bm(exp, man, block_size[, axis=n])", (3, 3), set(), False, True),
 }
 
 
@@ -184,7 +184,7 @@ def _build(node, spec: str) -> Format:
     if low not in _CONSTRUCTORS:
         raise FormatError(f"format spec {spec!r}: unknown constructor {name}(); use eXmY(key=value, ...) or "
                           + ", ".join(usage for usage, *_ in _CONSTRUCTORS.values()))
-    usage, n_ints, known_words, takes_element, takes_axis = _CONSTRUCTORS[low]
+    usage, (lo, hi), known_words, takes_element, takes_axis = _CONSTRUCTORS[low]
     bad = lambda why: FormatError(f"format spec {spec!r}: {why}; expected {usage}")
     element = None
     if takes_element:
@@ -193,7 +193,6 @@ def _build(node, spec: str) -> Format:
         element, args = _build(args[0], spec), args[1:]
     ints = [a for a in args if isinstance(a, int)]
     words = [a[0].lower() for a in args if isinstance(a, tuple) and a[1] is None]
-    lo, hi = n_ints if isinstance(n_ints, tuple) else (n_ints, n_ints)
     if len(ints) + len(words) != len(args) or set(words) - known_words or not lo <= len(ints) <= hi:
         raise bad(f"cannot use the arguments {', '.join(str(a if isinstance(a, int) else a[0]) for a in args) or '()'}")
     if set(kwargs) - ({"axis"} if takes_axis else set()):
