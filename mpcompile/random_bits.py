@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["counter_bits", "mix32", "COUNTER_BITS"]
+__all__ = ["counter_bits", "counter_words", "counter_word", "mix32", "stream_seed", "COUNTER_BITS"]
 
 COUNTER_BITS = 32  # bits per word
 _M32 = 0xFFFFFFFF
@@ -21,10 +21,35 @@ _EAGER_CHUNK = 1 << 16
 
 
 def mix32(v: torch.Tensor) -> torch.Tensor:
-    """lowbias32 on an int64 tensor of 32-bit words (values in [0, 2**32)), in place."""
-    v.bitwise_xor_(v >> 16).mul_(_MUL1).bitwise_and_(_M32)
-    v.bitwise_xor_(v >> 15).mul_(_MUL2).bitwise_and_(_M32)
-    return v.bitwise_xor_(v >> 16)
+    """lowbias32 on an int64 tensor of 32-bit words (values in [0, 2**32))."""
+    v = ((v ^ (v >> 16)) * _MUL1) & _M32
+    v = ((v ^ (v >> 15)) * _MUL2) & _M32
+    return v ^ (v >> 16)
+
+
+def counter_words(index: torch.Tensor, seed: "torch.Tensor | int") -> torch.Tensor:
+    """mix(mix(i) ^ seed) for int64 indices i >= 0 (broadcasting index against seed)."""
+    return mix32(mix32((index ^ ((index >> 32) * _GOLDEN)) & _M32) ^ seed)
+
+
+def stream_seed(seed: int, stream: int, step: int) -> int:
+    """The seed of one rounding step of an emulated reduction: a word per (stream, step).
+
+    An op's reductions draw the bits of rounding ``step`` in ``stream`` (products, adds, ...)
+    for output element ``i`` as ``counter_words(i, stream_seed(seed, stream, step))``.
+    """
+    return _mix_int(seed ^ _mix_int((step * 8 + stream) & _M32))
+
+
+def counter_word(index: int, seed: int) -> int:
+    """One word of ``counter_words``, in pure Python (for scalar references)."""
+    return _mix_int(_mix_int((index ^ ((index >> 32) * _GOLDEN)) & _M32) ^ seed)
+
+
+def _mix_int(v: int) -> int:
+    v = ((v ^ (v >> 16)) * 0x7FEB352D) & _M32
+    v = ((v ^ (v >> 15)) * 0x846CA68B) & _M32
+    return v ^ (v >> 16)
 
 
 def counter_bits(seed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -36,14 +61,8 @@ def counter_bits(seed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """
     n = shape.numel()
     if torch.compiler.is_compiling() or seed.device.type != "cpu" or n <= _EAGER_CHUNK:
-        return _words(torch.arange(n, dtype=torch.int64, device=seed.device), seed).view(shape)
+        return counter_words(torch.arange(n, dtype=torch.int64, device=seed.device), seed).view(shape)
     out = torch.empty(n, dtype=torch.int64)  # eager CPU: a chunk's temporaries stay in cache (3x faster)
     for start in range(0, n, _EAGER_CHUNK):
-        out[start:start + _EAGER_CHUNK] = _words(torch.arange(start, min(start + _EAGER_CHUNK, n)), seed)
+        out[start:start + _EAGER_CHUNK] = counter_words(torch.arange(start, min(start + _EAGER_CHUNK, n)), seed)
     return out.view(shape)
-
-
-def _words(idx: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
-    """mix(mix(i) ^ seed) for the indices idx (consumed)."""
-    words = idx.bitwise_xor_((idx >> 32).mul_(_GOLDEN)).bitwise_and_(_M32)
-    return mix32(mix32(words).bitwise_xor_(seed))

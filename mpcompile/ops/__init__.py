@@ -1,0 +1,7 @@
+"""Emulated low-precision arithmetic: arithmetic specs, ``mpc::`` custom ops and their entry points."""
+from .api import conv1d, conv2d, conv3d, linear, matmul, mean, quant, sum
+from .emulate import chunk_is_exact, emulated_matmul
+from .spec import ROLES, ArithSpec, QuantSpec, RoleFormats, SpecError
+
+__all__ = ["ArithSpec", "QuantSpec", "RoleFormats", "ROLES", "SpecError", "matmul", "linear", "conv1d",
+           "conv2d", "conv3d", "quant", "sum", "mean", "emulated_matmul", "chunk_is_exact"]

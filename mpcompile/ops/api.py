@@ -1,0 +1,177 @@
+"""Python entry points over the ``mpc::`` ops: the same arithmetic without the compiler.
+
+    y = mpcompile.ops.linear(x, w, b, formats={"input": "fp8_e4m3", "weight": "fp8_e4m3",
+                                                "grad_output": "fp8_e5m2"},
+                             forward=ArithSpec(acc="fp16", order="chunk(32)"))
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+from . import library  # noqa: F401  (registers the mpc:: ops)
+from .spec import ArithSpec, QuantSpec, RoleFormats, SpecError, parse_arith, parse_quant
+
+__all__ = ["matmul", "linear", "conv1d", "conv2d", "conv3d", "quant", "sum", "mean"]
+
+Formats = Mapping[str, object] | RoleFormats | str | None
+Spec = ArithSpec | str | None
+
+
+def _spec(spec: Spec, what: str) -> ArithSpec:
+    if spec is None:
+        return ArithSpec()
+    if isinstance(spec, ArithSpec):
+        return spec
+    if isinstance(spec, str):
+        return parse_arith(spec)
+    raise SpecError(f"{what} must be an ArithSpec or its string form, got {type(spec).__name__}")
+
+
+def _seed(seed: int | None, stochastic: bool, device) -> torch.Tensor | None:
+    """The op's seed tensor: given, drawn from torch's generator when something is stochastic, or None."""
+    if seed is not None:
+        if not isinstance(seed, int) or not 0 <= seed < 2**32:
+            raise ValueError(f"seed={seed!r} must be an integer in [0, 2**32)")
+        return torch.tensor(seed, dtype=torch.int64, device=device)
+    if not stochastic:
+        return None
+    return torch.randint(0, 2**32, (), dtype=torch.int64, device=device)
+
+
+def _stochastic(roles: RoleFormats, *specs: ArithSpec) -> bool:
+    return any(q.rounding == "stochastic" for _, q in roles.specs) or any(
+        "stochastic" in (s.rounding, s.mul_rounding) for s in specs)
+
+
+def _check(name: str, **tensors) -> torch.device:
+    device = None
+    for arg, t in tensors.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"mpcompile.ops.{name}: {arg} must be a float32/float64/float16/bfloat16 tensor, got {got}")
+        if device is not None and t.device != device:
+            raise ValueError(f"mpcompile.ops.{name}: {arg} is on {t.device}, the other operands on {device}")
+        device = t.device
+    return device
+
+
+def _prepare(name, formats, forward, backward, seed, **tensors):
+    device = _check(name, **tensors)
+    roles = RoleFormats.of(formats)
+    fwd = _spec(forward, "forward")
+    bwd = fwd if backward is None else _spec(backward, "backward")
+    return str(roles), str(fwd), str(bwd), _seed(seed, _stochastic(roles, fwd, bwd), device)
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, spec: Spec = None, *, formats: Formats = None,
+           backward: Spec = None, seed: int | None = None) -> torch.Tensor:
+    """``torch.matmul(a, b)`` with emulated arithmetic.
+
+    Args:
+        a, b: operands (``torch.matmul`` broadcasting); roles ``input`` = a, ``weight`` = b.
+        spec: forward arithmetic (``ArithSpec`` or its string); None = native fp32.
+        formats: role -> format / ``"fmt[:rounding][:scaling][:sat]"`` / ``QuantSpec``.
+        backward: arithmetic of the gradient GEMMs (default: ``spec``).
+        seed: seed of every random bit the op draws (default: from torch's generator).
+    """
+    roles, fwd, bwd, s = _prepare("matmul", formats, spec, backward, seed, a=a, b=b)
+    if a.dim() == 0 or b.dim() == 0 or a.shape[-1] != b.shape[-2 if b.dim() > 1 else 0]:
+        raise ValueError(f"mpcompile.ops.matmul: shapes {tuple(a.shape)} and {tuple(b.shape)} do not multiply "
+                         f"(a's last dim must equal b's {'second-to-last' if b.dim() > 1 else 'only'} dim)")
+    return torch.ops.mpc.matmul(a, b, roles, fwd, bwd, s)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, formats: Formats = None,
+           forward: Spec = None, backward: Spec = None, seed: int | None = None) -> torch.Tensor:
+    """``F.linear(x, w, b)`` with per-role formats and emulated arithmetic (see ``matmul``)."""
+    roles, fwd, bwd, s = _prepare("linear", formats, forward, backward, seed, x=x, w=w, b=b)
+    if w.dim() != 2 or x.dim() < 1 or x.shape[-1] != w.shape[1] or (b is not None and tuple(b.shape) != (w.shape[0],)):
+        raise ValueError(f"mpcompile.ops.linear: x {tuple(x.shape)}, w {tuple(w.shape)}"
+                         f"{'' if b is None else f', b {tuple(b.shape)}'} do not fit: w must be (out, in) with "
+                         f"in = x.shape[-1], b (out,)")
+    return torch.ops.mpc.linear(x, w, b, roles, fwd, bwd, s)
+
+
+def _tuple(value, n: int, what: str) -> list[int]:
+    out = [value] * n if isinstance(value, int) else list(value)
+    if len(out) != n or not all(isinstance(v, int) for v in out):
+        raise ValueError(f"mpcompile.ops.conv{n}d: {what}={value!r} must be an int or {n} ints")
+    return out
+
+
+def _conv(n: int, x, w, b, stride, padding, dilation, groups, formats, forward, backward, seed):
+    roles, fwd, bwd, s = _prepare(f"conv{n}d", formats, forward, backward, seed, x=x, w=w, b=b)
+    if isinstance(padding, str):
+        raise ValueError(f"mpcompile.ops.conv{n}d: padding={padding!r}: give the padding as numbers")
+    if x.dim() != n + 2 or w.dim() != n + 2 or x.shape[1] != w.shape[1] * groups or w.shape[0] % groups:
+        raise ValueError(f"mpcompile.ops.conv{n}d: x {tuple(x.shape)} and w {tuple(w.shape)} with groups={groups} "
+                         f"do not fit: x must be (N, C, *{n} sizes), w (C_out, C / groups, *kernel), "
+                         f"C_out divisible by groups")
+    return torch.ops.mpc.conv(x, w, b, _tuple(stride, n, "stride"), _tuple(padding, n, "padding"),
+                              _tuple(dilation, n, "dilation"), groups, roles, fwd, bwd, s)
+
+
+def conv1d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, *, formats: Formats = None,
+           forward: Spec = None, backward: Spec = None, seed: int | None = None) -> torch.Tensor:
+    """``F.conv1d`` with per-role formats and emulated arithmetic (see ``conv2d``)."""
+    return _conv(1, x, w, b, stride, padding, dilation, groups, formats, forward, backward, seed)
+
+
+def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, *, formats: Formats = None,
+           forward: Spec = None, backward: Spec = None, seed: int | None = None) -> torch.Tensor:
+    """``F.conv2d`` with per-role formats and emulated arithmetic.
+
+    Each output element is a dot product over (input channel of its group, kernel position),
+    row-major, padding zeros included; grad_input is the transposed convolution computed the
+    same way, grad_weight reduces over (batch, output position).
+    """
+    return _conv(2, x, w, b, stride, padding, dilation, groups, formats, forward, backward, seed)
+
+
+def conv3d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, *, formats: Formats = None,
+           forward: Spec = None, backward: Spec = None, seed: int | None = None) -> torch.Tensor:
+    """``F.conv3d`` with per-role formats and emulated arithmetic (see ``conv2d``)."""
+    return _conv(3, x, w, b, stride, padding, dilation, groups, formats, forward, backward, seed)
+
+
+def quant(x: torch.Tensor, fmt, rounding: str = "nearest", *, grad_format=None, grad_rounding: str | None = None,
+          scaling: str = "none", saturate: bool = False, axis: int = 0, seed: int | None = None) -> torch.Tensor:
+    """Straight-through quantizer: x rounded to ``fmt`` forward, the gradient to ``grad_format``.
+
+    Args:
+        fmt: format (or ``QuantSpec``) of the forward value; None leaves it unchanged.
+        grad_format: format (or ``QuantSpec``) of the gradient; None passes it unchanged.
+        grad_rounding: the gradient's rounding (default ``rounding``).
+        scaling, saturate: as in ``QuantSpec``; ``axis`` is the channel axis of ``channel`` scaling.
+    """
+    _check("quant", x=x)
+    fwd = None if fmt is None else parse_quant(fmt) if isinstance(fmt, QuantSpec) else QuantSpec(fmt, rounding, scaling, saturate)
+    grad = None if grad_format is None else parse_quant(grad_format) if isinstance(grad_format, QuantSpec) else \
+        QuantSpec(grad_format, grad_rounding or rounding, scaling, saturate)
+    stochastic = any(q is not None and q.rounding == "stochastic" for q in (fwd, grad))
+    return torch.ops.mpc.quant(x, "" if fwd is None else str(fwd), "" if grad is None else str(grad), axis,
+                               _seed(seed, stochastic, x.device))
+
+
+def _dims(dim) -> list[int]:
+    return [] if dim is None else [dim] if isinstance(dim, int) else list(dim)
+
+
+def sum(x: torch.Tensor, dim: int | Sequence[int] | None = None, keepdim: bool = False, *, spec: Spec = None,
+        seed: int | None = None) -> torch.Tensor:
+    """``x.sum(dim)`` accumulated as ``spec`` says (its acc, order, rounding, kahan; no products)."""
+    _check("sum", x=x)
+    arith = _spec(spec, "spec")
+    return torch.ops.mpc.sum(x, _dims(dim), keepdim, str(arith), _seed(seed, _stochastic(RoleFormats(), arith), x.device))
+
+
+def mean(x: torch.Tensor, dim: int | Sequence[int] | None = None, keepdim: bool = False, *, spec: Spec = None,
+         seed: int | None = None) -> torch.Tensor:
+    """``x.mean(dim)``: the emulated sum, then sum / count rounded once to the acc format."""
+    _check("mean", x=x)
+    arith = _spec(spec, "spec")
+    return torch.ops.mpc.mean(x, _dims(dim), keepdim, str(arith), _seed(seed, _stochastic(RoleFormats(), arith), x.device))

@@ -1,0 +1,255 @@
+"""Emulated dot products: a batched GEMM whose every multiply and add is rounded as a spec says.
+
+Vectorised over output elements; the loop runs over the reduction dimension only, a block of
+steps at a time. Large CPU problems run each block as one compiled kernel (inductor fuses the
+block's steps into one pass over the accumulator, which stays in registers); small ones run
+the same code eagerly. Bit-identical to ``reference.dot`` for every order (``chunk(k)`` where
+``chunk_is_exact``).
+
+Random bits: rounding step ``step`` of stream ``stream`` for output element ``i`` uses
+``counter_words(i, stream_seed(seed, stream, step))``; the stream numbers are those of
+``reference``.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import types
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from ..formats import FloatFormat
+from ..random_bits import counter_words, stream_seed
+from .exact import Grid, grid_of, round_exact, two_prod, two_sum
+from .spec import STREAM_ADD, STREAM_KAHAN, STREAM_MUL, ArithSpec, SpecError
+
+__all__ = ["emulated_matmul", "accumulate", "chunk_is_exact", "COMPILE_MIN_WORK", "set_compile"]
+
+COMPILE_MIN_WORK = 1 << 22  # output elements x reduction steps from which a block is compiled
+_BLOCK = 16  # reduction steps per compiled kernel call
+_PAIRWISE_ELEMS = 1 << 24  # products materialised at once by the pairwise tree
+_compile_enabled = True
+
+
+def set_compile(enabled: bool) -> None:
+    """Allow (default) or forbid compiled kernels for large CPU problems."""
+    global _compile_enabled
+    _compile_enabled = enabled
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Static facts of one emulated GEMM (compiled kernels are cached by plan)."""
+
+    spec: ArithSpec
+    split_products: bool  # float64 operands: products need two_prod to be exact
+    mul: Grid | None
+    acc: Grid
+    n_mul: int
+    n_acc: int
+
+    @property
+    def stochastic(self) -> bool:
+        return "stochastic" in (self.spec.rounding, self.spec.mul_rounding if self.mul else None)
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(spec: ArithSpec, split_products: bool) -> _Plan:
+    n_mul = spec.sr_bits_for(spec.mul) if spec.mul else 0
+    n_acc = spec.sr_bits_for(spec.acc)
+    mul = grid_of(spec.mul, spec.mul_rounding, n_mul) if spec.mul else None
+    return _Plan(spec, split_products, mul, grid_of(spec.acc, spec.rounding, n_acc), n_mul, n_acc)
+
+
+def chunk_is_exact(spec: ArithSpec, a_fmt: FloatFormat | None, b_fmt: FloatFormat | None) -> bool:
+    """Whether a float64 sum of ``spec.chunk`` products is exact, so that ``chunk(k)`` is
+    bit-identical on every backend: all products are multiples of a quantum Q and at most P
+    in magnitude (Q, P of the mul format, else of the operands' formats), and k * P / Q < 2**53."""
+    if spec.chunk is None:
+        return True
+    if spec.mul is not None:
+        quantum, top = spec.mul.min_subnormal, spec.mul.max
+    elif a_fmt is not None and b_fmt is not None:
+        quantum, top = a_fmt.min_subnormal * b_fmt.min_subnormal, a_fmt.max * b_fmt.max
+    else:
+        return False
+    return math.log2(spec.chunk) + math.log2(top) - math.log2(quantum) < 53
+
+
+def _bits(index: torch.Tensor, seed: torch.Tensor | None) -> torch.Tensor | None:
+    return None if seed is None else counter_words(index, seed)
+
+
+def accumulate(plan: _Plan, acc, comp, term, index, seeds):
+    """One rounded add of ``term`` into the running sum (Kahan-compensated if the spec says).
+
+    ``seeds``: None, or an int64 tensor of the step's seeds per stream (``STREAM_ADD`` and, for
+    Kahan, ``STREAM_KAHAN``) for stochastic rounding. Returns (acc, comp).
+    """
+    g, mode, n = plan.acc, plan.spec.rounding, plan.n_acc
+
+    def rounded_sum(x, y, stream):
+        return round_exact(*two_sum(x, y), g, mode, _bits(index, None if seeds is None else seeds[stream]), n)
+
+    if not plan.spec.kahan:
+        return rounded_sum(acc, term, STREAM_ADD), comp
+    y = rounded_sum(term, -comp, STREAM_KAHAN[0])
+    t = rounded_sum(acc, y, STREAM_KAHAN[1])
+    z = rounded_sum(t, -acc, STREAM_KAHAN[2])
+    return t, rounded_sum(z, -y, STREAM_KAHAN[3])
+
+
+def _product(plan: _Plan, a_col, b_row, index, seed):
+    if plan.split_products:
+        p, e = two_prod(a_col, b_row)
+    else:
+        p, e = a_col * b_row, None  # exact: the operands have at most 24 significant bits
+    if plan.mul is None:
+        return p
+    return round_exact(p, e, plan.mul, plan.spec.mul_rounding, _bits(index, seed), plan.n_mul)
+
+
+def _block(plan: _Plan, acc, comp, partial, a, b, index, seeds, ends: tuple[bool, ...]):
+    """Steps u of a block: products a[..., u] * b[..., u, :]; sequential adds each into acc,
+    chunk orders sum them into ``partial`` and add that into acc where ``ends[u]``."""
+    chunked = plan.spec.chunk is not None
+    for u, end in enumerate(ends):
+        step_seeds = None if seeds is None else seeds[:, u]
+        p = _product(plan, a[..., u:u + 1], b[..., u:u + 1, :], index, None if seeds is None else step_seeds[STREAM_MUL])
+        if not chunked:
+            acc, comp = accumulate(plan, acc, comp, p, index, step_seeds)
+            continue
+        partial = p if partial is None else partial + p
+        if end:
+            acc, comp = accumulate(plan, acc, comp, partial, index, step_seeds)
+            partial = None
+    return acc, comp, partial
+
+
+_KERNELS: dict[tuple, object] = {}
+_FAILED: set[tuple] = set()
+
+
+def _compiled_block(plan: _Plan, ends: tuple[bool, ...], has_partial: bool):
+    key = (plan, ends, has_partial)
+    kernel = _KERNELS.get(key)
+    if kernel is None:
+        def run(acc, comp, partial, a, b, index, seeds):
+            return _block(plan, acc, comp, partial, a, b, index, seeds, ends)
+
+        code = run.__code__.replace(co_name=f"emulated_block_{len(_KERNELS)}")  # own dynamo cache
+        run = types.FunctionType(code, run.__globals__, code.co_name, None, run.__closure__)
+        kernel = _KERNELS[key] = torch.compile(run, fullgraph=True, dynamic=False)
+    return kernel
+
+
+def _run_block(plan, compiled: bool, acc, comp, partial, a, b, index, seeds, ends):
+    key = (plan, ends, partial is not None)
+    if compiled and key not in _FAILED:
+        try:
+            return _compiled_block(plan, ends, partial is not None)(acc, comp, partial, a, b, index, seeds)
+        except Exception as err:  # a compiler failure must not cost the user the result
+            _FAILED.add(key)
+            warnings.warn(f"mpcompile: compiling the emulated GEMM for {plan.spec} failed; running it "
+                          f"eagerly ({type(err).__name__}: {str(err).strip()[:200]})", RuntimeWarning, stacklevel=4)
+    return _block(plan, acc, comp, partial, a, b, index, seeds, ends)
+
+
+def _step_seeds(seed: int | None, streams: int, steps: range, device) -> torch.Tensor | None:
+    if seed is None:
+        return None
+    return torch.tensor([[stream_seed(seed, s, k) for k in steps] for s in range(streams)],
+                        dtype=torch.int64, device=device)
+
+
+def emulated_matmul(a: torch.Tensor, b: torch.Tensor, spec: ArithSpec, *, seed: int | None = None,
+                    index: torch.Tensor | None = None, exact_products: bool = False) -> torch.Tensor:
+    """``a @ b`` with the arithmetic of ``spec``; float64 result holding values of ``spec.acc``.
+
+    Args:
+        a: (B, M, K) float tensor; b: (B, K, N), same dtype and device.
+        spec: a non-native arithmetic spec.
+        seed: 32-bit seed of the random bits (required if any rounding is stochastic).
+        index: int64 (B, M, N): the number of each output element in the op's output (the
+            counter of its random bits); default row-major.
+        exact_products: the products are exact in float64 whatever the dtype (b is all ones).
+    """
+    split = a.dtype == torch.float64 and not exact_products
+    if split and spec.mul is None:
+        raise SpecError(f"arithmetic {spec}: float64 operands need a mul format (products of float64 "
+                        f"values are not exact in float64); use float32 operands or set mul")
+    plan = _plan(spec, split)
+    if plan.stochastic and seed is None:
+        raise ValueError("emulated_matmul: stochastic rounding needs a seed")
+    B, M, K = a.shape
+    N = b.shape[-1]
+    a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    if index is None:
+        index = torch.arange(B * M * N, dtype=torch.int64, device=a.device).view(B, M, N)
+    seed = seed if plan.stochastic else None
+    if spec.order == "pairwise":
+        return _pairwise(plan, a64, b64, index, seed)
+    acc = torch.zeros(B, M, N, dtype=torch.float64, device=a.device)
+    comp = torch.zeros_like(acc) if spec.kahan else None
+    if spec.chunk is not None and spec.mul is None and not split:
+        return _chunks_by_gemm(plan, acc, comp, a64, b64, index, seed)
+    compiled = _compile_enabled and a.device.type == "cpu" and B * M * N * K >= COMPILE_MIN_WORK
+    width = _BLOCK if compiled else K
+    partial = None
+    streams = 5 if spec.kahan else 2
+    for k0 in range(0, K, width):
+        steps = range(k0, min(k0 + width, K))
+        if spec.chunk is None:
+            ends = (False,) * len(steps)
+            seeds = _step_seeds(seed, streams, steps, a.device)
+        else:
+            ends = tuple((k + 1) % spec.chunk == 0 or k == K - 1 for k in steps)
+            seeds = _step_seeds(seed, streams, steps, a.device)
+            if seeds is not None:  # adds are numbered by chunk, products by k
+                adds = _step_seeds(seed, streams, range(k0 // spec.chunk, k0 // spec.chunk + len(steps)), a.device)
+                chunk_of = torch.tensor([k // spec.chunk - k0 // spec.chunk for k in steps], device=a.device)
+                seeds = torch.cat([seeds[:1], adds[1:, chunk_of]])
+        acc, comp, partial = _run_block(plan, compiled, acc, comp, partial, a64[..., k0:k0 + len(steps)],
+                                        b64[..., k0:k0 + len(steps), :], index, seeds, ends)
+    return acc
+
+
+def _chunks_by_gemm(plan: _Plan, acc, comp, a, b, index, seed):
+    """chunk(k) with exact products: each chunk's sum is one float64 GEMM."""
+    K, k = a.shape[-1], plan.spec.chunk
+    streams = 5 if plan.spec.kahan else 2
+    for j, k0 in enumerate(range(0, K, k)):
+        partial = torch.matmul(a[..., k0:k0 + k], b[..., k0:k0 + k, :])
+        seeds = _step_seeds(seed, streams, range(j, j + 1), a.device)
+        acc, comp = accumulate(plan, acc, comp, partial, index, None if seeds is None else seeds[:, 0])
+    return acc
+
+
+def _pairwise(plan: _Plan, a, b, index, seed):
+    """A tree of rounded adds over the products, in row blocks that bound the memory."""
+    B, M, K = a.shape
+    N = b.shape[-1]
+    out = torch.empty(B, M, N, dtype=torch.float64, device=a.device)
+    rows = max(1, _PAIRWISE_ELEMS // max(1, B * N * K))
+    mul_seeds = _step_seeds(seed, 1, range(K), a.device)
+    for m0 in range(0, M, rows):
+        idx = index[:, m0:m0 + rows, :, None]
+        terms = _product(plan, a[:, m0:m0 + rows, None, :], b.transpose(1, 2)[:, None], idx,
+                         None if mul_seeds is None else mul_seeds[0])
+        if K == 0:
+            out[:, m0:m0 + rows] = 0.0
+            continue
+        if K == 1:
+            terms = accumulate(plan, torch.zeros_like(terms), None, terms, idx, _step_seeds(seed, 2, range(1), a.device)[:, 0] if seed is not None else None)[0]
+        level = 0
+        while terms.shape[-1] > 1:
+            n = terms.shape[-1]
+            pairs = n // 2
+            seeds = _step_seeds(seed, 2, range(K * level, K * level + pairs), a.device)
+            summed, _ = accumulate(plan, terms[..., 0:2 * pairs:2], None, terms[..., 1:2 * pairs:2], idx, seeds)
+            terms = torch.cat([summed, terms[..., n - 1:]], -1) if n % 2 else summed
+            level += 1
+        out[:, m0:m0 + rows] = terms[..., 0]
+    return out

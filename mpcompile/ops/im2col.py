@@ -1,0 +1,70 @@
+"""Convolution as GEMM: patches (im2col) and the transposed convolution of the input gradient.
+
+The reduction of output element (n, c_out, o) runs over (c_in of its group, kernel position)
+in row-major order, padding zeros included, so a convolution's emulated sums are defined by
+the patch layout here.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["patches", "conv_as_gemm_operands", "transposed_conv_operands"]
+
+
+def patches(x: torch.Tensor, kernel: tuple[int, ...], stride, padding, dilation) -> torch.Tensor:
+    """(N, C, *S) -> (N, *O, C, *kernel): the window of every output position."""
+    nd = len(kernel)
+    x = F.pad(x, [p for d in reversed(range(nd)) for p in (padding[d], padding[d])])
+    for d in range(nd):
+        span = dilation[d] * (kernel[d] - 1) + 1
+        x = x.unfold(2 + d, span, stride[d])[..., ::dilation[d]]
+    perm = [0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd)]
+    return x.permute(perm)
+
+
+def conv_as_gemm_operands(x, w, stride, padding, dilation, groups):
+    """The operands of a grouped convolution as a batched GEMM over groups.
+
+    Returns (A, B, out_shape, to_output) where A is (G, N*L, C_g*K), B is (G, C_g*K, C_out/G),
+    and ``to_output`` turns the (G, N*L, C_out/G) product into the (N, C_out, *O) output.
+    """
+    n, g = x.shape[0], groups
+    kernel = tuple(w.shape[2:])
+    cols = patches(x, kernel, stride, padding, dilation)  # (N, *O, C, *k)
+    out_sizes = tuple(cols.shape[1:1 + len(kernel)])
+    length = 1
+    for s in out_sizes:
+        length *= s
+    a = cols.reshape(n * length, g, -1).transpose(0, 1)  # (G, N*L, C_g*K)
+    b = w.reshape(g, w.shape[0] // g, -1).transpose(1, 2)  # (G, C_g*K, C_out/G)
+    out_shape = (n, w.shape[0], *out_sizes)
+
+    def to_output(y: torch.Tensor) -> torch.Tensor:
+        y = y.reshape(g, n, length, -1).permute(1, 0, 3, 2)  # (N, G, C_out/G, L)
+        return y.reshape(out_shape)
+
+    return a, b, out_shape, to_output
+
+
+def transposed_conv_operands(grad, w, input_shape, stride, padding, dilation, groups):
+    """grad_input of a convolution as a stride-1 convolution (arguments for
+    ``conv_as_gemm_operands``): grad upsampled by the stride with zeros, padded so that the
+    result has the input's size, against the kernel flipped and with in/out channels swapped."""
+    nd = len(stride)
+    kernel = w.shape[2:]
+    up_shape = [grad.shape[0], grad.shape[1]] + [(grad.shape[2 + d] - 1) * stride[d] + 1 for d in range(nd)]
+    up = grad.new_zeros(up_shape)
+    up[(slice(None), slice(None), *(slice(None, None, s) for s in stride))] = grad
+    pads = []
+    for d in reversed(range(nd)):
+        left = dilation[d] * (kernel[d] - 1) - padding[d]
+        right = input_shape[2 + d] - up_shape[2 + d] - left + dilation[d] * (kernel[d] - 1)
+        pads += [left, right]
+    up = F.pad(up, pads)  # negative pads crop
+    g = groups
+    c_out, c_g = w.shape[0], w.shape[1]
+    wt = w.reshape(g, c_out // g, c_g, *kernel).transpose(1, 2).reshape(g * c_g, c_out // g, *kernel)
+    wt = wt.flip(list(range(2, 2 + nd)))
+    ones = (1,) * nd
+    return up, wt, ones, (0,) * nd, tuple(dilation)

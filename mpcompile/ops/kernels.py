@@ -1,0 +1,249 @@
+"""Forward and backward of the emulated ops on plain tensors, with parsed specs.
+
+These are the bodies of the ``mpc::`` custom ops (``library``). Each GEMM runs torch's own
+kernel when its spec is native and ``emulate.emulated_matmul`` otherwise; backward GEMMs
+(grad_input = grad_output W, grad_weight = grad_output^T X) use the backward spec on the
+operands as the forward quantized them (re-quantized from the same seed, not stored).
+Native passes go through ``torch.func.vjp`` of torch's function, so that an fp32 spec gives
+torch's gradients to the bit.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..random_bits import counter_words, stream_seed
+from .emulate import emulated_matmul
+from .exact import grid_of, round_exact, two_prod, two_sum
+from .im2col import conv_as_gemm_operands, transposed_conv_operands
+from .roles import op_seed, quantize_role
+from .spec import ROLES, STREAM_BIAS, STREAM_DIV, ArithSpec, RoleFormats
+
+__all__ = ["gemm", "linear_forward", "linear_backward", "matmul_forward", "matmul_backward",
+           "conv_forward", "conv_backward", "reduce_sum", "reduce_mean"]
+
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _role(roles: RoleFormats, name: str, x, axis: int, seed: int | None):
+    return quantize_role(x, roles.get(name), axis=axis, seed=op_seed(seed, 16 + ROLES.index(name)))
+
+
+def gemm(a: torch.Tensor, b: torch.Tensor, spec: ArithSpec, seed: int | None, *, exact_products: bool = False,
+         index: torch.Tensor | None = None) -> torch.Tensor:
+    """Batched (B, M, K) @ (B, K, N) in a's dtype: torch's kernel if native, else emulated."""
+    if spec.is_native:
+        return torch.matmul(a, b)
+    return emulated_matmul(a, b, spec, seed=seed, index=index, exact_products=exact_products).to(a.dtype)
+
+
+def _add_bias(y64: torch.Tensor, bias: torch.Tensor, spec: ArithSpec, seed: int | None, index: torch.Tensor):
+    """One more rounded add into the accumulator: y + bias, from the exact sum."""
+    grid = grid_of(spec.acc, spec.rounding, spec.sr_bits_for(spec.acc))
+    bits = None
+    if spec.rounding == "stochastic":
+        bits = counter_words(index, stream_seed(seed, STREAM_BIAS, 0))
+    return round_exact(*two_sum(y64, bias.to(torch.float64)), grid, spec.rounding, bits, spec.sr_bits_for(spec.acc))
+
+
+def _native_vjp(fn: Callable, primals: tuple, grad: torch.Tensor) -> tuple:
+    with torch.enable_grad():
+        _, vjp = torch.func.vjp(fn, *primals)
+        return vjp(grad)
+
+
+# -- linear ---------------------------------------------------------------------------------------
+def _linear_operands(x, w, b, roles: RoleFormats, seed):
+    return (_role(roles, "input", x, -1, seed), _role(roles, "weight", w, 0, seed), _role(roles, "bias", b, 0, seed))
+
+
+def linear_forward(x, w, b, roles: RoleFormats, fwd: ArithSpec, seed: int | None) -> torch.Tensor:
+    xq, wq, bq = _linear_operands(x, w, b, roles, seed)
+    if fwd.is_native:
+        y = F.linear(xq, wq, bq)
+    else:
+        rows = xq.reshape(1, -1, x.shape[-1])
+        y = emulated_matmul(rows, wq.t()[None], fwd, seed=op_seed(seed, 0))
+        if bq is not None:
+            index = torch.arange(y.numel(), device=y.device).view(y.shape)
+            y = _add_bias(y, bq, fwd, op_seed(seed, 0), index)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
+    return _role(roles, "output", y, -1, seed)
+
+
+def linear_backward(grad, x, w, has_bias: bool, roles: RoleFormats, fwd: ArithSpec, bwd: ArithSpec, seed):
+    xq, wq, _ = _linear_operands(x, w, None, roles, seed)
+    g = _role(roles, "grad_output", grad, -1, seed)
+    if bwd.is_native:
+        bias = torch.zeros(w.shape[0], dtype=x.dtype, device=x.device) if has_bias else None
+        primals = (xq, wq) + ((bias,) if has_bias else ())
+        grads = _native_vjp(lambda *p: F.linear(*p), primals, g)
+        gx, gw, gb = grads[0], grads[1], grads[2] if has_bias else None
+    else:
+        rows = g.reshape(1, -1, w.shape[0])
+        gx = gemm(rows, wq[None], bwd, op_seed(seed, 1)).reshape(x.shape)
+        gw = gemm(rows.transpose(1, 2), xq.reshape(1, -1, x.shape[-1]), bwd, op_seed(seed, 2))[0]
+        gb = _sum_rows(rows[0], bwd, op_seed(seed, 3)) if has_bias else None
+    return (_role(roles, "grad_input", gx, -1, seed), _role(roles, "grad_weight", gw, 0, seed),
+            _role(roles, "grad_bias", gb, 0, seed))
+
+
+def _sum_rows(g: torch.Tensor, spec: ArithSpec, seed) -> torch.Tensor:
+    """Sum over dim 0 of a (R, C) tensor with the spec's accumulator (no products are rounded)."""
+    if _sum_spec(spec).is_native:
+        return g.sum(0)
+    ones = torch.ones(1, g.shape[0], 1, dtype=g.dtype, device=g.device)
+    return gemm(g.t()[None], ones, _sum_spec(spec), seed, exact_products=True)[0, :, 0]
+
+
+def _sum_spec(spec: ArithSpec) -> ArithSpec:
+    return replace(spec, mul=None, fma=False)
+
+
+# -- matmul ---------------------------------------------------------------------------------------
+def _as_matrices(a, b):
+    """torch.matmul's broadcasting: (batch, M, K) and (batch, K, N) views, and how to undo it."""
+    va = a.unsqueeze(0) if a.dim() == 1 else a
+    vb = b.unsqueeze(-1) if b.dim() == 1 else b
+    batch = torch.broadcast_shapes(va.shape[:-2], vb.shape[:-2])
+    return va.expand(*batch, *va.shape[-2:]), vb.expand(*batch, *vb.shape[-2:]), batch
+
+
+def matmul_forward(a, b, roles: RoleFormats, fwd: ArithSpec, seed) -> torch.Tensor:
+    aq, bq = _role(roles, "input", a, -1, seed), _role(roles, "weight", b, -1, seed)
+    if fwd.is_native:
+        y = torch.matmul(aq, bq)
+    else:
+        ea, eb, batch = _as_matrices(aq, bq)
+        y = gemm(ea.reshape(-1, *ea.shape[-2:]), eb.reshape(-1, *eb.shape[-2:]), fwd, op_seed(seed, 0))
+        y = y.reshape(*batch, ea.shape[-2], eb.shape[-1])
+        if a.dim() == 1:
+            y = y.squeeze(-2)
+        if b.dim() == 1:
+            y = y.squeeze(-1)
+    return _role(roles, "output", y, -1, seed)
+
+
+def _reduced_gemm(left, right, target_shape, spec, seed):
+    """left (batch, M, J) @ right (batch, J, K), summed over the batch dims where the operand
+    of ``target_shape`` was broadcast: those dims join the reduction (before J)."""
+    nb = left.dim() - 2
+    target = (1,) * (nb + 2 - len(target_shape)) + tuple(target_shape)
+    red = [i for i in range(nb) if target[i] == 1 and left.shape[i] != 1]
+    keep = [i for i in range(nb) if i not in red]
+    m, j, k = left.shape[-2], left.shape[-1], right.shape[-1]
+    lo = left.permute(*keep, nb, *red, nb + 1).reshape(-1, m, _numel(left.shape, red) * j)
+    ro = right.permute(*keep, *red, nb, nb + 1).reshape(-1, _numel(right.shape, red) * j, k)
+    return gemm(lo, ro, spec, seed).reshape(target_shape)
+
+
+def _numel(shape, dims) -> int:
+    n = 1
+    for d in dims:
+        n *= shape[d]
+    return n
+
+
+def matmul_backward(grad, a, b, roles: RoleFormats, fwd: ArithSpec, bwd: ArithSpec, seed):
+    aq, bq = _role(roles, "input", a, -1, seed), _role(roles, "weight", b, -1, seed)
+    g = _role(roles, "grad_output", grad, -1, seed)
+    if bwd.is_native:
+        ga, gb = _native_vjp(torch.matmul, (aq, bq), g)
+    else:
+        ea, eb, batch = _as_matrices(aq, bq)
+        g2 = g.reshape(*batch, ea.shape[-2], eb.shape[-1])
+        a_shape = a.shape if a.dim() > 1 else (1, a.shape[0])
+        b_shape = b.shape if b.dim() > 1 else (b.shape[0], 1)
+        ga = _reduced_gemm(g2, eb.transpose(-1, -2), a_shape, bwd, op_seed(seed, 1)).reshape(a.shape)
+        gb = _reduced_gemm(ea.transpose(-1, -2), g2, b_shape, bwd, op_seed(seed, 2)).reshape(b.shape)
+    return _role(roles, "grad_input", ga, -1, seed), _role(roles, "grad_weight", gb, -1, seed)
+
+
+# -- conv -----------------------------------------------------------------------------------------
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _conv_gemm(x, w, stride, padding, dilation, groups, spec, seed):
+    """An emulated convolution without bias: float64 accumulator values, (N, C_out, *O)."""
+    a, b, out_shape, to_output = conv_as_gemm_operands(x, w, stride, padding, dilation, groups)
+    g, n = groups, out_shape[0]
+    length = a.shape[1] // n
+    index = torch.arange(_numel(out_shape, range(len(out_shape))), device=x.device)
+    index = index.view(n, g, -1, length).permute(1, 0, 3, 2).reshape(g, n * length, -1)
+    return to_output(emulated_matmul(a, b, spec, seed=seed, index=index)), index
+
+
+def conv_forward(x, w, b, stride, padding, dilation, groups, roles: RoleFormats, fwd: ArithSpec, seed):
+    xq, wq, bq = _role(roles, "input", x, 1, seed), _role(roles, "weight", w, 0, seed), _role(roles, "bias", b, 0, seed)
+    if fwd.is_native:
+        y = _CONV[w.dim() - 2](xq, wq, bq, stride, padding, dilation, groups)
+    else:
+        y, _ = _conv_gemm(xq, wq, stride, padding, dilation, groups, fwd, op_seed(seed, 0))
+        if bq is not None:
+            index = torch.arange(y.numel(), device=y.device).view(y.shape)
+            shape = (1, -1) + (1,) * (y.dim() - 2)
+            y = _add_bias(y, bq.reshape(shape), fwd, op_seed(seed, 0), index)
+        y = y.to(x.dtype)
+    return _role(roles, "output", y, 1, seed)
+
+
+def conv_backward(grad, x, w, has_bias, stride, padding, dilation, groups, roles: RoleFormats,
+                  fwd: ArithSpec, bwd: ArithSpec, seed):
+    xq, wq = _role(roles, "input", x, 1, seed), _role(roles, "weight", w, 0, seed)
+    g = _role(roles, "grad_output", grad, 1, seed)
+    if bwd.is_native:
+        conv = _CONV[w.dim() - 2]
+        bias = torch.zeros(w.shape[0], dtype=x.dtype, device=x.device) if has_bias else None
+        primals = (xq, wq) + ((bias,) if has_bias else ())
+        grads = _native_vjp(lambda xx, ww, *bb: conv(xx, ww, bb[0] if bb else None, stride, padding, dilation, groups),
+                            primals, g)
+        gx, gw, gb = grads[0], grads[1], grads[2] if has_bias else None
+    else:
+        up, wt, s1, p0, dil = transposed_conv_operands(g, wq, x.shape, stride, padding, dilation, groups)
+        gx = _conv_gemm(up, wt, s1, p0, dil, groups, bwd, op_seed(seed, 1))[0].to(x.dtype)
+        a, _, out_shape, _ = conv_as_gemm_operands(xq, wq, stride, padding, dilation, groups)
+        n, c_out = g.shape[0], g.shape[1]
+        grows = g.reshape(n, groups, c_out // groups, -1).permute(1, 2, 0, 3).reshape(groups, c_out // groups, -1)
+        gw = gemm(grows, a, bwd, op_seed(seed, 2)).reshape(w.shape)
+        gb = _sum_rows(g.transpose(0, 1).reshape(c_out, -1).t(), bwd, op_seed(seed, 3)) if has_bias else None
+    return (_role(roles, "grad_input", gx, 1, seed), _role(roles, "grad_weight", gw, 0, seed),
+            _role(roles, "grad_bias", gb, 0, seed))
+
+
+# -- reductions -----------------------------------------------------------------------------------
+def _reduce(x, dims, keepdim, spec, seed):
+    """(float64 sums holding acc values, output shape, count) of x over dims."""
+    nd = x.dim()
+    dims = sorted({d % max(nd, 1) for d in dims}) if dims else list(range(nd))
+    kept = [d for d in range(nd) if d not in dims]
+    count = _numel(x.shape, dims)
+    rows = x.permute(*kept, *dims).reshape(1, -1, count)
+    ones = torch.ones(1, count, 1, dtype=x.dtype, device=x.device)
+    s = emulated_matmul(rows, ones, _sum_spec(spec), seed=seed, exact_products=True)
+    shape = [1 if d in dims else x.shape[d] for d in range(nd)] if keepdim else [x.shape[d] for d in kept]
+    return s.reshape(shape), count
+
+
+def reduce_sum(x, dims, keepdim, spec: ArithSpec, seed) -> torch.Tensor:
+    if _sum_spec(spec).is_native:
+        return x.sum(dim=dims or None, keepdim=keepdim)
+    return _reduce(x, dims, keepdim, spec, seed)[0].to(x.dtype)
+
+
+def reduce_mean(x, dims, keepdim, spec: ArithSpec, seed) -> torch.Tensor:
+    """The sum, then one rounding of the exact quotient sum / count to the acc format."""
+    if _sum_spec(spec).is_native:
+        return x.mean(dim=dims or None, keepdim=keepdim)
+    s, count = _reduce(x, dims, keepdim, spec, seed)
+    q = s / count
+    hi, lo = two_prod(q, torch.full_like(q, float(count)))
+    residual = (s - hi) - lo  # exact: the remainder of a correctly rounded quotient is a float
+    grid = grid_of(spec.acc, spec.rounding, spec.sr_bits_for(spec.acc))
+    bits = None
+    if spec.rounding == "stochastic":
+        bits = counter_words(torch.arange(q.numel()).view(q.shape), stream_seed(seed, STREAM_DIV, 0))
+    # residual / count has the sign and zeroness of the exact remainder, all rounding looks at
+    return round_exact(q, residual / count, grid, spec.rounding, bits, spec.sr_bits_for(spec.acc)).to(x.dtype)

@@ -1,0 +1,219 @@
+"""The ``mpc::`` custom ops: one graph node each, with fake implementations and autograd.
+
+Formats and arithmetic travel as the canonical strings of ``spec`` (readable in a printed
+graph, parsed once and cached). ``seed`` is an optional int64 0-d tensor: present when some
+rounding is stochastic, so that backward re-quantizes the operands with the same bits and
+derives its own from it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import kernels
+from .roles import quantize_role
+from .spec import parse_arith, parse_quant, parse_roles
+
+__all__ = ["quant", "linear", "matmul", "conv", "reduce_sum", "reduce_mean"]
+
+
+def _seed(seed: Optional[torch.Tensor]) -> int | None:
+    return None if seed is None else int(seed)
+
+
+def _grad_seed(seed: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if seed is None else seed ^ 0x2545F491  # another word: the gradient's own bits
+
+
+# -- quant ----------------------------------------------------------------------------------------
+@torch.library.custom_op("mpc::quant", mutates_args=())
+def quant(x: torch.Tensor, fmt: str, grad_fmt: str, axis: int, seed: Optional[torch.Tensor]) -> torch.Tensor:
+    """x rounded to ``fmt`` (a QuantSpec string; "" = unchanged); the gradient to ``grad_fmt``."""
+    return quantize_role(x, parse_quant(fmt) if fmt else None, axis=axis, seed=_seed(seed)).clone()
+
+
+@quant.register_fake
+def _(x, fmt, grad_fmt, axis, seed):
+    return torch.empty_like(x)
+
+
+def _quant_setup(ctx, inputs, output):
+    ctx.grad_fmt, ctx.axis, ctx.seed = inputs[2], inputs[3], inputs[4]
+
+
+def _quant_backward(ctx, grad):
+    seed = _grad_seed(ctx.seed)
+    return torch.ops.mpc.quant(grad, ctx.grad_fmt, "", ctx.axis, seed), None, None, None, None
+
+
+quant.register_autograd(_quant_backward, setup_context=_quant_setup)
+
+
+# -- linear ---------------------------------------------------------------------------------------
+@torch.library.custom_op("mpc::linear", mutates_args=())
+def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], roles: str, fwd: str, bwd: str,
+           seed: Optional[torch.Tensor]) -> torch.Tensor:
+    """y = x W^T + b with per-role formats and the forward arithmetic ``fwd``."""
+    return kernels.linear_forward(x, w, b, parse_roles(roles), parse_arith(fwd), _seed(seed))
+
+
+@linear.register_fake
+def _(x, w, b, roles, fwd, bwd, seed):
+    return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+@torch.library.custom_op("mpc::linear_backward", mutates_args=())
+def linear_backward(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, has_bias: bool, roles: str, fwd: str,
+                    bwd: str, seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gx, gw, gb = kernels.linear_backward(grad, x, w, has_bias, parse_roles(roles), parse_arith(fwd),
+                                         parse_arith(bwd), _seed(seed))
+    return gx, gw, gb if gb is not None else w.new_empty(0)
+
+
+@linear_backward.register_fake
+def _(grad, x, w, has_bias, roles, fwd, bwd, seed):
+    return torch.empty_like(x), torch.empty_like(w), w.new_empty(w.shape[0] if has_bias else 0)
+
+
+def _linear_setup(ctx, inputs, output):
+    x, w, b, ctx.roles, ctx.fwd, ctx.bwd, seed = inputs
+    ctx.has_bias = b is not None
+    ctx.save_for_backward(x, w, seed)
+
+
+def _linear_grad(ctx, grad):
+    x, w, seed = ctx.saved_tensors
+    gx, gw, gb = torch.ops.mpc.linear_backward(grad, x, w, ctx.has_bias, ctx.roles, ctx.fwd, ctx.bwd, seed)
+    return gx, gw, gb if ctx.has_bias else None, None, None, None, None
+
+
+linear.register_autograd(_linear_grad, setup_context=_linear_setup)
+
+
+# -- matmul ---------------------------------------------------------------------------------------
+@torch.library.custom_op("mpc::matmul", mutates_args=())
+def matmul(a: torch.Tensor, b: torch.Tensor, roles: str, fwd: str, bwd: str, seed: Optional[torch.Tensor]) -> torch.Tensor:
+    """torch.matmul (broadcasting, 1-d operands) with roles input = a, weight = b."""
+    return kernels.matmul_forward(a, b, parse_roles(roles), parse_arith(fwd), _seed(seed))
+
+
+@matmul.register_fake
+def _(a, b, roles, fwd, bwd, seed):
+    return torch.empty_like(torch.matmul(a, b))
+
+
+@torch.library.custom_op("mpc::matmul_backward", mutates_args=())
+def matmul_backward(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, roles: str, fwd: str, bwd: str,
+                    seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return kernels.matmul_backward(grad, a, b, parse_roles(roles), parse_arith(fwd), parse_arith(bwd), _seed(seed))
+
+
+@matmul_backward.register_fake
+def _(grad, a, b, roles, fwd, bwd, seed):
+    return torch.empty_like(a), torch.empty_like(b)
+
+
+def _matmul_setup(ctx, inputs, output):
+    a, b, ctx.roles, ctx.fwd, ctx.bwd, seed = inputs
+    ctx.save_for_backward(a, b, seed)
+
+
+def _matmul_grad(ctx, grad):
+    a, b, seed = ctx.saved_tensors
+    ga, gb = torch.ops.mpc.matmul_backward(grad, a, b, ctx.roles, ctx.fwd, ctx.bwd, seed)
+    return ga, gb, None, None, None, None
+
+
+matmul.register_autograd(_matmul_grad, setup_context=_matmul_setup)
+
+
+# -- conv -----------------------------------------------------------------------------------------
+@torch.library.custom_op("mpc::conv", mutates_args=())
+def conv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], stride: list[int], padding: list[int],
+         dilation: list[int], groups: int, roles: str, fwd: str, bwd: str, seed: Optional[torch.Tensor]) -> torch.Tensor:
+    """conv1d/2d/3d (by w's rank) with per-role formats and the forward arithmetic ``fwd``."""
+    return kernels.conv_forward(x, w, b, stride, padding, dilation, groups, parse_roles(roles), parse_arith(fwd), _seed(seed))
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+@conv.register_fake
+def _(x, w, b, stride, padding, dilation, groups, roles, fwd, bwd, seed):
+    return torch.empty_like(_CONV[w.dim() - 2](x, w, b, stride, padding, dilation, groups))
+
+
+@torch.library.custom_op("mpc::conv_backward", mutates_args=())
+def conv_backward(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, has_bias: bool, stride: list[int],
+                  padding: list[int], dilation: list[int], groups: int, roles: str, fwd: str, bwd: str,
+                  seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gx, gw, gb = kernels.conv_backward(grad, x, w, has_bias, stride, padding, dilation, groups, parse_roles(roles),
+                                       parse_arith(fwd), parse_arith(bwd), _seed(seed))
+    return gx, gw, gb if gb is not None else w.new_empty(0)
+
+
+@conv_backward.register_fake
+def _(grad, x, w, has_bias, stride, padding, dilation, groups, roles, fwd, bwd, seed):
+    return torch.empty_like(x), torch.empty_like(w), w.new_empty(w.shape[0] if has_bias else 0)
+
+
+def _conv_setup(ctx, inputs, output):
+    x, w, b, ctx.stride, ctx.padding, ctx.dilation, ctx.groups, ctx.roles, ctx.fwd, ctx.bwd, seed = inputs
+    ctx.has_bias = b is not None
+    ctx.save_for_backward(x, w, seed)
+
+
+def _conv_grad(ctx, grad):
+    x, w, seed = ctx.saved_tensors
+    gx, gw, gb = torch.ops.mpc.conv_backward(grad, x, w, ctx.has_bias, ctx.stride, ctx.padding, ctx.dilation,
+                                             ctx.groups, ctx.roles, ctx.fwd, ctx.bwd, seed)
+    return (gx, gw, gb if ctx.has_bias else None) + (None,) * 8
+
+
+conv.register_autograd(_conv_grad, setup_context=_conv_setup)
+
+
+# -- sum / mean -------------------------------------------------------------------------------------
+@torch.library.custom_op("mpc::sum", mutates_args=())
+def reduce_sum(x: torch.Tensor, dim: list[int], keepdim: bool, spec: str, seed: Optional[torch.Tensor]) -> torch.Tensor:
+    """x summed over ``dim`` (all if empty) with the accumulator of ``spec``."""
+    return kernels.reduce_sum(x, dim, keepdim, parse_arith(spec), _seed(seed))
+
+
+@torch.library.custom_op("mpc::mean", mutates_args=())
+def reduce_mean(x: torch.Tensor, dim: list[int], keepdim: bool, spec: str, seed: Optional[torch.Tensor]) -> torch.Tensor:
+    """The sum, then one rounding of sum / count to the accumulator format."""
+    return kernels.reduce_mean(x, dim, keepdim, parse_arith(spec), _seed(seed))
+
+
+@reduce_sum.register_fake
+def _(x, dim, keepdim, spec, seed):
+    return torch.empty_like(x.sum(dim=dim or None, keepdim=keepdim))
+
+
+@reduce_mean.register_fake
+def _(x, dim, keepdim, spec, seed):
+    return torch.empty_like(x.sum(dim=dim or None, keepdim=keepdim))
+
+
+def _reduce_setup(ctx, inputs, output):
+    x, ctx.dim, ctx.keepdim = inputs[0], inputs[1], inputs[2]
+    ctx.shape = x.shape
+    ctx.count = x.numel() // max(output.numel(), 1) if x.numel() else 0
+
+
+def _sum_grad(ctx, grad):
+    if not ctx.keepdim:
+        for d in sorted(d % len(ctx.shape) for d in (ctx.dim or range(len(ctx.shape)))):
+            grad = grad.unsqueeze(d)
+    return grad.expand(ctx.shape), None, None, None, None
+
+
+def _mean_grad(ctx, grad):
+    return (_sum_grad(ctx, grad)[0] / ctx.count,) + (None,) * 4
+
+
+reduce_sum.register_autograd(_sum_grad, setup_context=_reduce_setup)
+reduce_mean.register_autograd(_mean_grad, setup_context=_reduce_setup)

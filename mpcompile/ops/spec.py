@@ -1,0 +1,269 @@
+"""What an emulated op computes: arithmetic specs and per-role quantization, as values.
+
+Each spec is a frozen dataclass with a canonical string form that ``parse_*`` reads back
+(and caches), so that custom ops take plain strings and a printed graph stays readable::
+
+    ArithSpec:   mul=fp8_e5m2 acc=fp16 order=chunk(32)        (fields at their default omitted)
+    QuantSpec:   fp8_e4m3:stochastic:tensor:sat               (format[:rounding][:scaling][:sat])
+    RoleFormats: input=fp8_e4m3 weight=fp8_e4m3:channel grad_output=fp8_e5m2
+"""
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass, field, fields
+from typing import Mapping
+
+from ..errors import MpcompileError
+from ..formats import FloatFormat, Format, parse
+from ..rounding import ROUNDING_MODES
+
+__all__ = ["ArithSpec", "QuantSpec", "RoleFormats", "ROLES", "SCALINGS", "SpecError",
+           "parse_arith", "parse_quant", "parse_roles", "MAX_WORK_MAN",
+           "STREAM_MUL", "STREAM_ADD", "STREAM_KAHAN", "STREAM_BIAS", "STREAM_DIV"]
+
+ROLES = ("input", "weight", "bias", "output", "grad_output", "grad_input", "grad_weight", "grad_bias")
+SCALINGS = ("none", "tensor", "channel", "tensor_amax", "channel_amax")
+# Sums and products are formed exactly in float64 and then rounded once, which is exact for
+# every format whose significand leaves two guard bits in float64's 53 (round-to-odd bound).
+MAX_WORK_MAN = 50
+# Streams of ``random_bits.stream_seed``: which rounding of a reduction a random word serves.
+# Step numbers: product k; the add of term k (sequential), chunk j (chunk(k)) or of pairwise
+# node j at level l (K*l + j); Kahan's y, t, z, c roundings of term k.
+STREAM_MUL, STREAM_ADD, STREAM_BIAS, STREAM_DIV = 0, 1, 5, 6
+STREAM_KAHAN = (1, 2, 3, 4)
+_ORDER = re.compile(r"^\s*(sequential|pairwise|chunk\s*\(\s*(\d+)\s*\))\s*$")
+
+
+class SpecError(MpcompileError, ValueError):
+    """An arithmetic or role spec that cannot be read or built."""
+
+
+def _float_format(value: "Format | str", what: str) -> FloatFormat:
+    fmt = parse(value)
+    if not isinstance(fmt, FloatFormat):
+        raise SpecError(f"{what}={value!s} is not a float format; accumulators and products need one "
+                        f"(e.g. fp16, bf16, e5m10, fp8_e5m2)")
+    if fmt.man > MAX_WORK_MAN or fmt.emax > 960 or fmt.emin - fmt.man < -960:
+        raise SpecError(f"{what}={fmt}: emulated arithmetic runs exactly in float64 and supports formats "
+                        f"with at most {MAX_WORK_MAN} mantissa bits and exponents within +-960")
+    return fmt
+
+
+def _rounding(value: str, what: str) -> str:
+    if value not in ROUNDING_MODES:
+        raise SpecError(f"{what}={value!r} is not one of {', '.join(ROUNDING_MODES)}")
+    return value
+
+
+@dataclass(frozen=True)
+class ArithSpec:
+    """How the products and the running sum of a dot product are rounded.
+
+    Args:
+        mul: format each product ``a*b`` is rounded to, from the exact product; None = exact.
+        acc: format of the running sum; every add is rounded to it from the exact sum.
+        order: ``sequential`` (acc = round(acc + p) for k = 0, 1, ...), ``chunk(k)`` (the
+            products of each k-chunk summed in float64, then one rounded add into acc) or
+            ``pairwise`` (a tree of rounded adds of neighbours, an odd last one carried up).
+            Also ``("chunk", 32)``.
+        rounding: rounding of acc (and of mul unless ``mul_rounding`` is given).
+        mul_rounding: rounding of the products, if different.
+        fma: each multiply-add is rounded once (the product is not rounded; mul must be None).
+        kahan: compensated (Kahan) accumulation, every operation rounded in the acc format.
+        sr_bits: random bits per stochastic rounding (default ``min(32, 51 - man)``).
+
+    With ``mul=None, acc=fp32`` and everything else at its default the spec is *native*:
+    ops call torch's own kernels, untouched.
+    """
+
+    mul: FloatFormat | None = None
+    acc: FloatFormat = field(default="fp32")  # type: ignore[assignment]
+    order: str = "sequential"
+    rounding: str = "nearest"
+    mul_rounding: str | None = None
+    fma: bool = False
+    kahan: bool = False
+    sr_bits: int | None = None
+
+    def __post_init__(self) -> None:
+        set_ = functools.partial(object.__setattr__, self)
+        set_("acc", _float_format(self.acc, "acc"))
+        if self.mul is not None:
+            set_("mul", _float_format(self.mul, "mul"))
+        set_("order", _canonical_order(self.order))
+        set_("rounding", _rounding(self.rounding, "rounding"))
+        set_("mul_rounding", _rounding(self.mul_rounding or self.rounding, "mul_rounding"))
+        if self.fma and self.mul is not None:
+            raise SpecError(f"ArithSpec: fma=True rounds each multiply-add once, so it takes no mul "
+                            f"format (got mul={self.mul}); drop one of them")
+        if self.kahan and self.order == "pairwise":
+            raise SpecError("ArithSpec: kahan compensates a running sum; use order=sequential or chunk(k)")
+        if self.sr_bits is not None and not (isinstance(self.sr_bits, int) and 1 <= self.sr_bits <= self.max_sr_bits):
+            raise SpecError(f"ArithSpec: sr_bits={self.sr_bits!r} must be an integer in [1, {self.max_sr_bits}] "
+                            f"for these formats (exact float64 emulation keeps 51 - man bits)")
+
+    @property
+    def chunk(self) -> int | None:
+        """k of ``chunk(k)``, else None."""
+        return int(self.order[6:-1]) if self.order.startswith("chunk") else None
+
+    @property
+    def max_sr_bits(self) -> int:
+        return min(32, 51 - max(self.acc.man, self.mul.man if self.mul else 0))
+
+    def sr_bits_for(self, fmt: FloatFormat) -> int:
+        """Random bits per stochastic rounding to ``fmt``."""
+        return self.sr_bits or min(32, 51 - fmt.man)
+
+    @property
+    def is_native(self) -> bool:
+        """True when this is the fp32 spec that runs torch's own kernels."""
+        return self == _NATIVE
+
+    def __str__(self) -> str:
+        parts = [f"mul={self.mul}"] if self.mul is not None else []
+        parts.append(f"acc={self.acc}")
+        for f in fields(self)[2:]:
+            value = getattr(self, f.name)
+            if f.name == "mul_rounding" and value == self.rounding:
+                continue
+            if value != f.default:
+                parts.append(f"{f.name}={str(value).lower() if isinstance(value, bool) else value}")
+        return " ".join(parts)
+
+
+def _canonical_order(order: "str | tuple") -> str:
+    if isinstance(order, tuple):
+        if len(order) != 2 or order[0] != "chunk" or not isinstance(order[1], int):
+            raise SpecError(f"order={order!r}: the tuple form is ('chunk', k)")
+        order = f"chunk({order[1]})"
+    m = _ORDER.match(str(order))
+    if not m:
+        raise SpecError(f"order={order!r} is not one of sequential, pairwise, chunk(k)")
+    if m.group(2) is not None:
+        if int(m.group(2)) < 1:
+            raise SpecError(f"order={order!r}: the chunk size must be at least 1")
+        return f"chunk({int(m.group(2))})"
+    return m.group(1)
+
+
+_NATIVE = ArithSpec()
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one role's tensor is quantized.
+
+    Args:
+        fmt: the format (any format ``quantize`` takes).
+        rounding: a mode of ``quantize``.
+        scaling: ``none``; ``tensor`` / ``channel``: scale by a power of two from the current
+            amax so that amax lands in the format's top binade (the scaling itself is exact);
+            ``tensor_amax`` / ``channel_amax``: scale by ``max / amax`` (not exact).
+        saturate: overflow goes to +-max instead of inf/NaN.
+    """
+
+    fmt: Format
+    rounding: str = "nearest"
+    scaling: str = "none"
+    saturate: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fmt", parse(self.fmt))
+        _rounding(self.rounding, "rounding")
+        if self.scaling not in SCALINGS:
+            raise SpecError(f"scaling={self.scaling!r} is not one of {', '.join(SCALINGS)}")
+
+    def __str__(self) -> str:
+        parts = [str(self.fmt)]
+        parts += [self.rounding] if self.rounding != "nearest" else []
+        parts += [self.scaling] if self.scaling != "none" else []
+        return ":".join(parts + (["sat"] if self.saturate else []))
+
+
+@dataclass(frozen=True)
+class RoleFormats:
+    """Quantization per role of an op; roles not named are left as they are."""
+
+    specs: tuple[tuple[str, QuantSpec], ...] = ()
+
+    @classmethod
+    def of(cls, formats: "RoleFormats | Mapping[str, Format | str | QuantSpec | None] | str | None") -> "RoleFormats":
+        """Build from a mapping role -> format / ``QuantSpec`` string / ``QuantSpec``."""
+        if isinstance(formats, RoleFormats):
+            return formats
+        if formats is None:
+            return cls()
+        if isinstance(formats, str):
+            return parse_roles(formats)
+        specs = []
+        for role, value in formats.items():
+            if role not in ROLES:
+                raise SpecError(f"formats: unknown role {role!r}; roles are {', '.join(ROLES)}")
+            if value is not None:
+                specs.append((role, value if isinstance(value, QuantSpec) else parse_quant(value)))
+        return cls(tuple(sorted(specs, key=lambda s: ROLES.index(s[0]))))
+
+    def get(self, role: str) -> QuantSpec | None:
+        return dict(self.specs).get(role)
+
+    def __str__(self) -> str:
+        return " ".join(f"{role}={spec}" for role, spec in self.specs)
+
+
+@functools.lru_cache(maxsize=4096)
+def parse_arith(text: str) -> ArithSpec:
+    """Read ``str(ArithSpec)`` back: space-separated ``key=value`` fields."""
+    kwargs: dict = {}
+    names = {f.name for f in fields(ArithSpec)}
+    for item in text.split():
+        key, sep, value = item.partition("=")
+        if not sep or key not in names:
+            raise SpecError(f"arithmetic spec {text!r}: {item!r} is not key=value with a key among {', '.join(sorted(names))}")
+        if key in ("fma", "kahan"):
+            if value not in ("true", "false"):
+                raise SpecError(f"arithmetic spec {text!r}: {key} must be true or false, not {value!r}")
+            kwargs[key] = value == "true"
+        elif key == "sr_bits":
+            kwargs[key] = int(value) if value.isdigit() else value
+        else:
+            kwargs[key] = None if value == "None" else value
+    return ArithSpec(**kwargs)
+
+
+def _quant_from_string(text: str) -> QuantSpec:
+    head, *opts = text.strip().split(":")
+    kwargs: dict = {}
+    for opt in opts:
+        key = "rounding" if opt in ROUNDING_MODES else "scaling" if opt in SCALINGS else "saturate" if opt == "sat" else None
+        if key is None or key in kwargs:
+            raise SpecError(f"role spec {text!r}: {opt!r} is not a rounding mode, a scaling "
+                            f"({', '.join(SCALINGS)}) or 'sat', or repeats one")
+        kwargs[key] = True if key == "saturate" else opt
+    return QuantSpec(head, **kwargs)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_quant_cached(text: str) -> QuantSpec:
+    return _quant_from_string(text)
+
+
+def parse_quant(value: "Format | str | QuantSpec") -> QuantSpec:
+    """A ``QuantSpec`` from itself, a format, or ``format[:rounding][:scaling][:sat]``."""
+    if isinstance(value, QuantSpec):
+        return value
+    return _parse_quant_cached(value) if isinstance(value, str) else QuantSpec(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def parse_roles(text: str) -> RoleFormats:
+    """Read ``str(RoleFormats)`` back: space-separated ``role=quantspec``."""
+    pairs = {}
+    for item in text.split():
+        role, sep, value = item.partition("=")
+        if not sep:
+            raise SpecError(f"role formats {text!r}: {item!r} is not role=format")
+        pairs[role] = value
+    return RoleFormats.of(pairs)
+
