@@ -28,7 +28,7 @@ from .spec import STREAM_ADD, STREAM_KAHAN, STREAM_MUL, ArithSpec, SpecError
 __all__ = ["emulated_matmul", "accumulate", "chunk_is_exact", "COMPILE_MIN_WORK", "set_compile"]
 
 COMPILE_MIN_WORK = 1 << 22  # output elements x reduction steps from which a block is compiled
-_BLOCK = 16  # reduction steps per compiled kernel call
+_BLOCK = 8  # reduction steps per compiled kernel call
 _PAIRWISE_ELEMS = 1 << 24  # products materialised at once by the pairwise tree
 _compile_enabled = True
 

@@ -1,0 +1,78 @@
+"""Emulated arithmetic against torch, same data, same process: ratios of medians (>= 5 runs).
+
+    .venv/bin/python benchmarks/arith.py [--runs 7]
+
+Compiles its kernels first (not timed). Bars (issue 3): 256^3 GEMM mul e5m2 / acc e5m10
+sequential <= 150x torch.mm, chunk(32) <= 20x, linear fwd+bwd sequential <= 200x nn.Linear.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from mpcompile import ops
+from mpcompile.ops import ArithSpec
+
+
+def median_time(fn, runs: int) -> float:
+    fn()  # warm-up: compiles
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def linear_step(x, w, b, **kw):
+    xx = x.detach().requires_grad_()
+    ww = w.detach().requires_grad_()
+    bb = b.detach().requires_grad_()
+    y = ops.linear(xx, ww, bb, **kw) if kw else F.linear(xx, ww, bb)
+    y.backward(torch.ones_like(y))
+
+
+def conv_step(x, w, b, **kw):
+    xx = x.detach().requires_grad_()
+    ww = w.detach().requires_grad_()
+    bb = b.detach().requires_grad_()
+    y = ops.conv2d(xx, ww, bb, padding=1, **kw) if kw else F.conv2d(xx, ww, bb, padding=1)
+    y.backward(torch.ones_like(y))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=7)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    seq = ArithSpec(mul="fp8_e5m2", acc="e5m10")
+    chunk = ArithSpec(mul="fp8_e5m2", acc="e5m10", order="chunk(32)")
+    t_mm = median_time(lambda: torch.mm(a, b), max(args.runs, 21))
+    rows = []
+    for name, spec, bar in (("gemm 256^3 e5m2/e5m10 sequential", seq, 150), ("gemm 256^3 e5m2/e5m10 chunk(32)", chunk, 20)):
+        t = median_time(lambda: ops.matmul(a, b, spec), args.runs)
+        rows.append((name, t, t / t_mm, f"torch.mm {t_mm * 1e3:.3f} ms", bar))
+
+    x, w, bias = torch.randn(256, 256), torch.randn(256, 256), torch.randn(256)
+    t_lin = median_time(lambda: linear_step(x, w, bias), max(args.runs, 21))
+    t = median_time(lambda: linear_step(x, w, bias, forward=seq, backward=seq), args.runs)
+    rows.append(("linear 256->256 b256 fwd+bwd sequential", t, t / t_lin, f"nn.Linear {t_lin * 1e3:.3f} ms", 200))
+
+    xc, wc, bc = torch.randn(32, 16, 32, 32), torch.randn(16, 16, 3, 3), torch.randn(16)
+    t_conv = median_time(lambda: conv_step(xc, wc, bc), max(args.runs, 11))
+    t = median_time(lambda: conv_step(xc, wc, bc, forward=chunk, backward=chunk), args.runs)
+    rows.append(("conv2d 3x3 16->16 32x32 b32 fwd+bwd chunk(32)", t, t / t_conv, f"F.conv2d {t_conv * 1e3:.3f} ms", None))
+
+    print(f"threads: {torch.get_num_threads()}, runs: {args.runs} (median)")
+    for name, t, ratio, base, bar in rows:
+        verdict = "" if bar is None else f"  bar <= {bar}x: {'ok' if ratio <= bar else 'MISSED'}"
+        print(f"{name:48s} {t * 1e3:9.2f} ms  {ratio:8.1f}x  ({base}){verdict}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""The vectorised emulated GEMM against the scalar reference, bit for bit."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from mpcompile.formats import parse
+from mpcompile.ops import ArithSpec, chunk_is_exact, emulated_matmul
+from mpcompile.ops import emulate
+from mpcompile.ops.reference import dot
+from mpcompile.rounding import quantize
+
+
+
+def assert_bitwise(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal to the bit (every NaN equal to every NaN)."""
+    got, expected = got.to(torch.float64), expected.to(torch.float64)
+    nan = expected.isnan()
+    assert torch.equal(got.isnan(), nan), f"NaN positions differ: {got[got.isnan() != nan]}"
+    bad = (got.view(torch.int64) != expected.view(torch.int64)) & ~nan
+    assert not bad.any(), f"{int(bad.sum())} differ, e.g. got {got[bad][:4].tolist()} expected {expected[bad][:4].tolist()}"
+
+SPECS = [
+    ArithSpec(mul="fp8_e5m2", acc="e5m10"),
+    ArithSpec(mul="fp8_e4m3", acc="bf16", rounding="toward_zero"),
+    ArithSpec(acc="e5m10", rounding="stochastic"),
+    ArithSpec(mul="fp8_e5m2", acc="e5m10", rounding="stochastic", mul_rounding="nearest"),
+    ArithSpec(mul="bf16", acc="fp16", rounding="up", mul_rounding="down"),
+    ArithSpec(mul="fp8_e5m2", acc="e5m10", rounding="odd", mul_rounding="nearest_away"),
+    ArithSpec(acc="fp16", fma=True),
+    ArithSpec(mul="fp8_e5m2", acc="e5m10", kahan=True),
+    ArithSpec(mul="fp8_e5m2", acc="e5m10", kahan=True, rounding="stochastic"),
+    ArithSpec(mul="fp8_e5m2", acc="e5m10", order="pairwise"),
+    ArithSpec(mul="fp8_e4m3", acc="e5m10", order="pairwise", rounding="stochastic", mul_rounding="stochastic"),
+    ArithSpec(mul="fp8_e5m2", acc="e5m10", order="chunk(4)"),
+    ArithSpec(mul="fp8_e5m2", acc="e5m10", order="chunk(8)", rounding="stochastic", kahan=True),
+    ArithSpec(acc="e5m10", order="chunk(5)", rounding="down"),
+    ArithSpec(mul="fp8_e4m3fnuz", acc="e4m3(nan=negzero,inf=false,bias=8)", rounding="nearest"),
+    ArithSpec(mul="e3m2(subnormals=false)", acc="e5m10", rounding="up"),
+    ArithSpec(mul="e8m23", acc="e8m23"),  # fp32 sequential, emulated
+]
+
+
+def _operands(batch, m, k, n, fmt, scale_spread, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(batch, m, k, generator=g) * torch.exp2(torch.randint(-scale_spread, scale_spread + 1, (batch, m, k), generator=g).float())
+    b = torch.randn(batch, k, n, generator=g) * torch.exp2(torch.randint(-scale_spread, scale_spread + 1, (batch, k, n), generator=g).float())
+    a[0, 0, :3] = 0.0  # zeros of both signs and exact cancellation
+    b[0, :2, 0] = -0.0
+    if fmt is not None:
+        a, b = quantize(a, fmt), quantize(b, fmt)
+    return a, b
+
+
+def _reference(a, b, spec, seed):
+    batch, m, _ = a.shape
+    n = b.shape[-1]
+    out = torch.empty(batch, m, n, dtype=torch.float64)
+    for i in range(batch):
+        for r in range(m):
+            for c in range(n):
+                e = (i * m + r) * n + c
+                out[i, r, c] = dot(a[i, r].tolist(), b[i, :, c].tolist(), spec, seed=seed, element=e)
+    return out
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+@pytest.mark.parametrize("operand_format", [None, "fp8_e4m3"])
+def test_emulated_matmul_equals_reference(spec, operand_format):
+    a, b = _operands(2, 3, 37, 4, operand_format, 6)
+    if spec.acc.max < 1e4:  # narrow accumulators: keep the sums in range most of the time
+        a, b = a / 16, b / 16
+    if spec.chunk is not None and not chunk_is_exact(spec, parse(operand_format) if operand_format else None,
+                                                     parse(operand_format) if operand_format else None):
+        pytest.skip("chunk sums that float64 cannot hold exactly are not promised bit-identical")
+    got = emulated_matmul(a, b, spec, seed=1234)
+    assert_bitwise(got, _reference(a, b, spec, 1234))
+
+
+def test_float64_operands_use_exact_products():
+    spec = ArithSpec(mul="bf16", acc="fp16", rounding="nearest")
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(1, 3, 20, dtype=torch.float64, generator=g)
+    b = torch.randn(1, 20, 2, dtype=torch.float64, generator=g)
+    assert_bitwise(emulated_matmul(a, b, spec), _reference(a, b, spec, 0))
+
+
+def test_stagnation_case_4096_ones():
+    ones = torch.ones(1, 1, 4096), torch.ones(1, 4096, 1)
+    assert emulated_matmul(*ones, ArithSpec(acc="e5m10")).item() == 2048.0
+    assert emulated_matmul(*ones, ArithSpec(acc="e5m10", kahan=True)).item() == 4096.0
+    assert emulated_matmul(*ones, ArithSpec(acc="e5m10", order="pairwise")).item() == 4096.0
+    # stochastic: unbiased; a run's variance is at most 2048 * 4 (4096 adds, each off by at most
+    # one quantum of 4 at 2048..4096 with p(1-p) <= 1/4 * 16 / 2), so 20 runs' mean has sd <= 20.2
+    sums = [emulated_matmul(*ones, ArithSpec(acc="e5m10", rounding="stochastic"), seed=s).item() for s in range(20)]
+    assert abs(sum(sums) / 20 - 4096) < 5 * 20.2
+
+
+def test_chunk_exactness_rule():
+    e5m2, e4m3 = parse("fp8_e5m2"), parse("fp8_e4m3")
+    assert chunk_is_exact(ArithSpec(mul=e5m2, acc="fp16", order="chunk(32)"), None, None)
+    assert chunk_is_exact(ArithSpec(acc="fp16", order="chunk(32)"), e4m3, e4m3)
+    assert not chunk_is_exact(ArithSpec(acc="fp16", order="chunk(32)"), None, None)
+    assert not chunk_is_exact(ArithSpec(mul="bf16", acc="fp32", order="chunk(32)"), None, None)
+
+
+def test_compiled_blocks_equal_eager(monkeypatch):
+    spec = ArithSpec(mul="fp8_e5m2", acc="e5m10", order="chunk(16)", kahan=True, mul_rounding="stochastic")
+    a, b = _operands(1, 8, 40, 16, None, 4, seed=5)
+    eager = emulated_matmul(a, b, spec, seed=99)
+    monkeypatch.setattr(emulate, "COMPILE_MIN_WORK", 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a compile fallback would test eager twice
+        compiled = emulated_matmul(a, b, spec, seed=99)
+    assert_bitwise(compiled, eager)
+    assert any(key[0].spec == spec for key in emulate._KERNELS)
