@@ -11,7 +11,7 @@ from typing import Mapping, Sequence
 import torch
 
 from . import library  # noqa: F401  (registers the mpc:: ops)
-from .spec import ArithSpec, QuantSpec, RoleFormats, SpecError, parse_arith, parse_quant
+from .spec import ArithSpec, QuantSpec, RoleFormats, SpecError, parse_arith
 
 __all__ = ["matmul", "linear", "conv1d", "conv2d", "conv3d", "quant", "sum", "mean"]
 
@@ -29,6 +29,18 @@ def _spec(spec: Spec, what: str) -> ArithSpec:
     raise SpecError(f"{what} must be an ArithSpec or its string form, got {type(spec).__name__}")
 
 
+@torch.compiler.assume_constant_result  # torch.compile runs it once at trace time (args are constants)
+def _specs(formats: Formats, forward: Spec, backward: Spec) -> tuple[str, str, str, int, bool]:
+    """(roles, forward, backward) as op strings, the forward chunk (0: none), and whether any
+    rounding is stochastic."""
+    roles = RoleFormats.of(formats)
+    fwd = _spec(forward, "forward")
+    bwd = fwd if backward is None else _spec(backward, "backward")
+    stochastic = any(q.rounding == "stochastic" for _, q in roles.specs) or any(
+        "stochastic" in (s.rounding, s.mul_rounding) for s in (fwd, bwd))
+    return str(roles), str(fwd), str(bwd), fwd.chunk or 0, stochastic
+
+
 def _seed(seed: int | None, stochastic: bool, device) -> torch.Tensor | None:
     """The op's seed tensor: given, drawn from torch's generator when something is stochastic, or None."""
     if seed is not None:
@@ -38,11 +50,6 @@ def _seed(seed: int | None, stochastic: bool, device) -> torch.Tensor | None:
     if not stochastic:
         return None
     return torch.randint(0, 2**32, (), dtype=torch.int64, device=device)
-
-
-def _stochastic(roles: RoleFormats, *specs: ArithSpec) -> bool:
-    return any(q.rounding == "stochastic" for _, q in roles.specs) or any(
-        "stochastic" in (s.rounding, s.mul_rounding) for s in specs)
 
 
 def _check(name: str, **tensors) -> torch.device:
@@ -59,12 +66,18 @@ def _check(name: str, **tensors) -> torch.device:
     return device
 
 
-def _prepare(name, formats, forward, backward, seed, **tensors):
+def _prepare(name, formats, forward, backward, seed, length: int, **tensors):
+    """Checked tensors and specs: (roles, forward, backward, seed tensor) for the op.
+
+    A forward chunk longer than the op's reduction (``length``) is a mistake in the spec;
+    backward GEMMs reduce over other lengths and take a longer chunk as one chunk.
+    """
     device = _check(name, **tensors)
-    roles = RoleFormats.of(formats)
-    fwd = _spec(forward, "forward")
-    bwd = fwd if backward is None else _spec(backward, "backward")
-    return str(roles), str(fwd), str(bwd), _seed(seed, _stochastic(roles, fwd, bwd), device)
+    roles, fwd, bwd, chunk, stochastic = _specs(formats, forward, backward)
+    if 0 < length < chunk:
+        raise SpecError(f"mpcompile.ops.{name}: forward order=chunk({chunk}) does not fit the reduction "
+                        f"length {length}; use a chunk of at most {length} or order=sequential")
+    return roles, fwd, bwd, _seed(seed, stochastic, device)
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, spec: Spec = None, *, formats: Formats = None,
@@ -78,21 +91,22 @@ def matmul(a: torch.Tensor, b: torch.Tensor, spec: Spec = None, *, formats: Form
         backward: arithmetic of the gradient GEMMs (default: ``spec``).
         seed: seed of every random bit the op draws (default: from torch's generator).
     """
-    roles, fwd, bwd, s = _prepare("matmul", formats, spec, backward, seed, a=a, b=b)
     if a.dim() == 0 or b.dim() == 0 or a.shape[-1] != b.shape[-2 if b.dim() > 1 else 0]:
         raise ValueError(f"mpcompile.ops.matmul: shapes {tuple(a.shape)} and {tuple(b.shape)} do not multiply "
                          f"(a's last dim must equal b's {'second-to-last' if b.dim() > 1 else 'only'} dim)")
+    roles, fwd, bwd, s = _prepare("matmul", formats, spec, backward, seed, a.shape[-1], a=a, b=b)
     return torch.ops.mpc.matmul(a, b, roles, fwd, bwd, s)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, formats: Formats = None,
            forward: Spec = None, backward: Spec = None, seed: int | None = None) -> torch.Tensor:
     """``F.linear(x, w, b)`` with per-role formats and emulated arithmetic (see ``matmul``)."""
-    roles, fwd, bwd, s = _prepare("linear", formats, forward, backward, seed, x=x, w=w, b=b)
+    _check("linear", x=x, w=w, b=b)
     if w.dim() != 2 or x.dim() < 1 or x.shape[-1] != w.shape[1] or (b is not None and tuple(b.shape) != (w.shape[0],)):
         raise ValueError(f"mpcompile.ops.linear: x {tuple(x.shape)}, w {tuple(w.shape)}"
                          f"{'' if b is None else f', b {tuple(b.shape)}'} do not fit: w must be (out, in) with "
                          f"in = x.shape[-1], b (out,)")
+    roles, fwd, bwd, s = _prepare("linear", formats, forward, backward, seed, x.shape[-1], x=x, w=w, b=b)
     return torch.ops.mpc.linear(x, w, b, roles, fwd, bwd, s)
 
 
@@ -104,13 +118,14 @@ def _tuple(value, n: int, what: str) -> list[int]:
 
 
 def _conv(n: int, x, w, b, stride, padding, dilation, groups, formats, forward, backward, seed):
-    roles, fwd, bwd, s = _prepare(f"conv{n}d", formats, forward, backward, seed, x=x, w=w, b=b)
+    _check(f"conv{n}d", x=x, w=w, b=b)
     if isinstance(padding, str):
         raise ValueError(f"mpcompile.ops.conv{n}d: padding={padding!r}: give the padding as numbers")
     if x.dim() != n + 2 or w.dim() != n + 2 or x.shape[1] != w.shape[1] * groups or w.shape[0] % groups:
         raise ValueError(f"mpcompile.ops.conv{n}d: x {tuple(x.shape)} and w {tuple(w.shape)} with groups={groups} "
                          f"do not fit: x must be (N, C, *{n} sizes), w (C_out, C / groups, *kernel), "
                          f"C_out divisible by groups")
+    roles, fwd, bwd, s = _prepare(f"conv{n}d", formats, forward, backward, seed, w[0].numel(), x=x, w=w, b=b)
     return torch.ops.mpc.conv(x, w, b, _tuple(stride, n, "stride"), _tuple(padding, n, "padding"),
                               _tuple(dilation, n, "dilation"), groups, roles, fwd, bwd, s)
 
@@ -149,29 +164,40 @@ def quant(x: torch.Tensor, fmt, rounding: str = "nearest", *, grad_format=None, 
         scaling, saturate: as in ``QuantSpec``; ``axis`` is the channel axis of ``channel`` scaling.
     """
     _check("quant", x=x)
-    fwd = None if fmt is None else parse_quant(fmt) if isinstance(fmt, QuantSpec) else QuantSpec(fmt, rounding, scaling, saturate)
-    grad = None if grad_format is None else parse_quant(grad_format) if isinstance(grad_format, QuantSpec) else \
-        QuantSpec(grad_format, grad_rounding or rounding, scaling, saturate)
-    stochastic = any(q is not None and q.rounding == "stochastic" for q in (fwd, grad))
-    return torch.ops.mpc.quant(x, "" if fwd is None else str(fwd), "" if grad is None else str(grad), axis,
-                               _seed(seed, stochastic, x.device))
+    fwd, grad, stochastic = _quant_specs(fmt, rounding, grad_format, grad_rounding or rounding, scaling, saturate)
+    return torch.ops.mpc.quant(x, fwd, grad, axis, _seed(seed, stochastic, x.device))
+
+
+@torch.compiler.assume_constant_result
+def _quant_specs(fmt, rounding, grad_format, grad_rounding, scaling, saturate) -> tuple[str, str, bool]:
+    """The op strings of the value's and the gradient's ``QuantSpec`` ("" = unchanged)."""
+    specs = [None if f is None else f if isinstance(f, QuantSpec) else QuantSpec(f, r, scaling, saturate)
+             for f, r in ((fmt, rounding), (grad_format, grad_rounding))]
+    stochastic = any(q is not None and q.rounding == "stochastic" for q in specs)
+    return "" if specs[0] is None else str(specs[0]), "" if specs[1] is None else str(specs[1]), stochastic
 
 
 def _dims(dim) -> list[int]:
     return [] if dim is None else [dim] if isinstance(dim, int) else list(dim)
 
 
+def _count(x: torch.Tensor, dim) -> int:
+    dims = _dims(dim) or range(x.dim())
+    n = 1
+    for d in {d % max(x.dim(), 1) for d in dims}:
+        n *= x.shape[d]
+    return n
+
+
 def sum(x: torch.Tensor, dim: int | Sequence[int] | None = None, keepdim: bool = False, *, spec: Spec = None,
         seed: int | None = None) -> torch.Tensor:
     """``x.sum(dim)`` accumulated as ``spec`` says (its acc, order, rounding, kahan; no products)."""
-    _check("sum", x=x)
-    arith = _spec(spec, "spec")
-    return torch.ops.mpc.sum(x, _dims(dim), keepdim, str(arith), _seed(seed, _stochastic(RoleFormats(), arith), x.device))
+    _, arith, _, s = _prepare("sum", None, spec, None, seed, _count(x, dim), x=x)
+    return torch.ops.mpc.sum(x, _dims(dim), keepdim, arith, s)
 
 
 def mean(x: torch.Tensor, dim: int | Sequence[int] | None = None, keepdim: bool = False, *, spec: Spec = None,
          seed: int | None = None) -> torch.Tensor:
     """``x.mean(dim)``: the emulated sum, then sum / count rounded once to the acc format."""
-    _check("mean", x=x)
-    arith = _spec(spec, "spec")
-    return torch.ops.mpc.mean(x, _dims(dim), keepdim, str(arith), _seed(seed, _stochastic(RoleFormats(), arith), x.device))
+    _, arith, _, s = _prepare("mean", None, spec, None, seed, _count(x, dim), x=x)
+    return torch.ops.mpc.mean(x, _dims(dim), keepdim, arith, s)

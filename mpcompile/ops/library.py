@@ -31,7 +31,7 @@ def _grad_seed(seed: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 @torch.library.custom_op("mpc::quant", mutates_args=())
 def quant(x: torch.Tensor, fmt: str, grad_fmt: str, axis: int, seed: Optional[torch.Tensor]) -> torch.Tensor:
     """x rounded to ``fmt`` (a QuantSpec string; "" = unchanged); the gradient to ``grad_fmt``."""
-    return quantize_role(x, parse_quant(fmt) if fmt else None, axis=axis, seed=_seed(seed)).clone()
+    return quantize_role(x, parse_quant(fmt) if fmt else None, axis=axis, seed=_seed(seed)).clone(memory_format=torch.contiguous_format)
 
 
 @quant.register_fake
@@ -56,7 +56,7 @@ quant.register_autograd(_quant_backward, setup_context=_quant_setup)
 def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], roles: str, fwd: str, bwd: str,
            seed: Optional[torch.Tensor]) -> torch.Tensor:
     """y = x W^T + b with per-role formats and the forward arithmetic ``fwd``."""
-    return kernels.linear_forward(x, w, b, parse_roles(roles), parse_arith(fwd), _seed(seed))
+    return kernels.linear_forward(x, w, b, parse_roles(roles), parse_arith(fwd), _seed(seed)).contiguous()
 
 
 @linear.register_fake
@@ -69,7 +69,12 @@ def linear_backward(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, has_bi
                     bwd: str, seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gx, gw, gb = kernels.linear_backward(grad, x, w, has_bias, parse_roles(roles), parse_arith(fwd),
                                          parse_arith(bwd), _seed(seed))
-    return gx, gw, gb if gb is not None else w.new_empty(0)
+    return _dense(gx, gw, gb, w)
+
+
+def _dense(gx, gw, gb, w) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Contiguous gradients (the layout the fake implementations promise); no bias: empty."""
+    return gx.contiguous(), gw.contiguous(), gb.contiguous() if gb is not None else w.new_empty(0)
 
 
 @linear_backward.register_fake
@@ -96,7 +101,7 @@ linear.register_autograd(_linear_grad, setup_context=_linear_setup)
 @torch.library.custom_op("mpc::matmul", mutates_args=())
 def matmul(a: torch.Tensor, b: torch.Tensor, roles: str, fwd: str, bwd: str, seed: Optional[torch.Tensor]) -> torch.Tensor:
     """torch.matmul (broadcasting, 1-d operands) with roles input = a, weight = b."""
-    return kernels.matmul_forward(a, b, parse_roles(roles), parse_arith(fwd), _seed(seed))
+    return kernels.matmul_forward(a, b, parse_roles(roles), parse_arith(fwd), _seed(seed)).contiguous()
 
 
 @matmul.register_fake
@@ -107,7 +112,8 @@ def _(a, b, roles, fwd, bwd, seed):
 @torch.library.custom_op("mpc::matmul_backward", mutates_args=())
 def matmul_backward(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, roles: str, fwd: str, bwd: str,
                     seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    return kernels.matmul_backward(grad, a, b, parse_roles(roles), parse_arith(fwd), parse_arith(bwd), _seed(seed))
+    ga, gb = kernels.matmul_backward(grad, a, b, parse_roles(roles), parse_arith(fwd), parse_arith(bwd), _seed(seed))
+    return ga.contiguous(), gb.contiguous()
 
 
 @matmul_backward.register_fake
@@ -134,7 +140,8 @@ matmul.register_autograd(_matmul_grad, setup_context=_matmul_setup)
 def conv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], stride: list[int], padding: list[int],
          dilation: list[int], groups: int, roles: str, fwd: str, bwd: str, seed: Optional[torch.Tensor]) -> torch.Tensor:
     """conv1d/2d/3d (by w's rank) with per-role formats and the forward arithmetic ``fwd``."""
-    return kernels.conv_forward(x, w, b, stride, padding, dilation, groups, parse_roles(roles), parse_arith(fwd), _seed(seed))
+    return kernels.conv_forward(x, w, b, stride, padding, dilation, groups, parse_roles(roles), parse_arith(fwd),
+                                _seed(seed)).contiguous()
 
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -151,7 +158,7 @@ def conv_backward(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, has_bias
                   seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gx, gw, gb = kernels.conv_backward(grad, x, w, has_bias, stride, padding, dilation, groups, parse_roles(roles),
                                        parse_arith(fwd), parse_arith(bwd), _seed(seed))
-    return gx, gw, gb if gb is not None else w.new_empty(0)
+    return _dense(gx, gw, gb, w)
 
 
 @conv_backward.register_fake
@@ -179,13 +186,13 @@ conv.register_autograd(_conv_grad, setup_context=_conv_setup)
 @torch.library.custom_op("mpc::sum", mutates_args=())
 def reduce_sum(x: torch.Tensor, dim: list[int], keepdim: bool, spec: str, seed: Optional[torch.Tensor]) -> torch.Tensor:
     """x summed over ``dim`` (all if empty) with the accumulator of ``spec``."""
-    return kernels.reduce_sum(x, dim, keepdim, parse_arith(spec), _seed(seed))
+    return kernels.reduce_sum(x, dim, keepdim, parse_arith(spec), _seed(seed)).contiguous()
 
 
 @torch.library.custom_op("mpc::mean", mutates_args=())
 def reduce_mean(x: torch.Tensor, dim: list[int], keepdim: bool, spec: str, seed: Optional[torch.Tensor]) -> torch.Tensor:
     """The sum, then one rounding of sum / count to the accumulator format."""
-    return kernels.reduce_mean(x, dim, keepdim, parse_arith(spec), _seed(seed))
+    return kernels.reduce_mean(x, dim, keepdim, parse_arith(spec), _seed(seed)).contiguous()
 
 
 @reduce_sum.register_fake

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field, fields
 from typing import Mapping
 
 from ..errors import MpcompileError
-from ..formats import FloatFormat, Format, parse
+import torch
+
+from ..formats import BlockFloat, BlockMinifloat, FixedFormat, FloatFormat, Format, MXFormat, parse
 from ..rounding import ROUNDING_MODES
 
 __all__ = ["ArithSpec", "QuantSpec", "RoleFormats", "ROLES", "SCALINGS", "SpecError",
@@ -37,6 +39,12 @@ _ORDER = re.compile(r"^\s*(sequential|pairwise|chunk\s*\(\s*(\d+)\s*\))\s*$")
 
 class SpecError(MpcompileError, ValueError):
     """An arithmetic or role spec that cannot be read or built."""
+
+
+def _not_traced(cls: str) -> None:
+    if torch.compiler.is_dynamo_compiling():  # dynamo would build the object with its defaults
+        raise SpecError(f"{cls}(...) inside a torch.compile'd function: build it outside (e.g. in the "
+                        f"module's __init__) or pass its string form, e.g. 'acc=fp16 order=chunk(32)'")
 
 
 def _float_format(value: "Format | str", what: str) -> FloatFormat:
@@ -87,6 +95,7 @@ class ArithSpec:
     sr_bits: int | None = None
 
     def __post_init__(self) -> None:
+        _not_traced("ArithSpec")
         set_ = functools.partial(object.__setattr__, self)
         set_("acc", _float_format(self.acc, "acc"))
         if self.mul is not None:
@@ -124,12 +133,12 @@ class ArithSpec:
     def __str__(self) -> str:
         parts = [f"mul={self.mul}"] if self.mul is not None else []
         parts.append(f"acc={self.acc}")
-        for f in fields(self)[2:]:
-            value = getattr(self, f.name)
-            if f.name == "mul_rounding" and value == self.rounding:
-                continue
-            if value != f.default:
-                parts.append(f"{f.name}={str(value).lower() if isinstance(value, bool) else value}")
+        parts += [f"order={self.order}"] if self.order != "sequential" else []
+        parts += [f"rounding={self.rounding}"] if self.rounding != "nearest" else []
+        parts += [f"mul_rounding={self.mul_rounding}"] if self.mul_rounding != self.rounding else []
+        parts += ["fma=true"] if self.fma else []
+        parts += ["kahan=true"] if self.kahan else []
+        parts += [f"sr_bits={self.sr_bits}"] if self.sr_bits is not None else []
         return " ".join(parts)
 
 
@@ -170,6 +179,7 @@ class QuantSpec:
     saturate: bool = False
 
     def __post_init__(self) -> None:
+        _not_traced("QuantSpec")
         object.__setattr__(self, "fmt", parse(self.fmt))
         _rounding(self.rounding, "rounding")
         if self.scaling not in SCALINGS:
@@ -210,6 +220,10 @@ class RoleFormats:
 
     def __str__(self) -> str:
         return " ".join(f"{role}={spec}" for role, spec in self.specs)
+
+
+for _cls in (ArithSpec, QuantSpec, RoleFormats, FloatFormat, FixedFormat, MXFormat, BlockFloat, BlockMinifloat):
+    torch.utils._pytree.register_constant(_cls)  # torch.compile treats specs and formats as constants
 
 
 @functools.lru_cache(maxsize=4096)
