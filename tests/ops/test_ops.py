@@ -282,7 +282,8 @@ def test_compile_fullgraph_matches_eager_forward_and_backward():
     assert torch.equal(out, eager) and torch.equal(g_comp, g_eager)
     torch.manual_seed(1)
     assert not torch.equal(out, Small()(x))  # a different model differs: the check has teeth
-    assert torch.equal(torch.compile(model, fullgraph=True)(torch.zeros_like(x)), model(torch.zeros_like(x)))
+    with torch._inductor.config.patch(fallback_random=True):  # inductor draws the seed as eager does
+        assert torch.equal(run(torch.compile(model, fullgraph=True))[0], eager)
 
 
 def test_spec_built_inside_a_compiled_function_is_an_error():
