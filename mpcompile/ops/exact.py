@@ -18,6 +18,7 @@ the rounding from adding and subtracting ``1.5 * 2**52`` quanta. Formats it cann
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,8 @@ class Grid:
     man: int
     qmin: float  # the quantum of the subnormal binade
     max: float
+    min_normal: float
+    split: float  # Veltkamp's 2**(52 - man) + 1: x*split - (x*split - x) is x rounded to man + 1 bits
     big: float  # magnitudes are clamped to this (> max, so they still overflow) to keep ufp in range
     has_inf: bool
     neg_zero: bool
@@ -49,7 +52,8 @@ class Grid:
 def grid_of(fmt: FloatFormat, rounding: str, sr_bits: int) -> Grid:
     fast = fmt.signed and fmt.has_zero and fmt.subnormals and fmt.man > 0
     fallback = None if fast else plan_quantize(fmt, rounding, False, torch.float64, sr_bits)
-    return Grid(fmt.man, 2.0 ** (fmt.emin - fmt.man), fmt.max, 2.0 ** (fmt.emax + 2), fmt.inf, bool(fmt.neg_zero), fallback)
+    return Grid(fmt.man, 2.0 ** (fmt.emin - fmt.man), fmt.max, 2.0 ** fmt.emin, 2.0 ** (52 - fmt.man) + 1,
+                2.0 ** (fmt.emax + 2), fmt.inf, bool(fmt.neg_zero), fallback)
 
 
 def two_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,32 +104,34 @@ def round_float(x: torch.Tensor, grid: Grid, mode: str, bits: torch.Tensor | Non
     if grid.fallback is not None:
         plan, params = grid.fallback
         return reference_quantize(x, plan, params, None if bits is None else bits.expand(x.shape))
+    if mode == "nearest":
+        return _round_nearest(x, grid)
     a = torch.clamp_max(x.abs(), grid.big)
     q = torch.clamp_min(ufp(a) * 2.0**-grid.man, grid.qmin)
     m = q * _MAGIC
     rn = (a + m) - m
-    if mode == "nearest":
-        r = rn
-    else:
-        diff = a - rn
-        fl = torch.where(diff < 0, rn - q, rn)
-        rem = a - fl  # exact, in [0, q)
-        if mode == "toward_zero":
-            away = None
-        elif mode == "nearest_away":
-            away = rem >= q * 0.5
-        elif mode in ("up", "down"):
-            away = (rem > 0) & ((x < 0) if mode == "down" else (x > 0))
-        elif mode == "odd":
-            even = ((fl + 2 * m) - 2 * m) == fl
-            away = (rem > 0) & even
-        else:  # stochastic, as gfloat: rem / q rounded to n bits (ties to even), plus the bits
-            g = q * 2.0**-n
-            gm = g * _MAGIC
-            d = (rem + gm) - gm
-            away = d + (bits & ((1 << n) - 1)).to(torch.float64) * g >= q
-        r = fl if away is None else fl + torch.where(away, q, 0.0)
+    fl = torch.where(a - rn < 0, rn - q, rn)
+    rem = a - fl  # exact, in [0, q)
+    if mode == "toward_zero":
+        away = None
+    elif mode == "nearest_away":
+        away = rem >= q * 0.5
+    elif mode in ("up", "down"):
+        away = (rem > 0) & ((x < 0) if mode == "down" else (x > 0))
+    elif mode == "odd":
+        even = ((fl + 2 * m) - 2 * m) == fl
+        away = (rem > 0) & even
+    else:  # stochastic, as gfloat: rem / q rounded to n bits (ties to even), plus the bits
+        g = q * 2.0**-n
+        gm = g * _MAGIC
+        d = (rem + gm) - gm
+        away = d + (bits & ((1 << n) - 1)).to(torch.float64) * g >= q
+    r = fl if away is None else fl + torch.where(away, q, 0.0)
     return _finish(r, x, grid, mode)
+
+
+def _round_nearest(x: torch.Tensor, grid: Grid) -> torch.Tensor:
+    return _overflow_and_sign(_nearest_signed(torch.clamp(x, -grid.big, grid.big), grid), x, grid)
 
 
 def round_exact(s: torch.Tensor, e: torch.Tensor | None, grid: Grid, mode: str,
@@ -135,15 +141,24 @@ def round_exact(s: torch.Tensor, e: torch.Tensor | None, grid: Grid, mode: str,
         return round_float(s, grid, mode, bits, n)
     if mode != "nearest" or grid.fallback is not None:
         return round_float(round_to_odd(s, e), grid, mode, bits, n)
-    a = torch.clamp_max(s.abs(), grid.big)
-    q = torch.clamp_min(ufp(a) * 2.0**-grid.man, grid.qmin)
-    m = q * _MAGIC
-    rn = (a + m) - m
-    half = q * 0.5
-    tie = ((a - rn).abs() == half) & (e != 0)
-    up = (e > 0) == (s > 0)  # the exact magnitude lies above |s|
-    r = torch.where(tie, torch.where(up, a + half, a - half), rn)
-    return _finish(r, s, grid, mode)
+    xc = torch.clamp(s, -grid.big, grid.big)
+    rn = _nearest_signed(xc, grid)
+    half = torch.clamp_min(ufp(xc) * 2.0**-grid.man, grid.qmin) * 0.5  # off the critical path
+    tie = ((xc - rn).abs() == half) & (e != 0)
+    return _overflow_and_sign(torch.where(tie, xc + torch.where(e > 0, half, -half), rn), s, grid)
+
+
+def _nearest_signed(xc: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """xc rounded to the format's grid, ties to even, overflow not handled: Veltkamp's split in
+    the normal range, one magic add in the subnormal range."""
+    c = xc * grid.split
+    m = grid.qmin * _MAGIC
+    return torch.where(xc.abs() < grid.min_normal, (xc + m) - m, c - (c - xc))
+
+
+def _overflow_and_sign(r: torch.Tensor, x: torch.Tensor, grid: Grid) -> torch.Tensor:
+    r = torch.copysign(torch.where(r.abs() > grid.max, math.inf if grid.has_inf else math.nan, r), x)
+    return r if grid.neg_zero else torch.where(r == 0, 0.0, r)
 
 
 def _finish(r: torch.Tensor, x: torch.Tensor, grid: Grid, mode: str) -> torch.Tensor:
@@ -153,6 +168,4 @@ def _finish(r: torch.Tensor, x: torch.Tensor, grid: Grid, mode: str) -> torch.Te
         if mode in ("up", "down"):
             clamp = clamp & ((x < 0) if mode == "up" else (x > 0))
         r = torch.where((r > grid.max) & clamp, grid.max, r)
-    r = torch.where(r > grid.max, torch.inf if grid.has_inf else torch.nan, r)
-    r = torch.copysign(r, x)
-    return r if grid.neg_zero else torch.where(r == 0, 0.0, r)
+    return _overflow_and_sign(r, x, grid)
