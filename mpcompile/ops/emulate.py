@@ -25,9 +25,10 @@ from ..random_bits import counter_words, stream_seed
 from .exact import Grid, grid_of, round_exact, two_prod, two_sum
 from .spec import STREAM_ADD, STREAM_KAHAN, STREAM_MUL, ArithSpec, SpecError
 
-__all__ = ["emulated_matmul", "accumulate", "chunk_is_exact", "COMPILE_MIN_WORK", "set_compile"]
+__all__ = ["emulated_matmul", "accumulate", "chunk_is_exact", "COMPILE_MIN_WORK", "COMPILE_MIN_STEPS", "set_compile"]
 
-COMPILE_MIN_WORK = 1 << 22  # output elements x reduction steps from which a block is compiled
+COMPILE_MIN_WORK = 1 << 16  # output elements x reduction steps from which a block is compiled
+COMPILE_MIN_STEPS = 64  # ... if the reduction has at least this many steps (else eager is cheap)
 _BLOCK = 8  # reduction steps per compiled kernel call
 _PAIRWISE_ELEMS = 1 << 24  # products materialised at once by the pairwise tree
 _compile_enabled = True
@@ -195,7 +196,8 @@ def emulated_matmul(a: torch.Tensor, b: torch.Tensor, spec: ArithSpec, *, seed: 
     comp = torch.zeros_like(acc) if spec.kahan else None
     if spec.chunk is not None and spec.mul is None and not split:
         return _chunks_by_gemm(plan, acc, comp, a64, b64, index, seed)
-    compiled = _compile_enabled and a.device.type == "cpu" and B * M * N * K >= COMPILE_MIN_WORK
+    compiled = (_compile_enabled and a.device.type == "cpu" and K >= COMPILE_MIN_STEPS
+                and B * M * N * K >= COMPILE_MIN_WORK)
     width = _BLOCK if compiled else K
     partial = None
     streams = 5 if spec.kahan else 2

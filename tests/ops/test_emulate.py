@@ -115,6 +115,7 @@ def test_compiled_blocks_equal_eager(monkeypatch):
     a, b = _operands(1, 8, 40, 16, None, 4, seed=5)
     eager = emulated_matmul(a, b, spec, seed=99)
     monkeypatch.setattr(emulate, "COMPILE_MIN_WORK", 1)
+    monkeypatch.setattr(emulate, "COMPILE_MIN_STEPS", 1)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a compile fallback would test eager twice
         compiled = emulated_matmul(a, b, spec, seed=99)
