@@ -18,6 +18,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/quantize.py
+	$(PY) benchmarks/arith.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

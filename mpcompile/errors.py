@@ -1,6 +1,6 @@
 """Exceptions raised by mpcompile; each message says what was wrong, where, and what to do."""
 
-__all__ = ["MpcompileError", "FormatError"]
+__all__ = ["MpcompileError", "FormatError", "SpecError"]
 
 
 class MpcompileError(Exception):
@@ -9,3 +9,7 @@ class MpcompileError(Exception):
 
 class FormatError(MpcompileError, ValueError):
     """A number-format name or spec that cannot be read or built."""
+
+
+class SpecError(MpcompileError, ValueError):
+    """An arithmetic spec or role format (of an op) that cannot be read or built."""

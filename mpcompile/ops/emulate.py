@@ -230,21 +230,21 @@ def _chunks_by_gemm(plan: _Plan, acc, comp, a, b, index, seed):
 
 
 def _pairwise(plan: _Plan, a, b, index, seed):
-    """A tree of rounded adds over the products, in row blocks that bound the memory."""
+    """A tree of rounded adds over the products, in row blocks that bound the memory.
+    A single product is added to +0 once (step 0), so that it too ends in the acc format."""
     B, M, K = a.shape
     N = b.shape[-1]
-    out = torch.empty(B, M, N, dtype=torch.float64, device=a.device)
+    out = torch.zeros(B, M, N, dtype=torch.float64, device=a.device)
+    if K == 0:
+        return out
     rows = max(1, _PAIRWISE_ELEMS // max(1, B * N * K))
     mul_seeds = _step_seeds(seed, 1, range(K), a.device)
     for m0 in range(0, M, rows):
         idx = index[:, m0:m0 + rows, :, None]
         terms = _product(plan, a[:, m0:m0 + rows, None, :], b.transpose(1, 2)[:, None], idx,
                          None if mul_seeds is None else mul_seeds[0])
-        if K == 0:
-            out[:, m0:m0 + rows] = 0.0
-            continue
         if K == 1:
-            terms = accumulate(plan, torch.zeros_like(terms), None, terms, idx, _step_seeds(seed, 2, range(1), a.device)[:, 0] if seed is not None else None)[0]
+            terms = torch.cat([torch.zeros_like(terms), terms], -1)
         level = 0
         while terms.shape[-1] > 1:
             n = terms.shape[-1]

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Mapping
 
-from ..errors import MpcompileError
+from ..errors import SpecError
 import torch
 
 from ..formats import BlockFloat, BlockMinifloat, FixedFormat, FloatFormat, Format, MXFormat, parse
@@ -35,10 +35,6 @@ MAX_WORK_MAN = 50
 STREAM_MUL, STREAM_ADD, STREAM_BIAS, STREAM_DIV = 0, 1, 5, 6
 STREAM_KAHAN = (1, 2, 3, 4)
 _ORDER = re.compile(r"^\s*(sequential|pairwise|chunk\s*\(\s*(\d+)\s*\))\s*$")
-
-
-class SpecError(MpcompileError, ValueError):
-    """An arithmetic or role spec that cannot be read or built."""
 
 
 def _not_traced(cls: str) -> None:
