@@ -53,7 +53,7 @@ def _seed(seed: int | None, stochastic: bool, device) -> torch.Tensor | None:
 
 
 def _check(name: str, **tensors) -> torch.device:
-    device = None
+    device = dtype = None
     for arg, t in tensors.items():
         if t is None:
             continue
@@ -62,7 +62,10 @@ def _check(name: str, **tensors) -> torch.device:
             raise TypeError(f"mpcompile.ops.{name}: {arg} must be a float32/float64/float16/bfloat16 tensor, got {got}")
         if device is not None and t.device != device:
             raise ValueError(f"mpcompile.ops.{name}: {arg} is on {t.device}, the other operands on {device}")
-        device = t.device
+        if dtype is not None and t.dtype != dtype:
+            raise TypeError(f"mpcompile.ops.{name}: {arg} is {t.dtype}, the other operands {dtype}; cast them "
+                            f"to one dtype (formats are set by the roles, not by the dtype)")
+        device, dtype = t.device, t.dtype
     return device
 
 

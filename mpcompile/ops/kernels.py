@@ -65,7 +65,7 @@ def linear_forward(x, w, b, roles: RoleFormats, fwd: ArithSpec, seed: int | None
     if fwd.is_native:
         y = F.linear(xq, wq, bq)
     else:
-        rows = xq.reshape(1, -1, x.shape[-1])
+        rows = xq.reshape(1, _rows(x), x.shape[-1])
         y = emulated_matmul(rows, wq.t()[None], fwd, seed=op_seed(seed, 0))
         if bq is not None:
             index = torch.arange(y.numel(), device=y.device).view(y.shape)
@@ -83,12 +83,17 @@ def linear_backward(grad, x, w, has_bias: bool, roles: RoleFormats, fwd: ArithSp
         grads = _native_vjp(lambda *p: F.linear(*p), primals, g)
         gx, gw, gb = grads[0], grads[1], grads[2] if has_bias else None
     else:
-        rows = g.reshape(1, -1, w.shape[0])
+        rows = g.reshape(1, _rows(x), w.shape[0])
         gx = gemm(rows, wq[None], bwd, op_seed(seed, 1)).reshape(x.shape)
-        gw = gemm(rows.transpose(1, 2), xq.reshape(1, -1, x.shape[-1]), bwd, op_seed(seed, 2))[0]
+        gw = gemm(rows.transpose(1, 2), xq.reshape(1, _rows(x), x.shape[-1]), bwd, op_seed(seed, 2))[0]
         gb = _sum_rows(rows[0], bwd, op_seed(seed, 3)) if has_bias else None
     return (_role(roles, "grad_input", gx, -1, seed), _role(roles, "grad_weight", gw, 0, seed),
             _role(roles, "grad_bias", gb, 0, seed))
+
+
+def _rows(x: torch.Tensor) -> int:
+    """The number of rows of x seen as (rows, x.shape[-1]), also when something is empty."""
+    return _numel(x.shape, range(x.dim() - 1))
 
 
 def _sum_rows(g: torch.Tensor, spec: ArithSpec, seed) -> torch.Tensor:
@@ -118,7 +123,8 @@ def matmul_forward(a, b, roles: RoleFormats, fwd: ArithSpec, seed) -> torch.Tens
         y = torch.matmul(aq, bq)
     else:
         ea, eb, batch = _as_matrices(aq, bq)
-        y = gemm(ea.reshape(-1, *ea.shape[-2:]), eb.reshape(-1, *eb.shape[-2:]), fwd, op_seed(seed, 0))
+        nb = _numel(batch, range(len(batch)))
+        y = gemm(ea.reshape(nb, *ea.shape[-2:]), eb.reshape(nb, *eb.shape[-2:]), fwd, op_seed(seed, 0))
         y = y.reshape(*batch, ea.shape[-2], eb.shape[-1])
         if a.dim() == 1:
             y = y.squeeze(-2)
@@ -135,8 +141,9 @@ def _reduced_gemm(left, right, target_shape, spec, seed):
     red = [i for i in range(nb) if target[i] == 1 and left.shape[i] != 1]
     keep = [i for i in range(nb) if i not in red]
     m, j, k = left.shape[-2], left.shape[-1], right.shape[-1]
-    lo = left.permute(*keep, nb, *red, nb + 1).reshape(-1, m, _numel(left.shape, red) * j)
-    ro = right.permute(*keep, *red, nb, nb + 1).reshape(-1, _numel(right.shape, red) * j, k)
+    kept = _numel(left.shape, keep)
+    lo = left.permute(*keep, nb, *red, nb + 1).reshape(kept, m, _numel(left.shape, red) * j)
+    ro = right.permute(*keep, *red, nb, nb + 1).reshape(kept, _numel(right.shape, red) * j, k)
     return gemm(lo, ro, spec, seed).reshape(target_shape)
 
 
@@ -220,7 +227,7 @@ def _reduce(x, dims, keepdim, spec, seed):
     dims = sorted({d % max(nd, 1) for d in dims}) if dims else list(range(nd))
     kept = [d for d in range(nd) if d not in dims]
     count = _numel(x.shape, dims)
-    rows = x.permute(*kept, *dims).reshape(1, -1, count)
+    rows = x.permute(*kept, *dims).reshape(1, _numel(x.shape, kept), count)
     ones = torch.ones(1, count, 1, dtype=x.dtype, device=x.device)
     s = emulated_matmul(rows, ones, _sum_spec(spec), seed=seed, exact_products=True)
     shape = [1 if d in dims else x.shape[d] for d in range(nd)] if keepdim else [x.shape[d] for d in kept]

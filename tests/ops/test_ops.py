@@ -310,6 +310,8 @@ def test_errors_name_the_argument():
         ops.matmul(a, b)
     with pytest.raises(TypeError, match="x must be a float"):
         ops.linear(torch.ones(2, 3, dtype=torch.int64), torch.randn(4, 3))
+    with pytest.raises(TypeError, match="w is torch.bfloat16"):
+        ops.linear(torch.randn(2, 3), torch.randn(4, 3, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="w must be"):
         ops.linear(torch.randn(2, 3), torch.randn(4, 5))
     with pytest.raises(SpecError, match="acc=fixed"):
@@ -328,6 +330,18 @@ def test_errors_name_the_argument():
         ops.matmul(torch.randn(2, 3, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64), ArithSpec(acc="fp16"))
     with pytest.raises(ValueError, match="groups"):
         ops.conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), groups=2)
+
+
+@pytest.mark.parametrize("shapes", [((5,), (5,)), ((0, 5), (5, 3)), ((2, 0), (0, 3)), ((2, 3, 0, 5), (5, 4))])
+def test_matmul_edge_shapes_match_torch(shapes):
+    a, b = _leaves(*shapes)
+    spec = ArithSpec(acc="e8m23", order="pairwise")  # fp32 adds in a tree: close to torch, not equal
+    y, y0 = ops.matmul(a, b, spec), torch.matmul(a, b)
+    g = torch.randn_like(y0)
+    assert y.shape == y0.shape
+    torch.testing.assert_close(y, y0)
+    for got, want in zip(_grads(y, (a, b), g), _grads(y0, (a, b), g)):
+        torch.testing.assert_close(got, want)
 
 
 def test_spec_strings_round_trip():
