@@ -25,7 +25,7 @@ from ..random_bits import counter_words, stream_seed
 from .exact import Grid, grid_of, round_exact, two_prod, two_sum
 from .spec import STREAM_ADD, STREAM_KAHAN, STREAM_MUL, ArithSpec, SpecError
 
-__all__ = ["emulated_matmul", "accumulate", "chunk_is_exact", "COMPILE_MIN_WORK", "COMPILE_MIN_STEPS", "set_compile"]
+__all__ = ["emulated_matmul", "chunk_is_exact", "COMPILE_MIN_WORK", "COMPILE_MIN_STEPS", "set_compile"]
 
 COMPILE_MIN_WORK = 1 << 16  # output elements x reduction steps from which a block is compiled
 COMPILE_MIN_STEPS = 64  # ... if the reduction has at least this many steps (else eager is cheap)
@@ -83,7 +83,7 @@ def _bits(index: torch.Tensor, seed: torch.Tensor | None) -> torch.Tensor | None
     return None if seed is None else counter_words(index, seed)
 
 
-def accumulate(plan: _Plan, acc, comp, term, index, seeds):
+def _accumulate(plan: _Plan, acc, comp, term, index, seeds):
     """One rounded add of ``term`` into the running sum (Kahan-compensated if the spec says).
 
     ``seeds``: None, or an int64 tensor of the step's seeds per stream (``STREAM_ADD`` and, for
@@ -120,11 +120,11 @@ def _block(plan: _Plan, acc, comp, partial, a, b, index, seeds, ends: tuple[bool
         step_seeds = None if seeds is None else seeds[:, u]
         p = _product(plan, a[..., u:u + 1], b[..., u:u + 1, :], index, None if seeds is None else step_seeds[STREAM_MUL])
         if not chunked:
-            acc, comp = accumulate(plan, acc, comp, p, index, step_seeds)
+            acc, comp = _accumulate(plan, acc, comp, p, index, step_seeds)
             continue
         partial = p if partial is None else partial + p
         if end:
-            acc, comp = accumulate(plan, acc, comp, partial, index, step_seeds)
+            acc, comp = _accumulate(plan, acc, comp, partial, index, step_seeds)
             partial = None
     return acc, comp, partial
 
@@ -225,7 +225,7 @@ def _chunks_by_gemm(plan: _Plan, acc, comp, a, b, index, seed):
     for j, k0 in enumerate(range(0, K, k)):
         partial = torch.matmul(a[..., k0:k0 + k], b[..., k0:k0 + k, :])
         seeds = _step_seeds(seed, streams, range(j, j + 1), a.device)
-        acc, comp = accumulate(plan, acc, comp, partial, index, None if seeds is None else seeds[:, 0])
+        acc, comp = _accumulate(plan, acc, comp, partial, index, None if seeds is None else seeds[:, 0])
     return acc
 
 
@@ -250,7 +250,7 @@ def _pairwise(plan: _Plan, a, b, index, seed):
             n = terms.shape[-1]
             pairs = n // 2
             seeds = _step_seeds(seed, 2, range(K * level, K * level + pairs), a.device)
-            summed, _ = accumulate(plan, terms[..., 0:2 * pairs:2], None, terms[..., 1:2 * pairs:2], idx, seeds)
+            summed, _ = _accumulate(plan, terms[..., 0:2 * pairs:2], None, terms[..., 1:2 * pairs:2], idx, seeds)
             terms = torch.cat([summed, terms[..., n - 1:]], -1) if n % 2 else summed
             level += 1
         out[:, m0:m0 + rows] = terms[..., 0]

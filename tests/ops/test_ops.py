@@ -352,3 +352,24 @@ def test_spec_strings_round_trip():
     assert str(roles) == "input=bf16 weight=fp8_e4m3:stochastic:channel:sat"
     assert parse_roles(str(roles)) == roles
     assert ArithSpec(order=("chunk", 32)).order == "chunk(32)"
+
+
+@pytest.mark.parametrize("stride,padding,dilation,groups", [(1, 1, 1, 1), (2, 2, 2, 2)])
+def test_conv1d_and_conv3d_are_conv2d_with_unit_dims(stride, padding, dilation, groups):
+    """The same reductions in the same order, so the same bits (stochastic ones included)."""
+    x, w, b = _leaves((2, 4, 9), (6, 4 // groups, 3), (6,), seed=7)
+    spec = ArithSpec(mul="fp8_e5m2", acc="e5m10", rounding="stochastic", order="chunk(4)")
+    kw = dict(forward=spec, backward=spec, seed=3, formats={"grad_output": "fp8_e5m2"})
+    y1 = ops.conv1d(x, w, b, stride, padding, dilation, groups, **kw)
+    y2 = ops.conv2d(x[:, :, None], w[:, :, None], b, (1, stride), (0, padding), (1, dilation), groups, **kw)
+    y3 = ops.conv3d(x[:, :, None, None], w[:, :, None, None], b, (1, 1, stride), (0, 0, padding),
+                    (1, 1, dilation), groups, **kw)
+    assert_bitwise(y1, y2.squeeze(2))
+    assert_bitwise(y1, y3.squeeze(2).squeeze(2))
+    g = torch.randn_like(y1)
+    g1 = _grads(y1, (x, w, b), g)
+    g2 = _grads(y2, (x, w, b), g[:, :, None])
+    g3 = _grads(y3, (x, w, b), g[:, :, None, None])
+    for u, v, t in zip(g1, g2, g3):
+        assert_bitwise(u, v)
+        assert_bitwise(u, t)
