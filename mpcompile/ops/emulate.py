@@ -133,28 +133,34 @@ _KERNELS: dict[tuple, object] = {}
 _FAILED: set[tuple] = set()
 
 
-def _compiled_block(plan: _Plan, ends: tuple[bool, ...], has_partial: bool):
-    key = (plan, ends, has_partial)
+def _compiled_block(key: tuple, plan: _Plan, ends: tuple[bool, ...]):
     kernel = _KERNELS.get(key)
     if kernel is None:
         def run(acc, comp, partial, a, b, index, seeds):
             return _block(plan, acc, comp, partial, a, b, index, seeds, ends)
 
-        code = run.__code__.replace(co_name=f"emulated_block_{len(_KERNELS)}")  # own dynamo cache
+        # a code object per key: dynamo's cache (and its recompile limit) is per code object
+        code = run.__code__.replace(co_name=f"emulated_block_{len(_KERNELS)}")
         run = types.FunctionType(code, run.__globals__, code.co_name, None, run.__closure__)
-        kernel = _KERNELS[key] = torch.compile(run, fullgraph=True, dynamic=False)
+        kernel = _KERNELS[key] = torch.compile(run, fullgraph=True)
     return kernel
 
 
 def _run_block(plan, compiled: bool, acc, comp, partial, a, b, index, seeds, ends):
-    key = (plan, ends, partial is not None)
-    if compiled and key not in _FAILED:
-        try:
-            return _compiled_block(plan, ends, partial is not None)(acc, comp, partial, a, b, index, seeds)
-        except Exception as err:  # a compiler failure must not cost the user the result
-            _FAILED.add(key)
-            warnings.warn(f"mpcompile: compiling the emulated GEMM for {plan.spec} failed; running it "
-                          f"eagerly ({type(err).__name__}: {str(err).strip()[:200]})", RuntimeWarning, stacklevel=4)
+    if compiled:
+        key = (plan, ends, partial is not None, comp is not None, seeds is not None)
+        if key not in _FAILED:
+            try:
+                for t in (acc, comp, partial, a, index):  # rows vary by layer and batch; columns stay static
+                    if t is not None:
+                        torch._dynamo.maybe_mark_dynamic(t, 0)
+                        torch._dynamo.maybe_mark_dynamic(t, 1)
+                return _compiled_block(key, plan, ends)(acc, comp, partial, a, b, index, seeds)
+            except Exception as err:  # a compiler failure must not cost the user the result
+                _FAILED.add(key)
+                warnings.warn(f"mpcompile: compiling the emulated GEMM for {plan.spec} failed; running it "
+                              f"eagerly ({type(err).__name__}: {str(err).strip()[:200]})", RuntimeWarning,
+                              stacklevel=4)
     return _block(plan, acc, comp, partial, a, b, index, seeds, ends)
 
 
@@ -213,7 +219,8 @@ def emulated_matmul(a: torch.Tensor, b: torch.Tensor, spec: ArithSpec, *, seed: 
                 adds = _step_seeds(seed, streams, range(k0 // spec.chunk, k0 // spec.chunk + len(steps)), a.device)
                 chunk_of = torch.tensor([k // spec.chunk - k0 // spec.chunk for k in steps], device=a.device)
                 seeds = torch.cat([seeds[:1], adds[1:, chunk_of]])
-        acc, comp, partial = _run_block(plan, compiled, acc, comp, partial, a64[..., k0:k0 + len(steps)],
+        full = compiled and len(steps) == width  # a short tail runs eagerly: no kernel for its length
+        acc, comp, partial = _run_block(plan, full, acc, comp, partial, a64[..., k0:k0 + len(steps)],
                                         b64[..., k0:k0 + len(steps), :], index, seeds, ends)
     return acc
 
