@@ -25,9 +25,6 @@ from .spec import ROLES, STREAM_BIAS, STREAM_DIV, ArithSpec, RoleFormats
 __all__ = ["gemm", "linear_forward", "linear_backward", "matmul_forward", "matmul_backward",
            "conv_forward", "conv_backward", "reduce_sum", "reduce_mean"]
 
-_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
 def _role(roles: RoleFormats, name: str, x, axis: int, seed: int | None):
     return quantize_role(x, roles.get(name), axis=axis, seed=op_seed(seed, 16 + ROLES.index(name)))
 
