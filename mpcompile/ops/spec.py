@@ -14,9 +14,9 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Mapping
 
-from ..errors import SpecError
 import torch
 
+from ..errors import SpecError
 from ..formats import BlockFloat, BlockMinifloat, FixedFormat, FloatFormat, Format, MXFormat, parse
 from ..rounding import ROUNDING_MODES
 
