@@ -1,5 +1,7 @@
 """The ``mpc::`` custom ops: one graph node each, with fake implementations and autograd.
 
+Every output is contiguous, as the fake implementations say (compiled graphs rely on it).
+
 Formats and arithmetic travel as the canonical strings of ``spec`` (readable in a printed
 graph, parsed once and cached). ``seed`` is an optional int64 0-d tensor: present when some
 rounding is stochastic, so that backward re-quantizes the operands with the same bits and
@@ -31,12 +33,13 @@ def _grad_seed(seed: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 @torch.library.custom_op("mpc::quant", mutates_args=())
 def quant(x: torch.Tensor, fmt: str, grad_fmt: str, axis: int, seed: Optional[torch.Tensor]) -> torch.Tensor:
     """x rounded to ``fmt`` (a QuantSpec string; "" = unchanged); the gradient to ``grad_fmt``."""
-    return quantize_role(x, parse_quant(fmt) if fmt else None, axis=axis, seed=_seed(seed)).clone(memory_format=torch.contiguous_format)
+    y = quantize_role(x, parse_quant(fmt) if fmt else None, axis=axis, seed=_seed(seed))
+    return y.clone(memory_format=torch.contiguous_format)  # never an alias of x
 
 
 @quant.register_fake
 def _(x, fmt, grad_fmt, axis, seed):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 def _quant_setup(ctx, inputs, output):
@@ -79,7 +82,7 @@ def _dense(gx, gw, gb, w) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 @linear_backward.register_fake
 def _(grad, x, w, has_bias, roles, fwd, bwd, seed):
-    return torch.empty_like(x), torch.empty_like(w), w.new_empty(w.shape[0] if has_bias else 0)
+    return x.new_empty(x.shape), w.new_empty(w.shape), w.new_empty(w.shape[0] if has_bias else 0)
 
 
 def _linear_setup(ctx, inputs, output):
@@ -106,7 +109,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, roles: str, fwd: str, bwd: str, see
 
 @matmul.register_fake
 def _(a, b, roles, fwd, bwd, seed):
-    return torch.empty_like(torch.matmul(a, b))
+    return a.new_empty(torch.matmul(a, b).shape)
 
 
 @torch.library.custom_op("mpc::matmul_backward", mutates_args=())
@@ -118,7 +121,7 @@ def matmul_backward(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, roles:
 
 @matmul_backward.register_fake
 def _(grad, a, b, roles, fwd, bwd, seed):
-    return torch.empty_like(a), torch.empty_like(b)
+    return a.new_empty(a.shape), b.new_empty(b.shape)
 
 
 def _matmul_setup(ctx, inputs, output):
@@ -149,7 +152,7 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 @conv.register_fake
 def _(x, w, b, stride, padding, dilation, groups, roles, fwd, bwd, seed):
-    return torch.empty_like(_CONV[w.dim() - 2](x, w, b, stride, padding, dilation, groups))
+    return x.new_empty(_CONV[w.dim() - 2](x, w, b, stride, padding, dilation, groups).shape)
 
 
 @torch.library.custom_op("mpc::conv_backward", mutates_args=())
@@ -163,7 +166,7 @@ def conv_backward(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, has_bias
 
 @conv_backward.register_fake
 def _(grad, x, w, has_bias, stride, padding, dilation, groups, roles, fwd, bwd, seed):
-    return torch.empty_like(x), torch.empty_like(w), w.new_empty(w.shape[0] if has_bias else 0)
+    return x.new_empty(x.shape), w.new_empty(w.shape), w.new_empty(w.shape[0] if has_bias else 0)
 
 
 def _conv_setup(ctx, inputs, output):
@@ -197,12 +200,12 @@ def reduce_mean(x: torch.Tensor, dim: list[int], keepdim: bool, spec: str, seed:
 
 @reduce_sum.register_fake
 def _(x, dim, keepdim, spec, seed):
-    return torch.empty_like(x.sum(dim=dim or None, keepdim=keepdim))
+    return x.new_empty(x.sum(dim=dim or None, keepdim=keepdim).shape)
 
 
 @reduce_mean.register_fake
 def _(x, dim, keepdim, spec, seed):
-    return torch.empty_like(x.sum(dim=dim or None, keepdim=keepdim))
+    return x.new_empty(x.sum(dim=dim or None, keepdim=keepdim).shape)
 
 
 def _reduce_setup(ctx, inputs, output):
