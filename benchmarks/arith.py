@@ -2,30 +2,20 @@
 
     .venv/bin/python benchmarks/arith.py [--runs 7]
 
-Compiles its kernels first (not timed). Bars (issue 3): 256^3 GEMM mul e5m2 / acc e5m10
-sequential <= 150x torch.mm, chunk(32) <= 20x, linear fwd+bwd sequential <= 200x nn.Linear.
+Each case is called once untimed first (that call compiles). Bars (issue 3): 256^3 GEMM
+mul e5m2 / acc e5m10 sequential <= 150x torch.mm, chunk(32) <= 20x, linear fwd+bwd
+sequential <= 200x nn.Linear.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from mpcompile import ops
 from mpcompile.ops import ArithSpec
-
-
-def median_time(fn, runs: int) -> float:
-    fn()  # warm-up: compiles
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from timing import median_seconds
 
 
 def linear_step(x, w, b, **kw):
@@ -52,20 +42,20 @@ def main() -> None:
     a, b = torch.randn(256, 256), torch.randn(256, 256)
     seq = ArithSpec(mul="fp8_e5m2", acc="e5m10")
     chunk = ArithSpec(mul="fp8_e5m2", acc="e5m10", order="chunk(32)")
-    t_mm = median_time(lambda: torch.mm(a, b), max(args.runs, 21))
+    t_mm = median_seconds(lambda: torch.mm(a, b), max(args.runs, 21), warmup=True)
     rows = []
     for name, spec, bar in (("gemm 256^3 e5m2/e5m10 sequential", seq, 150), ("gemm 256^3 e5m2/e5m10 chunk(32)", chunk, 20)):
-        t = median_time(lambda: ops.matmul(a, b, spec), args.runs)
+        t = median_seconds(lambda: ops.matmul(a, b, spec), args.runs, warmup=True)
         rows.append((name, t, t / t_mm, f"torch.mm {t_mm * 1e3:.3f} ms", bar))
 
     x, w, bias = torch.randn(256, 256), torch.randn(256, 256), torch.randn(256)
-    t_lin = median_time(lambda: linear_step(x, w, bias), max(args.runs, 21))
-    t = median_time(lambda: linear_step(x, w, bias, forward=seq, backward=seq), args.runs)
+    t_lin = median_seconds(lambda: linear_step(x, w, bias), max(args.runs, 21), warmup=True)
+    t = median_seconds(lambda: linear_step(x, w, bias, forward=seq, backward=seq), args.runs, warmup=True)
     rows.append(("linear 256->256 b256 fwd+bwd sequential", t, t / t_lin, f"nn.Linear {t_lin * 1e3:.3f} ms", 200))
 
     xc, wc, bc = torch.randn(32, 16, 32, 32), torch.randn(16, 16, 3, 3), torch.randn(16)
-    t_conv = median_time(lambda: conv_step(xc, wc, bc), max(args.runs, 11))
-    t = median_time(lambda: conv_step(xc, wc, bc, forward=chunk, backward=chunk), args.runs)
+    t_conv = median_seconds(lambda: conv_step(xc, wc, bc), max(args.runs, 11), warmup=True)
+    t = median_seconds(lambda: conv_step(xc, wc, bc, forward=chunk, backward=chunk), args.runs, warmup=True)
     rows.append(("conv2d 3x3 16->16 32x32 b32 fwd+bwd chunk(32)", t, t / t_conv, f"F.conv2d {t_conv * 1e3:.3f} ms", None))
 
     print(f"threads: {torch.get_num_threads()}, runs: {args.runs} (median)")

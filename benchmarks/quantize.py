@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -25,18 +24,10 @@ if any(os.environ.get(k) != v for k, v in _MALLOC.items()):
 import torch  # noqa: E402
 
 from mpcompile import quantize, set_quantize_backend  # noqa: E402
+from timing import median_seconds  # noqa: E402
 
 CASES = [("fp8_e4m3", "nearest"), ("fp8_e4m3", "stochastic"), ("bf16", "nearest"),
          ("fp8_e5m2", "nearest"), ("mxfp8_e4m3", "nearest")]
-
-
-def median_seconds(fn, runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
