@@ -209,12 +209,11 @@ def emulated_matmul(a: torch.Tensor, b: torch.Tensor, spec: ArithSpec, *, seed: 
     streams = 5 if spec.kahan else 2
     for k0 in range(0, K, width):
         steps = range(k0, min(k0 + width, K))
+        seeds = _step_seeds(seed, streams, steps, a.device)
         if spec.chunk is None:
             ends = (False,) * len(steps)
-            seeds = _step_seeds(seed, streams, steps, a.device)
         else:
             ends = tuple((k + 1) % spec.chunk == 0 or k == K - 1 for k in steps)
-            seeds = _step_seeds(seed, streams, steps, a.device)
             if seeds is not None:  # adds are numbered by chunk, products by k
                 adds = _step_seeds(seed, streams, range(k0 // spec.chunk, k0 // spec.chunk + len(steps)), a.device)
                 chunk_of = torch.tensor([k // spec.chunk - k0 // spec.chunk for k in steps], device=a.device)

@@ -37,19 +37,30 @@ def gemm(a: torch.Tensor, b: torch.Tensor, spec: ArithSpec, seed: int | None, *,
     return emulated_matmul(a, b, spec, seed=seed, index=index, exact_products=exact_products).to(a.dtype)
 
 
-def _add_bias(y64: torch.Tensor, bias: torch.Tensor, spec: ArithSpec, seed: int | None, index: torch.Tensor):
-    """One more rounded add into the accumulator: y + bias, from the exact sum."""
-    grid = grid_of(spec.acc, spec.rounding, spec.sr_bits_for(spec.acc))
+def _round_acc(s: torch.Tensor, e: torch.Tensor, spec: ArithSpec, seed: int | None, stream: int) -> torch.Tensor:
+    """The exact s + e rounded once to the accumulator format (step 0 of ``stream``)."""
+    n = spec.sr_bits_for(spec.acc)
     bits = None
     if spec.rounding == "stochastic":
-        bits = counter_words(index, stream_seed(seed, STREAM_BIAS, 0))
-    return round_exact(*two_sum(y64, bias.to(torch.float64)), grid, spec.rounding, bits, spec.sr_bits_for(spec.acc))
+        index = torch.arange(s.numel(), device=s.device).view(s.shape)
+        bits = counter_words(index, stream_seed(seed, stream, 0))
+    return round_exact(s, e, grid_of(spec.acc, spec.rounding, n), spec.rounding, bits, n)
 
 
-def _native_vjp(fn: Callable, primals: tuple, grad: torch.Tensor) -> tuple:
+def _add_bias(y64: torch.Tensor, bias: torch.Tensor, spec: ArithSpec, seed: int | None) -> torch.Tensor:
+    """One more rounded add into the accumulator: y + bias, from the exact sum."""
+    return _round_acc(*two_sum(y64, bias.to(torch.float64)), spec, seed, STREAM_BIAS)
+
+
+def _native_grads(fn: Callable, xq, wq, has_bias: bool, grad: torch.Tensor) -> tuple:
+    """Torch's own gradients of ``fn(x, w, bias)``: (grad x, grad w, grad bias or None)."""
+    bias = torch.zeros(wq.shape[0], dtype=xq.dtype, device=xq.device) if has_bias else None
     with torch.enable_grad():
-        _, vjp = torch.func.vjp(fn, *primals)
-        return vjp(grad)
+        if has_bias:
+            _, vjp = torch.func.vjp(fn, xq, wq, bias)
+            return vjp(grad)
+        _, vjp = torch.func.vjp(lambda x, w: fn(x, w, None), xq, wq)
+        return (*vjp(grad), None)
 
 
 # -- linear ---------------------------------------------------------------------------------------
@@ -65,8 +76,7 @@ def linear_forward(x, w, b, roles: RoleFormats, fwd: ArithSpec, seed: int | None
         rows = xq.reshape(1, _rows(x), x.shape[-1])
         y = emulated_matmul(rows, wq.t()[None], fwd, seed=op_seed(seed, 0))
         if bq is not None:
-            index = torch.arange(y.numel(), device=y.device).view(y.shape)
-            y = _add_bias(y, bq, fwd, op_seed(seed, 0), index)
+            y = _add_bias(y, bq, fwd, op_seed(seed, 0))
         y = y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
     return _role(roles, "output", y, -1, seed)
 
@@ -75,10 +85,7 @@ def linear_backward(grad, x, w, has_bias: bool, roles: RoleFormats, fwd: ArithSp
     xq, wq, _ = _linear_operands(x, w, None, roles, seed)
     g = _role(roles, "grad_output", grad, -1, seed)
     if bwd.is_native:
-        bias = torch.zeros(w.shape[0], dtype=x.dtype, device=x.device) if has_bias else None
-        primals = (xq, wq) + ((bias,) if has_bias else ())
-        grads = _native_vjp(lambda *p: F.linear(*p), primals, g)
-        gx, gw, gb = grads[0], grads[1], grads[2] if has_bias else None
+        gx, gw, gb = _native_grads(F.linear, xq, wq, has_bias, g)
     else:
         rows = g.reshape(1, _rows(x), w.shape[0])
         gx = gemm(rows, wq[None], bwd, op_seed(seed, 1)).reshape(x.shape)
@@ -155,7 +162,8 @@ def matmul_backward(grad, a, b, roles: RoleFormats, fwd: ArithSpec, bwd: ArithSp
     aq, bq = _role(roles, "input", a, -1, seed), _role(roles, "weight", b, -1, seed)
     g = _role(roles, "grad_output", grad, -1, seed)
     if bwd.is_native:
-        ga, gb = _native_vjp(torch.matmul, (aq, bq), g)
+        with torch.enable_grad():
+            ga, gb = torch.func.vjp(torch.matmul, aq, bq)[1](g)
     else:
         ea, eb, batch = _as_matrices(aq, bq)
         g2 = g.reshape(*batch, ea.shape[-2], eb.shape[-1])
@@ -177,7 +185,7 @@ def _conv_gemm(x, w, stride, padding, dilation, groups, spec, seed):
     length = a.shape[1] // n
     index = torch.arange(_numel(out_shape, range(len(out_shape))), device=x.device)
     index = index.view(n, g, -1, length).permute(1, 0, 3, 2).reshape(g, n * length, -1)
-    return to_output(emulated_matmul(a, b, spec, seed=seed, index=index)), index
+    return to_output(emulated_matmul(a, b, spec, seed=seed, index=index))
 
 
 def conv_forward(x, w, b, stride, padding, dilation, groups, roles: RoleFormats, fwd: ArithSpec, seed):
@@ -185,11 +193,9 @@ def conv_forward(x, w, b, stride, padding, dilation, groups, roles: RoleFormats,
     if fwd.is_native:
         y = _CONV[w.dim() - 2](xq, wq, bq, stride, padding, dilation, groups)
     else:
-        y, _ = _conv_gemm(xq, wq, stride, padding, dilation, groups, fwd, op_seed(seed, 0))
+        y = _conv_gemm(xq, wq, stride, padding, dilation, groups, fwd, op_seed(seed, 0))
         if bq is not None:
-            index = torch.arange(y.numel(), device=y.device).view(y.shape)
-            shape = (1, -1) + (1,) * (y.dim() - 2)
-            y = _add_bias(y, bq.reshape(shape), fwd, op_seed(seed, 0), index)
+            y = _add_bias(y, bq.reshape((1, -1) + (1,) * (y.dim() - 2)), fwd, op_seed(seed, 0))
         y = y.to(x.dtype)
     return _role(roles, "output", y, 1, seed)
 
@@ -200,14 +206,11 @@ def conv_backward(grad, x, w, has_bias, stride, padding, dilation, groups, roles
     g = _role(roles, "grad_output", grad, 1, seed)
     if bwd.is_native:
         conv = _CONV[w.dim() - 2]
-        bias = torch.zeros(w.shape[0], dtype=x.dtype, device=x.device) if has_bias else None
-        primals = (xq, wq) + ((bias,) if has_bias else ())
-        grads = _native_vjp(lambda xx, ww, *bb: conv(xx, ww, bb[0] if bb else None, stride, padding, dilation, groups),
-                            primals, g)
-        gx, gw, gb = grads[0], grads[1], grads[2] if has_bias else None
+        gx, gw, gb = _native_grads(lambda xx, ww, bb: conv(xx, ww, bb, stride, padding, dilation, groups),
+                                   xq, wq, has_bias, g)
     else:
         up, wt, s1, p0, dil = transposed_conv_operands(g, wq, x.shape, stride, padding, dilation, groups)
-        gx = _conv_gemm(up, wt, s1, p0, dil, groups, bwd, op_seed(seed, 1))[0].to(x.dtype)
+        gx = _conv_gemm(up, wt, s1, p0, dil, groups, bwd, op_seed(seed, 1)).to(x.dtype)
         a, _, out_shape, _ = conv_as_gemm_operands(xq, wq, stride, padding, dilation, groups)
         n, c_out = g.shape[0], g.shape[1]
         grows = g.reshape(n, groups, c_out // groups, -1).permute(1, 2, 0, 3).reshape(groups, c_out // groups, -1)
@@ -245,9 +248,5 @@ def reduce_mean(x, dims, keepdim, spec: ArithSpec, seed) -> torch.Tensor:
     q = s / count
     hi, lo = two_prod(q, torch.full_like(q, float(count)))
     residual = (s - hi) - lo  # exact: the remainder of a correctly rounded quotient is a float
-    grid = grid_of(spec.acc, spec.rounding, spec.sr_bits_for(spec.acc))
-    bits = None
-    if spec.rounding == "stochastic":
-        bits = counter_words(torch.arange(q.numel()).view(q.shape), stream_seed(seed, STREAM_DIV, 0))
     # residual / count has the sign and zeroness of the exact remainder, all rounding looks at
-    return round_exact(q, residual / count, grid, spec.rounding, bits, spec.sr_bits_for(spec.acc)).to(x.dtype)
+    return _round_acc(q, residual / count, spec, seed, STREAM_DIV).to(x.dtype)
