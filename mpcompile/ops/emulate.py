@@ -30,7 +30,8 @@ __all__ = ["emulated_matmul", "chunk_is_exact", "COMPILE_MIN_WORK", "COMPILE_MIN
 COMPILE_MIN_WORK = 1 << 16  # output elements x reduction steps from which a block is compiled
 COMPILE_MIN_STEPS = 64  # ... if the reduction has at least this many steps (else eager is cheap)
 _BLOCK = 8  # reduction steps per compiled kernel call
-_PAIRWISE_ELEMS = 1 << 24  # products materialised at once by the pairwise tree
+_SLAB = 8  # chunks per compiled kernel call of the chunk-sum path, if rounding them is cheap
+_EAGER_ELEMS = 1 << 22  # products materialised at once by eager code
 _compile_enabled = True
 
 
@@ -50,6 +51,8 @@ class _Plan:
     acc: Grid
     n_mul: int
     n_acc: int
+    exact_sums: bool  # every add's operands are on grids whose float64 sum is exact
+
 
     @property
     def stochastic(self) -> bool:
@@ -61,7 +64,22 @@ def _plan(spec: ArithSpec, split_products: bool) -> _Plan:
     n_mul = spec.sr_bits_for(spec.mul) if spec.mul else 0
     n_acc = spec.sr_bits_for(spec.acc)
     mul = grid_of(spec.mul, spec.mul_rounding, n_mul) if spec.mul else None
-    return _Plan(spec, split_products, mul, grid_of(spec.acc, spec.rounding, n_acc), n_mul, n_acc)
+    return _Plan(spec, split_products, mul, grid_of(spec.acc, spec.rounding, n_acc), n_mul, n_acc,
+                 _sums_are_exact(spec))
+
+
+def _sums_are_exact(spec: ArithSpec) -> bool:
+    """Whether the float64 sum of any two addends of the accumulation is exact, so that no
+    error term is needed: acc values and terms (products, chunk sums of ``chunk`` products) are
+    multiples of the smaller quantum Q and at most P in magnitude, and 2 * P / Q <= 2**53."""
+    if spec.mul is None:
+        return False
+    formats = (spec.acc, spec.mul)
+    if not all(f.signed and f.has_zero and f.subnormals for f in formats):
+        return False
+    quantum = min(f.min_subnormal for f in formats)
+    top = max(spec.acc.max, spec.mul.max * (spec.chunk or 1))
+    return math.log2(top) + 1 - math.log2(quantum) <= 53
 
 
 def chunk_is_exact(spec: ArithSpec, a_fmt: FloatFormat | None, b_fmt: FloatFormat | None) -> bool:
@@ -92,7 +110,8 @@ def _accumulate(plan: _Plan, acc, comp, term, index, seeds):
     g, mode, n = plan.acc, plan.spec.rounding, plan.n_acc
 
     def rounded_sum(x, y, stream):
-        return round_exact(*two_sum(x, y), g, mode, _bits(index, None if seeds is None else seeds[stream]), n)
+        s, e = (x + y, None) if plan.exact_sums else two_sum(x, y)
+        return round_exact(s, e, g, mode, _bits(index, None if seeds is None else seeds[stream]), n)
 
     if not plan.spec.kahan:
         return rounded_sum(acc, term, STREAM_ADD), comp
@@ -102,17 +121,17 @@ def _accumulate(plan: _Plan, acc, comp, term, index, seeds):
     return t, rounded_sum(z, -y, STREAM_KAHAN[3])
 
 
-def _product(plan: _Plan, a_col, b_row, index, seed):
+def _product(plan: _Plan, a_col, b_row, index, seed, signed_zeros: bool = True, overflow: bool = True):
     if plan.split_products:
         p, e = two_prod(a_col, b_row)
     else:
         p, e = a_col * b_row, None  # exact: the operands have at most 24 significant bits
     if plan.mul is None:
         return p
-    return round_exact(p, e, plan.mul, plan.spec.mul_rounding, _bits(index, seed), plan.n_mul)
+    return round_exact(p, e, plan.mul, plan.spec.mul_rounding, _bits(index, seed), plan.n_mul, signed_zeros, overflow)
 
 
-def _block(plan: _Plan, acc, comp, partial, a, b, index, seeds, ends: tuple[bool, ...]):
+def _block(plan: _Plan, acc, comp, partial, a, b, index, seeds, *, ends: tuple[bool, ...]):
     """Steps u of a block: products a[..., u] * b[..., u, :]; sequential adds each into acc,
     chunk orders sum them into ``partial`` and add that into acc where ``ends[u]``."""
     chunked = plan.spec.chunk is not None
@@ -129,39 +148,57 @@ def _block(plan: _Plan, acc, comp, partial, a, b, index, seeds, ends: tuple[bool
     return acc, comp, partial
 
 
+def _chunk_slab(plan: _Plan, acc, comp, a, b, index, mul_seeds, add_seeds, *, overflow: bool):
+    """Chunks j of a slab: the exact float64 sum of chunk j's rounded products (one reduction;
+    exact, so its order is free, and the sign of a zero cannot matter: ``_chunks_reduce``), then
+    one rounded add of it into acc."""
+    B, M, L = a.shape
+    N, k = b.shape[-1], plan.spec.chunk
+    c = L // k
+    products = _product(plan, a.view(B, M, c, k, 1), b.view(B, 1, c, k, N), index[:, :, None, None, :],
+                        None if mul_seeds is None else mul_seeds.view(c, k, 1), False, overflow)
+    terms = products.sum(-2)
+    for j in range(c):
+        acc, comp = _accumulate(plan, acc, comp, terms[..., j, :], index, None if add_seeds is None else add_seeds[:, j])
+    return acc, comp
+
+
+# inductor inlines a value into each of its users until its expression has this many ops (30
+# by default); generating code for chains of rounded adds (Kahan's above all) would take minutes
+_STEP_OPTIONS = {"realize_opcount_threshold": 24}
 _KERNELS: dict[tuple, object] = {}
 _FAILED: set[tuple] = set()
 
 
-def _compiled_block(key: tuple, plan: _Plan, ends: tuple[bool, ...]):
+def _kernel(key: tuple, fn, options: dict):
     kernel = _KERNELS.get(key)
     if kernel is None:
-        def run(acc, comp, partial, a, b, index, seeds):
-            return _block(plan, acc, comp, partial, a, b, index, seeds, ends)
+        def run(*args):
+            return fn(*args)
 
         # a code object per key: dynamo's cache (and its recompile limit) is per code object
         code = run.__code__.replace(co_name=f"emulated_block_{len(_KERNELS)}")
         run = types.FunctionType(code, run.__globals__, code.co_name, None, run.__closure__)
-        kernel = _KERNELS[key] = torch.compile(run, fullgraph=True)
+        kernel = _KERNELS[key] = torch.compile(run, fullgraph=True, options=options)
     return kernel
 
 
-def _run_block(plan, compiled: bool, acc, comp, partial, a, b, index, seeds, ends):
-    if compiled:
-        key = (plan, ends, partial is not None, comp is not None, seeds is not None)
-        if key not in _FAILED:
-            try:
-                for t in (acc, comp, partial, a, index):  # rows vary by layer and batch; columns stay static
-                    if t is not None:
-                        torch._dynamo.maybe_mark_dynamic(t, 0)
-                        torch._dynamo.maybe_mark_dynamic(t, 1)
-                return _compiled_block(key, plan, ends)(acc, comp, partial, a, b, index, seeds)
-            except Exception as err:  # a compiler failure must not cost the user the result
-                _FAILED.add(key)
-                warnings.warn(f"mpcompile: compiling the emulated GEMM for {plan.spec} failed; running it "
-                              f"eagerly ({type(err).__name__}: {str(err).strip()[:200]})", RuntimeWarning,
-                              stacklevel=4)
-    return _block(plan, acc, comp, partial, a, b, index, seeds, ends)
+def _call(compiled: bool, key: tuple, fn, args: tuple, rows: tuple, options: dict | None = None):
+    """``fn(*args)``, as a kernel compiled once per ``key`` if ``compiled``. Dims 0 and 1 (batch
+    and rows, which vary by layer) of the ``rows`` tensors are dynamic; the rest is static."""
+    if compiled and key not in _FAILED:
+        try:
+            for t in rows:
+                if t is not None:
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
+                    torch._dynamo.maybe_mark_dynamic(t, 1)
+            return _kernel(key, fn, options or {})(*args)
+        except Exception as err:  # a compiler failure must not cost the user the result
+            _FAILED.add(key)
+            warnings.warn(f"mpcompile: compiling the emulated GEMM for {key[0].spec} failed; running it "
+                          f"eagerly ({type(err).__name__}: {str(err).strip()[:200]})", RuntimeWarning,
+                          stacklevel=4)
+    return fn(*args)
 
 
 def _step_seeds(seed: int | None, streams: int, steps: range, device) -> torch.Tensor | None:
@@ -202,26 +239,80 @@ def emulated_matmul(a: torch.Tensor, b: torch.Tensor, spec: ArithSpec, *, seed: 
     comp = torch.zeros_like(acc) if spec.kahan else None
     if spec.chunk is not None and spec.mul is None and not split:
         return _chunks_by_gemm(plan, acc, comp, a64, b64, index, seed)
-    compiled = (_compile_enabled and a.device.type == "cpu" and K >= COMPILE_MIN_STEPS
-                and B * M * N * K >= COMPILE_MIN_WORK)
+    compiled = _compile_enabled and a.device.type == "cpu" and B * M * N * K >= COMPILE_MIN_WORK
+    if _chunks_reduce(spec):
+        return _chunks_by_reduction(plan, compiled, acc, comp, a64, b64, index, seed)
+    return _steps(plan, compiled and K >= COMPILE_MIN_STEPS, acc, comp, a64, b64, index, seed)
+
+
+def _chunks_reduce(spec: ArithSpec) -> bool:
+    """Whether each chunk's products may be summed by one reduction: their float64 sum is exact
+    (so any order gives it) and its sign, if zero, cannot matter. A reduction starts from +0, so
+    products that are all -0 sum to +0, not IEEE's -0; that differs only when added to an acc
+    of -0, which cannot arise if the format has no -0 or no nonzero exact sum rounds to zero
+    (every term is a multiple of the acc format's subnormal quantum)."""
+    if spec.chunk is None or spec.mul is None or not chunk_is_exact(spec, None, None):
+        return False
+    return not spec.acc.neg_zero or (spec.acc.subnormals and spec.mul.min_subnormal >= spec.acc.min_subnormal)
+
+
+def _steps(plan: _Plan, compiled: bool, acc, comp, a, b, index, seed):
+    """Products one reduction step at a time (``_BLOCK`` steps per call when compiled)."""
+    K, k = a.shape[-1], plan.spec.chunk
     width = _BLOCK if compiled else K
     partial = None
-    streams = 5 if spec.kahan else 2
+    streams = 5 if plan.spec.kahan else 2
     for k0 in range(0, K, width):
         steps = range(k0, min(k0 + width, K))
         seeds = _step_seeds(seed, streams, steps, a.device)
-        if spec.chunk is None:
+        if k is None:
             ends = (False,) * len(steps)
         else:
-            ends = tuple((k + 1) % spec.chunk == 0 or k == K - 1 for k in steps)
+            ends = tuple((i + 1) % k == 0 or i == K - 1 for i in steps)
             if seeds is not None:  # adds are numbered by chunk, products by k
-                adds = _step_seeds(seed, streams, range(k0 // spec.chunk, k0 // spec.chunk + len(steps)), a.device)
-                chunk_of = torch.tensor([k // spec.chunk - k0 // spec.chunk for k in steps], device=a.device)
+                adds = _step_seeds(seed, streams, range(k0 // k, k0 // k + len(steps)), a.device)
+                chunk_of = torch.tensor([i // k - k0 // k for i in steps], device=a.device)
                 seeds = torch.cat([seeds[:1], adds[1:, chunk_of]])
         full = compiled and len(steps) == width  # a short tail runs eagerly: no kernel for its length
-        acc, comp, partial = _run_block(plan, full, acc, comp, partial, a64[..., k0:k0 + len(steps)],
-                                        b64[..., k0:k0 + len(steps), :], index, seeds, ends)
+        key = (plan, ends, partial is not None, comp is not None, seeds is not None)
+        args = (acc, comp, partial, a[..., k0:k0 + len(steps)], b[..., k0:k0 + len(steps), :], index, seeds)
+        acc, comp, partial = _call(full, key, functools.partial(_block, plan, ends=ends), args,
+                                   (acc, comp, partial, args[3], index), _STEP_OPTIONS)
     return acc
+
+
+def _chunks_by_reduction(plan: _Plan, compiled: bool, acc, comp, a, b, index, seed):
+    """chunk(k) with exact chunk sums: ``_SLAB`` chunks per call. K is padded to whole chunks
+    with products -0 * 0, which leave every sum as it is."""
+    B, M, K = a.shape
+    N, k = b.shape[-1], plan.spec.chunk
+    overflow = not _products_below_overflow(plan, a, b)
+    pad = -K % k
+    if pad:
+        a = torch.nn.functional.pad(a, (0, pad), value=-0.0)
+        b = torch.nn.functional.pad(b, (0, 0, 0, pad))
+    chunks = (K + pad) // k
+    cheap = plan.spec.rounding == "nearest" and not plan.spec.kahan  # else code generation takes minutes
+    slab = (_SLAB if cheap else 1) if compiled else max(1, min(chunks, _EAGER_ELEMS // max(1, B * M * N * k)))
+    streams = 5 if plan.spec.kahan else 2
+    for j0 in range(0, chunks, slab):
+        c = min(slab, chunks - j0)
+        mul_seeds = _step_seeds(seed, 1, range(j0 * k, (j0 + c) * k), a.device)
+        add_seeds = _step_seeds(seed, streams, range(j0, j0 + c), a.device)
+        args = (acc, comp, a[..., j0 * k:(j0 + c) * k], b[..., j0 * k:(j0 + c) * k, :], index,
+                mul_seeds, add_seeds)
+        key = (plan, "chunks", c, comp is not None, seed is not None, overflow)
+        acc, comp = _call(compiled, key, functools.partial(_chunk_slab, plan, overflow=overflow), args,
+                          (acc, comp, args[2], index))
+    return acc
+
+
+def _products_below_overflow(plan: _Plan, a, b) -> bool:
+    """Whether no product can round to nearest above the mul format's max, by the operands'
+    largest magnitudes (their product is exact for float32 operands; NaN and inf say no)."""
+    if plan.split_products or plan.spec.mul_rounding != "nearest" or a.numel() == 0 or b.numel() == 0:
+        return False
+    return bool(a.abs().amax() * b.abs().amax() < plan.mul.overflow)
 
 
 def _chunks_by_gemm(plan: _Plan, acc, comp, a, b, index, seed):
@@ -229,10 +320,23 @@ def _chunks_by_gemm(plan: _Plan, acc, comp, a, b, index, seed):
     K, k = a.shape[-1], plan.spec.chunk
     streams = 5 if plan.spec.kahan else 2
     for j, k0 in enumerate(range(0, K, k)):
-        partial = torch.matmul(a[..., k0:k0 + k], b[..., k0:k0 + k, :])
+        partial = _fix_zero_signs(torch.matmul(a[..., k0:k0 + k], b[..., k0:k0 + k, :]), acc, comp,
+                                  a[..., k0:k0 + k], b[..., k0:k0 + k, :])
         seeds = _step_seeds(seed, streams, range(j, j + 1), a.device)
         acc, comp = _accumulate(plan, acc, comp, partial, index, None if seeds is None else seeds[:, 0])
     return acc
+
+
+def _fix_zero_signs(partial, acc, comp, a, b):
+    """A GEMM sums from +0, so products that are all -0 sum to +0, not IEEE's -0; that differs
+    only where acc (or comp) is -0, which is rare: those sums are redone from their products."""
+    risky = (partial == 0) & (torch.signbit(acc) | (False if comp is None else torch.signbit(comp)))
+    if not risky.any():
+        return partial
+    i, m, n = risky.nonzero(as_tuple=True)
+    p = a[i, m, :] * b[i, :, n]
+    partial[i, m, n] = torch.where(((p == 0) & torch.signbit(p)).all(-1), -0.0, partial[i, m, n])
+    return partial
 
 
 def _pairwise(plan: _Plan, a, b, index, seed):
@@ -243,7 +347,7 @@ def _pairwise(plan: _Plan, a, b, index, seed):
     out = torch.zeros(B, M, N, dtype=torch.float64, device=a.device)
     if K == 0:
         return out
-    rows = max(1, _PAIRWISE_ELEMS // max(1, B * N * K))
+    rows = max(1, _EAGER_ELEMS // max(1, B * N * K))
     mul_seeds = _step_seeds(seed, 1, range(K), a.device)
     for m0 in range(0, M, rows):
         idx = index[:, m0:m0 + rows, :, None]

@@ -43,6 +43,7 @@ class Grid:
     min_normal: float
     split: float  # Veltkamp's 2**(52 - man) + 1: x*split - (x*split - x) is x rounded to man + 1 bits
     big: float  # magnitudes are clamped to this (> max, so they still overflow) to keep ufp in range
+    overflow: float  # the smallest magnitude that rounds to nearest above max
     has_inf: bool
     neg_zero: bool
     fallback: tuple[QuantPlan, QuantParams] | None  # formats the fast path does not serve
@@ -52,8 +53,11 @@ class Grid:
 def grid_of(fmt: FloatFormat, rounding: str, sr_bits: int) -> Grid:
     fast = fmt.signed and fmt.has_zero and fmt.subnormals and fmt.man > 0
     fallback = None if fast else plan_quantize(fmt, rounding, False, torch.float64, sr_bits)
+    quantum = 2.0 ** (math.floor(math.log2(fmt.max)) - fmt.man)  # of max's binade
+    tie = fmt.max + quantum / 2  # goes to the even neighbour: above max iff max's code is odd
+    overflow = tie if int(fmt.max / quantum) % 2 else math.nextafter(tie, math.inf)
     return Grid(fmt.man, 2.0 ** (fmt.emin - fmt.man), fmt.max, 2.0 ** fmt.emin, 2.0 ** (52 - fmt.man) + 1,
-                2.0 ** (fmt.emax + 2), fmt.inf, bool(fmt.neg_zero), fallback)
+                2.0 ** (fmt.emax + 2), overflow, fmt.inf, bool(fmt.neg_zero), fallback)
 
 
 def two_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,7 +95,8 @@ def round_to_odd(s: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     return ((bits - toward_zero.to(torch.int64)) | inexact.to(torch.int64)).view(torch.float64)
 
 
-def round_float(x: torch.Tensor, grid: Grid, mode: str, bits: torch.Tensor | None = None, n: int = 0) -> torch.Tensor:
+def round_float(x: torch.Tensor, grid: Grid, mode: str, bits: torch.Tensor | None = None, n: int = 0,
+                signed_zeros: bool = True, overflow: bool = True) -> torch.Tensor:
     """``quantize(x, fmt, mode)`` for float64 x, bit for bit.
 
     Args:
@@ -100,12 +105,16 @@ def round_float(x: torch.Tensor, grid: Grid, mode: str, bits: torch.Tensor | Non
         mode: a rounding mode of ``quantize``.
         bits: for ``stochastic``: int64 tensor of x's shape (broadcastable), low ``n`` bits used.
         n: random bits per value (``sr_bits``).
+        signed_zeros: False: ``nearest`` may give +0 where quantize gives -0 (for callers to whom
+            the sign of a zero cannot matter; it saves three ops a value).
+        overflow: False: the caller knows that ``nearest`` cannot overflow (``|x| <
+            grid.overflow``); it saves three more.
     """
     if grid.fallback is not None:
         plan, params = grid.fallback
         return reference_quantize(x, plan, params, None if bits is None else bits.expand(x.shape))
     if mode == "nearest":
-        return _round_nearest(x, grid)
+        return _round_nearest(x, grid, signed_zeros, overflow)
     a = torch.clamp_max(x.abs(), grid.big)
     q = torch.clamp_min(ufp(a) * 2.0**-grid.man, grid.qmin)
     m = q * _MAGIC
@@ -130,15 +139,21 @@ def round_float(x: torch.Tensor, grid: Grid, mode: str, bits: torch.Tensor | Non
     return _finish(r, x, grid, mode)
 
 
-def _round_nearest(x: torch.Tensor, grid: Grid) -> torch.Tensor:
-    return _overflow_and_sign(_nearest_signed(torch.clamp(x, -grid.big, grid.big), grid), x, grid)
+def _round_nearest(x: torch.Tensor, grid: Grid, signed_zeros: bool, overflow: bool) -> torch.Tensor:
+    """Overflow is decided on |x|, which needs no clamp: a huge or infinite x may give NaN in
+    ``_nearest_signed``, but then it overflows. Its results have x's sign but for zeros."""
+    r = _nearest_signed(x, grid)
+    if overflow:
+        r = torch.where(x.abs() >= grid.overflow, x * math.inf if grid.has_inf else math.nan, r)
+    return _zero_sign(r, x, grid) if signed_zeros else r
 
 
 def round_exact(s: torch.Tensor, e: torch.Tensor | None, grid: Grid, mode: str,
-                bits: torch.Tensor | None = None, n: int = 0) -> torch.Tensor:
+                bits: torch.Tensor | None = None, n: int = 0, signed_zeros: bool = True,
+                overflow: bool = True) -> torch.Tensor:
     """Round the exact value ``s + e`` (from ``two_sum``/``two_prod``) like ``round_float``."""
     if e is None:
-        return round_float(s, grid, mode, bits, n)
+        return round_float(s, grid, mode, bits, n, signed_zeros, overflow)
     if mode != "nearest" or grid.fallback is not None:
         return round_float(round_to_odd(s, e), grid, mode, bits, n)
     xc = torch.clamp(s, -grid.big, grid.big)
@@ -157,8 +172,16 @@ def _nearest_signed(xc: torch.Tensor, grid: Grid) -> torch.Tensor:
 
 
 def _overflow_and_sign(r: torch.Tensor, x: torch.Tensor, grid: Grid) -> torch.Tensor:
-    r = torch.copysign(torch.where(r.abs() > grid.max, math.inf if grid.has_inf else math.nan, r), x)
-    return r if grid.neg_zero else torch.where(r == 0, 0.0, r)
+    """``copysign`` by selects: inductor's CPU code calls libm for it, a call (and register
+    spills) per vector."""
+    r = r.abs()
+    r = torch.where(r > grid.max, math.inf if grid.has_inf else math.nan, r)
+    return _zero_sign(torch.where(x < 0, -r, r), x, grid)
+
+
+def _zero_sign(r: torch.Tensor, x: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """r with the sign of the finite x where it is zero (``x * 0``), or +0 if the format has no -0."""
+    return torch.where(r == 0, x * 0.0 if grid.neg_zero else 0.0, r)
 
 
 def _finish(r: torch.Tensor, x: torch.Tensor, grid: Grid, mode: str) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The vectorised emulated GEMM against the scalar reference, bit for bit."""
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -87,7 +88,33 @@ def test_float64_operands_use_exact_products():
     assert_bitwise(emulated_matmul(a, b, spec), _reference(a, b, spec, 0))
 
 
-def test_stagnation_case_4096_ones():
+@pytest.mark.parametrize("order", ["sequential", "chunk(1)", "chunk(2)", "pairwise"])
+@pytest.mark.parametrize("mul", ["e5m10", None])
+def test_negative_zero_sums(order, mul):
+    """-2**-20 rounds to -0 in e5m2, and -0 + -0 stays -0: the sign of a zero product and of the
+    padding of a short last chunk reach the result."""
+    spec = ArithSpec(mul=mul, acc="fp8_e5m2", order=order)
+    a = torch.tensor([[[-2.0**-10, 0.0, 0.0]]])
+    b = torch.tensor([[[2.0**-10], [-1.0], [-3.0]]])
+    got = emulated_matmul(a, b, spec)
+    assert_bitwise(got, _reference(a, b, spec, 0))
+    assert got.item() == 0 and math.copysign(1, got.item()) < 0
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0**6])
+def test_chunk_products_near_overflow(scale):
+    """The chunk path drops the overflow test of products when the operands' largest magnitudes
+    rule it out; with larger operands some products round to inf and the test is kept."""
+    spec = ArithSpec(mul="fp8_e5m2", acc="fp32", order="chunk(8)")
+    a, b = _operands(1, 4, 24, 3, None, 2, seed=11)
+    a, b = a * scale, b * scale
+    got = emulated_matmul(a, b, spec)
+    assert_bitwise(got, _reference(a, b, spec, 0))
+    assert got.isfinite().all() == (scale == 1.0) and got.isfinite().any()  # 2**6: some sums inf or NaN
+
+
+def test_stagnation_case_4096_ones(monkeypatch):
+    monkeypatch.setattr(emulate, "_compile_enabled", False)  # the sums are the test, not the compiler
     ones = torch.ones(1, 1, 4096), torch.ones(1, 4096, 1)
     assert emulated_matmul(*ones, ArithSpec(acc="e5m10")).item() == 2048.0
     assert emulated_matmul(*ones, ArithSpec(acc="e5m10", kahan=True)).item() == 4096.0
@@ -110,10 +137,16 @@ def test_chunk_exactness_rule():
     assert not chunk_is_exact(ArithSpec(mul="bf16", acc="fp32", order="chunk(32)"), None, None)
 
 
-def test_compiled_blocks_equal_eager(monkeypatch):
-    spec = ArithSpec(mul="fp8_e5m2", acc="e5m10", order="chunk(16)", kahan=True, mul_rounding="stochastic")
+@pytest.mark.parametrize("spec", [
+    ArithSpec(mul="fp8_e5m2", acc="e5m10", order="chunk(16)", kahan=True, mul_rounding="stochastic"),  # chunk sums
+    ArithSpec(mul="bf16", acc="fp32", order="chunk(4)", rounding="stochastic"),  # steps, inexact float64 sums
+    ArithSpec(mul="fp8_e5m2", acc="e5m10"),  # steps, exact float64 sums
+], ids=str)
+def test_compiled_blocks_equal_eager(monkeypatch, spec):
     a, b = _operands(1, 8, 40, 16, None, 4, seed=5)
     eager = emulated_matmul(a, b, spec, seed=99)
+    for name in ("_BLOCK", "_SLAB"):  # kernels of 2 steps or chunks: the same code, compiled in seconds
+        monkeypatch.setattr(emulate, name, 2)
     monkeypatch.setattr(emulate, "COMPILE_MIN_WORK", 1)
     monkeypatch.setattr(emulate, "COMPILE_MIN_STEPS", 1)
     with warnings.catch_warnings():

@@ -62,3 +62,22 @@ def test_round_exact_of_sums_and_products_equals_rationals(name, mode):
     want = [round_rational(Fraction(u) * Fraction(v), u * v < 0, fmt, mode, int(w), n)
             for u, v, w in zip(a.tolist(), base[500:1000].tolist(), bits[:500].tolist())]
     assert_bitwise(got, torch.tensor(want, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", ["fp8_e5m2", "fp8_e4m3fnuz"])
+@pytest.mark.parametrize("mode", ["nearest", "down", "stochastic"])
+def test_compiled_rounding_keeps_zero_signs_and_specials(name, mode):
+    """Inductor builds with -fno-signed-zeros; the rounding's selects must still give -0, +-inf
+    and NaN where eager code does (signs of zero are compared bit for bit)."""
+    fmt, g = parse(name), torch.Generator().manual_seed(2)
+    x = _values(fmt, g)
+    x = torch.cat([x, -x, x * 2.0**-20])
+    bits = torch.randint(0, 2**32, x.shape, generator=g)
+    s, e = two_sum(x, x * 2.0**-60)
+    grid = grid_of(fmt, mode, 20)
+
+    def both(x, s, e, bits):
+        return round_float(x, grid, mode, bits, 20), round_exact(s, e, grid, mode, bits, 20)
+
+    for got, want in zip(torch.compile(both, fullgraph=True)(x, s, e, bits), both(x, s, e, bits)):
+        assert_bitwise(got, want)
