@@ -56,7 +56,7 @@ class _Plan:
 
     @property
     def stochastic(self) -> bool:
-        return "stochastic" in (self.spec.rounding, self.spec.mul_rounding if self.mul else None)
+        return self.spec.stochastic
 
 
 @functools.lru_cache(maxsize=256)
@@ -155,7 +155,8 @@ def _chunk_slab(plan: _Plan, acc, comp, a, b, index, mul_seeds, add_seeds, *, ov
     B, M, L = a.shape
     N, k = b.shape[-1], plan.spec.chunk
     c = L // k
-    products = _product(plan, a.view(B, M, c, k, 1), b.view(B, 1, c, k, N), index[:, :, None, None, :],
+    a, b = a.to(torch.float64).view(B, M, c, k, 1), b.view(B, 1, c, k, N)
+    products = _product(plan, a, b, None if index is None else index[:, :, None, None, :],
                         None if mul_seeds is None else mul_seeds.view(c, k, 1), False, overflow)
     terms = products.sum(-2)
     for j in range(c):
@@ -229,19 +230,21 @@ def emulated_matmul(a: torch.Tensor, b: torch.Tensor, spec: ArithSpec, *, seed: 
         raise ValueError("emulated_matmul: stochastic rounding needs a seed")
     B, M, K = a.shape
     N = b.shape[-1]
-    a64, b64 = a.to(torch.float64), b.to(torch.float64)
-    if index is None:
+    if not plan.stochastic:
+        seed = index = None
+    elif index is None:
         index = torch.arange(B * M * N, dtype=torch.int64, device=a.device).view(B, M, N)
-    seed = seed if plan.stochastic else None
-    if spec.order == "pairwise":
-        return _pairwise(plan, a64, b64, index, seed)
     acc = torch.zeros(B, M, N, dtype=torch.float64, device=a.device)
     comp = torch.zeros_like(acc) if spec.kahan else None
+    compiled = _compile_enabled and a.device.type == "cpu" and B * M * N * K >= COMPILE_MIN_WORK
+    b64 = b.to(torch.float64)
+    if _chunks_reduce(spec):  # reads a[m, k] once per 8 products: converts it in the kernel
+        return _chunks_by_reduction(plan, compiled, acc, comp, a, b64, index, seed)
+    a64 = a.to(torch.float64)
+    if spec.order == "pairwise":
+        return _pairwise(plan, a64, b64, index, seed)
     if spec.chunk is not None and spec.mul is None and not split:
         return _chunks_by_gemm(plan, acc, comp, a64, b64, index, seed)
-    compiled = _compile_enabled and a.device.type == "cpu" and B * M * N * K >= COMPILE_MIN_WORK
-    if _chunks_reduce(spec):
-        return _chunks_by_reduction(plan, compiled, acc, comp, a64, b64, index, seed)
     return _steps(plan, compiled and K >= COMPILE_MIN_STEPS, acc, comp, a64, b64, index, seed)
 
 
@@ -312,7 +315,7 @@ def _products_below_overflow(plan: _Plan, a, b) -> bool:
     largest magnitudes (their product is exact for float32 operands; NaN and inf say no)."""
     if plan.split_products or plan.spec.mul_rounding != "nearest" or a.numel() == 0 or b.numel() == 0:
         return False
-    return bool(a.abs().amax() * b.abs().amax() < plan.mul.overflow)
+    return bool(a.abs().amax().double() * b.abs().amax().double() < plan.mul.overflow)
 
 
 def _chunks_by_gemm(plan: _Plan, acc, comp, a, b, index, seed):
@@ -350,7 +353,7 @@ def _pairwise(plan: _Plan, a, b, index, seed):
     rows = max(1, _EAGER_ELEMS // max(1, B * N * K))
     mul_seeds = _step_seeds(seed, 1, range(K), a.device)
     for m0 in range(0, M, rows):
-        idx = index[:, m0:m0 + rows, :, None]
+        idx = None if index is None else index[:, m0:m0 + rows, :, None]
         terms = _product(plan, a[:, m0:m0 + rows, None, :], b.transpose(1, 2)[:, None], idx,
                          None if mul_seeds is None else mul_seeds[0])
         if K == 1:

@@ -183,8 +183,10 @@ def _conv_gemm(x, w, stride, padding, dilation, groups, spec, seed):
     a, b, out_shape, to_output = conv_as_gemm_operands(x, w, stride, padding, dilation, groups)
     g, n = groups, out_shape[0]
     length = a.shape[1] // n
-    index = torch.arange(_numel(out_shape, range(len(out_shape))), device=x.device)
-    index = index.view(n, g, -1, length).permute(1, 0, 3, 2).reshape(g, n * length, -1)
+    index = None
+    if spec.stochastic:  # the output elements' numbers count the random bits
+        index = torch.arange(_numel(out_shape, range(len(out_shape))), device=x.device)
+        index = index.view(n, g, -1, length).permute(1, 0, 3, 2).reshape(g, n * length, -1)
     return to_output(emulated_matmul(a, b, spec, seed=seed, index=index))
 
 

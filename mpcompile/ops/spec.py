@@ -117,6 +117,11 @@ class ArithSpec:
     def max_sr_bits(self) -> int:
         return min(32, 51 - max(self.acc.man, self.mul.man if self.mul else 0))
 
+    @property
+    def stochastic(self) -> bool:
+        """Whether any rounding of this arithmetic is stochastic (it then needs a seed)."""
+        return "stochastic" in (self.rounding, self.mul_rounding if self.mul else None)
+
     def sr_bits_for(self, fmt: FloatFormat) -> int:
         """Random bits per stochastic rounding to ``fmt``."""
         return self.sr_bits or min(32, 51 - fmt.man)
