@@ -3,7 +3,10 @@
 Vectorised over output elements; the loop runs over the reduction dimension only, a block of
 steps at a time. Large CPU problems run each block as one compiled kernel (inductor fuses the
 block's steps into one pass over the accumulator, which stays in registers); small ones run
-the same code eagerly. Bit-identical to ``reference.dot`` for every order (``chunk(k)`` where
+the same code eagerly. ``chunk(k)`` with exact float64 chunk sums sums each chunk's rounded
+products in one reduction instead. Where every addend lies on a grid whose float64 sum is
+exact (FP8 or fp16 products into an fp16 accumulator), an add is one float64 add with no
+error term. Bit-identical to ``reference.dot`` for every order (``chunk(k)`` where
 ``chunk_is_exact``).
 
 Random bits: rounding step ``step`` of stream ``stream`` for output element ``i`` uses
@@ -52,7 +55,6 @@ class _Plan:
     n_mul: int
     n_acc: int
     exact_sums: bool  # every add's operands are on grids whose float64 sum is exact
-
 
     @property
     def stochastic(self) -> bool:
@@ -289,6 +291,13 @@ def _chunks_by_reduction(plan: _Plan, compiled: bool, acc, comp, a, b, index, se
     with products -0 * 0, which leave every sum as it is."""
     B, M, K = a.shape
     N, k = b.shape[-1], plan.spec.chunk
+    rows = max(1, _EAGER_ELEMS // max(1, B * N * k))
+    if not compiled and rows < M:  # eager code holds a chunk's products: bound them by rows
+        for r in range(0, M, rows):
+            part = slice(r, r + rows)
+            acc[:, part] = _chunks_by_reduction(plan, False, acc[:, part], None if comp is None else comp[:, part],
+                                                a[:, part], b, None if index is None else index[:, part], seed)
+        return acc
     overflow = not _products_below_overflow(plan, a, b)
     pad = -K % k
     if pad:

@@ -101,6 +101,14 @@ def test_negative_zero_sums(order, mul):
     assert got.item() == 0 and math.copysign(1, got.item()) < 0
 
 
+def test_eager_chunk_sums_in_row_blocks(monkeypatch):
+    """Eager code bounds the products it holds by splitting the rows; the result is the same."""
+    monkeypatch.setattr(emulate, "_EAGER_ELEMS", 64)
+    spec = ArithSpec(mul="fp8_e5m2", acc="e5m10", order="chunk(8)", kahan=True, rounding="stochastic")
+    a, b = _operands(2, 5, 19, 3, None, 2, seed=3)
+    assert_bitwise(emulated_matmul(a, b, spec, seed=5), _reference(a, b, spec, 5))
+
+
 @pytest.mark.parametrize("scale", [1.0, 2.0**6])
 def test_chunk_products_near_overflow(scale):
     """The chunk path drops the overflow test of products when the operands' largest magnitudes
