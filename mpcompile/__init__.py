@@ -1,6 +1,8 @@
 """mpcompile: a declarative mixed-precision compiler for PyTorch."""
 from . import codegen, formats, ops
-from .errors import FormatError, MpcompileError, SpecError
+from .errors import FormatError, MpcompileError, PolicyError, SpecError
+from .policy import load_policy
 from .rounding import ROUNDING_MODES, quantize, set_quantize_backend
 
-__all__ = ["formats", "quantize", "ROUNDING_MODES", "set_quantize_backend", "MpcompileError", "FormatError", "SpecError", "ops"]
+__all__ = ["formats", "quantize", "ROUNDING_MODES", "set_quantize_backend", "MpcompileError", "FormatError", "SpecError",
+           "PolicyError", "ops", "load_policy"]

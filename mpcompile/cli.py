@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .errors import MpcompileError
 from .formats import BlockFormat, FixedFormat, FloatFormat, Format, get, names, parse
+from .ops.spec import ROLES
+from .policy import Policy, Settings, load_policy
 
-__all__ = ["main", "formats_table"]
+__all__ = ["main", "formats_table", "policy_summary"]
 
 
 def _specials(fmt: Format) -> str:
@@ -31,15 +34,40 @@ def formats_table(fmts: list[Format]) -> str:
     return "\n".join([line(head), line(tuple("-" * w for w in widths)), *map(line, rows)])
 
 
+def _settings_text(settings: Settings) -> str:
+    specs = (settings.forward, settings.backward)
+    if len(settings.roles) == len(ROLES) and all(s.quant is None for _, s in settings.roles) and \
+            all(spec is not None and spec.is_native for spec in specs):
+        return "keep fp32"
+    parts = [f"{role}={'untouched' if s.quant is None else s.quant}" for role, s in settings.roles]
+    parts += [f"{key}=({spec})" for key in ("forward", "backward") if (spec := getattr(settings, key)) is not None]
+    return ", ".join(parts) or "nothing"
+
+
+def policy_summary(policy: Policy) -> str:
+    """What a policy sets, section by section, as ``mpcompile check`` prints it."""
+    lines = [f"{policy.source}: ok: policy '{policy.name}'" + (f" ({policy.description})" if policy.description else ""),
+             f"  default: {_settings_text(policy.default)}"]
+    lines += [f"  {rule.label}: {_settings_text(rule.settings)}" for rule in policy.rules]
+    lines += [f"  [{i}] {lv.label}: {_settings_text(lv.settings) if i else 'the policy itself'}"
+              for i, lv in enumerate(policy.levels)]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mpcompile", description="Mixed-precision compiler for PyTorch.")
     sub = ap.add_subparsers(dest="command", required=True)
     fp = sub.add_parser("formats", help="list the number formats (or describe the given specs)")
     fp.add_argument("specs", nargs="*", help="format names or specs, e.g. e5m10 'p3109(8,3)' 'mx(fp6_e3m2,16)'")
+    cp = sub.add_parser("check", help="read and validate precision policies (YAML files)")
+    cp.add_argument("policies", nargs="+", help="policy files, e.g. policies/hfp8.yaml")
     args = ap.parse_args(argv)
     try:
         if args.command == "formats":
             print(formats_table([parse(s) for s in args.specs] if args.specs else [get(n) for n in names()]))
+        elif args.command == "check":
+            for path in args.policies:
+                print(policy_summary(load_policy(Path(path))))
     except MpcompileError as err:
         print(f"mpcompile: error: {err}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 """Exceptions raised by mpcompile; each message says what was wrong, where, and what to do."""
 
-__all__ = ["MpcompileError", "FormatError", "SpecError"]
+__all__ = ["MpcompileError", "FormatError", "SpecError", "PolicyError"]
 
 
 class MpcompileError(Exception):
@@ -13,3 +13,7 @@ class FormatError(MpcompileError, ValueError):
 
 class SpecError(MpcompileError, ValueError):
     """An arithmetic spec or role format (of an op) that cannot be read or built."""
+
+
+class PolicyError(MpcompileError, ValueError):
+    """A precision policy that cannot be read: the message names file:line:column."""

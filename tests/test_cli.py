@@ -17,3 +17,16 @@ def test_formats_describes_specs_and_rejects_unknown(capsys):
     assert "65504" in out and "49152" in out
     assert main(["formats", "fp8_e4m4"]) == 2
     assert "did you mean fp8_e4m3" in capsys.readouterr().err
+
+
+def test_check_summarises_a_policy_and_reports_its_errors(tmp_path, capsys):
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text("version: 1\nname: demo\ndefault: {input: fp8_e4m3, forward: {acc: fp16}}\n"
+                    "rules:\n  - match: {last: true}\n    keep: fp32\n")
+    bad.write_text("version: 1\ndefault:\n  inptu: bf16\n")
+    assert main(["check", str(good)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"{good}: ok: policy 'demo'", "  default: input=fp8_e4m3, forward=(acc=fp16)",
+                   f"  rules[0] ({good}:5:5): keep fp32"]
+    assert main(["check", str(bad)]) == 2
+    assert f"{bad}:3:3: unknown key 'inptu' in default" in capsys.readouterr().err

@@ -1,0 +1,496 @@
+"""Precision policies: YAML schema v1, validated with file:line:column, resolved per op by cascade.
+
+A policy says which format each tensor role of each op gets and with which arithmetic:
+``default`` covers every GEMM-like op, ``rules`` override it role by role for the ops their
+selectors match (top to bottom, the last match wins), and ``levels`` is a ladder of overrides
+for dynamic precision. ``load_policy`` reads one; ``Policy.resolve`` answers for one op. The
+schema is written down in docs/policy.md.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .errors import FormatError, PolicyError, SpecError
+from .formats import parse as parse_format
+from .ops.spec import ROLES, SCALINGS, ArithSpec, QuantSpec
+from .rounding import ROUNDING_MODES
+
+__all__ = ["SCHEMA_VERSION", "GROUPS", "RoleSetting", "Settings", "Selector", "Rule", "Level", "Policy",
+           "NodeFacts", "Assignment", "load_policy"]
+
+SCHEMA_VERSION = 1
+GROUPS = ("gemm", "elementwise", "norm", "activation", "pool")
+_NATIVE = ArithSpec()
+_TOP = ("version", "name", "description", "formats", "rounding", "saturate", "default", "rules", "levels",
+        "trust_region", "optimizer")
+_SETTINGS = ROLES + ("forward", "backward", "rounding", "saturate", "keep")
+_ROLE_KEYS = ("format", "rounding", "saturate", "sr_bits", "scaling")
+_ARITH_KEYS = ("mul", "acc", "order", "rounding", "mul_rounding", "fma", "kahan", "sr_bits")
+_SELECTORS = ("type", "name", "name_regex", "first", "last", "index", "kappa_above", "kappa_below")
+_ALIAS = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+# -- located values ------------------------------------------------------------------------------
+@dataclass
+class _Node:
+    """A value of the policy with where it came from: a dict of _Node, a list of _Node, a scalar."""
+
+    value: Any
+    where: str
+    line: str | None = None  # the YAML source line, shown under the message
+    column: int = 0
+    keys: dict[str, "_Node"] | None = None  # a mapping's keys, located
+
+    def fail(self, problem: str, hint: str | None = None) -> PolicyError:
+        text = f"{self.where}: {problem}"
+        if self.line is not None:
+            text += f"\n    {self.line}\n    {' ' * self.column}^"
+        return PolicyError(text + (f"\n  {hint}" if hint else ""))
+
+
+def _from_yaml(text: str, file: str) -> _Node:
+    loader = yaml.SafeLoader(text)
+    lines = text.splitlines()
+    try:
+        root = loader.get_single_node()
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = _Node(None, f"{file}:{mark.line + 1}:{mark.column + 1}",
+                      lines[mark.line] if mark.line < len(lines) else "", mark.column)
+        raise where.fail(f"not valid YAML: {err.problem or err.context}") from None
+    finally:
+        loader.dispose()
+    if root is None:
+        raise PolicyError(f"{file}: the policy is empty; it needs at least 'version: {SCHEMA_VERSION}'")
+
+    def convert(node) -> _Node:
+        mark = node.start_mark
+        located = _Node(None, f"{file}:{mark.line + 1}:{mark.column + 1}",
+                        lines[mark.line] if mark.line < len(lines) else "", mark.column)
+        if isinstance(node, yaml.MappingNode):
+            located.value, located.keys = {}, {}
+            for key_node, value_node in node.value:
+                key = convert(key_node)
+                if not isinstance(key.value, str):
+                    raise key.fail(f"a key must be a name, got {key.value!r}")
+                if key.value in located.value:
+                    raise key.fail(f"'{key.value}' is given twice in this mapping")
+                located.keys[key.value], located.value[key.value] = key, convert(value_node)
+        elif isinstance(node, yaml.SequenceNode):
+            located.value = [convert(item) for item in node.value]
+        else:
+            located.value = loader.construct_object(node)
+        return located
+
+    return convert(root)
+
+
+def _from_python(obj: Any, where: str) -> _Node:
+    if isinstance(obj, Mapping):
+        keys = {str(k): _Node(k, f"{where}.{k}") for k in obj}
+        for k in obj:
+            if not isinstance(k, str):
+                raise keys[str(k)].fail(f"a key must be a name, got {k!r}")
+        return _Node({k: _from_python(v, f"{where}.{k}") for k, v in obj.items()}, where, keys=keys)
+    if isinstance(obj, (list, tuple)):
+        return _Node([_from_python(v, f"{where}[{i}]") for i, v in enumerate(obj)], where)
+    return _Node(obj, where)
+
+
+# -- checks ----------------------------------------------------------------------------------------
+def _did_you_mean(word: Any, choices) -> str | None:
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'?" if close else None
+
+
+def _mapping(node: _Node, what: str, allowed: tuple[str, ...]) -> dict[str, _Node]:
+    if not isinstance(node.value, dict):
+        raise node.fail(f"{what} must be a mapping, got {_kind(node.value)}")
+    for key, key_node in node.keys.items():
+        if key not in allowed:
+            hint = _did_you_mean(key, allowed) or f"the keys of {what} are: {', '.join(allowed)}"
+            raise key_node.fail(f"unknown key '{key}' in {what}", hint)
+    return node.value
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", type(None): "null"}.get(type(value), f"{type(value).__name__} {value!r}")
+
+
+def _check(node: _Node, types: tuple[type, ...], what: str) -> Any:
+    if isinstance(node.value, bool) and bool not in types or not isinstance(node.value, types):
+        names = " or ".join({str: "a string", bool: "true or false", int: "an integer", float: "a number"}[t] for t in types)
+        raise node.fail(f"{what} must be {names}, got {_kind(node.value)}")
+    return node.value
+
+
+def _choice(node: _Node, choices: tuple[str, ...], what: str) -> str:
+    value = _check(node, (str,), what)
+    if value not in choices:
+        raise node.fail(f"{what} '{value}' is not one of {', '.join(choices)}", _did_you_mean(value, choices))
+    return value
+
+
+def _format(node: _Node, text: str, aliases: Mapping[str, Any], what: str):
+    if text in aliases:
+        return aliases[text]
+    try:
+        return parse_format(text)
+    except FormatError as err:
+        raise node.fail(f"{what}: {err}", _did_you_mean(text, aliases)) from None
+
+
+# -- the schema ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RoleSetting:
+    """A role's quantization; ``quant`` None leaves the tensor as it is."""
+
+    quant: QuantSpec | None
+    sr_bits: int | None = None  # random bits of stochastic rounding (None: quantize's default)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one section (default, a rule, a level) sets: only the roles and specs it names."""
+
+    roles: tuple[tuple[str, RoleSetting], ...] = ()
+    forward: ArithSpec | None = None
+    backward: ArithSpec | None = None
+
+
+@dataclass(frozen=True)
+class Selector:
+    """Which ops a rule matches: every given condition must hold."""
+
+    type: tuple[str, ...] = ()  # module class, function or method name, or one of GROUPS
+    name: str | None = None  # qualified module name; covers its submodules
+    name_regex: re.Pattern | None = None  # full match on the qualified name
+    first: bool | None = None  # position among GEMM-like ops in execution order
+    last: bool | None = None
+    index: tuple[int, ...] = ()  # negative counts from the end
+    kappa_above: float | None = None  # needs the condition pass
+    kappa_below: float | None = None
+
+    @property
+    def needs_kappa(self) -> bool:
+        return self.kappa_above is not None or self.kappa_below is not None
+
+    def matches(self, op: "NodeFacts") -> bool:
+        pos = op.index
+        return ((not self.type or op.op_type in self.type or op.group in self.type)
+                and (self.name is None or op.name == self.name or op.name.startswith(self.name + "."))
+                and (self.name_regex is None or self.name_regex.fullmatch(op.name) is not None)
+                and (self.first is None or (pos == 0) == self.first)
+                and (self.last is None or (pos is not None and pos == op.gemm_count - 1) == self.last)
+                and (not self.index or (pos is not None and any(pos == (i if i >= 0 else op.gemm_count + i)
+                                                                 for i in self.index)))
+                and (self.kappa_above is None or op.kappa > self.kappa_above)
+                and (self.kappa_below is None or op.kappa < self.kappa_below))
+
+
+@dataclass(frozen=True)
+class Rule:
+    match: Selector
+    settings: Settings
+    label: str  # "rules[2] (file:line:col)"
+
+
+@dataclass(frozen=True)
+class Level:
+    name: str
+    settings: Settings
+    label: str
+
+
+@dataclass(frozen=True)
+class NodeFacts:
+    """What selectors look at, for one op of a traced model (filled by the classify and condition passes)."""
+
+    op_type: str  # module class name (Conv2d), or function / method name (relu, add)
+    name: str  # qualified module name, or the fx node's name for a function
+    group: str | None = None  # one of GROUPS
+    index: int | None = None  # position among the model's GEMM-like ops, in execution order
+    gemm_count: int = 0
+    kappa: float | None = None  # the op's condition number summary (condition pass)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """A policy's answer for one op: the roles set, the arithmetic, and who decided each."""
+
+    roles: tuple[tuple[str, RoleSetting], ...]
+    forward: ArithSpec
+    backward: ArithSpec
+    decided_by: tuple[tuple[str, str], ...]  # role / "forward" / "backward" -> section label
+    matched: tuple[str, ...]  # labels of every rule that matched, in order
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A validated policy (schema v1). ``levels[0]`` is the policy itself."""
+
+    name: str
+    description: str
+    default: Settings
+    rules: tuple[Rule, ...]
+    levels: tuple[Level, ...]
+    source: str  # the file (or "<string>", "<dict>") it was read from
+    trust_region: Mapping[str, Any] | None = None  # read by the runtime
+    optimizer: Mapping[str, Any] | None = None
+
+    def level_index(self, level: "int | str") -> int:
+        names = [lv.name for lv in self.levels]
+        if isinstance(level, str):
+            if level not in names:
+                raise PolicyError(f"{self.source}: no level named '{level}'; levels are {', '.join(names) or 'none'}")
+            return names.index(level)
+        if not 0 <= level < max(1, len(self.levels)):
+            raise PolicyError(f"{self.source}: level {level} is out of range: the ladder has {max(1, len(names))} levels")
+        return level
+
+    def resolve(self, op: NodeFacts, level: "int | str" = 0) -> Assignment:
+        """The cascade for one op: ``default`` (GEMM-like ops only), then every matching rule
+        top to bottom, role by role, then levels 1..``level``, which override only what is
+        quantized: a role left untouched (null) stays untouched, so a ladder never lowers the
+        precision of what a rule kept in fp32."""
+        roles: dict[str, RoleSetting] = {}
+        specs = {"forward": _NATIVE, "backward": _NATIVE}
+        decided: dict[str, str] = {}
+        matched = []
+
+        def apply(settings: Settings, label: str, only_quantized: bool) -> None:
+            for role, setting in settings.roles:
+                if not only_quantized or (role in roles and roles[role].quant is not None):
+                    roles[role], decided[role] = setting, label
+            for key in ("forward", "backward"):
+                spec = getattr(settings, key)
+                if spec is not None and (not only_quantized or not specs[key].is_native):
+                    specs[key], decided[key] = spec, label
+
+        if op.group == "gemm":
+            apply(self.default, "default", False)
+        for rule in self.rules:
+            if rule.match.needs_kappa and op.kappa is None:
+                raise PolicyError(f"{rule.label}: selects on kappa, which needs the condition pass: give "
+                                  f"compile() calibration data or example_inputs")
+            if rule.match.matches(op):
+                apply(rule.settings, rule.label, False)
+                matched.append(rule.label)
+        for lv in self.levels[1:self.level_index(level) + 1]:
+            apply(lv.settings, lv.label, True)
+        return Assignment(tuple((r, roles[r]) for r in ROLES if r in roles), specs["forward"], specs["backward"],
+                          tuple(decided.items()), tuple(matched))
+
+
+# -- reading ---------------------------------------------------------------------------------------
+def load_policy(source: "Policy | Mapping | str | Path") -> Policy:
+    """Read and validate a policy.
+
+    Args:
+        source: a ``Policy`` (returned as is), a mapping, a path to a YAML file, or YAML text.
+
+    Raises:
+        PolicyError: naming file:line:column (a mapping: the key path), the offending text and,
+            where one exists, the name that was probably meant.
+    """
+    if isinstance(source, Policy):
+        return source
+    if isinstance(source, Mapping):
+        return _read(_from_python(source, "<dict>"), "<dict>")
+    text, file = str(source), "<string>"
+    if isinstance(source, Path) or ("\n" not in text and text.endswith((".yaml", ".yml"))):
+        path = Path(source)
+        if not path.is_file():
+            siblings = [p.name for p in path.parent.glob("*.y*ml")] if path.parent.is_dir() else []
+            hint = _did_you_mean(path.name, siblings)
+            raise PolicyError(f"{path}: no such policy file" + (f"; {hint}" if hint else ""))
+        text, file = path.read_text(), str(path)
+    return _read(_from_yaml(text, file), file)
+
+
+def _read(root: _Node, source: str) -> Policy:
+    top = _mapping(root, "the policy", _TOP)
+    if "version" not in top:
+        raise root.fail(f"the policy has no 'version'; add 'version: {SCHEMA_VERSION}' at the top")
+    if _check(top["version"], (int,), "version") != SCHEMA_VERSION:
+        raise top["version"].fail(f"schema version {top['version'].value} is not supported; this mpcompile reads version {SCHEMA_VERSION}")
+    aliases = {}
+    if "formats" in top:
+        if not isinstance(top["formats"].value, dict):
+            raise top["formats"].fail(f"formats must be a mapping of alias: format, got {_kind(top['formats'].value)}")
+        for alias, node in top["formats"].value.items():
+            if not _ALIAS.fullmatch(alias):
+                raise top["formats"].keys[alias].fail(f"format alias '{alias}' must be a name (letters, digits, _)")
+            aliases[alias] = _format(node, _check(node, (str,), f"formats.{alias}"), {}, f"formats.{alias}")
+    inherited = _inherit(top, ("nearest", False))
+    default = _settings(top["default"], "default", aliases, inherited) if "default" in top else Settings()
+    rules = tuple(_rule(node, i, aliases, inherited) for i, node in enumerate(_list(top.get("rules"), "rules")))
+    levels: list[Level] = []
+    for i, node in enumerate(_list(top.get("levels"), "levels")):
+        levels.append(_level(node, i, aliases, inherited, [lv.name for lv in levels]))
+    extra = {key: _python(top[key]) for key in ("trust_region", "optimizer") if key in top}
+    for key, value in extra.items():
+        if not isinstance(value, dict):
+            raise top[key].fail(f"{key} must be a mapping, got {_kind(value)}")
+    return Policy(_check(top["name"], (str,), "name") if "name" in top else Path(source).stem,
+                  _check(top["description"], (str,), "description") if "description" in top else "",
+                  default, rules, tuple(levels), source, extra.get("trust_region"), extra.get("optimizer"))
+
+
+def _python(node: _Node) -> Any:
+    if isinstance(node.value, dict):
+        return {k: _python(v) for k, v in node.value.items()}
+    if isinstance(node.value, list):
+        return [_python(v) for v in node.value]
+    return node.value
+
+
+def _list(node: _Node | None, what: str) -> list[_Node]:
+    if node is None:
+        return []
+    if not isinstance(node.value, list):
+        raise node.fail(f"{what} must be a list (lines starting with '- '), got {_kind(node.value)}")
+    return node.value
+
+
+def _inherit(section: dict[str, _Node], inherited: tuple[str, bool]) -> tuple[str, bool]:
+    """The (rounding, saturate) defaults for what is below a section."""
+    rounding = _choice(section["rounding"], ROUNDING_MODES, "rounding") if "rounding" in section else inherited[0]
+    saturate = _check(section["saturate"], (bool,), "saturate") if "saturate" in section else inherited[1]
+    return rounding, saturate
+
+
+def _settings(node: _Node, what: str, aliases, inherited) -> Settings:
+    section = _mapping(node, what, _SETTINGS)
+    inherited = _inherit(section, inherited)
+    if "keep" in section:
+        if _check(section["keep"], (str,), "keep") != "fp32":
+            raise section["keep"].fail(f"keep takes 'fp32' (every role untouched, torch's arithmetic), got "
+                                       f"'{section['keep'].value}'; to set formats, name the roles")
+        clash = [key for key in section if key in ROLES + ("forward", "backward")]
+        if clash:
+            raise node.keys[clash[0]].fail(f"'{clash[0]}' contradicts 'keep: fp32' in the same {what}; drop one")
+        return Settings(tuple((r, RoleSetting(None)) for r in ROLES), _NATIVE, _NATIVE)
+    roles = tuple((r, _role(section[r], f"{what}.{r}", aliases, inherited)) for r in ROLES if r in section)
+    fwd, bwd = (_arith(section[k], f"{what}.{k}", aliases, inherited) if k in section else None
+                for k in ("forward", "backward"))
+    return Settings(roles, fwd, bwd)
+
+
+def _role(node: _Node, what: str, aliases, inherited) -> RoleSetting:
+    rounding, saturate = inherited
+    if node.value is None:
+        return RoleSetting(None)
+    scaling, sr_bits = "none", None
+    if isinstance(node.value, str):
+        head, *parts = node.value.split(":")
+        fmt = _format(node, head.strip(), aliases, what)
+        for part in (p.strip() for p in parts):
+            if part in ROUNDING_MODES:
+                rounding = part
+            elif part in SCALINGS:
+                scaling = part
+            elif part == "sat":
+                saturate = True
+            else:
+                raise node.fail(f"{what}: '{part}' is not a rounding mode, a scaling or 'sat'",
+                                _did_you_mean(part, ROUNDING_MODES + SCALINGS + ("sat",)))
+    else:
+        fields = _mapping(node, what, _ROLE_KEYS)
+        if "format" not in fields:
+            raise node.fail(f"{what} needs a 'format'")
+        fmt = _format(fields["format"], _check(fields["format"], (str,), f"{what}.format"), aliases, what)
+        rounding, saturate = _inherit(fields, (rounding, saturate))
+        if "scaling" in fields:
+            scaling = _choice(fields["scaling"], SCALINGS, f"{what}.scaling")
+        if "sr_bits" in fields:
+            sr_bits = _check(fields["sr_bits"], (int,), f"{what}.sr_bits")
+            if not 1 <= sr_bits <= 62:
+                raise fields["sr_bits"].fail(f"{what}.sr_bits must be in [1, 62], got {sr_bits}")
+    try:
+        return RoleSetting(QuantSpec(fmt, rounding, scaling, saturate), sr_bits)
+    except SpecError as err:
+        raise node.fail(f"{what}: {err}") from None
+
+
+def _arith(node: _Node, what: str, aliases, inherited) -> ArithSpec:
+    fields = _mapping(node, what, _ARITH_KEYS)
+    kwargs: dict[str, Any] = {"rounding": inherited[0]}
+    for key, field_node in fields.items():
+        if key in ("mul", "acc"):
+            value = field_node.value
+            kwargs[key] = None if value is None and key == "mul" else \
+                _format(field_node, _check(field_node, (str,), f"{what}.{key}"), aliases, f"{what}.{key}")
+        elif key in ("rounding", "mul_rounding"):
+            kwargs[key] = _choice(field_node, ROUNDING_MODES, f"{what}.{key}")
+        elif key in ("fma", "kahan"):
+            kwargs[key] = _check(field_node, (bool,), f"{what}.{key}")
+        else:
+            kwargs[key] = _check(field_node, (int,) if key == "sr_bits" else (str,), f"{what}.{key}")
+    try:
+        return ArithSpec(**kwargs)
+    except (SpecError, FormatError) as err:
+        raise node.fail(f"{what}: {err}") from None
+
+
+def _rule(node: _Node, i: int, aliases, inherited) -> Rule:
+    label = f"rules[{i}] ({node.where})"
+    fields = _mapping(node, f"rules[{i}]", ("match",) + _SETTINGS)
+    if "match" not in fields:
+        raise node.fail(f"rules[{i}] has no 'match'; use 'match: {{}}' to select every op")
+    rest = _Node({k: v for k, v in fields.items() if k != "match"}, node.where, node.line, node.column,
+                 {k: v for k, v in node.keys.items() if k != "match"})
+    settings = _settings(rest, f"rules[{i}]", aliases, inherited)
+    return Rule(_selector(fields["match"], f"rules[{i}].match"), settings, label)
+
+
+def _selector(node: _Node, what: str) -> Selector:
+    fields = _mapping(node, what, _SELECTORS)
+    kwargs: dict[str, Any] = {}
+    for key, f in fields.items():
+        if key == "type":
+            values = f.value if isinstance(f.value, list) else [f]
+            kwargs[key] = tuple(_check(v, (str,), f"{what}.type") for v in values)
+        elif key == "name":
+            kwargs[key] = _check(f, (str,), f"{what}.name")
+        elif key == "name_regex":
+            try:
+                kwargs[key] = re.compile(_check(f, (str,), f"{what}.name_regex"))
+            except re.error as err:
+                raise f.fail(f"{what}.name_regex is not a valid regular expression: {err}") from None
+        elif key in ("first", "last"):
+            kwargs[key] = _check(f, (bool,), f"{what}.{key}")
+        elif key == "index":
+            values = f.value if isinstance(f.value, list) else [f]
+            kwargs[key] = tuple(_check(v, (int,), f"{what}.index") for v in values)
+        else:
+            kwargs[key] = float(_check(f, (int, float), f"{what}.{key}"))
+            if kwargs[key] < 1:
+                raise f.fail(f"{what}.{key} must be at least 1 (a condition number), got {f.value}")
+    return Selector(**kwargs)
+
+
+def _level(node: _Node, i: int, aliases, inherited, taken: list[str]) -> Level:
+    fields = _mapping(node, f"levels[{i}]", ("name", "set", "keep", "rounding", "saturate"))
+    if "name" not in fields:
+        raise node.fail(f"levels[{i}] has no 'name'; levels are picked by name or number")
+    name = _check(fields["name"], (str,), f"levels[{i}].name")
+    changes = [k for k in fields if k != "name"]
+    if i == 0 and changes:
+        raise node.keys[changes[0]].fail("level 0 is the policy itself: put its settings in default and rules")
+    if name in taken:
+        raise fields["name"].fail(f"level name '{name}' is used twice; names pick a level")
+    inherited = _inherit(fields, inherited)
+    if "keep" in fields and "set" in fields:
+        raise fields["set"].fail(f"levels[{i}] has both 'keep' and 'set'; drop one")
+    body = fields.get("set")
+    if "keep" in fields:
+        body = _Node({"keep": fields["keep"]}, node.where, node.line, node.column, {"keep": node.keys["keep"]})
+    settings = _settings(body, f"levels[{i}].set", aliases, inherited) if body is not None else Settings()
+    return Level(name, settings, f"level '{name}' ({node.where})")

@@ -1,0 +1,229 @@
+"""Precision policies (mpcompile/policy.py): reading, errors with file:line:column, the cascade."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from mpcompile.errors import PolicyError
+from mpcompile.formats import parse
+from mpcompile.ops import ArithSpec
+from mpcompile.policy import NodeFacts, load_policy
+
+DESIGN_EXAMPLE = """\
+version: 1
+name: hfp8
+formats: {acc16: e6m9}
+default:
+  rounding: nearest
+  input: fp8_e4m3
+  weight: fp8_e4m3
+  grad_output: fp8_e5m2
+  forward:  {acc: acc16, order: chunk(32)}
+  backward: {acc: acc16, order: chunk(32)}
+rules:
+  - match: {first: true}
+    keep: fp32
+  - match: {type: activation}
+    output: bf16
+levels:
+  - {name: fp8}
+  - {name: bf16, set: {input: bf16, weight: bf16, grad_output: bf16}}
+  - {name: fp32, keep: fp32}
+trust_region: {eta1: 0.25, eta2: 0.75, delta0: 0.1, checks_per_epoch: 50, epsilon: measured}
+optimizer: {master: fp32, momentum: bf16, update_rounding: stochastic}
+"""
+CONV1 = NodeFacts("Conv2d", "conv1", "gemm", 0, 3)
+BLOCK = NodeFacts("Conv2d", "layer1.0.conv2", "gemm", 1, 3)
+FC = NodeFacts("Linear", "fc", "gemm", 2, 3)
+RELU = NodeFacts("ReLU", "layer1.0.relu", "activation")
+
+
+def roles(assignment) -> dict[str, str | None]:
+    return {r: None if s.quant is None else str(s.quant) for r, s in assignment.roles}
+
+
+def test_design_example_resolves_by_cascade_and_levels():
+    p = load_policy(DESIGN_EXAMPLE)
+    assert (p.name, [lv.name for lv in p.levels], p.trust_region["eta1"], p.optimizer["momentum"]) == \
+        ("hfp8", ["fp8", "bf16", "fp32"], 0.25, "bf16")
+    fc = p.resolve(FC)
+    assert roles(fc) == {"input": "fp8_e4m3", "weight": "fp8_e4m3", "grad_output": "fp8_e5m2"}
+    assert fc.forward == fc.backward == ArithSpec(acc=parse("e6m9"), order="chunk(32)")
+    assert dict(fc.decided_by)["input"] == "default" and fc.matched == ()
+    first = p.resolve(CONV1)  # keep: fp32 on the first GEMM
+    assert set(roles(first).values()) == {None} and first.forward.is_native and first.backward.is_native
+    assert dict(first.decided_by)["weight"].startswith("rules[0] (<string>:12:5)")
+    assert roles(p.resolve(RELU)) == {"output": "bf16"}  # only rules quantize non-GEMM ops
+    assert roles(p.resolve(FC, "bf16")) == {"input": "bf16", "weight": "bf16", "grad_output": "bf16"}
+    assert p.resolve(FC, 1).forward == fc.forward  # the level names no arithmetic
+    assert set(roles(p.resolve(CONV1, 1)).values()) == {None}  # levels never lower what a rule kept
+    top = p.resolve(FC, 2)
+    assert set(roles(top).values()) == {None} and top.forward.is_native
+    assert roles(p.resolve(RELU, "fp32")) == {"output": None}
+
+
+def test_later_rules_override_role_by_role():
+    p = load_policy("""
+version: 1
+default: {input: fp8_e4m3, weight: fp8_e4m3}
+rules:
+  - match: {type: Linear}
+    weight: bf16
+    output: fp16
+  - match: {name: fc}
+    output: null
+""")
+    a = p.resolve(FC)
+    assert roles(a) == {"input": "fp8_e4m3", "weight": "bf16", "output": None}
+    assert [label.split(" ")[0] for label in a.matched] == ["rules[0]", "rules[1]"]
+    assert dict(a.decided_by)["input"] == "default" and dict(a.decided_by)["output"].startswith("rules[1]")
+
+
+@pytest.mark.parametrize("match, hits", [
+    ("{type: Conv2d}", {"conv1", "layer1.0.conv2"}),
+    ("{type: [Linear, activation]}", {"fc", "layer1.0.relu"}),
+    ("{type: gemm}", {"conv1", "layer1.0.conv2", "fc"}),
+    ("{name: layer1}", {"layer1.0.conv2", "layer1.0.relu"}),
+    ("{name: layer1.0.conv}", set()),  # a prefix covers submodules, not names that merely start alike
+    ("{name_regex: 'layer\\d+\\.0\\.conv\\d'}", {"layer1.0.conv2"}),
+    ("{name_regex: 'conv'}", set()),  # full match
+    ("{first: true}", {"conv1"}),
+    ("{first: false, type: gemm}", {"layer1.0.conv2", "fc"}),
+    ("{last: true}", {"fc"}),
+    ("{index: 1}", {"layer1.0.conv2"}),
+    ("{index: [-1, 0]}", {"conv1", "fc"}),
+    ("{index: 5}", set()),
+    ("{kappa_above: 100}", {"fc"}),
+    ("{kappa_below: 100, type: gemm}", {"conv1", "layer1.0.conv2"}),
+    ("{}", {"conv1", "layer1.0.conv2", "fc", "layer1.0.relu"}),
+])
+def test_selectors(match, hits):
+    p = load_policy(f"version: 1\nrules:\n  - match: {match}\n    output: bf16\n")
+    ops = [NodeFacts(**{**vars(op), "kappa": k}) for op, k in ((CONV1, 3.0), (BLOCK, 50.0), (FC, 1e4), (RELU, 2.0))]
+    assert {op.name for op in ops if p.resolve(op).matched} == hits
+
+
+def test_kappa_rules_need_the_condition_pass():
+    p = load_policy("version: 1\nrules:\n  - match: {kappa_above: 10}\n    keep: fp32\n")
+    with pytest.raises(PolicyError, match=r"rules\[0\] \(<string>:3:5\): selects on kappa.*calibration"):
+        p.resolve(FC)
+
+
+def test_rounding_and_saturate_are_defaults_for_what_is_below():
+    p = load_policy("""
+version: 1
+rounding: stochastic
+saturate: true
+formats: {e4: fp8_e4m3}
+default:
+  input: e4
+  weight: e4:nearest:channel
+  grad_output: {format: fp8_e5m2, rounding: down, saturate: false, sr_bits: 12, scaling: tensor}
+  forward: {mul: e4, acc: fp16}
+rules:
+  - match: {type: Linear}
+    rounding: up
+    output: bf16
+    backward: {acc: bf16, rounding: nearest}
+""")
+    a = dict(p.resolve(FC).roles)
+    assert str(a["input"].quant) == "fp8_e4m3:stochastic:sat"
+    assert str(a["weight"].quant) == "fp8_e4m3:channel:sat"
+    assert str(a["grad_output"].quant) == "fp8_e5m2:down:tensor" and a["grad_output"].sr_bits == 12
+    assert str(a["output"].quant) == "bf16:up:sat"
+    fc = p.resolve(FC)
+    assert fc.forward == ArithSpec(mul="fp8_e4m3", acc="fp16", rounding="stochastic")
+    assert fc.backward == ArithSpec(acc="bf16")
+
+
+def test_sources(tmp_path: Path):
+    path = tmp_path / "mine.yaml"
+    path.write_text(DESIGN_EXAMPLE)
+    from_file = load_policy(path)
+    assert from_file.source == str(path) and load_policy(str(path)).resolve(FC) == from_file.resolve(FC)
+    assert load_policy(from_file) is from_file
+    as_dict = load_policy({"version": 1, "default": {"input": "bf16"}, "rules": [{"match": {"last": True}, "keep": "fp32"}]})
+    assert roles(as_dict.resolve(BLOCK)) == {"input": "bf16"} and roles(as_dict.resolve(FC))["input"] is None
+    with pytest.raises(PolicyError, match=r"(?s)<dict>\.rules\[0\]\.match\.frist: unknown key 'frist'.*did you mean 'first'"):
+        load_policy({"version": 1, "rules": [{"match": {"frist": True}, "keep": "fp32"}]})
+    with pytest.raises(PolicyError, match=r"mien\.yaml: no such policy file; did you mean 'mine\.yaml'"):
+        load_policy(tmp_path / "mien.yaml")
+
+
+def test_levels_by_name_and_number():
+    p = load_policy(DESIGN_EXAMPLE)
+    assert p.level_index("fp32") == 2 and p.level_index(1) == 1
+    with pytest.raises(PolicyError, match="no level named 'fp16'; levels are fp8, bf16, fp32"):
+        p.resolve(FC, "fp16")
+    with pytest.raises(PolicyError, match="level 3 is out of range: the ladder has 3 levels"):
+        p.resolve(FC, 3)
+
+
+# (policy text, line, column, what the message says): every one must fail at that place
+MALFORMED = [
+    ("name: x\n", 1, 1, "has no 'version'"),
+    ("version: 2\n", 1, 10, "schema version 2 is not supported"),
+    ("version: one\n", 1, 10, "version must be an integer"),
+    ("version: 1\nnmae: x\n", 2, 1, "unknown key 'nmae'.*did you mean 'name'"),
+    ("version: 1\ndefault:\n  inptu: bf16\n", 3, 3, "unknown key 'inptu' in default.*did you mean 'input'"),
+    ("version: 1\ndefault:\n  input: bf61\n", 3, 10, "default.input: .*bf61"),
+    ("version: 1\ndefault:\n  input: bf16:stochastik\n", 3, 10, "'stochastik' is not a rounding.*did you mean 'stochastic'"),
+    ("version: 1\ndefault:\n  input: {rounding: up}\n", 3, 10, "default.input needs a 'format'"),
+    ("version: 1\ndefault:\n  input: {format: bf16, scaling: tensr}\n", 3, 34, "scaling 'tensr'.*did you mean 'tensor'"),
+    ("version: 1\ndefault:\n  input: {format: bf16, sr_bits: 0}\n", 3, 34, r"sr_bits must be in \[1, 62\]"),
+    ("version: 1\ndefault:\n  input: {format: bf16, sr_bits: many}\n", 3, 34, "sr_bits must be an integer"),
+    ("version: 1\ndefault:\n  input: [bf16]\n", 3, 10, "default.input must be a mapping, got a list"),
+    ("version: 1\ndefault:\n  forward: {acc: fp16, oder: chunk(32)}\n", 3, 24, "unknown key 'oder'.*did you mean 'order'"),
+    ("version: 1\ndefault:\n  forward: {acc: fp16, order: chunk(0)}\n", 3, 12, "chunk size must be at least 1"),
+    ("version: 1\ndefault:\n  forward: {acc: fp16, kahan: yes please}\n", 3, 31, "kahan must be true or false"),
+    ("version: 1\ndefault:\n  forward: {acc: 'fixed(8,4)'}\n", 3, 12, "forward: .*acc"),
+    ("version: 1\ndefault:\n  forward: {acc: fp16, rounding: round}\n", 3, 34, "rounding 'round' is not one of"),
+    ("version: 1\nrounding: nearst\n", 2, 11, "did you mean 'nearest'"),
+    ("version: 1\nsaturate: maybe\n", 2, 11, "saturate must be true or false"),
+    ("version: 1\nformats: {acc16: e6m99}\n", 2, 18, "formats.acc16"),
+    ("version: 1\nformats: {1x: e5m2}\n", 2, 11, "alias '1x' must be a name"),
+    ("version: 1\nformats: [e5m2]\n", 2, 10, "formats must be a mapping"),
+    ("version: 1\nrules:\n  match: {first: true}\n", 3, 3, "rules must be a list"),
+    ("version: 1\nrules:\n  - keep: fp32\n", 3, 5, r"rules\[0\] has no 'match'"),
+    ("version: 1\nrules:\n  - match: {typ: Linear}\n    keep: fp32\n", 3, 13, "unknown key 'typ'.*did you mean 'type'"),
+    ("version: 1\nrules:\n  - match: {name_regex: 'conv[0-'}\n    keep: fp32\n", 3, 25, "not a valid regular expression"),
+    ("version: 1\nrules:\n  - match: {first: 1}\n    keep: fp32\n", 3, 20, "first must be true or false"),
+    ("version: 1\nrules:\n  - match: {index: [0, last]}\n    keep: fp32\n", 3, 24, "index must be an integer"),
+    ("version: 1\nrules:\n  - match: {kappa_above: 0.5}\n    keep: fp32\n", 3, 26, "must be at least 1"),
+    ("version: 1\nrules:\n  - match: {}\n    keep: bf16\n", 4, 11, "keep takes 'fp32'"),
+    ("version: 1\nrules:\n  - match: {}\n    keep: fp32\n    input: bf16\n", 5, 5, "contradicts 'keep: fp32'"),
+    ("version: 1\nrules:\n  - match: {}\n    outptu: bf16\n", 4, 5, r"unknown key 'outptu' in rules\[0\].*did you mean 'output'"),
+    ("version: 1\nlevels:\n  - {name: a, set: {input: bf16}}\n", 3, 15, "level 0 is the policy itself"),
+    ("version: 1\nlevels:\n  - {name: a}\n  - {set: {input: bf16}}\n", 4, 5, r"levels\[1\] has no 'name'"),
+    ("version: 1\nlevels:\n  - {name: a}\n  - {name: a, keep: fp32}\n", 4, 12, "level name 'a' is used twice"),
+    ("version: 1\nlevels:\n  - {name: a}\n  - {name: b, set: {input: bf16}, keep: fp32}\n", 4, 20, "both 'keep' and 'set'"),
+    ("version: 1\nlevels:\n  - {name: a}\n  - {name: b, sett: {}}\n", 4, 15, "unknown key 'sett'.*did you mean 'set'"),
+    ("version: 1\ndefault:\n  input: bf16\n  input: fp16\n", 4, 3, "'input' is given twice"),
+    ("version: 1\ndefault: {input: bf16\n", 3, 1, "not valid YAML"),
+    ("version: 1\ntrust_region: fast\n", 2, 15, "trust_region must be a mapping"),
+    ("", None, None, "the policy is empty"),
+]
+
+
+@pytest.mark.parametrize("text, line, column, message", MALFORMED)
+def test_malformed_policies_name_the_place(text, line, column, message, tmp_path: Path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(PolicyError) as err:
+        load_policy(path)
+    where = f"{path}:{line}:{column}: " if line else f"{path}: "
+    assert str(err.value).startswith(where), str(err.value)
+    assert re.search(message, str(err.value), re.S), str(err.value)
+    if line:  # the offending line is quoted with a caret under the column
+        src = text.splitlines()[line - 1] if line <= len(text.splitlines()) else ""
+        assert f"\n    {src}\n    {' ' * (column - 1)}^" in str(err.value)
+
+
+def test_the_documented_example_loads():
+    doc = (Path(__file__).parents[1] / "docs" / "policy.md").read_text()
+    example = doc.split("```yaml\n", 1)[1].split("```", 1)[0]
+    p = load_policy(example)
+    assert roles(p.resolve(BLOCK)) == {"input": "fp8_e4m3", "weight": "fp8_e4m3:channel", "grad_output": "fp8_e5m2:stochastic"}
+    assert dict(p.resolve(BLOCK).roles)["grad_output"].sr_bits == 12
