@@ -230,6 +230,11 @@ class Assignment:
     decided_by: tuple[tuple[str, str], ...]  # role / "forward" / "backward" -> section label
     matched: tuple[str, ...]  # labels of every rule that matched, in order
 
+    @property
+    def quantizes(self) -> bool:
+        """Whether anything is rounded: a role with a format, or emulated arithmetic."""
+        return any(s.quant is not None for _, s in self.roles) or not (self.forward.is_native and self.backward.is_native)
+
 
 @dataclass(frozen=True)
 class Policy:

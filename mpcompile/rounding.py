@@ -369,11 +369,14 @@ def quantize(
             The bits are ``counter_bits(seed)``: the same on every backend and device.
 
     Returns:
-        A tensor of x's shape, dtype and device whose finite entries are values of ``fmt``.
+        A tensor of x's shape, dtype and device whose finite entries are values of ``fmt``. It
+        carries no gradient (rounding has none): ``mpcompile.ops.quant`` is the straight-through
+        quantizer.
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"quantize: x must be a floating-point tensor, got "
                         f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+    x = x.detach()
     fmt = parse(fmt)
     if rounding not in ROUNDING_MODES:
         raise ValueError(f"quantize: rounding={rounding!r} is not one of {', '.join(ROUNDING_MODES)}")

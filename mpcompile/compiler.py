@@ -1,0 +1,102 @@
+"""``compile``: trace a model, assign formats from a policy, lower to ``mpc::`` ops.
+
+``CompiledModel`` is an ``nn.Module`` over the lowered graph. It shares the original model's
+parameters and buffers (the same objects), and ``recompile`` re-runs assign and lower only,
+so an optimizer built on its parameters keeps working across precision changes.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.nn as nn
+
+from .errors import MpcompileError
+from .passes import assign_formats, classify, lower, propagate_shapes
+from .passes.assign import unmatched_rules
+from .policy import Policy, load_policy
+
+__all__ = ["compile", "CompiledModel", "CompileError"]
+
+
+class CompileError(MpcompileError, ValueError):
+    """A model that cannot be traced or lowered; the message says where and what to do."""
+
+
+class _Tracer(torch.fx.Tracer):
+    """symbolic_trace's tracer, with the given module types kept as opaque calls."""
+
+    def __init__(self, leaf_modules: tuple[type, ...]):
+        super().__init__()
+        self.leaves = leaf_modules
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, self.leaves) or super().is_leaf_module(m, qualname)
+
+
+def _trace(model: nn.Module, leaf_modules: tuple[type, ...]) -> torch.fx.GraphModule:
+    try:
+        graph = _Tracer(leaf_modules).trace(model)
+    except Exception as err:  # fx raises TraceError, TypeError, RuntimeError... with the failing line in its traceback
+        frame = next((f for f in reversed(__import__("traceback").extract_tb(err.__traceback__))
+                      if "torch/fx" not in f.filename.replace("\\", "/")), None)
+        where = f"{frame.filename}:{frame.lineno}: {frame.line}" if frame else "(no source line)"
+        raise CompileError(f"torch.fx cannot trace {type(model).__name__}: {type(err).__name__}: {err}\n"
+                           f"    at {where}\n  pass the module that holds this code as leaf_modules=(TheModule,) to "
+                           f"keep it opaque (it then runs in fp32)") from err
+    return torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
+
+
+class CompiledModel(nn.Module):
+    """A model lowered under a policy. Call it like the original.
+
+    Attributes:
+        policy: the policy in force; level: its level; warnings: rules that matched no op.
+    """
+
+    def __init__(self, traced: torch.fx.GraphModule, policy: Policy, level: "int | str"):
+        super().__init__()
+        self._traced = [traced]  # analysis results live on its nodes; a list keeps it out of the module tree
+        self.policy, self.level, self.warnings = policy, level, []
+        self.recompile(policy, level)
+
+    def recompile(self, policy: "Policy | Mapping | str | Path | None" = None, level: "int | str | None" = None) -> None:
+        """Re-assign formats (from a new policy and/or level) and re-lower; parameters are kept."""
+        self.policy = self.policy if policy is None else load_policy(policy)
+        self.level = (0 if policy is not None else self.level) if level is None else level
+        traced = self._traced[0]
+        assign_formats(traced, self.policy, self.level)
+        self.graph_module = lower(traced)
+        self.warnings = [f"{label}: matches no op of this model" for label in unmatched_rules(traced, self.policy)]
+        for text in self.warnings:
+            warnings.warn(f"mpcompile: {text}", stacklevel=3)
+
+    def forward(self, *args, **kwargs):
+        return self.graph_module(*args, **kwargs)
+
+    def assignments(self) -> dict[str, Any]:
+        """Node name -> ``Assignment``, for every node the policy quantizes."""
+        return {n.name: n.meta["mpc"]["assignment"] for n in self._traced[0].graph.nodes
+                if "assignment" in n.meta.get("mpc", {})}
+
+
+def compile(model: nn.Module, policy: "Policy | Mapping | str | Path", example_inputs: Iterable | None = None, *,
+            leaf_modules: Iterable[type] = (), level: "int | str" = 0) -> CompiledModel:
+    """Trace ``model`` with torch.fx and lower it under ``policy``.
+
+    Args:
+        model: any module torch.fx can trace (or whose untraceable parts are ``leaf_modules``).
+        policy: a ``Policy``, a mapping, a path to a YAML file, or YAML text.
+        example_inputs: positional inputs; when given, shapes and dtypes are recorded per node.
+        leaf_modules: module types kept as opaque calls (they run unchanged).
+        level: the policy level to start at.
+    """
+    policy = load_policy(policy)
+    traced = _trace(model, tuple(leaf_modules))
+    if example_inputs is not None:
+        propagate_shapes(traced, tuple(example_inputs))
+    classify(traced)
+    return CompiledModel(traced, policy, level)

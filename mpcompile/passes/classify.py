@@ -1,0 +1,74 @@
+"""classify: what each node is, in the terms policies select on.
+
+Reads: nothing. Writes: ``meta["mpc"]["facts"]`` (a ``NodeFacts``) for every call node and,
+for GEMM-like nodes, ``meta["mpc"]["gemm"]``: ``linear``, ``conv1d``/``conv2d``/``conv3d``
+or ``matmul``.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..policy import NodeFacts
+
+__all__ = ["classify", "GEMM_KINDS"]
+
+GEMM_KINDS = ("linear", "conv1d", "conv2d", "conv3d", "matmul")
+_GEMM_MODULES = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d"}
+_GEMM_FUNCTIONS = {F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d",
+                   torch.matmul: "matmul", torch.mm: "matmul", torch.bmm: "matmul", operator.matmul: "matmul"}
+_GEMM_METHODS = {"matmul": "matmul", "mm": "matmul", "bmm": "matmul"}
+_GROUPS = {
+    "activation": (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
+                   nn.LeakyReLU, nn.ELU, nn.Softmax, F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid,
+                   F.leaky_relu, F.elu, F.softmax, torch.relu, torch.sigmoid, torch.tanh, torch.softmax,
+                   "relu", "sigmoid", "tanh", "softmax", "gelu"),
+    "norm": (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm, F.batch_norm,
+             F.layer_norm, F.group_norm),
+    "pool": (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+             nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, F.max_pool2d, F.avg_pool2d,
+             F.adaptive_avg_pool2d, "mean"),
+    "elementwise": (operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul,
+                    torch.div, "add", "sub", "mul", "div", "add_", "mul_"),
+}
+
+
+def _target(gm: torch.fx.GraphModule, node: torch.fx.Node):
+    """(what the node calls, its op type name, its qualified name)."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        return type(module), type(module).__name__, node.target
+    if node.op == "call_function":
+        return node.target, getattr(node.target, "__name__", str(node.target)), _module_of(node)
+    return node.target, node.target, _module_of(node)
+
+
+def _module_of(node: torch.fx.Node) -> str:
+    """A function node's qualified name: the module whose forward called it, plus the node's name."""
+    stack = node.meta.get("nn_module_stack")
+    owner = next(reversed(stack.values()))[0] if stack else ""
+    return f"{owner}.{node.name}" if owner else node.name
+
+
+def classify(gm: torch.fx.GraphModule) -> None:
+    """Record ``NodeFacts`` (op type, group, qualified name, GEMM position) on every call node."""
+    calls = [n for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method")]
+    kinds = {}
+    for node in calls:
+        target, _, _ = _target(gm, node)
+        kind = (_GEMM_MODULES.get(target) if node.op == "call_module" else
+                _GEMM_METHODS.get(target) if node.op == "call_method" else _GEMM_FUNCTIONS.get(target))
+        if kind is not None:
+            kinds[node] = kind
+    gemms = [n for n in calls if n in kinds]
+    for node in calls:
+        target, op_type, name = _target(gm, node)
+        group = "gemm" if node in kinds else next((g for g, members in _GROUPS.items() if target in members), None)
+        meta = node.meta.setdefault("mpc", {})
+        index = gemms.index(node) if node in kinds else None
+        meta["facts"] = NodeFacts(op_type, name, group, index, len(gemms), meta.get("kappa"))
+        if node in kinds:
+            meta["gemm"] = kinds[node]

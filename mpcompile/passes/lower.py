@@ -1,0 +1,86 @@
+"""lower: put ``mpc::`` ops where the assignment quantizes anything.
+
+Reads: ``meta["mpc"]["gemm"]`` (classify) and ``["assignment"]`` (assign). Writes a new graph:
+a GEMM-like node with an assignment becomes one call of ``mpcompile.ops`` (``linear``,
+``conv1d/2d/3d``, ``matmul``: an ``mpc::`` op) with its roles and specs as strings; any other
+node gets ``ops.quant`` on its tensor inputs and its output for the ``input`` / ``output``
+roles it was given. Nodes without an assignment are copied as they are, so an fp32 policy
+changes nothing.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from ..errors import MpcompileError
+from ..ops.spec import RoleFormats
+
+__all__ = ["lower", "LoweringError"]
+
+_OPS = {"linear": ops.linear, "conv1d": ops.conv1d, "conv2d": ops.conv2d, "conv3d": ops.conv3d, "matmul": ops.matmul}
+_CONV_FIELDS = ("stride", "padding", "dilation", "groups")
+
+
+class LoweringError(MpcompileError, ValueError):
+    """A node that lowering cannot rewrite; the message names the node and its module."""
+
+
+def lower(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A new GraphModule over the same submodules and parameters, with ``mpc::`` ops in."""
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in gm.graph.nodes:
+        meta = node.meta.get("mpc", {})
+        assignment = meta.get("assignment")
+        if assignment is None or not assignment.quantizes:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+        elif "gemm" in meta:
+            env[node] = _gemm(gm, graph, node, meta, env)
+        else:
+            env[node] = _quantized_io(graph, node, assignment, env)
+        env[node].meta = dict(node.meta)
+    lowered = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    return lowered
+
+
+def _strings(assignment) -> dict:
+    formats = RoleFormats.of({role: s.quant for role, s in assignment.roles if s.quant is not None})
+    return {"formats": str(formats) or None, "forward": str(assignment.forward), "backward": str(assignment.backward)}
+
+
+def _gemm(gm, graph: torch.fx.Graph, node: torch.fx.Node, meta: dict, env) -> torch.fx.Node:
+    kind, kwargs = meta["gemm"], _strings(meta["assignment"])
+    args = torch.fx.map_arg(node.args, lambda n: env[n])
+    call_kwargs = torch.fx.map_arg(node.kwargs, lambda n: env[n])
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        weight = graph.get_attr(f"{node.target}.weight")
+        bias = graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
+        if kind != "linear":
+            if module.padding_mode != "zeros" or isinstance(module.padding, str):
+                raise LoweringError(f"node {node.name} (module {node.target}, {type(module).__name__}): padding "
+                                    f"{module.padding_mode!r}/{module.padding!r} is not lowered yet; keep this layer "
+                                    f"in fp32 with a rule (match: {{name: {node.target}}}, keep: fp32)")
+            kwargs.update({f: getattr(module, f) for f in _CONV_FIELDS})
+        return graph.call_function(_OPS[kind], (args[0], weight, bias), kwargs)
+    if kind == "matmul":  # torch.matmul(a, b), a @ b or a.matmul(b)
+        return graph.call_function(ops.matmul, args[:2], {"spec": kwargs["forward"], "formats": kwargs["formats"],
+                                                          "backward": kwargs["backward"]})
+    return graph.call_function(_OPS[kind], args, {**call_kwargs, **kwargs})
+
+
+def _quant(graph: torch.fx.Graph, value: torch.fx.Node, setting) -> torch.fx.Node:
+    q = setting.quant
+    return graph.call_function(ops.quant, (value, str(q.fmt), q.rounding),
+                               {"scaling": q.scaling, "saturate": q.saturate})
+
+
+def _quantized_io(graph: torch.fx.Graph, node: torch.fx.Node, assignment, env) -> torch.fx.Node:
+    roles = dict(assignment.roles)
+
+    def arg(n: torch.fx.Node) -> torch.fx.Node:
+        return _quant(graph, env[n], roles["input"]) if roles.get("input") and roles["input"].quant and \
+            n.op != "get_attr" else env[n]
+
+    out = graph.node_copy(node, arg)
+    return _quant(graph, out, roles["output"]) if roles.get("output") and roles["output"].quant else out

@@ -1,0 +1,152 @@
+"""mpcompile.compile: trace, assign, lower, recompile (mpcompile/compiler.py and passes/)."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import mpcompile
+from mpcompile import CompileError, ops, quantize
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, bias=False)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(8 * 7 * 7, 10)
+
+    def forward(self, x):
+        x = self.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        return self.fc(x.flatten(1)) + 1
+
+
+def _model_and_input():
+    torch.manual_seed(0)
+    return SmallCNN(), torch.randn(2, 3, 16, 16)
+
+
+def _grads(model, x):
+    model.zero_grad()
+    y = model(x)
+    y.square().sum().backward()
+    return y.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def _mpc_calls(cm) -> list[str]:
+    return [n.target.__name__ for n in cm.graph_module.graph.nodes
+            if n.op == "call_function" and n.target.__module__ == "mpcompile.ops.api"]
+
+
+def test_fp32_policy_is_bit_identical_and_shares_parameters():
+    model, x = _model_and_input()
+    cm = mpcompile.compile(model, "version: 1\n", (x,))
+    assert _mpc_calls(cm) == []
+    assert [id(p) for p in cm.parameters()] == [id(p) for p in model.parameters()]
+    y, grads = _grads(model, x)
+    y_c, grads_c = _grads(cm, x)
+    assert torch.equal(y, y_c) and all(torch.equal(a, b) for a, b in zip(grads, grads_c))
+
+
+def test_fp8_roles_equal_a_hand_quantized_reference():
+    model, x = _model_and_input()
+    cm = mpcompile.compile(model, """
+version: 1
+default: {input: fp8_e4m3, weight: fp8_e4m3}
+rules:
+  - match: {type: activation}
+    output: bf16
+""", (x,))
+    assert _mpc_calls(cm) == ["conv2d", "quant", "conv2d", "quant", "linear"]
+    q8 = lambda t: quantize(t, "fp8_e4m3")
+    h = quantize(F.relu(F.conv2d(q8(x), q8(model.conv1.weight), model.conv1.bias, padding=1)), "bf16")
+    h = quantize(torch.relu(F.conv2d(q8(h), q8(model.conv2.weight), stride=2)), "bf16")
+    want = F.linear(q8(h.flatten(1)), q8(model.fc.weight), model.fc.bias) + 1
+    assert torch.equal(cm(x), want)
+
+
+def test_keep_rules_insert_nothing_and_arithmetic_reaches_the_ops():
+    model, x = _model_and_input()
+    spec = "{acc: e5m10, order: chunk(8)}"
+    cm = mpcompile.compile(model, f"""
+version: 1
+default: {{weight: fp8_e5m2, forward: {spec}}}
+rules:
+  - match: {{first: true}}
+    keep: fp32
+  - match: {{last: true}}
+    keep: fp32
+""", (x,))
+    assert _mpc_calls(cm) == ["conv2d"]
+    assignment = cm.assignments()["conv2"]
+    assert assignment.forward == ops.ArithSpec(acc="e5m10", order="chunk(8)") and assignment.backward.is_native
+    h = F.relu(model.conv1(x))
+    h = torch.relu(ops.conv2d(h, model.conv2.weight, stride=2, formats={"weight": "fp8_e5m2"},
+                              forward=assignment.forward))
+    assert torch.equal(cm(x), model.fc(h.flatten(1)) + 1)
+    assert cm.assignments()["conv1"].quantizes is False  # kept, recorded for inspection
+
+
+def test_recompile_switches_levels_and_keeps_the_optimizer_working():
+    model, x = _model_and_input()
+    cm = mpcompile.compile(model, """
+version: 1
+default: {input: fp8_e4m3, weight: fp8_e4m3}
+levels:
+  - {name: fp8}
+  - {name: bf16, set: {input: bf16, weight: bf16}}
+  - {name: fp32, keep: fp32}
+""", (x,))
+    params = [id(p) for p in cm.parameters()]
+    opt = torch.optim.SGD(cm.parameters(), lr=0.1)
+    low = cm(x)
+    cm.recompile(level="bf16")
+    assert cm.level == "bf16" and str(cm.assignments()["fc"].roles[0][1].quant) == "bf16"
+    cm.recompile(level=2)
+    assert _mpc_calls(cm) == [] and torch.equal(cm(x), model(x)) and not torch.equal(low, model(x))
+    cm(x).sum().backward()
+    opt.step()  # the optimizer's parameters are the model's
+    assert [id(p) for p in cm.parameters()] == params and torch.equal(cm(x), model(x))
+    cm.recompile(policy="version: 1\ndefault: {weight: bf16}\n")
+    assert cm.level == 0 and _mpc_calls(cm) == ["conv2d", "conv2d", "linear"]
+
+
+def test_a_rule_that_matches_nothing_is_a_warning():
+    model, x = _model_and_input()
+    with pytest.warns(UserWarning, match=r"rules\[0\] \(<string>:3:5\): matches no op"):
+        cm = mpcompile.compile(model, "version: 1\nrules:\n  - match: {name: encoder}\n    keep: fp32\n")
+    assert cm.warnings == ["rules[0] (<string>:3:5): matches no op of this model"]
+
+
+class Untraceable(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow
+            return x
+        return -x
+
+
+class Wrapper(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.branch = Untraceable()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(self.branch(x))
+
+
+def test_untraceable_models_name_the_line_and_the_way_out():
+    with pytest.raises(CompileError, match=r"(?s)cannot trace Wrapper.*if x\.sum\(\) > 0:.*leaf_modules="):
+        mpcompile.compile(Wrapper(), "version: 1\n")
+    x = torch.randn(3, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cm = mpcompile.compile(Wrapper(), "version: 1\ndefault: {weight: bf16}\n", leaf_modules=(Untraceable,))
+    model = cm.graph_module
+    assert _mpc_calls(cm) == ["linear"]
+    assert torch.equal(cm(x), F.linear(model.branch(x), quantize(model.fc.weight, "bf16"), model.fc.bias))
