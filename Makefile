@@ -19,6 +19,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/quantize.py
 	$(PY) benchmarks/arith.py
+	$(PY) benchmarks/compile.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
