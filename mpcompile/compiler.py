@@ -77,6 +77,21 @@ class CompiledModel(nn.Module):
     def forward(self, *args, **kwargs):
         return self.graph_module(*args, **kwargs)
 
+    def table(self) -> str:
+        """A text table of every GEMM-like or quantized op: formats, arithmetic, deciding rules."""
+        from .views import table
+        return table(self)
+
+    def explain(self, name: str) -> str:
+        """Every policy section that applied to op ``name`` (qualified or node name), and the result."""
+        from .views import explain
+        return explain(self, name)
+
+    def to_json(self) -> str:
+        """The resolved assignment as a policy (JSON is YAML): loading it reproduces this model."""
+        from .views import to_json
+        return to_json(self)
+
     def assignments(self) -> dict[str, Any]:
         """Node name -> ``Assignment``, for every node the policy quantizes."""
         return {n.name: n.meta["mpc"]["assignment"] for n in self._traced[0].graph.nodes

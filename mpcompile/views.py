@@ -1,0 +1,113 @@
+"""Views of a CompiledModel: a text table, a per-node explanation, and a JSON lock file.
+
+The lock (``to_json``) is a policy with one rule per assigned node (an exact ``name_regex``)
+that sets every role and both arithmetic specs as resolved, so loading it back reproduces the
+compiled model exactly, whatever rules, levels and defaults produced it.
+"""
+from __future__ import annotations
+
+import json
+import re
+from typing import TYPE_CHECKING, Any
+
+from .ops.spec import ROLES, ArithSpec
+from .policy import Assignment
+
+if TYPE_CHECKING:
+    from .compiler import CompiledModel
+
+__all__ = ["table", "explain", "lock", "to_json"]
+
+_ROLE_COLUMNS = ("input", "weight", "output", "grad_output")
+
+
+def _rows(cm: "CompiledModel"):
+    for node in cm._traced[0].graph.nodes:
+        meta = node.meta.get("mpc", {})
+        if "facts" in meta:
+            yield node, meta["facts"], meta.get("shape"), meta.get("assignment")
+
+
+def _role_text(assignment: Assignment | None, role: str) -> str:
+    setting = dict(assignment.roles).get(role) if assignment else None
+    return "-" if setting is None else "fp32" if setting.quant is None else str(setting.quant)
+
+
+def _spec_text(spec: ArithSpec) -> str:
+    return "torch" if spec.is_native else str(spec)
+
+
+def table(cm: "CompiledModel") -> str:
+    """One line per GEMM-like op and per op a rule quantizes: its formats, arithmetic and the
+    sections that decided them. Columns kappa / overflow / SQNR appear once the condition and
+    stats passes have run."""
+    head = ("node", "op", "module", "shape", *_ROLE_COLUMNS, "forward", "backward", "decided by")
+    rows = []
+    for node, facts, shape, assignment in _rows(cm):
+        if facts.group != "gemm" and assignment is None:
+            continue
+        deciders = dict(assignment.decided_by) if assignment else {}
+        decided = ", ".join(sorted({d.split(" (")[0] for d in deciders.values()})) or "-"
+        specs = (assignment.forward, assignment.backward) if assignment else (ArithSpec(), ArithSpec())
+        rows.append((node.name, facts.op_type, facts.name, "x".join(map(str, shape)) if shape else "?",
+                     *(_role_text(assignment, r) for r in _ROLE_COLUMNS), *map(_spec_text, specs), decided))
+    widths = [max(len(str(r[i])) for r in (head, *rows)) for i in range(len(head))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
+    title = f"policy '{cm.policy.name}' ({cm.policy.source}), level {cm.level}"
+    return "\n".join([title, line(head), line(tuple("-" * w for w in widths)), *map(line, rows), *cm.warnings])
+
+
+def explain(cm: "CompiledModel", name: str) -> str:
+    """Every section that applied to the op with qualified name (or node name) ``name``, and
+    what each set; the last line is the result."""
+    found = [(node, facts, a) for node, facts, _, a in _rows(cm) if name in (facts.name, node.name)]
+    if not found:
+        names = sorted({f.name for _, f, _, _ in _rows(cm)})
+        close = [n for n in names if name in n][:5]
+        raise KeyError(f"no op named {name!r} in this model" + (f"; ops containing it: {', '.join(close)}" if close else ""))
+    node, facts, assignment = found[0]
+    policy, lines = cm.policy, [f"{node.name}: {facts.op_type} '{facts.name}' (group {facts.group or '-'}, "
+                                f"GEMM index {facts.index if facts.index is not None else '-'})"]
+    sections = ([("default", policy.default)] if facts.group == "gemm" else []) + \
+        [(rule.label, rule.settings) for rule in policy.rules if assignment and rule.label in assignment.matched]
+    for label, settings in sections:
+        what = [f"{r}={'fp32' if s.quant is None else s.quant}" for r, s in settings.roles]
+        what += [f"{k}=({_spec_text(v)})" for k, v in (("forward", settings.forward), ("backward", settings.backward)) if v]
+        lines.append(f"  {label}: {', '.join(what) or 'nothing'}")
+    if not sections:
+        lines.append("  no section of the policy applies: the op runs as it is")
+    if assignment:
+        result = [f"{r}={_role_text(assignment, r)}" for r in ROLES if r in dict(assignment.roles)]
+        lines.append(f"  => {', '.join(result) or 'no roles'}; forward {_spec_text(assignment.forward)}, "
+                     f"backward {_spec_text(assignment.backward)} (level {cm.level})")
+    return "\n".join(lines)
+
+
+def _spec_mapping(spec: ArithSpec) -> dict[str, Any]:
+    fields = {"mul": None if spec.mul is None else str(spec.mul), "acc": str(spec.acc), "order": spec.order,
+              "rounding": spec.rounding, "mul_rounding": spec.mul_rounding, "fma": spec.fma, "kahan": spec.kahan}
+    return fields | ({"sr_bits": spec.sr_bits} if spec.sr_bits is not None else {})
+
+
+def lock(cm: "CompiledModel") -> dict[str, Any]:
+    """The resolved assignment as a policy (a dict) that reproduces this compiled model."""
+    rules = []
+    for node, facts, _, assignment in _rows(cm):
+        if assignment is None:
+            continue
+        rule: dict[str, Any] = {"match": {"name_regex": re.escape(facts.name)}}
+        for role, setting in assignment.roles:
+            if setting.quant is None or setting.sr_bits is None:
+                rule[role] = None if setting.quant is None else str(setting.quant)
+            else:
+                q = setting.quant
+                rule[role] = {"format": str(q.fmt), "rounding": q.rounding, "scaling": q.scaling,
+                              "saturate": q.saturate, "sr_bits": setting.sr_bits}
+        rule["forward"], rule["backward"] = _spec_mapping(assignment.forward), _spec_mapping(assignment.backward)
+        rules.append(rule)
+    return {"version": 1, "name": f"{cm.policy.name}.lock",
+            "description": f"resolved from {cm.policy.source} at level {cm.level}", "rules": rules}
+
+
+def to_json(cm: "CompiledModel") -> str:
+    return json.dumps(lock(cm), indent=1)
