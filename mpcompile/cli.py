@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from .formats import BlockFormat, FixedFormat, FloatFormat, Format, get, names, 
 from .ops.spec import ROLES
 from .policy import Policy, Settings, load_policy
 
-__all__ = ["main", "formats_table", "policy_summary"]
+__all__ = ["main", "formats_table", "policy_summary", "build_model", "inspect_model"]
 
 
 def _specials(fmt: Format) -> str:
@@ -54,6 +55,41 @@ def policy_summary(policy: Policy) -> str:
     return "\n".join(lines)
 
 
+def build_model(spec: str):
+    """A torchvision model name (``resnet18``) or ``package.module:factory``, built untrained."""
+    import importlib
+
+    import torchvision
+
+    if ":" in spec:
+        module, _, factory = spec.partition(":")
+        try:
+            return getattr(importlib.import_module(module), factory)()
+        except (ImportError, AttributeError) as err:
+            raise MpcompileError(f"model {spec!r}: {err}; give package.module:factory, a callable that builds it")
+    names = torchvision.models.list_models(module=torchvision.models)
+    if spec not in names:
+        close = difflib.get_close_matches(spec, names, n=3)
+        raise MpcompileError(f"model {spec!r} is not a torchvision classification model"
+                             + (f"; did you mean {', '.join(close)}?" if close else "") + " (or give package.module:factory)")
+    return torchvision.models.get_model(spec)
+
+
+def inspect_model(model_spec: str, policy: str, shape: str, fmt: str) -> str:
+    """What ``mpcompile inspect`` prints: the compiled model's table or JSON lock."""
+    import torch
+
+    from .compiler import compile as compile_model
+
+    try:
+        dims = tuple(int(d) for d in shape.split(","))
+    except ValueError:
+        raise MpcompileError(f"--input-shape {shape!r}: give comma-separated sizes, e.g. 1,3,224,224") from None
+    cm = compile_model(build_model(model_spec).eval(), Path(policy) if policy.endswith((".yaml", ".yml")) else policy,
+                       (torch.randn(dims),))
+    return cm.table() if fmt == "table" else cm.to_json()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mpcompile", description="Mixed-precision compiler for PyTorch.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -61,10 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     fp.add_argument("specs", nargs="*", help="format names or specs, e.g. e5m10 'p3109(8,3)' 'mx(fp6_e3m2,16)'")
     cp = sub.add_parser("check", help="read and validate precision policies (YAML files)")
     cp.add_argument("policies", nargs="+", help="policy files, e.g. policies/hfp8.yaml")
+    ip = sub.add_parser("inspect", help="compile a model under a policy and show what each op gets")
+    ip.add_argument("model", help="a torchvision model name (resnet18) or package.module:factory")
+    ip.add_argument("--policy", default="version: 1\n", help="a policy file (default: fp32, nothing changed)")
+    ip.add_argument("--input-shape", default="1,3,224,224", help="example input shape (default 1,3,224,224)")
+    ip.add_argument("--format", choices=("table", "json"), default="table")
     args = ap.parse_args(argv)
     try:
         if args.command == "formats":
             print(formats_table([parse(s) for s in args.specs] if args.specs else [get(n) for n in names()]))
+        elif args.command == "inspect":
+            print(inspect_model(args.model, args.policy, args.input_shape, args.format))
         elif args.command == "check":
             for path in args.policies:
                 print(policy_summary(load_policy(Path(path))))

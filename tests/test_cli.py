@@ -30,3 +30,19 @@ def test_check_summarises_a_policy_and_reports_its_errors(tmp_path, capsys):
                    f"  rules[0] ({good}:5:5): keep fp32"]
     assert main(["check", str(bad)]) == 2
     assert f"{bad}:3:3: unknown key 'inptu' in default" in capsys.readouterr().err
+
+
+def test_inspect_prints_the_table_or_the_lock(tmp_path, capsys):
+    policy = tmp_path / "p.yaml"
+    policy.write_text("version: 1\nname: p\ndefault: {weight: bf16}\n")
+    assert main(["inspect", "test_compiler:SmallCNN", "--policy", str(policy), "--input-shape", "1,3,16,16"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"policy 'p' ({policy}), level 0"
+    assert [line.split()[:6] for line in lines[3:]] == [
+        ["conv1", "Conv2d", "conv1", "1x8x16x16", "-", "bf16"], ["conv2", "Conv2d", "conv2", "1x8x7x7", "-", "bf16"],
+        ["fc", "Linear", "fc", "1x10", "-", "bf16"]]
+    assert main(["inspect", "test_compiler:SmallCNN", "--policy", str(policy), "--input-shape", "1,3,16,16",
+                 "--format", "json"]) == 0
+    assert '"name": "p.lock"' in capsys.readouterr().out
+    assert main(["inspect", "resnet81"]) == 2
+    assert "did you mean resnet18" in capsys.readouterr().err
