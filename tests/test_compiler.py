@@ -150,3 +150,12 @@ def test_untraceable_models_name_the_line_and_the_way_out():
     model = cm.graph_module
     assert _mpc_calls(cm) == ["linear"]
     assert torch.equal(cm(x), F.linear(model.branch(x), quantize(model.fc.weight, "bf16"), model.fc.bias))
+
+
+def test_shape_propagation_leaves_the_model_as_it_was():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cm = mpcompile.compile(model, "version: 1\n", (torch.randn(1, 3, 8, 8),))  # batch 1: train-mode BN would fail
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # running stats untouched
+    assert cm._traced[0].graph.find_nodes(op="call_module", target="3")[0].meta["mpc"]["shape"] == (1, 4, 1, 1)

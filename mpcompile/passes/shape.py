@@ -11,14 +11,20 @@ __all__ = ["propagate_shapes"]
 
 
 def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple) -> None:
-    """Run ``gm`` once on ``example_inputs`` (without gradients) and record output shapes.
+    """Run ``gm`` once on ``example_inputs`` and record output shapes. It runs in eval mode
+    without gradients, so batch norms neither update their statistics nor need a batch > 1.
 
     Args:
         gm: the traced model.
         example_inputs: positional inputs of its forward.
     """
-    with torch.no_grad():
-        ShapeProp(gm).propagate(*example_inputs)
+    modes = [(m, m.training) for m in gm.modules()]
+    try:
+        with torch.no_grad():
+            ShapeProp(gm.eval()).propagate(*example_inputs)
+    finally:
+        for module, training in modes:
+            module.training = training
     for node in gm.graph.nodes:
         meta = node.meta.get("tensor_meta")
         if meta is not None and hasattr(meta, "shape"):
