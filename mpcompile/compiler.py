@@ -14,8 +14,8 @@ from typing import Any, Iterable, Mapping
 import torch
 import torch.nn as nn
 
-from .errors import MpcompileError
-from .passes import assign_formats, classify, lower, propagate_shapes
+from .errors import MpcompileError, PolicyError
+from .passes import assign_formats, classify, collect_stats, estimate_condition, lower, propagate_shapes
 from .passes.assign import unmatched_rules
 from .policy import Policy, load_policy
 
@@ -57,17 +57,22 @@ class CompiledModel(nn.Module):
         policy: the policy in force; level: its level; warnings: rules that matched no op.
     """
 
-    def __init__(self, traced: torch.fx.GraphModule, policy: Policy, level: "int | str"):
+    def __init__(self, traced: torch.fx.GraphModule, policy: Policy, level: "int | str", batches: list[tuple]):
         super().__init__()
         self._traced = [traced]  # analysis results live on its nodes; a list keeps it out of the module tree
         self.policy, self.level, self.warnings = policy, level, []
         self.recompile(policy, level)
+        if batches:
+            collect_stats(traced, self.graph_module, batches)
 
     def recompile(self, policy: "Policy | Mapping | str | Path | None" = None, level: "int | str | None" = None) -> None:
-        """Re-assign formats (from a new policy and/or level) and re-lower; parameters are kept."""
+        """Re-assign formats (from a new policy and/or level) and re-lower; parameters are kept.
+        Format statistics (``compile``'s calibration) describe the first assignment: dropped here."""
         self.policy = self.policy if policy is None else load_policy(policy)
         self.level = (0 if policy is not None else self.level) if level is None else level
         traced = self._traced[0]
+        for node in traced.graph.nodes:
+            node.meta.get("mpc", {}).pop("stats", None)
         assign_formats(traced, self.policy, self.level)
         self.graph_module = lower(traced)
         self.warnings = [f"{label}: matches no op of this model" for label in unmatched_rules(traced, self.policy)]
@@ -99,7 +104,8 @@ class CompiledModel(nn.Module):
 
 
 def compile(model: nn.Module, policy: "Policy | Mapping | str | Path", example_inputs: Iterable | None = None, *,
-            leaf_modules: Iterable[type] = (), level: "int | str" = 0) -> CompiledModel:
+            leaf_modules: Iterable[type] = (), calibration: Iterable | None = None,
+            level: "int | str" = 0) -> CompiledModel:
     """Trace ``model`` with torch.fx and lower it under ``policy``.
 
     Args:
@@ -107,11 +113,21 @@ def compile(model: nn.Module, policy: "Policy | Mapping | str | Path", example_i
         policy: a ``Policy``, a mapping, a path to a YAML file, or YAML text.
         example_inputs: positional inputs; when given, shapes and dtypes are recorded per node.
         leaf_modules: module types kept as opaque calls (they run unchanged).
+        calibration: batches (a tensor or a tuple of forward's arguments each) on which the
+            condition and stats passes run; default: ``example_inputs`` as one batch.
         level: the policy level to start at.
     """
     policy = load_policy(policy)
+    kappa_rules = [rule.label for rule in policy.rules if rule.match.needs_kappa]
+    if kappa_rules and calibration is None and example_inputs is None:
+        raise PolicyError(f"{kappa_rules[0]}: selects on kappa, which the condition pass estimates on data: "
+                          f"give compile() calibration= batches or example_inputs")
     traced = _trace(model, tuple(leaf_modules))
     if example_inputs is not None:
         propagate_shapes(traced, tuple(example_inputs))
     classify(traced)
-    return CompiledModel(traced, policy, level)
+    batches = [tuple(example_inputs)] if calibration is None and example_inputs is not None else \
+        [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in calibration or ()]
+    if batches:
+        estimate_condition(traced, batches)
+    return CompiledModel(traced, policy, level, batches)

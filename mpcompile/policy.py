@@ -174,7 +174,7 @@ class Selector:
     first: bool | None = None  # position among GEMM-like ops in execution order
     last: bool | None = None
     index: tuple[int, ...] = ()  # negative counts from the end
-    kappa_above: float | None = None  # needs the condition pass
+    kappa_above: float | None = None  # the condition pass's estimate; ops without one never match
     kappa_below: float | None = None
 
     @property
@@ -190,8 +190,8 @@ class Selector:
                 and (self.last is None or (pos is not None and pos == op.gemm_count - 1) == self.last)
                 and (not self.index or (pos is not None and any(pos == (i if i >= 0 else op.gemm_count + i)
                                                                  for i in self.index)))
-                and (self.kappa_above is None or op.kappa > self.kappa_above)
-                and (self.kappa_below is None or op.kappa < self.kappa_below))
+                and (self.kappa_above is None or (op.kappa is not None and op.kappa > self.kappa_above))
+                and (self.kappa_below is None or (op.kappa is not None and op.kappa < self.kappa_below)))
 
 
 @dataclass(frozen=True)
@@ -281,9 +281,6 @@ class Policy:
         if op.group == "gemm":
             apply(self.default, "default", False)
         for rule in self.rules:
-            if rule.match.needs_kappa and op.kappa is None:
-                raise PolicyError(f"{rule.label}: selects on kappa, which needs the condition pass: give "
-                                  f"compile() calibration data or example_inputs")
             if rule.match.matches(op):
                 apply(rule.settings, rule.label, False)
                 matched.append(rule.label)

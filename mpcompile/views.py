@@ -38,19 +38,25 @@ def _spec_text(spec: ArithSpec) -> str:
 
 
 def table(cm: "CompiledModel") -> str:
-    """One line per GEMM-like op and per op a rule quantizes: its formats, arithmetic and the
-    sections that decided them. Columns kappa / overflow / SQNR appear once the condition and
-    stats passes have run."""
-    head = ("node", "op", "module", "shape", *_ROLE_COLUMNS, "forward", "backward", "decided by")
+    """One line per GEMM-like op and per op a rule quantizes: its formats, arithmetic, the
+    sections that decided them and, with calibration data, its condition number (p99), the
+    largest overflow / flush-to-zero shares of its roles and its output's SQNR."""
+    head = ("node", "op", "module", "shape", *_ROLE_COLUMNS, "forward", "backward", "decided by", "kappa p99",
+            "max ovf/ftz %", "SQNR dB")
     rows = []
     for node, facts, shape, assignment in _rows(cm):
         if facts.group != "gemm" and assignment is None:
             continue
         deciders = dict(assignment.decided_by) if assignment else {}
-        decided = ", ".join(sorted({d.split(" (")[0] for d in deciders.values()})) or "-"
+        decided = ",".join(sorted({d.split(" (")[0] for d in deciders.values()})) or "-"
         specs = (assignment.forward, assignment.backward) if assignment else (ArithSpec(), ArithSpec())
+        stats = node.meta["mpc"].get("stats", {})
+        shares = [s for role, s in stats.items() if role != "sqnr_db"]
         rows.append((node.name, facts.op_type, facts.name, "x".join(map(str, shape)) if shape else "?",
-                     *(_role_text(assignment, r) for r in _ROLE_COLUMNS), *map(_spec_text, specs), decided))
+                     *(_role_text(assignment, r) for r in _ROLE_COLUMNS), *map(_spec_text, specs), decided,
+                     "-" if facts.kappa is None else f"{facts.kappa:.3g}",
+                     f"{100 * max(s['overflow'] for s in shares):.2g}/{100 * max(s['flush_to_zero'] for s in shares):.2g}"
+                     if shares else "-", f"{stats['sqnr_db']:.1f}" if "sqnr_db" in stats else "-"))
     widths = [max(len(str(r[i])) for r in (head, *rows)) for i in range(len(head))]
     line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
     title = f"policy '{cm.policy.name}' ({cm.policy.source}), level {cm.level}"

@@ -105,10 +105,9 @@ def test_selectors(match, hits):
     assert {op.name for op in ops if p.resolve(op).matched} == hits
 
 
-def test_kappa_rules_need_the_condition_pass():
-    p = load_policy("version: 1\nrules:\n  - match: {kappa_above: 10}\n    keep: fp32\n")
-    with pytest.raises(PolicyError, match=r"rules\[0\] \(<string>:3:5\): selects on kappa.*calibration"):
-        p.resolve(FC)
+def test_kappa_selectors_skip_ops_without_an_estimate():
+    p = load_policy("version: 1\nrules:\n  - match: {kappa_below: 10}\n    keep: fp32\n")
+    assert p.resolve(FC).matched == () and len(p.resolve(NodeFacts(**{**vars(FC), "kappa": 2.0})).matched) == 1
 
 
 def test_rounding_and_saturate_are_defaults_for_what_is_below():

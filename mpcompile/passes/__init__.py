@@ -4,12 +4,10 @@ Each pass states what it reads and writes; everything it writes is under ``node.
 """
 from .assign import assign_formats
 from .classify import GEMM_KINDS, classify
+from .condition import estimate_condition
 from .lower import lower
 from .shape import propagate_shapes
+from .stats import collect_stats
 
-__all__ = ["propagate_shapes", "classify", "assign_formats", "lower", "GEMM_KINDS", "mpc_meta"]
-
-
-def mpc_meta(node) -> dict:
-    """The pass metadata of an fx node (created on first use)."""
-    return node.meta.setdefault("mpc", {})
+__all__ = ["propagate_shapes", "classify", "estimate_condition", "assign_formats", "lower", "collect_stats",
+           "GEMM_KINDS"]

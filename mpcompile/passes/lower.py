@@ -1,6 +1,8 @@
 """lower: put ``mpc::`` ops where the assignment quantizes anything.
 
-Reads: ``meta["mpc"]["gemm"]`` (classify) and ``["assignment"]`` (assign). Writes a new graph:
+Reads: ``meta["mpc"]["gemm"]`` (classify) and ``["assignment"]`` (assign). Writes a new graph
+whose node standing for a traced node carries its meta plus ``meta["mpc"]["node"]`` (the
+traced node's name):
 a GEMM-like node with an assignment becomes one call of ``mpcompile.ops`` (``linear``,
 ``conv1d/2d/3d``, ``matmul``: an ``mpc::`` op) with its roles and specs as strings; any other
 node gets ``ops.quant`` on its tensor inputs and its output for the ``input`` / ``output``
@@ -38,7 +40,7 @@ def lower(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             env[node] = _gemm(gm, graph, node, meta, env)
         else:
             env[node] = _quantized_io(graph, node, assignment, env)
-        env[node].meta = dict(node.meta)
+        env[node].meta = {**node.meta, "mpc": {**node.meta.get("mpc", {}), "node": node.name}}
     lowered = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     return lowered
 

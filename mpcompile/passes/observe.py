@@ -1,0 +1,38 @@
+"""Run a traced graph on calibration data and hand each call node's inputs and output to a
+callback (used by the condition and stats passes; eval mode, no gradients, modes restored)."""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+
+__all__ = ["observe"]
+
+
+class _Observer(torch.fx.Interpreter):
+    def __init__(self, gm: torch.fx.GraphModule, callback: Callable):
+        super().__init__(gm)
+        self.callback = callback
+
+    def run_node(self, node: torch.fx.Node):
+        if node.op not in ("call_module", "call_function", "call_method"):
+            return super().run_node(node)
+        args, kwargs = self.fetch_args_kwargs_from_env(node)
+        # copies: an in-place op (ReLU(inplace=True)) would otherwise overwrite what the callback sees
+        args = torch.fx.node.map_aggregate(args, lambda a: a.clone() if isinstance(a, torch.Tensor) else a)
+        out = super().run_node(node)
+        self.callback(node, args, kwargs, out)
+        return out
+
+
+def observe(gm: torch.fx.GraphModule, batches: Iterable[tuple], callback: Callable) -> None:
+    """``callback(node, args, kwargs, output)`` for every call node, batch after batch."""
+    modes = [(m, m.training) for m in gm.modules()]
+    try:
+        gm.eval()
+        with torch.no_grad():
+            for batch in batches:
+                _Observer(gm, callback).run(*batch)
+    finally:
+        for module, training in modes:
+            module.training = training

@@ -1,0 +1,73 @@
+"""stats: what the assigned formats do to calibration data.
+
+Reads: ``meta["mpc"]["assignment"]`` (assign) on the traced graph, and the lowered graph (lower
+copies each node's meta, so ``meta["mpc"]["node"]`` names the traced node it came from).
+Writes ``meta["mpc"]["stats"]`` on each quantized traced node: per role with a format and no
+scaling, the fractions of values that overflow (above max), flush to zero (below half the
+smallest subnormal) and land subnormal; and ``sqnr_db``, the signal-to-quantization-noise ratio
+of the node's output in the lowered model against the fp32 model (errors of earlier layers
+included), over all batches.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+from .observe import observe
+
+__all__ = ["collect_stats"]
+
+
+def _role_values(gm, node, role: str, args, out):
+    if role == "output":
+        return out
+    if role == "input":
+        return args[0]
+    if role == "weight":
+        return gm.get_submodule(node.target).weight if node.op == "call_module" else args[1]
+    return None
+
+
+def collect_stats(traced: torch.fx.GraphModule, lowered: torch.fx.GraphModule, batches: Iterable[tuple]) -> None:
+    """Record format statistics and SQNR of every quantized node (see the module docstring)."""
+    batches = list(batches)
+    counts: dict[str, dict[str, list[int]]] = {}
+    reference: dict[str, list[torch.Tensor]] = {}
+
+    def fp32(node, args, kwargs, out):
+        assignment = node.meta.get("mpc", {}).get("assignment")
+        if assignment is None or not assignment.quantizes or not isinstance(out, torch.Tensor):
+            return
+        reference.setdefault(node.name, []).append(out.double())
+        for role, setting in assignment.roles:
+            q = setting.quant
+            values = _role_values(traced, node, role, args, out)
+            if q is None or q.scaling != "none" or not hasattr(q.fmt, "min_subnormal") or values is None:
+                continue
+            a = values.detach().abs()
+            tally = counts.setdefault(node.name, {}).setdefault(role, [0, 0, 0, 0])
+            tally[0] += int((a > q.fmt.max).sum())
+            tally[1] += int(((a > 0) & (a < q.fmt.min_subnormal / 2)).sum())
+            tally[2] += int(((a >= q.fmt.min_subnormal / 2) & (a < q.fmt.min_normal)).sum())
+            tally[3] += a.numel()
+
+    observe(traced, batches, fp32)
+    noise: dict[str, list[float]] = {}
+
+    def low(node, args, kwargs, out):
+        name = node.meta.get("mpc", {}).get("node")
+        if name in reference and isinstance(out, torch.Tensor):
+            ref = reference[name][len(noise.setdefault(name, [])) // 2]
+            noise[name] += [float(ref.square().sum()), float((ref - out.double()).square().sum())]
+
+    observe(lowered, batches, low)
+    for node in traced.graph.nodes:
+        if node.name not in reference:
+            continue
+        signal, err = sum(noise.get(node.name, [])[0::2]), sum(noise.get(node.name, [])[1::2])
+        stats = {role: {"overflow": t[0] / t[3], "flush_to_zero": t[1] / t[3], "subnormal": t[2] / t[3]}
+                 for role, t in counts.get(node.name, {}).items() if t[3]}
+        stats["sqnr_db"] = math.inf if err == 0 else (10 * math.log10(signal / err) if signal else -math.inf)
+        node.meta["mpc"]["stats"] = stats

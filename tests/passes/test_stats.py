@@ -1,0 +1,39 @@
+"""The stats pass (mpcompile/passes/stats.py): format shares and SQNR against direct counts."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+import mpcompile
+from mpcompile import quantize
+
+
+def _stats(cm, name):
+    return next(n for n in cm._traced[0].graph.nodes if n.name == name).meta["mpc"].get("stats")
+
+
+def test_shares_of_overflow_flush_and_subnormal():
+    torch.manual_seed(0)
+    net = nn.Linear(8, 3)
+    # fp8_e4m3: max 448, smallest subnormal 2**-9 (below 2**-10 rounds to 0), smallest normal 2**-6
+    x = torch.tensor([[500.0, -1000.0, 2.0**-11, 2.0**-10, 2.0**-7, 0.0, 1.0, -3.0]] * 2)
+    cm = mpcompile.compile(net, "version: 1\ndefault: {input: 'fp8_e4m3:sat'}\n", (x,))  # saturated: SQNR stays finite
+    s = _stats(cm, "linear")  # a bare Linear traces to F.linear
+    assert s["input"] == {"overflow": 2 / 8, "flush_to_zero": 1 / 8, "subnormal": 2 / 8}
+    y, yq = net(x).double(), cm(x).double()
+    assert s["sqnr_db"] == 10 * math.log10(y.square().sum().item() / (y - yq).square().sum().item())
+
+
+def test_lossless_formats_have_infinite_sqnr_and_recompile_drops_stats():
+    torch.manual_seed(0)
+    net = nn.Linear(8, 3)
+    with torch.no_grad():
+        net.weight.copy_(quantize(net.weight, "bf16"))
+    x = quantize(torch.randn(4, 8), "bf16")
+    cm = mpcompile.compile(net, "version: 1\ndefault: {input: bf16, weight: bf16}\n", (x,))
+    (stats,) = [n.meta["mpc"]["stats"] for n in cm._traced[0].graph.nodes if "stats" in n.meta.get("mpc", {})]
+    assert stats["sqnr_db"] == math.inf and stats["weight"]["overflow"] == 0
+    cm.recompile(level=0)
+    assert all("stats" not in n.meta.get("mpc", {}) for n in cm._traced[0].graph.nodes)
