@@ -75,19 +75,22 @@ def build_model(spec: str):
     return torchvision.models.get_model(spec)
 
 
-def inspect_model(model_spec: str, policy: str, shape: str, fmt: str) -> str:
-    """What ``mpcompile inspect`` prints: the compiled model's table or JSON lock."""
+def inspect_model(model_spec: str, policy: str, shape: str, fmt: str, calibrate: bool = False) -> str:
+    """What ``mpcompile inspect`` prints: the compiled model's table, JSON lock, DOT or SVG.
+    With ``calibrate`` the condition and stats passes run on a random batch of that shape."""
     import torch
 
     from .compiler import compile as compile_model
+    from .views import to_svg
 
     try:
         dims = tuple(int(d) for d in shape.split(","))
     except ValueError:
         raise MpcompileError(f"--input-shape {shape!r}: give comma-separated sizes, e.g. 1,3,224,224") from None
     cm = compile_model(build_model(model_spec).eval(), Path(policy) if policy.endswith((".yaml", ".yml")) else policy,
-                       (torch.randn(dims),))
-    return cm.table() if fmt == "table" else cm.to_json()
+                       (torch.randn(dims),), calibration=None if calibrate else [])
+    views = {"table": cm.table, "json": cm.to_json, "dot": cm.to_dot, "svg": lambda: to_svg(cm)}
+    return views[fmt]()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,13 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     ip.add_argument("model", help="a torchvision model name (resnet18) or package.module:factory")
     ip.add_argument("--policy", default="version: 1\n", help="a policy file (default: fp32, nothing changed)")
     ip.add_argument("--input-shape", default="1,3,224,224", help="example input shape (default 1,3,224,224)")
-    ip.add_argument("--format", choices=("table", "json"), default="table")
+    ip.add_argument("--format", choices=("table", "json", "dot", "svg"), default="table")
+    ip.add_argument("--calibrate", action="store_true", help="estimate kappa, overflow and SQNR on a random batch")
     args = ap.parse_args(argv)
     try:
         if args.command == "formats":
             print(formats_table([parse(s) for s in args.specs] if args.specs else [get(n) for n in names()]))
         elif args.command == "inspect":
-            print(inspect_model(args.model, args.policy, args.input_shape, args.format))
+            print(inspect_model(args.model, args.policy, args.input_shape, args.format, args.calibrate))
         elif args.command == "check":
             for path in args.policies:
                 print(policy_summary(load_policy(Path(path))))

@@ -97,6 +97,21 @@ class CompiledModel(nn.Module):
         from .views import to_json
         return to_json(self)
 
+    def to_networkx(self):
+        """The graph as a networkx DiGraph with each op's formats, arithmetic and bits."""
+        from .views import to_networkx
+        return to_networkx(self)
+
+    def to_dot(self) -> str:
+        """Graphviz DOT text of the graph, each op coloured by its operand bits."""
+        from .views import to_dot
+        return to_dot(self)
+
+    def save_svg(self, path: "str | Path") -> None:
+        """Write the graph as SVG (self-contained; Graphviz is not needed)."""
+        from .views import to_svg
+        Path(path).write_text(to_svg(self))
+
     def assignments(self) -> dict[str, Any]:
         """Node name -> ``Assignment``, for every node the policy quantizes."""
         return {n.name: n.meta["mpc"]["assignment"] for n in self._traced[0].graph.nodes

@@ -1,4 +1,5 @@
-"""Views of a CompiledModel: a text table, a per-node explanation, and a JSON lock file.
+"""Views of a CompiledModel: a text table, a per-node explanation, a JSON lock file, and the
+graph (networkx, DOT, SVG) coloured by the bits of each op's operands.
 
 The lock (``to_json``) is a policy with one rule per assigned node (an exact ``name_regex``)
 that sets every role and both arithmetic specs as resolved, so loading it back reproduces the
@@ -6,9 +7,12 @@ compiled model exactly, whatever rules, levels and defaults produced it.
 """
 from __future__ import annotations
 
+import html
 import json
 import re
 from typing import TYPE_CHECKING, Any
+
+import networkx as nx
 
 from .ops.spec import ROLES, ArithSpec
 from .policy import Assignment
@@ -16,7 +20,7 @@ from .policy import Assignment
 if TYPE_CHECKING:
     from .compiler import CompiledModel
 
-__all__ = ["table", "explain", "lock", "to_json"]
+__all__ = ["table", "explain", "lock", "to_json", "to_networkx", "to_dot", "to_svg"]
 
 _ROLE_COLUMNS = ("input", "weight", "output", "grad_output")
 
@@ -117,3 +121,70 @@ def lock(cm: "CompiledModel") -> dict[str, Any]:
 
 def to_json(cm: "CompiledModel") -> str:
     return json.dumps(lock(cm), indent=1)
+
+
+# by the widest operand format of an op: 32 (or untouched) grey, 16 blue, 8 orange, fewer red
+_COLOURS = ((4, "#e06666"), (8, "#f6b26b"), (16, "#9fc5e8"), (64, "#d9d9d9"))
+
+
+def _bits(assignment: Assignment | None) -> int:
+    widths = [s.quant.fmt.bits for role, s in (assignment.roles if assignment and assignment.quantizes else ())
+              if s.quant is not None and role in ("input", "weight")]
+    return max(widths, default=32)
+
+
+def to_networkx(cm: "CompiledModel") -> nx.DiGraph:
+    """The traced graph: a node per fx node (attributes op, module, shape, bits, roles, forward,
+    backward, kappa), an edge per use."""
+    g = nx.DiGraph()
+    for node in cm._traced[0].graph.nodes:
+        mpc = node.meta.get("mpc", {})
+        facts, assignment = mpc.get("facts"), mpc.get("assignment")
+        g.add_node(node.name, op=facts.op_type if facts else node.op, module=facts.name if facts else node.name,
+                   shape=mpc.get("shape"), bits=_bits(assignment),
+                   roles={r: _role_text(assignment, r) for r, _ in assignment.roles} if assignment else {},
+                   forward=_spec_text(assignment.forward) if assignment else "torch",
+                   backward=_spec_text(assignment.backward) if assignment else "torch",
+                   kappa=facts.kappa if facts else None)
+        g.add_edges_from((arg.name, node.name) for arg in node.all_input_nodes)
+    return g
+
+
+def _label(name: str, data: dict) -> list[str]:
+    roles = ", ".join(f"{r}={f}" for r, f in data["roles"].items() if r in ("input", "weight", "output"))
+    return [name, data["op"]] + ([roles] if roles else []) + ([data["forward"]] if data["forward"] != "torch" else [])
+
+
+def _colour(bits: int) -> str:
+    return next(c for limit, c in _COLOURS if bits <= limit)
+
+
+def to_dot(cm: "CompiledModel") -> str:
+    """Graphviz DOT text of ``to_networkx``, each op filled by its operand bits."""
+    g = to_networkx(cm)
+    lines = [f'digraph "{cm.policy.name}" {{', "  node [shape=box, style=filled, fontname=monospace];"]
+    for name, data in g.nodes(data=True):
+        label = "\\n".join(t.replace('"', '\\"') for t in _label(name, data))
+        lines.append(f'  "{name}" [label="{label}", fillcolor="{_colour(data["bits"])}"];')
+    lines += [f'  "{a}" -> "{b}";' for a, b in g.edges]
+    return "\n".join(lines + ["}"])
+
+
+def to_svg(cm: "CompiledModel") -> str:
+    """A self-contained SVG: ops top to bottom in execution order, edges on the left, each box
+    filled by its operand bits (no Graphviz needed)."""
+    g = to_networkx(cm)
+    order = {name: i for i, name in enumerate(g.nodes)}
+    row, width, left = 46, 640, 40
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{row * len(order) + 20}" '
+             f'font-family="monospace" font-size="11">']
+    for a, b in g.edges:
+        ya, yb, bend = order[a] * row + 30, order[b] * row + 30, left - 8 - 4 * min(6, order[b] - order[a])
+        parts.append(f'<path d="M{left},{ya} C{bend},{ya} {bend},{yb} {left},{yb}" fill="none" stroke="#666"/>')
+    for name, data in g.nodes(data=True):
+        y = order[name] * row + 10
+        parts.append(f'<rect x="{left}" y="{y}" width="{width - left - 10}" height="{row - 8}" rx="4" '
+                     f'fill="{_colour(data["bits"])}" stroke="#444"/>')
+        for i, text in enumerate(_label(name, data)[:3]):
+            parts.append(f'<text x="{left + 6}" y="{y + 13 + 12 * i}">{html.escape(text)}</text>')
+    return "\n".join(parts + ["</svg>"])

@@ -46,3 +46,15 @@ def test_inspect_prints_the_table_or_the_lock(tmp_path, capsys):
     assert '"name": "p.lock"' in capsys.readouterr().out
     assert main(["inspect", "resnet81"]) == 2
     assert "did you mean resnet18" in capsys.readouterr().err
+
+
+def test_inspect_calibrates_and_draws(capsys):
+    args = ["inspect", "test_compiler:SmallCNN", "--policy", "version: 1\ndefault: {weight: fp8_e4m3}\n",
+            "--input-shape", "2,3,16,16"]
+    assert main(args) == 0
+    assert [line.split()[-4:] for line in capsys.readouterr().out.splitlines()[3:]] == [["default", "-", "-", "-"]] * 3
+    assert main(args + ["--calibrate"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[3:]]
+    assert all(float(r[-3]) >= 1 and float(r[-1]) > 10 for r in rows)  # kappa p99, SQNR dB
+    assert main(args + ["--format", "dot"]) == 0 and capsys.readouterr().out.startswith('digraph "<string>" {')
+    assert main(args + ["--format", "svg"]) == 0 and capsys.readouterr().out.startswith("<svg ")

@@ -76,3 +76,21 @@ def test_the_lock_reproduces_the_compiled_model(level):
     y = cm(x)
     torch.manual_seed(1)
     assert torch.equal(again(x), y)
+
+
+def test_graph_views_colour_ops_by_operand_bits(tmp_path):
+    torch.manual_seed(0)
+    model, x = SmallCNN(), torch.randn(2, 3, 16, 16)
+    cm = mpcompile.compile(model, "version: 1\ndefault: {input: fp8_e4m3, weight: mxfp4_e2m1}\n"
+                                  "rules:\n  - match: {first: true}\n    input: bf16\n    weight: bf16\n", (x,))
+    g = cm.to_networkx()
+    assert [g.nodes[n]["bits"] for n in ("conv1", "conv2", "fc", "relu")] == [16, 8, 8, 32]
+    assert g.nodes["conv2"]["roles"] == {"input": "fp8_e4m3", "weight": "mxfp4_e2m1"}
+    assert set(g.edges) >= {("x", "conv1"), ("conv1", "relu"), ("fc", "add")} and g.number_of_nodes() == 9
+    dot = cm.to_dot()
+    assert '"conv2" [label="conv2\\nConv2d\\ninput=fp8_e4m3, weight=mxfp4_e2m1", fillcolor="#f6b26b"];' in dot
+    assert '"conv1" -> "relu";' in dot
+    cm.save_svg(tmp_path / "g.svg")
+    svg = __import__("xml.etree.ElementTree", fromlist=["parse"]).parse(tmp_path / "g.svg").getroot()
+    rects = svg.findall("{http://www.w3.org/2000/svg}rect")
+    assert len(rects) == 9 and {r.get("fill") for r in rects} == {"#d9d9d9", "#9fc5e8", "#f6b26b"}
