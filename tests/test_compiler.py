@@ -159,3 +159,11 @@ def test_shape_propagation_leaves_the_model_as_it_was():
     assert model.training and all(m.training for m in model.modules())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # running stats untouched
     assert cm._traced[0].graph.find_nodes(op="call_module", target="3")[0].meta["mpc"]["shape"] == (1, 4, 1, 1)
+
+
+def test_roles_a_non_gemm_op_lacks_are_reported():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    with pytest.warns(UserWarning, match=r"node _1 \(LayerNorm '1'\): weight not applied"):
+        cm = mpcompile.compile(model, "version: 1\nrules:\n  - match: {type: norm}\n    weight: bf16\n    output: bf16\n")
+    x = torch.randn(3, 4)
+    assert torch.equal(cm(x), quantize(model(x), "bf16"))  # the output role is applied
