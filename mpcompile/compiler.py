@@ -6,7 +6,7 @@ so an optimizer built on its parameters keeps working across precision changes.
 """
 from __future__ import annotations
 
-import re
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -41,7 +41,7 @@ def _trace(model: nn.Module, leaf_modules: tuple[type, ...]) -> torch.fx.GraphMo
     try:
         graph = _Tracer(leaf_modules).trace(model)
     except Exception as err:  # fx raises TraceError, TypeError, RuntimeError... with the failing line in its traceback
-        frame = next((f for f in reversed(__import__("traceback").extract_tb(err.__traceback__))
+        frame = next((f for f in reversed(traceback.extract_tb(err.__traceback__))
                       if "torch/fx" not in f.filename.replace("\\", "/")), None)
         where = f"{frame.filename}:{frame.lineno}: {frame.line}" if frame else "(no source line)"
         raise CompileError(f"torch.fx cannot trace {type(model).__name__}: {type(err).__name__}: {err}\n"

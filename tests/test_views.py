@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from xml.etree import ElementTree
 
 import pytest
 import torch
@@ -91,6 +92,6 @@ def test_graph_views_colour_ops_by_operand_bits(tmp_path):
     assert '"conv2" [label="conv2\\nConv2d\\ninput=fp8_e4m3, weight=mxfp4_e2m1", fillcolor="#f6b26b"];' in dot
     assert '"conv1" -> "relu";' in dot
     cm.save_svg(tmp_path / "g.svg")
-    svg = __import__("xml.etree.ElementTree", fromlist=["parse"]).parse(tmp_path / "g.svg").getroot()
+    svg = ElementTree.parse(tmp_path / "g.svg").getroot()
     rects = svg.findall("{http://www.w3.org/2000/svg}rect")
     assert len(rects) == 9 and {r.get("fill") for r in rects} == {"#d9d9d9", "#9fc5e8", "#f6b26b"}
