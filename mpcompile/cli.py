@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import io
 import sys
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def inspect_model(model_spec: str, policy: str, shape: str, fmt: str, calibrate:
     import torch
 
     from .compiler import compile as compile_model
-    from .views import to_svg
+    from .views import rich_table, to_svg
 
     try:
         dims = tuple(int(d) for d in shape.split(","))
@@ -89,6 +90,11 @@ def inspect_model(model_spec: str, policy: str, shape: str, fmt: str, calibrate:
         raise MpcompileError(f"--input-shape {shape!r}: give comma-separated sizes, e.g. 1,3,224,224") from None
     cm = compile_model(build_model(model_spec).eval(), Path(policy) if policy.endswith((".yaml", ".yml")) else policy,
                        (torch.randn(dims),), calibration=None if calibrate else [])
+    if fmt == "table" and sys.stdout.isatty():  # colours by operand bits
+        from rich.console import Console
+        console = Console(file=io.StringIO(), force_terminal=True, width=Console().width)
+        console.print(rich_table(cm))
+        return console.file.getvalue().rstrip("\n")
     views = {"table": cm.table, "json": cm.to_json, "dot": cm.to_dot, "svg": lambda: to_svg(cm)}
     return views[fmt]()
 

@@ -6,6 +6,7 @@ so an optimizer built on its parameters keeps working across precision changes.
 """
 from __future__ import annotations
 
+import linecache
 import traceback
 import warnings
 from pathlib import Path
@@ -41,12 +42,18 @@ def _trace(model: nn.Module, leaf_modules: tuple[type, ...]) -> torch.fx.GraphMo
     try:
         graph = _Tracer(leaf_modules).trace(model)
     except Exception as err:  # fx raises TraceError, TypeError, RuntimeError... with the failing line in its traceback
-        frame = next((f for f in reversed(traceback.extract_tb(err.__traceback__))
-                      if "torch/fx" not in f.filename.replace("\\", "/")), None)
-        where = f"{frame.filename}:{frame.lineno}: {frame.line}" if frame else "(no source line)"
+        frames = list(traceback.walk_tb(err.__traceback__))
+        user = [(f, line) for f, line in frames if "torch/fx" not in f.f_code.co_filename.replace("\\", "/")]
+        where = "(no source line)"
+        if user:
+            frame, lineno = user[-1]
+            where = f"{frame.f_code.co_filename}:{lineno}: {linecache.getline(frame.f_code.co_filename, lineno).strip()}"
+        owners = [f.f_locals.get("self") for f, _ in user if f.f_code.co_name == "forward"]
+        owner = next((m for m in reversed(owners) if isinstance(m, nn.Module) and m is not model), None)
+        hint = (f"pass leaf_modules=({type(owner).__name__},) to keep that module opaque (it then runs as it is)"
+                if owner is not None else "keep the untraceable code in a submodule and pass its class as leaf_modules=")
         raise CompileError(f"torch.fx cannot trace {type(model).__name__}: {type(err).__name__}: {err}\n"
-                           f"    at {where}\n  pass the module that holds this code as leaf_modules=(TheModule,) to "
-                           f"keep it opaque (it then runs in fp32)") from err
+                           f"    at {where}\n  {hint}") from err
     return torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
 
 

@@ -20,7 +20,7 @@ from .policy import Assignment
 if TYPE_CHECKING:
     from .compiler import CompiledModel
 
-__all__ = ["table", "explain", "lock", "to_json", "to_networkx", "to_dot", "to_svg"]
+__all__ = ["table", "rich_table", "explain", "lock", "to_json", "to_networkx", "to_dot", "to_svg"]
 
 _ROLE_COLUMNS = ("input", "weight", "output", "grad_output")
 
@@ -41,12 +41,12 @@ def _spec_text(spec: ArithSpec) -> str:
     return "torch" if spec.is_native else str(spec)
 
 
-def table(cm: "CompiledModel") -> str:
-    """One line per GEMM-like op and per op a rule quantizes: its formats, arithmetic, the
-    sections that decided them and, with calibration data, its condition number (p99), the
-    largest overflow / flush-to-zero shares of its roles and its output's SQNR."""
-    head = ("node", "op", "module", "shape", *_ROLE_COLUMNS, "forward", "backward", "decided by", "kappa p99",
-            "max ovf/ftz %", "SQNR dB")
+_HEAD = ("node", "op", "module", "shape", *_ROLE_COLUMNS, "forward", "backward", "decided by", "kappa p99",
+         "max ovf/ftz %", "SQNR dB")
+
+
+def _table_rows(cm: "CompiledModel") -> list[tuple[tuple[str, ...], int]]:
+    """(cells, operand bits) per GEMM-like op and per op a rule quantizes."""
     rows = []
     for node, facts, shape, assignment in _rows(cm):
         if facts.group != "gemm" and assignment is None:
@@ -56,15 +56,39 @@ def table(cm: "CompiledModel") -> str:
         specs = (assignment.forward, assignment.backward) if assignment else (ArithSpec(), ArithSpec())
         stats = node.meta["mpc"].get("stats", {})
         shares = [s for role, s in stats.items() if role != "sqnr_db"]
-        rows.append((node.name, facts.op_type, facts.name, "x".join(map(str, shape)) if shape else "?",
-                     *(_role_text(assignment, r) for r in _ROLE_COLUMNS), *map(_spec_text, specs), decided,
-                     "-" if facts.kappa is None else f"{facts.kappa:.3g}",
-                     f"{100 * max(s['overflow'] for s in shares):.2g}/{100 * max(s['flush_to_zero'] for s in shares):.2g}"
-                     if shares else "-", f"{stats['sqnr_db']:.1f}" if "sqnr_db" in stats else "-"))
-    widths = [max(len(str(r[i])) for r in (head, *rows)) for i in range(len(head))]
+        cells = (node.name, facts.op_type, facts.name, "x".join(map(str, shape)) if shape else "?",
+                 *(_role_text(assignment, r) for r in _ROLE_COLUMNS), *map(_spec_text, specs), decided,
+                 "-" if facts.kappa is None else f"{facts.kappa:.3g}",
+                 f"{100 * max(s['overflow'] for s in shares):.2g}/{100 * max(s['flush_to_zero'] for s in shares):.2g}"
+                 if shares else "-", f"{stats['sqnr_db']:.1f}" if "sqnr_db" in stats else "-")
+        rows.append((cells, _bits(assignment)))
+    return rows
+
+
+def _title(cm: "CompiledModel") -> str:
+    return f"policy '{cm.policy.name}' ({cm.policy.source}), level {cm.level}"
+
+
+def table(cm: "CompiledModel") -> str:
+    """One line per GEMM-like op and per op a rule quantizes: its formats, arithmetic, the
+    sections that decided them and, with calibration data, its condition number (p99), the
+    largest overflow / flush-to-zero shares of its roles and its output's SQNR."""
+    rows = [cells for cells, _ in _table_rows(cm)]
+    widths = [max(len(str(r[i])) for r in (_HEAD, *rows)) for i in range(len(_HEAD))]
     line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
-    title = f"policy '{cm.policy.name}' ({cm.policy.source}), level {cm.level}"
-    return "\n".join([title, line(head), line(tuple("-" * w for w in widths)), *map(line, rows), *cm.warnings])
+    return "\n".join([_title(cm), line(_HEAD), line(tuple("-" * w for w in widths)), *map(line, rows), *cm.warnings])
+
+
+def rich_table(cm: "CompiledModel"):
+    """``table`` as a ``rich`` Table for terminals: each row coloured by its operand bits."""
+    from rich.table import Table
+
+    out = Table(title=_title(cm), caption="\n".join(cm.warnings) or None)
+    for name in _HEAD:
+        out.add_column(name)
+    for cells, bits in _table_rows(cm):
+        out.add_row(*cells, style=f"on {_colour(bits)}" if bits < 32 else None)
+    return out
 
 
 def explain(cm: "CompiledModel", name: str) -> str:

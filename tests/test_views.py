@@ -1,6 +1,7 @@
 """Views of a CompiledModel (mpcompile/views.py): table, explain, the JSON lock."""
 from __future__ import annotations
 
+import io
 import json
 from xml.etree import ElementTree
 
@@ -95,3 +96,14 @@ def test_graph_views_colour_ops_by_operand_bits(tmp_path):
     svg = ElementTree.parse(tmp_path / "g.svg").getroot()
     rects = svg.findall("{http://www.w3.org/2000/svg}rect")
     assert len(rects) == 9 and {r.get("fill") for r in rects} == {"#d9d9d9", "#9fc5e8", "#f6b26b"}
+
+
+def test_the_terminal_table_is_coloured_by_operand_bits():
+    from rich.console import Console
+
+    cm, _, _ = _compiled()
+    console = Console(file=io.StringIO(), force_terminal=True, width=300, color_system="truecolor")
+    console.print(mpcompile.views.rich_table(cm))
+    out = console.file.getvalue()
+    assert "policy 'demo' (<string>), level 0" in out and "fp8_e4m3:channel" in out
+    assert "\x1b[48;2;246;178;107m" in out  # the 8-bit rows' background (#f6b26b)
