@@ -9,8 +9,8 @@ from pathlib import Path
 
 from .errors import MpcompileError
 from .formats import BlockFormat, FixedFormat, FloatFormat, Format, get, names, parse
-from .ops.spec import ROLES
-from .policy import Policy, Settings, load_policy
+from .policy import Policy, load_policy
+from .views import settings_text
 
 __all__ = ["main", "formats_table", "policy_summary", "build_model", "inspect_model"]
 
@@ -36,22 +36,12 @@ def formats_table(fmts: list[Format]) -> str:
     return "\n".join([line(head), line(tuple("-" * w for w in widths)), *map(line, rows)])
 
 
-def _settings_text(settings: Settings) -> str:
-    specs = (settings.forward, settings.backward)
-    if len(settings.roles) == len(ROLES) and all(s.quant is None for _, s in settings.roles) and \
-            all(spec is not None and spec.is_native for spec in specs):
-        return "keep fp32"
-    parts = [f"{role}={'untouched' if s.quant is None else s.quant}" for role, s in settings.roles]
-    parts += [f"{key}=({spec})" for key in ("forward", "backward") if (spec := getattr(settings, key)) is not None]
-    return ", ".join(parts) or "nothing"
-
-
 def policy_summary(policy: Policy) -> str:
     """What a policy sets, section by section, as ``mpcompile check`` prints it."""
     lines = [f"{policy.source}: ok: policy '{policy.name}'" + (f" ({policy.description})" if policy.description else ""),
-             f"  default: {_settings_text(policy.default)}"]
-    lines += [f"  {rule.label}: {_settings_text(rule.settings)}" for rule in policy.rules]
-    lines += [f"  [{i}] {lv.label}: {_settings_text(lv.settings) if i else 'the policy itself'}"
+             f"  default: {settings_text(policy.default)}"]
+    lines += [f"  {rule.label}: {settings_text(rule.settings)}" for rule in policy.rules]
+    lines += [f"  [{i}] {lv.label}: {settings_text(lv.settings) if i else 'the policy itself'}"
               for i, lv in enumerate(policy.levels)]
     return "\n".join(lines)
 

@@ -163,6 +163,12 @@ class Settings:
     forward: ArithSpec | None = None
     backward: ArithSpec | None = None
 
+    @property
+    def keeps_fp32(self) -> bool:
+        """Whether this is ``keep: fp32``: every role untouched and torch's arithmetic."""
+        return (len(self.roles) == len(ROLES) and all(s.quant is None for _, s in self.roles)
+                and all(spec is not None and spec.is_native for spec in (self.forward, self.backward)))
+
 
 @dataclass(frozen=True)
 class Selector:

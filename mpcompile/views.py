@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 import networkx as nx
 
 from .ops.spec import ROLES, ArithSpec
-from .policy import Assignment
+from .policy import Assignment, Settings
 
 if TYPE_CHECKING:
     from .compiler import CompiledModel
 
-__all__ = ["table", "rich_table", "explain", "lock", "to_json", "to_networkx", "to_dot", "to_svg"]
+__all__ = ["table", "rich_table", "settings_text", "explain", "lock", "to_json", "to_networkx", "to_dot", "to_svg"]
 
 _ROLE_COLUMNS = ("input", "weight", "output", "grad_output")
 
@@ -91,6 +91,15 @@ def rich_table(cm: "CompiledModel"):
     return out
 
 
+def settings_text(settings: Settings) -> str:
+    """What one policy section sets, e.g. ``input=fp8_e4m3, forward=(acc=fp16)`` or ``keep fp32``."""
+    if settings.keeps_fp32:
+        return "keep fp32"
+    what = [f"{r}={'fp32' if s.quant is None else s.quant}" for r, s in settings.roles]
+    what += [f"{k}=({_spec_text(v)})" for k, v in (("forward", settings.forward), ("backward", settings.backward)) if v]
+    return ", ".join(what) or "nothing"
+
+
 def explain(cm: "CompiledModel", name: str) -> str:
     """Every section that applied to the op with qualified name (or node name) ``name``, and
     what each set; the last line is the result."""
@@ -104,10 +113,7 @@ def explain(cm: "CompiledModel", name: str) -> str:
                                 f"GEMM index {facts.index if facts.index is not None else '-'})"]
     sections = ([("default", policy.default)] if facts.group == "gemm" else []) + \
         [(rule.label, rule.settings) for rule in policy.rules if assignment and rule.label in assignment.matched]
-    for label, settings in sections:
-        what = [f"{r}={'fp32' if s.quant is None else s.quant}" for r, s in settings.roles]
-        what += [f"{k}=({_spec_text(v)})" for k, v in (("forward", settings.forward), ("backward", settings.backward)) if v]
-        lines.append(f"  {label}: {', '.join(what) or 'nothing'}")
+    lines += [f"  {label}: {settings_text(settings)}" for label, settings in sections]
     if not sections:
         lines.append("  no section of the policy applies: the op runs as it is")
     if assignment:

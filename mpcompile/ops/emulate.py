@@ -56,10 +56,6 @@ class _Plan:
     n_acc: int
     exact_sums: bool  # every add's operands are on grids whose float64 sum is exact
 
-    @property
-    def stochastic(self) -> bool:
-        return self.spec.stochastic
-
 
 @functools.lru_cache(maxsize=256)
 def _plan(spec: ArithSpec, split_products: bool) -> _Plan:
@@ -228,11 +224,11 @@ def emulated_matmul(a: torch.Tensor, b: torch.Tensor, spec: ArithSpec, *, seed: 
         raise SpecError(f"arithmetic {spec}: float64 operands need a mul format (products of float64 "
                         f"values are not exact in float64); use float32 operands or set mul")
     plan = _plan(spec, split)
-    if plan.stochastic and seed is None:
+    if spec.stochastic and seed is None:
         raise ValueError("emulated_matmul: stochastic rounding needs a seed")
     B, M, K = a.shape
     N = b.shape[-1]
-    if not plan.stochastic:
+    if not spec.stochastic:
         seed = index = None
     elif index is None:
         index = torch.arange(B * M * N, dtype=torch.int64, device=a.device).view(B, M, N)

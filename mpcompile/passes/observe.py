@@ -2,11 +2,25 @@
 callback (used by the condition and stats passes; eval mode, no gradients, modes restored)."""
 from __future__ import annotations
 
-from typing import Callable, Iterable
+import contextlib
+from typing import Callable, Iterable, Iterator
 
 import torch
 
-__all__ = ["observe"]
+__all__ = ["observe", "evaluating"]
+
+
+@contextlib.contextmanager
+def evaluating(gm: torch.fx.GraphModule) -> Iterator[torch.fx.GraphModule]:
+    """``gm`` in eval mode without gradients (batch norms keep their statistics), every
+    module's mode restored afterwards."""
+    modes = [(m, m.training) for m in gm.modules()]
+    try:
+        with torch.no_grad():
+            yield gm.eval()
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 class _Observer(torch.fx.Interpreter):
@@ -27,12 +41,6 @@ class _Observer(torch.fx.Interpreter):
 
 def observe(gm: torch.fx.GraphModule, batches: Iterable[tuple], callback: Callable) -> None:
     """``callback(node, args, kwargs, output)`` for every call node, batch after batch."""
-    modes = [(m, m.training) for m in gm.modules()]
-    try:
-        gm.eval()
-        with torch.no_grad():
-            for batch in batches:
-                _Observer(gm, callback).run(*batch)
-    finally:
-        for module, training in modes:
-            module.training = training
+    with evaluating(gm):
+        for batch in batches:
+            _Observer(gm, callback).run(*batch)

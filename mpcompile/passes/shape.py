@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .observe import evaluating
+
 __all__ = ["propagate_shapes"]
 
 
@@ -18,13 +20,8 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple) -> None:
         gm: the traced model.
         example_inputs: positional inputs of its forward.
     """
-    modes = [(m, m.training) for m in gm.modules()]
-    try:
-        with torch.no_grad():
-            ShapeProp(gm.eval()).propagate(*example_inputs)
-    finally:
-        for module, training in modes:
-            module.training = training
+    with evaluating(gm):
+        ShapeProp(gm).propagate(*example_inputs)
     for node in gm.graph.nodes:
         meta = node.meta.get("tensor_meta")
         if meta is not None and hasattr(meta, "shape"):
