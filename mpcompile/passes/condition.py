@@ -27,18 +27,18 @@ def _gemm_kappa(gm, node, kind: str, args, kwargs, out) -> torch.Tensor:
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         w, b, x = module.weight, module.bias, args[0]
-        conv = {k: getattr(module, k) for k in ("stride", "padding", "dilation", "groups") if kind != "linear"}
-    else:
+        conv_args, conv = (), {k: getattr(module, k) for k in ("stride", "padding", "dilation", "groups") if kind != "linear"}
+    else:  # F.conv2d(x, w, b, stride, ...): the settings may be positional
         x, w = args[0], args[1]
         b = args[2] if len(args) > 2 else kwargs.get("bias")
-        conv = {k: v for k, v in kwargs.items() if k in ("stride", "padding", "dilation", "groups")}
+        conv_args, conv = args[3:], {k: v for k, v in kwargs.items() if k in ("stride", "padding", "dilation", "groups")}
     bias = None if b is None else b.abs()
     if kind == "linear":
         num = F.linear(x.abs(), w.abs(), bias)
     elif kind == "matmul":
         num = torch.matmul(x.abs(), w.abs())
     else:
-        num = _CONV[kind](x.abs(), w.abs(), bias, **conv)
+        num = _CONV[kind](x.abs(), w.abs(), bias, *conv_args, **conv)
     return num / out.abs()
 
 

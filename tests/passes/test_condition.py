@@ -69,3 +69,21 @@ def test_in_place_activations_see_their_input():
     kappa = _kappas(cm)["_1"]  # 1 where the input is positive, 0 where negative: the median says which is more
     positive = (net[0](x) > 0).double().mean().item()
     assert kappa["max"] == 1.0 and kappa["median"] == (1.0 if positive > 0.5 else 0.0) and 0.2 < positive < 0.8
+
+
+class FunctionalConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3, 3, 3))
+
+    def forward(self, x):
+        return torch.nn.functional.conv2d(x, self.w, None, 2, 1)  # stride and padding given positionally
+
+
+def test_kappa_of_a_functional_conv_with_positional_settings():
+    torch.manual_seed(0)
+    net, x = FunctionalConv(), torch.randn(2, 3, 9, 9)
+    cm = mpcompile.compile(net, "version: 1\n", (x,))
+    f = torch.nn.functional.conv2d
+    want = f(x.abs(), net.w.abs(), None, 2, 1) / f(x, net.w, None, 2, 1).abs()
+    assert _kappas(cm)["conv2d"] == _rank_summary(want)
