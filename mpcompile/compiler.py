@@ -140,7 +140,8 @@ def compile(model: nn.Module, policy: "Policy | Mapping | str | Path", example_i
 
     Args:
         model: any module torch.fx can trace (or whose untraceable parts are ``leaf_modules``).
-        policy: a ``Policy``, a mapping, a path to a YAML file, or YAML text.
+        policy: a ``Policy``, a mapping, a path to a YAML file, a shipped policy's name
+            (``"hfp8"``), or YAML text.
         example_inputs: positional inputs; when given, shapes and dtypes are recorded per node.
         leaf_modules: module types kept as opaque calls (they run unchanged).
         calibration: batches (a tensor or a tuple of forward's arguments each) on which the

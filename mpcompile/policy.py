@@ -21,10 +21,11 @@ from .formats import parse as parse_format
 from .ops.spec import ROLES, SCALINGS, ArithSpec, QuantSpec
 from .rounding import ROUNDING_MODES
 
-__all__ = ["SCHEMA_VERSION", "GROUPS", "RoleSetting", "Settings", "Selector", "Rule", "Level", "Policy",
-           "NodeFacts", "Assignment", "load_policy"]
+__all__ = ["SCHEMA_VERSION", "GROUPS", "SHIPPED_POLICIES", "RoleSetting", "Settings", "Selector", "Rule", "Level",
+           "Policy", "NodeFacts", "Assignment", "load_policy", "shipped_policies"]
 
 SCHEMA_VERSION = 1
+SHIPPED_POLICIES = Path(__file__).resolve().parent / "policies"
 GROUPS = ("gemm", "elementwise", "norm", "activation", "pool")
 _NATIVE = ArithSpec()
 _TOP = ("version", "name", "description", "formats", "rounding", "saturate", "default", "rules", "levels",
@@ -301,7 +302,8 @@ def load_policy(source: "Policy | Mapping | str | Path") -> Policy:
     """Read and validate a policy.
 
     Args:
-        source: a ``Policy`` (returned as is), a mapping, a path to a YAML file, or YAML text.
+        source: a ``Policy`` (returned as is), a mapping, a path to a YAML file, the name of a
+            shipped policy (``"hfp8"``: ``mpcompile/policies/hfp8.yaml``), or YAML text.
 
     Raises:
         PolicyError: naming file:line:column (a mapping: the key path), the offending text and,
@@ -319,7 +321,20 @@ def load_policy(source: "Policy | Mapping | str | Path") -> Policy:
             hint = _did_you_mean(path.name, siblings)
             raise PolicyError(f"{path}: no such policy file" + (f"; {hint}" if hint else ""))
         text, file = path.read_text(), str(path)
+    elif _ALIAS.fullmatch(text):
+        names = shipped_policies()
+        if text not in names:
+            hint = _did_you_mean(text, names)
+            raise PolicyError(f"'{text}' is neither a policy file nor a shipped policy "
+                              f"({', '.join(names)})" + (f"; {hint}" if hint else ""))
+        file = str(SHIPPED_POLICIES / f"{text}.yaml")
+        text = Path(file).read_text()
     return _read(_from_yaml(text, file), file)
+
+
+def shipped_policies() -> list[str]:
+    """Names of the policies shipped with mpcompile (``load_policy`` and ``compile`` take them)."""
+    return sorted(p.stem for p in SHIPPED_POLICIES.glob("*.yaml"))
 
 
 def _read(root: _Node, source: str) -> Policy:

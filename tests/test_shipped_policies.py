@@ -1,4 +1,4 @@
-"""The precision policies shipped in policies/*.yaml: each loads, cites its source in a comment
+"""The precision policies shipped in mpcompile/policies/*.yaml (policies/ links there): each loads, cites its source in a comment
 header, and resolves to the formats its header promises."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from mpcompile.ops.roles import quantize_role
 from mpcompile.ops.spec import ROLES, QuantSpec
 from mpcompile.policy import NodeFacts
 
-POLICIES = Path(__file__).resolve().parent.parent / "policies"
+POLICIES = mpcompile.policy.SHIPPED_POLICIES
 SHIPPED = {"fp32", "bf16", "fp16", "fp8_e4m3", "hfp8", "fp134", "bm8", "swalp8", "mxfp8", "mxfp6", "mxfp4",
            "keep_ends"}
 
@@ -47,7 +47,17 @@ def kept_fp32(assignment) -> bool:
 
 # -- every file ----------------------------------------------------------------------------------
 def test_the_shipped_set():
-    assert {p.stem for p in POLICIES.glob("*.yaml")} == SHIPPED
+    assert {p.stem for p in POLICIES.glob("*.yaml")} == SHIPPED == set(mpcompile.policy.shipped_policies())
+
+
+def test_a_shipped_policy_loads_by_its_bare_name():
+    assert mpcompile.load_policy("hfp8") == load("hfp8")
+    with pytest.raises(mpcompile.PolicyError, match=r"'hfp9' is neither a policy file nor a shipped policy.*'hfp8'"):
+        mpcompile.load_policy("hfp9")
+
+
+def test_the_repository_policies_folder_is_the_shipped_one():
+    assert (Path(__file__).resolve().parent.parent / "policies").resolve() == POLICIES
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
