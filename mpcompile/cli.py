@@ -2,17 +2,17 @@
 from __future__ import annotations
 
 import argparse
-import difflib
 import io
 import sys
 from pathlib import Path
 
 from .errors import MpcompileError
 from .formats import BlockFormat, FixedFormat, FloatFormat, Format, get, names, parse
+from .models import build_model
 from .policy import Policy, load_policy
 from .views import settings_text
 
-__all__ = ["main", "formats_table", "policy_summary", "build_model", "inspect_model"]
+__all__ = ["main", "formats_table", "policy_summary", "inspect_model"]
 
 
 def _specials(fmt: Format) -> str:
@@ -46,26 +46,6 @@ def policy_summary(policy: Policy) -> str:
     return "\n".join(lines)
 
 
-def build_model(spec: str):
-    """A torchvision model name (``resnet18``) or ``package.module:factory``, built untrained."""
-    import importlib
-
-    import torchvision
-
-    if ":" in spec:
-        module, _, factory = spec.partition(":")
-        try:
-            return getattr(importlib.import_module(module), factory)()
-        except (ImportError, AttributeError) as err:
-            raise MpcompileError(f"model {spec!r}: {err}; give package.module:factory, a callable that builds it")
-    names = torchvision.models.list_models(module=torchvision.models)
-    if spec not in names:
-        close = difflib.get_close_matches(spec, names, n=3)
-        raise MpcompileError(f"model {spec!r} is not a torchvision classification model"
-                             + (f"; did you mean {', '.join(close)}?" if close else "") + " (or give package.module:factory)")
-    return torchvision.models.get_model(spec)
-
-
 def inspect_model(model_spec: str, policy: str, shape: str, fmt: str, calibrate: bool = False) -> str:
     """What ``mpcompile inspect`` prints: the compiled model's table, JSON lock, DOT or SVG.
     With ``calibrate`` the condition and stats passes run on a random batch of that shape."""
@@ -78,7 +58,7 @@ def inspect_model(model_spec: str, policy: str, shape: str, fmt: str, calibrate:
         dims = tuple(int(d) for d in shape.split(","))
     except ValueError:
         raise MpcompileError(f"--input-shape {shape!r}: give comma-separated sizes, e.g. 1,3,224,224") from None
-    cm = compile_model(build_model(model_spec).eval(), Path(policy) if policy.endswith((".yaml", ".yml")) else policy,
+    cm = compile_model(build_model(model_spec).eval(), _policy_source(policy),
                        (torch.randn(dims),), calibration=None if calibrate else [])
     if fmt == "table" and sys.stdout.isatty():  # colours by operand bits
         from rich.console import Console
@@ -89,16 +69,21 @@ def inspect_model(model_spec: str, policy: str, shape: str, fmt: str, calibrate:
     return views[fmt]()
 
 
+def _policy_source(text: str) -> "Path | str":
+    """A policy argument: an existing file, else a shipped policy's name or YAML text."""
+    return Path(text) if Path(text).is_file() or text.endswith((".yaml", ".yml")) else text
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mpcompile", description="Mixed-precision compiler for PyTorch.")
     sub = ap.add_subparsers(dest="command", required=True)
     fp = sub.add_parser("formats", help="list the number formats (or describe the given specs)")
     fp.add_argument("specs", nargs="*", help="format names or specs, e.g. e5m10 'p3109(8,3)' 'mx(fp6_e3m2,16)'")
     cp = sub.add_parser("check", help="read and validate precision policies (YAML files)")
-    cp.add_argument("policies", nargs="+", help="policy files, e.g. policies/hfp8.yaml")
+    cp.add_argument("policies", nargs="+", help="policy files or shipped names, e.g. policies/hfp8.yaml, bf16")
     ip = sub.add_parser("inspect", help="compile a model under a policy and show what each op gets")
-    ip.add_argument("model", help="a torchvision model name (resnet18) or package.module:factory")
-    ip.add_argument("--policy", default="version: 1\n", help="a policy file (default: fp32, nothing changed)")
+    ip.add_argument("model", help="lenet5, mlp, logreg, resnet20, a torchvision model (resnet18) or package.module:factory")
+    ip.add_argument("--policy", default="version: 1\n", help="a policy file or shipped name (default: fp32, nothing changed)")
     ip.add_argument("--input-shape", default="1,3,224,224", help="example input shape (default 1,3,224,224)")
     ip.add_argument("--format", choices=("table", "json", "dot", "svg"), default="table")
     ip.add_argument("--calibrate", action="store_true", help="estimate kappa, overflow and SQNR on a random batch")
@@ -110,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             print(inspect_model(args.model, args.policy, args.input_shape, args.format, args.calibrate))
         elif args.command == "check":
             for path in args.policies:
-                print(policy_summary(load_policy(Path(path))))
+                print(policy_summary(load_policy(_policy_source(path))))
     except MpcompileError as err:
         print(f"mpcompile: error: {err}", file=sys.stderr)
         return 2

@@ -167,3 +167,42 @@ def test_roles_a_non_gemm_op_lacks_are_reported():
         cm = mpcompile.compile(model, "version: 1\nrules:\n  - match: {type: norm}\n    weight: bf16\n    output: bf16\n")
     x = torch.randn(3, 4)
     assert torch.equal(cm(x), quantize(model(x), "bf16"))  # the output role is applied
+
+
+@pytest.mark.parametrize("padding_mode,padding", [("reflect", 1), ("circular", 2), ("replicate", "same"),
+                                                  ("zeros", "same")])
+def test_conv_padding_modes_lower_as_the_module_pads(padding_mode, padding):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, (3, 4), padding=padding, padding_mode=padding_mode))
+    x = torch.randn(2, 3, 7, 7)
+    y, grads = _grads(model, x)
+    y_c, grads_c = _grads(mpcompile.compile(model, "fp32"), x)
+    assert torch.equal(y, y_c) and all(torch.equal(a, b) for a, b in zip(grads, grads_c))
+    cm = mpcompile.compile(model, "version: 1\ndefault: {input: fp8_e4m3, weight: fp8_e4m3}\n")
+    conv, q8 = model[0], lambda t: quantize(t.detach(), "fp8_e4m3")
+    padded = x if padding_mode == "zeros" else F.pad(x, conv._reversed_padding_repeated_twice, mode=padding_mode)
+    want = F.conv2d(q8(padded), q8(conv.weight), conv.bias, padding=padding if padding_mode == "zeros" else 0)
+    assert want.shape == y.shape and torch.equal(cm(x), want)
+
+
+class CallsOps(nn.Module):
+    """A model written with mpcompile.ops: its own op is kept, the policy lowers the rest."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 5))
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(ops.linear(x, self.w, formats={"weight": "bf16"}, forward="acc=bf16 order=chunk(2)"))
+
+
+def test_models_that_call_mpcompile_ops_trace_and_keep_their_ops():
+    torch.manual_seed(0)
+    model, x = CallsOps(), torch.randn(4, 5)
+    assert torch.equal(mpcompile.compile(model, "fp32")(x), model(x))
+    cm = mpcompile.compile(model, "version: 1\ndefault: {input: fp8_e4m3, weight: fp8_e4m3}\n")
+    assert _mpc_calls(cm) == ["linear", "linear"]
+    q8 = lambda t: quantize(t.detach(), "fp8_e4m3")
+    h = ops.linear(x, model.w, formats={"weight": "bf16"}, forward="acc=bf16 order=chunk(2)")
+    assert torch.equal(cm(x), F.linear(q8(h), q8(model.fc.weight), model.fc.bias))

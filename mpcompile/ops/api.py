@@ -6,7 +6,8 @@
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import functools
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -17,6 +18,18 @@ __all__ = ["matmul", "linear", "conv1d", "conv2d", "conv3d", "quant", "sum", "me
 
 Formats = Mapping[str, object] | RoleFormats | str | None
 Spec = ArithSpec | str | None
+
+
+def _fx_leaf(fn: Callable) -> Callable:
+    """``fn``, recorded as one call_function node when torch.fx traces a model that calls it
+    (its argument checks cannot run on proxies), so models written with these ops compile."""
+    @functools.wraps(fn)
+    def entry(*args, **kwargs):
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, torch.fx.Proxy):
+                return a.tracer.create_proxy("call_function", entry, args, kwargs)
+        return fn(*args, **kwargs)
+    return entry
 
 
 def _spec(spec: Spec, what: str) -> ArithSpec:
@@ -83,6 +96,7 @@ def _prepare(name, formats, forward, backward, seed, length: int, **tensors):
     return roles, fwd, bwd, _seed(seed, stochastic, device)
 
 
+@_fx_leaf
 def matmul(a: torch.Tensor, b: torch.Tensor, spec: Spec = None, *, formats: Formats = None,
            backward: Spec = None, seed: int | None = None) -> torch.Tensor:
     """``torch.matmul(a, b)`` with emulated arithmetic.
@@ -101,6 +115,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, spec: Spec = None, *, formats: Form
     return torch.ops.mpc.matmul(a, b, roles, fwd, bwd, s)
 
 
+@_fx_leaf
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, formats: Formats = None,
            forward: Spec = None, backward: Spec = None, seed: int | None = None) -> torch.Tensor:
     """``F.linear(x, w, b)`` with per-role formats and emulated arithmetic (see ``matmul``)."""
@@ -122,23 +137,40 @@ def _tuple(value, n: int, what: str) -> list[int]:
 
 def _conv(n: int, x, w, b, stride, padding, dilation, groups, formats, forward, backward, seed):
     _check(f"conv{n}d", x=x, w=w, b=b)
-    if isinstance(padding, str):
-        raise ValueError(f"mpcompile.ops.conv{n}d: padding={padding!r}: give the padding as numbers")
     if x.dim() != n + 2 or w.dim() != n + 2 or x.shape[1] != w.shape[1] * groups or w.shape[0] % groups:
         raise ValueError(f"mpcompile.ops.conv{n}d: x {tuple(x.shape)} and w {tuple(w.shape)} with groups={groups} "
                          f"do not fit: x must be (N, C, *{n} sizes), w (C_out, C / groups, *kernel), "
                          f"C_out divisible by groups")
     roles, fwd, bwd, s = _prepare(f"conv{n}d", formats, forward, backward, seed, w[0].numel(), x=x, w=w, b=b)
-    return torch.ops.mpc.conv(x, w, b, _tuple(stride, n, "stride"), _tuple(padding, n, "padding"),
-                              _tuple(dilation, n, "dilation"), groups, roles, fwd, bwd, s)
+    stride, dilation = _tuple(stride, n, "stride"), _tuple(dilation, n, "dilation")
+    if isinstance(padding, str):
+        x, padding = _pad_same(x, w, stride, dilation, padding)
+    return torch.ops.mpc.conv(x, w, b, stride, _tuple(padding, n, "padding"), dilation, groups, roles, fwd, bwd, s)
 
 
+def _pad_same(x: torch.Tensor, w: torch.Tensor, stride: list[int], dilation: list[int], padding: str):
+    """(x, padding) for ``padding="valid"`` or ``"same"``, as torch pads: an odd total puts the
+    extra zero on the right, padded onto x, and the symmetric rest goes to the convolution."""
+    n = len(stride)
+    if padding == "valid":
+        return x, 0
+    if padding != "same":
+        raise ValueError(f"mpcompile.ops.conv{n}d: padding={padding!r} must be 'valid', 'same' or numbers")
+    if any(s != 1 for s in stride):
+        raise ValueError(f"mpcompile.ops.conv{n}d: padding='same' needs stride 1 (as in torch), got {stride}")
+    totals = [d * (k - 1) for d, k in zip(dilation, w.shape[2:])]
+    extra = [p for t in reversed(totals) for p in (0, t % 2)]  # F.pad lists the last dim first
+    return (torch.nn.functional.pad(x, extra) if any(extra) else x), [t // 2 for t in totals]
+
+
+@_fx_leaf
 def conv1d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, *, formats: Formats = None,
            forward: Spec = None, backward: Spec = None, seed: int | None = None) -> torch.Tensor:
     """``F.conv1d`` with per-role formats and emulated arithmetic (see ``conv2d``)."""
     return _conv(1, x, w, b, stride, padding, dilation, groups, formats, forward, backward, seed)
 
 
+@_fx_leaf
 def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, *, formats: Formats = None,
            forward: Spec = None, backward: Spec = None, seed: int | None = None) -> torch.Tensor:
     """``F.conv2d`` with per-role formats and emulated arithmetic.
@@ -150,12 +182,14 @@ def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, *, formats: 
     return _conv(2, x, w, b, stride, padding, dilation, groups, formats, forward, backward, seed)
 
 
+@_fx_leaf
 def conv3d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, *, formats: Formats = None,
            forward: Spec = None, backward: Spec = None, seed: int | None = None) -> torch.Tensor:
     """``F.conv3d`` with per-role formats and emulated arithmetic (see ``conv2d``)."""
     return _conv(3, x, w, b, stride, padding, dilation, groups, formats, forward, backward, seed)
 
 
+@_fx_leaf
 def quant(x: torch.Tensor, fmt, rounding: str = "nearest", *, grad_format=None, grad_rounding: str | None = None,
           scaling: str = "none", saturate: bool = False, axis: int = 0, seed: int | None = None) -> torch.Tensor:
     """Straight-through quantizer: x rounded to ``fmt`` forward, the gradient to ``grad_format``.
@@ -192,6 +226,7 @@ def _count(x: torch.Tensor, dim) -> int:
     return n
 
 
+@_fx_leaf
 def sum(x: torch.Tensor, dim: int | Sequence[int] | None = None, keepdim: bool = False, *, spec: Spec = None,
         seed: int | None = None) -> torch.Tensor:
     """``x.sum(dim)`` accumulated as ``spec`` says (its acc, order, rounding, kahan; no products)."""
@@ -199,6 +234,7 @@ def sum(x: torch.Tensor, dim: int | Sequence[int] | None = None, keepdim: bool =
     return torch.ops.mpc.sum(x, _dims(dim), keepdim, arith, s)
 
 
+@_fx_leaf
 def mean(x: torch.Tensor, dim: int | Sequence[int] | None = None, keepdim: bool = False, *, spec: Spec = None,
          seed: int | None = None) -> torch.Tensor:
     """``x.mean(dim)``: the emulated sum, then sum / count rounded once to the acc format."""

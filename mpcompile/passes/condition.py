@@ -28,6 +28,8 @@ def _gemm_kappa(gm, node, kind: str, args, kwargs, out) -> torch.Tensor:
         module = gm.get_submodule(node.target)
         w, b, x = module.weight, module.bias, args[0]
         conv_args, conv = (), {k: getattr(module, k) for k in ("stride", "padding", "dilation", "groups") if kind != "linear"}
+        if kind != "linear" and module.padding_mode != "zeros":  # |pad(x)| = pad(|x|) for every mode
+            x, conv["padding"] = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode), 0
     else:  # F.conv2d(x, w, b, stride, ...): the settings may be positional
         x, w = args[0], args[1]
         b = args[2] if len(args) > 2 else kwargs.get("bias")

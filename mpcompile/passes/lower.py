@@ -12,6 +12,7 @@ changes nothing.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .. import ops
 from ..errors import MpcompileError
@@ -58,13 +59,14 @@ def _gemm(gm, graph: torch.fx.Graph, node: torch.fx.Node, meta: dict, env) -> to
         module = gm.get_submodule(node.target)
         weight = graph.get_attr(f"{node.target}.weight")
         bias = graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
+        x = args[0]
         if kind != "linear":
-            if module.padding_mode != "zeros" or isinstance(module.padding, str):
-                raise LoweringError(f"node {node.name} (module {node.target}, {type(module).__name__}): padding "
-                                    f"{module.padding_mode!r}/{module.padding!r} is not lowered yet; keep this layer "
-                                    f"in fp32 with a rule (match: {{name: {node.target}}}, keep: fp32)")
             kwargs.update({f: getattr(module, f) for f in _CONV_FIELDS})
-        return graph.call_function(_OPS[kind], (args[0], weight, bias), kwargs)
+            if module.padding_mode != "zeros":  # as nn.Conv's own forward: pad, then convolve unpadded
+                x = graph.call_function(F.pad, (x, module._reversed_padding_repeated_twice),
+                                        {"mode": module.padding_mode})
+                kwargs["padding"] = 0
+        return graph.call_function(_OPS[kind], (x, weight, bias), kwargs)
     if kind == "matmul":  # torch.matmul(a, b), a @ b or a.matmul(b)
         return graph.call_function(ops.matmul, args[:2], {"spec": kwargs["forward"], "formats": kwargs["formats"],
                                                           "backward": kwargs["backward"]})

@@ -65,6 +65,29 @@ def test_conv_native_equals_torch(nd, stride, padding, dilation, groups):
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("nd,kernel,dilation,padding", [(2, 3, 1, "same"), (2, 4, 1, "same"), (1, 4, 3, "same"),
+                                                         (3, 2, 1, "same"), (2, 3, 2, "valid")])
+def test_string_padding_pads_as_torch(nd, kernel, dilation, padding):
+    x, w = _leaves((2, 3, *[6] * nd), (4, 3, *[kernel] * nd))
+    conv, conv0 = getattr(ops, f"conv{nd}d"), getattr(F, f"conv{nd}d")
+    y, y0 = conv(x, w, padding=padding, dilation=dilation), conv0(x, w, padding=padding, dilation=dilation)
+    g = torch.randn_like(y0)
+    assert torch.equal(y, y0)  # an even kernel pads one more zero on the right, as torch does
+    for got, want in zip(_grads(y, (x, w), g), _grads(y0, (x, w), g)):
+        assert torch.equal(got, want)
+    q8 = lambda t: quantize(t.detach(), "fp8_e4m3")
+    y8 = conv(x, w, padding=padding, dilation=dilation, formats={"input": "fp8_e4m3", "weight": "fp8_e4m3"})
+    assert torch.equal(y8, conv0(q8(x), q8(w), padding=padding, dilation=dilation))
+
+
+def test_string_padding_errors():
+    x, w = _leaves((1, 2, 5, 5), (2, 2, 3, 3))
+    with pytest.raises(ValueError, match="padding='same' needs stride 1"):
+        ops.conv2d(x, w, stride=2, padding="same")
+    with pytest.raises(ValueError, match="padding='full' must be 'valid', 'same' or numbers"):
+        ops.conv2d(x, w, padding="full")
+
+
 def test_gradcheck_float64_native():
     x, w, b = _leaves((3, 4), (2, 4), (2,), dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda *t: ops.linear(*t), (x, w, b))
