@@ -83,14 +83,15 @@ class CompiledModel(nn.Module):
         assign_formats(traced, self.policy, self.level)
         self.graph_module = lower(traced)
         self.warnings = [f"{label}: matches no op of this model" for label in unmatched_rules(traced, self.policy)]
-        for node in traced.graph.nodes:  # lowering quantizes a non-GEMM op's input and output only
+        for node in traced.graph.nodes:
             mpc = node.meta.get("mpc", {})
             assignment = mpc.get("assignment")
-            if "gemm" not in mpc and assignment is not None:
-                skipped = [r for r, s in assignment.roles if s.quant is not None and r not in ("input", "output")]
+            if assignment is not None:
+                skipped = [r for r, s in assignment.roles if s.quant is not None and r not in mpc["roles"]]
                 if skipped:
                     self.warnings.append(f"node {node.name} ({mpc['facts'].op_type} '{mpc['facts'].name}'): "
-                                         f"{', '.join(skipped)} not applied: only GEMM-like ops have those roles here")
+                                         f"{', '.join(skipped)} not applied: this op's roles are "
+                                         f"{', '.join(mpc['roles'])}")
         for text in self.warnings:
             warnings.warn(f"mpcompile: {text}", stacklevel=3)
 

@@ -161,12 +161,54 @@ def test_shape_propagation_leaves_the_model_as_it_was():
     assert cm._traced[0].graph.find_nodes(op="call_module", target="3")[0].meta["mpc"]["shape"] == (1, 4, 1, 1)
 
 
-def test_roles_a_non_gemm_op_lacks_are_reported():
-    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
-    with pytest.warns(UserWarning, match=r"node _1 \(LayerNorm '1'\): weight not applied"):
-        cm = mpcompile.compile(model, "version: 1\nrules:\n  - match: {type: norm}\n    weight: bf16\n    output: bf16\n")
+def test_roles_an_op_lacks_are_reported():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4, bias=False), nn.ReLU())
+    policy = "version: 1\nrules:\n  - match: {type: norm}\n    bias: bf16\n    output: bf16\n" \
+             "  - match: {type: ReLU}\n    weight: bf16\n"
+    with pytest.warns(UserWarning) as caught:
+        cm = mpcompile.compile(model, policy)
+    assert [str(w.message) for w in caught] == [
+        "mpcompile: node _1 (LayerNorm '1'): bias not applied: this op's roles are input, output, weight",
+        "mpcompile: node _2 (ReLU '2'): weight not applied: this op's roles are input, output"]
     x = torch.randn(3, 4)
-    assert torch.equal(cm(x), quantize(model(x), "bf16"))  # the output role is applied
+    assert torch.equal(cm(x), F.relu(quantize(model[1](model[0](x)), "bf16")))  # the output role is applied
+
+
+class Norms(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+        self.gn_w, self.gn_b = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(4))
+        self.ln = nn.LayerNorm(5)
+
+    def forward(self, x):
+        x = F.group_norm(self.bn(x), 2, self.gn_w, bias=self.gn_b)
+        return F.layer_norm(self.ln(x), (5,), self.ln.weight * 2)
+
+
+def test_norm_weight_and_bias_roles_quantize_the_affine_parameters():
+    torch.manual_seed(0)
+    model, x = Norms(), torch.randn(3, 4, 6, 5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 3)
+    with pytest.warns(UserWarning, match=r"node layer_norm \(layer_norm 'layer_norm'\): bias not applied"):
+        cm = mpcompile.compile(model, "version: 1\nrules:\n  - match: {type: norm}\n    weight: fp8_e4m3\n"
+                                      "    bias: fp8_e5m2:toward_zero\n", (x,))
+    assert set(cm._traced[0].graph.find_nodes(op="call_module", target="bn")[0].meta["mpc"]["stats"]) == \
+        {"weight", "bias", "sqnr_db"}
+    q8, q5 = (lambda t: quantize(t.detach(), "fp8_e4m3")), (lambda t: quantize(t.detach(), "fp8_e5m2", "toward_zero"))
+    stats = {k: v.clone() for k, v in model.bn.state_dict().items()}
+    y = cm(x)  # training mode: batch statistics, and the running ones move in place
+    mean, var = torch.zeros(4), torch.ones(4)
+    h = F.batch_norm(x, mean, var, q8(model.bn.weight), q5(model.bn.bias), True, 0.1, model.bn.eps)
+    h = F.group_norm(h, 2, q8(model.gn_w), q5(model.gn_b))
+    want = F.layer_norm(F.layer_norm(h, (5,), q8(model.ln.weight), q5(model.ln.bias)), (5,), q8(model.ln.weight * 2))
+    assert torch.equal(y, want)
+    assert torch.equal(model.bn.running_mean, mean) and torch.equal(model.bn.running_var, var)
+    assert not torch.equal(model.bn.running_mean, stats["running_mean"]) and model.bn.num_batches_tracked == 1
+    y.square().sum().backward()  # straight through: every parameter gets its gradient
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
 @pytest.mark.parametrize("padding_mode,padding", [("reflect", 1), ("circular", 2), ("replicate", "same"),

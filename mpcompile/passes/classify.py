@@ -1,8 +1,10 @@
 """classify: what each node is, in the terms policies select on.
 
-Reads: nothing. Writes: ``meta["mpc"]["facts"]`` (a ``NodeFacts``) for every call node and,
-for GEMM-like nodes, ``meta["mpc"]["gemm"]``: ``linear``, ``conv1d``/``conv2d``/``conv3d``
-or ``matmul``.
+Reads: nothing. Writes: ``meta["mpc"]["facts"]`` (a ``NodeFacts``) and ``["roles"]`` (the
+tensor roles the node has, which lowering can quantize) for every call node and, for GEMM-like
+nodes, ``meta["mpc"]["gemm"]``: ``linear``, ``conv1d``/``conv2d``/``conv3d`` or ``matmul``.
+GEMM-like ops have every role; norms ``input``, ``output`` and the ``weight`` / ``bias`` they
+have; other ops ``input`` and ``output``.
 """
 from __future__ import annotations
 
@@ -12,9 +14,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.spec import ROLES
 from ..policy import NodeFacts
 
-__all__ = ["classify", "GEMM_KINDS"]
+__all__ = ["classify", "GEMM_KINDS", "NORM_PARAMS"]
 
 GEMM_KINDS = ("linear", "conv1d", "conv2d", "conv3d", "matmul")
 _GEMM_MODULES = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d"}
@@ -26,14 +29,20 @@ _GROUPS = {
                    nn.LeakyReLU, nn.ELU, nn.Softmax, F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid,
                    F.leaky_relu, F.elu, F.softmax, torch.relu, torch.sigmoid, torch.tanh, torch.softmax,
                    "relu", "sigmoid", "tanh", "softmax", "gelu"),
-    "norm": (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm, F.batch_norm,
-             F.layer_norm, F.group_norm),
+    "norm": (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
+             nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm, F.batch_norm,
+             F.layer_norm, F.group_norm, F.rms_norm, F.instance_norm, F.local_response_norm),
     "pool": (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
              nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, F.max_pool2d, F.avg_pool2d,
              F.adaptive_avg_pool2d, "mean"),
     "elementwise": (operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul,
                     torch.div, "add", "sub", "mul", "div", "add_", "mul_"),
 }
+
+# Where a functional norm takes its affine parameters (the modules hold them as .weight / .bias).
+NORM_PARAMS = {F.batch_norm: {"weight": 3, "bias": 4}, F.instance_norm: {"weight": 3, "bias": 4},
+               F.layer_norm: {"weight": 2, "bias": 3}, F.group_norm: {"weight": 2, "bias": 3},
+               F.rms_norm: {"weight": 2}}
 
 
 def _target(gm: torch.fx.GraphModule, node: torch.fx.Node):
@@ -70,5 +79,16 @@ def classify(gm: torch.fx.GraphModule) -> None:
         meta = node.meta.setdefault("mpc", {})
         index = gemms.index(node) if node in kinds else None
         meta["facts"] = NodeFacts(op_type, name, group, index, len(gemms), meta.get("kappa"))
+        meta["roles"] = ROLES if node in kinds else ("input", "output", *_affine(gm, node, target)) \
+            if group == "norm" else ("input", "output")
         if node in kinds:
             meta["gemm"] = kinds[node]
+
+
+def _affine(gm: torch.fx.GraphModule, node: torch.fx.Node, target) -> tuple[str, ...]:
+    """The affine parameters a norm node has: ``weight`` / ``bias`` where they are not None."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        return tuple(r for r in ("weight", "bias") if getattr(module, r, None) is not None)
+    given = lambda i, r: (node.args[i] if i < len(node.args) else node.kwargs.get(r)) is not None
+    return tuple(r for r, i in NORM_PARAMS.get(target, {}).items() if given(i, r))

@@ -6,7 +6,9 @@ traced node's name):
 a GEMM-like node with an assignment becomes one call of ``mpcompile.ops`` (``linear``,
 ``conv1d/2d/3d``, ``matmul``: an ``mpc::`` op) with its roles and specs as strings; any other
 node gets ``ops.quant`` on its tensor inputs and its output for the ``input`` / ``output``
-roles it was given. Nodes without an assignment are copied as they are, so an fp32 policy
+roles it was given, and a norm on its ``weight`` / ``bias`` (a norm module then runs through
+``torch.func.functional_call`` with the quantized parameters swapped in; its buffers, such as
+BatchNorm's running statistics, stay its own). Nodes without an assignment are copied as they are, so an fp32 policy
 changes nothing.
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..errors import MpcompileError
 from ..ops.spec import RoleFormats
+from .classify import NORM_PARAMS
 
 __all__ = ["lower", "LoweringError"]
 
@@ -40,7 +43,7 @@ def lower(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         elif "gemm" in meta:
             env[node] = _gemm(gm, graph, node, meta, env)
         else:
-            env[node] = _quantized_io(graph, node, assignment, env)
+            env[node] = _quantized_io(gm, graph, node, assignment, env)
         env[node].meta = {**node.meta, "mpc": {**node.meta.get("mpc", {}), "node": node.name}}
     lowered = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     return lowered
@@ -79,12 +82,32 @@ def _quant(graph: torch.fx.Graph, value: torch.fx.Node, setting) -> torch.fx.Nod
                                {"scaling": q.scaling, "saturate": q.saturate})
 
 
-def _quantized_io(graph: torch.fx.Graph, node: torch.fx.Node, assignment, env) -> torch.fx.Node:
-    roles = dict(assignment.roles)
+def _call_with(module: torch.nn.Module, params: dict, args: tuple, kwargs: dict):
+    """``module(*args, **kwargs)`` with ``params`` in place of its own (fx hands over read-only dicts)."""
+    return torch.func.functional_call(module, dict(params), tuple(args), dict(kwargs))
+
+
+def _quantized_io(gm, graph: torch.fx.Graph, node: torch.fx.Node, assignment, env) -> torch.fx.Node:
+    applies = node.meta["mpc"]["roles"]
+    roles = {r: s for r, s in assignment.roles if s.quant is not None and r in applies}
 
     def arg(n: torch.fx.Node) -> torch.fx.Node:
-        return _quant(graph, env[n], roles["input"]) if roles.get("input") and roles["input"].quant and \
-            n.op != "get_attr" else env[n]
+        return _quant(graph, env[n], roles["input"]) if "input" in roles and n.op != "get_attr" else env[n]
 
-    out = graph.node_copy(node, arg)
-    return _quant(graph, out, roles["output"]) if roles.get("output") and roles["output"].quant else out
+    affine = {r: roles[r] for r in ("weight", "bias") if r in roles}
+    if not affine:
+        out = graph.node_copy(node, arg)
+    elif node.op == "call_module":
+        swapped = {r: _quant(graph, graph.get_attr(f"{node.target}.{r}"), s) for r, s in affine.items()}
+        out = graph.call_function(_call_with, (graph.get_attr(node.target), swapped,
+                                               torch.fx.map_arg(node.args, arg), torch.fx.map_arg(node.kwargs, arg)))
+    else:
+        args, kwargs = list(torch.fx.map_arg(node.args, arg)), dict(torch.fx.map_arg(node.kwargs, arg))
+        for role, setting in affine.items():
+            i = NORM_PARAMS[node.target][role]
+            if i < len(args):
+                args[i] = _quant(graph, args[i], setting)
+            else:
+                kwargs[role] = _quant(graph, kwargs[role], setting)
+        out = graph.call_function(node.target, tuple(args), kwargs)
+    return _quant(graph, out, roles["output"]) if "output" in roles else out

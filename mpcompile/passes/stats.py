@@ -15,19 +15,23 @@ from typing import Iterable
 
 import torch
 
+from .classify import NORM_PARAMS
 from .observe import observe
 
 __all__ = ["collect_stats"]
 
 
-def _role_values(gm, node, role: str, args, out):
+def _role_values(gm, node, role: str, args, kwargs, out):
     if role == "output":
         return out
     if role == "input":
         return args[0]
-    if role == "weight":
-        return gm.get_submodule(node.target).weight if node.op == "call_module" else args[1]
-    return None
+    if role not in ("weight", "bias"):
+        return None
+    if node.op == "call_module":
+        return getattr(gm.get_submodule(node.target), role, None)
+    i = NORM_PARAMS.get(node.target, {"weight": 1, "bias": 2}).get(role, len(args))  # linear, conv: (x, w, b)
+    return args[i] if i < len(args) else kwargs.get(role)
 
 
 def collect_stats(traced: torch.fx.GraphModule, lowered: torch.fx.GraphModule, batches: Iterable[tuple]) -> None:
@@ -43,7 +47,7 @@ def collect_stats(traced: torch.fx.GraphModule, lowered: torch.fx.GraphModule, b
         reference.setdefault(node.name, []).append(out.double())
         for role, setting in assignment.roles:
             q = setting.quant
-            values = _role_values(traced, node, role, args, out)
+            values = _role_values(traced, node, role, args, kwargs, out)
             if q is None or q.scaling != "none" or not hasattr(q.fmt, "min_subnormal") or values is None:
                 continue
             a = values.detach().abs()
