@@ -43,15 +43,14 @@ def _spec(spec: Spec, what: str) -> ArithSpec:
 
 
 @torch.compiler.assume_constant_result  # torch.compile runs it once at trace time (args are constants)
-def _specs(formats: Formats, forward: Spec, backward: Spec) -> tuple[str, str, str, int, bool]:
-    """(roles, forward, backward) as op strings, the forward chunk (0: none), and whether any
-    rounding is stochastic."""
+def _specs(formats: Formats, forward: Spec, backward: Spec) -> tuple[str, str, str, bool]:
+    """(roles, forward, backward) as op strings, and whether any rounding is stochastic."""
     roles = RoleFormats.of(formats)
     fwd = _spec(forward, "forward")
     bwd = fwd if backward is None else _spec(backward, "backward")
     stochastic = any(q.rounding == "stochastic" for _, q in roles.specs) or any(
         "stochastic" in (s.rounding, s.mul_rounding) for s in (fwd, bwd))
-    return str(roles), str(fwd), str(bwd), fwd.chunk or 0, stochastic
+    return str(roles), str(fwd), str(bwd), stochastic
 
 
 def _seed(seed: int | None, stochastic: bool, device) -> torch.Tensor | None:
@@ -82,17 +81,11 @@ def _check(name: str, **tensors) -> torch.device:
     return device
 
 
-def _prepare(name, formats, forward, backward, seed, length: int, **tensors):
-    """Checked tensors and specs: (roles, forward, backward, seed tensor) for the op.
-
-    A forward chunk longer than the op's reduction (``length``) is a mistake in the spec;
-    backward GEMMs reduce over other lengths and take a longer chunk as one chunk.
-    """
+def _prepare(name, formats, forward, backward, seed, **tensors):
+    """Checked tensors and specs: (roles, forward, backward, seed tensor) for the op. A chunk
+    longer than the reduction is one chunk, as the reduction's last chunk is a short one."""
     device = _check(name, **tensors)
-    roles, fwd, bwd, chunk, stochastic = _specs(formats, forward, backward)
-    if 0 < length < chunk:
-        raise SpecError(f"mpcompile.ops.{name}: forward order=chunk({chunk}) does not fit the reduction "
-                        f"length {length}; use a chunk of at most {length} or order=sequential")
+    roles, fwd, bwd, stochastic = _specs(formats, forward, backward)
     return roles, fwd, bwd, _seed(seed, stochastic, device)
 
 
@@ -111,7 +104,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, spec: Spec = None, *, formats: Form
     if a.dim() == 0 or b.dim() == 0 or a.shape[-1] != b.shape[-2 if b.dim() > 1 else 0]:
         raise ValueError(f"mpcompile.ops.matmul: shapes {tuple(a.shape)} and {tuple(b.shape)} do not multiply "
                          f"(a's last dim must equal b's {'second-to-last' if b.dim() > 1 else 'only'} dim)")
-    roles, fwd, bwd, s = _prepare("matmul", formats, spec, backward, seed, a.shape[-1], a=a, b=b)
+    roles, fwd, bwd, s = _prepare("matmul", formats, spec, backward, seed, a=a, b=b)
     return torch.ops.mpc.matmul(a, b, roles, fwd, bwd, s)
 
 
@@ -124,7 +117,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, f
         raise ValueError(f"mpcompile.ops.linear: x {tuple(x.shape)}, w {tuple(w.shape)}"
                          f"{'' if b is None else f', b {tuple(b.shape)}'} do not fit: w must be (out, in) with "
                          f"in = x.shape[-1], b (out,)")
-    roles, fwd, bwd, s = _prepare("linear", formats, forward, backward, seed, x.shape[-1], x=x, w=w, b=b)
+    roles, fwd, bwd, s = _prepare("linear", formats, forward, backward, seed, x=x, w=w, b=b)
     return torch.ops.mpc.linear(x, w, b, roles, fwd, bwd, s)
 
 
@@ -141,7 +134,7 @@ def _conv(n: int, x, w, b, stride, padding, dilation, groups, formats, forward, 
         raise ValueError(f"mpcompile.ops.conv{n}d: x {tuple(x.shape)} and w {tuple(w.shape)} with groups={groups} "
                          f"do not fit: x must be (N, C, *{n} sizes), w (C_out, C / groups, *kernel), "
                          f"C_out divisible by groups")
-    roles, fwd, bwd, s = _prepare(f"conv{n}d", formats, forward, backward, seed, w[0].numel(), x=x, w=w, b=b)
+    roles, fwd, bwd, s = _prepare(f"conv{n}d", formats, forward, backward, seed, x=x, w=w, b=b)
     stride, dilation = _tuple(stride, n, "stride"), _tuple(dilation, n, "dilation")
     if isinstance(padding, str):
         x, padding = _pad_same(x, w, stride, dilation, padding)
@@ -218,19 +211,11 @@ def _dims(dim) -> list[int]:
     return [] if dim is None else [dim] if isinstance(dim, int) else list(dim)
 
 
-def _count(x: torch.Tensor, dim) -> int:
-    dims = _dims(dim) or range(x.dim())
-    n = 1
-    for d in {d % max(x.dim(), 1) for d in dims}:
-        n *= x.shape[d]
-    return n
-
-
 @_fx_leaf
 def sum(x: torch.Tensor, dim: int | Sequence[int] | None = None, keepdim: bool = False, *, spec: Spec = None,
         seed: int | None = None) -> torch.Tensor:
     """``x.sum(dim)`` accumulated as ``spec`` says (its acc, order, rounding, kahan; no products)."""
-    _, arith, _, s = _prepare("sum", None, spec, None, seed, _count(x, dim), x=x)
+    _, arith, _, s = _prepare("sum", None, spec, None, seed, x=x)
     return torch.ops.mpc.sum(x, _dims(dim), keepdim, arith, s)
 
 
@@ -238,5 +223,5 @@ def sum(x: torch.Tensor, dim: int | Sequence[int] | None = None, keepdim: bool =
 def mean(x: torch.Tensor, dim: int | Sequence[int] | None = None, keepdim: bool = False, *, spec: Spec = None,
          seed: int | None = None) -> torch.Tensor:
     """``x.mean(dim)``: the emulated sum, then sum / count rounded once to the acc format."""
-    _, arith, _, s = _prepare("mean", None, spec, None, seed, _count(x, dim), x=x)
+    _, arith, _, s = _prepare("mean", None, spec, None, seed, x=x)
     return torch.ops.mpc.mean(x, _dims(dim), keepdim, arith, s)

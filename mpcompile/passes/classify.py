@@ -2,7 +2,8 @@
 
 Reads: nothing. Writes: ``meta["mpc"]["facts"]`` (a ``NodeFacts``) and ``["roles"]`` (the
 tensor roles the node has, which lowering can quantize) for every call node and, for GEMM-like
-nodes, ``meta["mpc"]["gemm"]``: ``linear``, ``conv1d``/``conv2d``/``conv3d`` or ``matmul``.
+nodes, ``meta["mpc"]["gemm"]``: ``linear``, ``conv1d``/``conv2d``/``conv3d``, ``matmul`` or
+``attention`` (an ``nn.MultiheadAttention``: four GEMMs under one assignment).
 GEMM-like ops have every role; norms ``input``, ``output`` and the ``weight`` / ``bias`` they
 have; other ops ``input`` and ``output``.
 """
@@ -19,8 +20,9 @@ from ..policy import NodeFacts
 
 __all__ = ["classify", "GEMM_KINDS", "NORM_PARAMS"]
 
-GEMM_KINDS = ("linear", "conv1d", "conv2d", "conv3d", "matmul")
-_GEMM_MODULES = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d"}
+GEMM_KINDS = ("linear", "conv1d", "conv2d", "conv3d", "matmul", "attention")
+_GEMM_MODULES = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d",
+                 nn.MultiheadAttention: "attention"}
 _GEMM_FUNCTIONS = {F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d",
                    torch.matmul: "matmul", torch.mm: "matmul", torch.bmm: "matmul", operator.matmul: "matmul"}
 _GEMM_METHODS = {"matmul": "matmul", "mm": "matmul", "bmm": "matmul"}
@@ -68,14 +70,17 @@ def classify(gm: torch.fx.GraphModule) -> None:
     kinds = {}
     for node in calls:
         target, _, _ = _target(gm, node)
-        kind = (_GEMM_MODULES.get(target) if node.op == "call_module" else
+        kind = (next((_GEMM_MODULES[c] for c in target.__mro__ if c in _GEMM_MODULES), None)
+                if node.op == "call_module" else
                 _GEMM_METHODS.get(target) if node.op == "call_method" else _GEMM_FUNCTIONS.get(target))
         if kind is not None:
             kinds[node] = kind
     gemms = [n for n in calls if n in kinds]
     for node in calls:
         target, op_type, name = _target(gm, node)
-        group = "gemm" if node in kinds else next((g for g, members in _GROUPS.items() if target in members), None)
+        types = target.__mro__ if node.op == "call_module" else (target,)  # a subclass is its base's kind
+        group = "gemm" if node in kinds else next((g for g, members in _GROUPS.items()
+                                                   if any(t in members for t in types)), None)
         meta = node.meta.setdefault("mpc", {})
         index = gemms.index(node) if node in kinds else None
         meta["facts"] = NodeFacts(op_type, name, group, index, len(gemms), meta.get("kappa"))

@@ -4,7 +4,8 @@ Reads: ``meta["mpc"]["gemm"]`` and ``["facts"]`` (classify). Writes ``meta["mpc"
 = {"median", "p99", "max"} over the output elements of every batch, and sets the facts'
 ``kappa`` (what ``kappa_above`` / ``kappa_below`` select on) to the p99.
 
-- dot products (GEMM-like ops): kappa_v = (|W||x| + |b|) / |Wx + b| per output element;
+- dot products (GEMM-like ops but attention): kappa_v = (|W||x| + |b|) / |Wx + b| per output
+  element;
 - activations: kappa_phi = |v phi'(v)| / |phi(v)| per element (0 where both are 0, as for a
   ReLU's negative side, whose output does not move).
 """
@@ -23,7 +24,9 @@ __all__ = ["estimate_condition"]
 _CONV = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
 
 
-def _gemm_kappa(gm, node, kind: str, args, kwargs, out) -> torch.Tensor:
+def _gemm_kappa(gm, node, kind: str, args, kwargs, out) -> torch.Tensor | None:
+    if kind == "attention":
+        return None  # four GEMMs and a softmax: no one dot product to take kappa of
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         w, b, x = module.weight, module.bias, args[0]

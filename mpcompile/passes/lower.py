@@ -4,7 +4,8 @@ Reads: ``meta["mpc"]["gemm"]`` (classify) and ``["assignment"]`` (assign). Write
 whose node standing for a traced node carries its meta plus ``meta["mpc"]["node"]`` (the
 traced node's name):
 a GEMM-like node with an assignment becomes one call of ``mpcompile.ops`` (``linear``,
-``conv1d/2d/3d``, ``matmul``: an ``mpc::`` op) with its roles and specs as strings; any other
+``conv1d/2d/3d``, ``matmul``: an ``mpc::`` op; ``multi_head_attention``: four) with its roles
+and specs as strings; any other
 node gets ``ops.quant`` on its tensor inputs and its output for the ``input`` / ``output``
 roles it was given, and a norm on its ``weight`` / ``bias`` (a norm module then runs through
 ``torch.func.functional_call`` with the quantized parameters swapped in; its buffers, such as
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..errors import MpcompileError
+from ..ops.attention import unsupported_attention
 from ..ops.spec import RoleFormats
 from .classify import NORM_PARAMS
 
@@ -58,6 +60,14 @@ def _gemm(gm, graph: torch.fx.Graph, node: torch.fx.Node, meta: dict, env) -> to
     kind, kwargs = meta["gemm"], _strings(meta["assignment"])
     args = torch.fx.map_arg(node.args, lambda n: env[n])
     call_kwargs = torch.fx.map_arg(node.kwargs, lambda n: env[n])
+    if kind == "attention":
+        module = gm.get_submodule(node.target)
+        why = unsupported_attention(module)
+        if why is not None:
+            raise LoweringError(f"node {node.name} (module {node.target}, {type(module).__name__}): {why}; keep it "
+                                f"in fp32 with a rule (match: {{name: {node.target}}}, keep: fp32)")
+        return graph.call_function(ops.multi_head_attention, (graph.get_attr(node.target), *args),
+                                   {**call_kwargs, **kwargs})
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         weight = graph.get_attr(f"{node.target}.weight")

@@ -41,6 +41,7 @@ def collect_stats(traced: torch.fx.GraphModule, lowered: torch.fx.GraphModule, b
     reference: dict[str, list[torch.Tensor]] = {}
 
     def fp32(node, args, kwargs, out):
+        out = out[0] if isinstance(out, tuple) else out  # attention: (output, weights)
         assignment = node.meta.get("mpc", {}).get("assignment")
         if assignment is None or not assignment.quantizes or not isinstance(out, torch.Tensor):
             return
@@ -61,6 +62,7 @@ def collect_stats(traced: torch.fx.GraphModule, lowered: torch.fx.GraphModule, b
     noise: dict[str, list[float]] = {}
 
     def low(node, args, kwargs, out):
+        out = out[0] if isinstance(out, tuple) else out
         name = node.meta.get("mpc", {}).get("node")
         if name in reference and isinstance(out, torch.Tensor):
             ref = reference[name][len(noise.setdefault(name, [])) // 2]

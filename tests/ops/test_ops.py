@@ -396,3 +396,10 @@ def test_conv1d_and_conv3d_are_conv2d_with_unit_dims(stride, padding, dilation, 
     for u, v, t in zip(g1, g2, g3):
         assert_bitwise(u, v)
         assert_bitwise(u, t)
+
+
+def test_a_chunk_longer_than_the_reduction_is_one_chunk():
+    x, w = _leaves((3, 5), (4, 5))
+    one = ArithSpec(acc="bf16", order="chunk(5)")
+    assert torch.equal(ops.linear(x, w, forward=ArithSpec(acc="bf16", order="chunk(64)")), ops.linear(x, w, forward=one))
+    assert torch.equal(ops.sum(x, 1, spec="acc=bf16 order=chunk(64)"), ops.sum(x, 1, spec=one))

@@ -1,0 +1,114 @@
+"""nn.MultiheadAttention decomposed into emulated GEMMs: torch's module to rounding, every
+GEMM quantized as its roles say, and lowered by the compiler."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import mpcompile
+from mpcompile import ops
+from mpcompile.passes.lower import LoweringError
+from mpcompile.rounding import quantize
+
+CONFIGS = {  # name: (module kwargs, forward kwargs builder)
+    "batch_first": ({"batch_first": True}, lambda x, n, s: {}),
+    "seq_first_masks": ({}, lambda x, n, s: {"attn_mask": torch.rand(s, s) > 0.7,
+                                             "key_padding_mask": torch.arange(s).expand(n, s) >= s - 1}),
+    "float_mask_per_head": ({"batch_first": True}, lambda x, n, s: {"attn_mask": torch.randn(n * 2, s, s),
+                                                                    "average_attn_weights": False}),
+    "kdim_vdim": ({"batch_first": True, "kdim": 6, "vdim": 3}, lambda x, n, s: {}),
+    "no_bias": ({"bias": False}, lambda x, n, s: {"need_weights": False}),
+}
+
+
+def _inputs(module: nn.MultiheadAttention, n: int = 3, s: int = 5):
+    shape = lambda e: (n, s, e) if module.batch_first else (s, n, e)
+    q = torch.randn(shape(module.embed_dim))
+    if module._qkv_same_embed_dim:
+        return q, q, q
+    return q, torch.randn(shape(module.kdim)), torch.randn(shape(module.vdim))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_native_arithmetic_is_torchs_module(name):
+    kwargs, extra = CONFIGS[name]
+    torch.manual_seed(0)
+    module = nn.MultiheadAttention(8, 2, **kwargs)
+    q, k, v = _inputs(module)
+    more = extra(q, 3, 5)
+    want, want_w = module(q, k, v, **more)
+    got, got_w = ops.multi_head_attention(module, q, k, v, **more)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # bmm vs batched matmul: last bits differ
+    if want_w is None:
+        assert got_w is None
+    else:
+        torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
+    got.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+
+def test_unbatched_input():
+    torch.manual_seed(0)
+    module, x = nn.MultiheadAttention(8, 4), torch.randn(5, 8)
+    want, want_w = module(x, x, x)
+    got, got_w = ops.multi_head_attention(module, x, x, x)
+    assert got.shape == (5, 8) and got_w.shape == (5, 5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
+
+
+def test_every_gemm_takes_the_roles():
+    torch.manual_seed(0)
+    module, x = nn.MultiheadAttention(8, 2, batch_first=True), torch.randn(2, 4, 8)
+    q8 = lambda t: quantize(t.detach(), "fp8_e4m3")
+    got, _ = ops.multi_head_attention(module, x, x, x, need_weights=False,
+                                      formats={"input": "fp8_e4m3", "weight": "fp8_e4m3", "output": "bf16"})
+    qkv = quantize(F.linear(q8(x), q8(module.in_proj_weight), module.in_proj_bias), "bf16")
+    q, k, v = (t.unflatten(-1, (2, 4)).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+    scores = quantize(torch.matmul(q8(q * math.sqrt(1 / 4)), q8(k.transpose(-2, -1))), "bf16")
+    out = quantize(torch.matmul(q8(F.softmax(scores, -1)), q8(v)), "bf16").transpose(1, 2).flatten(2)
+    want = quantize(F.linear(q8(out), q8(module.out_proj.weight), module.out_proj.bias), "bf16")
+    assert torch.equal(got, want)
+
+
+class Encoder(nn.Module):
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True, **kwargs)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h, _ = self.attn(x, x, x, need_weights=False)
+        return self.fc(h + x)
+
+
+def test_compile_lowers_attention_only_when_the_policy_quantizes_it():
+    torch.manual_seed(0)
+    model, x = Encoder().eval(), torch.randn(2, 4, 8)
+    with torch.no_grad():  # eval without gradients: torch's fused fast path, which an fp32 policy keeps
+        assert torch.equal(mpcompile.compile(model, "fp32", (x,))(x), model(x))
+    cm = mpcompile.compile(model, "version: 1\ndefault: {input: fp8_e4m3, weight: fp8_e4m3}\n"
+                                  "rules:\n  - match: {type: MultiheadAttention}\n    output: bf16\n", (x,))
+    calls = [n.target.__name__ for n in cm.graph_module.graph.nodes if n.op == "call_function"
+             and n.target.__module__.startswith("mpcompile.ops")]
+    assert calls == ["multi_head_attention", "linear"]
+    facts = cm.assignments()["attn"]
+    assert dict(facts.roles)["output"].quant is not None
+    h, _ = ops.multi_head_attention(model.attn, x, x, x, need_weights=False,
+                                    formats={"input": "fp8_e4m3", "weight": "fp8_e4m3", "output": "bf16"})
+    q8 = lambda t: quantize(t.detach(), "fp8_e4m3")
+    assert torch.equal(cm(x), F.linear(q8(h + x), q8(model.fc.weight), model.fc.bias))
+    node = cm._traced[0].graph.find_nodes(op="call_module", target="attn")[0]
+    assert node.meta["mpc"]["shape"] == (2, 4, 8) and math.isfinite(node.meta["mpc"]["stats"]["sqnr_db"])
+
+
+def test_attention_torch_cannot_emulate_is_a_lowering_error():
+    model = Encoder(add_bias_kv=True)
+    with pytest.raises(LoweringError, match=r"node attn \(module attn, MultiheadAttention\): add_bias_kv"):
+        mpcompile.compile(model, "version: 1\ndefault: {input: bf16}\n")
+    assert mpcompile.compile(model, "version: 1\ndefault: {input: bf16}\nrules:\n  - match: {name: attn}\n"
+                                    "    keep: fp32\n").assignments()["attn"].quantizes is False
