@@ -67,17 +67,27 @@ class CompiledModel(nn.Module):
     def __init__(self, traced: torch.fx.GraphModule, policy: Policy, level: "int | str", batches: list[tuple]):
         super().__init__()
         self._traced = [traced]  # analysis results live on its nodes; a list keeps it out of the module tree
+        self._batches, self._stats_current = batches, False
         self.policy, self.level, self.warnings = policy, level, []
         self.recompile(policy, level)
-        if batches:
-            collect_stats(traced, self.graph_module, batches)
+        self.analysed()
+
+    def analysed(self) -> torch.fx.GraphModule:
+        """The traced graph with every pass's results in ``node.meta["mpc"]``. Format statistics
+        of the current assignment are collected here, on the calibration batches, the first time
+        they are asked for after a compile or recompile (so a recompile itself stays cheap)."""
+        traced = self._traced[0]
+        if self._batches and not self._stats_current:
+            collect_stats(traced, self.graph_module, self._batches)
+        self._stats_current = True
+        return traced
 
     def recompile(self, policy: "Policy | Mapping | str | Path | None" = None, level: "int | str | None" = None) -> None:
         """Re-assign formats (from a new policy and/or level) and re-lower; parameters are kept.
-        Format statistics (``compile``'s calibration) describe the first assignment: dropped here."""
+        Format statistics are dropped and re-collected when next asked for (``analysed``)."""
         self.policy = self.policy if policy is None else load_policy(policy)
         self.level = (0 if policy is not None else self.level) if level is None else level
-        traced = self._traced[0]
+        traced, self._stats_current = self._traced[0], False
         for node in traced.graph.nodes:
             node.meta.get("mpc", {}).pop("stats", None)
         assign_formats(traced, self.policy, self.level)

@@ -26,7 +26,7 @@ _ROLE_COLUMNS = ("input", "weight", "output", "grad_output")
 
 
 def _rows(cm: "CompiledModel"):
-    for node in cm._traced[0].graph.nodes:
+    for node in cm.analysed().graph.nodes:
         meta = node.meta.get("mpc", {})
         if "facts" in meta:
             yield node, meta["facts"], meta.get("shape"), meta.get("assignment")
@@ -167,7 +167,7 @@ def to_networkx(cm: "CompiledModel") -> nx.DiGraph:
     """The traced graph: a node per fx node (attributes op, module, shape, bits, roles, forward,
     backward, kappa), an edge per use."""
     g = nx.DiGraph()
-    for node in cm._traced[0].graph.nodes:
+    for node in cm.analysed().graph.nodes:
         mpc = node.meta.get("mpc", {})
         facts, assignment = mpc.get("facts"), mpc.get("assignment")
         g.add_node(node.name, op=facts.op_type if facts else node.op, module=facts.name if facts else node.name,

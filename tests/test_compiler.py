@@ -158,7 +158,7 @@ def test_shape_propagation_leaves_the_model_as_it_was():
     cm = mpcompile.compile(model, "version: 1\n", (torch.randn(1, 3, 8, 8),))  # batch 1: train-mode BN would fail
     assert model.training and all(m.training for m in model.modules())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # running stats untouched
-    assert cm._traced[0].graph.find_nodes(op="call_module", target="3")[0].meta["mpc"]["shape"] == (1, 4, 1, 1)
+    assert cm.analysed().graph.find_nodes(op="call_module", target="3")[0].meta["mpc"]["shape"] == (1, 4, 1, 1)
 
 
 def test_roles_an_op_lacks_are_reported():
@@ -195,7 +195,7 @@ def test_norm_weight_and_bias_roles_quantize_the_affine_parameters():
     with pytest.warns(UserWarning, match=r"node layer_norm \(layer_norm 'layer_norm'\): bias not applied"):
         cm = mpcompile.compile(model, "version: 1\nrules:\n  - match: {type: norm}\n    weight: fp8_e4m3\n"
                                       "    bias: fp8_e5m2:toward_zero\n", (x,))
-    assert set(cm._traced[0].graph.find_nodes(op="call_module", target="bn")[0].meta["mpc"]["stats"]) == \
+    assert set(cm.analysed().graph.find_nodes(op="call_module", target="bn")[0].meta["mpc"]["stats"]) == \
         {"weight", "bias", "sqnr_db"}
     q8, q5 = (lambda t: quantize(t.detach(), "fp8_e4m3")), (lambda t: quantize(t.detach(), "fp8_e5m2", "toward_zero"))
     stats = {k: v.clone() for k, v in model.bn.state_dict().items()}
@@ -248,3 +248,22 @@ def test_models_that_call_mpcompile_ops_trace_and_keep_their_ops():
     q8 = lambda t: quantize(t.detach(), "fp8_e4m3")
     h = ops.linear(x, model.w, formats={"weight": "bf16"}, forward="acc=bf16 order=chunk(2)")
     assert torch.equal(cm(x), F.linear(q8(h), q8(model.fc.weight), model.fc.bias))
+
+
+def test_shipped_fp8_e4m3_equals_a_hand_quantized_reference_forward_and_backward():
+    """policies/fp8_e4m3.yaml: input, weight and grad_output of every GEMM in E4M3, each scaled
+    by 448 / amax before rounding and back after; the gradient GEMMs take the quantized operands."""
+    model, x = _model_and_input()
+    cm = mpcompile.compile(model, "policies/fp8_e4m3.yaml")
+
+    def q(t: torch.Tensor) -> torch.Tensor:
+        s = 448 / t.detach().abs().max().double()
+        return (quantize(t.detach().double() * s, "fp8_e4m3") / s).float()
+
+    y, grads = _grads(cm, x)
+    h1 = F.relu(F.conv2d(q(x), q(model.conv1.weight), model.conv1.bias, padding=1))
+    h2 = torch.relu(F.conv2d(q(h1), q(model.conv2.weight), stride=2)).flatten(1)
+    want = F.linear(q(h2), q(model.fc.weight), model.fc.bias) + 1
+    assert torch.equal(y, want)
+    g = q(2 * want)  # d(y²)/dy reaches fc as its grad_output
+    assert torch.equal(grads[-2], g.T @ q(h2)) and torch.equal(grads[-1], g.sum(0))  # the bias sees it too

@@ -1,5 +1,6 @@
 """Run a traced graph on calibration data and hand each call node's inputs and output to a
-callback (used by the condition and stats passes; eval mode, no gradients, modes restored)."""
+callback (used by the condition and stats passes; eval mode, no gradients, modes and random
+number generators restored, so analysing a model never changes how training goes on)."""
 from __future__ import annotations
 
 import contextlib
@@ -41,6 +42,7 @@ class _Observer(torch.fx.Interpreter):
 
 def observe(gm: torch.fx.GraphModule, batches: Iterable[tuple], callback: Callable) -> None:
     """``callback(node, args, kwargs, output)`` for every call node, batch after batch."""
-    with evaluating(gm):
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with evaluating(gm), torch.random.fork_rng(devices=cuda):  # stochastic rounding draws from torch's generator
         for batch in batches:
             _Observer(gm, callback).run(*batch)

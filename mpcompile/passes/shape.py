@@ -24,7 +24,7 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple) -> None:
         ShapeProp(gm).propagate(*example_inputs)
     for node in gm.graph.nodes:
         meta = node.meta.get("tensor_meta")
-        if isinstance(meta, (tuple, list)) and meta:  # a tuple output (attention): its first tensor
+        if isinstance(meta, (tuple, list)) and meta and not hasattr(meta, "shape"):  # attention: (output, weights)
             meta = meta[0]
         if meta is not None and hasattr(meta, "shape"):
             node.meta.setdefault("mpc", {}).update(shape=tuple(meta.shape), dtype=meta.dtype)

@@ -28,7 +28,7 @@ def _rank_summary(k: torch.Tensor) -> dict:
 
 
 def _kappas(cm) -> dict:
-    return {n.name: n.meta["mpc"]["kappa"] for n in cm._traced[0].graph.nodes if "kappa" in n.meta.get("mpc", {})}
+    return {n.name: n.meta["mpc"]["kappa"] for n in cm.analysed().graph.nodes if "kappa" in n.meta.get("mpc", {})}
 
 
 def test_kappa_of_dot_products_and_activations():

@@ -11,7 +11,7 @@ from mpcompile import quantize
 
 
 def _stats(cm, name):
-    return next(n for n in cm._traced[0].graph.nodes if n.name == name).meta["mpc"].get("stats")
+    return next(n for n in cm.analysed().graph.nodes if n.name == name).meta["mpc"].get("stats")
 
 
 def test_shares_of_overflow_flush_and_subnormal():
@@ -26,14 +26,19 @@ def test_shares_of_overflow_flush_and_subnormal():
     assert s["sqnr_db"] == 10 * math.log10(y.square().sum().item() / (y - yq).square().sum().item())
 
 
-def test_lossless_formats_have_infinite_sqnr_and_recompile_drops_stats():
+def test_lossless_formats_have_infinite_sqnr_and_recompile_recollects_stats():
     torch.manual_seed(0)
     net = nn.Linear(8, 3)
     with torch.no_grad():
         net.weight.copy_(quantize(net.weight, "bf16"))
     x = quantize(torch.randn(4, 8), "bf16")
     cm = mpcompile.compile(net, "version: 1\ndefault: {input: bf16, weight: bf16}\n", (x,))
-    (stats,) = [n.meta["mpc"]["stats"] for n in cm._traced[0].graph.nodes if "stats" in n.meta.get("mpc", {})]
+    (stats,) = [n.meta["mpc"]["stats"] for n in cm.analysed().graph.nodes if "stats" in n.meta.get("mpc", {})]
     assert stats["sqnr_db"] == math.inf and stats["weight"]["overflow"] == 0
-    cm.recompile(level=0)
-    assert all("stats" not in n.meta.get("mpc", {}) for n in cm._traced[0].graph.nodes)
+    cm.recompile("version: 1\ndefault: {input: fp8_e4m3, weight: fp8_e4m3}\n")
+    assert all("stats" not in n.meta.get("mpc", {}) for n in cm._traced[0].graph.nodes)  # recompile stays cheap
+    state = torch.random.get_rng_state()
+    (stats,) = [n.meta["mpc"]["stats"] for n in cm.analysed().graph.nodes if "stats" in n.meta.get("mpc", {})]
+    y, yq = net(x).double(), cm(x).double()
+    assert stats["sqnr_db"] == 10 * math.log10(y.square().sum().item() / (y - yq).square().sum().item()) < 40
+    assert torch.equal(torch.random.get_rng_state(), state)  # analysis never moves training's random numbers
