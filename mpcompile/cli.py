@@ -74,6 +74,29 @@ def _policy_source(text: str) -> "Path | str":
     return Path(text) if Path(text).is_file() or text.endswith((".yaml", ".yml")) else text
 
 
+def _train(args) -> str:
+    """Run ``mpcompile train`` and return its final summary table."""
+    from .runtime.trainer import TrainConfig, Trainer
+
+    if args.resume:
+        trainer = Trainer.resume(args.resume, epochs=args.epochs, out=args.out)
+    else:
+        loss_scale = args.loss_scale
+        if loss_scale not in (None, "none", "dynamic"):
+            try:
+                loss_scale = float(loss_scale)
+            except ValueError:
+                raise MpcompileError(f"--loss-scale {loss_scale!r}: give none, dynamic or a number") from None
+        out = args.out or f"runs/{args.model}-{args.data}-{Path(args.policy).stem}"
+        trainer = Trainer(TrainConfig(args.model, args.data, args.policy, 10 if args.epochs is None else args.epochs,
+                                      args.batch_size, args.lr,
+                                      args.optimizer, args.seed, out, args.data_dir, loss_scale))
+    summary = trainer.fit()
+    rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in summary.items()]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join([f"{k.ljust(width)}  {v}" for k, v in rows] + [f"{'run folder'.ljust(width)}  {trainer.out}"])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mpcompile", description="Mixed-precision compiler for PyTorch.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -87,12 +110,28 @@ def main(argv: list[str] | None = None) -> int:
     ip.add_argument("--input-shape", default="1,3,224,224", help="example input shape (default 1,3,224,224)")
     ip.add_argument("--format", choices=("table", "json", "dot", "svg"), default="table")
     ip.add_argument("--calibrate", action="store_true", help="estimate kappa, overflow and SQNR on a random batch")
+    tp = sub.add_parser("train", help="train a model under a policy (progress, metrics, plots, checkpoints)")
+    tp.add_argument("--model", default="lenet5", help="lenet5, mlp, logreg, resnet20, a torchvision model or "
+                                                      "package.module:factory (default lenet5)")
+    tp.add_argument("--data", default="digits", help="digits (built in), mnist, cifar10 (from --data-dir) or fake")
+    tp.add_argument("--data-dir", help="folder holding MNIST/ or cifar-10-batches-py/")
+    tp.add_argument("--policy", default="fp32", help="a policy file or shipped name (default fp32)")
+    tp.add_argument("--epochs", type=int, help="epochs to train to (default 10; with --resume: the run's)")
+    tp.add_argument("--batch-size", type=int, default=64)
+    tp.add_argument("--lr", type=float, default=0.05)
+    tp.add_argument("--optimizer", default="sgd", help="sgd (momentum 0.9), adam or adamw")
+    tp.add_argument("--loss-scale", help="none, dynamic or a number (default: dynamic when gradients are rounded)")
+    tp.add_argument("--seed", type=int, default=0)
+    tp.add_argument("--out", help="run folder (default runs/MODEL-DATA-POLICY)")
+    tp.add_argument("--resume", help="a run folder or checkpoint.pt to continue (to --epochs, if given)")
     args = ap.parse_args(argv)
     try:
         if args.command == "formats":
             print(formats_table([parse(s) for s in args.specs] if args.specs else [get(n) for n in names()]))
         elif args.command == "inspect":
             print(inspect_model(args.model, args.policy, args.input_shape, args.format, args.calibrate))
+        elif args.command == "train":
+            print(_train(args))
         elif args.command == "check":
             for path in args.policies:
                 print(policy_summary(load_policy(_policy_source(path))))

@@ -22,7 +22,7 @@ from .ops.spec import ROLES, SCALINGS, ArithSpec, QuantSpec
 from .rounding import ROUNDING_MODES
 
 __all__ = ["SCHEMA_VERSION", "GROUPS", "SHIPPED_POLICIES", "RoleSetting", "Settings", "Selector", "Rule", "Level",
-           "Policy", "NodeFacts", "Assignment", "load_policy", "shipped_policies"]
+           "Policy", "NodeFacts", "Assignment", "OptimizerSettings", "load_policy", "shipped_policies"]
 
 SCHEMA_VERSION = 1
 SHIPPED_POLICIES = Path(__file__).resolve().parent / "policies"
@@ -33,6 +33,7 @@ _TOP = ("version", "name", "description", "formats", "rounding", "saturate", "de
 _SETTINGS = ROLES + ("forward", "backward", "rounding", "saturate", "keep")
 _ROLE_KEYS = ("format", "rounding", "saturate", "sr_bits", "scaling")
 _ARITH_KEYS = ("mul", "acc", "order", "rounding", "mul_rounding", "fma", "kahan", "sr_bits")
+_OPTIMIZER_KEYS = ("master", "gradient", "momentum", "second_moment", "update_rounding", "weight_decay")
 _SELECTORS = ("type", "name", "name_regex", "first", "last", "index", "kappa_above", "kappa_below")
 _ALIAS = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -244,6 +245,25 @@ class Assignment:
 
 
 @dataclass(frozen=True)
+class OptimizerSettings:
+    """The ``optimizer:`` section: formats of what an optimizer stores; None keeps fp32.
+
+    ``master`` is the stored weights themselves (a low-precision master is the LP-SGD / SWALP
+    setting), ``gradient`` the gradients the update reads, ``momentum`` SGD's momentum buffer
+    or Adam's first moment, ``second_moment`` Adam's second moment. ``update_rounding`` rounds
+    every stored value after a step; ``weight_decay`` (None: the optimizer's own) is decoupled
+    for AdamW and L2 otherwise, as torch does it.
+    """
+
+    master: Any = None
+    gradient: Any = None
+    momentum: Any = None
+    second_moment: Any = None
+    update_rounding: str = "nearest"
+    weight_decay: float | None = None
+
+
+@dataclass(frozen=True)
 class Policy:
     """A validated policy (schema v1). ``levels[0]`` is the policy itself."""
 
@@ -254,7 +274,7 @@ class Policy:
     levels: tuple[Level, ...]
     source: str  # the file (or "<string>", "<dict>") it was read from
     trust_region: Mapping[str, Any] | None = None  # read by the runtime
-    optimizer: Mapping[str, Any] | None = None
+    optimizer: OptimizerSettings = OptimizerSettings()
 
     def level_index(self, level: "int | str") -> int:
         names = [lv.name for lv in self.levels]
@@ -357,13 +377,30 @@ def _read(root: _Node, source: str) -> Policy:
     levels: list[Level] = []
     for i, node in enumerate(_list(top.get("levels"), "levels")):
         levels.append(_level(node, i, aliases, inherited, [lv.name for lv in levels]))
-    extra = {key: _python(top[key]) for key in ("trust_region", "optimizer") if key in top}
-    for key, value in extra.items():
-        if not isinstance(value, dict):
-            raise top[key].fail(f"{key} must be a mapping, got {_kind(value)}")
+    trust_region = _python(top["trust_region"]) if "trust_region" in top else None
+    if trust_region is not None and not isinstance(trust_region, dict):
+        raise top["trust_region"].fail(f"trust_region must be a mapping, got {_kind(trust_region)}")
+    optimizer = _optimizer(top["optimizer"], aliases) if "optimizer" in top else OptimizerSettings()
     return Policy(_check(top["name"], (str,), "name") if "name" in top else Path(source).stem,
                   _check(top["description"], (str,), "description") if "description" in top else "",
-                  default, rules, tuple(levels), source, extra.get("trust_region"), extra.get("optimizer"))
+                  default, rules, tuple(levels), source, trust_region, optimizer)
+
+
+def _optimizer(node: _Node, aliases) -> OptimizerSettings:
+    section = _mapping(node, "optimizer", _OPTIMIZER_KEYS)
+    values: dict[str, Any] = {}
+    for key in ("master", "gradient", "momentum", "second_moment"):
+        if key in section and section[key].value is not None:
+            text = _check(section[key], (str,), f"optimizer.{key}")
+            values[key] = None if text == "fp32" else _format(section[key], text, aliases, f"optimizer.{key}")
+    if "update_rounding" in section:
+        values["update_rounding"] = _choice(section["update_rounding"], ROUNDING_MODES, "optimizer.update_rounding")
+    if "weight_decay" in section:
+        decay = _check(section["weight_decay"], (int, float), "optimizer.weight_decay")
+        if decay < 0:
+            raise section["weight_decay"].fail(f"optimizer.weight_decay must be >= 0, got {decay}")
+        values["weight_decay"] = float(decay)
+    return OptimizerSettings(**values)
 
 
 def _python(node: _Node) -> Any:

@@ -9,7 +9,7 @@ import pytest
 from mpcompile.errors import PolicyError
 from mpcompile.formats import parse
 from mpcompile.ops import ArithSpec
-from mpcompile.policy import NodeFacts, load_policy
+from mpcompile.policy import NodeFacts, OptimizerSettings, load_policy
 
 DESIGN_EXAMPLE = """\
 version: 1
@@ -46,8 +46,8 @@ def roles(assignment) -> dict[str, str | None]:
 
 def test_design_example_resolves_by_cascade_and_levels():
     p = load_policy(DESIGN_EXAMPLE)
-    assert (p.name, [lv.name for lv in p.levels], p.trust_region["eta1"], p.optimizer["momentum"]) == \
-        ("hfp8", ["fp8", "bf16", "fp32"], 0.25, "bf16")
+    assert (p.name, [lv.name for lv in p.levels], p.trust_region["eta1"]) == ("hfp8", ["fp8", "bf16", "fp32"], 0.25)
+    assert p.optimizer == OptimizerSettings(master=None, momentum=parse("bf16"), update_rounding="stochastic")
     fc = p.resolve(FC)
     assert roles(fc) == {"input": "fp8_e4m3", "weight": "fp8_e4m3", "grad_output": "fp8_e5m2"}
     assert fc.forward == fc.backward == ArithSpec(acc=parse("e6m9"), order="chunk(32)")
@@ -202,6 +202,11 @@ MALFORMED = [
     ("version: 1\ndefault:\n  input: bf16\n  input: fp16\n", 4, 3, "'input' is given twice"),
     ("version: 1\ndefault: {input: bf16\n", 3, 1, "not valid YAML"),
     ("version: 1\ntrust_region: fast\n", 2, 15, "trust_region must be a mapping"),
+    ("version: 1\noptimizer: {momentm: bf16}\n", 2, 13, r"unknown key 'momentm' in optimizer.*did you mean 'momentum'"),
+    ("version: 1\noptimizer:\n  master: e4m9x\n", 3, 11, "optimizer.master"),
+    ("version: 1\noptimizer: {update_rounding: stochastc}\n", 2, 30, "did you mean 'stochastic'"),
+    ("version: 1\noptimizer: {weight_decay: -0.1}\n", 2, 27, "weight_decay must be >= 0"),
+    ("version: 1\noptimizer: [bf16]\n", 2, 12, "optimizer must be a mapping"),
     ("", None, None, "the policy is empty"),
 ]
 

@@ -1,0 +1,119 @@
+"""Optimizers whose weights, gradients and states live in number formats.
+
+``LowPrecisionOptimizer`` wraps any ``torch.optim`` optimizer: the update itself is torch's, in
+fp32, and what the optimizer keeps is rounded to the policy's ``optimizer:`` formats around it
+(gradients before the step; momentum / moments and the weights themselves after). With a
+low-precision ``master`` the stored weights are low precision, which is the LP-SGD / SWALP
+setting; stochastic ``update_rounding`` then keeps small updates alive in expectation.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from ..errors import MpcompileError
+from ..policy import OptimizerSettings
+from ..rounding import quantize
+
+__all__ = ["LowPrecisionOptimizer", "make_optimizer", "OPTIMIZERS"]
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+# torch's state names per what they are: SGD keeps momentum_buffer, Adam(W) exp_avg / exp_avg_sq.
+_STATES = {"momentum_buffer": "momentum", "exp_avg": "momentum", "exp_avg_sq": "second_moment"}
+
+
+class LowPrecisionOptimizer:
+    """A torch optimizer with formats for what it stores.
+
+    Args:
+        optimizer: any ``torch.optim`` optimizer over the (compiled) model's parameters.
+        settings: the policy's ``optimizer:`` section.
+        seed: seed of the stochastic rounding's generator (its state is checkpointed).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, settings: OptimizerSettings = OptimizerSettings(), *,
+                 seed: int = 0):
+        self.optimizer, self.settings, self.seed = optimizer, settings, seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+        if settings.weight_decay is not None:
+            for group in optimizer.param_groups:
+                group["weight_decay"] = settings.weight_decay
+        if settings.master is not None:  # the weights are stored in the master format from the start
+            with torch.no_grad():
+                for p in self._params():
+                    p.copy_(self._round(p, settings.master))
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def _params(self) -> Iterable[torch.Tensor]:
+        return (p for group in self.optimizer.param_groups for p in group["params"])
+
+    def _round(self, x: torch.Tensor, fmt) -> torch.Tensor:
+        rounding = self.settings.update_rounding
+        generator = None
+        if rounding == "stochastic":
+            if x.device not in self._generators:
+                self._generators[x.device] = torch.Generator(x.device).manual_seed(self.seed)
+            generator = self._generators[x.device]
+        return quantize(x, fmt, rounding, generator=generator)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Round the gradients, take torch's step, round the states and the weights."""
+        s = self.settings
+        if s.gradient is not None:
+            for p in self._params():
+                if p.grad is not None:
+                    p.grad.copy_(self._round(p.grad, s.gradient))
+        self.optimizer.step()
+        for p in self._params():
+            state = self.optimizer.state.get(p, {})
+            for key, role in _STATES.items():
+                fmt = getattr(s, role)
+                if fmt is not None and isinstance(state.get(key), torch.Tensor):
+                    state[key].copy_(self._round(state[key], fmt))
+            if s.master is not None:
+                p.copy_(self._round(p, s.master))
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(),
+                "generators": {str(d): g.get_state() for d, g in self._generators.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._generators = {}
+        for device, rng in state["generators"].items():
+            self._generators[torch.device(device)] = torch.Generator(device)
+            self._generators[torch.device(device)].set_state(rng)
+
+
+def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float,
+                   settings: OptimizerSettings = OptimizerSettings(), *, momentum: float = 0.9,
+                   seed: int = 0) -> LowPrecisionOptimizer:
+    """``sgd`` (with momentum), ``adam`` or ``adamw`` over ``params``, wrapped with ``settings``.
+
+    Args:
+        name: one of ``OPTIMIZERS``.
+        params: the parameters (a CompiledModel's survive recompile: they are the same objects).
+        lr: learning rate (> 0).
+        settings: formats from the policy's ``optimizer:`` section.
+        momentum: SGD's momentum.
+        seed: seed of the stochastic rounding.
+    """
+    if not lr > 0:
+        raise MpcompileError(f"learning rate {lr} must be positive")
+    if name == "sgd":
+        inner = torch.optim.SGD(params, lr=lr, momentum=momentum)
+    elif name == "adam":
+        inner = torch.optim.Adam(params, lr=lr)
+    elif name == "adamw":
+        inner = torch.optim.AdamW(params, lr=lr)
+    else:
+        raise MpcompileError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    return LowPrecisionOptimizer(inner, settings, seed=seed)

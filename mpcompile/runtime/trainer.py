@@ -1,0 +1,276 @@
+"""Train a compiled model: progress, metrics, plots and checkpoints that resume bit-identically.
+
+A run folder holds ``metrics.jsonl`` (one line per step and per epoch), ``summary.json``,
+``curves.png`` (loss and accuracy against epochs) and ``checkpoint.pt``, written after every
+epoch and on Ctrl-C. The checkpoint carries the model, optimizer, loss scaler, policy level,
+the RNG states of torch, python and numpy, and the position in the epoch; the data order is a
+function of (seed, epoch), so ``resume`` continues exactly where the run stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..compiler import CompiledModel, compile
+from ..errors import MpcompileError
+from ..models import MODELS, build_model
+from ..policy import load_policy
+from .data import Dataset, batches, load_dataset, num_batches
+from .optim import OPTIMIZERS, make_optimizer
+from .scaling import LossScaler, make_loss_scaler
+
+__all__ = ["TrainConfig", "Trainer", "train", "model_for"]
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """What a run is. ``loss_scale``: None (dynamic when the policy rounds any gradient, else
+    none), ``"none"``, ``"dynamic"`` or a number (static)."""
+
+    model: str = "lenet5"
+    data: str = "digits"
+    policy: str = "fp32"
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    seed: int = 0
+    out: str = "runs/run"
+    data_dir: str | None = None
+    loss_scale: str | float | None = None
+    level: int | str = 0
+
+    def check(self) -> None:
+        """Refuse what cannot train, before anything is built."""
+        if not isinstance(self.batch_size, int) or self.batch_size <= 0:
+            raise MpcompileError(f"batch size {self.batch_size} must be a positive integer")
+        if not self.lr > 0:
+            raise MpcompileError(f"learning rate {self.lr} must be positive")
+        if not isinstance(self.epochs, int) or self.epochs < 0:
+            raise MpcompileError(f"epochs {self.epochs} must be a non-negative integer")
+        if self.optimizer not in OPTIMIZERS:
+            raise MpcompileError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def model_for(name: str, data: Dataset) -> nn.Module:
+    """Model ``name`` shaped for ``data`` (input channels and size, number of classes)."""
+    c, h, w = data.input_shape
+    sizes = {"lenet5": {"in_channels": c, "image_size": h}, "mlp": {"in_features": c * h * w},
+             "logreg": {"in_features": c * h * w}, "resnet20": {"in_channels": c}}
+    if name in MODELS:
+        return build_model(name, num_classes=data.num_classes, **sizes[name])
+    return build_model(name) if ":" in name else build_model(name, num_classes=data.num_classes)
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.random.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.random.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+class Trainer:
+    """A training run. ``fit()`` trains to ``config.epochs`` and returns the summary.
+
+    Args:
+        config: the run.
+        progress: show a progress bar per epoch (tqdm).
+    """
+
+    def __init__(self, config: TrainConfig, *, progress: bool = True):
+        config.check()
+        self.config, self.progress = config, progress
+        policy = load_policy(config.policy)
+        self.data = load_dataset(config.data, config.data_dir)
+        _seed_everything(config.seed)
+        self.model = model_for(config.model, self.data)
+        example = self.data.batch("train", torch.arange(min(8, self.data.size("train"))))[0]
+        self.compiled: CompiledModel = compile(self.model, policy, (example,), calibration=[], level=config.level)
+        self.optimizer = make_optimizer(config.optimizer, self.compiled.parameters(), config.lr, policy.optimizer,
+                                        seed=config.seed)
+        self.scaler: LossScaler = make_loss_scaler(self._loss_scale(policy))
+        self.out = Path(config.out)
+        self.epoch, self.step_in_epoch, self.history = 0, 0, []
+        self._partial = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+
+    def _loss_scale(self, policy):
+        spec = self.config.loss_scale
+        if spec is None:
+            rounds_grads = policy.optimizer.gradient is not None or any(
+                s.quant is not None for a in self.compiled.assignments().values() for r, s in a.roles
+                if r.startswith("grad"))
+            return "dynamic" if rounds_grads else None
+        return None if spec == "none" else spec
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": dataclasses.asdict(self.config), "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "level": self.compiled.level, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                "partial": dict(self._partial), "history": list(self.history), "rng": _rng_state()}
+
+    def save(self) -> Path:
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / "checkpoint.pt"
+        torch.save(self.state_dict(), path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)  # a crash mid-write leaves the previous checkpoint whole
+        return path
+
+    @classmethod
+    def resume(cls, path: str | Path, *, epochs: int | None = None, out: str | None = None,
+               progress: bool = True) -> "Trainer":
+        """The run saved at ``path`` (a checkpoint or its run folder), to go on training."""
+        path = Path(path)
+        path = path / "checkpoint.pt" if path.is_dir() else path
+        if not path.is_file():
+            raise MpcompileError(f"--resume {path}: no checkpoint there; give a run folder or its checkpoint.pt")
+        state = torch.load(path, weights_only=False)
+        config = TrainConfig(**state["config"])
+        config.epochs = config.epochs if epochs is None else epochs
+        config.out = config.out if out is None else out
+        config.level = state["level"]
+        trainer = cls(config, progress=progress)
+        trainer.model.load_state_dict(state["model"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.scaler.load_state_dict(state["scaler"])
+        trainer.epoch, trainer.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        trainer._partial, trainer.history = state["partial"], state["history"]
+        _set_rng_state(state["rng"])
+        return trainer
+
+    # -- training -----------------------------------------------------------------------------
+    def evaluate(self, split: str = "test") -> float:
+        """Accuracy (a fraction) on ``split``."""
+        correct = 0
+        was_training = self.compiled.training
+        self.compiled.eval()
+        with torch.no_grad():
+            for x, y in batches(self.data, split, 256, shuffle=False, seed=0, epoch=0):
+                correct += int((self.compiled(x).argmax(1) == y).sum())
+        self.compiled.train(was_training)
+        return correct / self.data.size(split)
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int, bool]:
+        self.optimizer.zero_grad()
+        logits = self.compiled(x)
+        loss = F.cross_entropy(logits, y)
+        self.scaler.scale(loss).backward()
+        skipped = self.scaler.unscale_(self.compiled.parameters(), self.optimizer.settings.gradient)
+        if not skipped:
+            self.optimizer.step()
+        self.scaler.update(skipped)
+        return float(loss), int((logits.argmax(1) == y).sum()), skipped
+
+    def fit(self) -> dict[str, Any]:
+        """Train from where the run stands to ``config.epochs``; write metrics, plots, summary."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        metrics = (self.out / "metrics.jsonl").open("a")
+        try:
+            while self.epoch < self.config.epochs:
+                self._epoch(metrics)
+        except KeyboardInterrupt:
+            path = self.save()
+            raise MpcompileError(f"interrupted in epoch {self.epoch + 1}: saved {path}; go on with --resume {path}")
+        finally:
+            metrics.close()
+        summary = self.summary()
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        self.plot()
+        return summary
+
+    def _epoch(self, metrics) -> None:
+        from tqdm import tqdm
+
+        c = self.config
+        total = num_batches(self.data, "train", c.batch_size)
+        order = batches(self.data, "train", c.batch_size, shuffle=True, seed=c.seed, epoch=self.epoch)
+        bar = tqdm(total=total, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{c.epochs}",
+                   disable=not self.progress, leave=True, dynamic_ncols=True)
+        self.compiled.train()
+        p = self._partial
+        for i, (x, y) in enumerate(order):
+            if i < self.step_in_epoch:
+                continue  # resumed mid-epoch: these batches were trained on
+            start = time.perf_counter()
+            loss, correct, skipped = self._train_step(x, y)
+            p["seconds"] += time.perf_counter() - start
+            p["loss"] += loss * len(y)
+            p["correct"] += correct
+            p["seen"] += len(y)
+            self.step_in_epoch = i + 1
+            metrics.write(json.dumps({"epoch": self.epoch + 1, "step": i + 1, "loss": loss, "skipped": skipped,
+                                      "loss_scale": self.scaler.scale_value}) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{p['loss'] / p['seen']:.4f}", acc=f"{p['correct'] / p['seen']:.3f}",
+                            scale=f"{self.scaler.scale_value:g}", overflows=self.scaler.overflow_steps)
+        bar.close()
+        record = {"epoch": self.epoch + 1, "train_loss": p["loss"] / max(p["seen"], 1),
+                  "train_accuracy": p["correct"] / max(p["seen"], 1), "test_accuracy": self.evaluate("test"),
+                  "seconds": p["seconds"], "loss_scale": self.scaler.scale_value,
+                  "overflow_steps": self.scaler.overflow_steps, "level": self.compiled.level}
+        self.history.append(record)
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+        self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        self._partial = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+        self.save()
+
+    def summary(self) -> dict[str, Any]:
+        c, last = self.config, (self.history[-1] if self.history else {})
+        return {"model": c.model, "data": c.data, "policy": c.policy, "level": self.compiled.level,
+                "epochs": len(self.history), "seed": c.seed, "optimizer": c.optimizer, "lr": c.lr,
+                "batch_size": c.batch_size, "test_accuracy": last.get("test_accuracy", self.evaluate("test")),
+                "train_loss": last.get("train_loss", math.nan),
+                "seconds_per_epoch": float(np.mean([h["seconds"] for h in self.history])) if self.history else 0.0,
+                "overflow_steps": self.scaler.overflow_steps}
+
+    def plot(self) -> Path | None:
+        """``curves.png``: train loss, and train / test accuracy, against epochs."""
+        if not self.history:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        epochs = [h["epoch"] for h in self.history]
+        fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+        ax_loss.plot(epochs, [h["train_loss"] for h in self.history], marker="o")
+        ax_loss.set(xlabel="epoch", ylabel="train loss", yscale="log")
+        ax_acc.plot(epochs, [h["train_accuracy"] for h in self.history], marker="o", label="train")
+        ax_acc.plot(epochs, [h["test_accuracy"] for h in self.history], marker="o", label="test")
+        ax_acc.set(xlabel="epoch", ylabel="accuracy")
+        ax_acc.legend()
+        fig.suptitle(f"{self.config.model} on {self.config.data}, policy {self.config.policy}")
+        fig.tight_layout()
+        path = self.out / "curves.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+
+def train(config: TrainConfig | None = None, *, progress: bool = True, **kwargs) -> dict[str, Any]:
+    """Run ``config`` (or a ``TrainConfig(**kwargs)``) and return its summary."""
+    return Trainer(config or TrainConfig(**kwargs), progress=progress).fit()

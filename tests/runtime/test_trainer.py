@@ -1,0 +1,112 @@
+"""The trainer: deterministic runs, bit-identical resume (across epochs and from Ctrl-C), the
+run folder's files, and bad input refused before training."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mpcompile.cli import main
+from mpcompile.errors import MpcompileError, PolicyError
+from mpcompile.runtime.data import DataError
+from mpcompile.runtime.trainer import TrainConfig, Trainer, train
+
+# Stochastic rounding in the backward and in the stored weights: resume must replay its random bits.
+POLICY = """version: 1
+default: {input: bf16, weight: bf16, grad_output: fp8_e5m2:stochastic}
+optimizer: {master: bf16, momentum: bf16, update_rounding: stochastic}
+"""
+
+
+def _config(tmp_path, name: str, **kwargs) -> TrainConfig:
+    return TrainConfig(**{"model": "mlp", "data": "digits", "policy": POLICY, "epochs": 2, "batch_size": 128,
+                          "lr": 0.1, "out": str(tmp_path / name), **kwargs})
+
+
+def _params(trainer: Trainer) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in trainer.model.state_dict().values()]
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) > 0 and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _without_time(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+
+def test_two_epochs_equal_one_then_resume_then_one(tmp_path):
+    straight = Trainer(_config(tmp_path, "straight"), progress=False)
+    straight.fit()
+    first = Trainer(_config(tmp_path, "split", epochs=1), progress=False)
+    first.fit()
+    resumed = Trainer.resume(tmp_path / "split", epochs=2, progress=False)
+    summary = resumed.fit()
+    assert _same(_params(straight), _params(resumed))
+    assert _without_time(straight.history) == _without_time(resumed.history)
+    assert summary["epochs"] == 2 and summary["test_accuracy"] == straight.history[-1]["test_accuracy"]
+    again = Trainer(_config(tmp_path, "again"), progress=False)
+    again.fit()
+    assert _same(_params(straight), _params(again))  # the seed decides everything
+
+
+def test_ctrl_c_saves_and_resume_continues_mid_epoch(tmp_path, monkeypatch):
+    straight = Trainer(_config(tmp_path, "straight"), progress=False)
+    straight.fit()
+    interrupted = Trainer(_config(tmp_path, "cut"), progress=False)
+    step, calls = interrupted._train_step, []
+
+    def flaky(x, y):
+        calls.append(1)
+        if len(calls) == 14:  # epoch 2, batch 3
+            raise KeyboardInterrupt
+        return step(x, y)
+
+    monkeypatch.setattr(interrupted, "_train_step", flaky)
+    with pytest.raises(MpcompileError, match="interrupted in epoch 2: saved .*checkpoint.pt; go on with --resume"):
+        interrupted.fit()
+    state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    assert (state["epoch"], state["step_in_epoch"]) == (1, 2)
+    resumed = Trainer.resume(tmp_path / "cut" / "checkpoint.pt", progress=False)
+    resumed.fit()
+    assert _same(_params(straight), _params(resumed))
+
+
+def test_the_run_folder_holds_metrics_summary_plot_and_checkpoint(tmp_path):
+    summary = train(_config(tmp_path, "run", model="lenet5", policy="hfp8", batch_size=256), progress=False)
+    run = tmp_path / "run"
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps, epochs = [r for r in lines if "step" in r], [r for r in lines if "test_accuracy" in r]
+    assert len(steps) == 2 * 6 and [r["epoch"] for r in epochs] == [1, 2]  # 1347 samples / 256 per batch
+    on_disk = json.loads((run / "summary.json").read_text())
+    assert on_disk == summary and {"model", "data", "policy", "epochs", "seed", "test_accuracy", "train_loss",
+                                   "seconds_per_epoch", "overflow_steps"} <= set(summary)
+    assert 0 <= summary["test_accuracy"] <= 1 and summary["epochs"] == 2
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (run / "checkpoint.pt").is_file()
+
+
+@pytest.mark.parametrize("change, error, message", [
+    ({"model": "lenet"}, MpcompileError, r"unknown model 'lenet' \(did you mean 'lenet5'"),
+    ({"data": "digit"}, DataError, "did you mean 'digits'"),
+    ({"data": "mnist"}, DataError, "download"),
+    ({"policy": "version: 1\ndefault: {input: bf17}\n"}, PolicyError, "<string>:2:18"),
+    ({"batch_size": 0}, MpcompileError, "batch size 0 must be a positive integer"),
+    ({"lr": -0.1}, MpcompileError, "learning rate -0.1 must be positive"),
+    ({"optimizer": "lbfgs"}, MpcompileError, "choose one of sgd, adam, adamw"),
+])
+def test_bad_input_is_refused_before_training(tmp_path, change, error, message):
+    with pytest.raises(error, match=message):
+        Trainer(_config(tmp_path, "bad", **change))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cli_train_and_resume(tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert main(["train", "--model", "logreg", "--epochs", "1", "--lr", "0.5", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "test_accuracy" in printed and str(out) in printed
+    assert main(["train", "--resume", str(out), "--epochs", "2"]) == 0
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 2
+    assert main(["train", "--batch-size", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "batch size 0 must be a positive integer" in capsys.readouterr().err
