@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/mpcompile formats
-	$(VENV)/bin/mpcompile inspect lenet5 --policy policies/hfp8.yaml --input-shape 1,1,8,8 --calibrate
+	$(PY) examples/demo.py
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q

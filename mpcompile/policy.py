@@ -18,7 +18,7 @@ import yaml
 
 from .errors import FormatError, PolicyError, SpecError
 from .formats import parse as parse_format
-from .ops.spec import ROLES, SCALINGS, ArithSpec, QuantSpec
+from .ops.spec import DELAYED_ROLES, ROLES, SCALINGS, ArithSpec, QuantSpec
 from .rounding import ROUNDING_MODES
 
 __all__ = ["SCHEMA_VERSION", "GROUPS", "SHIPPED_POLICIES", "RoleSetting", "Settings", "Selector", "Rule", "Level",
@@ -438,6 +438,10 @@ def _settings(node: _Node, what: str, aliases, inherited) -> Settings:
             raise node.keys[clash[0]].fail(f"'{clash[0]}' contradicts 'keep: fp32' in the same {what}; drop one")
         return Settings(tuple((r, RoleSetting(None)) for r in ROLES), _NATIVE, _NATIVE)
     roles = tuple((r, _role(section[r], f"{what}.{r}", aliases, inherited)) for r in ROLES if r in section)
+    for r, setting in roles:
+        if setting.quant is not None and setting.quant.scaling == "tensor_delayed" and r not in DELAYED_ROLES:
+            raise section[r].fail(f"{what}.{r}: tensor_delayed scaling is for the GEMM operands "
+                                  f"({', '.join(DELAYED_ROLES)}), whose amax is known before the op; use tensor")
     fwd, bwd = (_arith(section[k], f"{what}.{k}", aliases, inherited) if k in section else None
                 for k in ("forward", "backward"))
     return Settings(roles, fwd, bwd)

@@ -12,7 +12,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from . import library  # noqa: F401  (registers the mpc:: ops)
-from .spec import ArithSpec, QuantSpec, RoleFormats, SpecError, parse_arith
+from .roles import delayed_scale, record_amax
+from .spec import AMAX_HISTORY, ROLES, ArithSpec, QuantSpec, RoleFormats, SpecError, parse_arith, parse_roles
 
 __all__ = ["matmul", "linear", "conv1d", "conv2d", "conv3d", "quant", "sum", "mean"]
 
@@ -89,9 +90,27 @@ def _prepare(name, formats, forward, backward, seed, **tensors):
     return roles, fwd, bwd, _seed(seed, stochastic, device)
 
 
+def _delayed_scales(roles: str, history: torch.Tensor | None, **operands) -> torch.Tensor | None:
+    """The scales of the op's ``tensor_delayed`` operands, from ``history``, whose rows then
+    take the operands' amaxes (grad_output's is taken in backward)."""
+    if history is None:
+        return None
+    if not isinstance(history, torch.Tensor) or tuple(history.shape) != (len(ROLES), AMAX_HISTORY):
+        raise ValueError(f"amax_history must be a tensor of shape ({len(ROLES)}, {AMAX_HISTORY}): one row per role "
+                         f"of {', '.join(ROLES)}, newest amax first")
+    specs = parse_roles(roles)
+    scales = history.new_ones(len(ROLES), dtype=torch.float64)
+    for role, t in operands.items():
+        spec, i = specs.get(role), ROLES.index(role)
+        if spec is not None and spec.scaling == "tensor_delayed":
+            scales[i] = delayed_scale(spec, history[i], t)
+            record_amax(history[i], t)
+    return scales
+
+
 @_fx_leaf
 def matmul(a: torch.Tensor, b: torch.Tensor, spec: Spec = None, *, formats: Formats = None,
-           backward: Spec = None, seed: int | None = None) -> torch.Tensor:
+           backward: Spec = None, seed: int | None = None, amax_history: torch.Tensor | None = None) -> torch.Tensor:
     """``torch.matmul(a, b)`` with emulated arithmetic.
 
     Args:
@@ -100,17 +119,21 @@ def matmul(a: torch.Tensor, b: torch.Tensor, spec: Spec = None, *, formats: Form
         formats: role -> format / ``"fmt[:rounding][:scaling][:sat]"`` / ``QuantSpec``.
         backward: arithmetic of the gradient GEMMs (default: ``spec``).
         seed: seed of every random bit the op draws (default: from torch's generator).
+        amax_history: (8, 16) amaxes per role, newest first, of ``tensor_delayed`` roles: read
+            for their scales and updated in place (``compile`` gives each op one).
     """
     if a.dim() == 0 or b.dim() == 0 or a.shape[-1] != b.shape[-2 if b.dim() > 1 else 0]:
         raise ValueError(f"mpcompile.ops.matmul: shapes {tuple(a.shape)} and {tuple(b.shape)} do not multiply "
                          f"(a's last dim must equal b's {'second-to-last' if b.dim() > 1 else 'only'} dim)")
     roles, fwd, bwd, s = _prepare("matmul", formats, spec, backward, seed, a=a, b=b)
-    return torch.ops.mpc.matmul(a, b, roles, fwd, bwd, s)
+    scales = _delayed_scales(roles, amax_history, input=a, weight=b)
+    return torch.ops.mpc.matmul(a, b, roles, fwd, bwd, s, scales, amax_history)
 
 
 @_fx_leaf
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, formats: Formats = None,
-           forward: Spec = None, backward: Spec = None, seed: int | None = None) -> torch.Tensor:
+           forward: Spec = None, backward: Spec = None, seed: int | None = None,
+           amax_history: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, w, b)`` with per-role formats and emulated arithmetic (see ``matmul``)."""
     _check("linear", x=x, w=w, b=b)
     if w.dim() != 2 or x.dim() < 1 or x.shape[-1] != w.shape[1] or (b is not None and tuple(b.shape) != (w.shape[0],)):
@@ -118,7 +141,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, f
                          f"{'' if b is None else f', b {tuple(b.shape)}'} do not fit: w must be (out, in) with "
                          f"in = x.shape[-1], b (out,)")
     roles, fwd, bwd, s = _prepare("linear", formats, forward, backward, seed, x=x, w=w, b=b)
-    return torch.ops.mpc.linear(x, w, b, roles, fwd, bwd, s)
+    scales = _delayed_scales(roles, amax_history, input=x, weight=w)
+    return torch.ops.mpc.linear(x, w, b, roles, fwd, bwd, s, scales, amax_history)
 
 
 def _tuple(value, n: int, what: str) -> list[int]:
@@ -128,7 +152,7 @@ def _tuple(value, n: int, what: str) -> list[int]:
     return out
 
 
-def _conv(n: int, x, w, b, stride, padding, dilation, groups, formats, forward, backward, seed):
+def _conv(n: int, x, w, b, stride, padding, dilation, groups, formats, forward, backward, seed, amax_history):
     _check(f"conv{n}d", x=x, w=w, b=b)
     if x.dim() != n + 2 or w.dim() != n + 2 or x.shape[1] != w.shape[1] * groups or w.shape[0] % groups:
         raise ValueError(f"mpcompile.ops.conv{n}d: x {tuple(x.shape)} and w {tuple(w.shape)} with groups={groups} "
@@ -138,7 +162,9 @@ def _conv(n: int, x, w, b, stride, padding, dilation, groups, formats, forward, 
     stride, dilation = _tuple(stride, n, "stride"), _tuple(dilation, n, "dilation")
     if isinstance(padding, str):
         x, padding = _pad_same(x, w, stride, dilation, padding)
-    return torch.ops.mpc.conv(x, w, b, stride, _tuple(padding, n, "padding"), dilation, groups, roles, fwd, bwd, s)
+    scales = _delayed_scales(roles, amax_history, input=x, weight=w)
+    return torch.ops.mpc.conv(x, w, b, stride, _tuple(padding, n, "padding"), dilation, groups, roles, fwd, bwd, s,
+                              scales, amax_history)
 
 
 def _pad_same(x: torch.Tensor, w: torch.Tensor, stride: list[int], dilation: list[int], padding: str):
@@ -158,28 +184,31 @@ def _pad_same(x: torch.Tensor, w: torch.Tensor, stride: list[int], dilation: lis
 
 @_fx_leaf
 def conv1d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, *, formats: Formats = None,
-           forward: Spec = None, backward: Spec = None, seed: int | None = None) -> torch.Tensor:
+           forward: Spec = None, backward: Spec = None, seed: int | None = None,
+           amax_history: torch.Tensor | None = None) -> torch.Tensor:
     """``F.conv1d`` with per-role formats and emulated arithmetic (see ``conv2d``)."""
-    return _conv(1, x, w, b, stride, padding, dilation, groups, formats, forward, backward, seed)
+    return _conv(1, x, w, b, stride, padding, dilation, groups, formats, forward, backward, seed, amax_history)
 
 
 @_fx_leaf
 def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, *, formats: Formats = None,
-           forward: Spec = None, backward: Spec = None, seed: int | None = None) -> torch.Tensor:
+           forward: Spec = None, backward: Spec = None, seed: int | None = None,
+           amax_history: torch.Tensor | None = None) -> torch.Tensor:
     """``F.conv2d`` with per-role formats and emulated arithmetic.
 
     Each output element is a dot product over (input channel of its group, kernel position),
     row-major, padding zeros included; grad_input is the transposed convolution computed the
     same way, grad_weight reduces over (batch, output position).
     """
-    return _conv(2, x, w, b, stride, padding, dilation, groups, formats, forward, backward, seed)
+    return _conv(2, x, w, b, stride, padding, dilation, groups, formats, forward, backward, seed, amax_history)
 
 
 @_fx_leaf
 def conv3d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, *, formats: Formats = None,
-           forward: Spec = None, backward: Spec = None, seed: int | None = None) -> torch.Tensor:
+           forward: Spec = None, backward: Spec = None, seed: int | None = None,
+           amax_history: torch.Tensor | None = None) -> torch.Tensor:
     """``F.conv3d`` with per-role formats and emulated arithmetic (see ``conv2d``)."""
-    return _conv(3, x, w, b, stride, padding, dilation, groups, formats, forward, backward, seed)
+    return _conv(3, x, w, b, stride, padding, dilation, groups, formats, forward, backward, seed, amax_history)
 
 
 @_fx_leaf

@@ -25,8 +25,10 @@ from .spec import ROLES, STREAM_BIAS, STREAM_DIV, ArithSpec, RoleFormats
 __all__ = ["gemm", "linear_forward", "linear_backward", "matmul_forward", "matmul_backward",
            "conv_forward", "conv_backward", "reduce_sum", "reduce_mean"]
 
-def _role(roles: RoleFormats, name: str, x, axis: int, seed: int | None):
-    return quantize_role(x, roles.get(name), axis=axis, seed=op_seed(seed, 16 + ROLES.index(name)))
+def _role(roles: RoleFormats, name: str, x, axis: int, seed: int | None, scales: torch.Tensor | None):
+    i = ROLES.index(name)
+    return quantize_role(x, roles.get(name), axis=axis, seed=op_seed(seed, 16 + i),
+                         scale=None if scales is None else scales[i])
 
 
 def gemm(a: torch.Tensor, b: torch.Tensor, spec: ArithSpec, seed: int | None, *, exact_products: bool = False,
@@ -64,12 +66,13 @@ def _native_grads(fn: Callable, xq, wq, has_bias: bool, grad: torch.Tensor) -> t
 
 
 # -- linear ---------------------------------------------------------------------------------------
-def _linear_operands(x, w, b, roles: RoleFormats, seed):
-    return (_role(roles, "input", x, -1, seed), _role(roles, "weight", w, 0, seed), _role(roles, "bias", b, 0, seed))
+def _linear_operands(x, w, b, roles: RoleFormats, seed, scales):
+    return (_role(roles, "input", x, -1, seed, scales), _role(roles, "weight", w, 0, seed, scales),
+            _role(roles, "bias", b, 0, seed, scales))
 
 
-def linear_forward(x, w, b, roles: RoleFormats, fwd: ArithSpec, seed: int | None) -> torch.Tensor:
-    xq, wq, bq = _linear_operands(x, w, b, roles, seed)
+def linear_forward(x, w, b, roles: RoleFormats, fwd: ArithSpec, seed: int | None, scales=None) -> torch.Tensor:
+    xq, wq, bq = _linear_operands(x, w, b, roles, seed, scales)
     if fwd.is_native:
         y = F.linear(xq, wq, bq)
     else:
@@ -78,12 +81,13 @@ def linear_forward(x, w, b, roles: RoleFormats, fwd: ArithSpec, seed: int | None
         if bq is not None:
             y = _add_bias(y, bq, fwd, op_seed(seed, 0))
         y = y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
-    return _role(roles, "output", y, -1, seed)
+    return _role(roles, "output", y, -1, seed, scales)
 
 
-def linear_backward(grad, x, w, has_bias: bool, roles: RoleFormats, fwd: ArithSpec, bwd: ArithSpec, seed):
-    xq, wq, _ = _linear_operands(x, w, None, roles, seed)
-    g = _role(roles, "grad_output", grad, -1, seed)
+def linear_backward(grad, x, w, has_bias: bool, roles: RoleFormats, fwd: ArithSpec, bwd: ArithSpec, seed,
+                    scales=None):
+    xq, wq, _ = _linear_operands(x, w, None, roles, seed, scales)
+    g = _role(roles, "grad_output", grad, -1, seed, scales)
     if bwd.is_native:
         gx, gw, gb = _native_grads(F.linear, xq, wq, has_bias, g)
     else:
@@ -91,8 +95,8 @@ def linear_backward(grad, x, w, has_bias: bool, roles: RoleFormats, fwd: ArithSp
         gx = gemm(rows, wq[None], bwd, op_seed(seed, 1)).reshape(x.shape)
         gw = gemm(rows.transpose(1, 2), xq.reshape(1, _rows(x), x.shape[-1]), bwd, op_seed(seed, 2))[0]
         gb = _sum_rows(rows[0], bwd, op_seed(seed, 3)) if has_bias else None
-    return (_role(roles, "grad_input", gx, -1, seed), _role(roles, "grad_weight", gw, 0, seed),
-            _role(roles, "grad_bias", gb, 0, seed))
+    return (_role(roles, "grad_input", gx, -1, seed, scales), _role(roles, "grad_weight", gw, 0, seed, scales),
+            _role(roles, "grad_bias", gb, 0, seed, scales))
 
 
 def _rows(x: torch.Tensor) -> int:
@@ -121,8 +125,8 @@ def _as_matrices(a, b):
     return va.expand(*batch, *va.shape[-2:]), vb.expand(*batch, *vb.shape[-2:]), batch
 
 
-def matmul_forward(a, b, roles: RoleFormats, fwd: ArithSpec, seed) -> torch.Tensor:
-    aq, bq = _role(roles, "input", a, -1, seed), _role(roles, "weight", b, -1, seed)
+def matmul_forward(a, b, roles: RoleFormats, fwd: ArithSpec, seed, scales=None) -> torch.Tensor:
+    aq, bq = _role(roles, "input", a, -1, seed, scales), _role(roles, "weight", b, -1, seed, scales)
     if fwd.is_native:
         y = torch.matmul(aq, bq)
     else:
@@ -134,7 +138,7 @@ def matmul_forward(a, b, roles: RoleFormats, fwd: ArithSpec, seed) -> torch.Tens
             y = y.squeeze(-2)
         if b.dim() == 1:
             y = y.squeeze(-1)
-    return _role(roles, "output", y, -1, seed)
+    return _role(roles, "output", y, -1, seed, scales)
 
 
 def _reduced_gemm(left, right, target_shape, spec, seed):
@@ -158,9 +162,9 @@ def _numel(shape, dims) -> int:
     return n
 
 
-def matmul_backward(grad, a, b, roles: RoleFormats, fwd: ArithSpec, bwd: ArithSpec, seed):
-    aq, bq = _role(roles, "input", a, -1, seed), _role(roles, "weight", b, -1, seed)
-    g = _role(roles, "grad_output", grad, -1, seed)
+def matmul_backward(grad, a, b, roles: RoleFormats, fwd: ArithSpec, bwd: ArithSpec, seed, scales=None):
+    aq, bq = _role(roles, "input", a, -1, seed, scales), _role(roles, "weight", b, -1, seed, scales)
+    g = _role(roles, "grad_output", grad, -1, seed, scales)
     if bwd.is_native:
         with torch.enable_grad():
             ga, gb = torch.func.vjp(torch.matmul, aq, bq)[1](g)
@@ -171,7 +175,7 @@ def matmul_backward(grad, a, b, roles: RoleFormats, fwd: ArithSpec, bwd: ArithSp
         b_shape = b.shape if b.dim() > 1 else (b.shape[0], 1)
         ga = _reduced_gemm(g2, eb.transpose(-1, -2), a_shape, bwd, op_seed(seed, 1)).reshape(a.shape)
         gb = _reduced_gemm(ea.transpose(-1, -2), g2, b_shape, bwd, op_seed(seed, 2)).reshape(b.shape)
-    return _role(roles, "grad_input", ga, -1, seed), _role(roles, "grad_weight", gb, -1, seed)
+    return _role(roles, "grad_input", ga, -1, seed, scales), _role(roles, "grad_weight", gb, -1, seed, scales)
 
 
 # -- conv -----------------------------------------------------------------------------------------
@@ -190,8 +194,9 @@ def _conv_gemm(x, w, stride, padding, dilation, groups, spec, seed):
     return to_output(emulated_matmul(a, b, spec, seed=seed, index=index))
 
 
-def conv_forward(x, w, b, stride, padding, dilation, groups, roles: RoleFormats, fwd: ArithSpec, seed):
-    xq, wq, bq = _role(roles, "input", x, 1, seed), _role(roles, "weight", w, 0, seed), _role(roles, "bias", b, 0, seed)
+def conv_forward(x, w, b, stride, padding, dilation, groups, roles: RoleFormats, fwd: ArithSpec, seed, scales=None):
+    xq, wq = _role(roles, "input", x, 1, seed, scales), _role(roles, "weight", w, 0, seed, scales)
+    bq = _role(roles, "bias", b, 0, seed, scales)
     if fwd.is_native:
         y = _CONV[w.dim() - 2](xq, wq, bq, stride, padding, dilation, groups)
     else:
@@ -199,13 +204,13 @@ def conv_forward(x, w, b, stride, padding, dilation, groups, roles: RoleFormats,
         if bq is not None:
             y = _add_bias(y, bq.reshape((1, -1) + (1,) * (y.dim() - 2)), fwd, op_seed(seed, 0))
         y = y.to(x.dtype)
-    return _role(roles, "output", y, 1, seed)
+    return _role(roles, "output", y, 1, seed, scales)
 
 
 def conv_backward(grad, x, w, has_bias, stride, padding, dilation, groups, roles: RoleFormats,
-                  fwd: ArithSpec, bwd: ArithSpec, seed):
-    xq, wq = _role(roles, "input", x, 1, seed), _role(roles, "weight", w, 0, seed)
-    g = _role(roles, "grad_output", grad, 1, seed)
+                  fwd: ArithSpec, bwd: ArithSpec, seed, scales=None):
+    xq, wq = _role(roles, "input", x, 1, seed, scales), _role(roles, "weight", w, 0, seed, scales)
+    g = _role(roles, "grad_output", grad, 1, seed, scales)
     if bwd.is_native:
         conv = _CONV[w.dim() - 2]
         gx, gw, gb = _native_grads(lambda xx, ww, bb: conv(xx, ww, bb, stride, padding, dilation, groups),
@@ -218,8 +223,8 @@ def conv_backward(grad, x, w, has_bias, stride, padding, dilation, groups, roles
         grows = g.reshape(n, groups, c_out // groups, -1).permute(1, 2, 0, 3).reshape(groups, c_out // groups, -1)
         gw = gemm(grows, a, bwd, op_seed(seed, 2)).reshape(w.shape)
         gb = _sum_rows(g.transpose(0, 1).reshape(c_out, -1).t(), bwd, op_seed(seed, 3)) if has_bias else None
-    return (_role(roles, "grad_input", gx, 1, seed), _role(roles, "grad_weight", gw, 0, seed),
-            _role(roles, "grad_bias", gb, 0, seed))
+    return (_role(roles, "grad_input", gx, 1, seed, scales), _role(roles, "grad_weight", gw, 0, seed, scales),
+            _role(roles, "grad_bias", gb, 0, seed, scales))
 
 
 # -- reductions -----------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ Every output is contiguous, as the fake implementations say (compiled graphs rel
 Formats and arithmetic travel as the canonical strings of ``spec`` (readable in a printed
 graph, parsed once and cached). ``seed`` is an optional int64 0-d tensor: present when some
 rounding is stochastic, so that backward re-quantizes the operands with the same bits and
-derives its own from it.
+derives its own from it. ``scales`` (float64, one per role of ``spec.ROLES``) carries the
+factors of ``tensor_delayed`` roles; ``history`` is the op's amax-history buffer, which only the
+backward formula touches: it takes grad_output's scale from it and records grad_output's amax.
 """
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
-from .roles import quantize_role
-from .spec import parse_arith, parse_quant, parse_roles
+from .roles import delayed_scale, quantize_role, record_amax
+from .spec import ROLES, parse_arith, parse_quant, parse_roles
 
 __all__ = ["quant", "linear", "matmul", "conv", "reduce_sum", "reduce_mean"]
 
@@ -27,6 +29,24 @@ def _seed(seed: Optional[torch.Tensor]) -> int | None:
 
 def _grad_seed(seed: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if seed is None else seed ^ 0x2545F491  # another word: the gradient's own bits
+
+
+_GRAD_OUTPUT = ROLES.index("grad_output")
+
+
+def _history_setup(ctx, scales: Optional[torch.Tensor], history: Optional[torch.Tensor]) -> None:
+    ctx.scales, ctx.history = scales, history
+
+
+def _backward_scales(ctx, grad: torch.Tensor) -> Optional[torch.Tensor]:
+    """The forward's scales, plus grad_output's from the history when it is tensor_delayed."""
+    spec = parse_roles(ctx.roles).get("grad_output")
+    if ctx.history is None or spec is None or spec.scaling != "tensor_delayed":
+        return ctx.scales
+    scales = grad.new_ones(len(ROLES), dtype=torch.float64) if ctx.scales is None else ctx.scales.clone()
+    scales[_GRAD_OUTPUT] = delayed_scale(spec, ctx.history[_GRAD_OUTPUT], grad)
+    record_amax(ctx.history[_GRAD_OUTPUT], grad)
+    return scales
 
 
 # -- quant ----------------------------------------------------------------------------------------
@@ -57,21 +77,23 @@ quant.register_autograd(_quant_backward, setup_context=_quant_setup)
 # -- linear ---------------------------------------------------------------------------------------
 @torch.library.custom_op("mpc::linear", mutates_args=())
 def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], roles: str, fwd: str, bwd: str,
-           seed: Optional[torch.Tensor]) -> torch.Tensor:
+           seed: Optional[torch.Tensor], scales: Optional[torch.Tensor] = None,
+           history: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = x W^T + b with per-role formats and the forward arithmetic ``fwd``."""
-    return kernels.linear_forward(x, w, b, parse_roles(roles), parse_arith(fwd), _seed(seed)).contiguous()
+    return kernels.linear_forward(x, w, b, parse_roles(roles), parse_arith(fwd), _seed(seed), scales).contiguous()
 
 
 @linear.register_fake
-def _(x, w, b, roles, fwd, bwd, seed):
+def _(x, w, b, roles, fwd, bwd, seed, scales=None, history=None):
     return x.new_empty(*x.shape[:-1], w.shape[0])
 
 
 @torch.library.custom_op("mpc::linear_backward", mutates_args=())
 def linear_backward(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, has_bias: bool, roles: str, fwd: str,
-                    bwd: str, seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    bwd: str, seed: Optional[torch.Tensor],
+                    scales: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gx, gw, gb = kernels.linear_backward(grad, x, w, has_bias, parse_roles(roles), parse_arith(fwd),
-                                         parse_arith(bwd), _seed(seed))
+                                         parse_arith(bwd), _seed(seed), scales)
     return _dense(gx, gw, gb, w)
 
 
@@ -81,20 +103,22 @@ def _dense(gx, gw, gb, w) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 @linear_backward.register_fake
-def _(grad, x, w, has_bias, roles, fwd, bwd, seed):
+def _(grad, x, w, has_bias, roles, fwd, bwd, seed, scales=None):
     return x.new_empty(x.shape), w.new_empty(w.shape), w.new_empty(w.shape[0] if has_bias else 0)
 
 
 def _linear_setup(ctx, inputs, output):
-    x, w, b, ctx.roles, ctx.fwd, ctx.bwd, seed = inputs
+    x, w, b, ctx.roles, ctx.fwd, ctx.bwd, seed, scales, history = inputs
     ctx.has_bias = b is not None
+    _history_setup(ctx, scales, history)
     ctx.save_for_backward(x, w, seed)
 
 
 def _linear_grad(ctx, grad):
     x, w, seed = ctx.saved_tensors
-    gx, gw, gb = torch.ops.mpc.linear_backward(grad, x, w, ctx.has_bias, ctx.roles, ctx.fwd, ctx.bwd, seed)
-    return gx, gw, gb if ctx.has_bias else None, None, None, None, None
+    gx, gw, gb = torch.ops.mpc.linear_backward(grad, x, w, ctx.has_bias, ctx.roles, ctx.fwd, ctx.bwd, seed,
+                                               _backward_scales(ctx, grad))
+    return (gx, gw, gb if ctx.has_bias else None) + (None,) * 6
 
 
 linear.register_autograd(_linear_grad, setup_context=_linear_setup)
@@ -102,37 +126,40 @@ linear.register_autograd(_linear_grad, setup_context=_linear_setup)
 
 # -- matmul ---------------------------------------------------------------------------------------
 @torch.library.custom_op("mpc::matmul", mutates_args=())
-def matmul(a: torch.Tensor, b: torch.Tensor, roles: str, fwd: str, bwd: str, seed: Optional[torch.Tensor]) -> torch.Tensor:
+def matmul(a: torch.Tensor, b: torch.Tensor, roles: str, fwd: str, bwd: str, seed: Optional[torch.Tensor],
+           scales: Optional[torch.Tensor] = None, history: Optional[torch.Tensor] = None) -> torch.Tensor:
     """torch.matmul (broadcasting, 1-d operands) with roles input = a, weight = b."""
-    return kernels.matmul_forward(a, b, parse_roles(roles), parse_arith(fwd), _seed(seed)).contiguous()
+    return kernels.matmul_forward(a, b, parse_roles(roles), parse_arith(fwd), _seed(seed), scales).contiguous()
 
 
 @matmul.register_fake
-def _(a, b, roles, fwd, bwd, seed):
+def _(a, b, roles, fwd, bwd, seed, scales=None, history=None):
     return a.new_empty(torch.matmul(a, b).shape)
 
 
 @torch.library.custom_op("mpc::matmul_backward", mutates_args=())
 def matmul_backward(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, roles: str, fwd: str, bwd: str,
-                    seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    ga, gb = kernels.matmul_backward(grad, a, b, parse_roles(roles), parse_arith(fwd), parse_arith(bwd), _seed(seed))
+                    seed: Optional[torch.Tensor], scales: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    ga, gb = kernels.matmul_backward(grad, a, b, parse_roles(roles), parse_arith(fwd), parse_arith(bwd), _seed(seed),
+                                     scales)
     return ga.contiguous(), gb.contiguous()
 
 
 @matmul_backward.register_fake
-def _(grad, a, b, roles, fwd, bwd, seed):
+def _(grad, a, b, roles, fwd, bwd, seed, scales=None):
     return a.new_empty(a.shape), b.new_empty(b.shape)
 
 
 def _matmul_setup(ctx, inputs, output):
-    a, b, ctx.roles, ctx.fwd, ctx.bwd, seed = inputs
+    a, b, ctx.roles, ctx.fwd, ctx.bwd, seed, scales, history = inputs
+    _history_setup(ctx, scales, history)
     ctx.save_for_backward(a, b, seed)
 
 
 def _matmul_grad(ctx, grad):
     a, b, seed = ctx.saved_tensors
-    ga, gb = torch.ops.mpc.matmul_backward(grad, a, b, ctx.roles, ctx.fwd, ctx.bwd, seed)
-    return ga, gb, None, None, None, None
+    ga, gb = torch.ops.mpc.matmul_backward(grad, a, b, ctx.roles, ctx.fwd, ctx.bwd, seed, _backward_scales(ctx, grad))
+    return (ga, gb) + (None,) * 6
 
 
 matmul.register_autograd(_matmul_grad, setup_context=_matmul_setup)
@@ -141,45 +168,48 @@ matmul.register_autograd(_matmul_grad, setup_context=_matmul_setup)
 # -- conv -----------------------------------------------------------------------------------------
 @torch.library.custom_op("mpc::conv", mutates_args=())
 def conv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], stride: list[int], padding: list[int],
-         dilation: list[int], groups: int, roles: str, fwd: str, bwd: str, seed: Optional[torch.Tensor]) -> torch.Tensor:
+         dilation: list[int], groups: int, roles: str, fwd: str, bwd: str, seed: Optional[torch.Tensor],
+         scales: Optional[torch.Tensor] = None, history: Optional[torch.Tensor] = None) -> torch.Tensor:
     """conv1d/2d/3d (by w's rank) with per-role formats and the forward arithmetic ``fwd``."""
     return kernels.conv_forward(x, w, b, stride, padding, dilation, groups, parse_roles(roles), parse_arith(fwd),
-                                _seed(seed)).contiguous()
+                                _seed(seed), scales).contiguous()
 
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 @conv.register_fake
-def _(x, w, b, stride, padding, dilation, groups, roles, fwd, bwd, seed):
+def _(x, w, b, stride, padding, dilation, groups, roles, fwd, bwd, seed, scales=None, history=None):
     return x.new_empty(_CONV[w.dim() - 2](x, w, b, stride, padding, dilation, groups).shape)
 
 
 @torch.library.custom_op("mpc::conv_backward", mutates_args=())
 def conv_backward(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, has_bias: bool, stride: list[int],
                   padding: list[int], dilation: list[int], groups: int, roles: str, fwd: str, bwd: str,
-                  seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  seed: Optional[torch.Tensor],
+                  scales: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gx, gw, gb = kernels.conv_backward(grad, x, w, has_bias, stride, padding, dilation, groups, parse_roles(roles),
-                                       parse_arith(fwd), parse_arith(bwd), _seed(seed))
+                                       parse_arith(fwd), parse_arith(bwd), _seed(seed), scales)
     return _dense(gx, gw, gb, w)
 
 
 @conv_backward.register_fake
-def _(grad, x, w, has_bias, stride, padding, dilation, groups, roles, fwd, bwd, seed):
+def _(grad, x, w, has_bias, stride, padding, dilation, groups, roles, fwd, bwd, seed, scales=None):
     return x.new_empty(x.shape), w.new_empty(w.shape), w.new_empty(w.shape[0] if has_bias else 0)
 
 
 def _conv_setup(ctx, inputs, output):
-    x, w, b, ctx.stride, ctx.padding, ctx.dilation, ctx.groups, ctx.roles, ctx.fwd, ctx.bwd, seed = inputs
+    x, w, b, ctx.stride, ctx.padding, ctx.dilation, ctx.groups, ctx.roles, ctx.fwd, ctx.bwd, seed, scales, history = inputs
     ctx.has_bias = b is not None
+    _history_setup(ctx, scales, history)
     ctx.save_for_backward(x, w, seed)
 
 
 def _conv_grad(ctx, grad):
     x, w, seed = ctx.saved_tensors
     gx, gw, gb = torch.ops.mpc.conv_backward(grad, x, w, ctx.has_bias, ctx.stride, ctx.padding, ctx.dilation,
-                                             ctx.groups, ctx.roles, ctx.fwd, ctx.bwd, seed)
-    return (gx, gw, gb if ctx.has_bias else None) + (None,) * 8
+                                             ctx.groups, ctx.roles, ctx.fwd, ctx.bwd, seed, _backward_scales(ctx, grad))
+    return (gx, gw, gb if ctx.has_bias else None) + (None,) * 10
 
 
 conv.register_autograd(_conv_grad, setup_context=_conv_setup)

@@ -3,6 +3,8 @@
 Scaled roles divide by a scale from the current amax before rounding and multiply back after,
 so ``x`` is quantized on the grid of ``fmt`` stretched to x's range: per tensor, or per index
 along the role's channel axis. Power-of-two scales (``tensor``, ``channel``) add no rounding.
+``tensor_delayed`` scales come from outside (``delayed_scale`` over an amax history that the
+caller keeps with ``record_amax``): Transformer Engine's delayed scaling.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from ..random_bits import COUNTER_BITS, counter_bits, stream_seed
 from ..rounding import default_sr_bits, quantize
 from .spec import QuantSpec, SpecError
 
-__all__ = ["quantize_role", "op_seed", "SEED_STREAM"]
+__all__ = ["quantize_role", "delayed_scale", "record_amax", "op_seed", "SEED_STREAM"]
 
 SEED_STREAM = 7  # stream of stream_seed that derives an op's sub-seeds from its seed
 
@@ -33,15 +35,37 @@ def _scale(x: torch.Tensor, spec: QuantSpec, axis: int) -> torch.Tensor:
         amax = x64.amax(dim=dims, keepdim=True) if dims else x64
     else:
         amax = x64.amax()
+    if spec.scaling.endswith("_amax"):
+        ok = (amax > 0) & torch.isfinite(amax)
+        return torch.where(ok, top / torch.where(ok, amax, 1.0), 1.0)
+    return _power_of_two(top, amax)
+
+
+def _power_of_two(top: float, amax: torch.Tensor) -> torch.Tensor:
+    """The largest 2**k with amax * 2**k <= top (1 where amax is 0 or not finite), float64."""
     ok = (amax > 0) & torch.isfinite(amax)
     ratio = torch.where(ok, top / torch.where(ok, amax, 1.0), 1.0)
-    if spec.scaling.endswith("_amax"):
-        return ratio
     s = torch.ldexp(torch.ones_like(ratio), torch.frexp(ratio).exponent - 1)  # largest 2**k <= ratio
     return torch.where(ok & (amax * s > top), s * 0.5, s)
 
 
-def quantize_role(x: torch.Tensor | None, spec: QuantSpec | None, *, axis: int, seed: int | None) -> torch.Tensor | None:
+def delayed_scale(spec: QuantSpec, history: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The power-of-two factor of a ``tensor_delayed`` role: from the largest amax in
+    ``history`` (earlier calls), or from x's own amax while the history is empty."""
+    past = history.detach().to(torch.float64).amax()
+    current = x.detach().to(torch.float64).abs().amax()
+    return _power_of_two(spec.fmt.max, torch.where(past > 0, past, current))
+
+
+def record_amax(history: torch.Tensor, x: torch.Tensor) -> None:
+    """Push x's amax in front of ``history`` (newest first), dropping the oldest, in place."""
+    with torch.no_grad():
+        amax = x.detach().abs().amax().to(history.dtype).reshape(1)
+        history.copy_(torch.cat([amax, history[:-1]]))
+
+
+def quantize_role(x: torch.Tensor | None, spec: QuantSpec | None, *, axis: int, seed: int | None,
+                  scale: torch.Tensor | None = None) -> torch.Tensor | None:
     """x rounded as ``spec`` says (x itself if spec is None).
 
     Args:
@@ -50,9 +74,13 @@ def quantize_role(x: torch.Tensor | None, spec: QuantSpec | None, *, axis: int, 
         axis: the channel axis for ``channel`` scaling.
         seed: 32-bit seed of the random bits for stochastic rounding (the bits are
             ``counter_bits(seed)``); None draws one from torch's generator.
+        scale: the factor of a ``tensor_delayed`` role (``delayed_scale``).
     """
     if x is None or spec is None:
         return x
+    if spec.scaling == "tensor_delayed" and scale is None:
+        raise SpecError(f"role format {spec}: tensor_delayed scaling needs an amax history; compile() gives each op "
+                        f"one, and a direct call of an op takes amax_history=")
     bits = n = None
     if spec.rounding == "stochastic" and seed is not None:
         n = min(default_sr_bits(spec.fmt, x.dtype), COUNTER_BITS)
@@ -61,6 +89,6 @@ def quantize_role(x: torch.Tensor | None, spec: QuantSpec | None, *, axis: int, 
         return quantize(x, spec.fmt, spec.rounding, saturate=spec.saturate, sr_bits=n, random_bits=bits)
     if isinstance(spec.fmt, BlockFormat):
         raise SpecError(f"role format {spec}: block formats carry their own scales; use scaling none")
-    s = _scale(x, spec, axis)
+    s = scale.to(torch.float64) if spec.scaling == "tensor_delayed" else _scale(x, spec, axis)
     y = quantize(x.to(torch.float64) * s, spec.fmt, spec.rounding, saturate=spec.saturate, sr_bits=n, random_bits=bits)
     return (y / s).to(x.dtype)

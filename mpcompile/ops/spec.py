@@ -20,12 +20,14 @@ from ..errors import SpecError
 from ..formats import BlockFloat, BlockMinifloat, FixedFormat, FloatFormat, Format, MXFormat, parse
 from ..rounding import ROUNDING_MODES
 
-__all__ = ["ArithSpec", "QuantSpec", "RoleFormats", "ROLES", "SCALINGS", "SpecError",
+__all__ = ["ArithSpec", "QuantSpec", "RoleFormats", "ROLES", "SCALINGS", "AMAX_HISTORY", "DELAYED_ROLES", "SpecError",
            "parse_arith", "parse_quant", "parse_roles", "MAX_WORK_MAN",
            "STREAM_MUL", "STREAM_ADD", "STREAM_KAHAN", "STREAM_BIAS", "STREAM_DIV"]
 
 ROLES = ("input", "weight", "bias", "output", "grad_output", "grad_input", "grad_weight", "grad_bias")
-SCALINGS = ("none", "tensor", "channel", "tensor_amax", "channel_amax")
+SCALINGS = ("none", "tensor", "channel", "tensor_amax", "channel_amax", "tensor_delayed")
+AMAX_HISTORY = 16  # amaxes a tensor_delayed role remembers (Transformer Engine's amax_history_len)
+DELAYED_ROLES = ("input", "weight", "grad_output")  # the GEMM operands, whose amax is known before the op
 # Sums and products are formed exactly in float64 and then rounded once, which is exact for
 # every format whose significand leaves two guard bits in float64's 53 (round-to-odd bound).
 MAX_WORK_MAN = 50
@@ -170,7 +172,10 @@ class QuantSpec:
         rounding: a mode of ``quantize``.
         scaling: ``none``; ``tensor`` / ``channel``: scale by a power of two from the current
             amax so that amax lands in the format's top binade (the scaling itself is exact);
-            ``tensor_amax`` / ``channel_amax``: scale by ``max / amax`` (not exact).
+            ``tensor_amax`` / ``channel_amax``: scale by ``max / amax`` (not exact);
+            ``tensor_delayed``: as ``tensor``, from the largest amax of the last
+            ``AMAX_HISTORY`` calls instead of the current one (Transformer Engine's delayed
+            scaling: a tensor that grows past it overflows, or saturates with ``saturate``).
         saturate: overflow goes to +-max instead of inf/NaN.
     """
 
@@ -213,7 +218,11 @@ class RoleFormats:
             if role not in ROLES:
                 raise SpecError(f"formats: unknown role {role!r}; roles are {', '.join(ROLES)}")
             if value is not None:
-                specs.append((role, value if isinstance(value, QuantSpec) else parse_quant(value)))
+                spec = value if isinstance(value, QuantSpec) else parse_quant(value)
+                if spec.scaling == "tensor_delayed" and role not in DELAYED_ROLES:
+                    raise SpecError(f"formats: {role}={spec}: tensor_delayed scaling is for the GEMM operands "
+                                    f"({', '.join(DELAYED_ROLES)}); use tensor for {role}")
+                specs.append((role, spec))
         return cls(tuple(sorted(specs, key=lambda s: ROLES.index(s[0]))))
 
     def get(self, role: str) -> QuantSpec | None:

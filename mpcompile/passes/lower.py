@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..errors import MpcompileError
 from ..ops.attention import unsupported_attention
-from ..ops.spec import RoleFormats
+from ..ops.spec import AMAX_HISTORY, ROLES, RoleFormats
 from .classify import NORM_PARAMS
 
 __all__ = ["lower", "LoweringError"]
@@ -48,7 +48,24 @@ def lower(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             env[node] = _quantized_io(gm, graph, node, assignment, env)
         env[node].meta = {**node.meta, "mpc": {**node.meta.get("mpc", {}), "node": node.name}}
     lowered = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    if hasattr(gm, "_mpc_amax"):
+        lowered._mpc_amax = gm._mpc_amax  # one module: .to() and load_state_dict reach the traced side too
     return lowered
+
+
+def _delayed(assignment) -> bool:
+    return any(s.quant is not None and s.quant.scaling == "tensor_delayed" for _, s in assignment.roles)
+
+
+def _amax_history(gm: torch.fx.GraphModule, graph: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Node:
+    """The node's amax-history buffer, kept on the traced module (``_mpc_amax.<node>``) so that
+    a recompile finds the history where it left it."""
+    if not hasattr(gm, "_mpc_amax"):
+        gm._mpc_amax = torch.nn.Module()
+    if node.name not in gm._mpc_amax._buffers:
+        device = next(gm.parameters(), torch.empty(0)).device
+        gm._mpc_amax.register_buffer(node.name, torch.zeros(len(ROLES), AMAX_HISTORY, device=device))
+    return graph.get_attr(f"_mpc_amax.{node.name}")
 
 
 def _strings(assignment) -> dict:
@@ -58,6 +75,11 @@ def _strings(assignment) -> dict:
 
 def _gemm(gm, graph: torch.fx.Graph, node: torch.fx.Node, meta: dict, env) -> torch.fx.Node:
     kind, kwargs = meta["gemm"], _strings(meta["assignment"])
+    if _delayed(meta["assignment"]):
+        if kind == "attention":
+            raise LoweringError(f"node {node.name} (module {node.target}): tensor_delayed scaling is not emulated "
+                                f"inside attention; use tensor scaling for it with a rule")
+        kwargs["amax_history"] = _amax_history(gm, graph, node)
     args = torch.fx.map_arg(node.args, lambda n: env[n])
     call_kwargs = torch.fx.map_arg(node.kwargs, lambda n: env[n])
     if kind == "attention":
@@ -81,13 +103,15 @@ def _gemm(gm, graph: torch.fx.Graph, node: torch.fx.Node, meta: dict, env) -> to
                 kwargs["padding"] = 0
         return graph.call_function(_OPS[kind], (x, weight, bias), kwargs)
     if kind == "matmul":  # torch.matmul(a, b), a @ b or a.matmul(b)
-        return graph.call_function(ops.matmul, args[:2], {"spec": kwargs["forward"], "formats": kwargs["formats"],
-                                                          "backward": kwargs["backward"]})
+        kwargs["spec"] = kwargs.pop("forward")
+        return graph.call_function(ops.matmul, args[:2], kwargs)
     return graph.call_function(_OPS[kind], args, {**call_kwargs, **kwargs})
 
 
 def _quant(graph: torch.fx.Graph, value: torch.fx.Node, setting) -> torch.fx.Node:
     q = setting.quant
+    if q.scaling == "tensor_delayed":
+        raise LoweringError(f"node {value.name}: tensor_delayed scaling is for GEMM operands; use tensor here")
     return graph.call_function(ops.quant, (value, str(q.fmt), q.rounding),
                                {"scaling": q.scaling, "saturate": q.saturate})
 

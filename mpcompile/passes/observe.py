@@ -14,14 +14,18 @@ __all__ = ["observe", "evaluating"]
 @contextlib.contextmanager
 def evaluating(gm: torch.fx.GraphModule) -> Iterator[torch.fx.GraphModule]:
     """``gm`` in eval mode without gradients (batch norms keep their statistics), every
-    module's mode restored afterwards."""
+    module's mode and every buffer (amax histories move even in eval) restored afterwards."""
     modes = [(m, m.training) for m in gm.modules()]
+    buffers = [(b, b.clone()) for b in gm.buffers()]
     try:
         with torch.no_grad():
             yield gm.eval()
     finally:
         for module, training in modes:
             module.training = training
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
 
 
 class _Observer(torch.fx.Interpreter):

@@ -126,7 +126,7 @@ class Trainer:
 
     # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"config": dataclasses.asdict(self.config), "model": self.model.state_dict(),
+        return {"config": dataclasses.asdict(self.config), "model": self.compiled.state_dict(),  # + amax histories
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "level": self.compiled.level, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "partial": dict(self._partial), "history": list(self.history), "rng": _rng_state()}
@@ -152,7 +152,7 @@ class Trainer:
         config.out = config.out if out is None else out
         config.level = state["level"]
         trainer = cls(config, progress=progress)
-        trainer.model.load_state_dict(state["model"])
+        trainer.compiled.load_state_dict(state["model"])
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.scaler.load_state_dict(state["scaler"])
         trainer.epoch, trainer.step_in_epoch = state["epoch"], state["step_in_epoch"]
@@ -181,7 +181,7 @@ class Trainer:
         if not skipped:
             self.optimizer.step()
         self.scaler.update(skipped)
-        return float(loss), int((logits.argmax(1) == y).sum()), skipped
+        return float(loss.detach()), int((logits.argmax(1) == y).sum()), skipped
 
     def fit(self) -> dict[str, Any]:
         """Train from where the run stands to ``config.epochs``; write metrics, plots, summary."""
@@ -216,18 +216,20 @@ class Trainer:
             start = time.perf_counter()
             loss, correct, skipped = self._train_step(x, y)
             p["seconds"] += time.perf_counter() - start
-            p["loss"] += loss * len(y)
-            p["correct"] += correct
-            p["seen"] += len(y)
+            if not skipped:  # an overflowed step's loss may be inf/NaN; it is counted as an overflow instead
+                p["loss"] += loss * len(y)
+                p["correct"] += correct
+                p["seen"] += len(y)
             self.step_in_epoch = i + 1
             metrics.write(json.dumps({"epoch": self.epoch + 1, "step": i + 1, "loss": loss, "skipped": skipped,
                                       "loss_scale": self.scaler.scale_value}) + "\n")
             bar.update(1)
-            bar.set_postfix(loss=f"{p['loss'] / p['seen']:.4f}", acc=f"{p['correct'] / p['seen']:.3f}",
+            bar.set_postfix(loss=f"{p['loss'] / max(p['seen'], 1):.4f}", acc=f"{p['correct'] / max(p['seen'], 1):.3f}",
                             scale=f"{self.scaler.scale_value:g}", overflows=self.scaler.overflow_steps)
         bar.close()
-        record = {"epoch": self.epoch + 1, "train_loss": p["loss"] / max(p["seen"], 1),
-                  "train_accuracy": p["correct"] / max(p["seen"], 1), "test_accuracy": self.evaluate("test"),
+        record = {"epoch": self.epoch + 1, "train_loss": p["loss"] / p["seen"] if p["seen"] else math.nan,
+                  "train_accuracy": p["correct"] / p["seen"] if p["seen"] else math.nan,
+                  "test_accuracy": self.evaluate("test"),
                   "seconds": p["seconds"], "loss_scale": self.scaler.scale_value,
                   "overflow_steps": self.scaler.overflow_steps, "level": self.compiled.level}
         self.history.append(record)

@@ -12,9 +12,10 @@ from mpcompile.errors import MpcompileError, PolicyError
 from mpcompile.runtime.data import DataError
 from mpcompile.runtime.trainer import TrainConfig, Trainer, train
 
-# Stochastic rounding in the backward and in the stored weights: resume must replay its random bits.
+# Stochastic rounding in the backward and in the stored weights, and delayed scaling: resume must
+# replay the random bits and the amax histories.
 POLICY = """version: 1
-default: {input: bf16, weight: bf16, grad_output: fp8_e5m2:stochastic}
+default: {input: bf16, weight: fp8_e4m3:tensor_delayed, grad_output: fp8_e5m2:stochastic}
 optimizer: {master: bf16, momentum: bf16, update_rounding: stochastic}
 """
 
