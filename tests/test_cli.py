@@ -48,7 +48,7 @@ def test_inspect_prints_the_table_or_the_lock(tmp_path, capsys):
     assert "did you mean 'resnet18'" in capsys.readouterr().err
     assert main(["inspect", "lenet5", "--policy", "hfp8", "--input-shape", "1,1,8,8"]) == 0
     assert [line.split()[4:6] for line in capsys.readouterr().out.splitlines()[3:]] == [
-        ["fp32", "fp32"], *[["e4m3(bias=11,inf=false,nan=none)"] * 2] * 3, ["fp32", "fp32"]]  # hfp8 keeps the ends
+        ["fp32", "fp32"], *[["e4m3(bias=11,inf=false,nan=none):sat"] * 2] * 3, ["fp32", "fp32"]]  # hfp8 keeps the ends
 
 
 def test_inspect_calibrates_and_draws(capsys):

@@ -139,6 +139,8 @@ def test_hfp8_hybrid_formats_chunked_accumulation_and_fp32_ends():
     assert fwd.max == 30.0 and fwd.min_normal == 2.0**-10
     assert fwd != parse("fp8_e4m3")  # OCP E4M3 has bias 7
     assert q["weight"].fmt == fwd and q["input"].rounding == "nearest" and q["input"].scaling == "none"
+    assert q["input"].saturate and q["weight"].saturate  # no code for an overflow: it clamps to 30
+    assert quantize_role(torch.tensor([31.0, -1e4]), q["input"], axis=0, seed=None).tolist() == [30.0, -30.0]
     assert q["grad_output"].fmt == parse("fp8_e5m2") and str(q["grad_output"]) == "fp8_e5m2"
     assert mid.forward == mid.backward == ArithSpec(acc="e6m9", order="chunk(64)")
     assert mid.forward.acc == FloatFormat(6, 9) and mid.forward.chunk == 64

@@ -5,6 +5,11 @@ A run folder holds ``metrics.jsonl`` (one line per step and per epoch), ``summar
 epoch and on Ctrl-C. The checkpoint carries the model, optimizer, loss scaler, policy level,
 the RNG states of torch, python and numpy, and the position in the epoch; the data order is a
 function of (seed, epoch), so ``resume`` continues exactly where the run stopped.
+
+A step whose gradients overflow is skipped and the loss scaler backs off; a step whose loss is
+already inf/NaN (the forward overflowed a format) is skipped without touching the scale, which
+could not help, and counted as a ``nan_loss_steps``. Skipped steps stay out of the epoch's
+train loss and accuracy.
 """
 from __future__ import annotations
 
@@ -112,7 +117,7 @@ class Trainer:
                                         seed=config.seed)
         self.scaler: LossScaler = make_loss_scaler(self._loss_scale(policy))
         self.out = Path(config.out)
-        self.epoch, self.step_in_epoch, self.history = 0, 0, []
+        self.epoch, self.step_in_epoch, self.history, self.nan_loss_steps = 0, 0, [], 0
         self._partial = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
 
     def _loss_scale(self, policy):
@@ -129,7 +134,8 @@ class Trainer:
         return {"config": dataclasses.asdict(self.config), "model": self.compiled.state_dict(),  # + amax histories
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "level": self.compiled.level, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                "partial": dict(self._partial), "history": list(self.history), "rng": _rng_state()}
+                "partial": dict(self._partial), "history": list(self.history), "nan_loss_steps": self.nan_loss_steps,
+                "rng": _rng_state()}
 
     def save(self) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -157,6 +163,7 @@ class Trainer:
         trainer.scaler.load_state_dict(state["scaler"])
         trainer.epoch, trainer.step_in_epoch = state["epoch"], state["step_in_epoch"]
         trainer._partial, trainer.history = state["partial"], state["history"]
+        trainer.nan_loss_steps = state["nan_loss_steps"]
         _set_rng_state(state["rng"])
         return trainer
 
@@ -176,6 +183,9 @@ class Trainer:
         self.optimizer.zero_grad()
         logits = self.compiled(x)
         loss = F.cross_entropy(logits, y)
+        if not torch.isfinite(loss):  # the forward overflowed: no gradient to scale, so the scale stays
+            self.nan_loss_steps += 1
+            return float(loss.detach()), 0, True
         self.scaler.scale(loss).backward()
         skipped = self.scaler.unscale_(self.compiled.parameters(), self.optimizer.settings.gradient)
         if not skipped:
@@ -186,7 +196,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train from where the run stands to ``config.epochs``; write metrics, plots, summary."""
         self.out.mkdir(parents=True, exist_ok=True)
-        metrics = (self.out / "metrics.jsonl").open("a")
+        metrics = (self.out / "metrics.jsonl").open("a" if self.epoch or self.step_in_epoch else "w")
         try:
             while self.epoch < self.config.epochs:
                 self._epoch(metrics)
@@ -225,13 +235,15 @@ class Trainer:
                                       "loss_scale": self.scaler.scale_value}) + "\n")
             bar.update(1)
             bar.set_postfix(loss=f"{p['loss'] / max(p['seen'], 1):.4f}", acc=f"{p['correct'] / max(p['seen'], 1):.3f}",
-                            scale=f"{self.scaler.scale_value:g}", overflows=self.scaler.overflow_steps)
+                            scale=f"{self.scaler.scale_value:g}", overflows=self.scaler.overflow_steps,
+                            nan_loss=self.nan_loss_steps)
         bar.close()
         record = {"epoch": self.epoch + 1, "train_loss": p["loss"] / p["seen"] if p["seen"] else math.nan,
                   "train_accuracy": p["correct"] / p["seen"] if p["seen"] else math.nan,
                   "test_accuracy": self.evaluate("test"),
                   "seconds": p["seconds"], "loss_scale": self.scaler.scale_value,
-                  "overflow_steps": self.scaler.overflow_steps, "level": self.compiled.level}
+                  "overflow_steps": self.scaler.overflow_steps, "nan_loss_steps": self.nan_loss_steps,
+                  "level": self.compiled.level}
         self.history.append(record)
         metrics.write(json.dumps(record) + "\n")
         metrics.flush()
@@ -246,7 +258,7 @@ class Trainer:
                 "batch_size": c.batch_size, "test_accuracy": last.get("test_accuracy", self.evaluate("test")),
                 "train_loss": last.get("train_loss", math.nan),
                 "seconds_per_epoch": float(np.mean([h["seconds"] for h in self.history])) if self.history else 0.0,
-                "overflow_steps": self.scaler.overflow_steps}
+                "overflow_steps": self.scaler.overflow_steps, "nan_loss_steps": self.nan_loss_steps}
 
     def plot(self) -> Path | None:
         """``curves.png``: train loss, and train / test accuracy, against epochs."""

@@ -3,6 +3,7 @@ run folder's files, and bad input refused before training."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -111,3 +112,15 @@ def test_cli_train_and_resume(tmp_path, capsys):
     assert json.loads((out / "summary.json").read_text())["epochs"] == 2
     assert main(["train", "--batch-size", "0", "--out", str(tmp_path / "x")]) == 2
     assert "batch size 0 must be a positive integer" in capsys.readouterr().err
+
+
+def test_a_forward_overflow_skips_the_step_without_touching_the_loss_scale(tmp_path):
+    # An E2M1 without NaN or inf codes (max 1.5), not saturated: any larger input makes the loss NaN.
+    policy = "version: 1\ndefault: {input: 'e2m1(bias=3,inf=false,nan=none)', grad_output: fp8_e5m2}\n"
+    trainer = Trainer(_config(tmp_path, "nan", policy=policy, epochs=1), progress=False)
+    before = _params(trainer)
+    summary = trainer.fit()
+    steps = 11  # ceil(1347 / 128)
+    assert summary["nan_loss_steps"] == steps and summary["overflow_steps"] == 0
+    assert trainer.scaler.scale_value == 2.0**16 and math.isnan(summary["train_loss"])
+    assert _same(before, _params(trainer))  # nothing was stepped
