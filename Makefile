@@ -21,6 +21,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/quantize.py
 	$(PY) benchmarks/arith.py
 	$(PY) benchmarks/compile.py
+	$(PY) benchmarks/train_step.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -211,10 +211,10 @@ def conv_backward(grad, x, w, has_bias, stride, padding, dilation, groups, roles
                   fwd: ArithSpec, bwd: ArithSpec, seed, scales=None):
     xq, wq = _role(roles, "input", x, 1, seed, scales), _role(roles, "weight", w, 0, seed, scales)
     g = _role(roles, "grad_output", grad, 1, seed, scales)
-    if bwd.is_native:
-        conv = _CONV[w.dim() - 2]
-        gx, gw, gb = _native_grads(lambda xx, ww, bb: conv(xx, ww, bb, stride, padding, dilation, groups),
-                                   xq, wq, has_bias, g)
+    if bwd.is_native:  # the kernel torch's autograd calls for a convolution, without a forward to record
+        gx, gw, gb = torch.ops.aten.convolution_backward(g, xq, wq, [w.shape[0]] if has_bias else None, stride,
+                                                         padding, dilation, False, [0] * (w.dim() - 2), groups,
+                                                         [True, True, has_bias])
     else:
         up, wt, s1, p0, dil = transposed_conv_operands(g, wq, x.shape, stride, padding, dilation, groups)
         gx = _conv_gemm(up, wt, s1, p0, dil, groups, bwd, op_seed(seed, 1)).to(x.dtype)
