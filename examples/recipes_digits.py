@@ -65,15 +65,11 @@ SUSPECT = {
 # The likely reason a recipe falls short, printed only for a policy that measurably does (loses more
 # than CLOSE_BAR points or diverges in a seed). These are mechanisms, not results: the numbers
 # that decide whether one is printed, and which, come from the runs. NAN_CAUSE is used instead of
-# LIKELY_CAUSE when the policy's runs had steps with a NaN/inf loss.
-NAN_CAUSE = {
-    "hfp8": "its forward format, 1-4-3 with exponent bias 11, tops out at 30 (1.875 * 2**4), and the policy "
-            "neither scales nor saturates it: a GEMM input above 30 rounds to NaN (mpcompile's documented rule "
-            "for a format with neither inf nor NaN codes), so the loss is NaN and the step is skipped. The "
-            "dynamic loss scaler halves its scale for every such step although scaling cannot help a forward "
-            "overflow, and once the scale is small the E5M2 gradients (unscaled by the policy) underflow too. "
-            "Activations grow as the weights train, so a run that crosses the limit tends to keep crossing it.",
-}
+# LIKELY_CAUSE when a policy's runs had steps with a NaN/inf loss.
+NAN_CAUSE = ("a GEMM input outgrew its format's max in a role that neither scales nor saturates, and a format "
+             "without an inf code marks such a value NaN, so the loss is NaN and the step is skipped (the loss "
+             "scale is left alone: scaling cannot help a forward overflow). Activations grow as the weights "
+             "train, so a run that crosses the limit tends to keep crossing it; `:sat` or a scaling fixes it.")
 LIKELY_CAUSE = {
     "fp8_e4m3": "E4M3 for the gradients too: 3 mantissa bits and one amax scale per tensor. The scale is set by "
                 "the largest entry of grad_output, so the many small entries land in E4M3's subnormals or round "
@@ -100,8 +96,9 @@ LIKELY_CAUSE = {
               "(SWALP relies on weight averaging for that, which a policy does not provide).",
     "fp134": "1-3-4 elements with one power-of-two bias per tensor: only 8 binades of range, so with amax at the "
              "top, small activation and gradient entries underflow to zero.",
-    "hfp8": "FP8 1-4-3 (bias 11) forward, E5M2 gradients without scaling, and 16-bit e6m9 accumulation in "
-            "chunks of 64: each of those rounds, and the gradients rely on the loss scale alone for range.",
+    "hfp8": "FP8 1-4-3 (bias 11, saturating at 30) forward, E5M2 gradients without scaling, and 16-bit e6m9 "
+            "accumulation in chunks of 64: each of those rounds, and the gradients rely on the loss scale alone "
+            "for range.",
     "fp16": "fp16 results (output, grad_input, grad_weight) as well as operands: gradient entries below "
             "fp16's subnormal range (2**-24) are lost unless the loss scale lifts them.",
     "bf16": "bf16 operands keep 8 bits of mantissa: each GEMM input carries a relative error of up to 2**-9.",
@@ -356,9 +353,7 @@ def what_happens(results: dict[str, list[Run]]) -> list[str]:
         runs = results[p]
         line = (f"**`{p}` holds, but close to an edge.** Steps with a NaN/inf loss per seed: "
                 + " / ".join(str(r.nonfinite_loss_steps) for r in runs) + "." + input_peaks(runs))
-        if p in NAN_CAUSE:
-            line += f" Why: {NAN_CAUSE[p]}"
-        out += [line, ""]
+        out += [line + f" Why: {NAN_CAUSE}", ""]
     if short:
         out += [f"**Falling short** (more than {CLOSE_BAR:g} points below fp32, or diverged in some seed):", ""]
         for p in sorted(short, key=lambda p: acc[p]):
@@ -371,7 +366,7 @@ def what_happens(results: dict[str, list[Run]]) -> list[str]:
             if any(r.nonfinite_loss_steps for r in runs):
                 line += (" Steps with a NaN/inf loss per seed: "
                          + " / ".join(str(r.nonfinite_loss_steps) for r in runs) + "." + input_peaks(runs))
-            cause = (NAN_CAUSE if any(r.nonfinite_loss_steps for r in runs) else LIKELY_CAUSE).get(p)
+            cause = NAN_CAUSE if any(r.nonfinite_loss_steps for r in runs) else LIKELY_CAUSE.get(p)
             if cause:
                 line += f" Likely why: {cause}"
             out.append(line)
