@@ -1,16 +1,17 @@
 """lower: put ``mpc::`` ops where the assignment quantizes anything.
 
-Reads: ``meta["mpc"]["gemm"]`` (classify) and ``["assignment"]`` (assign). Writes a new graph
-whose node standing for a traced node carries its meta plus ``meta["mpc"]["node"]`` (the
-traced node's name):
-a GEMM-like node with an assignment becomes one call of ``mpcompile.ops`` (``linear``,
-``conv1d/2d/3d``, ``matmul``: an ``mpc::`` op; ``multi_head_attention``: four) with its roles
-and specs as strings; any other
-node gets ``ops.quant`` on its tensor inputs and its output for the ``input`` / ``output``
-roles it was given, and a norm on its ``weight`` / ``bias`` (a norm module then runs through
-``torch.func.functional_call`` with the quantized parameters swapped in; its buffers, such as
-BatchNorm's running statistics, stay its own). Nodes without an assignment are copied as they are, so an fp32 policy
-changes nothing.
+Reads: ``meta["mpc"]["gemm"]``, ``["roles"]`` (classify) and ``["assignment"]`` (assign).
+Writes a new graph whose node standing for a traced node carries its meta plus
+``meta["mpc"]["node"]`` (the traced node's name), and on the traced module an amax-history
+buffer (``_mpc_amax.<node>``) per op with ``tensor_delayed`` roles, which a recompile reuses.
+
+- A GEMM-like node becomes one call of ``mpcompile.ops`` (``linear``, ``conv1d/2d/3d``,
+  ``matmul``: an ``mpc::`` op; ``multi_head_attention``: four) with its roles and specs as strings.
+- Any other node gets ``ops.quant`` on its tensor inputs and its output for its ``input`` /
+  ``output`` roles; a norm also on its ``weight`` / ``bias`` (a norm module then runs through
+  ``torch.func.functional_call`` with the quantized parameters swapped in; its buffers, such as
+  BatchNorm's running statistics, stay its own).
+- Nodes without an assignment are copied as they are, so an fp32 policy changes nothing.
 """
 from __future__ import annotations
 
