@@ -90,7 +90,8 @@ def _train(args) -> str:
         out = args.out or f"runs/{args.model}-{args.data}-{Path(args.policy).stem}"
         trainer = Trainer(TrainConfig(args.model, args.data, args.policy, 10 if args.epochs is None else args.epochs,
                                       args.batch_size, args.lr,
-                                      args.optimizer, args.seed, out, args.data_dir, loss_scale))
+                                      args.optimizer, args.seed, out, args.data_dir, loss_scale,
+                                      device=args.device))
     summary = trainer.fit()
     rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in summary.items()]
     width = max(len(k) for k, _ in rows)
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     tp.add_argument("--optimizer", default="sgd", help="sgd (momentum 0.9), adam or adamw")
     tp.add_argument("--loss-scale", help="none, dynamic or a number (default: dynamic when gradients are rounded)")
     tp.add_argument("--seed", type=int, default=0)
+    tp.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     tp.add_argument("--out", help="run folder (default runs/MODEL-DATA-POLICY)")
     tp.add_argument("--resume", help="a run folder or checkpoint.pt to continue (to --epochs, if given)")
     args = ap.parse_args(argv)

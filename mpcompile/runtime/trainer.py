@@ -54,6 +54,7 @@ class TrainConfig:
     data_dir: str | None = None
     loss_scale: str | float | None = None
     level: int | str = 0
+    device: str = "cpu"
 
     def check(self) -> None:
         """Refuse what cannot train, before anything is built."""
@@ -65,6 +66,12 @@ class TrainConfig:
             raise MpcompileError(f"epochs {self.epochs} must be a non-negative integer")
         if self.optimizer not in OPTIMIZERS:
             raise MpcompileError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise MpcompileError(f"device {self.device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise MpcompileError(f"device {self.device!r}: this machine has no CUDA device; use --device cpu")
 
 
 def model_for(name: str, data: Dataset) -> nn.Module:
@@ -110,8 +117,9 @@ class Trainer:
         policy = load_policy(config.policy)
         self.data = load_dataset(config.data, config.data_dir)
         _seed_everything(config.seed)
-        self.model = model_for(config.model, self.data)
-        example = self.data.batch("train", torch.arange(min(8, self.data.size("train"))))[0]
+        self.device = torch.device(config.device)
+        self.model = model_for(config.model, self.data).to(self.device)
+        example = self.data.batch("train", torch.arange(min(8, self.data.size("train"))))[0].to(self.device)
         self.compiled: CompiledModel = compile(self.model, policy, (example,), calibration=[], level=config.level)
         self.optimizer = make_optimizer(config.optimizer, self.compiled.parameters(), config.lr, policy.optimizer,
                                         seed=config.seed)
@@ -152,7 +160,7 @@ class Trainer:
         path = path / "checkpoint.pt" if path.is_dir() else path
         if not path.is_file():
             raise MpcompileError(f"--resume {path}: no checkpoint there; give a run folder or its checkpoint.pt")
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, weights_only=False, map_location="cpu")
         config = TrainConfig(**state["config"])
         config.epochs = config.epochs if epochs is None else epochs
         config.out = config.out if out is None else out
@@ -175,7 +183,7 @@ class Trainer:
         self.compiled.eval()
         with torch.no_grad():
             for x, y in batches(self.data, split, 256, shuffle=False, seed=0, epoch=0):
-                correct += int((self.compiled(x).argmax(1) == y).sum())
+                correct += int((self.compiled(x.to(self.device)).argmax(1).cpu() == y).sum())
         self.compiled.train(was_training)
         return correct / self.data.size(split)
 
@@ -224,7 +232,7 @@ class Trainer:
             if i < self.step_in_epoch:
                 continue  # resumed mid-epoch: these batches were trained on
             start = time.perf_counter()
-            loss, correct, skipped = self._train_step(x, y)
+            loss, correct, skipped = self._train_step(x.to(self.device), y.to(self.device))
             p["seconds"] += time.perf_counter() - start
             if not skipped:  # an overflowed step's loss may be inf/NaN; it is counted as an overflow instead
                 p["loss"] += loss * len(y)

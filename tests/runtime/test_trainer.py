@@ -96,6 +96,7 @@ def test_the_run_folder_holds_metrics_summary_plot_and_checkpoint(tmp_path):
     ({"batch_size": 0}, MpcompileError, "batch size 0 must be a positive integer"),
     ({"lr": -0.1}, MpcompileError, "learning rate -0.1 must be positive"),
     ({"optimizer": "lbfgs"}, MpcompileError, "choose one of sgd, adam, adamw"),
+    ({"device": "gpu"}, MpcompileError, "device 'gpu' is not a torch device"),
 ])
 def test_bad_input_is_refused_before_training(tmp_path, change, error, message):
     with pytest.raises(error, match=message):
