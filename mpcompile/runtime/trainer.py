@@ -263,7 +263,7 @@ class Trainer:
         c, last = self.config, (self.history[-1] if self.history else {})
         return {"model": c.model, "data": c.data, "policy": c.policy, "level": self.compiled.level,
                 "epochs": len(self.history), "seed": c.seed, "optimizer": c.optimizer, "lr": c.lr,
-                "batch_size": c.batch_size, "test_accuracy": last.get("test_accuracy", self.evaluate("test")),
+                "batch_size": c.batch_size, "test_accuracy": last["test_accuracy"] if last else self.evaluate("test"),
                 "train_loss": last.get("train_loss", math.nan),
                 "seconds_per_epoch": float(np.mean([h["seconds"] for h in self.history])) if self.history else 0.0,
                 "overflow_steps": self.scaler.overflow_steps, "nan_loss_steps": self.nan_loss_steps}
