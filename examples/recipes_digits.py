@@ -1,6 +1,7 @@
 """Every shipped policy trains LeNet-5 on sklearn's 8x8 digits: which recipes hold up, which do not.
 
-Each shipped policy (``mpcompile.policy.shipped_policies()``) trains ``lenet5`` on ``digits``
+Each shipped fixed-precision policy (``mpcompile.policy.shipped_policies()`` but those with a
+``trust_region`` section, see trust_region_digits.py) trains ``lenet5`` on ``digits``
 with the same hyper-parameters and seeds; run ``POLICY`` with seed ``S`` is written to
 ``runs/recipes/POLICY-seedS`` (metrics, curves, checkpoint, summary, plus ``recipe.json``, the
 record this script reads back). The results go to ``docs/results/recipes_digits.md``: one row
@@ -33,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from mpcompile.formats import BlockFormat
+from mpcompile.ops.roles import delayed_scale, quantize_role
 from mpcompile.policy import load_policy, shipped_policies
 from mpcompile.runtime.data import batches, load_dataset
 from mpcompile.runtime.trainer import TrainConfig, Trainer
@@ -126,6 +129,10 @@ class Run:
     # The GEMM input, among those rounded to a format without scaling, that comes closest to (or
     # beyond) its format's max, for the final weights: {"op", "amax", "max"}; None if there is none.
     input_peak: dict | None
+    # Values that the final model's roles round to zero (underflow) or past the format's range
+    # (overflow), in one fp32 forward and backward of a training batch (see range_losses):
+    # {"forward" | "gradient": {"underflow", "overflow", "values"}}.
+    range_losses: dict
 
     @property
     def diverged(self) -> bool:
@@ -177,6 +184,78 @@ def input_peak(trainer: Trainer) -> dict | None:
     return {"op": op, "amax": peaks[op], "max": limits[op]}
 
 
+FORWARD_ROLES = ("input", "weight", "bias", "output")
+
+
+def range_losses(trainer: Trainer, batch_size: int = 256) -> dict:
+    """How many values each role's format loses to underflow and overflow, for the final weights.
+
+    One fp32 forward and backward of the first training batch (``batch_size`` images, unshuffled),
+    the loss multiplied by the final loss scale as in training, records every role's tensor at each
+    quantized module; each is rounded as its role says (scaling included; stochastic rounding with
+    a fixed seed). Underflow: a nonzero value that rounds to zero. Overflow: a finite value beyond
+    the format's max (an unscaled role) or that rounds to inf/NaN. The tensors come from the fp32
+    model, so earlier layers' rounding is not compounded: a per-role measure, not a replay of a step.
+    """
+    assignments = trainer.compiled.assignments()  # keyed by fx node name
+    seen: dict[str, dict[str, torch.Tensor]] = {}
+
+    def forward_hook(op: str):
+        def hook(module, args, out):
+            seen[op].update(input=args[0].detach(), weight=module.weight.detach(), output=out.detach())
+            if module.bias is not None:
+                seen[op]["bias"] = module.bias.detach()
+        return hook
+
+    def backward_hook(op: str):
+        def hook(module, grad_input, grad_output):
+            seen[op].update(grad_output=grad_output[0])
+            if grad_input[0] is not None:
+                seen[op]["grad_input"] = grad_input[0]
+        return hook
+
+    modules = {name.replace(".", "_"): m for name, m in trainer.model.named_modules()}
+    modules = {op: modules[op] for op in assignments if op in modules and hasattr(modules[op], "weight")}
+    hooks = []
+    for op, module in modules.items():
+        seen[op] = {}
+        hooks += [module.register_forward_hook(forward_hook(op)), module.register_full_backward_hook(backward_hook(op))]
+    x, y = next(iter(batches(trainer.data, "train", batch_size, shuffle=False, seed=0, epoch=0)))
+    saved = [p.grad for p in trainer.model.parameters()]
+    try:
+        trainer.model.zero_grad(set_to_none=True)
+        x = x.requires_grad_()  # so that the first layer's grad_input exists
+        loss = torch.nn.functional.cross_entropy(trainer.model(x), y) * trainer.scaler.scale_value
+        loss.backward()
+        for op, module in modules.items():
+            seen[op].update(grad_weight=module.weight.grad)
+            if module.bias is not None:
+                seen[op]["grad_bias"] = module.bias.grad
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for p, g in zip(trainer.model.parameters(), saved):
+            p.grad = g
+    tally = {kind: {"underflow": 0, "overflow": 0, "values": 0} for kind in ("forward", "gradient")}
+    for op, module in modules.items():
+        axis = 1 if isinstance(module, torch.nn.modules.conv._ConvNd) else -1
+        for role, setting in assignments[op].roles:
+            values = seen[op].get(role)
+            if setting.quant is None or values is None:
+                continue
+            spec, v = setting.quant, values.detach().double()
+            scale = delayed_scale(spec, torch.zeros(1), v) if spec.scaling == "tensor_delayed" else None
+            q = quantize_role(v, spec, axis=0 if role in ("weight", "grad_weight") else axis, seed=0, scale=scale)
+            over = torch.isfinite(v) & ~torch.isfinite(q)
+            if spec.scaling == "none" and not isinstance(spec.fmt, BlockFormat):
+                over |= torch.isfinite(v) & (v.abs() > spec.fmt.max)
+            t = tally["forward" if role in FORWARD_ROLES else "gradient"]
+            t["underflow"] += int(((v != 0) & (q == 0)).sum())
+            t["overflow"] += int(over.sum())
+            t["values"] += v.numel()
+    return tally
+
+
 def train_one(policy: str, seed: int, epochs: int, runs: Path) -> Run:
     """Train one (policy, seed) from scratch into its run folder and record it."""
     out = run_dir(runs, policy, seed)
@@ -192,7 +271,8 @@ def train_one(policy: str, seed: int, epochs: int, runs: Path) -> Run:
               overflow_steps=summary["overflow_steps"], loss_scaler=trainer.scaler.kind,
               final_loss_scale=trainer.scaler.scale_value, wall_seconds=time.perf_counter() - start,
               finished=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), machine=machine_note(),
-              nonfinite_loss_steps=nonfinite_loss_steps(out / "metrics.jsonl"), input_peak=input_peak(trainer))
+              nonfinite_loss_steps=nonfinite_loss_steps(out / "metrics.jsonl"), input_peak=input_peak(trainer),
+              range_losses=range_losses(trainer))
     (out / "recipe.json").write_text(json.dumps(run.__dict__, indent=2) + "\n")
     return run
 
@@ -276,8 +356,8 @@ def table(results: dict[str, list[Run]]) -> list[str]:
     ref_acc = mean([r.test_accuracy for r in ref_runs]) if ref_runs else None
     ref_time = epoch_time(ref_runs) if ref_runs else None
     lines = ["| policy | test accuracy (%) mean ± std | final train loss (mean) | time / epoch (x fp32) "
-             "| overflow steps (total) | notes |",
-             "|---|---|---|---|---|---|"]
+             "| overflow steps (total) | underflow % fwd / grad | overflow % fwd / grad | notes |",
+             "|---|---|---|---|---|---|---|---|"]
     for policy, runs in results.items():
         accs = [r.test_accuracy for r in runs]
         losses = [r.train_loss for r in runs]
@@ -285,8 +365,18 @@ def table(results: dict[str, list[Run]]) -> list[str]:
         ratio = f"{t * 1e3:.0f} ms ({t / ref_time:.1f}x)" if ref_time else f"{t * 1e3:.0f} ms (no fp32 run)"
         loss = f"{mean(losses):.4f}" if all(math.isfinite(x) for x in losses) else "non-finite"
         lines.append(f"| `{policy}` | {fmt_pct(mean(accs))} ± {fmt_pct(std(accs))} | {loss} | {ratio} "
-                     f"| {sum(r.overflow_steps for r in runs)} | {notes_for(policy, runs, ref_acc)} |")
+                     f"| {sum(r.overflow_steps for r in runs)} | {range_share(runs, 'underflow')} "
+                     f"| {range_share(runs, 'overflow')} | {notes_for(policy, runs, ref_acc)} |")
     return lines
+
+
+def range_share(runs: list[Run], what: str) -> str:
+    """Forward and gradient shares of values lost to ``what`` (range_losses), pooled over the runs."""
+    def share(kind: str) -> str:
+        lost = sum(r.range_losses[kind][what] for r in runs)
+        total = sum(r.range_losses[kind]["values"] for r in runs)
+        return "-" if total == 0 else "0" if lost == 0 else f"{100 * lost / total:.2g}"
+    return f"{share('forward')} / {share('gradient')}"
 
 
 def input_peaks(runs: list[Run]) -> str:
@@ -387,6 +477,26 @@ def what_happens(results: dict[str, list[Run]]) -> list[str]:
     else:
         out += ["**Overflow steps.** None: no gradient overflowed in any run.", ""]
 
+    def lost(p: str, kind: str, what: str) -> float:
+        runs = results[p]
+        total = sum(r.range_losses[kind]["values"] for r in runs)
+        return sum(r.range_losses[kind][what] for r in runs) / total if total else 0.0
+
+    for what in ("underflow", "overflow"):
+        ranked = sorted(((max(lost(p, k, what) for k in ("forward", "gradient")), p) for p in results), reverse=True)
+        ranked = [(share, p) for share, p in ranked if share > 0]
+        if not ranked:
+            out += [f"**{what.capitalize()} of values.** None: no role of any policy lost a value to {what} "
+                    f"on the final weights.", ""]
+            continue
+        worst = ", ".join(f"`{p}` {100 * lost(p, 'forward', what):.2g} % forward / "
+                          f"{100 * lost(p, 'gradient', what):.2g} % gradient" for _, p in ranked[:3])
+        out += [f"**{what.capitalize()} of values** on the final weights (table columns): largest in {worst}. "
+                f"{len(ranked)} of {len(results)} policies lose any value to it."
+                + (" Measured at the end of training, when the loss is near zero and so are most gradient "
+                   "entries: gradient underflow is largest there, and matters least." if what == "underflow" else ""),
+                ""]
+
     ref_time = epoch_time(ref_runs)
     times = {p: epoch_time(rs) / ref_time for p, rs in results.items() if p != REFERENCE}
     if times:
@@ -435,6 +545,12 @@ def write_markdown(path: Path, results: dict[str, list[Run]]) -> None:
         f"(ln 10 = {CHANCE_LOSS:.2f}) or with a non-finite one",
         "- overflow steps: steps the loss scaler skipped because a gradient was inf/NaN (a NaN/inf loss makes "
         "every gradient so)",
+        "- underflow / overflow %: of the values each quantized role rounds (forward: input, weight, bias, output; "
+        "grad: grad_output, grad_input, grad_weight, grad_bias), the share that rounds to zero from nonzero "
+        "(underflow) or lies beyond the format's max (overflow; saturated or turned inf/NaN), pooled over seeds; "
+        "measured on the final weights in one fp32 forward and backward of 256 training images with the loss "
+        "multiplied by the final loss scale, each role rounded as the policy says, scaling included; "
+        "`-` where the policy rounds no such role",
     ]
     recipes = ["## The recipes", ""] + [f"- `{p}`: {load_policy(p).description or '(no description)'}"
                                         for p in results] + [""]
@@ -454,7 +570,9 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(THREADS)
-    shipped = shipped_policies()
+    # A policy with a trust_region section trains with the dynamic-precision controller, not the
+    # fixed setup compared here: examples/trust_region_digits.py measures those.
+    shipped = [p for p in shipped_policies() if load_policy(p).trust_region is None]
     policies = shipped if args.policies is None else [p.strip() for p in args.policies.split(",") if p.strip()]
     unknown = [p for p in policies if p not in shipped]
     if unknown:
