@@ -91,7 +91,7 @@ def _train(args) -> str:
         trainer = Trainer(TrainConfig(args.model, args.data, args.policy, 10 if args.epochs is None else args.epochs,
                                       args.batch_size, args.lr,
                                       args.optimizer, args.seed, out, args.data_dir, loss_scale,
-                                      device=args.device))
+                                      device=args.device, schedule=args.schedule))
     summary = trainer.fit()
     rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in summary.items()]
     width = max(len(k) for k, _ in rows)
@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     tp.add_argument("--lr", type=float, default=0.05)
     tp.add_argument("--optimizer", default="sgd", help="sgd (momentum 0.9), adam or adamw")
     tp.add_argument("--loss-scale", help="none, dynamic or a number (default: dynamic when gradients are rounded)")
+    tp.add_argument("--schedule", default="constant", help="lr schedule: constant (default) or cosine")
     tp.add_argument("--seed", type=int, default=0)
     tp.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     tp.add_argument("--out", help="run folder (default runs/MODEL-DATA-POLICY)")

@@ -7,6 +7,7 @@ so an optimizer built on its parameters keeps working across precision changes.
 from __future__ import annotations
 
 import linecache
+import math
 import traceback
 import warnings
 from pathlib import Path
@@ -82,10 +83,19 @@ class CompiledModel(nn.Module):
         self._stats_current = True
         return traced
 
-    def recompile(self, policy: "Policy | Mapping | str | Path | None" = None, level: "int | str | None" = None) -> None:
+    def recompile(self, policy: "Policy | Mapping | str | Path | None" = None,
+                  level: "int | str | Mapping[str, int | str] | None" = None) -> None:
         """Re-assign formats (from a new policy and/or level) and re-lower; parameters are kept.
-        Format statistics are dropped and re-collected when next asked for (``analysed``)."""
+        ``level`` is one level for every op or a mapping from node names to levels (an op it does
+        not name is at level 0). Format statistics are dropped and re-collected when next asked
+        for (``analysed``)."""
         self.policy = self.policy if policy is None else load_policy(policy)
+        if isinstance(level, Mapping):
+            unknown = sorted(set(level) - {n.name for n in self._traced[0].graph.nodes if "facts" in n.meta.get("mpc", {})})
+            if unknown:
+                raise CompileError(f"recompile(level=...): no op named {', '.join(map(repr, unknown))}; per-op levels "
+                                   f"are keyed by node name (see CompiledModel.assignments())")
+            level = dict(level)
         self.level = (0 if policy is not None else self.level) if level is None else level
         traced, self._stats_current = self._traced[0], False
         for node in traced.graph.nodes:
@@ -102,6 +112,10 @@ class CompiledModel(nn.Module):
                     self.warnings.append(f"node {node.name} ({mpc['facts'].op_type} '{mpc['facts'].name}'): "
                                          f"{', '.join(skipped)} not applied: this op's roles are "
                                          f"{', '.join(mpc['roles'])}")
+                if assignment.recompute is not None and mpc.get("gemm") in (None, "attention"):
+                    self.warnings.append(f"node {node.name} ({mpc['facts'].op_type} '{mpc['facts'].name}'): "
+                                         f"recompute not applied: it is for linear, conv and matmul ops, whose "
+                                         f"output components are single dot products")
         for text in self.warnings:
             warnings.warn(f"mpcompile: {text}", stacklevel=3)
 
@@ -138,10 +152,44 @@ class CompiledModel(nn.Module):
         from .views import to_svg
         Path(path).write_text(to_svg(self))
 
+    def error_terms(self) -> dict[str, tuple[float | None, float]]:
+        """Node name -> (kappa, unit roundoff) of every op whose forward pass rounds anything:
+        the condition pass's median kappa (None without calibration data or for an op it does not
+        estimate) and ``Assignment.unit_roundoff``. What a first-order error estimate reads."""
+        terms = {}
+        for node in self._traced[0].graph.nodes:
+            mpc = node.meta.get("mpc", {})
+            if "assignment" in mpc and mpc["assignment"].unit_roundoff > 0:
+                kappa = mpc.get("kappa", {}).get("median")
+                terms[node.name] = (kappa, mpc["assignment"].unit_roundoff)
+        return terms
+
     def assignments(self) -> dict[str, Any]:
         """Node name -> ``Assignment``, for every node the policy quantizes."""
         return {n.name: n.meta["mpc"]["assignment"] for n in self._traced[0].graph.nodes
                 if "assignment" in n.meta.get("mpc", {})}
+
+    def low_precision_counts(self) -> dict[str, tuple[int, int]]:
+        """Node name -> (output components computed in the low arithmetic, output components), for
+        every op with ``recompute``: summed over the forward calls since the last compile,
+        recompile or ``reset_low_precision_counts`` (training calls included; calibration not)."""
+        counts = getattr(self.graph_module, "_mpc_counts", None)
+        if counts is None:
+            return {}
+        return {name: (int(c[0]), int(c[1])) for name, c in counts.named_buffers()}
+
+    def low_precision_fraction(self) -> dict[str, float]:
+        """Node name -> the fraction of output components computed in the low arithmetic, for
+        every op with ``recompute`` (see ``low_precision_counts``; NaN before its first call)."""
+        return {name: low / total if total else math.nan for name, (low, total) in self.low_precision_counts().items()}
+
+    def reset_low_precision_counts(self) -> None:
+        """Set every op's count of low-precision components back to zero."""
+        counts = getattr(self.graph_module, "_mpc_counts", None)
+        if counts is not None:
+            with torch.no_grad():
+                for c in counts.buffers():
+                    c.zero_()
 
 
 def compile(model: nn.Module, policy: "Policy | Mapping | str | Path", example_inputs: Iterable | None = None, *,

@@ -8,7 +8,9 @@ schema is written down in docs/policy.md.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +20,12 @@ import yaml
 
 from .errors import FormatError, PolicyError, SpecError
 from .formats import parse as parse_format
-from .ops.spec import DELAYED_ROLES, ROLES, SCALINGS, ArithSpec, QuantSpec
+from .ops.spec import DELAYED_ROLES, ROLES, SCALINGS, ArithSpec, QuantSpec, Recompute
 from .rounding import ROUNDING_MODES
 
 __all__ = ["SCHEMA_VERSION", "GROUPS", "SHIPPED_POLICIES", "RoleSetting", "Settings", "Selector", "Rule", "Level",
-           "Policy", "NodeFacts", "Assignment", "OptimizerSettings", "load_policy", "shipped_policies"]
+           "Policy", "NodeFacts", "Assignment", "OptimizerSettings", "TrustRegionSettings", "load_policy",
+           "shipped_policies"]
 
 SCHEMA_VERSION = 1
 SHIPPED_POLICIES = Path(__file__).resolve().parent / "policies"
@@ -30,10 +33,14 @@ GROUPS = ("gemm", "elementwise", "norm", "activation", "pool")
 _NATIVE = ArithSpec()
 _TOP = ("version", "name", "description", "formats", "rounding", "saturate", "default", "rules", "levels",
         "trust_region", "optimizer")
-_SETTINGS = ROLES + ("forward", "backward", "rounding", "saturate", "keep")
+_SETTINGS = ROLES + ("forward", "backward", "recompute", "rounding", "saturate", "keep")
+_RECOMPUTE_KEYS = ("tau", "forward")
+_INF = ("inf", "infinity", "+inf")  # tau as a string: YAML reads "inf" as text (its float is .inf)
 _ROLE_KEYS = ("format", "rounding", "saturate", "sr_bits", "scaling")
 _ARITH_KEYS = ("mul", "acc", "order", "rounding", "mul_rounding", "fma", "kahan", "sr_bits")
 _OPTIMIZER_KEYS = ("master", "gradient", "momentum", "second_moment", "update_rounding", "weight_decay")
+TRUST_REGION_METHODS = ("trust_region", "mp_sgd")
+EPSILON_MODES = ("measured", "bound")
 _SELECTORS = ("type", "name", "name_regex", "first", "last", "index", "kappa_above", "kappa_below")
 _ALIAS = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -164,6 +171,7 @@ class Settings:
     roles: tuple[tuple[str, RoleSetting], ...] = ()
     forward: ArithSpec | None = None
     backward: ArithSpec | None = None
+    recompute: "Recompute | str | None" = None  # None: not named; "off": recompute: null, or keep: fp32
 
     @property
     def keeps_fp32(self) -> bool:
@@ -235,13 +243,24 @@ class Assignment:
     roles: tuple[tuple[str, RoleSetting], ...]
     forward: ArithSpec
     backward: ArithSpec
-    decided_by: tuple[tuple[str, str], ...]  # role / "forward" / "backward" -> section label
+    decided_by: tuple[tuple[str, str], ...]  # role / "forward" / "backward" / "recompute" -> section label
     matched: tuple[str, ...]  # labels of every rule that matched, in order
+    recompute: Recompute | None = None  # per-component recomputation (GEMM-like ops)
 
     @property
     def quantizes(self) -> bool:
-        """Whether anything is rounded: a role with a format, or emulated arithmetic."""
-        return any(s.quant is not None for _, s in self.roles) or not (self.forward.is_native and self.backward.is_native)
+        """Whether anything is rounded: a role with a format, emulated arithmetic, or recomputation."""
+        return (any(s.quant is not None for _, s in self.roles) or not (self.forward.is_native and self.backward.is_native)
+                or self.recompute is not None)
+
+    @property
+    def unit_roundoff(self) -> float:
+        """The largest unit roundoff among what the forward pass rounds (operand and output roles,
+        the forward products and sum); 0 when it rounds nothing. One rounding's relative error."""
+        formats = [s.quant.fmt for r, s in self.roles if s.quant is not None and not r.startswith("grad")]
+        if not self.forward.is_native:
+            formats += [f for f in (self.forward.acc, self.forward.mul) if f is not None]
+        return max((f.unit_roundoff for f in formats), default=0.0)
 
 
 @dataclass(frozen=True)
@@ -264,6 +283,36 @@ class OptimizerSettings:
 
 
 @dataclass(frozen=True)
+class TrustRegionSettings:
+    """The ``trust_region:`` section: how the dynamic-precision controller steps and climbs.
+
+    ``method`` is the trust-region method (steps of length Delta along -g/||g||, rho tests
+    ``checks_per_epoch`` times an epoch) or ``mp_sgd`` (SGD steps of the trainer's lr, precision
+    raised when eps > lr * eta / 2 * ||g||^2). ``epsilon`` is the loss error at a level:
+    ``measured`` against fp32 on the batch (re-measured every ``refresh`` checks) or ``bound``,
+    sum over ops of kappa * unit roundoff, times |loss|. ``lower_when_safe`` steps down a level
+    after ``lower_patience`` checks in a row whose lower-level eps is below ``lower_margin`` times
+    the threshold; ``per_layer`` raises the ops with the largest kappa * u first.
+    """
+
+    method: str = "trust_region"
+    eta1: float = 0.25
+    eta2: float = 0.75
+    delta0: float = 0.1
+    delta_max: float = 10.0
+    checks_per_epoch: int = 50
+    epsilon: str = "measured"
+    refresh: int = 1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    eta: float = 0.5
+    lower_when_safe: bool = False
+    lower_margin: float = 0.5
+    lower_patience: int = 3
+    per_layer: bool = False
+
+
+@dataclass(frozen=True)
 class Policy:
     """A validated policy (schema v1). ``levels[0]`` is the policy itself."""
 
@@ -273,7 +322,7 @@ class Policy:
     rules: tuple[Rule, ...]
     levels: tuple[Level, ...]
     source: str  # the file (or "<string>", "<dict>") it was read from
-    trust_region: Mapping[str, Any] | None = None  # read by the runtime
+    trust_region: TrustRegionSettings | None = None  # read by the runtime
     optimizer: OptimizerSettings = OptimizerSettings()
 
     def level_index(self, level: "int | str") -> int:
@@ -290,13 +339,16 @@ class Policy:
         """The cascade for one op: ``default`` (GEMM-like ops only), then every matching rule
         top to bottom, role by role, then levels 1..``level``, which override only what is
         quantized: a role left untouched (null) stays untouched, so a ladder never lowers the
-        precision of what a rule kept in fp32."""
+        precision of what a rule kept in fp32. A level's ``recompute`` likewise reaches only ops
+        whose forward arithmetic is emulated, or that recompute already."""
         roles: dict[str, RoleSetting] = {}
         specs = {"forward": _NATIVE, "backward": _NATIVE}
+        recompute: dict[str, Recompute | None] = {"value": None}
         decided: dict[str, str] = {}
         matched = []
 
         def apply(settings: Settings, label: str, only_quantized: bool) -> None:
+            emulated = not specs["forward"].is_native or recompute["value"] is not None
             for role, setting in settings.roles:
                 if not only_quantized or (role in roles and roles[role].quant is not None):
                     roles[role], decided[role] = setting, label
@@ -304,6 +356,9 @@ class Policy:
                 spec = getattr(settings, key)
                 if spec is not None and (not only_quantized or not specs[key].is_native):
                     specs[key], decided[key] = spec, label
+            if settings.recompute is not None and (not only_quantized or emulated):
+                recompute["value"] = None if settings.recompute == "off" else settings.recompute
+                decided["recompute"] = label
 
         if op.group == "gemm":
             apply(self.default, "default", False)
@@ -314,7 +369,7 @@ class Policy:
         for lv in self.levels[1:self.level_index(level) + 1]:
             apply(lv.settings, lv.label, True)
         return Assignment(tuple((r, roles[r]) for r in ROLES if r in roles), specs["forward"], specs["backward"],
-                          tuple(decided.items()), tuple(matched))
+                          tuple(decided.items()), tuple(matched), recompute["value"])
 
 
 # -- reading ---------------------------------------------------------------------------------------
@@ -377,9 +432,7 @@ def _read(root: _Node, source: str) -> Policy:
     levels: list[Level] = []
     for i, node in enumerate(_list(top.get("levels"), "levels")):
         levels.append(_level(node, i, aliases, inherited, [lv.name for lv in levels]))
-    trust_region = _python(top["trust_region"]) if "trust_region" in top else None
-    if trust_region is not None and not isinstance(trust_region, dict):
-        raise top["trust_region"].fail(f"trust_region must be a mapping, got {_kind(trust_region)}")
+    trust_region = _trust_region(top["trust_region"]) if "trust_region" in top else None
     optimizer = _optimizer(top["optimizer"], aliases) if "optimizer" in top else OptimizerSettings()
     return Policy(_check(top["name"], (str,), "name") if "name" in top else Path(source).stem,
                   _check(top["description"], (str,), "description") if "description" in top else "",
@@ -403,12 +456,37 @@ def _optimizer(node: _Node, aliases) -> OptimizerSettings:
     return OptimizerSettings(**values)
 
 
-def _python(node: _Node) -> Any:
-    if isinstance(node.value, dict):
-        return {k: _python(v) for k, v in node.value.items()}
-    if isinstance(node.value, list):
-        return [_python(v) for v in node.value]
-    return node.value
+def _trust_region(node: _Node) -> TrustRegionSettings:
+    fields = {f.name: f.default for f in dataclasses.fields(TrustRegionSettings)}
+    section = _mapping(node, "trust_region", tuple(fields))
+    values: dict[str, Any] = {}
+    for key, value in section.items():
+        what = f"trust_region.{key}"
+        if key == "method":
+            values[key] = _choice(value, TRUST_REGION_METHODS, what)
+        elif key == "epsilon":
+            values[key] = _choice(value, EPSILON_MODES, what)
+        elif isinstance(fields[key], bool):
+            values[key] = _check(value, (bool,), what)
+        elif isinstance(fields[key], int):
+            values[key] = _check(value, (int,), what)
+            if values[key] < 1:
+                raise value.fail(f"{what} must be a positive integer, got {values[key]}")
+        else:
+            number = float(_check(value, (int, float), what))
+            low_ok = key in ("momentum", "weight_decay")
+            if not (number >= 0 if low_ok else number > 0) or not math.isfinite(number):
+                raise value.fail(f"{what} must be {'>= 0' if low_ok else 'positive'} and finite, got {number}")
+            if key in ("eta1", "eta2", "momentum", "lower_margin") and number >= 1:
+                raise value.fail(f"{what} must be below 1, got {number}")
+            values[key] = number
+    settings = TrustRegionSettings(**values)
+    if settings.eta1 > settings.eta2:
+        raise node.fail(f"trust_region: eta1 ({settings.eta1}) must not exceed eta2 ({settings.eta2}); "
+                        f"steps with rho >= eta2 grow Delta, those below eta1 are rejected")
+    if settings.delta0 > settings.delta_max:
+        raise node.fail(f"trust_region: delta0 ({settings.delta0}) exceeds delta_max ({settings.delta_max})")
+    return settings
 
 
 def _list(node: _Node | None, what: str) -> list[_Node]:
@@ -433,10 +511,10 @@ def _settings(node: _Node, what: str, aliases, inherited) -> Settings:
         if _check(section["keep"], (str,), "keep") != "fp32":
             raise section["keep"].fail(f"keep takes 'fp32' (every role untouched, torch's arithmetic), got "
                                        f"'{section['keep'].value}'; to set formats, name the roles")
-        clash = [key for key in section if key in ROLES + ("forward", "backward")]
+        clash = [key for key in section if key in ROLES + ("forward", "backward", "recompute")]
         if clash:
             raise node.keys[clash[0]].fail(f"'{clash[0]}' contradicts 'keep: fp32' in the same {what}; drop one")
-        return Settings(tuple((r, RoleSetting(None)) for r in ROLES), _NATIVE, _NATIVE)
+        return Settings(tuple((r, RoleSetting(None)) for r in ROLES), _NATIVE, _NATIVE, "off")
     roles = tuple((r, _role(section[r], f"{what}.{r}", aliases, inherited)) for r in ROLES if r in section)
     for r, setting in roles:
         if setting.quant is not None and setting.quant.scaling == "tensor_delayed" and r not in DELAYED_ROLES:
@@ -444,7 +522,27 @@ def _settings(node: _Node, what: str, aliases, inherited) -> Settings:
                                   f"({', '.join(DELAYED_ROLES)}), whose amax is known before the op; use tensor")
     fwd, bwd = (_arith(section[k], f"{what}.{k}", aliases, inherited) if k in section else None
                 for k in ("forward", "backward"))
-    return Settings(roles, fwd, bwd)
+    recompute = _recompute(section["recompute"], f"{what}.recompute", aliases, inherited) if "recompute" in section else None
+    return Settings(roles, fwd, bwd, recompute)
+
+
+def _recompute(node: _Node, what: str, aliases, inherited) -> "Recompute | str":
+    """``recompute: {tau: 100, forward: {acc: fp32}}``; null (``"off"``) turns it off."""
+    if node.value is None:
+        return "off"
+    fields = _mapping(node, what, _RECOMPUTE_KEYS)
+    if "tau" not in fields:
+        raise node.fail(f"{what} needs a 'tau': components whose condition number estimate exceeds it are "
+                        f"recomputed (e.g. tau: 100; inf: none, below 1: all)")
+    tau = fields["tau"].value
+    if isinstance(tau, str) and tau.strip().lower() in _INF:
+        tau = math.inf
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0:
+        raise fields["tau"].fail(f"{what}.tau must be a positive number or inf, got {_kind(tau)}",
+                                 "components whose kappa estimate exceeds tau are recomputed; inf keeps every "
+                                 "component low, a tau below 1 recomputes them all")
+    high = _arith(fields["forward"], f"{what}.forward", aliases, inherited) if "forward" in fields else _NATIVE
+    return Recompute(tau, high)
 
 
 def _role(node: _Node, what: str, aliases, inherited) -> RoleSetting:
@@ -511,7 +609,13 @@ def _rule(node: _Node, i: int, aliases, inherited) -> Rule:
     rest = _Node({k: v for k, v in fields.items() if k != "match"}, node.where, node.line, node.column,
                  {k: v for k, v in node.keys.items() if k != "match"})
     settings = _settings(rest, f"rules[{i}]", aliases, inherited)
-    return Rule(_selector(fields["match"], f"rules[{i}].match"), settings, label)
+    match = _selector(fields["match"], f"rules[{i}].match")
+    others = [t for t in match.type if t in GROUPS and t != "gemm"]
+    if isinstance(settings.recompute, Recompute) and others and len(others) == len(match.type):
+        raise rest.keys["recompute"].fail(f"rules[{i}].recompute: recomputing components is for GEMM-like ops "
+                                          f"(linear, conv, matmul), and this rule matches only {', '.join(others)} ops",
+                                          "move it to default or to a rule that matches GEMM-like ops")
+    return Rule(match, settings, label)
 
 
 def _selector(node: _Node, what: str) -> Selector:

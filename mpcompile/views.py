@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import re
 from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 
-from .ops.spec import ROLES, ArithSpec
+from .ops.spec import ROLES, ArithSpec, Recompute
 from .policy import Assignment, Settings
 
 if TYPE_CHECKING:
@@ -41,23 +42,41 @@ def _spec_text(spec: ArithSpec) -> str:
     return "torch" if spec.is_native else str(spec)
 
 
+def _recompute_text(recompute: "Recompute | str") -> str:
+    """``tau=100: torch`` (components whose kappa estimate exceeds 100 in torch's fp32), or ``off``."""
+    return "off" if recompute == "off" else f"tau={recompute.tau:g}: {_spec_text(recompute.forward)}"
+
+
+def _forward_text(assignment: Assignment | None, low_fraction: float | None) -> str:
+    """The forward spec; where the op recomputes (it has a ``low_fraction``, NaN before its
+    first call), the recompute spec and the share of components computed low."""
+    if assignment is None:
+        return "torch"
+    text = _spec_text(assignment.forward)
+    if assignment.recompute is not None and low_fraction is not None:
+        text += f"; recompute {_recompute_text(assignment.recompute)}"
+        text += "" if math.isnan(low_fraction) else f" ({100 * low_fraction:.1f}% low)"
+    return text
+
+
 _HEAD = ("node", "op", "module", "shape", *_ROLE_COLUMNS, "forward", "backward", "decided by", "kappa p99",
          "max ovf/ftz %", "SQNR dB")
 
 
 def _table_rows(cm: "CompiledModel") -> list[tuple[tuple[str, ...], int]]:
     """(cells, operand bits) per GEMM-like op and per op a rule quantizes."""
-    rows = []
+    rows, low = [], cm.low_precision_fraction()
     for node, facts, shape, assignment in _rows(cm):
         if facts.group != "gemm" and assignment is None:
             continue
         deciders = dict(assignment.decided_by) if assignment else {}
         decided = ",".join(sorted({d.split(" (")[0] for d in deciders.values()})) or "-"
-        specs = (assignment.forward, assignment.backward) if assignment else (ArithSpec(), ArithSpec())
+        backward = assignment.backward if assignment else ArithSpec()
         stats = node.meta["mpc"].get("stats", {})
         shares = [s for role, s in stats.items() if role != "sqnr_db"]
         cells = (node.name, facts.op_type, facts.name, "x".join(map(str, shape)) if shape else "?",
-                 *(_role_text(assignment, r) for r in _ROLE_COLUMNS), *map(_spec_text, specs), decided,
+                 *(_role_text(assignment, r) for r in _ROLE_COLUMNS), _forward_text(assignment, low.get(node.name)),
+                 _spec_text(backward), decided,
                  "-" if facts.kappa is None else f"{facts.kappa:.3g}",
                  f"{100 * max(s['overflow'] for s in shares):.2g}/{100 * max(s['flush_to_zero'] for s in shares):.2g}"
                  if shares else "-", f"{stats['sqnr_db']:.1f}" if "sqnr_db" in stats else "-")
@@ -72,7 +91,9 @@ def _title(cm: "CompiledModel") -> str:
 def table(cm: "CompiledModel") -> str:
     """One line per GEMM-like op and per op a rule quantizes: its formats, arithmetic, the
     sections that decided them and, with calibration data, its condition number (p99), the
-    largest overflow / flush-to-zero shares of its roles and its output's SQNR."""
+    largest overflow / flush-to-zero shares of its roles and its output's SQNR. An op with
+    ``recompute`` shows it after its forward spec, with the share of output components it has
+    computed low so far (``CompiledModel.low_precision_fraction``)."""
     rows = [cells for cells, _ in _table_rows(cm)]
     widths = [max(len(str(r[i])) for r in (_HEAD, *rows)) for i in range(len(_HEAD))]
     line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
@@ -97,6 +118,9 @@ def settings_text(settings: Settings) -> str:
         return "keep fp32"
     what = [f"{r}={'fp32' if s.quant is None else s.quant}" for r, s in settings.roles]
     what += [f"{k}=({_spec_text(v)})" for k, v in (("forward", settings.forward), ("backward", settings.backward)) if v]
+    if settings.recompute is not None:
+        text = _recompute_text(settings.recompute)
+        what.append(f"recompute={text if settings.recompute == 'off' else f'({text})'}")
     return ", ".join(what) or "nothing"
 
 
@@ -118,7 +142,8 @@ def explain(cm: "CompiledModel", name: str) -> str:
         lines.append("  no section of the policy applies: the op runs as it is")
     if assignment:
         result = [f"{r}={_role_text(assignment, r)}" for r in ROLES if r in dict(assignment.roles)]
-        lines.append(f"  => {', '.join(result) or 'no roles'}; forward {_spec_text(assignment.forward)}, "
+        recompute = f", recompute {_recompute_text(assignment.recompute)}" if assignment.recompute else ""
+        lines.append(f"  => {', '.join(result) or 'no roles'}; forward {_spec_text(assignment.forward)}{recompute}, "
                      f"backward {_spec_text(assignment.backward)} (level {cm.level})")
     return "\n".join(lines)
 
@@ -144,6 +169,10 @@ def lock(cm: "CompiledModel") -> dict[str, Any]:
                 rule[role] = {"format": str(q.fmt), "rounding": q.rounding, "scaling": q.scaling,
                               "saturate": q.saturate, "sr_bits": setting.sr_bits}
         rule["forward"], rule["backward"] = _spec_mapping(assignment.forward), _spec_mapping(assignment.backward)
+        if assignment.recompute is not None:
+            tau = assignment.recompute.tau
+            rule["recompute"] = {"tau": "inf" if tau == math.inf else tau,  # JSON has no inf that YAML reads
+                                 "forward": _spec_mapping(assignment.recompute.forward)}
         rules.append(rule)
     return {"version": 1, "name": f"{cm.policy.name}.lock",
             "description": f"resolved from {cm.policy.source} at level {cm.level}", "rules": rules}

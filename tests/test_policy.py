@@ -1,6 +1,7 @@
 """Precision policies (mpcompile/policy.py): reading, errors with file:line:column, the cascade."""
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 
 from mpcompile.errors import PolicyError
 from mpcompile.formats import parse
-from mpcompile.ops import ArithSpec
+from mpcompile.ops import ArithSpec, Recompute
 from mpcompile.policy import NodeFacts, OptimizerSettings, load_policy
 
 DESIGN_EXAMPLE = """\
@@ -46,7 +47,7 @@ def roles(assignment) -> dict[str, str | None]:
 
 def test_design_example_resolves_by_cascade_and_levels():
     p = load_policy(DESIGN_EXAMPLE)
-    assert (p.name, [lv.name for lv in p.levels], p.trust_region["eta1"]) == ("hfp8", ["fp8", "bf16", "fp32"], 0.25)
+    assert (p.name, [lv.name for lv in p.levels], p.trust_region.eta1) == ("hfp8", ["fp8", "bf16", "fp32"], 0.25)
     assert p.optimizer == OptimizerSettings(master=None, momentum=parse("bf16"), update_rounding="stochastic")
     fc = p.resolve(FC)
     assert roles(fc) == {"input": "fp8_e4m3", "weight": "fp8_e4m3", "grad_output": "fp8_e5m2"}
@@ -202,6 +203,14 @@ MALFORMED = [
     ("version: 1\ndefault:\n  input: bf16\n  input: fp16\n", 4, 3, "'input' is given twice"),
     ("version: 1\ndefault: {input: bf16\n", 3, 1, "not valid YAML"),
     ("version: 1\ntrust_region: fast\n", 2, 15, "trust_region must be a mapping"),
+    ("version: 1\ntrust_region: {eta: 0.1, etta1: 0.2}\n", 2, 26, r"unknown key 'etta1'.*did you mean 'eta1'"),
+    ("version: 1\ntrust_region: {epsilon: exact}\n", 2, 25, r"trust_region.epsilon 'exact' is not one of measured"),
+    ("version: 1\ntrust_region: {method: sgd}\n", 2, 24, "not one of trust_region, mp_sgd"),
+    ("version: 1\ntrust_region: {eta1: 0.8}\n", 2, 15, r"eta1 \(0.8\) must not exceed eta2"),
+    ("version: 1\ntrust_region: {eta2: 1.5}\n", 2, 22, "eta2 must be below 1"),
+    ("version: 1\ntrust_region: {delta0: 0}\n", 2, 24, "delta0 must be positive"),
+    ("version: 1\ntrust_region: {checks_per_epoch: 0.5}\n", 2, 34, "checks_per_epoch must be an integer"),
+    ("version: 1\ntrust_region: {per_layer: 1}\n", 2, 27, "per_layer must be true or false"),
     ("version: 1\noptimizer: {momentm: bf16}\n", 2, 13, r"unknown key 'momentm' in optimizer.*did you mean 'momentum'"),
     ("version: 1\noptimizer:\n  master: e4m9x\n", 3, 11, "optimizer.master"),
     ("version: 1\noptimizer: {update_rounding: stochastc}\n", 2, 30, "did you mean 'stochastic'"),
@@ -231,3 +240,74 @@ def test_the_documented_example_loads():
     p = load_policy(example)
     assert roles(p.resolve(BLOCK)) == {"input": "fp8_e4m3", "weight": "fp8_e4m3:channel", "grad_output": "fp8_e5m2:stochastic"}
     assert dict(p.resolve(BLOCK).roles)["grad_output"].sr_bits == 12
+
+
+# -- recompute -------------------------------------------------------------------------------------
+RECOMPUTE = """\
+version: 1
+default:
+  forward: {acc: e5m2}
+  recompute: {tau: 100, forward: {acc: bf16, order: chunk(8)}}
+rules:
+  - match: {last: true}
+    recompute: null
+  - match: {index: 1}
+    recompute: {tau: inf}
+  - match: {type: activation}
+    output: bf16
+levels:
+  - {name: low}
+  - {name: tighter, set: {recompute: {tau: 10}}}
+  - {name: fp32, keep: fp32}
+"""
+
+
+def test_recompute_resolves_by_cascade_and_levels():
+    p = load_policy(RECOMPUTE)
+    high = ArithSpec(acc=parse("bf16"), order="chunk(8)")
+    conv1 = p.resolve(CONV1)
+    assert conv1.recompute == Recompute(100.0, high) and dict(conv1.decided_by)["recompute"] == "default"
+    assert p.resolve(BLOCK).recompute == Recompute(math.inf)  # one unit, as forward: the rule's, whole
+    fc = p.resolve(FC)
+    assert fc.recompute is None and fc.quantizes
+    assert dict(fc.decided_by)["recompute"].startswith("rules[0] (<string>:6:5)")
+    assert p.resolve(RELU).recompute is None  # default covers GEMM-like ops only
+    # a level reaches every op whose forward is emulated, also one a rule turned recompute off for
+    assert {op.name: p.resolve(op, "tighter").recompute for op in (CONV1, BLOCK, FC)} == \
+        dict.fromkeys(("conv1", "layer1.0.conv2", "fc"), Recompute(10.0))
+    top = p.resolve(CONV1, "fp32")  # keep: fp32 turns it off
+    assert top.recompute is None and not top.quantizes
+    assert load_policy("version: 1\ndefault: {recompute: {tau: 0.5}}\n").default.recompute == Recompute(0.5)
+    from_dict = load_policy({"version": 1, "default": {"recompute": {"tau": "inf"}}})
+    assert from_dict.default.recompute == Recompute(math.inf)
+
+
+def test_recompute_keeps_the_section_rounding():
+    p = load_policy("version: 1\ndefault:\n  rounding: stochastic\n  recompute: {tau: 5, forward: {acc: fp16}}\n")
+    assert p.default.recompute.forward == ArithSpec(acc=parse("fp16"), rounding="stochastic")
+
+
+RECOMPUTE_MALFORMED = [
+    ("version: 1\ndefault:\n  recompute: {tau: -1}\n", 3, 20,
+     r"default.recompute.tau must be a positive number or inf, got int -1.*a tau below 1 recomputes them all"),
+    ("version: 1\ndefault:\n  recompute: {tau: 0}\n", 3, 20, "tau must be a positive number or inf, got int 0"),
+    ("version: 1\ndefault:\n  recompute: {tau: lots}\n", 3, 20, "tau must be a positive number or inf, got str 'lots'"),
+    ("version: 1\ndefault:\n  recompute: {tau: .nan}\n", 3, 20, "tau must be a positive number or inf, got float nan"),
+    ("version: 1\ndefault:\n  recompute: {tau: true}\n", 3, 20, "got bool True"),
+    ("version: 1\ndefault:\n  recompute: {forward: {acc: fp32}}\n", 3, 14, "default.recompute needs a 'tau'"),
+    ("version: 1\ndefault:\n  recompute: {tau: 10, tua: 5}\n", 3, 24, r"unknown key 'tua' in default.recompute"),
+    ("version: 1\ndefault:\n  recompute: {tau: 10, forward: {acc: fp61}}\n", 3, 39, "default.recompute.forward.acc"),
+    ("version: 1\ndefault:\n  recompute: 100\n", 3, 14, "default.recompute must be a mapping, got int 100"),
+    ("version: 1\ndefault:\n  recompte: {tau: 10}\n", 3, 3,
+     "unknown key 'recompte' in default.*did you mean 'recompute'"),
+    ("version: 1\nrules:\n  - match: {type: [activation, pool]}\n    recompute: {tau: 10}\n", 4, 5,
+     r"rules\[0\].recompute: recomputing components is for GEMM-like ops .* matches only activation, pool ops"),
+    ("version: 1\nrules:\n  - match: {}\n    keep: fp32\n    recompute: {tau: 10}\n", 5, 5, "contradicts 'keep: fp32'"),
+    ("version: 1\nlevels:\n  - {name: a}\n  - {name: b, set: {recompute: {tau: -2}}}\n", 4, 38,
+     "tau must be a positive"),
+]
+
+
+@pytest.mark.parametrize("text, line, column, message", RECOMPUTE_MALFORMED)
+def test_malformed_recompute_names_the_place(text, line, column, message, tmp_path: Path):
+    test_malformed_policies_name_the_place(text, line, column, message, tmp_path)

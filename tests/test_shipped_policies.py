@@ -17,7 +17,7 @@ from mpcompile.policy import NodeFacts
 
 POLICIES = mpcompile.policy.SHIPPED_POLICIES
 SHIPPED = {"fp32", "bf16", "fp16", "fp8_e4m3", "hfp8", "fp134", "bm8", "swalp8", "mxfp8", "mxfp6", "mxfp4",
-           "keep_ends"}
+           "keep_ends", "trust_region"}
 
 # A model with four GEMM-like ops and one activation, in execution order.
 FIRST = NodeFacts("Conv2d", "conv1", "gemm", 0, 4)
@@ -227,3 +227,14 @@ def test_mxfp4_weight_is_fp4_e2m1_and_its_ladder_climbs_through_mxfp6_and_mxfp8(
                                                  "grad_output": "mxfp6_e3m2"}
     assert roles(p.resolve(MIDDLE, "mxfp8")) == {"input": "mxfp8_e4m3", "weight": "mxfp8_e4m3",
                                                  "grad_output": "mxfp8_e5m2"}
+
+
+def test_trust_region_climbs_from_fp8_e4m3_to_bf16_to_fp32_with_the_seed_settings():
+    policy = load("trust_region")
+    assert [lv.name for lv in policy.levels] == ["fp8", "bf16", "fp32"]
+    assert roles(policy.resolve(MIDDLE, 0)) == roles(load("fp8_e4m3").resolve(MIDDLE, 0))
+    assert roles(policy.resolve(MIDDLE, 1)) == {"input": "bf16", "weight": "bf16", "grad_output": "bf16"}
+    top = policy.resolve(MIDDLE, 2)
+    assert not top.quantizes and top.unit_roundoff == 0  # a level's keep sets what was quantized
+    tr = policy.trust_region
+    assert (tr.method, tr.eta1, tr.eta2, tr.delta0, tr.epsilon) == ("trust_region", 0.25, 0.75, 0.1, "measured")

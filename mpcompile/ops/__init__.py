@@ -2,7 +2,7 @@
 from .api import conv1d, conv2d, conv3d, linear, matmul, mean, quant, sum
 from .attention import multi_head_attention
 from .emulate import chunk_is_exact, emulated_matmul
-from .spec import ROLES, ArithSpec, QuantSpec, RoleFormats, SpecError
+from .spec import ROLES, ArithSpec, QuantSpec, Recompute, RoleFormats, SpecError
 
-__all__ = ["ArithSpec", "QuantSpec", "RoleFormats", "ROLES", "SpecError", "matmul", "linear", "conv1d",
+__all__ = ["ArithSpec", "QuantSpec", "RoleFormats", "Recompute", "ROLES", "SpecError", "matmul", "linear", "conv1d",
            "conv2d", "conv3d", "multi_head_attention", "quant", "sum", "mean", "emulated_matmul", "chunk_is_exact"]

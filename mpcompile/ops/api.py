@@ -3,6 +3,10 @@
     y = mpcompile.ops.linear(x, w, b, formats={"input": "fp8_e4m3", "weight": "fp8_e4m3",
                                                 "grad_output": "fp8_e5m2"},
                              forward=ArithSpec(acc="fp16", order="chunk(32)"))
+
+``linear``, ``conv*d`` and ``matmul`` also take ``recompute=Recompute(tau, high)``: the output
+components whose condition number estimate (``ops.kappa.component_kappa``, with the consumer
+``activation``) exceeds tau are computed again in ``high``; ``counts`` adds up how many stayed low.
 """
 from __future__ import annotations
 
@@ -12,13 +16,16 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from . import library  # noqa: F401  (registers the mpc:: ops)
+from .kappa import activation as parse_activation
 from .roles import delayed_scale, record_amax
-from .spec import AMAX_HISTORY, ROLES, ArithSpec, QuantSpec, RoleFormats, SpecError, parse_arith, parse_roles
+from .spec import (AMAX_HISTORY, ROLES, ArithSpec, QuantSpec, Recompute, RoleFormats, SpecError, parse_arith,
+                   parse_recompute, parse_roles)
 
 __all__ = ["matmul", "linear", "conv1d", "conv2d", "conv3d", "quant", "sum", "mean"]
 
 Formats = Mapping[str, object] | RoleFormats | str | None
 Spec = ArithSpec | str | None
+High = Recompute | str | None
 
 
 def _fx_leaf(fn: Callable) -> Callable:
@@ -44,14 +51,42 @@ def _spec(spec: Spec, what: str) -> ArithSpec:
 
 
 @torch.compiler.assume_constant_result  # torch.compile runs it once at trace time (args are constants)
-def _specs(formats: Formats, forward: Spec, backward: Spec) -> tuple[str, str, str, bool]:
+def _specs(formats: Formats, forward: Spec, backward: Spec, recompute: High = None) -> tuple[str, str, str, bool]:
     """(roles, forward, backward) as op strings, and whether any rounding is stochastic."""
     roles = RoleFormats.of(formats)
     fwd = _spec(forward, "forward")
     bwd = fwd if backward is None else _spec(backward, "backward")
+    arith = (fwd, bwd) + ((_recompute(recompute).forward,) if recompute is not None else ())
     stochastic = any(q.rounding == "stochastic" for _, q in roles.specs) or any(
-        "stochastic" in (s.rounding, s.mul_rounding) for s in (fwd, bwd))
+        "stochastic" in (s.rounding, s.mul_rounding) for s in arith)
     return str(roles), str(fwd), str(bwd), stochastic
+
+
+def _recompute(recompute: High) -> Recompute:
+    if isinstance(recompute, Recompute):
+        return recompute
+    if isinstance(recompute, str):
+        return parse_recompute(recompute)
+    raise SpecError(f"recompute must be a Recompute or its string form, got {type(recompute).__name__}")
+
+
+@torch.compiler.assume_constant_result
+def _recompute_args(recompute: High, activation: str | None) -> tuple[str, str]:
+    """(high, phi): the op strings of ``recompute`` and of the consumer activation ("" for none)."""
+    if activation:
+        parse_activation(activation)  # an unknown name fails here, not inside the op
+    return str(_recompute(recompute)), activation or ""
+
+
+def _count(counts: torch.Tensor | None, low: torch.Tensor, y: torch.Tensor) -> None:
+    """Add one call's (components left low, components) to ``counts``, in place."""
+    if counts is None:
+        return
+    if not isinstance(counts, torch.Tensor) or counts.dtype != torch.int64 or tuple(counts.shape) != (2,):
+        raise ValueError("counts must be an int64 tensor of shape (2,): components computed low, components in all")
+    with torch.no_grad():
+        counts[0] += low
+        counts[1] += y.numel()
 
 
 def _seed(seed: int | None, stochastic: bool, device) -> torch.Tensor | None:
@@ -82,11 +117,11 @@ def _check(name: str, **tensors) -> torch.device:
     return device
 
 
-def _prepare(name, formats, forward, backward, seed, **tensors):
+def _prepare(name, formats, forward, backward, seed, recompute: High = None, **tensors):
     """Checked tensors and specs: (roles, forward, backward, seed tensor) for the op. A chunk
     longer than the reduction is one chunk, as the reduction's last chunk is a short one."""
     device = _check(name, **tensors)
-    roles, fwd, bwd, stochastic = _specs(formats, forward, backward)
+    roles, fwd, bwd, stochastic = _specs(formats, forward, backward, recompute)
     return roles, fwd, bwd, _seed(seed, stochastic, device)
 
 
@@ -110,7 +145,8 @@ def _delayed_scales(roles: str, history: torch.Tensor | None, **operands) -> tor
 
 @_fx_leaf
 def matmul(a: torch.Tensor, b: torch.Tensor, spec: Spec = None, *, formats: Formats = None,
-           backward: Spec = None, seed: int | None = None, amax_history: torch.Tensor | None = None) -> torch.Tensor:
+           backward: Spec = None, seed: int | None = None, amax_history: torch.Tensor | None = None,
+           recompute: High = None, activation: str | None = None, counts: torch.Tensor | None = None) -> torch.Tensor:
     """``torch.matmul(a, b)`` with emulated arithmetic.
 
     Args:
@@ -121,28 +157,46 @@ def matmul(a: torch.Tensor, b: torch.Tensor, spec: Spec = None, *, formats: Form
         seed: seed of every random bit the op draws (default: from torch's generator).
         amax_history: (8, 16) amaxes per role, newest first, of ``tensor_delayed`` roles: read
             for their scales and updated in place (``compile`` gives each op one).
+        recompute: ``Recompute(tau, high)`` (or its string): output components whose condition
+            number estimate exceeds tau are computed again in ``high`` (see ``ops.kappa``).
+        activation: the elementwise activation that consumes the output (``ops.kappa.ACTIVATIONS``,
+            e.g. ``"relu"``), whose kappa_phi multiplies the estimate; None: kappa_v alone.
+        counts: int64 (2,): (components computed low, components) of every call are added to it
+            in place (``compile`` gives each op with ``recompute`` one).
     """
     if a.dim() == 0 or b.dim() == 0 or a.shape[-1] != b.shape[-2 if b.dim() > 1 else 0]:
         raise ValueError(f"mpcompile.ops.matmul: shapes {tuple(a.shape)} and {tuple(b.shape)} do not multiply "
                          f"(a's last dim must equal b's {'second-to-last' if b.dim() > 1 else 'only'} dim)")
-    roles, fwd, bwd, s = _prepare("matmul", formats, spec, backward, seed, a=a, b=b)
+    roles, fwd, bwd, s = _prepare("matmul", formats, spec, backward, seed, recompute, a=a, b=b)
     scales = _delayed_scales(roles, amax_history, input=a, weight=b)
-    return torch.ops.mpc.matmul(a, b, roles, fwd, bwd, s, scales, amax_history)
+    if recompute is None:
+        return torch.ops.mpc.matmul(a, b, roles, fwd, bwd, s, scales, amax_history)
+    y, low = torch.ops.mpc.matmul_recompute(a, b, roles, fwd, bwd, *_recompute_args(recompute, activation), s, scales,
+                                            amax_history)
+    _count(counts, low, y)
+    return y
 
 
 @_fx_leaf
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, formats: Formats = None,
            forward: Spec = None, backward: Spec = None, seed: int | None = None,
-           amax_history: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, w, b)`` with per-role formats and emulated arithmetic (see ``matmul``)."""
+           amax_history: torch.Tensor | None = None, recompute: High = None, activation: str | None = None,
+           counts: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, w, b)`` with per-role formats and emulated arithmetic (see ``matmul``, also for
+    ``recompute``, ``activation`` and ``counts``)."""
     _check("linear", x=x, w=w, b=b)
     if w.dim() != 2 or x.dim() < 1 or x.shape[-1] != w.shape[1] or (b is not None and tuple(b.shape) != (w.shape[0],)):
         raise ValueError(f"mpcompile.ops.linear: x {tuple(x.shape)}, w {tuple(w.shape)}"
                          f"{'' if b is None else f', b {tuple(b.shape)}'} do not fit: w must be (out, in) with "
                          f"in = x.shape[-1], b (out,)")
-    roles, fwd, bwd, s = _prepare("linear", formats, forward, backward, seed, x=x, w=w, b=b)
+    roles, fwd, bwd, s = _prepare("linear", formats, forward, backward, seed, recompute, x=x, w=w, b=b)
     scales = _delayed_scales(roles, amax_history, input=x, weight=w)
-    return torch.ops.mpc.linear(x, w, b, roles, fwd, bwd, s, scales, amax_history)
+    if recompute is None:
+        return torch.ops.mpc.linear(x, w, b, roles, fwd, bwd, s, scales, amax_history)
+    y, low = torch.ops.mpc.linear_recompute(x, w, b, roles, fwd, bwd, *_recompute_args(recompute, activation), s,
+                                            scales, amax_history)
+    _count(counts, low, y)
+    return y
 
 
 def _tuple(value, n: int, what: str) -> list[int]:
@@ -152,19 +206,25 @@ def _tuple(value, n: int, what: str) -> list[int]:
     return out
 
 
-def _conv(n: int, x, w, b, stride, padding, dilation, groups, formats, forward, backward, seed, amax_history):
+def _conv(n: int, x, w, b, stride, padding, dilation, groups, formats, forward, backward, seed, amax_history,
+          recompute=None, activation=None, counts=None):
     _check(f"conv{n}d", x=x, w=w, b=b)
     if x.dim() != n + 2 or w.dim() != n + 2 or x.shape[1] != w.shape[1] * groups or w.shape[0] % groups:
         raise ValueError(f"mpcompile.ops.conv{n}d: x {tuple(x.shape)} and w {tuple(w.shape)} with groups={groups} "
                          f"do not fit: x must be (N, C, *{n} sizes), w (C_out, C / groups, *kernel), "
                          f"C_out divisible by groups")
-    roles, fwd, bwd, s = _prepare(f"conv{n}d", formats, forward, backward, seed, x=x, w=w, b=b)
+    roles, fwd, bwd, s = _prepare(f"conv{n}d", formats, forward, backward, seed, recompute, x=x, w=w, b=b)
     stride, dilation = _tuple(stride, n, "stride"), _tuple(dilation, n, "dilation")
     if isinstance(padding, str):
         x, padding = _pad_same(x, w, stride, dilation, padding)
     scales = _delayed_scales(roles, amax_history, input=x, weight=w)
-    return torch.ops.mpc.conv(x, w, b, stride, _tuple(padding, n, "padding"), dilation, groups, roles, fwd, bwd, s,
-                              scales, amax_history)
+    padding = _tuple(padding, n, "padding")
+    if recompute is None:
+        return torch.ops.mpc.conv(x, w, b, stride, padding, dilation, groups, roles, fwd, bwd, s, scales, amax_history)
+    y, low = torch.ops.mpc.conv_recompute(x, w, b, stride, padding, dilation, groups, roles, fwd, bwd,
+                                          *_recompute_args(recompute, activation), s, scales, amax_history)
+    _count(counts, low, y)
+    return y
 
 
 def _pad_same(x: torch.Tensor, w: torch.Tensor, stride: list[int], dilation: list[int], padding: str):
@@ -185,30 +245,37 @@ def _pad_same(x: torch.Tensor, w: torch.Tensor, stride: list[int], dilation: lis
 @_fx_leaf
 def conv1d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, *, formats: Formats = None,
            forward: Spec = None, backward: Spec = None, seed: int | None = None,
-           amax_history: torch.Tensor | None = None) -> torch.Tensor:
+           amax_history: torch.Tensor | None = None, recompute: High = None, activation: str | None = None,
+           counts: torch.Tensor | None = None) -> torch.Tensor:
     """``F.conv1d`` with per-role formats and emulated arithmetic (see ``conv2d``)."""
-    return _conv(1, x, w, b, stride, padding, dilation, groups, formats, forward, backward, seed, amax_history)
+    return _conv(1, x, w, b, stride, padding, dilation, groups, formats, forward, backward, seed, amax_history,
+                 recompute, activation, counts)
 
 
 @_fx_leaf
 def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, *, formats: Formats = None,
            forward: Spec = None, backward: Spec = None, seed: int | None = None,
-           amax_history: torch.Tensor | None = None) -> torch.Tensor:
+           amax_history: torch.Tensor | None = None, recompute: High = None, activation: str | None = None,
+           counts: torch.Tensor | None = None) -> torch.Tensor:
     """``F.conv2d`` with per-role formats and emulated arithmetic.
 
     Each output element is a dot product over (input channel of its group, kernel position),
     row-major, padding zeros included; grad_input is the transposed convolution computed the
-    same way, grad_weight reduces over (batch, output position).
+    same way, grad_weight reduces over (batch, output position). ``recompute``, ``activation``
+    and ``counts``: see ``matmul``.
     """
-    return _conv(2, x, w, b, stride, padding, dilation, groups, formats, forward, backward, seed, amax_history)
+    return _conv(2, x, w, b, stride, padding, dilation, groups, formats, forward, backward, seed, amax_history,
+                 recompute, activation, counts)
 
 
 @_fx_leaf
 def conv3d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, *, formats: Formats = None,
            forward: Spec = None, backward: Spec = None, seed: int | None = None,
-           amax_history: torch.Tensor | None = None) -> torch.Tensor:
+           amax_history: torch.Tensor | None = None, recompute: High = None, activation: str | None = None,
+           counts: torch.Tensor | None = None) -> torch.Tensor:
     """``F.conv3d`` with per-role formats and emulated arithmetic (see ``conv2d``)."""
-    return _conv(3, x, w, b, stride, padding, dilation, groups, formats, forward, backward, seed, amax_history)
+    return _conv(3, x, w, b, stride, padding, dilation, groups, formats, forward, backward, seed, amax_history,
+                 recompute, activation, counts)
 
 
 @_fx_leaf

@@ -4,6 +4,9 @@ These are the bodies of the ``mpc::`` custom ops (``library``). Each GEMM runs t
 kernel when its spec is native and ``emulate.emulated_matmul`` otherwise; backward GEMMs
 (grad_input = grad_output W, grad_weight = grad_output^T X) use the backward spec on the
 operands as the forward quantized them (re-quantized from the same seed, not stored).
+The ``*_recompute`` forwards (``Recompute``) compute every output component in the forward
+spec, then those whose condition number estimate exceeds tau again in the high spec; their
+backward is the plain op's, which never reads the forward's output.
 Native passes go through ``torch.func.vjp`` of torch's function, so that an fp32 spec gives
 torch's gradients to the bit.
 """
@@ -19,11 +22,13 @@ from ..random_bits import counter_words, stream_seed
 from .emulate import emulated_matmul
 from .exact import grid_of, round_exact, two_prod, two_sum
 from .im2col import conv_as_gemm_operands, transposed_conv_operands
+from .kappa import activation, component_kappa, magnitudes
 from .roles import op_seed, quantize_role
-from .spec import ROLES, STREAM_BIAS, STREAM_DIV, ArithSpec, RoleFormats
+from .spec import ROLES, STREAM_BIAS, STREAM_DIV, ArithSpec, Recompute, RoleFormats
 
 __all__ = ["gemm", "linear_forward", "linear_backward", "matmul_forward", "matmul_backward",
-           "conv_forward", "conv_backward", "reduce_sum", "reduce_mean"]
+           "conv_forward", "conv_backward", "linear_recompute", "matmul_recompute", "conv_recompute",
+           "reduce_sum", "reduce_mean"]
 
 def _role(roles: RoleFormats, name: str, x, axis: int, seed: int | None, scales: torch.Tensor | None):
     i = ROLES.index(name)
@@ -71,17 +76,29 @@ def _linear_operands(x, w, b, roles: RoleFormats, seed, scales):
             _role(roles, "bias", b, 0, seed, scales))
 
 
+def _linear_sums(xq, wq, bq, fwd: ArithSpec, seed: int | None) -> torch.Tensor:
+    """x W^T + b of the quantized operands in ``fwd``, before the output role."""
+    if fwd.is_native:
+        return F.linear(xq, wq, bq)
+    rows = xq.reshape(1, _rows(xq), xq.shape[-1])
+    y = emulated_matmul(rows, wq.t()[None], fwd, seed=op_seed(seed, 0))
+    if bq is not None:
+        y = _add_bias(y, bq, fwd, op_seed(seed, 0))
+    return y.to(xq.dtype).reshape(*xq.shape[:-1], wq.shape[0])
+
+
 def linear_forward(x, w, b, roles: RoleFormats, fwd: ArithSpec, seed: int | None, scales=None) -> torch.Tensor:
     xq, wq, bq = _linear_operands(x, w, b, roles, seed, scales)
-    if fwd.is_native:
-        y = F.linear(xq, wq, bq)
-    else:
-        rows = xq.reshape(1, _rows(x), x.shape[-1])
-        y = emulated_matmul(rows, wq.t()[None], fwd, seed=op_seed(seed, 0))
-        if bq is not None:
-            y = _add_bias(y, bq, fwd, op_seed(seed, 0))
-        y = y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
-    return _role(roles, "output", y, -1, seed, scales)
+    return _role(roles, "output", _linear_sums(xq, wq, bq, fwd, seed), -1, seed, scales)
+
+
+def linear_recompute(x, w, b, roles: RoleFormats, fwd: ArithSpec, high: Recompute, phi: str, seed: int | None,
+                     scales=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``linear_forward`` with the components ``high`` selects recomputed; and how many stayed low."""
+    xq, wq, bq = _linear_operands(x, w, b, roles, seed, scales)
+    y, low = _recomputed(lambda spec: _linear_sums(xq, wq, bq, spec, seed),
+                         lambda: magnitudes("linear", xq, wq, bq), fwd, high, phi)
+    return _role(roles, "output", y, -1, seed, scales), low
 
 
 def linear_backward(grad, x, w, has_bias: bool, roles: RoleFormats, fwd: ArithSpec, bwd: ArithSpec, seed,
@@ -97,6 +114,26 @@ def linear_backward(grad, x, w, has_bias: bool, roles: RoleFormats, fwd: ArithSp
         gb = _sum_rows(rows[0], bwd, op_seed(seed, 3)) if has_bias else None
     return (_role(roles, "grad_input", gx, -1, seed, scales), _role(roles, "grad_weight", gw, 0, seed, scales),
             _role(roles, "grad_bias", gb, 0, seed, scales))
+
+
+def _recomputed(sums: Callable[[ArithSpec], torch.Tensor], magnitude: Callable[[], torch.Tensor], fwd: ArithSpec,
+                high: Recompute, phi: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sums(fwd)`` with every component whose ``component_kappa`` exceeds ``high.tau`` taken
+    from ``sums(high.forward)``, and the number of components left low (an int64 0-d tensor).
+
+    Both sums see the same quantized operands and seed, so a recomputed component equals the
+    one a plain op in ``high.forward`` gives, to the bit. The high sums are formed for every
+    component (emulation has no cheaper way to a subset), only when some component needs them.
+    """
+    if high.recomputes_all:
+        y = sums(high.forward)
+        return y, torch.zeros((), dtype=torch.int64, device=y.device)
+    y = sums(fwd)
+    if high.keeps_all_low:
+        return y, torch.tensor(y.numel(), dtype=torch.int64, device=y.device)
+    hot = component_kappa(magnitude(), y, activation(phi) if phi else None) > high.tau
+    low = y.numel() - hot.sum()
+    return (torch.where(hot, sums(high.forward), y) if bool(hot.any()) else y), low
 
 
 def _rows(x: torch.Tensor) -> int:
@@ -125,20 +162,33 @@ def _as_matrices(a, b):
     return va.expand(*batch, *va.shape[-2:]), vb.expand(*batch, *vb.shape[-2:]), batch
 
 
+def _matmul_sums(aq, bq, fwd: ArithSpec, seed) -> torch.Tensor:
+    """aq @ bq in ``fwd``, before the output role."""
+    if fwd.is_native:
+        return torch.matmul(aq, bq)
+    ea, eb, batch = _as_matrices(aq, bq)
+    nb = _numel(batch, range(len(batch)))
+    y = gemm(ea.reshape(nb, *ea.shape[-2:]), eb.reshape(nb, *eb.shape[-2:]), fwd, op_seed(seed, 0))
+    y = y.reshape(*batch, ea.shape[-2], eb.shape[-1])
+    if aq.dim() == 1:
+        y = y.squeeze(-2)
+    if bq.dim() == 1:
+        y = y.squeeze(-1)
+    return y
+
+
 def matmul_forward(a, b, roles: RoleFormats, fwd: ArithSpec, seed, scales=None) -> torch.Tensor:
     aq, bq = _role(roles, "input", a, -1, seed, scales), _role(roles, "weight", b, -1, seed, scales)
-    if fwd.is_native:
-        y = torch.matmul(aq, bq)
-    else:
-        ea, eb, batch = _as_matrices(aq, bq)
-        nb = _numel(batch, range(len(batch)))
-        y = gemm(ea.reshape(nb, *ea.shape[-2:]), eb.reshape(nb, *eb.shape[-2:]), fwd, op_seed(seed, 0))
-        y = y.reshape(*batch, ea.shape[-2], eb.shape[-1])
-        if a.dim() == 1:
-            y = y.squeeze(-2)
-        if b.dim() == 1:
-            y = y.squeeze(-1)
-    return _role(roles, "output", y, -1, seed, scales)
+    return _role(roles, "output", _matmul_sums(aq, bq, fwd, seed), -1, seed, scales)
+
+
+def matmul_recompute(a, b, roles: RoleFormats, fwd: ArithSpec, high: Recompute, phi: str, seed,
+                     scales=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``matmul_forward`` with the components ``high`` selects recomputed; and how many stayed low."""
+    aq, bq = _role(roles, "input", a, -1, seed, scales), _role(roles, "weight", b, -1, seed, scales)
+    y, low = _recomputed(lambda spec: _matmul_sums(aq, bq, spec, seed), lambda: magnitudes("matmul", aq, bq),
+                         fwd, high, phi)
+    return _role(roles, "output", y, -1, seed, scales), low
 
 
 def _reduced_gemm(left, right, target_shape, spec, seed):
@@ -194,17 +244,34 @@ def _conv_gemm(x, w, stride, padding, dilation, groups, spec, seed):
     return to_output(emulated_matmul(a, b, spec, seed=seed, index=index))
 
 
-def conv_forward(x, w, b, stride, padding, dilation, groups, roles: RoleFormats, fwd: ArithSpec, seed, scales=None):
-    xq, wq = _role(roles, "input", x, 1, seed, scales), _role(roles, "weight", w, 0, seed, scales)
-    bq = _role(roles, "bias", b, 0, seed, scales)
+def _conv_sums(xq, wq, bq, stride, padding, dilation, groups, fwd: ArithSpec, seed) -> torch.Tensor:
+    """The convolution of the quantized operands in ``fwd``, before the output role."""
     if fwd.is_native:
-        y = _CONV[w.dim() - 2](xq, wq, bq, stride, padding, dilation, groups)
-    else:
-        y = _conv_gemm(xq, wq, stride, padding, dilation, groups, fwd, op_seed(seed, 0))
-        if bq is not None:
-            y = _add_bias(y, bq.reshape((1, -1) + (1,) * (y.dim() - 2)), fwd, op_seed(seed, 0))
-        y = y.to(x.dtype)
-    return _role(roles, "output", y, 1, seed, scales)
+        return _CONV[wq.dim() - 2](xq, wq, bq, stride, padding, dilation, groups)
+    y = _conv_gemm(xq, wq, stride, padding, dilation, groups, fwd, op_seed(seed, 0))
+    if bq is not None:
+        y = _add_bias(y, bq.reshape((1, -1) + (1,) * (y.dim() - 2)), fwd, op_seed(seed, 0))
+    return y.to(xq.dtype)
+
+
+def _conv_operands(x, w, b, roles: RoleFormats, seed, scales):
+    return (_role(roles, "input", x, 1, seed, scales), _role(roles, "weight", w, 0, seed, scales),
+            _role(roles, "bias", b, 0, seed, scales))
+
+
+def conv_forward(x, w, b, stride, padding, dilation, groups, roles: RoleFormats, fwd: ArithSpec, seed, scales=None):
+    xq, wq, bq = _conv_operands(x, w, b, roles, seed, scales)
+    return _role(roles, "output", _conv_sums(xq, wq, bq, stride, padding, dilation, groups, fwd, seed), 1, seed, scales)
+
+
+def conv_recompute(x, w, b, stride, padding, dilation, groups, roles: RoleFormats, fwd: ArithSpec, high: Recompute,
+                   phi: str, seed, scales=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``conv_forward`` with the components ``high`` selects recomputed; and how many stayed low."""
+    xq, wq, bq = _conv_operands(x, w, b, roles, seed, scales)
+    conv = (stride, padding, dilation, groups)
+    y, low = _recomputed(lambda spec: _conv_sums(xq, wq, bq, *conv, spec, seed),
+                         lambda: magnitudes(f"conv{wq.dim() - 2}d", xq, wq, bq, *conv), fwd, high, phi)
+    return _role(roles, "output", y, 1, seed, scales), low
 
 
 def conv_backward(grad, x, w, has_bias, stride, padding, dilation, groups, roles: RoleFormats,

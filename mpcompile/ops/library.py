@@ -8,6 +8,11 @@ rounding is stochastic, so that backward re-quantizes the operands with the same
 derives its own from it. ``scales`` (float64, one per role of ``spec.ROLES``) carries the
 factors of ``tensor_delayed`` roles; ``history`` is the op's amax-history buffer, which only the
 backward formula touches: it takes grad_output's scale from it and records grad_output's amax.
+
+``linear_recompute``, ``matmul_recompute`` and ``conv_recompute`` take a ``Recompute`` string
+(``high``) and the consumer activation's name (``phi``, "" for none) on top, and return the
+output and the number of its components computed in the low (forward) arithmetic. Their
+backward is the plain op's.
 """
 from __future__ import annotations
 
@@ -18,9 +23,10 @@ import torch.nn.functional as F
 
 from . import kernels
 from .roles import delayed_scale, quantize_role, record_amax
-from .spec import ROLES, parse_arith, parse_quant, parse_roles
+from .spec import ROLES, parse_arith, parse_quant, parse_recompute, parse_roles
 
-__all__ = ["quant", "linear", "matmul", "conv", "reduce_sum", "reduce_mean"]
+__all__ = ["quant", "linear", "matmul", "conv", "linear_recompute", "matmul_recompute", "conv_recompute",
+           "reduce_sum", "reduce_mean"]
 
 
 def _seed(seed: Optional[torch.Tensor]) -> int | None:
@@ -124,6 +130,37 @@ def _linear_grad(ctx, grad):
 linear.register_autograd(_linear_grad, setup_context=_linear_setup)
 
 
+def _count_like(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((), dtype=torch.int64)
+
+
+@torch.library.custom_op("mpc::linear_recompute", mutates_args=())
+def linear_recompute(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], roles: str, fwd: str, bwd: str,
+                     high: str, phi: str, seed: Optional[torch.Tensor], scales: Optional[torch.Tensor] = None,
+                     history: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``linear`` with the components whose kappa estimate exceeds ``high``'s tau recomputed in its
+    arithmetic; and the number of components left in ``fwd``."""
+    y, low = kernels.linear_recompute(x, w, b, parse_roles(roles), parse_arith(fwd), parse_recompute(high), phi,
+                                      _seed(seed), scales)
+    return y.contiguous(), low
+
+
+@linear_recompute.register_fake
+def _(x, w, b, roles, fwd, bwd, high, phi, seed, scales=None, history=None):
+    return x.new_empty(*x.shape[:-1], w.shape[0]), _count_like(x)
+
+
+def _linear_recompute_setup(ctx, inputs, output):
+    _linear_setup(ctx, inputs[:6] + inputs[8:], output)
+
+
+def _linear_recompute_grad(ctx, grad, _):
+    return _linear_grad(ctx, grad)[:3] + (None,) * 8
+
+
+linear_recompute.register_autograd(_linear_recompute_grad, setup_context=_linear_recompute_setup)
+
+
 # -- matmul ---------------------------------------------------------------------------------------
 @torch.library.custom_op("mpc::matmul", mutates_args=())
 def matmul(a: torch.Tensor, b: torch.Tensor, roles: str, fwd: str, bwd: str, seed: Optional[torch.Tensor],
@@ -163,6 +200,32 @@ def _matmul_grad(ctx, grad):
 
 
 matmul.register_autograd(_matmul_grad, setup_context=_matmul_setup)
+
+
+@torch.library.custom_op("mpc::matmul_recompute", mutates_args=())
+def matmul_recompute(a: torch.Tensor, b: torch.Tensor, roles: str, fwd: str, bwd: str, high: str, phi: str,
+                     seed: Optional[torch.Tensor], scales: Optional[torch.Tensor] = None,
+                     history: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``matmul`` with recomputed components, as ``linear_recompute``."""
+    y, low = kernels.matmul_recompute(a, b, parse_roles(roles), parse_arith(fwd), parse_recompute(high), phi,
+                                      _seed(seed), scales)
+    return y.contiguous(), low
+
+
+@matmul_recompute.register_fake
+def _(a, b, roles, fwd, bwd, high, phi, seed, scales=None, history=None):
+    return a.new_empty(torch.matmul(a, b).shape), _count_like(a)
+
+
+def _matmul_recompute_setup(ctx, inputs, output):
+    _matmul_setup(ctx, inputs[:5] + inputs[7:], output)
+
+
+def _matmul_recompute_grad(ctx, grad, _):
+    return _matmul_grad(ctx, grad)[:2] + (None,) * 8
+
+
+matmul_recompute.register_autograd(_matmul_recompute_grad, setup_context=_matmul_recompute_setup)
 
 
 # -- conv -----------------------------------------------------------------------------------------
@@ -213,6 +276,33 @@ def _conv_grad(ctx, grad):
 
 
 conv.register_autograd(_conv_grad, setup_context=_conv_setup)
+
+
+@torch.library.custom_op("mpc::conv_recompute", mutates_args=())
+def conv_recompute(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], stride: list[int],
+                   padding: list[int], dilation: list[int], groups: int, roles: str, fwd: str, bwd: str, high: str,
+                   phi: str, seed: Optional[torch.Tensor], scales: Optional[torch.Tensor] = None,
+                   history: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``conv`` with recomputed components, as ``linear_recompute``."""
+    y, low = kernels.conv_recompute(x, w, b, stride, padding, dilation, groups, parse_roles(roles), parse_arith(fwd),
+                                    parse_recompute(high), phi, _seed(seed), scales)
+    return y.contiguous(), low
+
+
+@conv_recompute.register_fake
+def _(x, w, b, stride, padding, dilation, groups, roles, fwd, bwd, high, phi, seed, scales=None, history=None):
+    return x.new_empty(_CONV[w.dim() - 2](x, w, b, stride, padding, dilation, groups).shape), _count_like(x)
+
+
+def _conv_recompute_setup(ctx, inputs, output):
+    _conv_setup(ctx, inputs[:10] + inputs[12:], output)
+
+
+def _conv_recompute_grad(ctx, grad, _):
+    return _conv_grad(ctx, grad)[:3] + (None,) * 12
+
+
+conv_recompute.register_autograd(_conv_recompute_grad, setup_context=_conv_recompute_setup)
 
 
 # -- sum / mean -------------------------------------------------------------------------------------

@@ -6,10 +6,12 @@ Each spec is a frozen dataclass with a canonical string form that ``parse_*`` re
     ArithSpec:   mul=fp8_e5m2 acc=fp16 order=chunk(32)        (fields at their default omitted)
     QuantSpec:   fp8_e4m3:stochastic:tensor:sat               (format[:rounding][:scaling][:sat])
     RoleFormats: input=fp8_e4m3 weight=fp8_e4m3:channel grad_output=fp8_e5m2
+    Recompute:   tau=100.0 acc=fp32                             (tau, then the ArithSpec's fields)
 """
 from __future__ import annotations
 
 import functools
+import math
 import re
 from dataclasses import dataclass, field, fields
 from typing import Mapping
@@ -20,8 +22,8 @@ from ..errors import SpecError
 from ..formats import BlockFloat, BlockMinifloat, FixedFormat, FloatFormat, Format, MXFormat, parse
 from ..rounding import ROUNDING_MODES
 
-__all__ = ["ArithSpec", "QuantSpec", "RoleFormats", "ROLES", "SCALINGS", "AMAX_HISTORY", "DELAYED_ROLES", "SpecError",
-           "parse_arith", "parse_quant", "parse_roles", "MAX_WORK_MAN",
+__all__ = ["ArithSpec", "QuantSpec", "RoleFormats", "Recompute", "ROLES", "SCALINGS", "AMAX_HISTORY", "DELAYED_ROLES",
+           "SpecError", "parse_arith", "parse_quant", "parse_roles", "parse_recompute", "MAX_WORK_MAN",
            "STREAM_MUL", "STREAM_ADD", "STREAM_KAHAN", "STREAM_BIAS", "STREAM_DIV"]
 
 ROLES = ("input", "weight", "bias", "output", "grad_output", "grad_input", "grad_weight", "grad_bias")
@@ -164,6 +166,45 @@ _NATIVE = ArithSpec()
 
 
 @dataclass(frozen=True)
+class Recompute:
+    """Per-component mixed precision of a GEMM (El Arar, Filip, Mary and Riccietti 2025): every
+    output component is computed in the op's forward arithmetic, and those whose condition
+    number estimate (``ops.kappa.component_kappa``) exceeds ``tau`` again in ``forward``.
+
+    Args:
+        tau: the threshold, a positive number. ``inf`` keeps every component low; below 1 every
+            component is recomputed (an exact kappa is at least 1, but an estimate from rounded
+            values, or on a ReLU's flat side, can be lower: below 1 is defined to mean all).
+        forward: the arithmetic of the recomputed components (default: torch's fp32).
+    """
+
+    tau: float
+    forward: ArithSpec = _NATIVE
+
+    def __post_init__(self) -> None:
+        _not_traced("Recompute")
+        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not self.tau > 0:
+            raise SpecError(f"Recompute: tau={self.tau!r} must be a positive number (inf: every component in the "
+                            f"low arithmetic; below 1: every component recomputed)")
+        object.__setattr__(self, "tau", float(self.tau))
+        if not isinstance(self.forward, ArithSpec):
+            raise SpecError(f"Recompute: forward must be an ArithSpec, got {type(self.forward).__name__}")
+
+    @property
+    def keeps_all_low(self) -> bool:
+        """tau = inf: no component is recomputed (the estimate is not even formed)."""
+        return self.tau == math.inf
+
+    @property
+    def recomputes_all(self) -> bool:
+        """tau < 1: every component is recomputed (the low arithmetic is not even run)."""
+        return self.tau < 1
+
+    def __str__(self) -> str:
+        return f"tau={self.tau!r} {self.forward}"
+
+
+@dataclass(frozen=True)
 class QuantSpec:
     """How one role's tensor is quantized.
 
@@ -232,7 +273,8 @@ class RoleFormats:
         return " ".join(f"{role}={spec}" for role, spec in self.specs)
 
 
-for _cls in (ArithSpec, QuantSpec, RoleFormats, FloatFormat, FixedFormat, MXFormat, BlockFloat, BlockMinifloat):
+for _cls in (ArithSpec, QuantSpec, RoleFormats, Recompute, FloatFormat, FixedFormat, MXFormat, BlockFloat,
+             BlockMinifloat):
     torch.utils._pytree.register_constant(_cls)  # torch.compile treats specs and formats as constants
 
 
@@ -291,3 +333,17 @@ def parse_roles(text: str) -> RoleFormats:
         pairs[role] = value
     return RoleFormats.of(pairs)
 
+
+
+@functools.lru_cache(maxsize=1024)
+def parse_recompute(text: str) -> Recompute:
+    """Read ``str(Recompute)`` back: ``tau=<float>`` followed by the fields of ``parse_arith``."""
+    head, _, rest = text.strip().partition(" ")
+    key, sep, value = head.partition("=")
+    try:
+        tau = float(value)
+    except ValueError:
+        tau = None
+    if key != "tau" or not sep or tau is None:
+        raise SpecError(f"recompute spec {text!r} must start with tau=<number>, e.g. 'tau=100.0 acc=fp32'")
+    return Recompute(tau, parse_arith(rest or str(_NATIVE)))

@@ -5,6 +5,8 @@ Reads: ``meta["mpc"]["facts"]`` (classify). Writes: ``meta["mpc"]["assignment"]`
 """
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 
 from ..policy import Policy
@@ -12,13 +14,16 @@ from ..policy import Policy
 __all__ = ["assign_formats", "unmatched_rules"]
 
 
-def assign_formats(gm: torch.fx.GraphModule, policy: Policy, level: "int | str" = 0) -> None:
-    """Record ``policy.resolve`` of each classified node at ``level``."""
+def assign_formats(gm: torch.fx.GraphModule, policy: Policy,
+                   level: "int | str | Mapping[str, int | str]" = 0) -> None:
+    """Record ``policy.resolve`` of each classified node at ``level``: one level for every node,
+    or a mapping from node names to levels (a node it does not name is at level 0)."""
     for node in gm.graph.nodes:
         meta = node.meta.get("mpc", {})
         meta.pop("assignment", None)
         if "facts" in meta:
-            assignment = policy.resolve(meta["facts"], level)
+            at = level.get(node.name, 0) if isinstance(level, Mapping) else level
+            assignment = policy.resolve(meta["facts"], at)
             if assignment.roles or assignment.quantizes:
                 meta["assignment"] = assignment
 

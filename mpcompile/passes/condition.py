@@ -8,6 +8,8 @@ Reads: ``meta["mpc"]["gemm"]`` and ``["facts"]`` (classify). Writes ``meta["mpc"
   element;
 - activations: kappa_phi = |v phi'(v)| / |phi(v)| per element (0 where both are 0, as for a
   ReLU's negative side, whose output does not move).
+
+Both formulas are ``ops.kappa``'s, which a GEMM with ``recompute`` also applies per component.
 """
 from __future__ import annotations
 
@@ -17,11 +19,10 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
+from ..ops.kappa import activation_kappa, magnitudes
 from .observe import observe
 
 __all__ = ["estimate_condition"]
-
-_CONV = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
 
 
 def _gemm_kappa(gm, node, kind: str, args, kwargs, out) -> torch.Tensor | None:
@@ -37,14 +38,7 @@ def _gemm_kappa(gm, node, kind: str, args, kwargs, out) -> torch.Tensor | None:
         x, w = args[0], args[1]
         b = args[2] if len(args) > 2 else kwargs.get("bias")
         conv_args, conv = args[3:], {k: v for k, v in kwargs.items() if k in ("stride", "padding", "dilation", "groups")}
-    bias = None if b is None else b.abs()
-    if kind == "linear":
-        num = F.linear(x.abs(), w.abs(), bias)
-    elif kind == "matmul":
-        num = torch.matmul(x.abs(), w.abs())
-    else:
-        num = _CONV[kind](x.abs(), w.abs(), bias, *conv_args, **conv)
-    return num / out.abs()
+    return magnitudes(kind, x, w, b, *conv_args, **conv) / out.abs()
 
 
 def _activation_kappa(gm, node, args, kwargs, out) -> torch.Tensor | None:
@@ -54,12 +48,7 @@ def _activation_kappa(gm, node, args, kwargs, out) -> torch.Tensor | None:
     fn = gm.get_submodule(node.target) if node.op == "call_module" else (
         (lambda t: getattr(t, node.target)(*args[1:], **kwargs)) if node.op == "call_method"
         else (lambda t: node.target(t, *args[1:], **kwargs)))
-    with torch.enable_grad():
-        vv = v.detach().requires_grad_()
-        y = fn(vv.clone())  # not the leaf itself: activations may work in place
-        (grad,) = torch.autograd.grad(y.sum(), vv)
-    num = (v * grad).abs()
-    return torch.where(num == 0, 0.0, num / y.detach().abs())
+    return activation_kappa(fn, v)
 
 
 def estimate_condition(gm: torch.fx.GraphModule, batches: Iterable[tuple]) -> None:

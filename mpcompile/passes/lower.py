@@ -3,10 +3,14 @@
 Reads: ``meta["mpc"]["gemm"]``, ``["roles"]`` (classify) and ``["assignment"]`` (assign).
 Writes a new graph whose node standing for a traced node carries its meta plus
 ``meta["mpc"]["node"]`` (the traced node's name), and on the traced module an amax-history
-buffer (``_mpc_amax.<node>``) per op with ``tensor_delayed`` roles, which a recompile reuses.
+buffer (``_mpc_amax.<node>``) per op with ``tensor_delayed`` roles, which a recompile reuses, and
+a count buffer (``_mpc_counts.<node>``: components computed low, components) per op with
+``recompute``, which every lowering starts afresh (not in the state dict: a statistic, not state).
 
 - A GEMM-like node becomes one call of ``mpcompile.ops`` (``linear``, ``conv1d/2d/3d``,
   ``matmul``: an ``mpc::`` op; ``multi_head_attention``: four) with its roles and specs as strings.
+  With ``recompute`` it also names the activation that consumes it when that is its only user
+  and an elementwise function ``ops.kappa`` knows (the estimate then includes kappa_phi).
 - Any other node gets ``ops.quant`` on its tensor inputs and its output for its ``input`` /
   ``output`` roles; a norm also on its ``weight`` / ``bias`` (a norm module then runs through
   ``torch.func.functional_call`` with the quantized parameters swapped in; its buffers, such as
@@ -16,6 +20,7 @@ buffer (``_mpc_amax.<node>``) per op with ``tensor_delayed`` roles, which a reco
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
@@ -24,10 +29,22 @@ from ..ops.attention import unsupported_attention
 from ..ops.spec import AMAX_HISTORY, ROLES, RoleFormats
 from .classify import NORM_PARAMS
 
-__all__ = ["lower", "LoweringError"]
+__all__ = ["lower", "LoweringError", "consumer_activation"]
 
 _OPS = {"linear": ops.linear, "conv1d": ops.conv1d, "conv2d": ops.conv2d, "conv3d": ops.conv3d, "matmul": ops.matmul}
 _CONV_FIELDS = ("stride", "padding", "dilation", "groups")
+# Elementwise activations by module (its exact type), function or method, as ``ops.kappa.ACTIVATIONS``
+# names them; those with a parameter: (name, its attribute) of a module, (name, keyword, position,
+# default) of a function.
+_PHI_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh",
+                nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid"}
+_PHI_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", F.silu: "silu", torch.sigmoid: "sigmoid",
+                  F.sigmoid: "sigmoid", torch.tanh: "tanh", F.tanh: "tanh", F.hardswish: "hardswish",
+                  F.hardsigmoid: "hardsigmoid"}
+_PHI_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid", "tanh": "tanh",
+                "tanh_": "tanh"}
+_PHI_MODULE_PARAMETERS = {nn.LeakyReLU: ("leaky_relu", "negative_slope"), nn.ELU: ("elu", "alpha")}
+_PHI_FUNCTION_PARAMETERS = {F.leaky_relu: ("leaky_relu", "negative_slope", 1, 0.01), F.elu: ("elu", "alpha", 1, 1.0)}
 
 
 class LoweringError(MpcompileError, ValueError):
@@ -38,6 +55,8 @@ def lower(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A new GraphModule over the same submodules and parameters, with ``mpc::`` ops in."""
     graph = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
+    if hasattr(gm, "_mpc_counts"):
+        del gm._mpc_counts  # counts start afresh with every lowering
     for node in gm.graph.nodes:
         meta = node.meta.get("mpc", {})
         assignment = meta.get("assignment")
@@ -51,6 +70,8 @@ def lower(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     lowered = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     if hasattr(gm, "_mpc_amax"):
         lowered._mpc_amax = gm._mpc_amax  # one module: .to() and load_state_dict reach the traced side too
+    if hasattr(gm, "_mpc_counts"):
+        lowered._mpc_counts = gm._mpc_counts  # GraphModule copied them as persistent buffers
     return lowered
 
 
@@ -69,6 +90,45 @@ def _amax_history(gm: torch.fx.GraphModule, graph: torch.fx.Graph, node: torch.f
     return graph.get_attr(f"_mpc_amax.{node.name}")
 
 
+def _low_counts(gm: torch.fx.GraphModule, graph: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Node:
+    """The node's count buffer (``_mpc_counts.<node>``, int64: components computed low, components)."""
+    if not hasattr(gm, "_mpc_counts"):
+        gm._mpc_counts = torch.nn.Module()
+    device = next(gm.parameters(), torch.empty(0)).device
+    gm._mpc_counts.register_buffer(node.name, torch.zeros(2, dtype=torch.int64, device=device), persistent=False)
+    return graph.get_attr(f"_mpc_counts.{node.name}")
+
+
+def consumer_activation(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
+    """The ``ops.kappa`` name of the elementwise activation that is ``node``'s only user (and
+    takes it as its input), e.g. ``relu`` or ``leaky_relu(0.2)``; None if there is none."""
+    users = list(node.users)
+    if len(users) != 1 or users[0].args[:1] != (node,):
+        return None
+    user = users[0]
+    if user.op == "call_method":
+        return _PHI_METHODS.get(user.target)
+    if user.op == "call_module":
+        module = gm.get_submodule(user.target)
+        if type(module) in _PHI_MODULES:
+            return _PHI_MODULES[type(module)]
+        if isinstance(module, nn.GELU):
+            return "gelu_tanh" if module.approximate == "tanh" else "gelu"
+        if type(module) in _PHI_MODULE_PARAMETERS:
+            name, attribute = _PHI_MODULE_PARAMETERS[type(module)]
+            return f"{name}({float(getattr(module, attribute))!r})"
+        return None
+    if user.op != "call_function":
+        return None
+    if user.target is F.gelu:
+        return "gelu_tanh" if user.kwargs.get("approximate", "none") == "tanh" else "gelu"
+    if user.target in _PHI_FUNCTION_PARAMETERS:
+        name, keyword, position, default = _PHI_FUNCTION_PARAMETERS[user.target]
+        value = user.args[position] if len(user.args) > position else user.kwargs.get(keyword, default)
+        return f"{name}({float(value)!r})" if isinstance(value, (int, float)) else None
+    return _PHI_FUNCTIONS.get(user.target)
+
+
 def _strings(assignment) -> dict:
     formats = RoleFormats.of({role: s.quant for role, s in assignment.roles if s.quant is not None})
     return {"formats": str(formats) or None, "forward": str(assignment.forward), "backward": str(assignment.backward)}
@@ -76,6 +136,10 @@ def _strings(assignment) -> dict:
 
 def _gemm(gm, graph: torch.fx.Graph, node: torch.fx.Node, meta: dict, env) -> torch.fx.Node:
     kind, kwargs = meta["gemm"], _strings(meta["assignment"])
+    recompute = meta["assignment"].recompute
+    if recompute is not None and kind != "attention":  # attention: a warning of the compiled model
+        kwargs.update(recompute=str(recompute), activation=consumer_activation(gm, node),
+                      counts=_low_counts(gm, graph, node))
     if _delayed(meta["assignment"]):
         if kind == "attention":
             raise LoweringError(f"node {node.name} (module {node.target}): tensor_delayed scaling is not emulated "

@@ -16,11 +16,42 @@ from ..errors import MpcompileError
 from ..policy import OptimizerSettings
 from ..rounding import quantize
 
-__all__ = ["LowPrecisionOptimizer", "make_optimizer", "OPTIMIZERS"]
+__all__ = ["StoredRounding", "LowPrecisionOptimizer", "make_optimizer", "OPTIMIZERS"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 # torch's state names per what they are: SGD keeps momentum_buffer, Adam(W) exp_avg / exp_avg_sq.
 _STATES = {"momentum_buffer": "momentum", "exp_avg": "momentum", "exp_avg_sq": "second_moment"}
+
+
+class StoredRounding:
+    """Rounds what an optimizer stores, with ``rounding``; stochastic rounding draws from one
+    generator per device, seeded with ``seed``, whose state is checkpointed.
+
+    Args:
+        rounding: a rounding mode (``update_rounding`` of the policy's optimizer section).
+        seed: seed of the generators.
+    """
+
+    def __init__(self, rounding: str, seed: int):
+        self.rounding, self.seed = rounding, seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def __call__(self, x: torch.Tensor, fmt) -> torch.Tensor:
+        generator = None
+        if self.rounding == "stochastic":
+            if x.device not in self._generators:
+                self._generators[x.device] = torch.Generator(x.device).manual_seed(self.seed)
+            generator = self._generators[x.device]
+        return quantize(x, fmt, self.rounding, generator=generator)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {str(d): g.get_state() for d, g in self._generators.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._generators = {}
+        for device, rng in state.items():
+            self._generators[torch.device(device)] = torch.Generator(device)
+            self._generators[torch.device(device)].set_state(rng)
 
 
 class LowPrecisionOptimizer:
@@ -35,7 +66,7 @@ class LowPrecisionOptimizer:
     def __init__(self, optimizer: torch.optim.Optimizer, settings: OptimizerSettings = OptimizerSettings(), *,
                  seed: int = 0):
         self.optimizer, self.settings, self.seed = optimizer, settings, seed
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._round = StoredRounding(settings.update_rounding, seed)
         if settings.weight_decay is not None:
             for group in optimizer.param_groups:
                 group["weight_decay"] = settings.weight_decay
@@ -50,15 +81,6 @@ class LowPrecisionOptimizer:
 
     def _params(self) -> Iterable[torch.Tensor]:
         return (p for group in self.optimizer.param_groups for p in group["params"])
-
-    def _round(self, x: torch.Tensor, fmt) -> torch.Tensor:
-        rounding = self.settings.update_rounding
-        generator = None
-        if rounding == "stochastic":
-            if x.device not in self._generators:
-                self._generators[x.device] = torch.Generator(x.device).manual_seed(self.seed)
-            generator = self._generators[x.device]
-        return quantize(x, fmt, rounding, generator=generator)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -82,15 +104,11 @@ class LowPrecisionOptimizer:
                 p.copy_(self._round(p, s.master))
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(),
-                "generators": {str(d): g.get_state() for d, g in self._generators.items()}}
+        return {"optimizer": self.optimizer.state_dict(), "generators": self._round.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
-        self._generators = {}
-        for device, rng in state["generators"].items():
-            self._generators[torch.device(device)] = torch.Generator(device)
-            self._generators[torch.device(device)].set_state(rng)
+        self._round.load_state_dict(state["generators"])
 
 
 def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float,

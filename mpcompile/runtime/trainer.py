@@ -10,6 +10,12 @@ A step whose gradients overflow is skipped and the loss scaler backs off; a step
 already inf/NaN (the forward overflowed a format) is skipped without touching the scale, which
 could not help, and counted as a ``nan_loss_steps``. Skipped steps stay out of the epoch's
 train loss and accuracy.
+
+A policy with a ``trust_region:`` section trains with the dynamic-precision controller
+(``trust_region.TrustRegion``) instead of the optimizer: it takes the steps and moves the model
+along the policy's ``levels``. Its checks go to ``metrics.jsonl``, the summary gains ``levels``
+(iterations at each level), ``recompiles`` and ``recompile_seconds``, and ``trust_region.png``
+plots loss, Delta and the level against iterations.
 """
 from __future__ import annotations
 
@@ -31,16 +37,22 @@ from ..errors import MpcompileError
 from ..models import MODELS, build_model
 from ..policy import load_policy
 from .data import Dataset, batches, load_dataset, num_batches
+from .model_objective import ModelObjective
 from .optim import OPTIMIZERS, make_optimizer
 from .scaling import LossScaler, make_loss_scaler
+from .trust_region import TrustRegion, check_record
 
-__all__ = ["TrainConfig", "Trainer", "train", "model_for"]
+__all__ = ["TrainConfig", "Trainer", "train", "model_for", "SCHEDULES"]
+
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclasses.dataclass
 class TrainConfig:
     """What a run is. ``loss_scale``: None (dynamic when the policy rounds any gradient, else
-    none), ``"none"``, ``"dynamic"`` or a number (static)."""
+    none), ``"none"``, ``"dynamic"`` or a number (static). ``schedule``: ``constant`` lr, or
+    ``cosine``, lr * (1 + cos(pi * t / T)) / 2 at step t of T (a function of the step, so a
+    resumed run follows it exactly)."""
 
     model: str = "lenet5"
     data: str = "digits"
@@ -55,6 +67,7 @@ class TrainConfig:
     loss_scale: str | float | None = None
     level: int | str = 0
     device: str = "cpu"
+    schedule: str = "constant"
 
     def check(self) -> None:
         """Refuse what cannot train, before anything is built."""
@@ -64,6 +77,8 @@ class TrainConfig:
             raise MpcompileError(f"learning rate {self.lr} must be positive")
         if not isinstance(self.epochs, int) or self.epochs < 0:
             raise MpcompileError(f"epochs {self.epochs} must be a non-negative integer")
+        if self.schedule not in SCHEDULES:
+            raise MpcompileError(f"unknown lr schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.optimizer not in OPTIMIZERS:
             raise MpcompileError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         try:
@@ -120,13 +135,27 @@ class Trainer:
         self.device = torch.device(config.device)
         self.model = model_for(config.model, self.data).to(self.device)
         example = self.data.batch("train", torch.arange(min(8, self.data.size("train"))))[0].to(self.device)
-        self.compiled: CompiledModel = compile(self.model, policy, (example,), calibration=[], level=config.level)
-        self.optimizer = make_optimizer(config.optimizer, self.compiled.parameters(), config.lr, policy.optimizer,
-                                        seed=config.seed)
+        tr = policy.trust_region
+        # kappa (the condition pass) is only needed by the bound and per-layer choices; it costs a pass
+        calibration = [] if tr is None or (tr.epsilon == "measured" and not tr.per_layer) else \
+            [self.data.batch("train", torch.arange(min(256, self.data.size("train"))))[0].to(self.device)]
+        self.compiled: CompiledModel = compile(self.model, policy, (example,), calibration=calibration,
+                                               level=config.level)
         self.scaler: LossScaler = make_loss_scaler(self._loss_scale(policy))
+        self.optimizer, self.controller, self.objective = None, None, None
+        if tr is None:
+            self.optimizer = make_optimizer(config.optimizer, self.compiled.parameters(), config.lr, policy.optimizer,
+                                            seed=config.seed)
+        else:
+            self.objective = ModelObjective(self.compiled, self.model, F.cross_entropy, self.scaler, tr,
+                                            policy.optimizer, seed=config.seed)
+            self.controller = TrustRegion(self.objective, tr, lr=config.lr, on_check=self._on_check,
+                                          steps_per_epoch=num_batches(self.data, "train", config.batch_size))
         self.out = Path(config.out)
         self.epoch, self.step_in_epoch, self.history, self.nan_loss_steps = 0, 0, [], 0
+        self.level_iterations: dict[str, int] = {}
         self._partial = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+        self._metrics = None
 
     def _loss_scale(self, policy):
         spec = self.config.loss_scale
@@ -140,7 +169,10 @@ class Trainer:
     # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"config": dataclasses.asdict(self.config), "model": self.compiled.state_dict(),  # + amax histories
-                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+                "controller": self.controller.state_dict() if self.controller else None,
+                "objective": self.objective.state_dict() if self.objective else None,
+                "level_iterations": dict(self.level_iterations), "scaler": self.scaler.state_dict(),
                 "level": self.compiled.level, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "partial": dict(self._partial), "history": list(self.history), "nan_loss_steps": self.nan_loss_steps,
                 "rng": _rng_state()}
@@ -167,7 +199,12 @@ class Trainer:
         config.level = state["level"]
         trainer = cls(config, progress=progress)
         trainer.compiled.load_state_dict(state["model"])
-        trainer.optimizer.load_state_dict(state["optimizer"])
+        if trainer.optimizer:
+            trainer.optimizer.load_state_dict(state["optimizer"])
+        else:
+            trainer.controller.load_state_dict(state["controller"])
+            trainer.objective.load_state_dict(state["objective"])
+        trainer.level_iterations = state["level_iterations"]
         trainer.scaler.load_state_dict(state["scaler"])
         trainer.epoch, trainer.step_in_epoch = state["epoch"], state["step_in_epoch"]
         trainer._partial, trainer.history = state["partial"], state["history"]
@@ -187,7 +224,28 @@ class Trainer:
         self.compiled.train(was_training)
         return correct / self.data.size(split)
 
+    def _set_lr(self, step: int, steps: int) -> None:
+        lr = self.config.lr
+        if self.config.schedule == "cosine":
+            lr *= (1 + math.cos(math.pi * step / max(steps, 1))) / 2
+        if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        else:
+            self.controller.lr = lr
+
+    def _on_check(self, check) -> None:
+        if self._metrics is not None:
+            self._metrics.write(json.dumps({"epoch": self.epoch + 1, **check_record(check),  # recompile time so far
+                                            "recompile_seconds": self.objective.recompile_seconds}) + "\n")
+
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int, bool]:
+        if self.controller is not None:
+            loss, skipped = self.controller.step((x, y))
+            level = self.objective.level  # the level the step was taken at (a raise happens before it)
+            self.level_iterations[level] = self.level_iterations.get(level, 0) + 1
+            self.nan_loss_steps = self.objective.nan_loss_steps
+            return loss, 0 if skipped else self.objective.last_correct, skipped
         self.optimizer.zero_grad()
         logits = self.compiled(x)
         loss = F.cross_entropy(logits, y)
@@ -205,6 +263,7 @@ class Trainer:
         """Train from where the run stands to ``config.epochs``; write metrics, plots, summary."""
         self.out.mkdir(parents=True, exist_ok=True)
         metrics = (self.out / "metrics.jsonl").open("a" if self.epoch or self.step_in_epoch else "w")
+        self._metrics = metrics
         try:
             while self.epoch < self.config.epochs:
                 self._epoch(metrics)
@@ -213,6 +272,7 @@ class Trainer:
             raise MpcompileError(f"interrupted in epoch {self.epoch + 1}: saved {path}; go on with --resume {path}")
         finally:
             metrics.close()
+            self._metrics = None
         summary = self.summary()
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         self.plot()
@@ -232,6 +292,7 @@ class Trainer:
             if i < self.step_in_epoch:
                 continue  # resumed mid-epoch: these batches were trained on
             start = time.perf_counter()
+            self._set_lr(self.epoch * total + i, c.epochs * total)
             loss, correct, skipped = self._train_step(x.to(self.device), y.to(self.device))
             p["seconds"] += time.perf_counter() - start
             if not skipped:  # an overflowed step's loss may be inf/NaN; it is counted as an overflow instead
@@ -239,12 +300,18 @@ class Trainer:
                 p["correct"] += correct
                 p["seen"] += len(y)
             self.step_in_epoch = i + 1
-            metrics.write(json.dumps({"epoch": self.epoch + 1, "step": i + 1, "loss": loss, "skipped": skipped,
-                                      "loss_scale": self.scaler.scale_value}) + "\n")
+            record = {"epoch": self.epoch + 1, "step": i + 1, "loss": loss, "skipped": skipped,
+                      "loss_scale": self.scaler.scale_value}
+            postfix = {}
+            if self.controller is not None:
+                record.update(level=self.objective.level, level_index=self.objective.level_index,
+                              delta=self.controller.delta)
+                postfix = {"level": self.objective.level, "delta": f"{self.controller.delta:.3g}"}
+            metrics.write(json.dumps(record) + "\n")
             bar.update(1)
             bar.set_postfix(loss=f"{p['loss'] / max(p['seen'], 1):.4f}", acc=f"{p['correct'] / max(p['seen'], 1):.3f}",
                             scale=f"{self.scaler.scale_value:g}", overflows=self.scaler.overflow_steps,
-                            nan_loss=self.nan_loss_steps)
+                            nan_loss=self.nan_loss_steps, **postfix)
         bar.close()
         record = {"epoch": self.epoch + 1, "train_loss": p["loss"] / p["seen"] if p["seen"] else math.nan,
                   "train_accuracy": p["correct"] / p["seen"] if p["seen"] else math.nan,
@@ -266,7 +333,15 @@ class Trainer:
                 "batch_size": c.batch_size, "test_accuracy": last["test_accuracy"] if last else self.evaluate("test"),
                 "train_loss": last.get("train_loss", math.nan),
                 "seconds_per_epoch": float(np.mean([h["seconds"] for h in self.history])) if self.history else 0.0,
-                "overflow_steps": self.scaler.overflow_steps, "nan_loss_steps": self.nan_loss_steps}
+                "overflow_steps": self.scaler.overflow_steps, "nan_loss_steps": self.nan_loss_steps,
+                **self._dynamic_summary()}
+
+    def _dynamic_summary(self) -> dict[str, Any]:
+        if self.controller is None:
+            return {}
+        return {"levels": dict(self.level_iterations), "recompiles": self.objective.recompiles,
+                "recompile_seconds": self.objective.recompile_seconds, "checks": self.controller.checks_made,
+                "unmet_checks": self.controller.unmet, "final_delta": self.controller.delta}
 
     def plot(self) -> Path | None:
         """``curves.png``: train loss, and train / test accuracy, against epochs."""
@@ -288,6 +363,28 @@ class Trainer:
         fig.suptitle(f"{self.config.model} on {self.config.data}, policy {self.config.policy}")
         fig.tight_layout()
         path = self.out / "curves.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        if self.controller is not None:
+            self._plot_trust_region(plt)
+        return path
+
+    def _plot_trust_region(self, plt) -> Path:
+        """``trust_region.png``: loss, Delta and the level against iterations (from metrics.jsonl)."""
+        steps = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines()]
+        steps = [m for m in steps if "step" in m]
+        it = range(1, len(steps) + 1)
+        fig, axes = plt.subplots(3, 1, figsize=(8, 7), sharex=True)
+        axes[0].plot(it, [m["loss"] for m in steps], lw=0.8)
+        axes[0].set(ylabel="train loss", yscale="log")
+        axes[1].plot(it, [m["delta"] for m in steps], lw=0.8)
+        axes[1].set(ylabel="Delta", yscale="log")
+        names = [lv.name for lv in self.compiled.policy.levels] or ["level 0"]
+        axes[2].step(it, [m["level_index"] for m in steps], where="post")
+        axes[2].set(ylabel="level", xlabel="iteration", yticks=range(len(names)), yticklabels=names)
+        fig.suptitle(f"{self.config.model} on {self.config.data}, policy {self.config.policy}: trust region")
+        fig.tight_layout()
+        path = self.out / "trust_region.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
         return path

@@ -97,6 +97,7 @@ def test_the_run_folder_holds_metrics_summary_plot_and_checkpoint(tmp_path):
     ({"lr": -0.1}, MpcompileError, "learning rate -0.1 must be positive"),
     ({"optimizer": "lbfgs"}, MpcompileError, "choose one of sgd, adam, adamw"),
     ({"device": "gpu"}, MpcompileError, "device 'gpu' is not a torch device"),
+    ({"schedule": "linear"}, MpcompileError, "choose one of constant, cosine"),
 ])
 def test_bad_input_is_refused_before_training(tmp_path, change, error, message):
     with pytest.raises(error, match=message):
@@ -125,3 +126,14 @@ def test_a_forward_overflow_skips_the_step_without_touching_the_loss_scale(tmp_p
     assert summary["nan_loss_steps"] == steps and summary["overflow_steps"] == 0
     assert trainer.scaler.scale_value == 2.0**16 and math.isnan(summary["train_loss"])
     assert _same(before, _params(trainer))  # nothing was stepped
+
+
+def test_cosine_schedule_sets_each_steps_lr(tmp_path, monkeypatch):
+    trainer = Trainer(_config(tmp_path, "cos", policy="fp32", schedule="cosine", epochs=2), progress=False)
+    seen = []
+    step = trainer._train_step
+    monkeypatch.setattr(trainer, "_train_step", lambda x, y: (seen.append(trainer.optimizer.param_groups[0]["lr"]),
+                                                              step(x, y))[1])
+    trainer.fit()
+    total = 2 * 11  # 1347 images in batches of 128
+    assert seen == [0.1 * (1 + math.cos(math.pi * t / total)) / 2 for t in range(total)]
