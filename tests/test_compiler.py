@@ -267,3 +267,36 @@ def test_shipped_fp8_e4m3_equals_a_hand_quantized_reference_forward_and_backward
     assert torch.equal(y, want)
     g = q(2 * want)  # d(y²)/dy reaches fc as its grad_output
     assert torch.equal(grads[-2], g.T @ q(h2)) and torch.equal(grads[-1], g.sum(0))  # the bias sees it too
+
+
+def test_torch_compile_of_a_compiled_model_keeps_the_mpc_ops_opaque_and_the_numbers():
+    """torch.compile over a CompiledModel: every mpc:: op stays one opaque call in the captured
+    graph (dynamo does not trace into the emulation), and forward and backward equal eager."""
+    policy = """
+version: 1
+default:
+  input: fp8_e4m3
+  weight: fp8_e4m3:tensor_delayed
+  grad_output: fp8_e5m2:stochastic
+  forward: {acc: bf16, order: chunk(16)}
+"""
+    model, x = _model_and_input()
+    cm = mpcompile.compile(model, policy, (x,))
+    captured = []
+
+    def backend(gm, example_inputs):
+        captured.extend(n.target for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    def run(m):
+        torch.manual_seed(3)  # the stochastic grad_output draws its seed from torch's generator
+        with torch.no_grad():
+            for buf in cm.buffers():
+                buf.zero_()  # the amax histories start empty in both runs
+        return _grads(m, x)
+
+    eager, g_eager = run(cm)
+    compiled, g_compiled = run(torch.compile(cm, fullgraph=True, backend=backend))
+    assert torch.equal(compiled, eager) and all(torch.equal(a, b) for a, b in zip(g_compiled, g_eager))
+    mpc = sorted(str(t) for t in captured if str(t).startswith("mpc."))
+    assert mpc == ["mpc.conv", "mpc.conv"] + ["mpc.delayed_scales"] * 3 + ["mpc.linear"]

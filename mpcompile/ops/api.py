@@ -17,9 +17,8 @@ import torch
 
 from . import library  # noqa: F401  (registers the mpc:: ops)
 from .kappa import activation as parse_activation
-from .roles import delayed_scale, record_amax
 from .spec import (AMAX_HISTORY, ROLES, ArithSpec, QuantSpec, Recompute, RoleFormats, SpecError, parse_arith,
-                   parse_recompute, parse_roles)
+                   parse_recompute)
 
 __all__ = ["matmul", "linear", "conv1d", "conv2d", "conv3d", "quant", "sum", "mean"]
 
@@ -125,7 +124,7 @@ def _prepare(name, formats, forward, backward, seed, recompute: High = None, **t
     return roles, fwd, bwd, _seed(seed, stochastic, device)
 
 
-def _delayed_scales(roles: str, history: torch.Tensor | None, **operands) -> torch.Tensor | None:
+def _delayed_scales(roles: str, history: torch.Tensor | None, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
     """The scales of the op's ``tensor_delayed`` operands, from ``history``, whose rows then
     take the operands' amaxes (grad_output's is taken in backward)."""
     if history is None:
@@ -133,14 +132,7 @@ def _delayed_scales(roles: str, history: torch.Tensor | None, **operands) -> tor
     if not isinstance(history, torch.Tensor) or tuple(history.shape) != (len(ROLES), AMAX_HISTORY):
         raise ValueError(f"amax_history must be a tensor of shape ({len(ROLES)}, {AMAX_HISTORY}): one row per role "
                          f"of {', '.join(ROLES)}, newest amax first")
-    specs = parse_roles(roles)
-    scales = history.new_ones(len(ROLES), dtype=torch.float64)
-    for role, t in operands.items():
-        spec, i = specs.get(role), ROLES.index(role)
-        if spec is not None and spec.scaling == "tensor_delayed":
-            scales[i] = delayed_scale(spec, history[i], t)
-            record_amax(history[i], t)
-    return scales
+    return torch.ops.mpc.delayed_scales(history, roles, x.detach(), w.detach())
 
 
 @_fx_leaf
@@ -168,7 +160,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, spec: Spec = None, *, formats: Form
         raise ValueError(f"mpcompile.ops.matmul: shapes {tuple(a.shape)} and {tuple(b.shape)} do not multiply "
                          f"(a's last dim must equal b's {'second-to-last' if b.dim() > 1 else 'only'} dim)")
     roles, fwd, bwd, s = _prepare("matmul", formats, spec, backward, seed, recompute, a=a, b=b)
-    scales = _delayed_scales(roles, amax_history, input=a, weight=b)
+    scales = _delayed_scales(roles, amax_history, a, b)
     if recompute is None:
         return torch.ops.mpc.matmul(a, b, roles, fwd, bwd, s, scales, amax_history)
     y, low = torch.ops.mpc.matmul_recompute(a, b, roles, fwd, bwd, *_recompute_args(recompute, activation), s, scales,
@@ -190,7 +182,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, f
                          f"{'' if b is None else f', b {tuple(b.shape)}'} do not fit: w must be (out, in) with "
                          f"in = x.shape[-1], b (out,)")
     roles, fwd, bwd, s = _prepare("linear", formats, forward, backward, seed, recompute, x=x, w=w, b=b)
-    scales = _delayed_scales(roles, amax_history, input=x, weight=w)
+    scales = _delayed_scales(roles, amax_history, x, w)
     if recompute is None:
         return torch.ops.mpc.linear(x, w, b, roles, fwd, bwd, s, scales, amax_history)
     y, low = torch.ops.mpc.linear_recompute(x, w, b, roles, fwd, bwd, *_recompute_args(recompute, activation), s,
@@ -217,7 +209,7 @@ def _conv(n: int, x, w, b, stride, padding, dilation, groups, formats, forward, 
     stride, dilation = _tuple(stride, n, "stride"), _tuple(dilation, n, "dilation")
     if isinstance(padding, str):
         x, padding = _pad_same(x, w, stride, dilation, padding)
-    scales = _delayed_scales(roles, amax_history, input=x, weight=w)
+    scales = _delayed_scales(roles, amax_history, x, w)
     padding = _tuple(padding, n, "padding")
     if recompute is None:
         return torch.ops.mpc.conv(x, w, b, stride, padding, dilation, groups, roles, fwd, bwd, s, scales, amax_history)

@@ -25,7 +25,7 @@ from . import kernels
 from .roles import delayed_scale, quantize_role, record_amax
 from .spec import ROLES, parse_arith, parse_quant, parse_recompute, parse_roles
 
-__all__ = ["quant", "linear", "matmul", "conv", "linear_recompute", "matmul_recompute", "conv_recompute",
+__all__ = ["delayed_scales", "quant", "linear", "matmul", "conv", "linear_recompute", "matmul_recompute", "conv_recompute",
            "reduce_sum", "reduce_mean"]
 
 
@@ -53,6 +53,27 @@ def _backward_scales(ctx, grad: torch.Tensor) -> Optional[torch.Tensor]:
     scales[_GRAD_OUTPUT] = delayed_scale(spec, ctx.history[_GRAD_OUTPUT], grad)
     record_amax(ctx.history[_GRAD_OUTPUT], grad)
     return scales
+
+
+# -- delayed scales -------------------------------------------------------------------------------
+@torch.library.custom_op("mpc::delayed_scales", mutates_args=("history",))
+def delayed_scales(history: torch.Tensor, roles: str, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The factors (float64, one per role of ``ROLES``, 1 where not delayed) of the ``tensor_delayed``
+    input (x) and weight (w) roles, from ``history``, whose rows then take x's and w's amaxes.
+    An op of its own so that compiled graphs keep the history update opaque and in order."""
+    specs = parse_roles(roles)
+    scales = history.new_ones(len(ROLES), dtype=torch.float64)
+    for role, t in (("input", x), ("weight", w)):
+        spec, i = specs.get(role), ROLES.index(role)
+        if spec is not None and spec.scaling == "tensor_delayed":
+            scales[i] = delayed_scale(spec, history[i], t)
+            record_amax(history[i], t)
+    return scales
+
+
+@delayed_scales.register_fake
+def _(history, roles, x, w):
+    return history.new_empty(len(ROLES), dtype=torch.float64)
 
 
 # -- quant ----------------------------------------------------------------------------------------
