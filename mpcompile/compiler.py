@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping
 import torch
 import torch.nn as nn
 
+from .backends import check_backend
 from .errors import MpcompileError, PolicyError
 from .passes import assign_formats, classify, collect_stats, estimate_condition, lower, propagate_shapes
 from .passes.assign import unmatched_rules
@@ -62,11 +63,14 @@ class CompiledModel(nn.Module):
     """A model lowered under a policy. Call it like the original.
 
     Attributes:
-        policy: the policy in force; level: its level; warnings: rules that matched no op.
+        policy: the policy in force; level: its level; warnings: rules that matched no op;
+        backend: which implementation computes the ops (``mpcompile.backends``).
     """
 
-    def __init__(self, traced: torch.fx.GraphModule, policy: Policy, level: "int | str", batches: list[tuple]):
+    def __init__(self, traced: torch.fx.GraphModule, policy: Policy, level: "int | str", batches: list[tuple],
+                 backend: str = "auto"):
         super().__init__()
+        self.backend = check_backend(backend)
         self._traced = [traced]  # analysis results live on its nodes; a list keeps it out of the module tree
         self._batches, self._stats_current = batches, False
         self.policy, self.level, self.warnings = policy, level, []
@@ -101,7 +105,7 @@ class CompiledModel(nn.Module):
         for node in traced.graph.nodes:
             node.meta.get("mpc", {}).pop("stats", None)
         assign_formats(traced, self.policy, self.level)
-        self.graph_module = lower(traced)
+        self.graph_module = lower(traced, self.backend)
         self.warnings = [f"{label}: matches no op of this model" for label in unmatched_rules(traced, self.policy)]
         for node in traced.graph.nodes:
             mpc = node.meta.get("mpc", {})
@@ -194,7 +198,7 @@ class CompiledModel(nn.Module):
 
 def compile(model: nn.Module, policy: "Policy | Mapping | str | Path", example_inputs: Iterable | None = None, *,
             leaf_modules: Iterable[type] = (), calibration: Iterable | None = None,
-            level: "int | str" = 0) -> CompiledModel:
+            level: "int | str" = 0, backend: str = "auto") -> CompiledModel:
     """Trace ``model`` with torch.fx and lower it under ``policy``.
 
     Args:
@@ -205,9 +209,12 @@ def compile(model: nn.Module, policy: "Policy | Mapping | str | Path", example_i
         leaf_modules: module types kept as opaque calls (they run unchanged).
         calibration: batches (a tensor or a tuple of forward's arguments each) on which the
             condition and stats passes run; default: ``example_inputs`` as one batch.
-        level: the policy level to start at.
+        level: the policy level to start at (or a mapping from node names to levels).
+        backend: ``auto`` (Triton kernels for CUDA tensors, the torch reference elsewhere),
+            ``torch`` or ``triton`` (on the CPU only in Triton's interpreter); the numbers are
+            the same. See ``mpcompile.backends``.
     """
-    policy = load_policy(policy)
+    policy, backend = load_policy(policy), check_backend(backend)
     kappa_rules = [rule.label for rule in policy.rules if rule.match.needs_kappa]
     if kappa_rules and calibration is None and example_inputs is None:
         raise PolicyError(f"{kappa_rules[0]}: selects on kappa, which the condition pass estimates on data: "
@@ -220,4 +227,4 @@ def compile(model: nn.Module, policy: "Policy | Mapping | str | Path", example_i
         [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in calibration or ()]
     if batches:
         estimate_condition(traced, batches)
-    return CompiledModel(traced, policy, level, batches)
+    return CompiledModel(traced, policy, level, batches, backend)

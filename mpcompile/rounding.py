@@ -19,6 +19,7 @@ from typing import Callable, Literal, NamedTuple
 
 import torch
 
+from .backends import current_backend, resolve_backend, use_backend
 from .formats import BlockFormat, FixedFormat, FloatFormat, Format, parse
 from .formats.block_format import SCALE_EXP_MAX, SCALE_EXP_MIN
 from .random_bits import COUNTER_BITS, counter_bits
@@ -331,11 +332,16 @@ def get_quantize_backend() -> str:
 
 
 def _select(x: torch.Tensor, plan: QuantPlan) -> _Backend:
+    """A forced quantize backend, else the op backend (``use_backend``) for x's device: ``triton``
+    takes float32 plans, ``torch`` the most recently registered torch backend that accepts."""
     name = get_quantize_backend()
     if name != "auto":
         return _BACKENDS[name]
+    if resolve_backend(current_backend(), x.device) == "triton" and "triton" in _BACKENDS:
+        if plan.dtype == torch.float32:
+            return _BACKENDS["triton"]
     for backend in reversed(list(_BACKENDS.values())):
-        if backend.accepts(x, plan):
+        if backend.name != "triton" and backend.accepts(x, plan):
             return backend
     return _BACKENDS["reference"]
 
@@ -350,6 +356,7 @@ def quantize(
     sr_bits: int | None = None,
     random_bits: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Round every element of ``x`` to a value of ``fmt``.
 
@@ -367,6 +374,8 @@ def quantize(
             generator, so results can be checked against other implementations.
         generator: draws the seed of the random bits (default: torch's global generator).
             The bits are ``counter_bits(seed)``: the same on every backend and device.
+        backend: ``auto``, ``torch`` or ``triton`` (``mpcompile.backends``); default: the
+            enclosing ``use_backend``'s, else ``auto``. ``set_quantize_backend`` overrides it.
 
     Returns:
         A tensor of x's shape, dtype and device whose finite entries are values of ``fmt``. It
@@ -393,7 +402,11 @@ def quantize(
     seeded = bits is not None and random_bits is None and n <= COUNTER_BITS
     plan, params = plan_quantize(fmt, rounding, saturate, x.dtype, n, seeded, x.device)
     xw = x.to(plan.dtype).contiguous()  # kernels write out= in place, which dynamo wants contiguous
-    out = _select(xw, plan).kernel(xw, plan, params, bits)
+    if backend is None:
+        out = _select(xw, plan).kernel(xw, plan, params, bits)
+    else:
+        with use_backend(backend):
+            out = _select(xw, plan).kernel(xw, plan, params, bits)
     return out.to(x.dtype)
 
 

@@ -15,6 +15,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from ..backends import check_backend
 from . import library  # noqa: F401  (registers the mpc:: ops)
 from .kappa import activation as parse_activation
 from .spec import (AMAX_HISTORY, ROLES, ArithSpec, QuantSpec, Recompute, RoleFormats, SpecError, parse_arith,
@@ -138,7 +139,8 @@ def _delayed_scales(roles: str, history: torch.Tensor | None, x: torch.Tensor, w
 @_fx_leaf
 def matmul(a: torch.Tensor, b: torch.Tensor, spec: Spec = None, *, formats: Formats = None,
            backward: Spec = None, seed: int | None = None, amax_history: torch.Tensor | None = None,
-           recompute: High = None, activation: str | None = None, counts: torch.Tensor | None = None) -> torch.Tensor:
+           recompute: High = None, activation: str | None = None, counts: torch.Tensor | None = None,
+           backend: str = "auto") -> torch.Tensor:
     """``torch.matmul(a, b)`` with emulated arithmetic.
 
     Args:
@@ -155,6 +157,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor, spec: Spec = None, *, formats: Form
             e.g. ``"relu"``), whose kappa_phi multiplies the estimate; None: kappa_v alone.
         counts: int64 (2,): (components computed low, components) of every call are added to it
             in place (``compile`` gives each op with ``recompute`` one).
+        backend: ``auto``, ``torch`` or ``triton`` (``mpcompile.backends``): which implementation
+            computes the op and its backward; the numbers are the same.
     """
     if a.dim() == 0 or b.dim() == 0 or a.shape[-1] != b.shape[-2 if b.dim() > 1 else 0]:
         raise ValueError(f"mpcompile.ops.matmul: shapes {tuple(a.shape)} and {tuple(b.shape)} do not multiply "
@@ -162,9 +166,9 @@ def matmul(a: torch.Tensor, b: torch.Tensor, spec: Spec = None, *, formats: Form
     roles, fwd, bwd, s = _prepare("matmul", formats, spec, backward, seed, recompute, a=a, b=b)
     scales = _delayed_scales(roles, amax_history, a, b)
     if recompute is None:
-        return torch.ops.mpc.matmul(a, b, roles, fwd, bwd, s, scales, amax_history)
+        return torch.ops.mpc.matmul(a, b, roles, fwd, bwd, s, scales, amax_history, check_backend(backend))
     y, low = torch.ops.mpc.matmul_recompute(a, b, roles, fwd, bwd, *_recompute_args(recompute, activation), s, scales,
-                                            amax_history)
+                                            amax_history, check_backend(backend))
     _count(counts, low, y)
     return y
 
@@ -173,9 +177,9 @@ def matmul(a: torch.Tensor, b: torch.Tensor, spec: Spec = None, *, formats: Form
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, formats: Formats = None,
            forward: Spec = None, backward: Spec = None, seed: int | None = None,
            amax_history: torch.Tensor | None = None, recompute: High = None, activation: str | None = None,
-           counts: torch.Tensor | None = None) -> torch.Tensor:
+           counts: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """``F.linear(x, w, b)`` with per-role formats and emulated arithmetic (see ``matmul``, also for
-    ``recompute``, ``activation`` and ``counts``)."""
+    ``recompute``, ``activation``, ``counts`` and ``backend``)."""
     _check("linear", x=x, w=w, b=b)
     if w.dim() != 2 or x.dim() < 1 or x.shape[-1] != w.shape[1] or (b is not None and tuple(b.shape) != (w.shape[0],)):
         raise ValueError(f"mpcompile.ops.linear: x {tuple(x.shape)}, w {tuple(w.shape)}"
@@ -184,9 +188,9 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, f
     roles, fwd, bwd, s = _prepare("linear", formats, forward, backward, seed, recompute, x=x, w=w, b=b)
     scales = _delayed_scales(roles, amax_history, x, w)
     if recompute is None:
-        return torch.ops.mpc.linear(x, w, b, roles, fwd, bwd, s, scales, amax_history)
+        return torch.ops.mpc.linear(x, w, b, roles, fwd, bwd, s, scales, amax_history, check_backend(backend))
     y, low = torch.ops.mpc.linear_recompute(x, w, b, roles, fwd, bwd, *_recompute_args(recompute, activation), s,
-                                            scales, amax_history)
+                                            scales, amax_history, check_backend(backend))
     _count(counts, low, y)
     return y
 
@@ -199,7 +203,7 @@ def _tuple(value, n: int, what: str) -> list[int]:
 
 
 def _conv(n: int, x, w, b, stride, padding, dilation, groups, formats, forward, backward, seed, amax_history,
-          recompute=None, activation=None, counts=None):
+          recompute=None, activation=None, counts=None, backend="auto"):
     _check(f"conv{n}d", x=x, w=w, b=b)
     if x.dim() != n + 2 or w.dim() != n + 2 or x.shape[1] != w.shape[1] * groups or w.shape[0] % groups:
         raise ValueError(f"mpcompile.ops.conv{n}d: x {tuple(x.shape)} and w {tuple(w.shape)} with groups={groups} "
@@ -212,9 +216,11 @@ def _conv(n: int, x, w, b, stride, padding, dilation, groups, formats, forward, 
     scales = _delayed_scales(roles, amax_history, x, w)
     padding = _tuple(padding, n, "padding")
     if recompute is None:
-        return torch.ops.mpc.conv(x, w, b, stride, padding, dilation, groups, roles, fwd, bwd, s, scales, amax_history)
+        return torch.ops.mpc.conv(x, w, b, stride, padding, dilation, groups, roles, fwd, bwd, s, scales, amax_history,
+                                  check_backend(backend))
     y, low = torch.ops.mpc.conv_recompute(x, w, b, stride, padding, dilation, groups, roles, fwd, bwd,
-                                          *_recompute_args(recompute, activation), s, scales, amax_history)
+                                          *_recompute_args(recompute, activation), s, scales, amax_history,
+                                          check_backend(backend))
     _count(counts, low, y)
     return y
 
@@ -238,17 +244,17 @@ def _pad_same(x: torch.Tensor, w: torch.Tensor, stride: list[int], dilation: lis
 def conv1d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, *, formats: Formats = None,
            forward: Spec = None, backward: Spec = None, seed: int | None = None,
            amax_history: torch.Tensor | None = None, recompute: High = None, activation: str | None = None,
-           counts: torch.Tensor | None = None) -> torch.Tensor:
+           counts: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """``F.conv1d`` with per-role formats and emulated arithmetic (see ``conv2d``)."""
     return _conv(1, x, w, b, stride, padding, dilation, groups, formats, forward, backward, seed, amax_history,
-                 recompute, activation, counts)
+                 recompute, activation, counts, backend)
 
 
 @_fx_leaf
 def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, *, formats: Formats = None,
            forward: Spec = None, backward: Spec = None, seed: int | None = None,
            amax_history: torch.Tensor | None = None, recompute: High = None, activation: str | None = None,
-           counts: torch.Tensor | None = None) -> torch.Tensor:
+           counts: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """``F.conv2d`` with per-role formats and emulated arithmetic.
 
     Each output element is a dot product over (input channel of its group, kernel position),
@@ -257,22 +263,23 @@ def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, *, formats: 
     and ``counts``: see ``matmul``.
     """
     return _conv(2, x, w, b, stride, padding, dilation, groups, formats, forward, backward, seed, amax_history,
-                 recompute, activation, counts)
+                 recompute, activation, counts, backend)
 
 
 @_fx_leaf
 def conv3d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, *, formats: Formats = None,
            forward: Spec = None, backward: Spec = None, seed: int | None = None,
            amax_history: torch.Tensor | None = None, recompute: High = None, activation: str | None = None,
-           counts: torch.Tensor | None = None) -> torch.Tensor:
+           counts: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """``F.conv3d`` with per-role formats and emulated arithmetic (see ``conv2d``)."""
     return _conv(3, x, w, b, stride, padding, dilation, groups, formats, forward, backward, seed, amax_history,
-                 recompute, activation, counts)
+                 recompute, activation, counts, backend)
 
 
 @_fx_leaf
 def quant(x: torch.Tensor, fmt, rounding: str = "nearest", *, grad_format=None, grad_rounding: str | None = None,
-          scaling: str = "none", saturate: bool = False, axis: int = 0, seed: int | None = None) -> torch.Tensor:
+          scaling: str = "none", saturate: bool = False, axis: int = 0, seed: int | None = None,
+          backend: str = "auto") -> torch.Tensor:
     """Straight-through quantizer: x rounded to ``fmt`` forward, the gradient to ``grad_format``.
 
     Args:
@@ -280,10 +287,11 @@ def quant(x: torch.Tensor, fmt, rounding: str = "nearest", *, grad_format=None, 
         grad_format: format (or ``QuantSpec``) of the gradient; None passes it unchanged.
         grad_rounding: the gradient's rounding (default ``rounding``).
         scaling, saturate: as in ``QuantSpec``; ``axis`` is the channel axis of ``channel`` scaling.
+        backend: see ``matmul``.
     """
     _check("quant", x=x)
     fwd, grad, stochastic = _quant_specs(fmt, rounding, grad_format, grad_rounding or rounding, scaling, saturate)
-    return torch.ops.mpc.quant(x, fwd, grad, axis, _seed(seed, stochastic, x.device))
+    return torch.ops.mpc.quant(x, fwd, grad, axis, _seed(seed, stochastic, x.device), check_backend(backend))
 
 
 @torch.compiler.assume_constant_result
@@ -301,15 +309,15 @@ def _dims(dim) -> list[int]:
 
 @_fx_leaf
 def sum(x: torch.Tensor, dim: int | Sequence[int] | None = None, keepdim: bool = False, *, spec: Spec = None,
-        seed: int | None = None) -> torch.Tensor:
+        seed: int | None = None, backend: str = "auto") -> torch.Tensor:
     """``x.sum(dim)`` accumulated as ``spec`` says (its acc, order, rounding, kahan; no products)."""
     _, arith, _, s = _prepare("sum", None, spec, None, seed, x=x)
-    return torch.ops.mpc.sum(x, _dims(dim), keepdim, arith, s)
+    return torch.ops.mpc.sum(x, _dims(dim), keepdim, arith, s, check_backend(backend))
 
 
 @_fx_leaf
 def mean(x: torch.Tensor, dim: int | Sequence[int] | None = None, keepdim: bool = False, *, spec: Spec = None,
-         seed: int | None = None) -> torch.Tensor:
+         seed: int | None = None, backend: str = "auto") -> torch.Tensor:
     """``x.mean(dim)``: the emulated sum, then sum / count rounded once to the acc format."""
     _, arith, _, s = _prepare("mean", None, spec, None, seed, x=x)
-    return torch.ops.mpc.mean(x, _dims(dim), keepdim, arith, s)
+    return torch.ops.mpc.mean(x, _dims(dim), keepdim, arith, s, check_backend(backend))

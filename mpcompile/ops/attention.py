@@ -38,7 +38,7 @@ def multi_head_attention(module: nn.MultiheadAttention, query: torch.Tensor, key
                          value: torch.Tensor, key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
                          attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
                          is_causal: bool = False, *, formats: Formats = None, forward: Spec = None,
-                         backward: Spec = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                         backward: Spec = None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
     """``module(query, key, value, ...)`` with per-role formats and emulated arithmetic.
 
     Args:
@@ -46,7 +46,8 @@ def multi_head_attention(module: nn.MultiheadAttention, query: torch.Tensor, key
         query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
             is_causal: as ``nn.MultiheadAttention.forward`` (``is_causal`` is a hint there:
             the causal mask itself comes in ``attn_mask``).
-        formats, forward, backward: roles and arithmetic of all four GEMMs (see ``linear``).
+        formats, forward, backward, backend: roles, arithmetic and backend of all four GEMMs (see
+            ``linear``).
     """
     why = unsupported_attention(module)
     if why is not None:
@@ -59,7 +60,7 @@ def multi_head_attention(module: nn.MultiheadAttention, query: torch.Tensor, key
         key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
     elif module.batch_first:
         query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-    gemm = {"formats": formats, "forward": forward, "backward": backward}
+    gemm = {"formats": formats, "forward": forward, "backward": backward, "backend": backend}
     e, heads = module.embed_dim, module.num_heads
     bias = (None,) * 3 if module.in_proj_bias is None else module.in_proj_bias.chunk(3)
     if module._qkv_same_embed_dim and query is key is value:
@@ -71,7 +72,7 @@ def multi_head_attention(module: nn.MultiheadAttention, query: torch.Tensor, key
     # (L, N, E) -> (N, heads, L, head_dim)
     q, k, v = (t.unflatten(-1, (heads, e // heads)).permute(1, 2, 0, 3) for t in (q, k, v))
     scores = matmul(q * math.sqrt(1.0 / (e // heads)), k.transpose(-2, -1), formats=formats, spec=forward,
-                    backward=backward)
+                    backward=backward, backend=backend)
     mask = _additive(attn_mask, scores)
     if mask is not None:
         scores = scores + (mask.unflatten(0, (-1, heads)) if mask.dim() == 3 else mask)
@@ -81,7 +82,7 @@ def multi_head_attention(module: nn.MultiheadAttention, query: torch.Tensor, key
     probs = F.softmax(scores, dim=-1)
     if module.training and module.dropout > 0:
         probs = F.dropout(probs, module.dropout)
-    out = matmul(probs, v, formats=formats, spec=forward, backward=backward).permute(2, 0, 1, 3).flatten(2)
+    out = matmul(probs, v, formats=formats, spec=forward, backward=backward, backend=backend).permute(2, 0, 1, 3).flatten(2)
     out = linear(out, module.out_proj.weight, module.out_proj.bias, **gemm)
     out = out.squeeze(1) if not batched else out.transpose(0, 1) if module.batch_first else out
     if not need_weights:

@@ -18,15 +18,16 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..backends import current_backend, resolve_backend
 from ..random_bits import counter_words, stream_seed
 from .emulate import emulated_matmul
 from .exact import grid_of, round_exact, two_prod, two_sum
 from .im2col import conv_as_gemm_operands, transposed_conv_operands
 from .kappa import activation, component_kappa, magnitudes
 from .roles import op_seed, quantize_role
-from .spec import ROLES, STREAM_BIAS, STREAM_DIV, ArithSpec, Recompute, RoleFormats
+from .spec import ROLES, STREAM_BIAS, STREAM_DIV, ArithSpec, QuantSpec, Recompute, RoleFormats
 
-__all__ = ["gemm", "linear_forward", "linear_backward", "matmul_forward", "matmul_backward",
+__all__ = ["gemm", "register_gemm_backend", "linear_forward", "linear_backward", "matmul_forward", "matmul_backward",
            "conv_forward", "conv_backward", "linear_recompute", "matmul_recompute", "conv_recompute",
            "reduce_sum", "reduce_mean"]
 
@@ -36,12 +37,38 @@ def _role(roles: RoleFormats, name: str, x, axis: int, seed: int | None, scales:
                          scale=None if scales is None else scales[i])
 
 
+# A GEMM backend computes emulated_matmul's result for operands already rounded to the two role
+# formats given (None: unknown), or returns None where it does not emulate that arithmetic.
+GemmBackend = Callable[[torch.Tensor, torch.Tensor, ArithSpec, "QuantSpec | None", "QuantSpec | None"],
+                       "torch.Tensor | None"]
+_GEMM_BACKENDS: dict[str, GemmBackend] = {}
+
+
+def register_gemm_backend(name: str, kernel: GemmBackend) -> None:
+    """Add the emulated GEMM of backend ``name`` (``triton``: ``codegen.triton_gemm``)."""
+    _GEMM_BACKENDS[name] = kernel
+
+
+def _emulated(a: torch.Tensor, b: torch.Tensor, spec: ArithSpec, seed: int | None,
+              roles: tuple[QuantSpec | None, QuantSpec | None] = (None, None), *,
+              index: torch.Tensor | None = None, exact_products: bool = False) -> torch.Tensor:
+    """``emulated_matmul`` (float64 holding acc values), by the op's backend where it emulates it."""
+    name = resolve_backend(current_backend(), a.device)
+    if name in _GEMM_BACKENDS:
+        y = _GEMM_BACKENDS[name](a, b, spec, *roles)
+        if y is not None:
+            return y.to(torch.float64)
+    return emulated_matmul(a, b, spec, seed=seed, index=index, exact_products=exact_products)
+
+
 def gemm(a: torch.Tensor, b: torch.Tensor, spec: ArithSpec, seed: int | None, *, exact_products: bool = False,
-         index: torch.Tensor | None = None) -> torch.Tensor:
-    """Batched (B, M, K) @ (B, K, N) in a's dtype: torch's kernel if native, else emulated."""
+         index: torch.Tensor | None = None,
+         roles: tuple[QuantSpec | None, QuantSpec | None] = (None, None)) -> torch.Tensor:
+    """Batched (B, M, K) @ (B, K, N) in a's dtype: torch's kernel if native, else emulated.
+    ``roles``: the formats a and b were rounded to, which a generated kernel may rely on."""
     if spec.is_native:
         return torch.matmul(a, b)
-    return emulated_matmul(a, b, spec, seed=seed, index=index, exact_products=exact_products).to(a.dtype)
+    return _emulated(a, b, spec, seed, roles, index=index, exact_products=exact_products).to(a.dtype)
 
 
 def _round_acc(s: torch.Tensor, e: torch.Tensor, spec: ArithSpec, seed: int | None, stream: int) -> torch.Tensor:
@@ -76,12 +103,12 @@ def _linear_operands(x, w, b, roles: RoleFormats, seed, scales):
             _role(roles, "bias", b, 0, seed, scales))
 
 
-def _linear_sums(xq, wq, bq, fwd: ArithSpec, seed: int | None) -> torch.Tensor:
+def _linear_sums(xq, wq, bq, fwd: ArithSpec, seed: int | None, roles: RoleFormats) -> torch.Tensor:
     """x W^T + b of the quantized operands in ``fwd``, before the output role."""
     if fwd.is_native:
         return F.linear(xq, wq, bq)
     rows = xq.reshape(1, _rows(xq), xq.shape[-1])
-    y = emulated_matmul(rows, wq.t()[None], fwd, seed=op_seed(seed, 0))
+    y = _emulated(rows, wq.t()[None], fwd, op_seed(seed, 0), (roles.get("input"), roles.get("weight")))
     if bq is not None:
         y = _add_bias(y, bq, fwd, op_seed(seed, 0))
     return y.to(xq.dtype).reshape(*xq.shape[:-1], wq.shape[0])
@@ -89,14 +116,14 @@ def _linear_sums(xq, wq, bq, fwd: ArithSpec, seed: int | None) -> torch.Tensor:
 
 def linear_forward(x, w, b, roles: RoleFormats, fwd: ArithSpec, seed: int | None, scales=None) -> torch.Tensor:
     xq, wq, bq = _linear_operands(x, w, b, roles, seed, scales)
-    return _role(roles, "output", _linear_sums(xq, wq, bq, fwd, seed), -1, seed, scales)
+    return _role(roles, "output", _linear_sums(xq, wq, bq, fwd, seed, roles), -1, seed, scales)
 
 
 def linear_recompute(x, w, b, roles: RoleFormats, fwd: ArithSpec, high: Recompute, phi: str, seed: int | None,
                      scales=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``linear_forward`` with the components ``high`` selects recomputed; and how many stayed low."""
     xq, wq, bq = _linear_operands(x, w, b, roles, seed, scales)
-    y, low = _recomputed(lambda spec: _linear_sums(xq, wq, bq, spec, seed),
+    y, low = _recomputed(lambda spec: _linear_sums(xq, wq, bq, spec, seed, roles),
                          lambda: magnitudes("linear", xq, wq, bq), fwd, high, phi)
     return _role(roles, "output", y, -1, seed, scales), low
 
@@ -109,8 +136,10 @@ def linear_backward(grad, x, w, has_bias: bool, roles: RoleFormats, fwd: ArithSp
         gx, gw, gb = _native_grads(F.linear, xq, wq, has_bias, g)
     else:
         rows = g.reshape(1, _rows(x), w.shape[0])
-        gx = gemm(rows, wq[None], bwd, op_seed(seed, 1)).reshape(x.shape)
-        gw = gemm(rows.transpose(1, 2), xq.reshape(1, _rows(x), x.shape[-1]), bwd, op_seed(seed, 2))[0]
+        g_role, x_role, w_role = roles.get("grad_output"), roles.get("input"), roles.get("weight")
+        gx = gemm(rows, wq[None], bwd, op_seed(seed, 1), roles=(g_role, w_role)).reshape(x.shape)
+        gw = gemm(rows.transpose(1, 2), xq.reshape(1, _rows(x), x.shape[-1]), bwd, op_seed(seed, 2),
+                  roles=(g_role, x_role))[0]
         gb = _sum_rows(rows[0], bwd, op_seed(seed, 3)) if has_bias else None
     return (_role(roles, "grad_input", gx, -1, seed, scales), _role(roles, "grad_weight", gw, 0, seed, scales),
             _role(roles, "grad_bias", gb, 0, seed, scales))
@@ -146,7 +175,7 @@ def _sum_rows(g: torch.Tensor, spec: ArithSpec, seed) -> torch.Tensor:
     if _sum_spec(spec).is_native:
         return g.sum(0)
     ones = torch.ones(1, g.shape[0], 1, dtype=g.dtype, device=g.device)
-    return gemm(g.t()[None], ones, _sum_spec(spec), seed, exact_products=True)[0, :, 0]
+    return emulated_matmul(g.t()[None], ones, _sum_spec(spec), seed=seed, exact_products=True)[0, :, 0].to(g.dtype)
 
 
 def _sum_spec(spec: ArithSpec) -> ArithSpec:
@@ -162,13 +191,14 @@ def _as_matrices(a, b):
     return va.expand(*batch, *va.shape[-2:]), vb.expand(*batch, *vb.shape[-2:]), batch
 
 
-def _matmul_sums(aq, bq, fwd: ArithSpec, seed) -> torch.Tensor:
+def _matmul_sums(aq, bq, fwd: ArithSpec, seed, roles: RoleFormats) -> torch.Tensor:
     """aq @ bq in ``fwd``, before the output role."""
     if fwd.is_native:
         return torch.matmul(aq, bq)
     ea, eb, batch = _as_matrices(aq, bq)
     nb = _numel(batch, range(len(batch)))
-    y = gemm(ea.reshape(nb, *ea.shape[-2:]), eb.reshape(nb, *eb.shape[-2:]), fwd, op_seed(seed, 0))
+    y = gemm(ea.reshape(nb, *ea.shape[-2:]), eb.reshape(nb, *eb.shape[-2:]), fwd, op_seed(seed, 0),
+             roles=(roles.get("input"), roles.get("weight")))
     y = y.reshape(*batch, ea.shape[-2], eb.shape[-1])
     if aq.dim() == 1:
         y = y.squeeze(-2)
@@ -179,14 +209,14 @@ def _matmul_sums(aq, bq, fwd: ArithSpec, seed) -> torch.Tensor:
 
 def matmul_forward(a, b, roles: RoleFormats, fwd: ArithSpec, seed, scales=None) -> torch.Tensor:
     aq, bq = _role(roles, "input", a, -1, seed, scales), _role(roles, "weight", b, -1, seed, scales)
-    return _role(roles, "output", _matmul_sums(aq, bq, fwd, seed), -1, seed, scales)
+    return _role(roles, "output", _matmul_sums(aq, bq, fwd, seed, roles), -1, seed, scales)
 
 
 def matmul_recompute(a, b, roles: RoleFormats, fwd: ArithSpec, high: Recompute, phi: str, seed,
                      scales=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``matmul_forward`` with the components ``high`` selects recomputed; and how many stayed low."""
     aq, bq = _role(roles, "input", a, -1, seed, scales), _role(roles, "weight", b, -1, seed, scales)
-    y, low = _recomputed(lambda spec: _matmul_sums(aq, bq, spec, seed), lambda: magnitudes("matmul", aq, bq),
+    y, low = _recomputed(lambda spec: _matmul_sums(aq, bq, spec, seed, roles), lambda: magnitudes("matmul", aq, bq),
                          fwd, high, phi)
     return _role(roles, "output", y, -1, seed, scales), low
 
@@ -232,7 +262,7 @@ def matmul_backward(grad, a, b, roles: RoleFormats, fwd: ArithSpec, bwd: ArithSp
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-def _conv_gemm(x, w, stride, padding, dilation, groups, spec, seed):
+def _conv_gemm(x, w, stride, padding, dilation, groups, spec, seed, roles=(None, None)):
     """An emulated convolution without bias: float64 accumulator values, (N, C_out, *O)."""
     a, b, out_shape, to_output = conv_as_gemm_operands(x, w, stride, padding, dilation, groups)
     g, n = groups, out_shape[0]
@@ -241,14 +271,15 @@ def _conv_gemm(x, w, stride, padding, dilation, groups, spec, seed):
     if spec.stochastic:  # the output elements' numbers count the random bits
         index = torch.arange(_numel(out_shape, range(len(out_shape))), device=x.device)
         index = index.view(n, g, -1, length).permute(1, 0, 3, 2).reshape(g, n * length, -1)
-    return to_output(emulated_matmul(a, b, spec, seed=seed, index=index))
+    return to_output(_emulated(a, b, spec, seed, roles, index=index))
 
 
-def _conv_sums(xq, wq, bq, stride, padding, dilation, groups, fwd: ArithSpec, seed) -> torch.Tensor:
+def _conv_sums(xq, wq, bq, stride, padding, dilation, groups, fwd: ArithSpec, seed,
+               roles: tuple[QuantSpec | None, QuantSpec | None] = (None, None)) -> torch.Tensor:
     """The convolution of the quantized operands in ``fwd``, before the output role."""
     if fwd.is_native:
         return _CONV[wq.dim() - 2](xq, wq, bq, stride, padding, dilation, groups)
-    y = _conv_gemm(xq, wq, stride, padding, dilation, groups, fwd, op_seed(seed, 0))
+    y = _conv_gemm(xq, wq, stride, padding, dilation, groups, fwd, op_seed(seed, 0), roles)
     if bq is not None:
         y = _add_bias(y, bq.reshape((1, -1) + (1,) * (y.dim() - 2)), fwd, op_seed(seed, 0))
     return y.to(xq.dtype)
@@ -261,7 +292,9 @@ def _conv_operands(x, w, b, roles: RoleFormats, seed, scales):
 
 def conv_forward(x, w, b, stride, padding, dilation, groups, roles: RoleFormats, fwd: ArithSpec, seed, scales=None):
     xq, wq, bq = _conv_operands(x, w, b, roles, seed, scales)
-    return _role(roles, "output", _conv_sums(xq, wq, bq, stride, padding, dilation, groups, fwd, seed), 1, seed, scales)
+    operands = (roles.get("input"), roles.get("weight"))
+    return _role(roles, "output", _conv_sums(xq, wq, bq, stride, padding, dilation, groups, fwd, seed, operands), 1,
+                 seed, scales)
 
 
 def conv_recompute(x, w, b, stride, padding, dilation, groups, roles: RoleFormats, fwd: ArithSpec, high: Recompute,
@@ -269,7 +302,8 @@ def conv_recompute(x, w, b, stride, padding, dilation, groups, roles: RoleFormat
     """``conv_forward`` with the components ``high`` selects recomputed; and how many stayed low."""
     xq, wq, bq = _conv_operands(x, w, b, roles, seed, scales)
     conv = (stride, padding, dilation, groups)
-    y, low = _recomputed(lambda spec: _conv_sums(xq, wq, bq, *conv, spec, seed),
+    operands = (roles.get("input"), roles.get("weight"))
+    y, low = _recomputed(lambda spec: _conv_sums(xq, wq, bq, *conv, spec, seed, operands),
                          lambda: magnitudes(f"conv{wq.dim() - 2}d", xq, wq, bq, *conv), fwd, high, phi)
     return _role(roles, "output", y, 1, seed, scales), low
 
@@ -284,11 +318,12 @@ def conv_backward(grad, x, w, has_bias, stride, padding, dilation, groups, roles
                                                          [True, True, has_bias])
     else:
         up, wt, s1, p0, dil = transposed_conv_operands(g, wq, x.shape, stride, padding, dilation, groups)
-        gx = _conv_gemm(up, wt, s1, p0, dil, groups, bwd, op_seed(seed, 1)).to(x.dtype)
+        g_role = roles.get("grad_output")
+        gx = _conv_gemm(up, wt, s1, p0, dil, groups, bwd, op_seed(seed, 1), (g_role, roles.get("weight"))).to(x.dtype)
         a, _, out_shape, _ = conv_as_gemm_operands(xq, wq, stride, padding, dilation, groups)
         n, c_out = g.shape[0], g.shape[1]
         grows = g.reshape(n, groups, c_out // groups, -1).permute(1, 2, 0, 3).reshape(groups, c_out // groups, -1)
-        gw = gemm(grows, a, bwd, op_seed(seed, 2)).reshape(w.shape)
+        gw = gemm(grows, a, bwd, op_seed(seed, 2), roles=(g_role, roles.get("input"))).reshape(w.shape)
         gb = _sum_rows(g.transpose(0, 1).reshape(c_out, -1).t(), bwd, op_seed(seed, 3)) if has_bias else None
     return (_role(roles, "grad_input", gx, 1, seed, scales), _role(roles, "grad_weight", gw, 0, seed, scales),
             _role(roles, "grad_bias", gb, 0, seed, scales))

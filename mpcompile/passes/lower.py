@@ -51,8 +51,9 @@ class LoweringError(MpcompileError, ValueError):
     """A node that lowering cannot rewrite; the message names the node and its module."""
 
 
-def lower(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A new GraphModule over the same submodules and parameters, with ``mpc::`` ops in."""
+def lower(gm: torch.fx.GraphModule, backend: str = "auto") -> torch.fx.GraphModule:
+    """A new GraphModule over the same submodules and parameters, with ``mpc::`` ops in, each
+    called with ``backend`` (``mpcompile.backends``; ``auto`` is the ops' default and not written)."""
     graph = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     if hasattr(gm, "_mpc_counts"):
@@ -67,6 +68,10 @@ def lower(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         else:
             env[node] = _quantized_io(gm, graph, node, assignment, env)
         env[node].meta = {**node.meta, "mpc": {**node.meta.get("mpc", {}), "node": node.name}}
+    if backend != "auto":
+        for op in graph.nodes:
+            if op.op == "call_function" and getattr(op.target, "__module__", "").startswith("mpcompile.ops."):
+                op.kwargs = {**op.kwargs, "backend": backend}
     lowered = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     if hasattr(gm, "_mpc_amax"):
         lowered._mpc_amax = gm._mpc_amax  # one module: .to() and load_state_dict reach the traced side too
