@@ -1,4 +1,5 @@
 """The fused CPU backend is bit-identical to the eager reference; the switch and fallback work."""
+import functools
 import warnings
 
 import pytest
@@ -7,23 +8,14 @@ import torch
 import mpcompile.codegen.fused_cpu as fused_cpu
 from mpcompile import quantize, set_quantize_backend
 from mpcompile.formats import MXFormat, get, parse
+from backend_pairs import reference_and
 
 # a compile failure falls back to the reference with a RuntimeWarning: here it must fail
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 from mpcompile.rounding import get_quantize_backend
 
 
-def both(x, fmt, rounding="nearest", seed=None, **kw):
-    """(reference, fused) results; ``seed`` gives each call a fresh generator with that seed."""
-    gen = lambda: {} if seed is None else {"generator": torch.Generator().manual_seed(seed)}
-    try:
-        set_quantize_backend("reference")
-        ref = quantize(x, fmt, rounding, **kw, **gen())
-        set_quantize_backend("fused")
-        got = quantize(x, fmt, rounding, **kw, **gen())
-    finally:
-        set_quantize_backend(None)
-    return ref, got
+both = functools.partial(reference_and, "fused")
 
 
 def assert_bitwise(ref, got):

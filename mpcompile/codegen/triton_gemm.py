@@ -1,0 +1,252 @@
+"""Emulated GEMM as one Triton kernel: role quantization in the prologue, a rounded accumulator,
+output quantization in the epilogue.
+
+``triton_matmul(a, b, arith, ...)`` computes the batched ``a @ b`` of ``emulate.emulated_matmul``
+for float32 operands: each program owns a (BM, BN) tile of the output, quantizes the tiles of
+``a`` and ``b`` it loads to their role formats (``round_to_format``; stochastic rounding from
+the operand's flat index and seed, as ``quantize_role`` draws it), and accumulates:
+
+- ``sequential``: an explicit k loop on CUDA cores, ``acc = round(acc + a[:, k] * b[k, :])``,
+  the order of the reference. The product of two quantized values is exact in float32 when their
+  significands fit 24 bits together (checked before launch).
+- ``chunk(k)``: ``tl.dot`` of a k-wide slab (fp32 in, fp32 out, ``ieee`` precision), then one
+  rounded add into acc. The slab's sum runs in the hardware's order: it equals the reference's
+  (exact, float64) chunk sum wherever that sum is exact in float32, and otherwise may differ in
+  the last bits of float32 before the rounding into the accumulator format.
+
+Every rounded add is exact-then-rounded-once: ``two_sum`` gives s + e = acc + term exactly,
+round-to-odd folds e into s's last bit, and rounding that to a format with at most 21 fraction
+bits equals rounding the exact sum (two guard bits), as ``exact.round_exact`` does. Neither fp
+contraction (an FMA would break two_sum) nor a float cast is used.
+
+Supported here, else ``SupportError``: deterministic accumulator rounding, no ``mul`` format, no
+Kahan, accumulator formats with at most 21 fraction bits inside float32's range, operands whose
+products are exact in float32 (both rounded to formats whose significands fit 24 bits together),
+role formats that are unscaled element formats. Registered as the ``triton`` GEMM backend of the
+ops (``kernels.register_gemm_backend``), which falls back to the reference, with one warning
+per arithmetic, where this kernel does not emulate it or fails to compile.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..formats import FloatFormat
+from ..ops.kernels import register_gemm_backend
+from ..ops.spec import ArithSpec, QuantSpec
+from ..rounding import plan_quantize
+from .triton_round import RoundSpec, counter_word, round_spec, round_to_format
+
+__all__ = ["SupportError", "triton_matmul", "supports"]
+
+
+class SupportError(ValueError):
+    """An arithmetic or role this kernel does not emulate; the reference does."""
+
+
+class _Role(NamedTuple):
+    spec: RoundSpec | None  # None: the operand is used as it is
+    stochastic: bool
+
+
+@triton.jit
+def _two_sum(a, b):
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+@triton.jit
+def _round_to_odd(s, e):
+    """s + e (|e| <= ulp(s) / 2, from two_sum) rounded to odd: s if exact or odd, else its
+    neighbour toward e."""
+    us = s.to(tl.int32, bitcast=True)
+    toward = tl.where((e > 0) == (s > 0), us + 1, us - 1)  # magnitude up if e has s's sign
+    return tl.where((e == 0) | ((us & 1) == 1), us, toward).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _load_role(ptr, offs, mask, index, seed, SPEC: tl.constexpr, STOCHASTIC: tl.constexpr):
+    x = tl.load(ptr + offs, mask=mask, other=0.0)
+    if SPEC is not None:
+        rbits = counter_word(index, seed.to(tl.uint32)) if STOCHASTIC else 0
+        x = round_to_format(x, rbits, None, SPEC)
+    return x
+
+
+@triton.jit
+def _add_rounded(acc, term, ACC: tl.constexpr):
+    s, e = _two_sum(acc, term)
+    return round_to_format(_round_to_odd(s, e), 0, None, ACC)
+
+
+@triton.jit
+def _gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K,
+                 sab, sam, sak, sbb, sbk, sbn,
+                 ia_b, ia_m, ia_k, ib_b, ib_k, ib_n, seed_a, seed_b,
+                 A_SPEC: tl.constexpr, A_SR: tl.constexpr, B_SPEC: tl.constexpr, B_SR: tl.constexpr,
+                 ACC: tl.constexpr, CHUNK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    pid_b, pid_m, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    mm, mn = rm < M, rn < N
+    im, in_, ib = rm.to(tl.int64), rn.to(tl.int64), pid_b.to(tl.int64)  # flat indices may pass 2**31
+    a_base = a_ptr + pid_b * sab
+    b_base = b_ptr + pid_b * sbb
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if CHUNK == 0:
+        for k in range(0, K):
+            a = _load_role(a_base, rm * sam + k * sak, mm, ib * ia_b + im * ia_m + k * ia_k, seed_a, A_SPEC, A_SR)
+            b = _load_role(b_base, k * sbk + rn * sbn, mn, ib * ib_b + k * ib_k + in_ * ib_n, seed_b, B_SPEC, B_SR)
+            acc = _add_rounded(acc, a[:, None] * b[None, :], ACC)
+    else:
+        rk = tl.arange(0, CHUNK)
+        for k0 in range(0, K, CHUNK):
+            ks = k0 + rk
+            mk = ks < K
+            a = _load_role(a_base, rm[:, None] * sam + ks[None, :] * sak, mm[:, None] & mk[None, :],
+                           ib * ia_b + im[:, None] * ia_m + ks[None, :] * ia_k, seed_a, A_SPEC, A_SR)
+            b = _load_role(b_base, ks[:, None] * sbk + rn[None, :] * sbn, mk[:, None] & mn[None, :],
+                           ib * ib_b + ks[:, None] * ib_k + in_[None, :] * ib_n, seed_b, B_SPEC, B_SR)
+            acc = _add_rounded(acc, tl.dot(a, b, input_precision="ieee"), ACC)
+    offs = ib * M * N + im[:, None] * N + in_[None, :]
+    tl.store(c_ptr + offs, acc, mask=mm[:, None] & mn[None, :])
+
+
+def _significand_bits(spec: QuantSpec | None) -> int:
+    fmt = None if spec is None else spec.fmt
+    return fmt.man + 1 if isinstance(fmt, FloatFormat) else 24
+
+
+@functools.lru_cache(maxsize=512)
+def _role_spec(spec: QuantSpec | None, device_type: str) -> _Role:
+    if spec is None:
+        return _Role(None, False)
+    if spec.scaling != "none" or not isinstance(spec.fmt, FloatFormat):
+        raise SupportError(f"role {spec}: only unscaled element formats are quantized in the GEMM prologue")
+    sr = spec.rounding == "stochastic"
+    plan, params = plan_quantize(spec.fmt, spec.rounding, spec.saturate, torch.float32,
+                                 max(1, 23 - spec.fmt.man), sr, torch.device(device_type))
+    return _Role(round_spec(plan, params), sr)
+
+
+@functools.lru_cache(maxsize=256)
+def _acc_spec(arith: ArithSpec, device_type: str) -> RoundSpec:
+    if arith.mul is not None or arith.kahan or arith.stochastic:
+        raise SupportError(f"arithmetic {arith}: the Triton GEMM emulates exact products, no Kahan, and "
+                           f"deterministic accumulator rounding")
+    if arith.order not in ("sequential",) and arith.chunk is None:
+        raise SupportError(f"arithmetic {arith}: order {arith.order} is not emulated by the Triton GEMM")
+    if arith.acc.man > 21:
+        raise SupportError(f"arithmetic {arith}: round-to-odd needs two guard bits below the accumulator's "
+                           f"{arith.acc.man} fraction bits in float32's 23")
+    if arith.acc.emax > 127 or arith.acc.min_subnormal < 2.0**-149:
+        raise SupportError(f"arithmetic {arith}: the accumulator's range exceeds float32's")
+    plan, params = plan_quantize(arith.acc, arith.rounding, False, torch.float32, 1, False,
+                                 torch.device(device_type))
+    return round_spec(plan, params)
+
+
+def supports(arith: ArithSpec, a_role: QuantSpec | None = None, b_role: QuantSpec | None = None) -> bool:
+    """Whether ``triton_matmul`` emulates this arithmetic with these operand roles."""
+    try:
+        _check(arith, a_role, b_role, "cpu")
+    except SupportError:
+        return False
+    return True
+
+
+def _check(arith, a_role, b_role, device_type) -> tuple[_Role, _Role, RoundSpec]:
+    a, b = _role_spec(a_role, device_type), _role_spec(b_role, device_type)
+    if _significand_bits(a_role) + _significand_bits(b_role) > 24:
+        raise SupportError(f"roles {a_role} x {b_role}: their products are not exact in float32")
+    return a, b, _acc_spec(arith, device_type)
+
+
+def _index_strides(shape: tuple[int, int, int], transposed: bool) -> tuple[int, int, int]:
+    """Flat-index strides (batch, row, col) of an operand as its role tensor lays it out: a
+    (B, K, N) right operand read from an (N, K) weight has index n * K + k."""
+    batch, rows, cols = shape
+    if transposed:
+        return rows * cols, 1, rows
+    return rows * cols, cols, 1
+
+
+def triton_matmul(a: torch.Tensor, b: torch.Tensor, arith: ArithSpec, *, a_role: QuantSpec | None = None,
+                  b_role: QuantSpec | None = None, seed_a: int = 0, seed_b: int = 0,
+                  b_transposed: bool = False, quantize: bool = True) -> torch.Tensor:
+    """Batched ``a @ b`` with ``a`` and ``b`` quantized to their roles and ``arith``'s accumulation.
+
+    Args:
+        a: float32 (B, M, K).
+        b: float32 (B, K, N) (a view, e.g. a weight's transpose, is fine).
+        arith: the forward arithmetic (``sequential`` or ``chunk(k)`` order).
+        a_role, b_role: the operands' role formats (None: used as they are).
+        seed_a, seed_b: seeds of the operands' stochastic rounding (``counter_bits`` of their
+            flat index, as ``quantize_role``).
+        b_transposed: b's role tensor is (B, N, K) (a linear weight): its flat index is n * K + k.
+        quantize: round the operands to their roles in the prologue; False: they already are
+            (the roles then only vouch that the products are exact).
+
+    Returns:
+        float32 (B, M, N) holding values of ``arith.acc``.
+
+    Raises:
+        SupportError: an arithmetic or role this kernel does not emulate.
+    """
+    if a.dtype != torch.float32 or b.dtype != torch.float32:
+        raise SupportError("triton_matmul computes on float32 operands")
+    ra, rb, acc = _check(arith, a_role, b_role, a.device.type)
+    if not quantize:
+        ra = rb = _Role(None, False)
+    B, M, K = a.shape
+    N = b.shape[-1]
+    c = torch.empty(B, M, N, dtype=torch.float32, device=a.device)
+    chunk = arith.chunk or 0
+    if chunk and chunk < 16:
+        raise SupportError(f"arithmetic {arith}: tl.dot needs chunks of at least 16")
+    bm = bn = 32 if chunk else 64
+    grid = (B, triton.cdiv(M, bm), triton.cdiv(N, bn))
+    ia = _index_strides((B, M, K), False)
+    ib = _index_strides((B, K, N), b_transposed)
+    _gemm_kernel[grid](a, b, c, M, N, K, a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1),
+                       b.stride(2), *ia, *ib, seed_a, seed_b, A_SPEC=ra.spec, A_SR=ra.stochastic, B_SPEC=rb.spec,
+                       B_SR=rb.stochastic, ACC=acc, CHUNK=chunk, BM=bm, BN=bn,
+                       enable_fp_fusion=False)  # an FMA in two_sum or in acc + a * b would change the sums
+    return c
+
+
+_NOTED: set[tuple] = set()
+
+
+def _note_once(key: tuple, text: str) -> None:
+    if key not in _NOTED:
+        _NOTED.add(key)
+        warnings.warn(f"mpcompile: {text}; the torch reference computes it (same numbers)", RuntimeWarning,
+                      stacklevel=4)
+
+
+def _gemm_backend(a: torch.Tensor, b: torch.Tensor, arith: ArithSpec, a_role: QuantSpec | None,
+                  b_role: QuantSpec | None) -> torch.Tensor | None:
+    """The ops' ``triton`` GEMM: operands already rounded to their roles; None where not emulated."""
+    if a.dtype != torch.float32 or b.dtype != torch.float32:
+        return None  # float64 work (sums against ones, exact products) stays with the reference
+    key = (arith, a_role, b_role)
+    if key in _NOTED:
+        return None
+    try:
+        return triton_matmul(a, b, arith, a_role=a_role, b_role=b_role, quantize=False)
+    except SupportError as err:
+        _note_once(key, f"Triton GEMM: {err}")
+    except Exception as err:  # a kernel that fails to compile must not cost the user the result
+        _note_once(key, f"the Triton GEMM for {arith} with roles {a_role} x {b_role} failed "
+                        f"({type(err).__name__}: {str(err)[:200]})")
+    return None
+
+
+register_gemm_backend("triton", _gemm_backend)

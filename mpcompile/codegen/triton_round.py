@@ -1,0 +1,310 @@
+"""Rounding float32 values to a number format inside a Triton kernel, bit for bit as ``quantize``.
+
+``round_to_format`` takes a tile of float32 values in registers and returns it rounded to the
+format that a ``RoundSpec`` describes; ``round_blocks`` does the same for block-scaled formats,
+one block per row. A spec is one ``tl.constexpr`` (a NamedTuple of Python values), so every
+format, rounding mode and saturation flag gets its own specialised code with all constants
+folded, and a kernel that rounds in several formats (a GEMM's inputs, products and
+accumulator) takes one spec per role and calls the same functions.
+
+Everything is integer arithmetic on the float32 bit pattern. ``|x| = m * 2**(E' - 150)``
+with ``m`` a 24-bit integer and ``E' = max(E, 1)``, so rounding ``|x|`` to a multiple of the
+quantum ``2**qe`` splits ``m`` at bit ``s = qe - (E' - 150)``, and the rounded magnitude is the
+bit pattern with its low ``s`` bits cleared plus ``away << s``: a carry out of the significand
+field runs into the exponent field exactly as the value carries into the next binade. No
+fp32->bf16/fp8 cast is used (the interpreter does not round those correctly) and no float
+operation that could round or flush a subnormal, except scaling a block's largest value,
+which repeats the reference's own two multiplications. A NaN result is torch.nan with the sign
+the reference gives it (the reference's payload depends on which torch kernel made the NaN).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..formats.block_format import SCALE_EXP_MAX, SCALE_EXP_MIN
+from ..random_bits import _GOLDEN, _M32, _MUL1, _MUL2
+from ..rounding import QuantParams, QuantPlan
+
+__all__ = ["RoundSpec", "round_spec", "round_to_format", "round_blocks", "block_scale_exp", "counter_word"]
+
+_ABS = tl.constexpr(0x7FFFFFFF)
+_SIGN = tl.constexpr(-(2**31))  # the sign bit, as an int32
+_INF = tl.constexpr(0x7F800000)
+_NAN = tl.constexpr(0x7FC00000)  # torch.nan
+_SCALE_MIN = tl.constexpr(SCALE_EXP_MIN)
+_SCALE_MAX = tl.constexpr(SCALE_EXP_MAX)
+_MIX1 = tl.constexpr(_MUL1)
+_MIX2 = tl.constexpr(_MUL2 % 2**32)  # random_bits keeps it as a negative int64
+_FOLD = tl.constexpr(_GOLDEN)
+_LOW32 = tl.constexpr(_M32)
+
+
+class RoundSpec(NamedTuple):
+    """A format, rounding mode and saturation as compile-time constants of a Triton kernel.
+
+    The flags are ``QuantPlan``'s; the numbers are ``QuantParams``' values, the float ones as
+    the bit patterns of their float32 values (exact, and free of Triton's typing of float
+    literals).
+    """
+
+    fixed: bool
+    rounding: str
+    saturate: bool
+    signed: bool
+    has_inf: bool
+    has_zero: bool
+    has_nz: bool
+    ftz: bool
+    parity_by_exponent: bool
+    man: int
+    emin: int
+    bias: int
+    max_bits: int
+    neg_max_bits: int
+    min_pos_bits: int
+    elem_emax: int
+    sr_bits: int
+
+
+_SPECS: dict[tuple[int, QuantPlan], tuple[QuantParams, RoundSpec]] = {}
+_MAX_SPECS = 4096
+
+
+def round_spec(plan: QuantPlan, params: QuantParams) -> RoundSpec:
+    """The constexpr spec of a float32 plan and its per-format numbers.
+
+    Reading the numbers copies them to the host (a synchronisation on CUDA), so specs are
+    cached per params object: ``plan_quantize`` returns the same object for the same format,
+    and the cache holds it, so its id cannot be reused by another while cached.
+
+    Args:
+        plan: a plan of ``plan_quantize`` with ``dtype`` float32.
+        params: the plan's numbers.
+    """
+    if plan.dtype != torch.float32:
+        raise ValueError(f"round_spec: Triton kernels round float32 values; this plan works in {plan.dtype}")
+    key = (id(params), plan)
+    hit = _SPECS.get(key)
+    if hit is not None and hit[0] is params:
+        return hit[1]
+    floats = torch.stack([params.max, params.neg_max, params.min_pos]).view(torch.int32).tolist()
+    ints = torch.stack([params.man, params.emin, params.bias, params.elem_emax]).tolist()
+    spec = RoundSpec(
+        fixed=plan.kind == "fixed", rounding=plan.rounding, saturate=plan.saturate, signed=plan.signed,
+        has_inf=plan.has_inf, has_zero=plan.has_zero, has_nz=plan.has_nz, ftz=plan.ftz,
+        parity_by_exponent=plan.parity_by_exponent, man=ints[0], emin=ints[1], bias=ints[2],
+        max_bits=floats[0], neg_max_bits=floats[1], min_pos_bits=floats[2], elem_emax=ints[3],
+        sr_bits=int(params.sr_bits.item()))
+    if len(_SPECS) >= _MAX_SPECS:
+        _SPECS.clear()
+    _SPECS[key] = (params, spec)
+    return spec
+
+
+# -- random bits ------------------------------------------------------------------------------
+@triton.jit
+def _mix32(v):
+    """lowbias32 on uint32 words (multiplication wraps mod 2**32)."""
+    v = v ^ (v >> 16)
+    v = v * _MIX1
+    v = v ^ (v >> 15)
+    v = v * _MIX2
+    return v ^ (v >> 16)
+
+
+@triton.jit
+def counter_word(index, seed):
+    """``random_bits.counter_words``: the uint32 word of int64 flat indices ``index`` for a uint32 seed."""
+    low = ((index ^ ((index >> 32) * _FOLD)) & _LOW32).to(tl.uint32)
+    return _mix32(_mix32(low) ^ seed)
+
+
+# -- rounding -----------------------------------------------------------------------------------
+@triton.jit
+def _exponent(ua):
+    """floor(log2(a)) from the bits of a positive finite float32 a; a subnormal's exactly
+    (its integer significand converts to float32 exactly)."""
+    sub = (ua.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127 - 149
+    return tl.where(ua >= 0x800000, (ua >> 23) - 127, sub)
+
+
+@triton.jit
+def _pow2(k):
+    """2**k as float32, for integer k in the normal range [-126, 127]."""
+    return ((k + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _scaled_bits(bits, k):
+    """The float32 of ``bits`` (positive, finite) times 2**k, computed as the reference does: two
+    steps of 2**(k/2). A result past float32's range is inf without a float overflow (which the
+    interpreter reports as a warning)."""
+    over = _exponent(bits) + k > 127
+    k = tl.where(over, 0, k)
+    h = k >> 1
+    v = (bits.to(tl.float32, bitcast=True) * _pow2(h) * _pow2(k - h)).to(tl.int32, bitcast=True)
+    return tl.where(over, _INF, v)
+
+
+@triton.jit
+def _away(fl, rem, half, s, qe, neg, rbits, scale_exp, SPEC: tl.constexpr):
+    """Whether |x| = (fl + rem / 2**s) * 2**qe rounds away from zero to (fl + 1) * 2**qe.
+
+    ``half`` is 2**(s-1) (s clamped to 25, where rem < half already); rem is 0 where s <= 0.
+    """
+    inexact = rem != 0
+    if SPEC.parity_by_exponent:  # man == 0: a code's parity is its exponent field's (as gfloat)
+        bias = SPEC.bias if scale_exp is None else SPEC.bias - scale_exp
+        odd = (fl != 0) & (((qe + bias) & 1) == 1)
+    else:
+        odd = (fl & 1) == 1
+    if SPEC.rounding == "nearest":
+        away = (rem > half) | ((rem == half) & odd)
+    elif SPEC.rounding == "nearest_away":
+        away = rem >= half
+    elif SPEC.rounding == "toward_zero":
+        away = rem < 0  # never
+    elif SPEC.rounding == "up":
+        away = inexact & ~neg
+    elif SPEC.rounding == "down":
+        away = inexact & neg
+    elif SPEC.rounding == "odd":
+        away = inexact & ~odd
+    else:
+        tl.static_assert(SPEC.rounding == "stochastic", "unknown rounding mode")
+        away = _stochastic_away(rem, s, rbits, SPEC.sr_bits)
+    return away
+
+
+@triton.jit
+def _stochastic_away(rem, s, rbits, N: tl.constexpr):
+    """gfloat's stochastic rule: the fraction rem / 2**s rounded to N bits (ties to even), plus
+    the low N random bits, reaches 2**N. In int64: the sum is below 2**63 for N <= 62."""
+    r = rem.to(tl.int64)
+    one = tl.full(r.shape, 1, tl.int64)
+    k = s - N  # d = rem * 2**-k, rounded
+    kc = tl.minimum(tl.maximum(k, 1), 25)  # rem < 2**24, half of 2**25: from k = 25 on, d is 0
+    q = r >> kc
+    low = r & ((one << kc) - 1)
+    h = one << (kc - 1)
+    d_down = q + ((low > h) | ((low == h) & ((q & 1) == 1))).to(tl.int64)
+    d_up = r << tl.minimum(tl.maximum(-k, 0), 62)
+    d = tl.where(k <= 0, d_up, d_down)
+    two_n = one << N
+    return (s > 0) & (d + (rbits.to(tl.int64) & (two_n - 1)) >= two_n)
+
+
+@triton.jit
+def round_to_format(x, rbits, scale_exp, SPEC: tl.constexpr):
+    """``x`` rounded to the format of ``SPEC``, as ``rounding._round_values`` rounds it.
+
+    Args:
+        x: float32 tile.
+        rbits: for stochastic rounding, integer random words broadcastable to x (the low
+            ``SPEC.sr_bits`` bits are used); ignored otherwise (pass 0).
+        scale_exp: None, or an int32 tile broadcastable to x: the format's values scaled by
+            2**scale_exp (a block's shared scale).
+        SPEC: the ``RoundSpec``.
+
+    Returns:
+        The rounded float32 tile.
+    """
+    ux = x.to(tl.int32, bitcast=True)
+    neg = ux < 0
+    ua = ux & _ABS
+    finite = ua < _INF
+    is_nan = ua > _INF
+    big_e = ua >> 23
+    m = tl.where(big_e > 0, (ua & 0x7FFFFF) | 0x800000, ua)
+    unit = tl.maximum(big_e, 1) - 150  # |x| = m * 2**unit
+    shift = 0 if scale_exp is None else scale_exp
+    if SPEC.fixed:
+        qe = tl.zeros_like(ua) + (shift - SPEC.man)
+    else:
+        e = _exponent(ua)
+        emin = SPEC.emin + shift
+        if SPEC.ftz:
+            qe = tl.where(e < emin, emin, e - SPEC.man)
+        else:
+            qe = tl.maximum(e, emin) - SPEC.man
+    # s <= 0: x is on the grid (this is also the reference's "never below the input's grid")
+    s = qe - unit
+    sc = tl.minimum(tl.maximum(s, 1), 25)  # m < 2**24: past 25 bits, nothing changes
+    fl = m >> sc
+    rem = tl.where(s > 0, m & ((1 << sc) - 1), 0)
+    away = _away(fl, rem, 1 << (sc - 1), s, qe, neg, rbits, scale_exp, SPEC)
+    up = away.to(tl.int32)
+    low_s = ((ua >> sc) + up) << sc  # s in [1, 23]: both ends of the interval share x's frame
+    high_s = up * tl.where(qe > 127, _INF, (qe + 127) << 23)  # s >= 24: fl == 0, so 0 or 2**qe (qe >= -125)
+    r = tl.where(s <= 0, ua, tl.where(s <= 23, low_s, high_s))
+    r = tl.where(finite, r, tl.where(is_nan, _NAN, _INF))
+    return _finish(r, ux, ua, neg, finite, is_nan, scale_exp, SPEC)
+
+
+@triton.jit
+def _finish(r, ux, ua, neg, finite, is_nan, scale_exp, SPEC: tl.constexpr):
+    """Overflow, formats without zero, unsigned formats and the sign, on the rounded magnitude
+    bits r (int32 comparisons order non-negative floats; NaN is excluded explicitly)."""
+    amax = tl.zeros_like(ua) + SPEC.max_bits
+    if SPEC.fixed:
+        amax = tl.where(neg, SPEC.neg_max_bits, amax)
+    if scale_exp is not None:
+        amax = _scaled_bits(amax, scale_exp)
+    over = (r > amax) & ~is_nan
+    if SPEC.saturate:
+        r = tl.where(over, amax, r)
+    else:
+        # the directed modes never round a finite value past max
+        if SPEC.rounding == "toward_zero" or SPEC.rounding == "odd":
+            clamp = finite
+        elif SPEC.rounding == "up":
+            clamp = finite & neg
+        elif SPEC.rounding == "down":
+            clamp = finite & ~neg
+        else:
+            clamp = ua < 0  # never
+        r = tl.where(over & clamp, amax, r)
+        r = tl.where(over & ~clamp, _INF if SPEC.has_inf else _NAN, r)
+    if not SPEC.has_zero:  # E8M0: nothing below min_pos, and zero is not a value
+        r = tl.where(r < SPEC.min_pos_bits, SPEC.min_pos_bits, r)
+        r = tl.where(ua == 0, SPEC.min_pos_bits if SPEC.saturate else _NAN, r)
+    if SPEC.signed:
+        r = r | (ux & _SIGN)
+        if not SPEC.has_nz:
+            r = tl.where(r == _SIGN, 0, r)
+    else:  # negative values are out of range of an unsigned format
+        low = 0 if SPEC.has_zero else SPEC.min_pos_bits
+        r = tl.where(neg & (ua > 0) & ~is_nan, low if SPEC.saturate else _NAN, r)
+    return r.to(tl.float32, bitcast=True)
+
+
+# -- blocks -------------------------------------------------------------------------------------
+@triton.jit
+def block_scale_exp(amax_bits, ELEM_EMAX: tl.constexpr):
+    """A block's shared scale exponent from the bits of its largest magnitude, as
+    ``_round_blocks``: floor(log2(amax)) - emax clipped to the E8M0 range; the lowest for an
+    all-zero block, the highest for a block holding inf (any for NaN: the block is NaN)."""
+    k = tl.minimum(tl.maximum(_exponent(amax_bits) - ELEM_EMAX, _SCALE_MIN), _SCALE_MAX)
+    k = tl.where(amax_bits == 0, _SCALE_MIN, k)
+    return tl.where(amax_bits >= _INF, _SCALE_MAX, k)
+
+
+@triton.jit
+def round_blocks(x, rbits, SPEC: tl.constexpr):
+    """Each row of the 2-D float32 tile ``x`` is one block (zeros past its end), rounded to the
+    block format whose element is ``SPEC`` (saturating): every element of a block holding NaN
+    becomes NaN.
+
+    Args:
+        x: float32 tile of shape (blocks, block size).
+        rbits: random words as for ``round_to_format``.
+        SPEC: the ``RoundSpec`` of the element format.
+    """
+    ua = x.to(tl.int32, bitcast=True) & _ABS
+    amax = tl.max(ua, axis=1, keep_dims=True)  # bit patterns order as magnitudes, NaN above inf
+    r = round_to_format(x, rbits, block_scale_exp(amax, SPEC.elem_emax), SPEC)
+    return tl.where(amax > _INF, (tl.zeros_like(ua) + _NAN).to(tl.float32, bitcast=True), r)

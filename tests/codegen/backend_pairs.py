@@ -1,0 +1,20 @@
+"""Run ``quantize`` on the reference backend and on another one, for bit-for-bit comparisons."""
+from __future__ import annotations
+
+import torch
+
+from mpcompile import quantize, set_quantize_backend
+
+
+def reference_and(backend: str, x: torch.Tensor, fmt, rounding: str = "nearest", seed: int | None = None, **kw):
+    """(reference, backend) results of ``quantize(x, fmt, rounding, **kw)``; ``seed`` gives each
+    call a fresh generator (on x's device) with that seed, so both draw the same random bits."""
+    gen = lambda: {} if seed is None else {"generator": torch.Generator(x.device).manual_seed(seed)}
+    try:
+        set_quantize_backend("reference")
+        ref = quantize(x, fmt, rounding, **kw, **gen())
+        set_quantize_backend(backend)
+        got = quantize(x, fmt, rounding, **kw, **gen())
+    finally:
+        set_quantize_backend(None)
+    return ref, got

@@ -1,0 +1,86 @@
+"""The Triton GEMM against the reference emulation, bit for bit, in Triton's interpreter."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not (os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()):
+    pytest.skip("Triton kernels run on a GPU or in the interpreter (TRITON_INTERPRET=1, as make test sets)",
+                allow_module_level=True)
+
+from mpcompile.codegen.triton_gemm import SupportError, supports, triton_matmul  # noqa: E402
+from mpcompile.ops.emulate import emulated_matmul  # noqa: E402
+from mpcompile.ops.roles import quantize_role  # noqa: E402
+from mpcompile.ops.spec import parse_arith, parse_quant  # noqa: E402
+
+
+def _reference(a, b, arith, a_role, b_role, seed_a=0, seed_b=0, b_transposed=False):
+    aq = quantize_role(a, a_role, axis=-1, seed=seed_a)
+    w = b.transpose(-1, -2) if b_transposed else b  # the role tensor as quantize_role sees it
+    bq = quantize_role(w.contiguous(), b_role, axis=0, seed=seed_b)
+    bq = bq.transpose(-1, -2) if b_transposed else bq
+    return emulated_matmul(aq, bq, arith, exact_products=True).float()
+
+
+def _same(x, y):
+    """Bit for bit, except that a NaN matches any NaN: the sign and payload of a NaN made by an
+    addition (inf - inf) are the hardware's, on either side."""
+    nan = x.isnan()
+    return torch.equal(nan, y.isnan()) and torch.equal(x.view(torch.int32)[~nan], y.view(torch.int32)[~nan])
+
+
+@pytest.mark.parametrize("acc, role, rounding", [
+    ("bf16", "fp8_e4m3", "nearest"), ("e6m9", "fp8_e5m2", "nearest"), ("fp16", "bf16", "toward_zero"),
+    ("e5m2", "fp8_e4m3", "up"), ("bf16", "e3m2", "odd"),
+])
+def test_sequential_equals_the_reference_at_tile_edges(acc, role, rounding):
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(1, 67, 13, generator=gen) * 3  # 67 and 70: past one 64-wide tile
+    b = torch.randn(1, 13, 70, generator=gen)
+    arith = parse_arith(f"acc={acc} rounding={rounding}")
+    r = parse_quant(role)
+    assert _same(triton_matmul(a, b, arith, a_role=r, b_role=r), _reference(a, b, arith, r, r))
+
+
+def test_stochastic_roles_draw_the_bits_of_quantize_role_also_for_a_transposed_weight():
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(1, 9, 40, generator=gen)
+    w = torch.randn(1, 11, 40, generator=gen)  # (N, K), read as its transpose
+    arith = parse_arith("acc=bf16")
+    r = parse_quant("fp8_e4m3:stochastic")
+    got = triton_matmul(a, w.transpose(1, 2), arith, a_role=r, b_role=r, seed_a=5, seed_b=9, b_transposed=True)
+    want = _reference(a, w.transpose(1, 2), arith, r, r, 5, 9, b_transposed=True)
+    assert _same(got, want)
+    other = triton_matmul(a, w.transpose(1, 2), arith, a_role=r, b_role=r, seed_a=6, seed_b=9, b_transposed=True)
+    assert not _same(got, other)  # the seed reaches the bits
+
+
+@pytest.mark.parametrize("chunk", [16, 32])
+def test_chunked_equals_the_reference_where_the_chunk_sums_are_exact_in_float32(chunk):
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randint(-8, 9, (2, 35, 100), generator=gen).float()  # products and chunk sums: small integers
+    b = torch.randint(-8, 9, (2, 100, 33), generator=gen).float()
+    arith = parse_arith(f"acc=e5m2 order=chunk({chunk})")
+    got = triton_matmul(a, b, arith, a_role=parse_quant("fp8_e4m3"), b_role=parse_quant("fp8_e4m3"))
+    assert _same(got, _reference(a, b, arith, parse_quant("fp8_e4m3"), parse_quant("fp8_e4m3")))
+    assert not _same(got, a @ b)  # the e5m2 accumulator rounds
+
+
+def test_overflow_and_nan_follow_the_reference():
+    a = torch.tensor([[[60000.0, 60000.0, 1.0], [float("nan"), 1.0, 1.0], [-3.0, 2.5, float("inf")]]])
+    b = torch.ones(1, 3, 4)
+    arith, r = parse_arith("acc=fp16"), parse_quant("fp16")
+    got = triton_matmul(a, b, arith, a_role=r, b_role=r)
+    assert _same(got, _reference(a, b, arith, r, r))
+    assert got[0, 0, 0] == float("inf") and got[0, 1, 0].isnan()
+
+
+def test_what_it_does_not_emulate_is_refused():
+    assert not supports(parse_arith("acc=bf16 rounding=stochastic"))
+    assert not supports(parse_arith("acc=fp32"), None, None)  # fp32 products of fp32 values are not exact
+    assert not supports(parse_arith("acc=bf16 kahan=true"))
+    assert supports(parse_arith("acc=bf16"), parse_quant("bf16"), parse_quant("bf16"))
+    with pytest.raises(SupportError, match="not exact in float32"):
+        triton_matmul(torch.ones(1, 2, 2), torch.ones(1, 2, 2), parse_arith("acc=bf16"))
