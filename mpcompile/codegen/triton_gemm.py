@@ -22,7 +22,8 @@ contraction (an FMA would break two_sum) nor a float cast is used.
 Supported here, else ``SupportError``: deterministic accumulator rounding, no ``mul`` format, no
 Kahan, accumulator formats with at most 21 fraction bits inside float32's range, operands whose
 products are exact in float32 (both rounded to formats whose significands fit 24 bits together),
-role formats that are unscaled element formats. Registered as the ``triton`` GEMM backend of the
+role formats that are unscaled element formats where the prologue rounds (operands rounded
+beforehand may have any power-of-two scaling, block formats included). Registered as the ``triton`` GEMM backend of the
 ops (``kernels.register_gemm_backend``), which falls back to the reference, with one warning
 per arithmetic, where this kernel does not emulate it or fails to compile.
 """
@@ -36,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..formats import FloatFormat
+from ..formats import BlockFormat, FixedFormat, FloatFormat
 from ..ops.kernels import register_gemm_backend
 from ..ops.spec import ArithSpec, QuantSpec
 from ..rounding import plan_quantize
@@ -119,8 +120,14 @@ def _gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K,
 
 
 def _significand_bits(spec: QuantSpec | None) -> int:
-    fmt = None if spec is None else spec.fmt
-    return fmt.man + 1 if isinstance(fmt, FloatFormat) else 24
+    """At most how many significant bits a value rounded as ``spec`` has (24: any float32).
+    Power-of-two scales (block, tensor, channel) keep the element's; ``*_amax`` scales do not."""
+    if spec is None or spec.scaling.endswith("_amax"):
+        return 24
+    fmt = spec.fmt.element if isinstance(spec.fmt, BlockFormat) else spec.fmt
+    if isinstance(fmt, FloatFormat):
+        return fmt.man + 1
+    return fmt.bits if isinstance(fmt, FixedFormat) else 24
 
 
 @functools.lru_cache(maxsize=512)
@@ -152,17 +159,19 @@ def _acc_spec(arith: ArithSpec, device_type: str) -> RoundSpec:
     return round_spec(plan, params)
 
 
-def supports(arith: ArithSpec, a_role: QuantSpec | None = None, b_role: QuantSpec | None = None) -> bool:
-    """Whether ``triton_matmul`` emulates this arithmetic with these operand roles."""
+def supports(arith: ArithSpec, a_role: QuantSpec | None = None, b_role: QuantSpec | None = None, *,
+             quantize: bool = True) -> bool:
+    """Whether ``triton_matmul`` emulates this arithmetic with these operand roles (``quantize``:
+    rounding them in its prologue, else taking operands already rounded)."""
     try:
-        _check(arith, a_role, b_role, "cpu")
+        _check(arith, a_role, b_role, "cpu", quantize)
     except SupportError:
         return False
     return True
 
 
-def _check(arith, a_role, b_role, device_type) -> tuple[_Role, _Role, RoundSpec]:
-    a, b = _role_spec(a_role, device_type), _role_spec(b_role, device_type)
+def _check(arith, a_role, b_role, device_type, quantize: bool = True) -> tuple[_Role, _Role, RoundSpec]:
+    a, b = (_role_spec(a_role, device_type), _role_spec(b_role, device_type)) if quantize else (_Role(None, False),) * 2
     if _significand_bits(a_role) + _significand_bits(b_role) > 24:
         raise SupportError(f"roles {a_role} x {b_role}: their products are not exact in float32")
     return a, b, _acc_spec(arith, device_type)
@@ -201,9 +210,7 @@ def triton_matmul(a: torch.Tensor, b: torch.Tensor, arith: ArithSpec, *, a_role:
     """
     if a.dtype != torch.float32 or b.dtype != torch.float32:
         raise SupportError("triton_matmul computes on float32 operands")
-    ra, rb, acc = _check(arith, a_role, b_role, a.device.type)
-    if not quantize:
-        ra = rb = _Role(None, False)
+    ra, rb, acc = _check(arith, a_role, b_role, a.device.type, quantize)
     B, M, K = a.shape
     N = b.shape[-1]
     c = torch.empty(B, M, N, dtype=torch.float32, device=a.device)

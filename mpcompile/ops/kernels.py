@@ -221,7 +221,7 @@ def matmul_recompute(a, b, roles: RoleFormats, fwd: ArithSpec, high: Recompute, 
     return _role(roles, "output", y, -1, seed, scales), low
 
 
-def _reduced_gemm(left, right, target_shape, spec, seed):
+def _reduced_gemm(left, right, target_shape, spec, seed, roles=(None, None)):
     """left (batch, M, J) @ right (batch, J, K), summed over the batch dims where the operand
     of ``target_shape`` was broadcast: those dims join the reduction (before J)."""
     nb = left.dim() - 2
@@ -232,7 +232,7 @@ def _reduced_gemm(left, right, target_shape, spec, seed):
     kept = _numel(left.shape, keep)
     lo = left.permute(*keep, nb, *red, nb + 1).reshape(kept, m, _numel(left.shape, red) * j)
     ro = right.permute(*keep, *red, nb, nb + 1).reshape(kept, _numel(right.shape, red) * j, k)
-    return gemm(lo, ro, spec, seed).reshape(target_shape)
+    return gemm(lo, ro, spec, seed, roles=roles).reshape(target_shape)
 
 
 def _numel(shape, dims) -> int:
@@ -253,8 +253,11 @@ def matmul_backward(grad, a, b, roles: RoleFormats, fwd: ArithSpec, bwd: ArithSp
         g2 = g.reshape(*batch, ea.shape[-2], eb.shape[-1])
         a_shape = a.shape if a.dim() > 1 else (1, a.shape[0])
         b_shape = b.shape if b.dim() > 1 else (b.shape[0], 1)
-        ga = _reduced_gemm(g2, eb.transpose(-1, -2), a_shape, bwd, op_seed(seed, 1)).reshape(a.shape)
-        gb = _reduced_gemm(ea.transpose(-1, -2), g2, b_shape, bwd, op_seed(seed, 2)).reshape(b.shape)
+        g_role = roles.get("grad_output")
+        ga = _reduced_gemm(g2, eb.transpose(-1, -2), a_shape, bwd, op_seed(seed, 1),
+                           (g_role, roles.get("weight"))).reshape(a.shape)
+        gb = _reduced_gemm(ea.transpose(-1, -2), g2, b_shape, bwd, op_seed(seed, 2),
+                           (roles.get("input"), g_role)).reshape(b.shape)
     return _role(roles, "grad_input", ga, -1, seed, scales), _role(roles, "grad_weight", gb, -1, seed, scales)
 
 

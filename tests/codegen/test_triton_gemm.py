@@ -84,3 +84,20 @@ def test_what_it_does_not_emulate_is_refused():
     assert supports(parse_arith("acc=bf16"), parse_quant("bf16"), parse_quant("bf16"))
     with pytest.raises(SupportError, match="not exact in float32"):
         triton_matmul(torch.ones(1, 2, 2), torch.ones(1, 2, 2), parse_arith("acc=bf16"))
+
+
+def test_operands_rounded_beforehand_may_carry_power_of_two_scales():
+    """MX blocks and tensor scaling keep an element's significand, so products stay exact; the
+    roles then only vouch for that (quantize=False), as the ops use the kernel."""
+    from mpcompile import quantize
+
+    gen = torch.Generator().manual_seed(3)
+    a = quantize(torch.randn(1, 20, 64, generator=gen), "mxfp8_e4m3")
+    b = quantize(torch.randn(1, 64, 24, generator=gen) * 100, "mxfp8_e5m2")
+    arith = parse_arith("acc=bf16")
+    got = triton_matmul(a, b, arith, a_role=parse_quant("mxfp8_e4m3"), b_role=parse_quant("mxfp8_e5m2"),
+                        quantize=False)
+    assert _same(got, emulated_matmul(a, b, arith, exact_products=True).float())
+    assert supports(arith, parse_quant("fp8_e4m3:tensor"), parse_quant("fp8_e4m3:channel"), quantize=False)
+    assert not supports(arith, parse_quant("fp8_e4m3:tensor"), parse_quant("fp8_e4m3"))  # not in the prologue
+    assert not supports(arith, parse_quant("fp8_e4m3:tensor_amax"), parse_quant("fp8_e4m3"), quantize=False)
