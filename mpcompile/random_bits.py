@@ -10,26 +10,27 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["counter_bits", "counter_words", "counter_word", "mix32", "stream_seed", "COUNTER_BITS"]
+__all__ = ["counter_bits", "counter_words", "counter_word", "mix32", "stream_seed", "COUNTER_BITS", "MASK32", "MIX_MUL1",
+           "MIX_MUL2", "INDEX_FOLD"]
 
 COUNTER_BITS = 32  # bits per word
-_M32 = 0xFFFFFFFF
-_MUL1 = 0x7FEB352D
-_MUL2 = 0x846CA68B - 2**32  # the same product mod 2**32, as a negative int64 multiplier
-_GOLDEN = 0x61C88647  # folds index bits above 32 into the low word
+MASK32 = 0xFFFFFFFF
+MIX_MUL1 = 0x7FEB352D
+MIX_MUL2 = 0x846CA68B - 2**32  # the same product mod 2**32, as a negative int64 multiplier
+INDEX_FOLD = 0x61C88647  # folds index bits above 32 into the low word
 _EAGER_CHUNK = 1 << 16
 
 
 def mix32(v: torch.Tensor) -> torch.Tensor:
     """lowbias32 on an int64 tensor of 32-bit words (values in [0, 2**32))."""
-    v = ((v ^ (v >> 16)) * _MUL1) & _M32
-    v = ((v ^ (v >> 15)) * _MUL2) & _M32
+    v = ((v ^ (v >> 16)) * MIX_MUL1) & MASK32
+    v = ((v ^ (v >> 15)) * MIX_MUL2) & MASK32
     return v ^ (v >> 16)
 
 
 def counter_words(index: torch.Tensor, seed: "torch.Tensor | int") -> torch.Tensor:
     """mix(mix(i) ^ seed) for int64 indices i >= 0 (broadcasting index against seed)."""
-    return mix32(mix32((index ^ ((index >> 32) * _GOLDEN)) & _M32) ^ seed)
+    return mix32(mix32((index ^ ((index >> 32) * INDEX_FOLD)) & MASK32) ^ seed)
 
 
 def stream_seed(seed: int, stream: int, step: int) -> int:
@@ -38,17 +39,17 @@ def stream_seed(seed: int, stream: int, step: int) -> int:
     An op's reductions draw the bits of rounding ``step`` in ``stream`` (products, adds, ...)
     for output element ``i`` as ``counter_words(i, stream_seed(seed, stream, step))``.
     """
-    return _mix_int(seed ^ _mix_int((step * 8 + stream) & _M32))
+    return _mix_int(seed ^ _mix_int((step * 8 + stream) & MASK32))
 
 
 def counter_word(index: int, seed: int) -> int:
     """One word of ``counter_words``, in pure Python (for scalar references)."""
-    return _mix_int(_mix_int((index ^ ((index >> 32) * _GOLDEN)) & _M32) ^ seed)
+    return _mix_int(_mix_int((index ^ ((index >> 32) * INDEX_FOLD)) & MASK32) ^ seed)
 
 
 def _mix_int(v: int) -> int:
-    v = ((v ^ (v >> 16)) * 0x7FEB352D) & _M32
-    v = ((v ^ (v >> 15)) * 0x846CA68B) & _M32
+    v = ((v ^ (v >> 16)) * 0x7FEB352D) & MASK32
+    v = ((v ^ (v >> 15)) * 0x846CA68B) & MASK32
     return v ^ (v >> 16)
 
 

@@ -9,9 +9,9 @@ closure is cached in memory per (plan, spec), and Triton caches the compiled cod
 Float32 plans only: a float64 plan goes to the reference.
 
 Registered as the ``triton`` backend, which ``auto`` picks for CUDA tensors. On the CPU it
-runs only when asked for by name (``set_quantize_backend("triton")``), in Triton's interpreter
-(``TRITON_INTERPRET=1`` set before mpcompile is imported): that is how the tests check it
-against the reference. A kernel that fails to compile falls back to the reference, with one
+runs only when asked for by name (``backend="triton"``, ``use_backend`` or
+``set_quantize_backend("triton")``), in Triton's interpreter (``TRITON_INTERPRET=1`` set before
+mpcompile is imported): that is how the tests check it against the reference. A kernel that fails to compile falls back to the reference, with one
 warning per spec.
 """
 from __future__ import annotations

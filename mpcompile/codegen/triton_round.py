@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ..formats.block_format import SCALE_EXP_MAX, SCALE_EXP_MIN
-from ..random_bits import _GOLDEN, _M32, _MUL1, _MUL2
+from ..random_bits import INDEX_FOLD, MASK32, MIX_MUL1, MIX_MUL2
 from ..rounding import QuantParams, QuantPlan
 
 __all__ = ["RoundSpec", "round_spec", "round_to_format", "round_blocks", "block_scale_exp", "counter_word"]
@@ -37,10 +37,10 @@ _INF = tl.constexpr(0x7F800000)
 _NAN = tl.constexpr(0x7FC00000)  # torch.nan
 _SCALE_MIN = tl.constexpr(SCALE_EXP_MIN)
 _SCALE_MAX = tl.constexpr(SCALE_EXP_MAX)
-_MIX1 = tl.constexpr(_MUL1)
-_MIX2 = tl.constexpr(_MUL2 % 2**32)  # random_bits keeps it as a negative int64
-_FOLD = tl.constexpr(_GOLDEN)
-_LOW32 = tl.constexpr(_M32)
+_MIX1 = tl.constexpr(MIX_MUL1)
+_MIX2 = tl.constexpr(MIX_MUL2 % 2**32)  # random_bits keeps it as a negative int64
+_FOLD = tl.constexpr(INDEX_FOLD)
+_LOW32 = tl.constexpr(MASK32)
 
 
 class RoundSpec(NamedTuple):
