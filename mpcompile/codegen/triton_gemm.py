@@ -239,17 +239,25 @@ def _note_once(key: tuple, text: str) -> None:
 
 
 def _gemm_backend(a: torch.Tensor, b: torch.Tensor, arith: ArithSpec, a_role: QuantSpec | None,
-                  b_role: QuantSpec | None) -> torch.Tensor | None:
-    """The ops' ``triton`` GEMM: operands already rounded to their roles; None where not emulated."""
+                  b_role: QuantSpec | None, prologue: tuple[int, int, bool] | None = None) -> torch.Tensor | None:
+    """The ops' ``triton`` GEMM (``kernels.GemmBackend``); None where it does not emulate the call.
+    Without ``prologue`` the operands are already rounded to their roles; with it, (seed_a,
+    seed_b, b_transposed), they are rounded here, and a role the prologue cannot round returns
+    None quietly (the op then rounds the operands itself and calls again without it)."""
     if a.dtype != torch.float32 or b.dtype != torch.float32:
         return None  # float64 work (sums against ones, exact products) stays with the reference
     key = (arith, a_role, b_role)
     if key in _NOTED:
         return None
     try:
+        if prologue is not None:
+            seed_a, seed_b, transposed = prologue
+            return triton_matmul(a, b, arith, a_role=a_role, b_role=b_role, seed_a=seed_a, seed_b=seed_b,
+                                 b_transposed=transposed)
         return triton_matmul(a, b, arith, a_role=a_role, b_role=b_role, quantize=False)
     except SupportError as err:
-        _note_once(key, f"Triton GEMM: {err}")
+        if prologue is None:
+            _note_once(key, f"Triton GEMM: {err}")
     except Exception as err:  # a kernel that fails to compile must not cost the user the result
         _note_once(key, f"the Triton GEMM for {arith} with roles {a_role} x {b_role} failed "
                         f"({type(err).__name__}: {str(err)[:200]})")
