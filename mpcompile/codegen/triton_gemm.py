@@ -72,12 +72,17 @@ def _round_to_odd(s, e):
 
 
 @triton.jit
-def _load_role(ptr, offs, mask, index, seed, SPEC: tl.constexpr, STOCHASTIC: tl.constexpr):
-    x = tl.load(ptr + offs, mask=mask, other=0.0)
+def _round_role(x, index, seed, SPEC: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """x rounded to a role's format (None: as it is); stochastic bits from the role tensor's flat index."""
     if SPEC is not None:
         rbits = counter_word(index, seed.to(tl.uint32)) if STOCHASTIC else 0
         x = round_to_format(x, rbits, None, SPEC)
     return x
+
+
+@triton.jit
+def _load_role(ptr, offs, mask, index, seed, SPEC: tl.constexpr, STOCHASTIC: tl.constexpr):
+    return _round_role(tl.load(ptr + offs, mask=mask, other=0.0), index, seed, SPEC, STOCHASTIC)
 
 
 @triton.jit
@@ -87,11 +92,12 @@ def _add_rounded(acc, term, ACC: tl.constexpr):
 
 
 @triton.jit
-def _gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K,
+def _gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K,
                  sab, sam, sak, sbb, sbk, sbn,
-                 ia_b, ia_m, ia_k, ib_b, ib_k, ib_n, seed_a, seed_b,
+                 ia_b, ia_m, ia_k, ib_b, ib_k, ib_n, seed_a, seed_b, seed_out,
                  A_SPEC: tl.constexpr, A_SR: tl.constexpr, B_SPEC: tl.constexpr, B_SR: tl.constexpr,
-                 ACC: tl.constexpr, CHUNK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                 ACC: tl.constexpr, CHUNK: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_SPEC: tl.constexpr,
+                 OUT_SR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     pid_b, pid_m, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -116,6 +122,9 @@ def _gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K,
                            ib * ib_b + ks[:, None] * ib_k + in_[None, :] * ib_n, seed_b, B_SPEC, B_SR)
             acc = _add_rounded(acc, tl.dot(a, b, input_precision="ieee"), ACC)
     offs = ib * M * N + im[:, None] * N + in_[None, :]
+    if HAS_BIAS:  # one more rounded add, as the reference adds a bias
+        acc = _add_rounded(acc, tl.load(bias_ptr + rn, mask=mn, other=0.0)[None, :], ACC)
+    acc = _round_role(acc, offs, seed_out, OUT_SPEC, OUT_SR)  # the output role, from registers
     tl.store(c_ptr + offs, acc, mask=mm[:, None] & mn[None, :])
 
 
@@ -188,7 +197,8 @@ def _index_strides(shape: tuple[int, int, int], transposed: bool) -> tuple[int, 
 
 def triton_matmul(a: torch.Tensor, b: torch.Tensor, arith: ArithSpec, *, a_role: QuantSpec | None = None,
                   b_role: QuantSpec | None = None, seed_a: int = 0, seed_b: int = 0,
-                  b_transposed: bool = False, quantize: bool = True) -> torch.Tensor:
+                  b_transposed: bool = False, quantize: bool = True, bias: torch.Tensor | None = None,
+                  out_role: QuantSpec | None = None, seed_out: int = 0) -> torch.Tensor:
     """Batched ``a @ b`` with ``a`` and ``b`` quantized to their roles and ``arith``'s accumulation.
 
     Args:
@@ -201,6 +211,10 @@ def triton_matmul(a: torch.Tensor, b: torch.Tensor, arith: ArithSpec, *, a_role:
         b_transposed: b's role tensor is (B, N, K) (a linear weight): its flat index is n * K + k.
         quantize: round the operands to their roles in the prologue; False: they already are
             (the roles then only vouch that the products are exact).
+        bias: float32 (N,), already rounded to its role: added in the epilogue with one more
+            rounding into the accumulator, as the reference adds a bias.
+        out_role, seed_out: the output's role, applied in the epilogue to the float32 result
+            (stochastic bits from the output's flat index and ``seed_out``).
 
     Returns:
         float32 (B, M, N) holding values of ``arith.acc``.
@@ -211,6 +225,7 @@ def triton_matmul(a: torch.Tensor, b: torch.Tensor, arith: ArithSpec, *, a_role:
     if a.dtype != torch.float32 or b.dtype != torch.float32:
         raise SupportError("triton_matmul computes on float32 operands")
     ra, rb, acc = _check(arith, a_role, b_role, a.device.type, quantize)
+    out = _role_spec(out_role, a.device.type)
     B, M, K = a.shape
     N = b.shape[-1]
     c = torch.empty(B, M, N, dtype=torch.float32, device=a.device)
@@ -221,9 +236,12 @@ def triton_matmul(a: torch.Tensor, b: torch.Tensor, arith: ArithSpec, *, a_role:
     grid = (B, triton.cdiv(M, bm), triton.cdiv(N, bn))
     ia = _index_strides((B, M, K), False)
     ib = _index_strides((B, K, N), b_transposed)
-    _gemm_kernel[grid](a, b, c, M, N, K, a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1),
-                       b.stride(2), *ia, *ib, seed_a, seed_b, A_SPEC=ra.spec, A_SR=ra.stochastic, B_SPEC=rb.spec,
-                       B_SR=rb.stochastic, ACC=acc, CHUNK=chunk, BM=bm, BN=bn,
+    if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (N,)):
+        raise SupportError(f"bias must be float32 of shape ({N},), got {bias.dtype} {tuple(bias.shape)}")
+    _gemm_kernel[grid](a, b, c, c if bias is None else bias.contiguous(), M, N, K, a.stride(0), a.stride(1),
+                       a.stride(2), b.stride(0), b.stride(1), b.stride(2), *ia, *ib, seed_a, seed_b, seed_out,
+                       A_SPEC=ra.spec, A_SR=ra.stochastic, B_SPEC=rb.spec, B_SR=rb.stochastic, ACC=acc,
+                       CHUNK=chunk, HAS_BIAS=bias is not None, OUT_SPEC=out.spec, OUT_SR=out.stochastic, BM=bm, BN=bn,
                        enable_fp_fusion=False)  # an FMA in two_sum or in acc + a * b would change the sums
     return c
 
@@ -239,11 +257,13 @@ def _note_once(key: tuple, text: str) -> None:
 
 
 def _gemm_backend(a: torch.Tensor, b: torch.Tensor, arith: ArithSpec, a_role: QuantSpec | None,
-                  b_role: QuantSpec | None, prologue: tuple[int, int, bool] | None = None) -> torch.Tensor | None:
+                  b_role: QuantSpec | None, prologue: tuple[int, int, bool] | None = None,
+                  epilogue: tuple | None = None) -> torch.Tensor | None:
     """The ops' ``triton`` GEMM (``kernels.GemmBackend``); None where it does not emulate the call.
     Without ``prologue`` the operands are already rounded to their roles; with it, (seed_a,
-    seed_b, b_transposed), they are rounded here, and a role the prologue cannot round returns
-    None quietly (the op then rounds the operands itself and calls again without it)."""
+    seed_b, b_transposed), they are rounded here, and ``epilogue`` (bias, out_role, seed_out)
+    finishes the op. A role the prologue or epilogue cannot round returns None quietly (the op
+    then rounds the operands itself and calls again without them)."""
     if a.dtype != torch.float32 or b.dtype != torch.float32:
         return None  # float64 work (sums against ones, exact products) stays with the reference
     key = (arith, a_role, b_role)
@@ -252,8 +272,9 @@ def _gemm_backend(a: torch.Tensor, b: torch.Tensor, arith: ArithSpec, a_role: Qu
     try:
         if prologue is not None:
             seed_a, seed_b, transposed = prologue
+            bias, out_role, seed_out = epilogue or (None, None, 0)
             return triton_matmul(a, b, arith, a_role=a_role, b_role=b_role, seed_a=seed_a, seed_b=seed_b,
-                                 b_transposed=transposed)
+                                 b_transposed=transposed, bias=bias, out_role=out_role, seed_out=seed_out)
         return triton_matmul(a, b, arith, a_role=a_role, b_role=b_role, quantize=False)
     except SupportError as err:
         if prologue is None:

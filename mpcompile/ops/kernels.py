@@ -40,7 +40,9 @@ def _role(roles: RoleFormats, name: str, x, axis: int, seed: int | None, scales:
 # A GEMM backend computes emulated_matmul's result for operands already rounded to the two role
 # formats given (None: unknown), or returns None where it does not emulate that arithmetic. With
 # ``prologue=(seed_a, seed_b, b_transposed)`` it rounds the raw operands to the roles itself, as
-# quantize_role would with those seeds (b's role tensor is b transposed if b_transposed).
+# quantize_role would with those seeds (b's role tensor is b transposed if b_transposed); with
+# ``epilogue=(bias, out_role, seed_out)`` it adds the (rounded) bias and rounds the result to the
+# output role: the whole forward of a linear layer.
 GemmBackend = Callable[..., "torch.Tensor | None"]
 _GEMM_BACKENDS: dict[str, GemmBackend] = {}
 
@@ -115,30 +117,26 @@ def _linear_sums(xq, wq, bq, fwd: ArithSpec, seed: int | None, roles: RoleFormat
     return y.to(xq.dtype).reshape(*xq.shape[:-1], wq.shape[0])
 
 
-def _fused_linear_sums(x, w, b, roles: RoleFormats, fwd: ArithSpec, seed: int | None, scales) -> torch.Tensor | None:
-    """``_linear_sums`` with input and weight rounded inside the backend's GEMM (no pass over
-    memory for them); None where the backend has no such kernel for these roles."""
+def _fused_linear(x, w, b, roles: RoleFormats, fwd: ArithSpec, seed: int | None, scales) -> torch.Tensor | None:
+    """``linear_forward`` as one kernel of the backend: input and weight rounded in its prologue,
+    bias and output role in its epilogue (no pass over memory for them); None where the backend
+    has no such kernel for these roles and arithmetic."""
     kernel = _GEMM_BACKENDS.get(resolve_backend(current_backend(), x.device))
     if kernel is None or fwd.is_native or scales is not None:
         return None
-    seeds = tuple(op_seed(seed, 16 + ROLES.index(r)) or 0 for r in ("input", "weight"))
+    seed_a, seed_b, seed_out = (op_seed(seed, 16 + ROLES.index(r)) or 0 for r in ("input", "weight", "output"))
     rows = x.reshape(1, _rows(x), x.shape[-1])
-    y = kernel(rows, w.t()[None], fwd, roles.get("input"), roles.get("weight"), prologue=(*seeds, True))
-    if y is None:
-        return None
-    y = y.to(torch.float64)
-    bq = _role(roles, "bias", b, 0, seed, scales)
-    if bq is not None:
-        y = _add_bias(y, bq, fwd, op_seed(seed, 0))
-    return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
+    y = kernel(rows, w.t()[None], fwd, roles.get("input"), roles.get("weight"), prologue=(seed_a, seed_b, True),
+               epilogue=(_role(roles, "bias", b, 0, seed, scales), roles.get("output"), seed_out))
+    return None if y is None else y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
 
 
 def linear_forward(x, w, b, roles: RoleFormats, fwd: ArithSpec, seed: int | None, scales=None) -> torch.Tensor:
-    y = _fused_linear_sums(x, w, b, roles, fwd, seed, scales)
-    if y is None:
-        xq, wq, bq = _linear_operands(x, w, b, roles, seed, scales)
-        y = _linear_sums(xq, wq, bq, fwd, seed, roles)
-    return _role(roles, "output", y, -1, seed, scales)
+    y = _fused_linear(x, w, b, roles, fwd, seed, scales)
+    if y is not None:
+        return y
+    xq, wq, bq = _linear_operands(x, w, b, roles, seed, scales)
+    return _role(roles, "output", _linear_sums(xq, wq, bq, fwd, seed, roles), -1, seed, scales)
 
 
 def linear_recompute(x, w, b, roles: RoleFormats, fwd: ArithSpec, high: Recompute, phi: str, seed: int | None,

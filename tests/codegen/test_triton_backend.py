@@ -48,7 +48,7 @@ def _run(cm, x):
 
 
 STOCHASTIC = POLICY.replace("input: fp8_e4m3", "input: fp8_e4m3:stochastic").replace(
-    "weight: fp8_e4m3", "weight: e3m2:stochastic")
+    "weight: fp8_e4m3", "weight: e3m2:stochastic\n  bias: bf16\n  output: fp8_e5m2:stochastic")
 
 
 @needs_triton
@@ -70,7 +70,7 @@ def test_a_small_cnn_under_triton_equals_torch_forward_and_backward(monkeypatch,
         calls.clear()  # compile's calibration ran the forward once
         triton = _run(cm, x)
     # conv, linear and matmul: a forward GEMM and two backward GEMMs each (grad_input, grad_weight);
-    # the linear's forward rounds its operands in the GEMM's prologue
+    # the linear's forward is one kernel: operands rounded in its prologue, bias and output in its epilogue
     assert len(calls) == 9 and calls.count(True) == 1
     for got, want in zip(triton, reference):
         assert torch.equal(got, want)
