@@ -9,8 +9,9 @@ the operand's flat index and seed, as ``quantize_role`` draws it), and accumulat
 - ``sequential``: an explicit k loop on CUDA cores, ``acc = round(acc + a[:, k] * b[k, :])``,
   the order of the reference. The product of two quantized values is exact in float32 when their
   significands fit 24 bits together (checked before launch).
-- ``chunk(k)``: ``tl.dot`` of a k-wide slab (fp32 in, fp32 out, ``ieee`` precision), then one
-  rounded add into acc. The slab's sum runs in the hardware's order: it equals the reference's
+- ``chunk(k)``: ``tl.dot`` of a k-wide slab, then one rounded add into acc. The slab's operands
+  go in as fp16 where every value of both roles is an fp16 value (FP8 roles: tensor cores, whose
+  products are exact, with fp32 sums), else as fp32 (``ieee`` precision). The slab's sum runs in the hardware's order: it equals the reference's
   (exact, float64) chunk sum wherever that sum is exact in float32, and otherwise may differ in
   the last bits of float32 before the rounding into the accumulator format.
 
@@ -96,8 +97,8 @@ def _gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K,
                  sab, sam, sak, sbb, sbk, sbn,
                  ia_b, ia_m, ia_k, ib_b, ib_k, ib_n, seed_a, seed_b, seed_out,
                  A_SPEC: tl.constexpr, A_SR: tl.constexpr, B_SPEC: tl.constexpr, B_SR: tl.constexpr,
-                 ACC: tl.constexpr, CHUNK: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_SPEC: tl.constexpr,
-                 OUT_SR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                 ACC: tl.constexpr, CHUNK: tl.constexpr, DOT16: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 OUT_SPEC: tl.constexpr, OUT_SR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     pid_b, pid_m, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -120,12 +121,24 @@ def _gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K,
                            ib * ia_b + im[:, None] * ia_m + ks[None, :] * ia_k, seed_a, A_SPEC, A_SR)
             b = _load_role(b_base, ks[:, None] * sbk + rn[None, :] * sbn, mk[:, None] & mn[None, :],
                            ib * ib_b + ks[:, None] * ib_k + in_[None, :] * ib_n, seed_b, B_SPEC, B_SR)
-            acc = _add_rounded(acc, tl.dot(a, b, input_precision="ieee"), ACC)
+            if DOT16:  # every operand value is an fp16 value: tensor cores, exact products, fp32 sums
+                d = tl.dot(a.to(tl.float16), b.to(tl.float16), out_dtype=tl.float32)
+            else:
+                d = tl.dot(a, b, input_precision="ieee")
+            acc = _add_rounded(acc, d, ACC)
     offs = ib * M * N + im[:, None] * N + in_[None, :]
     if HAS_BIAS:  # one more rounded add, as the reference adds a bias
         acc = _add_rounded(acc, tl.load(bias_ptr + rn, mask=mn, other=0.0)[None, :], ACC)
     acc = _round_role(acc, offs, seed_out, OUT_SPEC, OUT_SR)  # the output role, from registers
     tl.store(c_ptr + offs, acc, mask=mm[:, None] & mn[None, :])
+
+
+def _fits_fp16(spec: QuantSpec | None) -> bool:
+    """Whether every value rounded as ``spec`` is an fp16 value (FP8 formats, for instance)."""
+    fmt = None if spec is None else spec.fmt
+    # values are multiples of min_subnormal (a power of two) with at most man + 1 significant bits
+    return (spec is not None and spec.scaling == "none" and isinstance(fmt, FloatFormat) and fmt.man <= 10
+            and fmt.max <= 65504 and fmt.min_subnormal >= 2.0**-24)
 
 
 def _significand_bits(spec: QuantSpec | None) -> int:
@@ -241,7 +254,8 @@ def triton_matmul(a: torch.Tensor, b: torch.Tensor, arith: ArithSpec, *, a_role:
     _gemm_kernel[grid](a, b, c, c if bias is None else bias.contiguous(), M, N, K, a.stride(0), a.stride(1),
                        a.stride(2), b.stride(0), b.stride(1), b.stride(2), *ia, *ib, seed_a, seed_b, seed_out,
                        A_SPEC=ra.spec, A_SR=ra.stochastic, B_SPEC=rb.spec, B_SR=rb.stochastic, ACC=acc,
-                       CHUNK=chunk, HAS_BIAS=bias is not None, OUT_SPEC=out.spec, OUT_SR=out.stochastic, BM=bm, BN=bn,
+                       CHUNK=chunk, DOT16=bool(chunk) and _fits_fp16(a_role) and _fits_fp16(b_role),
+                       HAS_BIAS=bias is not None, OUT_SPEC=out.spec, OUT_SR=out.stochastic, BM=bm, BN=bn,
                        enable_fp_fusion=False)  # an FMA in two_sum or in acc + a * b would change the sums
     return c
 

@@ -101,3 +101,14 @@ def test_operands_rounded_beforehand_may_carry_power_of_two_scales():
     assert supports(arith, parse_quant("fp8_e4m3:tensor"), parse_quant("fp8_e4m3:channel"), quantize=False)
     assert not supports(arith, parse_quant("fp8_e4m3:tensor"), parse_quant("fp8_e4m3"))  # not in the prologue
     assert not supports(arith, parse_quant("fp8_e4m3:tensor_amax"), parse_quant("fp8_e4m3"), quantize=False)
+
+
+def test_fp8_chunks_go_through_fp16_dots_with_fp32_sums():
+    """FP8 operands enter tl.dot as fp16 (tensor cores on a GPU); the slab's sum must still be
+    fp32's: 31 x 32 + 0.125 = 992.125 needs 13 significant bits, fp16 holds 11."""
+    a = torch.full((1, 16, 32), 32.0)
+    a[..., -1] = 0.125
+    b = torch.ones(1, 32, 16)
+    arith, r = parse_arith("acc=e8m15 order=chunk(32)"), parse_quant("fp8_e4m3")
+    got = triton_matmul(a, b, arith, a_role=r, b_role=r)
+    assert torch.all(got == 992.125) and _same(got, _reference(a, b, arith, r, r))
