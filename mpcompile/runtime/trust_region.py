@@ -126,7 +126,7 @@ class TrustRegion:
                 scale = self._step_length(grads, direction)
                 pred = scale * float(sum(g.square().sum() for g in grads))
             if not check:
-                self._move(direction, scale, grads)
+                self._move(direction, scale)
                 return f, False
             eps = self._error(batch)
             threshold = self._threshold(pred, grads)
@@ -140,15 +140,15 @@ class TrustRegion:
         self.checks_made += 1
         self.unmet += not met
         if self.settings.method == "mp_sgd":
-            self._move(direction, scale, grads)
+            self._move(direction, scale)
             rho, accepted = None, True
         else:
             saved = [p.detach().clone() for p in self.objective.params]
-            self._move(direction, scale, grads, commit=False)
+            self._move(direction, scale, commit=False)
             rho = (f - self.objective.loss(batch)) / pred
             accepted = rho >= self.settings.eta1
             if accepted:
-                self._commit_momentum(grads)
+                self._commit_momentum(direction)
                 self.delta = min(2 * self.delta, self.settings.delta_max) if rho >= self.settings.eta2 else self.delta
             else:
                 with torch.no_grad():
@@ -183,17 +183,18 @@ class TrustRegion:
             return self.lr * self.settings.eta / 2 * sum(float(g.square().sum()) for g in grads)
         return self.settings.eta1 * pred / 2
 
-    def _move(self, direction, scale: float, grads, *, commit: bool = True) -> None:
+    def _move(self, direction, scale: float, *, commit: bool = True) -> None:
         with torch.no_grad():
             for p, d in zip(self.objective.params, direction):
                 p.sub_(d, alpha=scale)
         self.objective.after_update()
         if commit:
-            self._commit_momentum(grads)
+            self._commit_momentum(direction)
 
-    def _commit_momentum(self, grads) -> None:
+    def _commit_momentum(self, direction) -> None:
+        """The direction of a step taken becomes the momentum (heavy ball: mu * m + g)."""
         if self.settings.momentum:
-            self.momentum = [d.detach().clone() for d in self._direction(grads)]
+            self.momentum = [d.detach().clone() for d in direction]
 
     def _error(self, batch) -> float:
         if self._eps is None or self._eps_age >= self.settings.refresh:
