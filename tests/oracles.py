@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from gfloat import Domain, RoundMode
 
-from mpcompile.formats import FloatFormat, get, names, p3109
+from mpcompile.formats import FixedFormat, FloatFormat, get, names, p3109
 
 GFLOAT_MODES = {
     "nearest": RoundMode.TiesToEven,
@@ -181,3 +181,77 @@ def sample_values(f: FloatFormat, n: int = 300, seed: int = 1) -> torch.Tensor:
 def inputs(f: FloatFormat, dtype: torch.dtype) -> torch.Tensor:
     """The cached grid of f in dtype (built from sample_values)."""
     return grid(f, dtype, sample_values(f))
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+# -- hard inputs shared by the rounding, block and backend tests ------------------------------------
+@lru_cache(maxsize=None)
+def fixed_inputs(f: FixedFormat, dtype: torch.dtype) -> torch.Tensor:
+    """Around every value (a sample past 8 bits) and a few past each end: the value and the
+    midpoint to the next, each +-1 and +-2 ulp of dtype; specials; random data, uniform over
+    1.5x the range and log-uniform magnitudes down to far below the step."""
+    if f.wl <= 8:
+        k = torch.arange(f.min_int - 3, f.max_int + 4, dtype=torch.float64)
+    else:
+        g = torch.Generator().manual_seed(f.wl)
+        ends = torch.arange(-3, 20, dtype=torch.float64)
+        rnd = torch.randint(f.min_int, f.max_int, (100,), generator=g, dtype=torch.int64).double()
+        k = torch.cat([f.min_int + ends, -ends, f.max_int - ends, rnd])
+    k = k.unique()
+    v = torch.cat([k, k + 0.5]) * 2.0**-f.fl
+    v = v.to(dtype)
+    parts = [v]
+    for d in (torch.inf, -torch.inf):
+        w = v
+        for _ in range(2):
+            w = torch.nextafter(w, torch.full_like(w, d))
+            parts.append(w)
+    g = torch.Generator().manual_seed(7)
+    lo, hi = 1.5 * min(f.min, -f.max), 1.5 * f.max
+    parts.append((torch.rand(256, dtype=torch.float64, generator=g) * (hi - lo) + lo).to(dtype))
+    logs = torch.empty(256, dtype=torch.float64).uniform_(-f.fl - 40, math.log2(f.max) + 2, generator=g)
+    parts.append((2.0**logs * torch.where(torch.rand(256, generator=g) < 0.5, -1.0, 1.0)).to(dtype))
+    tiny = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+    specials = [0.0, -0.0, tiny, -tiny, 2 * tiny, torch.inf, -torch.inf, torch.finfo(dtype).max]
+    parts.append(torch.tensor(specials, dtype=dtype))
+    x = torch.cat(parts)
+    return torch.cat([x[~x.isnan()].unique(), torch.tensor([torch.nan], dtype=dtype)])
+
+
+@lru_cache(maxsize=None)
+def float_inputs(f: FloatFormat, dtype: torch.dtype) -> torch.Tensor:
+    """oracles.grid, around fewer values of formats over 8 bits and with less random data."""
+    v = sample_values(f)
+    if f.bits > 8:
+        g = torch.Generator().manual_seed(3)
+        a = v.abs()
+        v = torch.cat([v[torch.randint(0, len(v), (200,), generator=g)], v[a < f.min_normal * 2][::16],
+                       v[a < 8 * f.min_subnormal], v[a >= f.max / 2][::16]])
+    return grid(f, dtype, v, n_random=512)
+
+
+def block_data(seed: int, nblocks: int, bs: int = 32) -> np.ndarray:
+    """float64 blocks, all inside float32's range, cycling through block kinds:
+    log-uniform blocks centred anywhere in float32's exponent range with spreads of 0 to 40
+    binades, small-integer multiples of a power of two (ties for every element grid),
+    all-zero blocks (+-0), and blocks whose amax is a float32 subnormal. ~10% zeros."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((nblocks, bs))
+    for b in range(nblocks):
+        kind = b % 6
+        sign = rng.choice([-1.0, 1.0], bs)
+        if kind in (0, 1, 2):
+            e0 = rng.integers(-149, 128)
+            spread = [0, 3, 40][kind]
+            out[b] = sign * np.ldexp(rng.uniform(1, 2, bs), e0 - rng.integers(0, spread + 1, bs))
+        elif kind == 3:
+            out[b] = np.ldexp(rng.integers(-40, 41, bs).astype(float), rng.integers(-140, 120))
+        elif kind == 4:
+            out[b] = sign * 0.0
+        else:
+            out[b] = sign * np.ldexp(rng.integers(0, 2**23, bs).astype(float), -149)
+    out = np.clip(out, -_F32_MAX, _F32_MAX)
+    out[rng.random(out.shape) < 0.1] = 0.0
+    return out.ravel()

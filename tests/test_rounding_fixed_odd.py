@@ -25,7 +25,7 @@ import torch
 
 from mpcompile import quantize
 from mpcompile.formats import FixedFormat, FloatFormat, get, parse
-from oracles import DTYPES, FLOAT_FORMATS, NON_GFLOAT, assert_bitwise, did, fid, grid, sample_values
+from oracles import DTYPES, FLOAT_FORMATS, NON_GFLOAT, assert_bitwise, did, fid, fixed_inputs, float_inputs
 
 MODES = ["nearest", "nearest_away", "toward_zero", "up", "down", "odd"]
 SATS = [False, True]
@@ -84,39 +84,6 @@ def _scaled(x: float, fl: int) -> Fraction:
 FIXED = [FixedFormat(8, 4), FixedFormat(8, 4, signed=False), FixedFormat(4, 0), FixedFormat(2, 1),
          FixedFormat(1, 0, signed=False), FixedFormat(5, 7), FixedFormat(6, -3), FixedFormat(12, 0, signed=False),
          FixedFormat(16, 8), FixedFormat(8, 140), FixedFormat(32, 16)]
-
-
-@lru_cache(maxsize=None)
-def fixed_inputs(f: FixedFormat, dtype: torch.dtype) -> torch.Tensor:
-    """Around every value (a sample past 8 bits) and a few past each end: the value and the
-    midpoint to the next, each +-1 and +-2 ulp of dtype; specials; random data, uniform over
-    1.5x the range and log-uniform magnitudes down to far below the step."""
-    if f.wl <= 8:
-        k = torch.arange(f.min_int - 3, f.max_int + 4, dtype=torch.float64)
-    else:
-        g = torch.Generator().manual_seed(f.wl)
-        ends = torch.arange(-3, 20, dtype=torch.float64)
-        rnd = torch.randint(f.min_int, f.max_int, (100,), generator=g, dtype=torch.int64).double()
-        k = torch.cat([f.min_int + ends, -ends, f.max_int - ends, rnd])
-    k = k.unique()
-    v = torch.cat([k, k + 0.5]) * 2.0**-f.fl
-    v = v.to(dtype)
-    parts = [v]
-    for d in (torch.inf, -torch.inf):
-        w = v
-        for _ in range(2):
-            w = torch.nextafter(w, torch.full_like(w, d))
-            parts.append(w)
-    g = torch.Generator().manual_seed(7)
-    lo, hi = 1.5 * min(f.min, -f.max), 1.5 * f.max
-    parts.append((torch.rand(256, dtype=torch.float64, generator=g) * (hi - lo) + lo).to(dtype))
-    logs = torch.empty(256, dtype=torch.float64).uniform_(-f.fl - 40, math.log2(f.max) + 2, generator=g)
-    parts.append((2.0**logs * torch.where(torch.rand(256, generator=g) < 0.5, -1.0, 1.0)).to(dtype))
-    tiny = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
-    specials = [0.0, -0.0, tiny, -tiny, 2 * tiny, torch.inf, -torch.inf, torch.finfo(dtype).max]
-    parts.append(torch.tensor(specials, dtype=dtype))
-    x = torch.cat(parts)
-    return torch.cat([x[~x.isnan()].unique(), torch.tensor([torch.nan], dtype=dtype)])
 
 
 def _expected(ref, f, x: torch.Tensor, *args, bits=None) -> np.ndarray:
@@ -218,18 +185,6 @@ def ref_float(f: FloatFormat, x: float, mode: str, sat: bool) -> float:
     if r == 0:
         return -0.0 if neg and f.neg_zero else 0.0
     return -r if neg else r
-
-
-@lru_cache(maxsize=None)
-def float_inputs(f: FloatFormat, dtype: torch.dtype) -> torch.Tensor:
-    """oracles.grid, around fewer values of formats over 8 bits and with less random data."""
-    v = sample_values(f)
-    if f.bits > 8:
-        g = torch.Generator().manual_seed(3)
-        a = v.abs()
-        v = torch.cat([v[torch.randint(0, len(v), (200,), generator=g)], v[a < f.min_normal * 2][::16],
-                       v[a < 8 * f.min_subnormal], v[a >= f.max / 2][::16]])
-    return grid(f, dtype, v, n_random=512)
 
 
 ODD_FORMATS = FLOAT_FORMATS

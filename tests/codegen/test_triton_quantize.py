@@ -33,9 +33,7 @@ from mpcompile.formats import BlockFloat, BlockMinifloat, FixedFormat, FloatForm
 from mpcompile.random_bits import counter_words
 from mpcompile.rounding import _select, plan_quantize
 from backend_pairs import reference_and
-from formats.test_block_format import block_data
-from oracles import assert_bitwise, fid
-from test_rounding_fixed_odd import fixed_inputs, float_inputs
+from oracles import assert_bitwise, block_data, fid, fixed_inputs, float_inputs
 
 if not (tq.INTERPRETED or torch.cuda.is_available()):
     pytest.skip("Triton kernels need a CUDA device or Triton's interpreter: set TRITON_INTERPRET=1 before "

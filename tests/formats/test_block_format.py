@@ -17,6 +17,7 @@ import torch
 
 import mpcompile
 from mpcompile.formats import BlockFloat, BlockMinifloat, FloatFormat, MXFormat, get
+from oracles import block_data
 
 MX_NAMES = ["mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4_e2m1", "mxint8"]
 GF_MODE = {
@@ -27,7 +28,6 @@ GF_MODE = {
     "down": gfloat.RoundMode.TowardNegative,
 }
 DET_MODES = list(GF_MODE)
-F32_MAX = float(np.finfo(np.float32).max)
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -42,31 +42,6 @@ def assert_bitwise(got, want, x=None):
         xs = [] if x is None else np.asarray(x, dtype=np.float64).ravel()[idx]
         rows = [f"  [{i}] x={xs[k] if len(xs) else '?'!r} got={got[i]!r} want={want[i]!r}" for k, i in enumerate(idx)]
         raise AssertionError(f"{(~same).sum()} of {got.size} differ:\n" + "\n".join(rows))
-
-
-def block_data(seed: int, nblocks: int, bs: int = 32) -> np.ndarray:
-    """float64 blocks, all inside float32's range, cycling through block kinds:
-    log-uniform blocks centred anywhere in float32's exponent range with spreads of 0 to 40
-    binades, small-integer multiples of a power of two (ties for every element grid),
-    all-zero blocks (+-0), and blocks whose amax is a float32 subnormal. ~10% zeros."""
-    rng = np.random.default_rng(seed)
-    out = np.empty((nblocks, bs))
-    for b in range(nblocks):
-        kind = b % 6
-        sign = rng.choice([-1.0, 1.0], bs)
-        if kind in (0, 1, 2):
-            e0 = rng.integers(-149, 128)
-            spread = [0, 3, 40][kind]
-            out[b] = sign * np.ldexp(rng.uniform(1, 2, bs), e0 - rng.integers(0, spread + 1, bs))
-        elif kind == 3:
-            out[b] = np.ldexp(rng.integers(-40, 41, bs).astype(float), rng.integers(-140, 120))
-        elif kind == 4:
-            out[b] = sign * 0.0
-        else:
-            out[b] = sign * np.ldexp(rng.integers(0, 2**23, bs).astype(float), -149)
-    out = np.clip(out, -F32_MAX, F32_MAX)
-    out[rng.random(out.shape) < 0.1] = 0.0
-    return out.ravel()
 
 
 def gfloat_mx(name: str, x: np.ndarray, mode: str, bs: int = 32) -> np.ndarray:
