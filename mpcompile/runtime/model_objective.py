@@ -78,10 +78,7 @@ class ModelObjective:
         if not torch.isfinite(loss):  # the forward overflowed: no gradient to scale, so the scale stays
             self.nan_loss_steps += 1
             return None
-        self.scaler.scale(loss).backward()
-        skipped = self.scaler.unscale_(self.params, self.optimizer.gradient)
-        self.scaler.update(skipped)
-        if skipped:
+        if self.scaler.backward(loss, self.params, self.optimizer.gradient):
             return None
         grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in self.params]
         if self.optimizer.gradient is not None:

@@ -148,6 +148,20 @@ class LossScaler:
         self._unscaled = False
         self._adjust(bool(skipped))
 
+    def backward(self, loss: torch.Tensor, params: Iterable[nn.Parameter],
+                 grad_format: Format | str | None = None) -> bool:
+        """One step's scaling in one call: ``scale(loss).backward()``, ``unscale_`` and ``update``.
+        Returns ``unscale_``'s answer (True: skip the step); the gradients are left unscaled.
+
+        Args:
+            loss: the loss tensor.
+            params, grad_format: as for ``unscale_``.
+        """
+        self.scale(loss).backward()
+        skipped = self.unscale_(params, grad_format)
+        self.update(skipped)
+        return skipped
+
     def _adjust(self, skipped: bool) -> None:
         """Follow the step's outcome (nothing for a static scale)."""
 

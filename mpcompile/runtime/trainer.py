@@ -252,11 +252,9 @@ class Trainer:
         if not torch.isfinite(loss):  # the forward overflowed: no gradient to scale, so the scale stays
             self.nan_loss_steps += 1
             return float(loss.detach()), 0, True
-        self.scaler.scale(loss).backward()
-        skipped = self.scaler.unscale_(self.compiled.parameters(), self.optimizer.settings.gradient)
+        skipped = self.scaler.backward(loss, self.compiled.parameters(), self.optimizer.settings.gradient)
         if not skipped:
             self.optimizer.step()
-        self.scaler.update(skipped)
         return float(loss.detach()), int((logits.argmax(1) == y).sum()), skipped
 
     def fit(self) -> dict[str, Any]:
