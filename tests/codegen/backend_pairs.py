@@ -1,9 +1,16 @@
-"""Run ``quantize`` on the reference backend and on another one, for bit-for-bit comparisons."""
+"""Helpers of the backend tests: whether Triton can run here, and ``quantize`` on the reference
+backend and on another one, for bit-for-bit comparisons."""
 from __future__ import annotations
+
+import os
 
 import torch
 
 from mpcompile import quantize, set_quantize_backend
+
+
+TRITON_RUNS = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+NO_TRITON = "Triton kernels need a CUDA device or Triton's interpreter: set TRITON_INTERPRET=1 (make test does)"
 
 
 def reference_and(backend: str, x: torch.Tensor, fmt, rounding: str = "nearest", seed: int | None = None, **kw):

@@ -3,7 +3,6 @@ backward, bit for bit, in Triton's interpreter; and the choice of backend is che
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 
 import pytest
@@ -12,10 +11,9 @@ import torch.nn as nn
 
 import mpcompile
 from mpcompile.backends import BackendError, resolve_backend
+from backend_pairs import NO_TRITON, TRITON_RUNS
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-needs_triton = pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()),
-                                  reason="Triton kernels run on a GPU or in the interpreter (TRITON_INTERPRET=1)")
+needs_triton = pytest.mark.skipif(not TRITON_RUNS, reason=NO_TRITON)
 
 POLICY = """
 version: 1

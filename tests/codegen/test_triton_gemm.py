@@ -1,14 +1,13 @@
 """The Triton GEMM against the reference emulation, bit for bit, in Triton's interpreter."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not (os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()):
-    pytest.skip("Triton kernels run on a GPU or in the interpreter (TRITON_INTERPRET=1, as make test sets)",
-                allow_module_level=True)
+from backend_pairs import NO_TRITON, TRITON_RUNS
+
+if not TRITON_RUNS:
+    pytest.skip(NO_TRITON, allow_module_level=True)
 
 from mpcompile.codegen.triton_gemm import SupportError, supports, triton_matmul  # noqa: E402
 from mpcompile.ops.emulate import emulated_matmul  # noqa: E402

@@ -32,12 +32,11 @@ from mpcompile.codegen.triton_round import counter_word
 from mpcompile.formats import BlockFloat, BlockMinifloat, FixedFormat, FloatFormat, MXFormat, get, p3109
 from mpcompile.random_bits import counter_words
 from mpcompile.rounding import _select, plan_quantize
-from backend_pairs import reference_and
+from backend_pairs import NO_TRITON, TRITON_RUNS, reference_and
 from oracles import assert_bitwise, block_data, fid, fixed_inputs, float_inputs
 
-if not (tq.INTERPRETED or torch.cuda.is_available()):
-    pytest.skip("Triton kernels need a CUDA device or Triton's interpreter: set TRITON_INTERPRET=1 before "
-                "importing mpcompile (make test does)", allow_module_level=True)
+if not TRITON_RUNS:
+    pytest.skip(NO_TRITON, allow_module_level=True)
 
 # a fallback to the reference warns: here it would hide a kernel that does not work
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
