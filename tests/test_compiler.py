@@ -300,3 +300,19 @@ default:
     assert torch.equal(compiled, eager) and all(torch.equal(a, b) for a, b in zip(g_compiled, g_eager))
     mpc = sorted(str(t) for t in captured if str(t).startswith("mpc."))
     assert mpc == ["mpc.conv", "mpc.conv"] + ["mpc.delayed_scales"] * 3 + ["mpc.linear"]
+
+
+def test_per_op_levels_apply_to_the_named_ops_and_unknown_names_are_refused():
+    policy = """
+version: 1
+default: {input: fp8_e4m3, weight: fp8_e4m3}
+levels:
+  - {name: fp8}
+  - {name: bf16, set: {input: bf16, weight: bf16}}
+"""
+    model, x = _model_and_input()
+    cm = mpcompile.compile(model, policy, (x,), level={"conv2": "bf16"})
+    inputs = {op: str(dict(a.roles)["input"].quant.fmt) for op, a in cm.assignments().items()}
+    assert inputs == {"conv1": "fp8_e4m3", "conv2": "bf16", "fc": "fp8_e4m3"}
+    with pytest.raises(CompileError, match=r"no op named 'conv3'.*keyed by node name"):
+        cm.recompile(level={"conv3": 1})
