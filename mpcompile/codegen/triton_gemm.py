@@ -260,7 +260,8 @@ def triton_matmul(a: torch.Tensor, b: torch.Tensor, arith: ArithSpec, *, a_role:
     return c
 
 
-_NOTED: set[tuple] = set()
+_NOTED: set[tuple] = set()  # (arith, roles) the kernel does not emulate or failed on: the reference runs
+_UNFUSED: set[tuple] = set()  # (arith, roles, output role) whose prologue or epilogue the kernel cannot round
 
 
 def _note_once(key: tuple, text: str) -> None:
@@ -281,18 +282,20 @@ def _gemm_backend(a: torch.Tensor, b: torch.Tensor, arith: ArithSpec, a_role: Qu
     if a.dtype != torch.float32 or b.dtype != torch.float32:
         return None  # float64 work (sums against ones, exact products) stays with the reference
     key = (arith, a_role, b_role)
-    if key in _NOTED:
+    bias, out_role, seed_out = epilogue or (None, None, 0)
+    if key in _NOTED or (prologue is not None and (*key, out_role) in _UNFUSED):
         return None
     try:
         if prologue is not None:
             seed_a, seed_b, transposed = prologue
-            bias, out_role, seed_out = epilogue or (None, None, 0)
             return triton_matmul(a, b, arith, a_role=a_role, b_role=b_role, seed_a=seed_a, seed_b=seed_b,
                                  b_transposed=transposed, bias=bias, out_role=out_role, seed_out=seed_out)
         return triton_matmul(a, b, arith, a_role=a_role, b_role=b_role, quantize=False)
     except SupportError as err:
         if prologue is None:
             _note_once(key, f"Triton GEMM: {err}")
+        else:
+            _UNFUSED.add((*key, out_role))
     except Exception as err:  # a kernel that fails to compile must not cost the user the result
         _note_once(key, f"the Triton GEMM for {arith} with roles {a_role} x {b_role} failed "
                         f"({type(err).__name__}: {str(err)[:200]})")
