@@ -238,7 +238,9 @@ def format_spec(fmt: FloatFormat) -> str:
         diffs = {k: getattr(fmt, k) for k, v in defaults.items() if getattr(fmt, k) != v}
         if suffix == "" or not diffs:
             opts = ",".join(f"{k}={str(v).lower()}" for k, v in diffs.items())
-            return f"e{fmt.exp}m{fmt.man}{suffix}" + (f"({opts})" if opts else "")
+            bare = f"e{fmt.exp}m{fmt.man}{suffix}"
+            # a bare name that a registered format holds (e8m0: the MX scale) would read back as that one
+            return bare + (f"({opts})" if opts or _REGISTRY.get(bare, fmt) != fmt else "")
     raise AssertionError("unreachable: the plain spec always applies")
 
 

@@ -303,3 +303,9 @@ def test_empty_spec_and_non_format():
         parse("  ")
     with pytest.raises(mpcompile.FormatError, match="int"):
         parse(8)
+
+
+def test_a_format_whose_bare_name_is_registered_to_another_reads_back_as_itself():
+    ieee_e8m0 = FloatFormat(8, 0)  # IEEE-style, unlike the registered e8m0 (the MX scale)
+    assert str(ieee_e8m0) == "e8m0()" and parse(str(ieee_e8m0)) == ieee_e8m0
+    assert str(parse("e8m0")) == "e8m0" and parse("e8m0") != ieee_e8m0
