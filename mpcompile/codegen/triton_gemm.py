@@ -208,6 +208,14 @@ def _index_strides(shape: tuple[int, int, int], transposed: bool) -> tuple[int, 
     return rows * cols, cols, 1
 
 
+def _tiles(chunk: int, device_type: str) -> tuple[int, int, int, int]:
+    """(BM, BN, num_warps, num_stages) of a launch: the interpreter pays per program, so it gets
+    large tiles whatever the order."""
+    if device_type == "cpu":
+        return 64, 64, 4, 1
+    return (128, 128, 8, 3) if chunk else (64, 64, 4, 2)
+
+
 def triton_matmul(a: torch.Tensor, b: torch.Tensor, arith: ArithSpec, *, a_role: QuantSpec | None = None,
                   b_role: QuantSpec | None = None, seed_a: int = 0, seed_b: int = 0,
                   b_transposed: bool = False, quantize: bool = True, bias: torch.Tensor | None = None,
@@ -245,7 +253,7 @@ def triton_matmul(a: torch.Tensor, b: torch.Tensor, arith: ArithSpec, *, a_role:
     chunk = arith.chunk or 0
     if chunk and chunk < 16:
         raise SupportError(f"arithmetic {arith}: tl.dot needs chunks of at least 16")
-    bm = bn = 32 if chunk else 64
+    bm, bn, warps, stages = _tiles(chunk, a.device.type)
     grid = (B, triton.cdiv(M, bm), triton.cdiv(N, bn))
     ia = _index_strides((B, M, K), False)
     ib = _index_strides((B, K, N), b_transposed)
@@ -256,7 +264,7 @@ def triton_matmul(a: torch.Tensor, b: torch.Tensor, arith: ArithSpec, *, a_role:
                        A_SPEC=ra.spec, A_SR=ra.stochastic, B_SPEC=rb.spec, B_SR=rb.stochastic, ACC=acc,
                        CHUNK=chunk, DOT16=bool(chunk) and _fits_fp16(a_role) and _fits_fp16(b_role),
                        HAS_BIAS=bias is not None, OUT_SPEC=out.spec, OUT_SR=out.stochastic, BM=bm, BN=bn,
-                       enable_fp_fusion=False)  # an FMA in two_sum or in acc + a * b would change the sums
+                       num_warps=warps, num_stages=stages, enable_fp_fusion=False)  # an FMA in two_sum or in acc + a * b would change the sums
     return c
 
 

@@ -68,6 +68,7 @@ class RoundSpec(NamedTuple):
     min_pos_bits: int
     elem_emax: int
     sr_bits: int
+    nearest_even: bool  # ``_nearest_even`` rounds this format (a fast path of round_to_format)
 
 
 _SPECS: dict[tuple[int, QuantPlan], tuple[QuantParams, RoundSpec]] = {}
@@ -98,7 +99,10 @@ def round_spec(plan: QuantPlan, params: QuantParams) -> RoundSpec:
         has_inf=plan.has_inf, has_zero=plan.has_zero, has_nz=plan.has_nz, ftz=plan.ftz,
         parity_by_exponent=plan.parity_by_exponent, man=ints[0], emin=ints[1], bias=ints[2],
         max_bits=floats[0], neg_max_bits=floats[1], min_pos_bits=floats[2], elem_emax=ints[3],
-        sr_bits=int(params.sr_bits.item()))
+        sr_bits=int(params.sr_bits.item()),
+        nearest_even=(plan.kind == "float" and plan.rounding == "nearest" and not plan.parity_by_exponent
+                      and not plan.ftz and ints[0] <= 22
+                      and (ints[1] == -126 or ints[1] > -126 and ints[1] - ints[0] >= -125)))
     if len(_SPECS) >= _MAX_SPECS:
         _SPECS.clear()
     _SPECS[key] = (params, spec)
@@ -183,19 +187,26 @@ def _away(fl, rem, half, s, qe, neg, rbits, scale_exp, SPEC: tl.constexpr):
 @triton.jit
 def _stochastic_away(rem, s, rbits, N: tl.constexpr):
     """gfloat's stochastic rule: the fraction rem / 2**s rounded to N bits (ties to even), plus
-    the low N random bits, reaches 2**N. In int64: the sum is below 2**63 for N <= 62."""
-    r = rem.to(tl.int64)
-    one = tl.full(r.shape, 1, tl.int64)
+    the low N random bits, reaches 2**N. The sum is below 2**(N+1): int32 up to N = 30, else
+    int64 (N <= 62)."""
+    if N <= 30:
+        r = rem
+        one = tl.full(r.shape, 1, tl.int32)
+        up_max: tl.constexpr = 30
+    else:
+        r = rem.to(tl.int64)
+        one = tl.full(r.shape, 1, tl.int64)
+        up_max: tl.constexpr = 62
     k = s - N  # d = rem * 2**-k, rounded
     kc = tl.minimum(tl.maximum(k, 1), 25)  # rem < 2**24, half of 2**25: from k = 25 on, d is 0
     q = r >> kc
     low = r & ((one << kc) - 1)
     h = one << (kc - 1)
     d_down = q + ((low > h) | ((low == h) & ((q & 1) == 1))).to(tl.int64)
-    d_up = r << tl.minimum(tl.maximum(-k, 0), 62)
+    d_up = r << tl.minimum(tl.maximum(-k, 0), up_max)  # rem < 2**s: d_up < 2**N
     d = tl.where(k <= 0, d_up, d_down)
     two_n = one << N
-    return (s > 0) & (d + (rbits.to(tl.int64) & (two_n - 1)) >= two_n)
+    return (s > 0) & (d + (rbits.to(r.dtype) & (two_n - 1)) >= two_n)
 
 
 @triton.jit
@@ -218,6 +229,9 @@ def round_to_format(x, rbits, scale_exp, SPEC: tl.constexpr):
     ua = ux & _ABS
     finite = ua < _INF
     is_nan = ua > _INF
+    if SPEC.nearest_even and scale_exp is None:
+        r = tl.where(is_nan, _NAN, _nearest_even(ua, SPEC))
+        return _finish(r, ux, ua, neg, finite, is_nan, scale_exp, SPEC)
     big_e = ua >> 23
     m = tl.where(big_e > 0, (ua & 0x7FFFFF) | 0x800000, ua)
     unit = tl.maximum(big_e, 1) - 150  # |x| = m * 2**unit
@@ -243,6 +257,30 @@ def round_to_format(x, rbits, scale_exp, SPEC: tl.constexpr):
     r = tl.where(s <= 0, ua, tl.where(s <= 23, low_s, high_s))
     r = tl.where(finite, r, tl.where(is_nan, _NAN, _INF))
     return _finish(r, ux, ua, neg, finite, is_nan, scale_exp, SPEC)
+
+
+@triton.jit
+def _nearest_even(ua, SPEC: tl.constexpr):
+    """The magnitude bits ``ua`` (not NaN) rounded to nearest, ties to even, on the grid of a
+    float format with emin >= -126 and man <= 22, as round_to_format's general path (a few
+    operations instead of dozens).
+
+    From 2**emin up (and below it too when emin == -126, where the format's subnormal quantum
+    is the same number of float32 bit positions) the grid is float32's with the low 23 - man
+    bits cleared: adding half an ulp minus one plus the kept lsb and masking rounds ties to
+    even, a carry running into the exponent field as the value does into the next binade (inf
+    stays inf). Below 2**emin the grid is uniform, q = 2**(emin - man): adding and subtracting
+    C = 2**(emin - man + 23), whose ulp is q, rounds there with float32's own ties-to-even.
+    With q >= 2**-125 every float32 subnormal is below q / 2, so a GPU that flushed subnormal
+    operands would give the same result.
+    """
+    r = (ua + ((1 << (22 - SPEC.man)) - 1) + ((ua >> (23 - SPEC.man)) & 1)) & -(1 << (23 - SPEC.man))
+    if SPEC.emin > -126:
+        c = (tl.zeros_like(ua) + ((SPEC.emin - SPEC.man + 150) << 23)).to(tl.float32, bitcast=True)
+        small = ua < ((SPEC.emin + 127) << 23)
+        a = tl.where(small, ua, 0).to(tl.float32, bitcast=True)  # inf - inf would raise in the interpreter
+        r = tl.where(small, ((a + c) - c).to(tl.int32, bitcast=True), r)
+    return r
 
 
 @triton.jit

@@ -10,6 +10,8 @@ from mpcompile import quantize, set_quantize_backend
 
 
 TRITON_RUNS = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+# the interpreter runs kernels on CPU tensors; compiled kernels need CUDA tensors
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 NO_TRITON = "Triton kernels need a CUDA device or Triton's interpreter: set TRITON_INTERPRET=1 (make test does)"
 
 

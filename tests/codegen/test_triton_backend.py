@@ -11,7 +11,7 @@ import torch.nn as nn
 
 import mpcompile
 from mpcompile.backends import BackendError, resolve_backend
-from backend_pairs import NO_TRITON, TRITON_RUNS
+from backend_pairs import DEVICE, NO_TRITON, TRITON_RUNS
 
 needs_triton = pytest.mark.skipif(not TRITON_RUNS, reason=NO_TRITON)
 
@@ -59,7 +59,7 @@ def test_a_small_cnn_under_triton_equals_torch_forward_and_backward(monkeypatch,
     monkeypatch.setattr(triton_gemm, "triton_matmul",
                         lambda *a, **k: calls.append(k.get("quantize", True)) or real(*a, **k))
     torch.manual_seed(0)
-    model, x = Tiny(), torch.randn(2, 3, 6, 6)
+    model, x = Tiny().to(DEVICE), torch.randn(2, 3, 6, 6, device=DEVICE)
     reference = _run(mpcompile.compile(copy.deepcopy(model), policy, (x,), backend="torch"), x)
     assert not calls
     with warnings.catch_warnings():
@@ -78,7 +78,7 @@ def test_a_small_cnn_under_triton_equals_torch_forward_and_backward(monkeypatch,
 def test_what_the_kernel_does_not_emulate_falls_back_with_one_warning():
     policy = POLICY.replace("forward: {acc: bf16}", "forward: {acc: bf16, rounding: stochastic}")
     torch.manual_seed(0)
-    model, x = Tiny(), torch.randn(2, 3, 6, 6)
+    model, x = Tiny().to(DEVICE), torch.randn(2, 3, 6, 6, device=DEVICE)
     reference = mpcompile.compile(copy.deepcopy(model), policy, (x,), backend="torch")
     with pytest.warns(RuntimeWarning, match="deterministic accumulator rounding.*torch reference computes it"):
         cm = mpcompile.compile(model, policy, (x,), backend="triton")

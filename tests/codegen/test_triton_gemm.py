@@ -1,10 +1,10 @@
-"""The Triton GEMM against the reference emulation, bit for bit, in Triton's interpreter."""
+"""The Triton GEMM against the reference emulation, bit for bit, in Triton's interpreter (or on CUDA)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from backend_pairs import NO_TRITON, TRITON_RUNS
+from backend_pairs import DEVICE, NO_TRITON, TRITON_RUNS
 
 if not TRITON_RUNS:
     pytest.skip(NO_TRITON, allow_module_level=True)
@@ -38,6 +38,7 @@ def test_sequential_equals_the_reference_at_tile_edges(acc, role, rounding):
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(1, 67, 13, generator=gen) * 3  # 67 and 70: past one 64-wide tile
     b = torch.randn(1, 13, 70, generator=gen)
+    a, b = a.to(DEVICE), b.to(DEVICE)
     arith = parse_arith(f"acc={acc} rounding={rounding}")
     r = parse_quant(role)
     assert _same(triton_matmul(a, b, arith, a_role=r, b_role=r), _reference(a, b, arith, r, r))
@@ -46,7 +47,8 @@ def test_sequential_equals_the_reference_at_tile_edges(acc, role, rounding):
 def test_stochastic_roles_draw_the_bits_of_quantize_role_also_for_a_transposed_weight():
     gen = torch.Generator().manual_seed(1)
     a = torch.randn(1, 9, 40, generator=gen)
-    w = torch.randn(1, 11, 40, generator=gen)  # (N, K), read as its transpose
+    w = torch.randn(1, 11, 40, generator=gen).to(DEVICE)  # (N, K), read as its transpose
+    a = a.to(DEVICE)
     arith = parse_arith("acc=bf16")
     r = parse_quant("fp8_e4m3:stochastic")
     got = triton_matmul(a, w.transpose(1, 2), arith, a_role=r, b_role=r, seed_a=5, seed_b=9, b_transposed=True)
@@ -61,6 +63,7 @@ def test_chunked_equals_the_reference_where_the_chunk_sums_are_exact_in_float32(
     gen = torch.Generator().manual_seed(2)
     a = torch.randint(-8, 9, (2, 35, 100), generator=gen).float()  # products and chunk sums: small integers
     b = torch.randint(-8, 9, (2, 100, 33), generator=gen).float()
+    a, b = a.to(DEVICE), b.to(DEVICE)
     arith = parse_arith(f"acc=e5m2 order=chunk({chunk})")
     got = triton_matmul(a, b, arith, a_role=parse_quant("fp8_e4m3"), b_role=parse_quant("fp8_e4m3"))
     assert _same(got, _reference(a, b, arith, parse_quant("fp8_e4m3"), parse_quant("fp8_e4m3")))
@@ -68,8 +71,8 @@ def test_chunked_equals_the_reference_where_the_chunk_sums_are_exact_in_float32(
 
 
 def test_overflow_and_nan_follow_the_reference():
-    a = torch.tensor([[[60000.0, 60000.0, 1.0], [float("nan"), 1.0, 1.0], [-3.0, 2.5, float("inf")]]])
-    b = torch.ones(1, 3, 4)
+    a = torch.tensor([[[60000.0, 60000.0, 1.0], [float("nan"), 1.0, 1.0], [-3.0, 2.5, float("inf")]]], device=DEVICE)
+    b = torch.ones(1, 3, 4, device=DEVICE)
     arith, r = parse_arith("acc=fp16"), parse_quant("fp16")
     got = triton_matmul(a, b, arith, a_role=r, b_role=r)
     assert _same(got, _reference(a, b, arith, r, r))
@@ -82,7 +85,7 @@ def test_what_it_does_not_emulate_is_refused():
     assert not supports(parse_arith("acc=bf16 kahan=true"))
     assert supports(parse_arith("acc=bf16"), parse_quant("bf16"), parse_quant("bf16"))
     with pytest.raises(SupportError, match="not exact in float32"):
-        triton_matmul(torch.ones(1, 2, 2), torch.ones(1, 2, 2), parse_arith("acc=bf16"))
+        triton_matmul(torch.ones(1, 2, 2, device=DEVICE), torch.ones(1, 2, 2, device=DEVICE), parse_arith("acc=bf16"))
 
 
 def test_operands_rounded_beforehand_may_carry_power_of_two_scales():
@@ -91,8 +94,8 @@ def test_operands_rounded_beforehand_may_carry_power_of_two_scales():
     from mpcompile import quantize
 
     gen = torch.Generator().manual_seed(3)
-    a = quantize(torch.randn(1, 20, 64, generator=gen), "mxfp8_e4m3")
-    b = quantize(torch.randn(1, 64, 24, generator=gen) * 100, "mxfp8_e5m2")
+    a = quantize(torch.randn(1, 20, 64, generator=gen).to(DEVICE), "mxfp8_e4m3")
+    b = quantize(torch.randn(1, 64, 24, generator=gen).to(DEVICE) * 100, "mxfp8_e5m2")
     arith = parse_arith("acc=bf16")
     got = triton_matmul(a, b, arith, a_role=parse_quant("mxfp8_e4m3"), b_role=parse_quant("mxfp8_e5m2"),
                         quantize=False)
@@ -105,9 +108,9 @@ def test_operands_rounded_beforehand_may_carry_power_of_two_scales():
 def test_fp8_chunks_go_through_fp16_dots_with_fp32_sums():
     """FP8 operands enter tl.dot as fp16 (tensor cores on a GPU); the slab's sum must still be
     fp32's: 31 x 32 + 0.125 = 992.125 needs 13 significant bits, fp16 holds 11."""
-    a = torch.full((1, 16, 32), 32.0)
+    a = torch.full((1, 16, 32), 32.0, device=DEVICE)
     a[..., -1] = 0.125
-    b = torch.ones(1, 32, 16)
+    b = torch.ones(1, 32, 16, device=DEVICE)
     arith, r = parse_arith("acc=e8m15 order=chunk(32)"), parse_quant("fp8_e4m3")
     got = triton_matmul(a, b, arith, a_role=r, b_role=r)
     assert torch.all(got == 992.125) and _same(got, _reference(a, b, arith, r, r))

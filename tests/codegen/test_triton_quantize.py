@@ -32,7 +32,7 @@ from mpcompile.codegen.triton_round import counter_word
 from mpcompile.formats import BlockFloat, BlockMinifloat, FixedFormat, FloatFormat, MXFormat, get, p3109
 from mpcompile.random_bits import counter_words
 from mpcompile.rounding import _select, plan_quantize
-from backend_pairs import NO_TRITON, TRITON_RUNS, reference_and
+from backend_pairs import DEVICE, NO_TRITON, TRITON_RUNS, reference_and
 from oracles import assert_bitwise, block_data, fid, fixed_inputs, float_inputs
 
 if not TRITON_RUNS:
@@ -40,7 +40,6 @@ if not TRITON_RUNS:
 
 # a fallback to the reference warns: here it would hide a kernel that does not work
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
-DEVICE = "cpu" if tq.INTERPRETED else "cuda"
 MODES = ["nearest", "nearest_away", "toward_zero", "up", "down", "odd"]
 
 FLOATS = [
@@ -92,6 +91,25 @@ def blocks_input(fmt, rows: int = 6, extra: int = 5) -> torch.Tensor:
 def test_elementwise_equals_reference(f, mode, sat):
     x = (fixed_inputs if isinstance(f, FixedFormat) else float_inputs)(f, torch.float32).to(DEVICE)
     assert_same(x, f, mode, saturate=sat)
+
+
+@pytest.mark.parametrize("f, fast", [
+    (get("fp8_e4m3"), True), (get("bf16"), True), (FloatFormat(8, 22), True),  # emin = -126: one shift throughout
+    (FloatFormat(8, 3, bias=121), True),    # subnormal quantum 2**-123: the add-and-subtract path
+    (FloatFormat(8, 3, bias=123), True),    # quantum 2**-125: the last one it takes
+    (FloatFormat(8, 3, bias=124), False),   # quantum 2**-126: float32 subnormals would matter
+    (FloatFormat(8, 3, bias=150), False), (FloatFormat(3, 2, subnormals=False), False), (FloatFormat(3, 0), False),
+], ids=lambda v: fid(v) if not isinstance(v, bool) else ("fast" if v else "general"))
+def test_nearest_even_fast_path_on_every_kind_of_bit_pattern(f, fast):
+    """Round-to-nearest-even has a short path (``_nearest_even``) for the common formats; random
+    bit patterns over every exponent, and the format's own values and midpoints, match."""
+    plan, params = plan_quantize(f, "nearest", False, torch.float32, 1, False, torch.device(DEVICE))
+    assert tq.round_spec(plan, params).nearest_even == fast
+    words = torch.randint(-2**31, 2**31 - 1, (200_000,), generator=torch.Generator().manual_seed(4), dtype=torch.int64)
+    grid = float_inputs(f, torch.float32) if f.bits <= 16 else torch.empty(0)  # (only narrow formats enumerate)
+    x = torch.cat([words.to(torch.int32).view(torch.float32), grid]).to(DEVICE)
+    for sat in (False, True):
+        assert_same(x, f, "nearest", saturate=sat)
 
 
 @pytest.mark.parametrize("f", FLOATS + FIXED, ids=fid)
