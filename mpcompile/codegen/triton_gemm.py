@@ -83,7 +83,11 @@ def _round_role(x, index, seed, SPEC: tl.constexpr, STOCHASTIC: tl.constexpr):
 
 @triton.jit
 def _load_role(ptr, offs, mask, index, seed, SPEC: tl.constexpr, STOCHASTIC: tl.constexpr):
-    return _round_role(tl.load(ptr + offs, mask=mask, other=0.0), index, seed, SPEC, STOCHASTIC)
+    x = _round_role(tl.load(ptr + offs, mask=mask, other=0.0), index, seed, SPEC, STOCHASTIC)
+    if SPEC is not None:
+        if not SPEC.has_zero:  # E8M0 rounds 0 up to its least value: past the edge must stay 0
+            x = tl.where(mask, x, 0.0)
+    return x
 
 
 @triton.jit

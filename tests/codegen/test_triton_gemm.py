@@ -44,6 +44,16 @@ def test_sequential_equals_the_reference_at_tile_edges(acc, role, rounding):
     assert _same(triton_matmul(a, b, arith, a_role=r, b_role=r), _reference(a, b, arith, r, r))
 
 
+@pytest.mark.parametrize("order", ["", " order=chunk(16)"])
+def test_a_role_without_zero_adds_nothing_past_the_edges(order):
+    """E8M0 rounds 0 up to 2**-127; the zeros a tile loads past the matrix must not become that."""
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(1, 5, 19, generator=gen).abs().to(DEVICE)
+    b = torch.randn(1, 19, 7, generator=gen).abs().to(DEVICE)
+    arith, r = parse_arith("acc=e8m15" + order), parse_quant("e8m0")
+    assert _same(triton_matmul(a, b, arith, a_role=r, b_role=r), _reference(a, b, arith, r, r))
+
+
 def test_stochastic_roles_draw_the_bits_of_quantize_role_also_for_a_transposed_weight():
     gen = torch.Generator().manual_seed(1)
     a = torch.randn(1, 9, 40, generator=gen)
