@@ -25,7 +25,7 @@ Kahan, accumulator formats with at most 21 fraction bits inside float32's range,
 products are exact in float32 (both rounded to formats whose significands fit 24 bits together),
 role formats that are unscaled element formats where the prologue rounds (operands rounded
 beforehand may have any power-of-two scaling, block formats included). Registered as the ``triton`` GEMM backend of the
-ops (``kernels.register_gemm_backend``), which falls back to the reference, with one warning
+ops (``gemm_backends.register_gemm_backend``), which falls back to the reference, with one warning
 per arithmetic, where this kernel does not emulate it or fails to compile.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from ..formats import BlockFormat, FixedFormat, FloatFormat
-from ..ops.kernels import register_gemm_backend
+from ..ops.gemm_backends import GemmFusion, register_gemm_backend
 from ..ops.spec import ArithSpec, QuantSpec
 from ..rounding import plan_quantize
 from .triton_round import RoundSpec, counter_word, round_spec, round_to_format
@@ -97,7 +97,7 @@ def _add_rounded(acc, term, ACC: tl.constexpr):
 
 
 @triton.jit
-def _gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K,
+def _gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, sbias, M, N, K,
                  sab, sam, sak, sbb, sbk, sbn,
                  ia_b, ia_m, ia_k, ib_b, ib_k, ib_n, seed_a, seed_b, seed_out,
                  A_SPEC: tl.constexpr, A_SR: tl.constexpr, B_SPEC: tl.constexpr, B_SR: tl.constexpr,
@@ -132,7 +132,7 @@ def _gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K,
             acc = _add_rounded(acc, d, ACC)
     offs = ib * M * N + im[:, None] * N + in_[None, :]
     if HAS_BIAS:  # one more rounded add, as the reference adds a bias
-        acc = _add_rounded(acc, tl.load(bias_ptr + rn, mask=mn, other=0.0)[None, :], ACC)
+        acc = _add_rounded(acc, tl.load(bias_ptr + pid_b * sbias + rn, mask=mn, other=0.0)[None, :], ACC)
     acc = _round_role(acc, offs, seed_out, OUT_SPEC, OUT_SR)  # the output role, from registers
     tl.store(c_ptr + offs, acc, mask=mm[:, None] & mn[None, :])
 
@@ -186,9 +186,9 @@ def _acc_spec(arith: ArithSpec, device_type: str) -> RoundSpec:
 
 
 def supports(arith: ArithSpec, a_role: QuantSpec | None = None, b_role: QuantSpec | None = None, *,
-             quantize: bool = True) -> bool:
+             quantize: bool | tuple[bool, bool] = True) -> bool:
     """Whether ``triton_matmul`` emulates this arithmetic with these operand roles (``quantize``:
-    rounding them in its prologue, else taking operands already rounded)."""
+    rounding them, or the one of (a, b) it names, in its prologue, else taking them rounded)."""
     try:
         _check(arith, a_role, b_role, "cpu", quantize)
     except SupportError:
@@ -196,8 +196,11 @@ def supports(arith: ArithSpec, a_role: QuantSpec | None = None, b_role: QuantSpe
     return True
 
 
-def _check(arith, a_role, b_role, device_type, quantize: bool = True) -> tuple[_Role, _Role, RoundSpec]:
-    a, b = (_role_spec(a_role, device_type), _role_spec(b_role, device_type)) if quantize else (_Role(None, False),) * 2
+def _check(arith, a_role, b_role, device_type, quantize: bool | tuple[bool, bool] = True
+           ) -> tuple[_Role, _Role, RoundSpec]:
+    qa, qb = (quantize, quantize) if isinstance(quantize, bool) else quantize
+    a = _role_spec(a_role, device_type) if qa else _Role(None, False)
+    b = _role_spec(b_role, device_type) if qb else _Role(None, False)
     if _significand_bits(a_role) + _significand_bits(b_role) > 24:
         raise SupportError(f"roles {a_role} x {b_role}: their products are not exact in float32")
     return a, b, _acc_spec(arith, device_type)
@@ -222,7 +225,8 @@ def _tiles(chunk: int, device_type: str) -> tuple[int, int, int, int]:
 
 def triton_matmul(a: torch.Tensor, b: torch.Tensor, arith: ArithSpec, *, a_role: QuantSpec | None = None,
                   b_role: QuantSpec | None = None, seed_a: int = 0, seed_b: int = 0,
-                  b_transposed: bool = False, quantize: bool = True, bias: torch.Tensor | None = None,
+                  b_transposed: bool = False, quantize: bool | tuple[bool, bool] = True,
+                  bias: torch.Tensor | None = None,
                   out_role: QuantSpec | None = None, seed_out: int = 0) -> torch.Tensor:
     """Batched ``a @ b`` with ``a`` and ``b`` quantized to their roles and ``arith``'s accumulation.
 
@@ -234,10 +238,11 @@ def triton_matmul(a: torch.Tensor, b: torch.Tensor, arith: ArithSpec, *, a_role:
         seed_a, seed_b: seeds of the operands' stochastic rounding (``counter_bits`` of their
             flat index, as ``quantize_role``).
         b_transposed: b's role tensor is (B, N, K) (a linear weight): its flat index is n * K + k.
-        quantize: round the operands to their roles in the prologue; False: they already are
-            (the roles then only vouch that the products are exact).
-        bias: float32 (N,), already rounded to its role: added in the epilogue with one more
-            rounding into the accumulator, as the reference adds a bias.
+        quantize: round the operands to their roles in the prologue (a pair: each operand's
+            choice); False: they already are (the roles then only vouch that the products are
+            exact).
+        bias: float32 (N,) or (B, N), already rounded to its role: added in the epilogue with
+            one more rounding into the accumulator, as the reference adds a bias.
         out_role, seed_out: the output's role, applied in the epilogue to the float32 result
             (stochastic bits from the output's flat index and ``seed_out``).
 
@@ -261,9 +266,11 @@ def triton_matmul(a: torch.Tensor, b: torch.Tensor, arith: ArithSpec, *, a_role:
     grid = (B, triton.cdiv(M, bm), triton.cdiv(N, bn))
     ia = _index_strides((B, M, K), False)
     ib = _index_strides((B, K, N), b_transposed)
-    if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (N,)):
-        raise SupportError(f"bias must be float32 of shape ({N},), got {bias.dtype} {tuple(bias.shape)}")
-    _gemm_kernel[grid](a, b, c, c if bias is None else bias.contiguous(), M, N, K, a.stride(0), a.stride(1),
+    if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) not in ((N,), (B, N))):
+        raise SupportError(f"bias must be float32 of shape ({N},) or ({B}, {N}), got {bias.dtype} "
+                           f"{tuple(bias.shape)}")
+    bias_ptr, sbias = (c, 0) if bias is None else (bias.contiguous(), N if bias.dim() == 2 else 0)
+    _gemm_kernel[grid](a, b, c, bias_ptr, sbias, M, N, K, a.stride(0), a.stride(1),
                        a.stride(2), b.stride(0), b.stride(1), b.stride(2), *ia, *ib, seed_a, seed_b, seed_out,
                        A_SPEC=ra.spec, A_SR=ra.stochastic, B_SPEC=rb.spec, B_SR=rb.stochastic, ACC=acc,
                        CHUNK=chunk, DOT16=bool(chunk) and _fits_fp16(a_role) and _fits_fp16(b_role),
@@ -273,7 +280,7 @@ def triton_matmul(a: torch.Tensor, b: torch.Tensor, arith: ArithSpec, *, a_role:
 
 
 _NOTED: set[tuple] = set()  # (arith, roles) the kernel does not emulate or failed on: the reference runs
-_UNFUSED: set[tuple] = set()  # (arith, roles, output role) whose prologue or epilogue the kernel cannot round
+_UNFUSED: set[tuple] = set()  # (arith, roles, fusion flags, output role) it emulates only unfused
 
 
 def _note_once(key: tuple, text: str) -> None:
@@ -284,30 +291,28 @@ def _note_once(key: tuple, text: str) -> None:
 
 
 def _gemm_backend(a: torch.Tensor, b: torch.Tensor, arith: ArithSpec, a_role: QuantSpec | None,
-                  b_role: QuantSpec | None, prologue: tuple[int, int, bool] | None = None,
-                  epilogue: tuple | None = None) -> torch.Tensor | None:
-    """The ops' ``triton`` GEMM (``kernels.GemmBackend``); None where it does not emulate the call.
-    Without ``prologue`` the operands are already rounded to their roles; with it, (seed_a,
-    seed_b, b_transposed), they are rounded here, and ``epilogue`` (bias, out_role, seed_out)
-    finishes the op. A role the prologue or epilogue cannot round returns None quietly (the op
-    then rounds the operands itself and calls again without them)."""
+                  b_role: QuantSpec | None, fusion: GemmFusion | None = None) -> torch.Tensor | None:
+    """The ops' ``triton`` GEMM (``gemm_backends.GemmBackend``); None where it does not emulate
+    the call. A fusion whose rounding the kernel cannot do returns None quietly (the op then
+    rounds in memory and calls again without it); an arithmetic it does not emulate warns once."""
     if a.dtype != torch.float32 or b.dtype != torch.float32:
         return None  # float64 work (sums against ones, exact products) stays with the reference
     key = (arith, a_role, b_role)
-    bias, out_role, seed_out = epilogue or (None, None, 0)
-    if key in _NOTED or (prologue is not None and (*key, out_role) in _UNFUSED):
+    fused = None if fusion is None else (*key, fusion.round_a, fusion.round_b, fusion.out_role)
+    if key in _NOTED or fused in _UNFUSED:
         return None
     try:
-        if prologue is not None:
-            seed_a, seed_b, transposed = prologue
-            return triton_matmul(a, b, arith, a_role=a_role, b_role=b_role, seed_a=seed_a, seed_b=seed_b,
-                                 b_transposed=transposed, bias=bias, out_role=out_role, seed_out=seed_out)
-        return triton_matmul(a, b, arith, a_role=a_role, b_role=b_role, quantize=False)
+        if fusion is None:
+            return triton_matmul(a, b, arith, a_role=a_role, b_role=b_role, quantize=False)
+        f = fusion
+        return triton_matmul(a, b, arith, a_role=a_role, b_role=b_role, seed_a=f.seed_a, seed_b=f.seed_b,
+                             b_transposed=f.b_transposed, quantize=(f.round_a, f.round_b), bias=f.bias,
+                             out_role=f.out_role, seed_out=f.seed_out)
     except SupportError as err:
-        if prologue is None:
+        if fusion is None:
             _note_once(key, f"Triton GEMM: {err}")
         else:
-            _UNFUSED.add((*key, out_role))
+            _UNFUSED.add(fused)
     except Exception as err:  # a kernel that fails to compile must not cost the user the result
         _note_once(key, f"the Triton GEMM for {arith} with roles {a_role} x {b_role} failed "
                         f"({type(err).__name__}: {str(err)[:200]})")

@@ -4,6 +4,8 @@ These are the bodies of the ``mpc::`` custom ops (``library``). Each GEMM runs t
 kernel when its spec is native and ``emulate.emulated_matmul`` otherwise; backward GEMMs
 (grad_input = grad_output W, grad_weight = grad_output^T X) use the backward spec on the
 operands as the forward quantized them (re-quantized from the same seed, not stored).
+Where the op's backend has a generated GEMM (``gemm_backends``), role rounding moves into
+its prologue and epilogue as far as the layouts allow, with the same numbers.
 The ``*_recompute`` forwards (``Recompute``) compute every output component in the forward
 spec, then those whose condition number estimate exceeds tau again in the high spec; their
 backward is the plain op's, which never reads the forward's output.
@@ -18,16 +20,16 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..backends import current_backend, resolve_backend
 from ..random_bits import counter_words, stream_seed
 from .emulate import emulated_matmul
 from .exact import grid_of, round_exact, two_prod, two_sum
+from .gemm_backends import GemmFusion, backend_gemm, rounds_in_kernel
 from .im2col import conv_as_gemm_operands, transposed_conv_operands
 from .kappa import activation, component_kappa, magnitudes
 from .roles import op_seed, quantize_role
 from .spec import ROLES, STREAM_BIAS, STREAM_DIV, ArithSpec, QuantSpec, Recompute, RoleFormats
 
-__all__ = ["gemm", "register_gemm_backend", "linear_forward", "linear_backward", "matmul_forward", "matmul_backward",
+__all__ = ["gemm", "linear_forward", "linear_backward", "matmul_forward", "matmul_backward",
            "conv_forward", "conv_backward", "linear_recompute", "matmul_recompute", "conv_recompute",
            "reduce_sum", "reduce_mean"]
 
@@ -37,30 +39,13 @@ def _role(roles: RoleFormats, name: str, x, axis: int, seed: int | None, scales:
                          scale=None if scales is None else scales[i])
 
 
-# A GEMM backend computes emulated_matmul's result for operands already rounded to the two role
-# formats given (None: unknown), or returns None where it does not emulate that arithmetic. With
-# ``prologue=(seed_a, seed_b, b_transposed)`` it rounds the raw operands to the roles itself, as
-# quantize_role would with those seeds (b's role tensor is b transposed if b_transposed); with
-# ``epilogue=(bias, out_role, seed_out)`` it adds the (rounded) bias and rounds the result to the
-# output role: the whole forward of a linear layer.
-GemmBackend = Callable[..., "torch.Tensor | None"]
-_GEMM_BACKENDS: dict[str, GemmBackend] = {}
-
-
-def register_gemm_backend(name: str, kernel: GemmBackend) -> None:
-    """Add the emulated GEMM of backend ``name`` (``triton``: ``codegen.triton_gemm``)."""
-    _GEMM_BACKENDS[name] = kernel
-
-
 def _emulated(a: torch.Tensor, b: torch.Tensor, spec: ArithSpec, seed: int | None,
               roles: tuple[QuantSpec | None, QuantSpec | None] = (None, None), *,
               index: torch.Tensor | None = None, exact_products: bool = False) -> torch.Tensor:
     """``emulated_matmul`` (float64 holding acc values), by the op's backend where it emulates it."""
-    name = resolve_backend(current_backend(), a.device)
-    if name in _GEMM_BACKENDS:
-        y = _GEMM_BACKENDS[name](a, b, spec, *roles)
-        if y is not None:
-            return y.to(torch.float64)
+    y = backend_gemm(a, b, spec, roles)
+    if y is not None:
+        return y.to(torch.float64)
     return emulated_matmul(a, b, spec, seed=seed, index=index, exact_products=exact_products)
 
 
@@ -72,6 +57,34 @@ def gemm(a: torch.Tensor, b: torch.Tensor, spec: ArithSpec, seed: int | None, *,
     if spec.is_native:
         return torch.matmul(a, b)
     return _emulated(a, b, spec, seed, roles, index=index, exact_products=exact_products).to(a.dtype)
+
+
+def _seed_of(role: str, seed: int | None) -> int:
+    """The seed ``_role`` rounds role ``role`` with, as a kernel takes it."""
+    return op_seed(seed, 16 + ROLES.index(role)) or 0
+
+
+def _in_prologue(roles: RoleFormats, name: str, x, axis: int, seed, *, plain: bool = True,
+                 padded: bool = False) -> tuple[torch.Tensor, bool]:
+    """An operand of a fused GEMM: (x raw, True) where the kernel rounds it to role ``name`` as it
+    loads it (``rounds_in_kernel``), else (x rounded here, False)."""
+    if rounds_in_kernel(roles.get(name), plain, padded=padded):
+        return x, True
+    return _role(roles, name, x, axis, seed, None), False
+
+
+def _gemm_to_role(a, b, spec: ArithSpec, gemm_seed, roles: RoleFormats, names: tuple[str, str], out: str,
+                  seed, scales, finish: Callable[[torch.Tensor], torch.Tensor], axis: int, *,
+                  plain: bool = True) -> torch.Tensor:
+    """``finish(gemm(a, b))`` for operands rounded to roles ``names``, rounded to role ``out``:
+    in the GEMM kernel's epilogue where the op's backend can (``plain``: the result's flat index
+    is its role tensor's), else in memory."""
+    operand_roles = (roles.get(names[0]), roles.get(names[1]))
+    if scales is None and rounds_in_kernel(roles.get(out), plain):
+        y = backend_gemm(a, b, spec, operand_roles, GemmFusion(out_role=roles.get(out), seed_out=_seed_of(out, seed)))
+        if y is not None:
+            return finish(y.to(a.dtype))
+    return _role(roles, out, finish(gemm(a, b, spec, gemm_seed, roles=operand_roles)), axis, seed, scales)
 
 
 def _round_acc(s: torch.Tensor, e: torch.Tensor, spec: ArithSpec, seed: int | None, stream: int) -> torch.Tensor:
@@ -118,17 +131,22 @@ def _linear_sums(xq, wq, bq, fwd: ArithSpec, seed: int | None, roles: RoleFormat
 
 
 def _fused_linear(x, w, b, roles: RoleFormats, fwd: ArithSpec, seed: int | None, scales) -> torch.Tensor | None:
-    """``linear_forward`` as one kernel of the backend: input and weight rounded in its prologue,
-    bias and output role in its epilogue (no pass over memory for them); None where the backend
-    has no such kernel for these roles and arithmetic."""
-    kernel = _GEMM_BACKENDS.get(resolve_backend(current_backend(), x.device))
-    if kernel is None or fwd.is_native or scales is not None:
+    """``linear_forward`` as one kernel of the op's backend: input and weight rounded in its
+    prologue (where ``rounds_in_kernel``), bias and output role in its epilogue; None where the
+    backend has no such kernel for these roles and arithmetic."""
+    if fwd.is_native or scales is not None:
         return None
-    seed_a, seed_b, seed_out = (op_seed(seed, 16 + ROLES.index(r)) or 0 for r in ("input", "weight", "output"))
-    rows = x.reshape(1, _rows(x), x.shape[-1])
-    y = kernel(rows, w.t()[None], fwd, roles.get("input"), roles.get("weight"), prologue=(seed_a, seed_b, True),
-               epilogue=(_role(roles, "bias", b, 0, seed, scales), roles.get("output"), seed_out))
-    return None if y is None else y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
+    xr, round_x = _in_prologue(roles, "input", x, -1, seed)
+    wr, round_w = _in_prologue(roles, "weight", w, 0, seed)
+    out = roles.get("output") if rounds_in_kernel(roles.get("output"), True) else None
+    fusion = GemmFusion(round_x, round_w, _seed_of("input", seed), _seed_of("weight", seed), True,
+                        _role(roles, "bias", b, 0, seed, None), out, _seed_of("output", seed))
+    y = backend_gemm(xr.reshape(1, _rows(x), x.shape[-1]), wr.t()[None], fwd,
+                     (roles.get("input"), roles.get("weight")), fusion)
+    if y is None:
+        return None
+    y = y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
+    return y if out is not None else _role(roles, "output", y, -1, seed, None)
 
 
 def linear_forward(x, w, b, roles: RoleFormats, fwd: ArithSpec, seed: int | None, scales=None) -> torch.Tensor:
@@ -156,11 +174,12 @@ def linear_backward(grad, x, w, has_bias: bool, roles: RoleFormats, fwd: ArithSp
         gx, gw, gb = _native_grads(F.linear, xq, wq, has_bias, g)
     else:
         rows = g.reshape(1, _rows(x), w.shape[0])
-        g_role, x_role, w_role = roles.get("grad_output"), roles.get("input"), roles.get("weight")
-        gx = gemm(rows, wq[None], bwd, op_seed(seed, 1), roles=(g_role, w_role)).reshape(x.shape)
-        gw = gemm(rows.transpose(1, 2), xq.reshape(1, _rows(x), x.shape[-1]), bwd, op_seed(seed, 2),
-                  roles=(g_role, x_role))[0]
+        gx = _gemm_to_role(rows, wq[None], bwd, op_seed(seed, 1), roles, ("grad_output", "weight"), "grad_input",
+                           seed, scales, lambda y: y.reshape(x.shape), -1)
+        gw = _gemm_to_role(rows.transpose(1, 2), xq.reshape(1, _rows(x), x.shape[-1]), bwd, op_seed(seed, 2), roles,
+                           ("grad_output", "input"), "grad_weight", seed, scales, lambda y: y[0], 0)
         gb = _sum_rows(rows[0], bwd, op_seed(seed, 3)) if has_bias else None
+        return gx, gw, _role(roles, "grad_bias", gb, 0, seed, scales)
     return (_role(roles, "grad_input", gx, -1, seed, scales), _role(roles, "grad_weight", gw, 0, seed, scales),
             _role(roles, "grad_bias", gb, 0, seed, scales))
 
@@ -219,15 +238,45 @@ def _matmul_sums(aq, bq, fwd: ArithSpec, seed, roles: RoleFormats) -> torch.Tens
     nb = _numel(batch, range(len(batch)))
     y = gemm(ea.reshape(nb, *ea.shape[-2:]), eb.reshape(nb, *eb.shape[-2:]), fwd, op_seed(seed, 0),
              roles=(roles.get("input"), roles.get("weight")))
-    y = y.reshape(*batch, ea.shape[-2], eb.shape[-1])
-    if aq.dim() == 1:
+    return _matmul_result(y, aq, bq, batch)
+
+
+def _fused_matmul(a, b, roles: RoleFormats, fwd: ArithSpec, seed, scales) -> torch.Tensor | None:
+    """``matmul_forward`` as one kernel of the op's backend (operands rounded in its prologue,
+    where ``rounds_in_kernel``; output role in its epilogue); None where it has none."""
+    if fwd.is_native or scales is not None:
+        return None
+    ea, eb, batch = _as_matrices(a, b)
+    own = lambda x: (x.shape[:-2] if x.dim() > 1 else ()) == batch  # not broadcast: its own flat index
+    ar, round_a = _in_prologue(roles, "input", a, -1, seed, plain=own(a))
+    br, round_b = _in_prologue(roles, "weight", b, -1, seed, plain=own(b))
+    ea, eb, _ = _as_matrices(ar, br)
+    nb = _numel(batch, range(len(batch)))
+    out = roles.get("output") if rounds_in_kernel(roles.get("output"), True) else None
+    fusion = GemmFusion(round_a, round_b, _seed_of("input", seed), _seed_of("weight", seed), out_role=out,
+                        seed_out=_seed_of("output", seed))
+    y = backend_gemm(ea.reshape(nb, *ea.shape[-2:]), eb.reshape(nb, *eb.shape[-2:]), fwd,
+                     (roles.get("input"), roles.get("weight")), fusion)
+    if y is None:
+        return None
+    y = _matmul_result(y.to(a.dtype), a, b, batch)
+    return y if out is not None else _role(roles, "output", y, -1, seed, None)
+
+
+def _matmul_result(y, a, b, batch) -> torch.Tensor:
+    """The (batch, M, N) product of ``_as_matrices`` operands in torch.matmul's shape."""
+    y = y.reshape(*batch, *y.shape[-2:])
+    if a.dim() == 1:
         y = y.squeeze(-2)
-    if bq.dim() == 1:
+    if b.dim() == 1:
         y = y.squeeze(-1)
     return y
 
 
 def matmul_forward(a, b, roles: RoleFormats, fwd: ArithSpec, seed, scales=None) -> torch.Tensor:
+    y = _fused_matmul(a, b, roles, fwd, seed, scales)
+    if y is not None:
+        return y
     aq, bq = _role(roles, "input", a, -1, seed, scales), _role(roles, "weight", b, -1, seed, scales)
     return _role(roles, "output", _matmul_sums(aq, bq, fwd, seed, roles), -1, seed, scales)
 
@@ -241,9 +290,10 @@ def matmul_recompute(a, b, roles: RoleFormats, fwd: ArithSpec, high: Recompute, 
     return _role(roles, "output", y, -1, seed, scales), low
 
 
-def _reduced_gemm(left, right, target_shape, spec, seed, roles=(None, None)):
-    """left (batch, M, J) @ right (batch, J, K), summed over the batch dims where the operand
-    of ``target_shape`` was broadcast: those dims join the reduction (before J)."""
+def _reduced_operands(left, right, target_shape):
+    """left (batch, M, J) @ right (batch, J, K) as one batched GEMM whose result, reshaped to
+    ``target_shape``, is summed over the batch dims where that operand was broadcast (those dims
+    join the reduction, before J): (lo, ro)."""
     nb = left.dim() - 2
     target = (1,) * (nb + 2 - len(target_shape)) + tuple(target_shape)
     red = [i for i in range(nb) if target[i] == 1 and left.shape[i] != 1]
@@ -252,7 +302,7 @@ def _reduced_gemm(left, right, target_shape, spec, seed, roles=(None, None)):
     kept = _numel(left.shape, keep)
     lo = left.permute(*keep, nb, *red, nb + 1).reshape(kept, m, _numel(left.shape, red) * j)
     ro = right.permute(*keep, *red, nb, nb + 1).reshape(kept, _numel(right.shape, red) * j, k)
-    return gemm(lo, ro, spec, seed, roles=roles).reshape(target_shape)
+    return lo, ro
 
 
 def _numel(shape, dims) -> int:
@@ -273,11 +323,11 @@ def matmul_backward(grad, a, b, roles: RoleFormats, fwd: ArithSpec, bwd: ArithSp
         g2 = g.reshape(*batch, ea.shape[-2], eb.shape[-1])
         a_shape = a.shape if a.dim() > 1 else (1, a.shape[0])
         b_shape = b.shape if b.dim() > 1 else (b.shape[0], 1)
-        g_role = roles.get("grad_output")
-        ga = _reduced_gemm(g2, eb.transpose(-1, -2), a_shape, bwd, op_seed(seed, 1),
-                           (g_role, roles.get("weight"))).reshape(a.shape)
-        gb = _reduced_gemm(ea.transpose(-1, -2), g2, b_shape, bwd, op_seed(seed, 2),
-                           (roles.get("input"), g_role)).reshape(b.shape)
+        ga = _gemm_to_role(*_reduced_operands(g2, eb.transpose(-1, -2), a_shape), bwd, op_seed(seed, 1), roles,
+                           ("grad_output", "weight"), "grad_input", seed, scales, lambda y: y.reshape(a.shape), -1)
+        gb = _gemm_to_role(*_reduced_operands(ea.transpose(-1, -2), g2, b_shape), bwd, op_seed(seed, 2), roles,
+                           ("input", "grad_output"), "grad_weight", seed, scales, lambda y: y.reshape(b.shape), -1)
+        return ga, gb
     return _role(roles, "grad_input", ga, -1, seed, scales), _role(roles, "grad_weight", gb, -1, seed, scales)
 
 
@@ -313,7 +363,30 @@ def _conv_operands(x, w, b, roles: RoleFormats, seed, scales):
             _role(roles, "bias", b, 0, seed, scales))
 
 
+def _fused_conv(x, w, b, conv: tuple, roles: RoleFormats, fwd: ArithSpec, seed, scales) -> torch.Tensor | None:
+    """``conv_forward`` as one kernel of the op's backend over the patches: the weight, and a
+    deterministic input role, rounded in its prologue; bias, and a deterministic output role
+    (the output's layout is not the GEMM's), in its epilogue; None where it has none."""
+    if fwd.is_native or scales is not None:
+        return None
+    xr, round_x = _in_prologue(roles, "input", x, 1, seed, plain=False, padded=True)
+    wr, round_w = _in_prologue(roles, "weight", w, 0, seed)  # (G, C_g*K, C_out/G): w's transpose per group
+    a, bm, _, to_output = conv_as_gemm_operands(xr, wr, *conv)
+    out = roles.get("output") if rounds_in_kernel(roles.get("output"), False) else None
+    bq = _role(roles, "bias", b, 0, seed, None)
+    fusion = GemmFusion(round_x, round_w, _seed_of("input", seed), _seed_of("weight", seed), True,
+                        None if bq is None else bq.reshape(conv[-1], -1), out, _seed_of("output", seed))
+    y = backend_gemm(a, bm, fwd, (roles.get("input"), roles.get("weight")), fusion)
+    if y is None:
+        return None
+    y = to_output(y.to(x.dtype))
+    return y if out is not None else _role(roles, "output", y, 1, seed, None)
+
+
 def conv_forward(x, w, b, stride, padding, dilation, groups, roles: RoleFormats, fwd: ArithSpec, seed, scales=None):
+    y = _fused_conv(x, w, b, (stride, padding, dilation, groups), roles, fwd, seed, scales)
+    if y is not None:
+        return y
     xq, wq, bq = _conv_operands(x, w, b, roles, seed, scales)
     operands = (roles.get("input"), roles.get("weight"))
     return _role(roles, "output", _conv_sums(xq, wq, bq, stride, padding, dilation, groups, fwd, seed, operands), 1,
@@ -346,8 +419,10 @@ def conv_backward(grad, x, w, has_bias, stride, padding, dilation, groups, roles
         a, _, out_shape, _ = conv_as_gemm_operands(xq, wq, stride, padding, dilation, groups)
         n, c_out = g.shape[0], g.shape[1]
         grows = g.reshape(n, groups, c_out // groups, -1).permute(1, 2, 0, 3).reshape(groups, c_out // groups, -1)
-        gw = gemm(grows, a, bwd, op_seed(seed, 2), roles=(g_role, roles.get("input"))).reshape(w.shape)
+        gw = _gemm_to_role(grows, a, bwd, op_seed(seed, 2), roles, ("grad_output", "input"), "grad_weight", seed,
+                           scales, lambda y: y.reshape(w.shape), 0)
         gb = _sum_rows(g.transpose(0, 1).reshape(c_out, -1).t(), bwd, op_seed(seed, 3)) if has_bias else None
+        return _role(roles, "grad_input", gx, 1, seed, scales), gw, _role(roles, "grad_bias", gb, 0, seed, scales)
     return (_role(roles, "grad_input", gx, 1, seed, scales), _role(roles, "grad_weight", gw, 0, seed, scales),
             _role(roles, "grad_bias", gb, 0, seed, scales))
 

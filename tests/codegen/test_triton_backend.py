@@ -21,6 +21,8 @@ default:
   input: fp8_e4m3
   weight: fp8_e4m3
   grad_output: fp8_e5m2
+  grad_input: bf16
+  grad_weight: e5m7
   forward: {acc: bf16}
   backward: {acc: e6m9}
 """
@@ -49,15 +51,25 @@ STOCHASTIC = POLICY.replace("input: fp8_e4m3", "input: fp8_e4m3:stochastic").rep
     "weight: fp8_e4m3", "weight: e3m2:stochastic\n  bias: bf16\n  output: fp8_e5m2:stochastic")
 
 
+# each GEMM's (operands rounded in its prologue, output role rounded in its epilogue), in call
+# order: forward conv, linear, matmul; backward matmul (grad a, grad b), linear (grad x, grad W),
+# conv (grad x, grad W). Roles rounded elsewhere are rounded in memory. conv's grad x is not fused
+# (its output's layout is not the GEMM's) and nor is a stochastic output role of conv's forward.
+EPILOGUE = ((False, False), True)
+BACKWARD = [EPILOGUE] * 4 + [(False, False), EPILOGUE]
+FUSED = {"nearest": [((True, True), False), ((True, True), False), ((True, True), False)] + BACKWARD,
+         "stochastic roles": [((False, True), False), ((True, True), True), ((True, True), True)] + BACKWARD}
+
+
 @needs_triton
 @pytest.mark.parametrize("policy", [POLICY, STOCHASTIC], ids=["nearest", "stochastic roles"])
-def test_a_small_cnn_under_triton_equals_torch_forward_and_backward(monkeypatch, policy):
+def test_a_small_cnn_under_triton_equals_torch_forward_and_backward(monkeypatch, policy, request):
     import mpcompile.codegen.triton_gemm as triton_gemm
 
     calls = []
     real = triton_gemm.triton_matmul
-    monkeypatch.setattr(triton_gemm, "triton_matmul",
-                        lambda *a, **k: calls.append(k.get("quantize", True)) or real(*a, **k))
+    monkeypatch.setattr(triton_gemm, "triton_matmul", lambda *a, **k: calls.append(
+        (k.get("quantize", True), k.get("out_role") is not None)) or real(*a, **k))
     torch.manual_seed(0)
     model, x = Tiny().to(DEVICE), torch.randn(2, 3, 6, 6, device=DEVICE)
     reference = _run(mpcompile.compile(copy.deepcopy(model), policy, (x,), backend="torch"), x)
@@ -67,11 +79,40 @@ def test_a_small_cnn_under_triton_equals_torch_forward_and_backward(monkeypatch,
         cm = mpcompile.compile(model, policy, (x,), backend="triton")
         calls.clear()  # compile's calibration ran the forward once
         triton = _run(cm, x)
-    # conv, linear and matmul: a forward GEMM and two backward GEMMs each (grad_input, grad_weight);
-    # the linear's forward is one kernel: operands rounded in its prologue, bias and output in its epilogue
-    assert len(calls) == 9 and calls.count(True) == 1
+    assert calls == FUSED[request.node.callspec.id]
     for got, want in zip(triton, reference):
         assert torch.equal(got, want)
+
+
+class Grouped(nn.Module):
+    """A padded grouped conv with bias, and a batched matmul against a broadcast weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, padding=1, groups=2)
+        self.mix = nn.Parameter(torch.randn(5, 4))
+
+    def forward(self, x):
+        return torch.matmul(self.conv(x).flatten(2).transpose(1, 2)[:, :7, :5], self.mix)
+
+
+@needs_triton
+@pytest.mark.parametrize("roles", [
+    "input: e8m0\n  weight: fp8_e4m3\n  output: bf16",  # no zero: the conv's padding must stay 0
+    "input: fp8_e5m2:stochastic\n  weight: e3m2:stochastic\n  output: e4m3:stochastic\n  grad_weight: bf16",
+], ids=["e8m0 input", "stochastic"])
+def test_grouped_padded_conv_and_broadcast_matmul_under_triton_equal_torch(roles):
+    policy = f"version: 1\ndefault:\n  {roles}\n  grad_output: fp8_e5m2\n  forward: {{acc: bf16}}\n  backward: {{acc: e6m9}}\n"
+    torch.manual_seed(0)
+    model, x = Grouped().to(DEVICE), torch.randn(2, 4, 5, 5, device=DEVICE).abs()
+    with torch.no_grad():  # E8M0 is unsigned: positive inputs for both ops
+        model.conv.weight.abs_(), model.conv.bias.abs_()
+    want = _run(mpcompile.compile(copy.deepcopy(model), policy, (x,), backend="torch"), x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got = _run(mpcompile.compile(model, policy, (x,), backend="triton"), x)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
 
 
 @needs_triton

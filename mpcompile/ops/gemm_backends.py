@@ -1,0 +1,79 @@
+"""Generated GEMM kernels of the emulated ops: a registry, and what one call asks of a kernel.
+
+A GEMM backend computes ``emulated_matmul``'s batched ``a @ b`` (B, M, K) @ (B, K, N) for
+operands rounded to the two role formats given (None: unknown), or returns None where it does
+not emulate that arithmetic. A ``GemmFusion`` asks it for more in the same kernel: rounding raw
+operands to their roles as they are loaded (the prologue), and adding a bias and rounding the
+result to its role before it is stored (the epilogue), so that no separate pass over memory
+does either. A backend that cannot fuse what is asked returns None quietly; the op then rounds
+in memory and calls again without a fusion.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..backends import current_backend, resolve_backend
+from .spec import ArithSpec, QuantSpec
+
+__all__ = ["GemmFusion", "register_gemm_backend", "backend_gemm", "rounds_in_kernel"]
+
+
+@dataclass(frozen=True)
+class GemmFusion:
+    """The rounding work around a GEMM's product that its kernel does in registers.
+
+    Attributes:
+        round_a, round_b: round that raw operand to its role in the prologue (False: it is
+            rounded already).
+        seed_a, seed_b: the seeds of the operands' stochastic rounding, drawn as ``quantize_role``
+            draws them from the role tensor's flat index.
+        b_transposed: b's role tensor is b's transpose (a linear weight (N, K) read as (K, N)).
+        bias: (N,) or (B, N), already rounded to its role: one more rounded add into the
+            accumulator, as the reference adds a bias.
+        out_role, seed_out: the result's role, rounded before the store. A stochastic one needs
+            the result's flat index (B, M, N) to be its role tensor's; the caller checks that.
+    """
+
+    round_a: bool = False
+    round_b: bool = False
+    seed_a: int = 0
+    seed_b: int = 0
+    b_transposed: bool = False
+    bias: torch.Tensor | None = None
+    out_role: QuantSpec | None = None
+    seed_out: int = 0
+
+
+# (a, b, spec, a_role, b_role, fusion=None) -> the float32 result holding acc values, or None
+GemmBackend = Callable[..., "torch.Tensor | None"]
+_BACKENDS: dict[str, GemmBackend] = {}
+
+
+def register_gemm_backend(name: str, kernel: GemmBackend) -> None:
+    """Add the emulated GEMM of backend ``name`` (``triton``: ``codegen.triton_gemm``)."""
+    _BACKENDS[name] = kernel
+
+
+def backend_gemm(a: torch.Tensor, b: torch.Tensor, spec: ArithSpec, roles: tuple[QuantSpec | None, QuantSpec | None],
+                 fusion: GemmFusion | None = None) -> torch.Tensor | None:
+    """The GEMM of the op's backend (``current_backend`` on a's device), or None where that
+    backend has no generated GEMM, or does not emulate this call."""
+    kernel = _BACKENDS.get(resolve_backend(current_backend(), a.device))
+    if kernel is None or spec.is_native:
+        return None
+    return kernel(a, b, spec, *roles, fusion=fusion)
+
+
+def rounds_in_kernel(role: QuantSpec | None, index_is_the_roles: bool, *, padded: bool = False) -> bool:
+    """Whether a kernel may round an operand (as it loads it) or its result (before the store)
+    to ``role``: an unscaled role; stochastic rounding needs the tensor's flat index to be its
+    role tensor's (not a broadcast, unfolded or permuted view), and zeros an unfold pads in
+    must stay zeros (a format without zero rounds them away)."""
+    if role is None or role.scaling != "none":
+        return False
+    if role.rounding == "stochastic" and not index_is_the_roles:
+        return False
+    return not padded or getattr(role.fmt, "has_zero", True)
