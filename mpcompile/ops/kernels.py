@@ -75,16 +75,17 @@ def _in_prologue(roles: RoleFormats, name: str, x, axis: int, seed, *, plain: bo
 
 def _gemm_to_role(a, b, spec: ArithSpec, gemm_seed, roles: RoleFormats, names: tuple[str, str], out: str,
                   seed, scales, finish: Callable[[torch.Tensor], torch.Tensor], axis: int, *,
-                  plain: bool = True) -> torch.Tensor:
+                  plain: bool = True, index: torch.Tensor | None = None) -> torch.Tensor:
     """``finish(gemm(a, b))`` for operands rounded to roles ``names``, rounded to role ``out``:
     in the GEMM kernel's epilogue where the op's backend can (``plain``: the result's flat index
-    is its role tensor's), else in memory."""
+    is its role tensor's), else in memory. ``index``: as ``gemm`` takes it."""
     operand_roles = (roles.get(names[0]), roles.get(names[1]))
     if scales is None and rounds_in_kernel(roles.get(out), plain):
         y = backend_gemm(a, b, spec, operand_roles, GemmFusion(out_role=roles.get(out), seed_out=_seed_of(out, seed)))
         if y is not None:
             return finish(y.to(a.dtype))
-    return _role(roles, out, finish(gemm(a, b, spec, gemm_seed, roles=operand_roles)), axis, seed, scales)
+    y = gemm(a, b, spec, gemm_seed, roles=operand_roles, index=index)
+    return _role(roles, out, finish(y), axis, seed, scales)
 
 
 def _round_acc(s: torch.Tensor, e: torch.Tensor, spec: ArithSpec, seed: int | None, stream: int) -> torch.Tensor:
@@ -335,16 +336,20 @@ def matmul_backward(grad, a, b, roles: RoleFormats, fwd: ArithSpec, bwd: ArithSp
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
+def _conv_index(spec: ArithSpec, a: torch.Tensor, out_shape: tuple, groups: int) -> torch.Tensor | None:
+    """For a stochastic accumulator, the output elements' numbers (which count the random bits)
+    in the layout of the GEMM over patches ``a``; None otherwise."""
+    if not spec.stochastic:
+        return None
+    n = out_shape[0]
+    index = torch.arange(_numel(out_shape, range(len(out_shape))), device=a.device)
+    return index.view(n, groups, -1, a.shape[1] // n).permute(1, 0, 3, 2).reshape(groups, a.shape[1], -1)
+
+
 def _conv_gemm(x, w, stride, padding, dilation, groups, spec, seed, roles=(None, None)):
     """An emulated convolution without bias: float64 accumulator values, (N, C_out, *O)."""
     a, b, out_shape, to_output = conv_as_gemm_operands(x, w, stride, padding, dilation, groups)
-    g, n = groups, out_shape[0]
-    length = a.shape[1] // n
-    index = None
-    if spec.stochastic:  # the output elements' numbers count the random bits
-        index = torch.arange(_numel(out_shape, range(len(out_shape))), device=x.device)
-        index = index.view(n, g, -1, length).permute(1, 0, 3, 2).reshape(g, n * length, -1)
-    return to_output(_emulated(a, b, spec, seed, roles, index=index))
+    return to_output(_emulated(a, b, spec, seed, roles, index=_conv_index(spec, a, out_shape, groups)))
 
 
 def _conv_sums(xq, wq, bq, stride, padding, dilation, groups, fwd: ArithSpec, seed,
@@ -414,15 +419,16 @@ def conv_backward(grad, x, w, has_bias, stride, padding, dilation, groups, roles
                                                          [True, True, has_bias])
     else:
         up, wt, s1, p0, dil = transposed_conv_operands(g, wq, x.shape, stride, padding, dilation, groups)
-        g_role = roles.get("grad_output")
-        gx = _conv_gemm(up, wt, s1, p0, dil, groups, bwd, op_seed(seed, 1), (g_role, roles.get("weight"))).to(x.dtype)
-        a, _, out_shape, _ = conv_as_gemm_operands(xq, wq, stride, padding, dilation, groups)
+        a, b, x_shape, to_input = conv_as_gemm_operands(up, wt, s1, p0, dil, groups)
+        gx = _gemm_to_role(a, b, bwd, op_seed(seed, 1), roles, ("grad_output", "weight"), "grad_input", seed, scales,
+                           to_input, 1, plain=False, index=_conv_index(bwd, a, x_shape, groups))
+        a, _, _, _ = conv_as_gemm_operands(xq, wq, stride, padding, dilation, groups)
         n, c_out = g.shape[0], g.shape[1]
         grows = g.reshape(n, groups, c_out // groups, -1).permute(1, 2, 0, 3).reshape(groups, c_out // groups, -1)
         gw = _gemm_to_role(grows, a, bwd, op_seed(seed, 2), roles, ("grad_output", "input"), "grad_weight", seed,
                            scales, lambda y: y.reshape(w.shape), 0)
         gb = _sum_rows(g.transpose(0, 1).reshape(c_out, -1).t(), bwd, op_seed(seed, 3)) if has_bias else None
-        return _role(roles, "grad_input", gx, 1, seed, scales), gw, _role(roles, "grad_bias", gb, 0, seed, scales)
+        return gx, gw, _role(roles, "grad_bias", gb, 0, seed, scales)
     return (_role(roles, "grad_input", gx, 1, seed, scales), _role(roles, "grad_weight", gw, 0, seed, scales),
             _role(roles, "grad_bias", gb, 0, seed, scales))
 

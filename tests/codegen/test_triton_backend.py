@@ -53,10 +53,10 @@ STOCHASTIC = POLICY.replace("input: fp8_e4m3", "input: fp8_e4m3:stochastic").rep
 
 # each GEMM's (operands rounded in its prologue, output role rounded in its epilogue), in call
 # order: forward conv, linear, matmul; backward matmul (grad a, grad b), linear (grad x, grad W),
-# conv (grad x, grad W). Roles rounded elsewhere are rounded in memory. conv's grad x is not fused
-# (its output's layout is not the GEMM's) and nor is a stochastic output role of conv's forward.
+# conv (grad x, grad W). Roles rounded elsewhere are rounded in memory; so is a stochastic output
+# role of conv's forward (its output is not laid out as the GEMM's).
 EPILOGUE = ((False, False), True)
-BACKWARD = [EPILOGUE] * 4 + [(False, False), EPILOGUE]
+BACKWARD = [EPILOGUE] * 6
 FUSED = {"nearest": [((True, True), False), ((True, True), False), ((True, True), False)] + BACKWARD,
          "stochastic roles": [((False, True), False), ((True, True), True), ((True, True), True)] + BACKWARD}
 
