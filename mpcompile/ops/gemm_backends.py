@@ -18,7 +18,7 @@ import torch
 from ..backends import current_backend, resolve_backend
 from .spec import ArithSpec, QuantSpec
 
-__all__ = ["GemmFusion", "register_gemm_backend", "backend_gemm", "rounds_in_kernel"]
+__all__ = ["GemmFusion", "register_gemm_backend", "has_gemm_backend", "backend_gemm", "rounds_in_kernel"]
 
 
 @dataclass(frozen=True)
@@ -57,11 +57,21 @@ def register_gemm_backend(name: str, kernel: GemmBackend) -> None:
     _BACKENDS[name] = kernel
 
 
+def _kernel(device: torch.device) -> GemmBackend | None:
+    return _BACKENDS.get(resolve_backend(current_backend(), device))
+
+
+def has_gemm_backend(device: torch.device) -> bool:
+    """Whether the op's backend (``current_backend`` on ``device``) has a generated GEMM: where it
+    has none, work prepared for a fusion would be thrown away."""
+    return _kernel(device) is not None
+
+
 def backend_gemm(a: torch.Tensor, b: torch.Tensor, spec: ArithSpec, roles: tuple[QuantSpec | None, QuantSpec | None],
                  fusion: GemmFusion | None = None) -> torch.Tensor | None:
     """The GEMM of the op's backend (``current_backend`` on a's device), or None where that
     backend has no generated GEMM, or does not emulate this call."""
-    kernel = _BACKENDS.get(resolve_backend(current_backend(), a.device))
+    kernel = _kernel(a.device)
     if kernel is None or spec.is_native:
         return None
     return kernel(a, b, spec, *roles, fusion=fusion)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..random_bits import counter_words, stream_seed
 from .emulate import emulated_matmul
 from .exact import grid_of, round_exact, two_prod, two_sum
-from .gemm_backends import GemmFusion, backend_gemm, rounds_in_kernel
+from .gemm_backends import GemmFusion, backend_gemm, has_gemm_backend, rounds_in_kernel
 from .im2col import conv_as_gemm_operands, transposed_conv_operands
 from .kappa import activation, component_kappa, magnitudes
 from .roles import op_seed, quantize_role
@@ -71,6 +71,12 @@ def _in_prologue(roles: RoleFormats, name: str, x, axis: int, seed, *, plain: bo
     if rounds_in_kernel(roles.get(name), plain, padded=padded):
         return x, True
     return _role(roles, name, x, axis, seed, None), False
+
+
+def _fuses(fwd: ArithSpec, scales, device: torch.device) -> bool:
+    """Whether a forward may run as one fused kernel of the op's backend: checked before any
+    operand is rounded for it, so that the torch backend does no work twice."""
+    return not fwd.is_native and scales is None and has_gemm_backend(device)
 
 
 def _gemm_to_role(a, b, spec: ArithSpec, gemm_seed, roles: RoleFormats, names: tuple[str, str], out: str,
@@ -135,13 +141,14 @@ def _fused_linear(x, w, b, roles: RoleFormats, fwd: ArithSpec, seed: int | None,
     """``linear_forward`` as one kernel of the op's backend: input and weight rounded in its
     prologue (where ``rounds_in_kernel``), bias and output role in its epilogue; None where the
     backend has no such kernel for these roles and arithmetic."""
-    if fwd.is_native or scales is not None:
+    if not _fuses(fwd, scales, x.device):
         return None
     xr, round_x = _in_prologue(roles, "input", x, -1, seed)
     wr, round_w = _in_prologue(roles, "weight", w, 0, seed)
     out = roles.get("output") if rounds_in_kernel(roles.get("output"), True) else None
-    fusion = GemmFusion(round_x, round_w, _seed_of("input", seed), _seed_of("weight", seed), True,
-                        _role(roles, "bias", b, 0, seed, None), out, _seed_of("output", seed))
+    fusion = GemmFusion(round_a=round_x, round_b=round_w, seed_a=_seed_of("input", seed),
+                        seed_b=_seed_of("weight", seed), b_transposed=True, bias=_role(roles, "bias", b, 0, seed, None),
+                        out_role=out, seed_out=_seed_of("output", seed))
     y = backend_gemm(xr.reshape(1, _rows(x), x.shape[-1]), wr.t()[None], fwd,
                      (roles.get("input"), roles.get("weight")), fusion)
     if y is None:
@@ -245,7 +252,7 @@ def _matmul_sums(aq, bq, fwd: ArithSpec, seed, roles: RoleFormats) -> torch.Tens
 def _fused_matmul(a, b, roles: RoleFormats, fwd: ArithSpec, seed, scales) -> torch.Tensor | None:
     """``matmul_forward`` as one kernel of the op's backend (operands rounded in its prologue,
     where ``rounds_in_kernel``; output role in its epilogue); None where it has none."""
-    if fwd.is_native or scales is not None:
+    if not _fuses(fwd, scales, a.device):
         return None
     ea, eb, batch = _as_matrices(a, b)
     own = lambda x: (x.shape[:-2] if x.dim() > 1 else ()) == batch  # not broadcast: its own flat index
@@ -254,8 +261,8 @@ def _fused_matmul(a, b, roles: RoleFormats, fwd: ArithSpec, seed, scales) -> tor
     ea, eb, _ = _as_matrices(ar, br)
     nb = _numel(batch, range(len(batch)))
     out = roles.get("output") if rounds_in_kernel(roles.get("output"), True) else None
-    fusion = GemmFusion(round_a, round_b, _seed_of("input", seed), _seed_of("weight", seed), out_role=out,
-                        seed_out=_seed_of("output", seed))
+    fusion = GemmFusion(round_a=round_a, round_b=round_b, seed_a=_seed_of("input", seed),
+                        seed_b=_seed_of("weight", seed), out_role=out, seed_out=_seed_of("output", seed))
     y = backend_gemm(ea.reshape(nb, *ea.shape[-2:]), eb.reshape(nb, *eb.shape[-2:]), fwd,
                      (roles.get("input"), roles.get("weight")), fusion)
     if y is None:
@@ -372,15 +379,17 @@ def _fused_conv(x, w, b, conv: tuple, roles: RoleFormats, fwd: ArithSpec, seed, 
     """``conv_forward`` as one kernel of the op's backend over the patches: the weight, and a
     deterministic input role, rounded in its prologue; bias, and a deterministic output role
     (the output's layout is not the GEMM's), in its epilogue; None where it has none."""
-    if fwd.is_native or scales is not None:
+    if not _fuses(fwd, scales, x.device):
         return None
     xr, round_x = _in_prologue(roles, "input", x, 1, seed, plain=False, padded=True)
     wr, round_w = _in_prologue(roles, "weight", w, 0, seed)  # (G, C_g*K, C_out/G): w's transpose per group
     a, bm, _, to_output = conv_as_gemm_operands(xr, wr, *conv)
     out = roles.get("output") if rounds_in_kernel(roles.get("output"), False) else None
     bq = _role(roles, "bias", b, 0, seed, None)
-    fusion = GemmFusion(round_x, round_w, _seed_of("input", seed), _seed_of("weight", seed), True,
-                        None if bq is None else bq.reshape(conv[-1], -1), out, _seed_of("output", seed))
+    fusion = GemmFusion(round_a=round_x, round_b=round_w, seed_a=_seed_of("input", seed),
+                        seed_b=_seed_of("weight", seed), b_transposed=True,
+                        bias=None if bq is None else bq.reshape(conv[-1], -1), out_role=out,
+                        seed_out=_seed_of("output", seed))
     y = backend_gemm(a, bm, fwd, (roles.get("input"), roles.get("weight")), fusion)
     if y is None:
         return None

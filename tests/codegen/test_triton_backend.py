@@ -129,6 +129,21 @@ def test_what_the_kernel_does_not_emulate_falls_back_with_one_warning():
     assert torch.equal(cm(x), want)
 
 
+def test_the_torch_backend_rounds_each_role_once(monkeypatch):
+    """The fused forwards prepare nothing where no generated GEMM would take it."""
+    import mpcompile.ops.kernels as kernels
+
+    rounded = []
+    real = kernels.quantize_role
+    monkeypatch.setattr(kernels, "quantize_role", lambda x, spec, **k: rounded.append(spec) or real(x, spec, **k))
+    formats = {"input": "fp8_e4m3:tensor", "weight": "fp8_e4m3", "bias": "bf16"}
+    mpcompile.ops.linear(torch.randn(4, 8), torch.randn(3, 8), torch.randn(3), formats=formats, forward="acc=bf16",
+                         backend="torch")
+    mpcompile.ops.conv2d(torch.randn(1, 2, 4, 4), torch.randn(3, 2, 3, 3), torch.randn(3), padding=1,
+                         formats=formats, forward="acc=bf16", backend="torch")
+    assert [str(r) for r in rounded if r is not None] == ["fp8_e4m3:tensor", "fp8_e4m3", "bf16"] * 2
+
+
 def test_the_backend_is_checked_and_resolved(monkeypatch):
     with pytest.raises(BackendError, match="'cuda' is not one of auto, torch, triton"):
         mpcompile.compile(Tiny(), POLICY, backend="cuda")
