@@ -11,22 +11,25 @@ the operand's flat index and seed, as ``quantize_role`` draws it), and accumulat
   significands fit 24 bits together (checked before launch).
 - ``chunk(k)``: ``tl.dot`` of a k-wide slab, then one rounded add into acc. The slab's operands
   go in as fp16 where every value of both roles is an fp16 value (FP8 roles: tensor cores, whose
-  products are exact, with fp32 sums), else as fp32 (``ieee`` precision). The slab's sum runs in the hardware's order: it equals the reference's
-  (exact, float64) chunk sum wherever that sum is exact in float32, and otherwise may differ in
-  the last bits of float32 before the rounding into the accumulator format.
+  products are exact, with fp32 sums), else as fp32 (``ieee`` precision). The slab's sum runs in
+  the hardware's order: it equals the reference's (exact, float64) chunk sum wherever that sum
+  is exact in float32, and otherwise may differ in the last bits of float32 before the rounding
+  into the accumulator format.
 
 Every rounded add is exact-then-rounded-once: ``two_sum`` gives s + e = acc + term exactly,
 round-to-odd folds e into s's last bit, and rounding that to a format with at most 21 fraction
-bits equals rounding the exact sum (two guard bits), as ``exact.round_exact`` does. Neither fp
-contraction (an FMA would break two_sum) nor a float cast is used.
+bits equals rounding the exact sum (two guard bits), as ``exact.round_exact`` does. A float32
+accumulator rounding to nearest even is float32's own add. Neither fp contraction (an FMA would
+break two_sum) nor a float cast is used.
 
 Supported here, else ``SupportError``: deterministic accumulator rounding, no ``mul`` format, no
-Kahan, accumulator formats with at most 21 fraction bits inside float32's range, operands whose
-products are exact in float32 (both rounded to formats whose significands fit 24 bits together),
-role formats that are unscaled element formats where the prologue rounds (operands rounded
-beforehand may have any power-of-two scaling, block formats included). Registered as the ``triton`` GEMM backend of the
-ops (``gemm_backends.register_gemm_backend``), which falls back to the reference, with one warning
-per arithmetic, where this kernel does not emulate it or fails to compile.
+Kahan, accumulator formats inside float32's range with at most 21 fraction bits (or float32 with
+nearest-even rounding), operands whose products are exact in float32 (both rounded to formats
+whose significands fit 24 bits together), role formats that are unscaled element formats (float
+or fixed point) where the kernel rounds them (operands rounded beforehand may have any
+power-of-two scaling, block formats included). Registered as the ``triton`` GEMM backend of the
+ops (``gemm_backends.register_gemm_backend``), which falls back to the reference, with one
+warning per arithmetic, where this kernel does not emulate it or fails to compile.
 """
 from __future__ import annotations
 
@@ -39,12 +42,13 @@ import triton
 import triton.language as tl
 
 from ..formats import BlockFormat, FixedFormat, FloatFormat
-from ..ops.gemm_backends import GemmFusion, register_gemm_backend
+from ..ops.gemm_backends import GemmBackend, GemmFusion, register_gemm_backend
 from ..ops.spec import ArithSpec, QuantSpec
-from ..rounding import plan_quantize
+from ..random_bits import COUNTER_BITS
+from ..rounding import default_sr_bits, plan_quantize
 from .triton_round import RoundSpec, counter_word, round_spec, round_to_format
 
-__all__ = ["SupportError", "triton_matmul", "supports"]
+__all__ = ["SupportError", "triton_matmul", "supports", "rounds"]
 
 
 class SupportError(ValueError):
@@ -92,6 +96,8 @@ def _load_role(ptr, offs, mask, index, seed, SPEC: tl.constexpr, STOCHASTIC: tl.
 
 @triton.jit
 def _add_rounded(acc, term, ACC: tl.constexpr):
+    if ACC is None:  # a float32 accumulator: the add itself rounds to nearest even
+        return acc + term
     s, e = _two_sum(acc, term)
     return round_to_format(_round_to_odd(s, e), 0, None, ACC)
 
@@ -156,25 +162,37 @@ def _significand_bits(spec: QuantSpec | None) -> int:
     return fmt.bits if isinstance(fmt, FixedFormat) else 24
 
 
+def rounds(spec: QuantSpec) -> bool:
+    """Whether the kernel rounds to role ``spec`` in registers: an unscaled element format."""
+    return spec.scaling == "none" and isinstance(spec.fmt, (FloatFormat, FixedFormat))
+
+
 @functools.lru_cache(maxsize=512)
 def _role_spec(spec: QuantSpec | None, device_type: str) -> _Role:
     if spec is None:
         return _Role(None, False)
-    if spec.scaling != "none" or not isinstance(spec.fmt, FloatFormat):
+    if not rounds(spec):
         raise SupportError(f"role {spec}: only unscaled element formats are quantized in the GEMM prologue")
     sr = spec.rounding == "stochastic"
-    plan, params = plan_quantize(spec.fmt, spec.rounding, spec.saturate, torch.float32,
-                                 max(1, 23 - spec.fmt.man), sr, torch.device(device_type))
+    n = min(default_sr_bits(spec.fmt, torch.float32), COUNTER_BITS)  # as quantize_role draws them
+    plan, params = plan_quantize(spec.fmt, spec.rounding, spec.saturate, torch.float32, n, sr,
+                                 torch.device(device_type))
     return _Role(round_spec(plan, params), sr)
 
 
+_BINARY32 = FloatFormat(8, 23)
+
+
 @functools.lru_cache(maxsize=256)
-def _acc_spec(arith: ArithSpec, device_type: str) -> RoundSpec:
+def _acc_spec(arith: ArithSpec, device_type: str) -> RoundSpec | None:
+    """The accumulator's rounding; None where it is float32's own round-to-nearest-even add."""
     if arith.mul is not None or arith.kahan or arith.stochastic:
         raise SupportError(f"arithmetic {arith}: the Triton GEMM emulates exact products, no Kahan, and "
                            f"deterministic accumulator rounding")
     if arith.order not in ("sequential",) and arith.chunk is None:
         raise SupportError(f"arithmetic {arith}: order {arith.order} is not emulated by the Triton GEMM")
+    if arith.acc == _BINARY32 and arith.rounding == "nearest":
+        return None
     if arith.acc.man > 21:
         raise SupportError(f"arithmetic {arith}: round-to-odd needs two guard bits below the accumulator's "
                            f"{arith.acc.man} fraction bits in float32's 23")
@@ -197,7 +215,7 @@ def supports(arith: ArithSpec, a_role: QuantSpec | None = None, b_role: QuantSpe
 
 
 def _check(arith, a_role, b_role, device_type, quantize: bool | tuple[bool, bool] = True
-           ) -> tuple[_Role, _Role, RoundSpec]:
+           ) -> tuple[_Role, _Role, RoundSpec | None]:
     qa, qb = (quantize, quantize) if isinstance(quantize, bool) else quantize
     a = _role_spec(a_role, device_type) if qa else _Role(None, False)
     b = _role_spec(b_role, device_type) if qb else _Role(None, False)
@@ -225,7 +243,8 @@ def _tiles(chunk: int, device_type: str) -> tuple[int, int, int, int]:
 
 def triton_matmul(a: torch.Tensor, b: torch.Tensor, arith: ArithSpec, *, a_role: QuantSpec | None = None,
                   b_role: QuantSpec | None = None, seed_a: int = 0, seed_b: int = 0,
-                  b_transposed: bool = False, quantize: bool | tuple[bool, bool] = True,
+                  a_transposed: bool = False, b_transposed: bool = False,
+                  quantize: bool | tuple[bool, bool] = True,
                   bias: torch.Tensor | None = None,
                   out_role: QuantSpec | None = None, seed_out: int = 0) -> torch.Tensor:
     """Batched ``a @ b`` with ``a`` and ``b`` quantized to their roles and ``arith``'s accumulation.
@@ -237,6 +256,8 @@ def triton_matmul(a: torch.Tensor, b: torch.Tensor, arith: ArithSpec, *, a_role:
         a_role, b_role: the operands' role formats (None: used as they are).
         seed_a, seed_b: seeds of the operands' stochastic rounding (``counter_bits`` of their
             flat index, as ``quantize_role``).
+        a_transposed: a's role tensor is (B, K, M) (grad_output for a weight's gradient): its
+            flat index is k * M + m.
         b_transposed: b's role tensor is (B, N, K) (a linear weight): its flat index is n * K + k.
         quantize: round the operands to their roles in the prologue (a pair: each operand's
             choice); False: they already are (the roles then only vouch that the products are
@@ -264,7 +285,7 @@ def triton_matmul(a: torch.Tensor, b: torch.Tensor, arith: ArithSpec, *, a_role:
         raise SupportError(f"arithmetic {arith}: tl.dot needs chunks of at least 16")
     bm, bn, warps, stages = _tiles(chunk, a.device.type)
     grid = (B, triton.cdiv(M, bm), triton.cdiv(N, bn))
-    ia = _index_strides((B, M, K), False)
+    ia = _index_strides((B, M, K), a_transposed)
     ib = _index_strides((B, K, N), b_transposed)
     if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) not in ((N,), (B, N))):
         raise SupportError(f"bias must be float32 of shape ({N},) or ({B}, {N}), got {bias.dtype} "
@@ -306,8 +327,8 @@ def _gemm_backend(a: torch.Tensor, b: torch.Tensor, arith: ArithSpec, a_role: Qu
             return triton_matmul(a, b, arith, a_role=a_role, b_role=b_role, quantize=False)
         f = fusion
         return triton_matmul(a, b, arith, a_role=a_role, b_role=b_role, seed_a=f.seed_a, seed_b=f.seed_b,
-                             b_transposed=f.b_transposed, quantize=(f.round_a, f.round_b), bias=f.bias,
-                             out_role=f.out_role, seed_out=f.seed_out)
+                             a_transposed=f.a_transposed, b_transposed=f.b_transposed,
+                             quantize=(f.round_a, f.round_b), bias=f.bias, out_role=f.out_role, seed_out=f.seed_out)
     except SupportError as err:
         if fusion is None:
             _note_once(key, f"Triton GEMM: {err}")
@@ -319,4 +340,4 @@ def _gemm_backend(a: torch.Tensor, b: torch.Tensor, arith: ArithSpec, a_role: Qu
     return None
 
 
-register_gemm_backend("triton", _gemm_backend)
+register_gemm_backend("triton", GemmBackend(gemm=_gemm_backend, rounds=rounds))

@@ -18,7 +18,8 @@ import torch
 from ..backends import current_backend, resolve_backend
 from .spec import ArithSpec, QuantSpec
 
-__all__ = ["GemmFusion", "register_gemm_backend", "has_gemm_backend", "backend_gemm", "rounds_in_kernel"]
+__all__ = ["GemmFusion", "GemmBackend", "register_gemm_backend", "has_gemm_backend", "backend_gemm",
+           "rounds_in_kernel"]
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,8 @@ class GemmFusion:
             rounded already).
         seed_a, seed_b: the seeds of the operands' stochastic rounding, drawn as ``quantize_role``
             draws them from the role tensor's flat index.
-        b_transposed: b's role tensor is b's transpose (a linear weight (N, K) read as (K, N)).
+        a_transposed, b_transposed: that operand's role tensor is its transpose (a linear weight
+            (N, K) read as (K, N); grad_output (M, N) read as (N, M) for the weight's gradient).
         bias: (N,) or (B, N), already rounded to its role: one more rounded add into the
             accumulator, as the reference adds a bias.
         out_role, seed_out: the result's role, rounded before the store. A stochastic one needs
@@ -41,20 +43,33 @@ class GemmFusion:
     round_b: bool = False
     seed_a: int = 0
     seed_b: int = 0
+    a_transposed: bool = False
     b_transposed: bool = False
     bias: torch.Tensor | None = None
     out_role: QuantSpec | None = None
     seed_out: int = 0
 
 
-# (a, b, spec, a_role, b_role, fusion=None) -> the float32 result holding acc values, or None
-GemmBackend = Callable[..., "torch.Tensor | None"]
+@dataclass(frozen=True)
+class GemmBackend:
+    """A backend's generated GEMM.
+
+    Attributes:
+        gemm: ``(a, b, spec, a_role, b_role, fusion=None)`` -> the float32 result holding acc
+            values, or None where it does not emulate the call.
+        rounds: whether its kernels round to an unscaled role format in registers.
+    """
+
+    gemm: Callable[..., "torch.Tensor | None"]
+    rounds: Callable[[QuantSpec], bool]
+
+
 _BACKENDS: dict[str, GemmBackend] = {}
 
 
-def register_gemm_backend(name: str, kernel: GemmBackend) -> None:
+def register_gemm_backend(name: str, backend: GemmBackend) -> None:
     """Add the emulated GEMM of backend ``name`` (``triton``: ``codegen.triton_gemm``)."""
-    _BACKENDS[name] = kernel
+    _BACKENDS[name] = backend
 
 
 def _kernel(device: torch.device) -> GemmBackend | None:
@@ -71,18 +86,21 @@ def backend_gemm(a: torch.Tensor, b: torch.Tensor, spec: ArithSpec, roles: tuple
                  fusion: GemmFusion | None = None) -> torch.Tensor | None:
     """The GEMM of the op's backend (``current_backend`` on a's device), or None where that
     backend has no generated GEMM, or does not emulate this call."""
-    kernel = _kernel(a.device)
-    if kernel is None or spec.is_native:
+    backend = _kernel(a.device)
+    if backend is None or spec.is_native:
         return None
-    return kernel(a, b, spec, *roles, fusion=fusion)
+    return backend.gemm(a, b, spec, *roles, fusion=fusion)
 
 
-def rounds_in_kernel(role: QuantSpec | None, index_is_the_roles: bool, *, padded: bool = False) -> bool:
-    """Whether a kernel may round an operand (as it loads it) or its result (before the store)
-    to ``role``: an unscaled role; stochastic rounding needs the tensor's flat index to be its
-    role tensor's (not a broadcast, unfolded or permuted view), and zeros an unfold pads in
-    must stay zeros (a format without zero rounds them away)."""
-    if role is None or role.scaling != "none":
+def rounds_in_kernel(role: QuantSpec | None, device: torch.device, index_is_the_roles: bool, *,
+                     padded: bool = False) -> bool:
+    """Whether the GEMM kernel of the op's backend on ``device`` may round an operand (as it
+    loads it) or its result (before the store) to ``role``: an unscaled role its kernels
+    round; stochastic rounding needs the tensor's flat index to be its role tensor's (not a
+    broadcast, unfolded or permuted view), and zeros an unfold pads in must stay zeros (a
+    format without zero rounds them away)."""
+    backend = _kernel(device)
+    if backend is None or role is None or role.scaling != "none" or not backend.rounds(role):
         return False
     if role.rounding == "stochastic" and not index_is_the_roles:
         return False

@@ -14,7 +14,8 @@ torch's gradients to the bit.
 """
 from __future__ import annotations
 
-from dataclasses import replace
+import functools
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -68,28 +69,72 @@ def _in_prologue(roles: RoleFormats, name: str, x, axis: int, seed, *, plain: bo
                  padded: bool = False) -> tuple[torch.Tensor, bool]:
     """An operand of a fused GEMM: (x raw, True) where the kernel rounds it to role ``name`` as it
     loads it (``rounds_in_kernel``), else (x rounded here, False)."""
-    if rounds_in_kernel(roles.get(name), plain, padded=padded):
+    if rounds_in_kernel(roles.get(name), x.device, plain, padded=padded):
         return x, True
     return _role(roles, name, x, axis, seed, None), False
 
 
 def _fuses(fwd: ArithSpec, scales, device: torch.device) -> bool:
-    """Whether a forward may run as one fused kernel of the op's backend: checked before any
+    """Whether a GEMM may run as one fused kernel of the op's backend: checked before any
     operand is rounded for it, so that the torch backend does no work twice."""
     return not fwd.is_native and scales is None and has_gemm_backend(device)
 
 
-def _gemm_to_role(a, b, spec: ArithSpec, gemm_seed, roles: RoleFormats, names: tuple[str, str], out: str,
-                  seed, scales, finish: Callable[[torch.Tensor], torch.Tensor], axis: int, *,
-                  plain: bool = True, index: torch.Tensor | None = None) -> torch.Tensor:
-    """``finish(gemm(a, b))`` for operands rounded to roles ``names``, rounded to role ``out``:
-    in the GEMM kernel's epilogue where the op's backend can (``plain``: the result's flat index
-    is its role tensor's), else in memory. ``index``: as ``gemm`` takes it."""
-    operand_roles = (roles.get(names[0]), roles.get(names[1]))
-    if scales is None and rounds_in_kernel(roles.get(out), plain):
-        y = backend_gemm(a, b, spec, operand_roles, GemmFusion(out_role=roles.get(out), seed_out=_seed_of(out, seed)))
+@dataclass
+class _RoleTensor:
+    """A role's tensor in a backward: raw, and rounded in memory (once) where something needs it so."""
+
+    roles: RoleFormats
+    name: str
+    raw: torch.Tensor
+    axis: int
+    seed: int | None
+    scales: torch.Tensor | None
+
+    @functools.cached_property
+    def rounded(self) -> torch.Tensor:
+        return _role(self.roles, self.name, self.raw, self.axis, self.seed, self.scales)
+
+    def for_kernel(self, plain: bool, padded: bool) -> tuple[torch.Tensor, bool]:
+        """(the tensor, whether the kernel rounds it): raw where it may, unless rounded already."""
+        if "rounded" not in self.__dict__ and rounds_in_kernel(self.roles.get(self.name), self.raw.device, plain,
+                                                                 padded=padded):
+            return self.raw, True
+        return self.rounded, False
+
+
+# a backward GEMM's (a, b, finish, index) from its two role tensors: finish takes the GEMM's
+# result to the gradient's shape; index as ``gemm`` takes it
+_GemmOperands = Callable[[torch.Tensor, torch.Tensor],
+                         tuple[torch.Tensor, torch.Tensor, Callable, "torch.Tensor | None"]]
+
+
+def _backward_gemm(left: _RoleTensor, right: _RoleTensor, operands: _GemmOperands, spec: ArithSpec, gemm_seed,
+                   out: str, axis: int, *, plain: tuple[bool, bool, bool] = (True, True, True),
+                   padded: tuple[bool, bool] = (False, False),
+                   transposed: tuple[bool, bool] = (False, False)) -> torch.Tensor:
+    """The GEMM of role tensors ``left`` and ``right`` (``operands``), rounded to role ``out``.
+
+    Where the op's backend has a generated GEMM, the roles are rounded in its prologue and
+    epilogue as far as ``rounds_in_kernel`` allows, else in memory. ``plain``: whether a's,
+    b's and the result's flat index is their role tensor's (``transposed``: a's or b's is its
+    transpose's); ``padded``: whether a or b holds zeros an unfold padded in.
+    """
+    roles, seed, scales = left.roles, left.seed, left.scales
+    operand_roles = (roles.get(left.name), roles.get(right.name))
+    if _fuses(spec, scales, left.raw.device):
+        lt, round_a = left.for_kernel(plain[0], padded[0])
+        rt, round_b = right.for_kernel(plain[1], padded[1])
+        a, b, finish, _ = operands(lt, rt)
+        out_role = roles.get(out) if rounds_in_kernel(roles.get(out), a.device, plain[2]) else None
+        fusion = GemmFusion(round_a=round_a, round_b=round_b, seed_a=_seed_of(left.name, seed),
+                            seed_b=_seed_of(right.name, seed), a_transposed=transposed[0],
+                            b_transposed=transposed[1], out_role=out_role, seed_out=_seed_of(out, seed))
+        y = backend_gemm(a, b, spec, operand_roles, fusion)
         if y is not None:
-            return finish(y.to(a.dtype))
+            y = finish(y.to(a.dtype))
+            return y if out_role is not None else _role(roles, out, y, axis, seed, None)
+    a, b, finish, index = operands(left.rounded, right.rounded)
     y = gemm(a, b, spec, gemm_seed, roles=operand_roles, index=index)
     return _role(roles, out, finish(y), axis, seed, scales)
 
@@ -145,7 +190,7 @@ def _fused_linear(x, w, b, roles: RoleFormats, fwd: ArithSpec, seed: int | None,
         return None
     xr, round_x = _in_prologue(roles, "input", x, -1, seed)
     wr, round_w = _in_prologue(roles, "weight", w, 0, seed)
-    out = roles.get("output") if rounds_in_kernel(roles.get("output"), True) else None
+    out = roles.get("output") if rounds_in_kernel(roles.get("output"), x.device, True) else None
     fusion = GemmFusion(round_a=round_x, round_b=round_w, seed_a=_seed_of("input", seed),
                         seed_b=_seed_of("weight", seed), b_transposed=True, bias=_role(roles, "bias", b, 0, seed, None),
                         out_role=out, seed_out=_seed_of("output", seed))
@@ -176,20 +221,20 @@ def linear_recompute(x, w, b, roles: RoleFormats, fwd: ArithSpec, high: Recomput
 
 def linear_backward(grad, x, w, has_bias: bool, roles: RoleFormats, fwd: ArithSpec, bwd: ArithSpec, seed,
                     scales=None):
-    xq, wq, _ = _linear_operands(x, w, None, roles, seed, scales)
-    g = _role(roles, "grad_output", grad, -1, seed, scales)
+    g, xs, ws = (_RoleTensor(roles, "grad_output", grad, -1, seed, scales),
+                 _RoleTensor(roles, "input", x, -1, seed, scales), _RoleTensor(roles, "weight", w, 0, seed, scales))
     if bwd.is_native:
-        gx, gw, gb = _native_grads(F.linear, xq, wq, has_bias, g)
-    else:
-        rows = g.reshape(1, _rows(x), w.shape[0])
-        gx = _gemm_to_role(rows, wq[None], bwd, op_seed(seed, 1), roles, ("grad_output", "weight"), "grad_input",
-                           seed, scales, lambda y: y.reshape(x.shape), -1)
-        gw = _gemm_to_role(rows.transpose(1, 2), xq.reshape(1, _rows(x), x.shape[-1]), bwd, op_seed(seed, 2), roles,
-                           ("grad_output", "input"), "grad_weight", seed, scales, lambda y: y[0], 0)
-        gb = _sum_rows(rows[0], bwd, op_seed(seed, 3)) if has_bias else None
-        return gx, gw, _role(roles, "grad_bias", gb, 0, seed, scales)
-    return (_role(roles, "grad_input", gx, -1, seed, scales), _role(roles, "grad_weight", gw, 0, seed, scales),
-            _role(roles, "grad_bias", gb, 0, seed, scales))
+        gx, gw, gb = _native_grads(F.linear, xs.rounded, ws.rounded, has_bias, g.rounded)
+        return (_role(roles, "grad_input", gx, -1, seed, scales), _role(roles, "grad_weight", gw, 0, seed, scales),
+                _role(roles, "grad_bias", gb, 0, seed, scales))
+    rows = lambda t: t.reshape(1, _rows(x), w.shape[0])
+    gb = _sum_rows(rows(g.rounded)[0], bwd, op_seed(seed, 3)) if has_bias else None
+    gx = _backward_gemm(g, ws, lambda gt, wt: (rows(gt), wt[None], lambda y: y.reshape(x.shape), None), bwd,
+                        op_seed(seed, 1), "grad_input", -1)
+    gw = _backward_gemm(g, xs, lambda gt, xt: (rows(gt).transpose(1, 2), xt.reshape(1, _rows(x), x.shape[-1]),
+                                               lambda y: y[0], None),
+                        bwd, op_seed(seed, 2), "grad_weight", 0, transposed=(True, False))
+    return gx, gw, _role(roles, "grad_bias", gb, 0, seed, scales)
 
 
 def _recomputed(sums: Callable[[ArithSpec], torch.Tensor], magnitude: Callable[[], torch.Tensor], fwd: ArithSpec,
@@ -260,7 +305,7 @@ def _fused_matmul(a, b, roles: RoleFormats, fwd: ArithSpec, seed, scales) -> tor
     br, round_b = _in_prologue(roles, "weight", b, -1, seed, plain=own(b))
     ea, eb, _ = _as_matrices(ar, br)
     nb = _numel(batch, range(len(batch)))
-    out = roles.get("output") if rounds_in_kernel(roles.get("output"), True) else None
+    out = roles.get("output") if rounds_in_kernel(roles.get("output"), a.device, True) else None
     fusion = GemmFusion(round_a=round_a, round_b=round_b, seed_a=_seed_of("input", seed),
                         seed_b=_seed_of("weight", seed), out_role=out, seed_out=_seed_of("output", seed))
     y = backend_gemm(ea.reshape(nb, *ea.shape[-2:]), eb.reshape(nb, *eb.shape[-2:]), fwd,
@@ -321,22 +366,34 @@ def _numel(shape, dims) -> int:
 
 
 def matmul_backward(grad, a, b, roles: RoleFormats, fwd: ArithSpec, bwd: ArithSpec, seed, scales=None):
-    aq, bq = _role(roles, "input", a, -1, seed, scales), _role(roles, "weight", b, -1, seed, scales)
-    g = _role(roles, "grad_output", grad, -1, seed, scales)
+    g, as_, bs = (_RoleTensor(roles, "grad_output", grad, -1, seed, scales),
+                  _RoleTensor(roles, "input", a, -1, seed, scales), _RoleTensor(roles, "weight", b, -1, seed, scales))
     if bwd.is_native:
         with torch.enable_grad():
-            ga, gb = torch.func.vjp(torch.matmul, aq, bq)[1](g)
-    else:
-        ea, eb, batch = _as_matrices(aq, bq)
-        g2 = g.reshape(*batch, ea.shape[-2], eb.shape[-1])
-        a_shape = a.shape if a.dim() > 1 else (1, a.shape[0])
-        b_shape = b.shape if b.dim() > 1 else (b.shape[0], 1)
-        ga = _gemm_to_role(*_reduced_operands(g2, eb.transpose(-1, -2), a_shape), bwd, op_seed(seed, 1), roles,
-                           ("grad_output", "weight"), "grad_input", seed, scales, lambda y: y.reshape(a.shape), -1)
-        gb = _gemm_to_role(*_reduced_operands(ea.transpose(-1, -2), g2, b_shape), bwd, op_seed(seed, 2), roles,
-                           ("input", "grad_output"), "grad_weight", seed, scales, lambda y: y.reshape(b.shape), -1)
-        return ga, gb
-    return _role(roles, "grad_input", ga, -1, seed, scales), _role(roles, "grad_weight", gb, -1, seed, scales)
+            ga, gb = torch.func.vjp(torch.matmul, as_.rounded, bs.rounded)[1](g.rounded)
+        return _role(roles, "grad_input", ga, -1, seed, scales), _role(roles, "grad_weight", gb, -1, seed, scales)
+    batch = _as_matrices(a, b)[2]
+    a_shape = a.shape if a.dim() > 1 else (1, a.shape[0])
+    b_shape = b.shape if b.dim() > 1 else (b.shape[0], 1)
+    # a broadcast operand's gradient sums over the batch dims it was broadcast over: its GEMM's
+    # operands are permuted views, whose flat index is no role tensor's
+    plain = tuple(a_shape[:-2]) == tuple(batch) and tuple(b_shape[:-2]) == tuple(batch)
+
+    grad2 = lambda gt: gt.reshape(*batch, a_shape[-2], b_shape[-1])
+
+    def ga_operands(gt, bt):
+        eb = _as_matrices(a, bt)[1]
+        return (*_reduced_operands(grad2(gt), eb.transpose(-1, -2), a_shape), lambda y: y.reshape(a.shape), None)
+
+    def gb_operands(at, gt):
+        ea = _as_matrices(at, b)[0]
+        return (*_reduced_operands(ea.transpose(-1, -2), grad2(gt), b_shape), lambda y: y.reshape(b.shape), None)
+
+    ga = _backward_gemm(g, bs, ga_operands, bwd, op_seed(seed, 1), "grad_input", -1, plain=(plain,) * 3,
+                        transposed=(False, True))
+    gb = _backward_gemm(as_, g, gb_operands, bwd, op_seed(seed, 2), "grad_weight", -1, plain=(plain,) * 3,
+                        transposed=(True, False))
+    return ga, gb
 
 
 # -- conv -----------------------------------------------------------------------------------------
@@ -384,7 +441,7 @@ def _fused_conv(x, w, b, conv: tuple, roles: RoleFormats, fwd: ArithSpec, seed, 
     xr, round_x = _in_prologue(roles, "input", x, 1, seed, plain=False, padded=True)
     wr, round_w = _in_prologue(roles, "weight", w, 0, seed)  # (G, C_g*K, C_out/G): w's transpose per group
     a, bm, _, to_output = conv_as_gemm_operands(xr, wr, *conv)
-    out = roles.get("output") if rounds_in_kernel(roles.get("output"), False) else None
+    out = roles.get("output") if rounds_in_kernel(roles.get("output"), x.device, False) else None
     bq = _role(roles, "bias", b, 0, seed, None)
     fusion = GemmFusion(round_a=round_x, round_b=round_w, seed_a=_seed_of("input", seed),
                         seed_b=_seed_of("weight", seed), b_transposed=True,
@@ -420,26 +477,34 @@ def conv_recompute(x, w, b, stride, padding, dilation, groups, roles: RoleFormat
 
 def conv_backward(grad, x, w, has_bias, stride, padding, dilation, groups, roles: RoleFormats,
                   fwd: ArithSpec, bwd: ArithSpec, seed, scales=None):
-    xq, wq = _role(roles, "input", x, 1, seed, scales), _role(roles, "weight", w, 0, seed, scales)
-    g = _role(roles, "grad_output", grad, 1, seed, scales)
+    g, xs, ws = (_RoleTensor(roles, "grad_output", grad, 1, seed, scales),
+                 _RoleTensor(roles, "input", x, 1, seed, scales), _RoleTensor(roles, "weight", w, 0, seed, scales))
     if bwd.is_native:  # the kernel torch's autograd calls for a convolution, without a forward to record
-        gx, gw, gb = torch.ops.aten.convolution_backward(g, xq, wq, [w.shape[0]] if has_bias else None, stride,
-                                                         padding, dilation, False, [0] * (w.dim() - 2), groups,
+        gx, gw, gb = torch.ops.aten.convolution_backward(g.rounded, xs.rounded, ws.rounded,
+                                                         [w.shape[0]] if has_bias else None, stride, padding,
+                                                         dilation, False, [0] * (w.dim() - 2), groups,
                                                          [True, True, has_bias])
-    else:
-        up, wt, s1, p0, dil = transposed_conv_operands(g, wq, x.shape, stride, padding, dilation, groups)
-        a, b, x_shape, to_input = conv_as_gemm_operands(up, wt, s1, p0, dil, groups)
-        gx = _gemm_to_role(a, b, bwd, op_seed(seed, 1), roles, ("grad_output", "weight"), "grad_input", seed, scales,
-                           to_input, 1, plain=False, index=_conv_index(bwd, a, x_shape, groups))
-        a, _, _, _ = conv_as_gemm_operands(xq, wq, stride, padding, dilation, groups)
-        n, c_out = g.shape[0], g.shape[1]
-        grows = g.reshape(n, groups, c_out // groups, -1).permute(1, 2, 0, 3).reshape(groups, c_out // groups, -1)
-        gw = _gemm_to_role(grows, a, bwd, op_seed(seed, 2), roles, ("grad_output", "input"), "grad_weight", seed,
-                           scales, lambda y: y.reshape(w.shape), 0)
-        gb = _sum_rows(g.transpose(0, 1).reshape(c_out, -1).t(), bwd, op_seed(seed, 3)) if has_bias else None
-        return gx, gw, _role(roles, "grad_bias", gb, 0, seed, scales)
-    return (_role(roles, "grad_input", gx, 1, seed, scales), _role(roles, "grad_weight", gw, 0, seed, scales),
-            _role(roles, "grad_bias", gb, 0, seed, scales))
+        return (_role(roles, "grad_input", gx, 1, seed, scales), _role(roles, "grad_weight", gw, 0, seed, scales),
+                _role(roles, "grad_bias", gb, 0, seed, scales))
+    n, c_out = grad.shape[0], grad.shape[1]
+    gb = _sum_rows(g.rounded.transpose(0, 1).reshape(c_out, -1).t(), bwd, op_seed(seed, 3)) if has_bias else None
+
+    def gx_operands(gt, wt):  # grad_input: a stride-1 convolution of the upsampled gradient
+        a, b, x_shape, to_input = conv_as_gemm_operands(
+            *transposed_conv_operands(gt, wt, x.shape, stride, padding, dilation, groups), groups)
+        return a, b, to_input, _conv_index(bwd, a, x_shape, groups)
+
+    def gw_operands(gt, xt):  # grad_weight: grad_output's rows against the input's patches
+        rows = gt.reshape(n, groups, c_out // groups, -1).permute(1, 2, 0, 3).reshape(groups, c_out // groups, -1)
+        patches = conv_as_gemm_operands(xt, w, stride, padding, dilation, groups)[0]
+        return rows, patches, lambda y: y.reshape(w.shape), None
+
+    # the unfolded and permuted operands are not laid out as their role tensors, and hold padding zeros
+    gx = _backward_gemm(g, ws, gx_operands, bwd, op_seed(seed, 1), "grad_input", 1, plain=(False, False, False),
+                        padded=(True, False))
+    gw = _backward_gemm(g, xs, gw_operands, bwd, op_seed(seed, 2), "grad_weight", 0, plain=(False, False, True),
+                        padded=(False, True))
+    return gx, gw, _role(roles, "grad_bias", gb, 0, seed, scales)
 
 
 # -- reductions -----------------------------------------------------------------------------------

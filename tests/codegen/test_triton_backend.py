@@ -53,12 +53,12 @@ STOCHASTIC = POLICY.replace("input: fp8_e4m3", "input: fp8_e4m3:stochastic").rep
 
 # each GEMM's (operands rounded in its prologue, output role rounded in its epilogue), in call
 # order: forward conv, linear, matmul; backward matmul (grad a, grad b), linear (grad x, grad W),
-# conv (grad x, grad W). Roles rounded elsewhere are rounded in memory; so is a stochastic output
-# role of conv's forward (its output is not laid out as the GEMM's).
-EPILOGUE = ((False, False), True)
-BACKWARD = [EPILOGUE] * 6
-FUSED = {"nearest": [((True, True), False), ((True, True), False), ((True, True), False)] + BACKWARD,
-         "stochastic roles": [((False, True), False), ((True, True), True), ((True, True), True)] + BACKWARD}
+# conv (grad x, grad W). Roles rounded elsewhere are rounded in memory: grad_output where the
+# bias's gradient needs it rounded anyway, a stochastic role of conv's input or output (its
+# GEMM's operand and result are not laid out as the role's tensor).
+FUSED = {"nearest": [((True, True), False)] * 3 + [((True, True), True)] * 2 + [((False, True), True)] * 4,
+         "stochastic roles": [((False, True), False)] + [((True, True), True)] * 4 + [((False, True), True)] * 2
+                             + [((False, False), True)] * 2}
 
 
 @needs_triton
@@ -111,6 +111,43 @@ def test_grouped_padded_conv_and_broadcast_matmul_under_triton_equal_torch(roles
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         got = _run(mpcompile.compile(model, policy, (x,), backend="triton"), x)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+class Scores(nn.Module):
+    """Attention scores: linears without bias, and a batched matmul of two activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = nn.Linear(6, 8, bias=False), nn.Linear(6, 8, bias=False)
+
+    def forward(self, x):
+        return torch.matmul(self.q(x), self.k(x).transpose(1, 2))
+
+
+@needs_triton
+def test_stochastic_backward_operands_are_rounded_in_the_prologue_with_the_roles_bits(monkeypatch):
+    """grad_output is read transposed for the weight's gradient, and matmul's operands for each
+    other's: the kernel must still draw each element's bits from its role tensor's flat index."""
+    import mpcompile.codegen.triton_gemm as triton_gemm
+
+    policy = ("version: 1\ndefault:\n  input: fp8_e4m3:stochastic\n  weight: e3m2:stochastic\n"
+              "  grad_output: fp8_e5m2:stochastic\n  grad_input: bf16:stochastic\n  grad_weight: e5m7\n"
+              "  forward: {acc: bf16}\n  backward: {acc: e6m9}\n")
+    calls = []
+    real = triton_gemm.triton_matmul
+    monkeypatch.setattr(triton_gemm, "triton_matmul", lambda *a, **k: calls.append(
+        (k.get("quantize", True), k.get("out_role") is not None)) or real(*a, **k))
+    torch.manual_seed(0)
+    model, x = Scores().to(DEVICE), torch.randn(2, 5, 6, device=DEVICE)
+    want = _run(mpcompile.compile(copy.deepcopy(model), policy, (x,), backend="torch"), x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        cm = mpcompile.compile(model, policy, (x,), backend="triton")
+        calls.clear()
+        got = _run(cm, x)
+    assert calls == [((True, True), False)] * 3 + [((True, True), True)] * 6
     for g, w in zip(got, want):
         assert torch.equal(g, w)
 

@@ -80,6 +80,29 @@ def test_chunked_equals_the_reference_where_the_chunk_sums_are_exact_in_float32(
     assert not _same(got, a @ b)  # the e5m2 accumulator rounds
 
 
+@pytest.mark.parametrize("order", ["", " order=chunk(32)"])
+def test_a_float32_accumulator_is_float32s_own_add(order):
+    """Each chunk (or product) is 2**12 times the last, so the float32 sums round."""
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randint(-8, 9, (2, 33, 100), generator=gen).float() * 2.0 ** (12 * (torch.arange(100) // 32))
+    b = torch.randint(-8, 9, (2, 100, 35), generator=gen).float()
+    a, b = a.to(DEVICE), b.to(DEVICE)
+    arith, r = parse_arith("acc=fp32" + order), parse_quant("bf16")
+    got = triton_matmul(a, b, arith, a_role=r, b_role=r)
+    assert _same(got, _reference(a, b, arith, r, r))
+    assert not _same(got, (a.double() @ b.double()).float())  # the accumulator rounded
+
+
+@pytest.mark.parametrize("role", ["fixed(8,4)", "fixed(6,2):stochastic", "fixed(8,8,unsigned)"])
+def test_fixed_point_roles_are_rounded_in_the_prologue(role):
+    gen = torch.Generator().manual_seed(6)
+    a = (torch.randn(1, 21, 30, generator=gen) * 4).to(DEVICE)
+    b = torch.randn(1, 30, 18, generator=gen).to(DEVICE)
+    arith, r, e = parse_arith("acc=e6m9"), parse_quant(role), parse_quant("fp8_e5m2")
+    got = triton_matmul(a, b, arith, a_role=r, b_role=e, seed_a=3)
+    assert _same(got, _reference(a, b, arith, r, e, seed_a=3))
+
+
 def test_overflow_and_nan_follow_the_reference():
     a = torch.tensor([[[60000.0, 60000.0, 1.0], [float("nan"), 1.0, 1.0], [-3.0, 2.5, float("inf")]]], device=DEVICE)
     b = torch.ones(1, 3, 4, device=DEVICE)
@@ -93,6 +116,8 @@ def test_what_it_does_not_emulate_is_refused():
     assert not supports(parse_arith("acc=bf16 rounding=stochastic"))
     assert not supports(parse_arith("acc=fp32"), None, None)  # fp32 products of fp32 values are not exact
     assert not supports(parse_arith("acc=bf16 kahan=true"))
+    assert not supports(parse_arith("acc=e8m22"), parse_quant("bf16"), parse_quant("bf16"))  # one guard bit
+    assert not supports(parse_arith("acc=fp32 rounding=toward_zero"), parse_quant("bf16"), parse_quant("bf16"))
     assert supports(parse_arith("acc=bf16"), parse_quant("bf16"), parse_quant("bf16"))
     with pytest.raises(SupportError, match="not exact in float32"):
         triton_matmul(torch.ones(1, 2, 2, device=DEVICE), torch.ones(1, 2, 2, device=DEVICE), parse_arith("acc=bf16"))
