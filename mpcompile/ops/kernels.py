@@ -65,15 +65,6 @@ def _seed_of(role: str, seed: int | None) -> int:
     return op_seed(seed, 16 + ROLES.index(role)) or 0
 
 
-def _in_prologue(roles: RoleFormats, name: str, x, axis: int, seed, *, plain: bool = True,
-                 padded: bool = False) -> tuple[torch.Tensor, bool]:
-    """An operand of a fused GEMM: (x raw, True) where the kernel rounds it to role ``name`` as it
-    loads it (``rounds_in_kernel``), else (x rounded here, False)."""
-    if rounds_in_kernel(roles.get(name), x.device, plain, padded=padded):
-        return x, True
-    return _role(roles, name, x, axis, seed, None), False
-
-
 def _fuses(fwd: ArithSpec, scales, device: torch.device) -> bool:
     """Whether a GEMM may run as one fused kernel of the op's backend: checked before any
     operand is rounded for it, so that the torch backend does no work twice."""
@@ -82,7 +73,8 @@ def _fuses(fwd: ArithSpec, scales, device: torch.device) -> bool:
 
 @dataclass
 class _RoleTensor:
-    """A role's tensor in a backward: raw, and rounded in memory (once) where something needs it so."""
+    """A role's tensor as an op's GEMMs take it: raw, and rounded in memory (once) where
+    something needs it so."""
 
     roles: RoleFormats
     name: str
@@ -95,8 +87,9 @@ class _RoleTensor:
     def rounded(self) -> torch.Tensor:
         return _role(self.roles, self.name, self.raw, self.axis, self.seed, self.scales)
 
-    def for_kernel(self, plain: bool, padded: bool) -> tuple[torch.Tensor, bool]:
-        """(the tensor, whether the kernel rounds it): raw where it may, unless rounded already."""
+    def for_kernel(self, plain: bool = True, padded: bool = False) -> tuple[torch.Tensor, bool]:
+        """(the tensor, whether the kernel rounds it as it loads it): raw where it may
+        (``rounds_in_kernel``), unless rounded already."""
         if "rounded" not in self.__dict__ and rounds_in_kernel(self.roles.get(self.name), self.raw.device, plain,
                                                                  padded=padded):
             return self.raw, True
@@ -188,8 +181,8 @@ def _fused_linear(x, w, b, roles: RoleFormats, fwd: ArithSpec, seed: int | None,
     backend has no such kernel for these roles and arithmetic."""
     if not _fuses(fwd, scales, x.device):
         return None
-    xr, round_x = _in_prologue(roles, "input", x, -1, seed)
-    wr, round_w = _in_prologue(roles, "weight", w, 0, seed)
+    xr, round_x = _RoleTensor(roles, "input", x, -1, seed, None).for_kernel()
+    wr, round_w = _RoleTensor(roles, "weight", w, 0, seed, None).for_kernel()
     out = roles.get("output") if rounds_in_kernel(roles.get("output"), x.device, True) else None
     fusion = GemmFusion(round_a=round_x, round_b=round_w, seed_a=_seed_of("input", seed),
                         seed_b=_seed_of("weight", seed), b_transposed=True, bias=_role(roles, "bias", b, 0, seed, None),
@@ -301,8 +294,8 @@ def _fused_matmul(a, b, roles: RoleFormats, fwd: ArithSpec, seed, scales) -> tor
         return None
     ea, eb, batch = _as_matrices(a, b)
     own = lambda x: (x.shape[:-2] if x.dim() > 1 else ()) == batch  # not broadcast: its own flat index
-    ar, round_a = _in_prologue(roles, "input", a, -1, seed, plain=own(a))
-    br, round_b = _in_prologue(roles, "weight", b, -1, seed, plain=own(b))
+    ar, round_a = _RoleTensor(roles, "input", a, -1, seed, None).for_kernel(plain=own(a))
+    br, round_b = _RoleTensor(roles, "weight", b, -1, seed, None).for_kernel(plain=own(b))
     ea, eb, _ = _as_matrices(ar, br)
     nb = _numel(batch, range(len(batch)))
     out = roles.get("output") if rounds_in_kernel(roles.get("output"), a.device, True) else None
@@ -438,8 +431,9 @@ def _fused_conv(x, w, b, conv: tuple, roles: RoleFormats, fwd: ArithSpec, seed, 
     (the output's layout is not the GEMM's), in its epilogue; None where it has none."""
     if not _fuses(fwd, scales, x.device):
         return None
-    xr, round_x = _in_prologue(roles, "input", x, 1, seed, plain=False, padded=True)
-    wr, round_w = _in_prologue(roles, "weight", w, 0, seed)  # (G, C_g*K, C_out/G): w's transpose per group
+    xr, round_x = _RoleTensor(roles, "input", x, 1, seed, None).for_kernel(plain=False, padded=True)
+    # the GEMM reads w as (G, C_g*K, C_out/G): its transpose per group
+    wr, round_w = _RoleTensor(roles, "weight", w, 0, seed, None).for_kernel()
     a, bm, _, to_output = conv_as_gemm_operands(xr, wr, *conv)
     out = roles.get("output") if rounds_in_kernel(roles.get("output"), x.device, False) else None
     bq = _role(roles, "bias", b, 0, seed, None)
