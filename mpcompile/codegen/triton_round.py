@@ -29,7 +29,8 @@ from ..formats.block_format import SCALE_EXP_MAX, SCALE_EXP_MIN
 from ..random_bits import INDEX_FOLD, MASK32, MIX_MUL1, MIX_MUL2
 from ..rounding import QuantParams, QuantPlan
 
-__all__ = ["RoundSpec", "round_spec", "round_to_format", "round_blocks", "block_scale_exp", "counter_word"]
+__all__ = ["RoundSpec", "round_spec", "round_to_format", "round_float64", "round_blocks", "block_scale_exp",
+           "counter_word", "stream_seed"]
 
 _ABS = tl.constexpr(0x7FFFFFFF)
 _SIGN = tl.constexpr(-(2**31))  # the sign bit, as an int32
@@ -41,6 +42,9 @@ _MIX1 = tl.constexpr(MIX_MUL1)
 _MIX2 = tl.constexpr(MIX_MUL2 % 2**32)  # random_bits keeps it as a negative int64
 _FOLD = tl.constexpr(INDEX_FOLD)
 _LOW32 = tl.constexpr(MASK32)
+_ABS64 = tl.constexpr(2**63 - 1)
+_INF64 = tl.constexpr(0x7FF0000000000000)
+_FRAC64 = tl.constexpr(2**52 - 1)
 
 
 class RoundSpec(NamedTuple):
@@ -127,6 +131,13 @@ def counter_word(index, seed):
     return _mix32(_mix32(low) ^ seed)
 
 
+@triton.jit
+def stream_seed(seed, STREAM: tl.constexpr, step):
+    """``random_bits.stream_seed``: the uint32 seed of rounding ``step`` (an integer) of stream
+    ``STREAM`` of an emulated reduction, from the reduction's uint32 seed."""
+    return _mix32(seed ^ _mix32(tl.cast(step, tl.uint32) * 8 + STREAM))
+
+
 # -- rounding -----------------------------------------------------------------------------------
 @triton.jit
 def _exponent(ua):
@@ -155,10 +166,11 @@ def _scaled_bits(bits, k):
 
 
 @triton.jit
-def _away(fl, rem, half, s, qe, neg, rbits, scale_exp, SPEC: tl.constexpr):
-    """Whether |x| = (fl + rem / 2**s) * 2**qe rounds away from zero to (fl + 1) * 2**qe.
+def _away(fl, rem, half, s, qe, neg, rbits, scale_exp, SPEC: tl.constexpr, M: tl.constexpr):
+    """Whether |x| = (fl + rem / 2**s) * 2**qe rounds away from zero to (fl + 1) * 2**qe, for
+    significands of M bits.
 
-    ``half`` is 2**(s-1) (s clamped to 25, where rem < half already); rem is 0 where s <= 0.
+    ``half`` is 2**(s-1) (s clamped to M + 1, where rem < half already); rem is 0 where s <= 0.
     """
     inexact = rem != 0
     if SPEC.parity_by_exponent:  # man == 0: a code's parity is its exponent field's (as gfloat)
@@ -180,16 +192,16 @@ def _away(fl, rem, half, s, qe, neg, rbits, scale_exp, SPEC: tl.constexpr):
         away = inexact & ~odd
     else:
         tl.static_assert(SPEC.rounding == "stochastic", "unknown rounding mode")
-        away = _stochastic_away(rem, s, rbits, SPEC.sr_bits)
+        away = _stochastic_away(rem, s, rbits, SPEC.sr_bits, M)
     return away
 
 
 @triton.jit
-def _stochastic_away(rem, s, rbits, N: tl.constexpr):
-    """gfloat's stochastic rule: the fraction rem / 2**s rounded to N bits (ties to even), plus
-    the low N random bits, reaches 2**N. The sum is below 2**(N+1): int32 up to N = 30, else
-    int64 (N <= 62)."""
-    if N <= 30:
+def _stochastic_away(rem, s, rbits, N: tl.constexpr, M: tl.constexpr):
+    """gfloat's stochastic rule: the fraction rem / 2**s (rem < 2**M) rounded to N bits (ties
+    to even), plus the low N random bits, reaches 2**N. The sum is below 2**(N+1): int32 for a
+    24-bit significand up to N = 30, else int64 (N <= 62)."""
+    if N <= 30 and M == 24:
         r = rem
         one = tl.full(r.shape, 1, tl.int32)
         up_max: tl.constexpr = 30
@@ -198,7 +210,7 @@ def _stochastic_away(rem, s, rbits, N: tl.constexpr):
         one = tl.full(r.shape, 1, tl.int64)
         up_max: tl.constexpr = 62
     k = s - N  # d = rem * 2**-k, rounded
-    kc = tl.minimum(tl.maximum(k, 1), 25)  # rem < 2**24, half of 2**25: from k = 25 on, d is 0
+    kc = tl.minimum(tl.maximum(k, 1), M + 1)  # rem < 2**M, half of 2**(M+1): from there on, d is 0
     q = r >> kc
     low = r & ((one << kc) - 1)
     h = one << (kc - 1)
@@ -250,7 +262,7 @@ def round_to_format(x, rbits, scale_exp, SPEC: tl.constexpr):
     sc = tl.minimum(tl.maximum(s, 1), 25)  # m < 2**24: past 25 bits, nothing changes
     fl = m >> sc
     rem = tl.where(s > 0, m & ((1 << sc) - 1), 0)
-    away = _away(fl, rem, 1 << (sc - 1), s, qe, neg, rbits, scale_exp, SPEC)
+    away = _away(fl, rem, 1 << (sc - 1), s, qe, neg, rbits, scale_exp, SPEC, 24)
     up = away.to(tl.int32)
     low_s = ((ua >> sc) + up) << sc  # s in [1, 23]: both ends of the interval share x's frame
     high_s = up * tl.where(qe > 127, _INF, (qe + 127) << 23)  # s >= 24: fl == 0, so 0 or 2**qe (qe >= -125)
@@ -281,6 +293,47 @@ def _nearest_even(ua, SPEC: tl.constexpr):
         a = tl.where(small, ua, 0).to(tl.float32, bitcast=True)  # inf - inf would raise in the interpreter
         r = tl.where(small, ((a + c) - c).to(tl.int32, bitcast=True), r)
     return r
+
+
+@triton.jit
+def round_float64(x, rbits, SPEC: tl.constexpr):
+    """float64 ``x`` rounded to the float format of ``SPEC``, returned as float32: as
+    ``round_to_format`` rounds a value, for values with up to 53 significant bits (an emulated
+    GEMM's exact sums, rounded to odd). The format's values must all be float32 values.
+
+    Args:
+        x: float64 tile, each value zero, normal, inf or NaN (no float64 subnormals).
+        rbits: random words as for ``round_to_format`` (low ``SPEC.sr_bits`` used).
+        SPEC: the ``RoundSpec`` of a float (not fixed-point) format.
+    """
+    ux = x.to(tl.int64, bitcast=True)
+    neg = ux < 0
+    ua = ux & _ABS64
+    finite = ua < _INF64
+    is_nan = ua > _INF64
+    big_e = ua >> 52
+    m = tl.where(big_e > 0, (ua & _FRAC64) | (_FRAC64 + 1), 0)
+    unit = big_e - 1075  # |x| = m * 2**unit
+    e = big_e - 1023
+    if SPEC.ftz:
+        qe = tl.where(e < SPEC.emin, SPEC.emin, e - SPEC.man)
+    else:
+        qe = tl.maximum(e, SPEC.emin) - SPEC.man
+    s = qe - unit
+    sc = tl.minimum(tl.maximum(s, 1), 54)  # m < 2**53: past 54 bits, nothing changes
+    fl = m >> sc
+    rem = tl.where(s > 0, m & ((1 << sc) - 1), 0)
+    up = _away(fl, rem, 1 << (sc - 1), s, qe, neg, rbits, None, SPEC, 53).to(tl.int64)
+    low_s = ((ua >> sc) + up) << sc  # s in [1, 52]: both ends of the interval share x's frame
+    high_s = up * ((qe + 1023) << 52)  # s >= 53: fl == 0, so 0 or 2**qe
+    r = tl.where(s <= 0, ua, tl.where(s <= 52, low_s, high_s)).to(tl.float64, bitcast=True)
+    # to float32, exactly (the format's values are float32's); past its max is past float32's
+    amax = tl.full(r.shape, SPEC.max_bits, tl.int32).to(tl.float32, bitcast=True).to(tl.float64)
+    past = (r > amax) | ~finite
+    r32 = tl.where(past, 0.0, r).to(tl.float32).to(tl.int32, bitcast=True)
+    r32 = tl.where(is_nan, _NAN, tl.where(past, _INF, r32))
+    # _finish reads x's sign and whether |x| is zero (formats without zero, unsigned formats)
+    return _finish(r32, tl.where(neg, _SIGN, 0), (ua != 0).to(tl.int32), neg, finite, is_nan, None, SPEC)
 
 
 @triton.jit

@@ -55,8 +55,10 @@ class GemmBackend:
     """A backend's generated GEMM.
 
     Attributes:
-        gemm: ``(a, b, spec, a_role, b_role, fusion=None)`` -> the float32 result holding acc
-            values, or None where it does not emulate the call.
+        gemm: ``(a, b, spec, a_role, b_role, fusion=None, seed=None, index=None)`` -> the
+            float32 result holding acc values, or None where it does not emulate the call
+            (``seed``, ``index``: the random bits of stochastic products and sums, as
+            ``emulated_matmul`` takes them).
         rounds: whether its kernels round to an unscaled role format in registers.
     """
 
@@ -83,13 +85,15 @@ def has_gemm_backend(device: torch.device) -> bool:
 
 
 def backend_gemm(a: torch.Tensor, b: torch.Tensor, spec: ArithSpec, roles: tuple[QuantSpec | None, QuantSpec | None],
-                 fusion: GemmFusion | None = None) -> torch.Tensor | None:
+                 fusion: GemmFusion | None = None, *, seed: int | None = None,
+                 index: torch.Tensor | None = None) -> torch.Tensor | None:
     """The GEMM of the op's backend (``current_backend`` on a's device), or None where that
-    backend has no generated GEMM, or does not emulate this call."""
+    backend has no generated GEMM, or does not emulate this call. ``seed`` and ``index`` number
+    the random bits of stochastic products and sums, as for ``emulated_matmul``."""
     backend = _kernel(a.device)
     if backend is None or spec.is_native:
         return None
-    return backend.gemm(a, b, spec, *roles, fusion=fusion)
+    return backend.gemm(a, b, spec, *roles, fusion=fusion, seed=seed, index=index)
 
 
 def rounds_in_kernel(role: QuantSpec | None, device: torch.device, index_is_the_roles: bool, *,

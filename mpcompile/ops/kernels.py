@@ -44,7 +44,7 @@ def _emulated(a: torch.Tensor, b: torch.Tensor, spec: ArithSpec, seed: int | Non
               roles: tuple[QuantSpec | None, QuantSpec | None] = (None, None), *,
               index: torch.Tensor | None = None, exact_products: bool = False) -> torch.Tensor:
     """``emulated_matmul`` (float64 holding acc values), by the op's backend where it emulates it."""
-    y = backend_gemm(a, b, spec, roles)
+    y = backend_gemm(a, b, spec, roles, seed=seed, index=index)
     if y is not None:
         return y.to(torch.float64)
     return emulated_matmul(a, b, spec, seed=seed, index=index, exact_products=exact_products)
@@ -118,12 +118,12 @@ def _backward_gemm(left: _RoleTensor, right: _RoleTensor, operands: _GemmOperand
     if _fuses(spec, scales, left.raw.device):
         lt, round_a = left.for_kernel(plain[0], padded[0])
         rt, round_b = right.for_kernel(plain[1], padded[1])
-        a, b, finish, _ = operands(lt, rt)
+        a, b, finish, index = operands(lt, rt)
         out_role = roles.get(out) if rounds_in_kernel(roles.get(out), a.device, plain[2]) else None
         fusion = GemmFusion(round_a=round_a, round_b=round_b, seed_a=_seed_of(left.name, seed),
                             seed_b=_seed_of(right.name, seed), a_transposed=transposed[0],
                             b_transposed=transposed[1], out_role=out_role, seed_out=_seed_of(out, seed))
-        y = backend_gemm(a, b, spec, operand_roles, fusion)
+        y = backend_gemm(a, b, spec, operand_roles, fusion, seed=gemm_seed, index=index)
         if y is not None:
             y = finish(y.to(a.dtype))
             return y if out_role is not None else _role(roles, out, y, axis, seed, None)
@@ -188,7 +188,7 @@ def _fused_linear(x, w, b, roles: RoleFormats, fwd: ArithSpec, seed: int | None,
                         seed_b=_seed_of("weight", seed), b_transposed=True, bias=_role(roles, "bias", b, 0, seed, None),
                         out_role=out, seed_out=_seed_of("output", seed))
     y = backend_gemm(xr.reshape(1, _rows(x), x.shape[-1]), wr.t()[None], fwd,
-                     (roles.get("input"), roles.get("weight")), fusion)
+                     (roles.get("input"), roles.get("weight")), fusion, seed=op_seed(seed, 0))
     if y is None:
         return None
     y = y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
@@ -302,7 +302,7 @@ def _fused_matmul(a, b, roles: RoleFormats, fwd: ArithSpec, seed, scales) -> tor
     fusion = GemmFusion(round_a=round_a, round_b=round_b, seed_a=_seed_of("input", seed),
                         seed_b=_seed_of("weight", seed), out_role=out, seed_out=_seed_of("output", seed))
     y = backend_gemm(ea.reshape(nb, *ea.shape[-2:]), eb.reshape(nb, *eb.shape[-2:]), fwd,
-                     (roles.get("input"), roles.get("weight")), fusion)
+                     (roles.get("input"), roles.get("weight")), fusion, seed=op_seed(seed, 0))
     if y is None:
         return None
     y = _matmul_result(y.to(a.dtype), a, b, batch)
@@ -434,14 +434,15 @@ def _fused_conv(x, w, b, conv: tuple, roles: RoleFormats, fwd: ArithSpec, seed, 
     xr, round_x = _RoleTensor(roles, "input", x, 1, seed, None).for_kernel(plain=False, padded=True)
     # the GEMM reads w as (G, C_g*K, C_out/G): its transpose per group
     wr, round_w = _RoleTensor(roles, "weight", w, 0, seed, None).for_kernel()
-    a, bm, _, to_output = conv_as_gemm_operands(xr, wr, *conv)
+    a, bm, out_shape, to_output = conv_as_gemm_operands(xr, wr, *conv)
     out = roles.get("output") if rounds_in_kernel(roles.get("output"), x.device, False) else None
     bq = _role(roles, "bias", b, 0, seed, None)
     fusion = GemmFusion(round_a=round_x, round_b=round_w, seed_a=_seed_of("input", seed),
                         seed_b=_seed_of("weight", seed), b_transposed=True,
                         bias=None if bq is None else bq.reshape(conv[-1], -1), out_role=out,
                         seed_out=_seed_of("output", seed))
-    y = backend_gemm(a, bm, fwd, (roles.get("input"), roles.get("weight")), fusion)
+    y = backend_gemm(a, bm, fwd, (roles.get("input"), roles.get("weight")), fusion, seed=op_seed(seed, 0),
+                     index=_conv_index(fwd, a, out_shape, conv[-1]))
     if y is None:
         return None
     y = to_output(y.to(x.dtype))

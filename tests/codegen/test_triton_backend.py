@@ -49,6 +49,11 @@ def _run(cm, x):
 
 STOCHASTIC = POLICY.replace("input: fp8_e4m3", "input: fp8_e4m3:stochastic").replace(
     "weight: fp8_e4m3", "weight: e3m2:stochastic\n  bias: bf16\n  output: fp8_e5m2:stochastic")
+# stochastic rounded products and sums: their bits are numbered by the op's output elements
+# (the conv's, not its GEMM's layout), the bias's add included
+SUMS = POLICY.replace("weight: fp8_e4m3", "weight: fp8_e4m3\n  bias: bf16").replace(
+    "forward: {acc: bf16}", "forward: {mul: e5m2, acc: bf16, rounding: stochastic}").replace(
+    "backward: {acc: e6m9}", "backward: {acc: e6m9, rounding: stochastic, kahan: true, order: chunk(16)}")
 
 
 # each GEMM's (operands rounded in its prologue, output role rounded in its epilogue), in call
@@ -57,12 +62,13 @@ STOCHASTIC = POLICY.replace("input: fp8_e4m3", "input: fp8_e4m3:stochastic").rep
 # bias's gradient needs it rounded anyway, a stochastic role of conv's input or output (its
 # GEMM's operand and result are not laid out as the role's tensor).
 FUSED = {"nearest": [((True, True), False)] * 3 + [((True, True), True)] * 2 + [((False, True), True)] * 4,
+         "stochastic sums": [((True, True), False)] * 3 + [((True, True), True)] * 2 + [((False, True), True)] * 4,
          "stochastic roles": [((False, True), False)] + [((True, True), True)] * 4 + [((False, True), True)] * 2
                              + [((False, False), True)] * 2}
 
 
 @needs_triton
-@pytest.mark.parametrize("policy", [POLICY, STOCHASTIC], ids=["nearest", "stochastic roles"])
+@pytest.mark.parametrize("policy", [POLICY, STOCHASTIC, SUMS], ids=["nearest", "stochastic roles", "stochastic sums"])
 def test_a_small_cnn_under_triton_equals_torch_forward_and_backward(monkeypatch, policy, request):
     import mpcompile.codegen.triton_gemm as triton_gemm
 
@@ -154,16 +160,17 @@ def test_stochastic_backward_operands_are_rounded_in_the_prologue_with_the_roles
 
 @needs_triton
 def test_what_the_kernel_does_not_emulate_falls_back_with_one_warning():
-    policy = POLICY.replace("forward: {acc: bf16}", "forward: {acc: bf16, rounding: stochastic}")
+    policy = POLICY.replace("forward: {acc: bf16}", "forward: {acc: bf16, rounding: stochastic, order: pairwise}")
     torch.manual_seed(0)
     model, x = Tiny().to(DEVICE), torch.randn(2, 3, 6, 6, device=DEVICE)
     reference = mpcompile.compile(copy.deepcopy(model), policy, (x,), backend="torch")
-    with pytest.warns(RuntimeWarning, match="deterministic accumulator rounding.*torch reference computes it"):
+    with pytest.warns(RuntimeWarning, match="order pairwise is not emulated.*torch reference computes it") as caught:
         cm = mpcompile.compile(model, policy, (x,), backend="triton")
-    torch.manual_seed(1)  # the stochastic rounding draws its seed from torch's generator
-    want = reference(x)
+        torch.manual_seed(1)  # the stochastic rounding draws its seed from torch's generator
+        got = cm(x)
+    assert len([w for w in caught if "pairwise" in str(w.message)]) == 1  # once per arithmetic and roles
     torch.manual_seed(1)
-    assert torch.equal(cm(x), want)
+    assert torch.equal(got, reference(x))
 
 
 def test_the_torch_backend_rounds_each_role_once(monkeypatch):

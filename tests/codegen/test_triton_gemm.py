@@ -15,12 +15,12 @@ from mpcompile.ops.roles import quantize_role  # noqa: E402
 from mpcompile.ops.spec import parse_arith, parse_quant  # noqa: E402
 
 
-def _reference(a, b, arith, a_role, b_role, seed_a=0, seed_b=0, b_transposed=False):
+def _reference(a, b, arith, a_role, b_role, seed_a=0, seed_b=0, b_transposed=False, seed=None, index=None):
     aq = quantize_role(a, a_role, axis=-1, seed=seed_a)
     w = b.transpose(-1, -2) if b_transposed else b  # the role tensor as quantize_role sees it
     bq = quantize_role(w.contiguous(), b_role, axis=0, seed=seed_b)
     bq = bq.transpose(-1, -2) if b_transposed else bq
-    return emulated_matmul(aq, bq, arith, exact_products=True).float()
+    return emulated_matmul(aq, bq, arith, exact_products=True, seed=seed, index=index).float()
 
 
 def _same(x, y):
@@ -112,15 +112,71 @@ def test_overflow_and_nan_follow_the_reference():
     assert got[0, 0, 0] == float("inf") and got[0, 1, 0].isnan()
 
 
+@pytest.mark.parametrize("arith", [
+    "acc=bf16 rounding=stochastic", "acc=e5m2 rounding=stochastic sr_bits=7 order=chunk(16)",
+    "acc=fp16 rounding=stochastic order=chunk(32)", "mul=e5m2 acc=fp16 rounding=stochastic",
+    "mul=e4m3 acc=bf16 mul_rounding=stochastic order=chunk(8)", "acc=e6m9 rounding=stochastic kahan=true order=chunk(16)",
+])
+def test_stochastic_products_and_sums_draw_the_references_bits(arith):
+    """Rounding step j of stream s of output element i draws counter_words(i, stream_seed(seed,
+    s, j)), with i from the op's numbering of its outputs (here a permutation of them)."""
+    gen = torch.Generator().manual_seed(7)
+    a, b = torch.randn(2, 17, 24, generator=gen) * 3, torch.randn(2, 24, 30, generator=gen)
+    a, b = a.where(a.abs() > 0.25, 0).to(DEVICE), b.where(b.abs() > 0.25, 0).to(DEVICE)  # exact float32 chunk sums
+    index = torch.randperm(2 * 17 * 30, generator=gen).view(2, 17, 30).to(DEVICE)
+    arith, r = parse_arith(arith), parse_quant("fp8_e4m3")
+    got = triton_matmul(a, b, arith, a_role=r, b_role=r, seed=11, index=index)
+    assert _same(got, _reference(a, b, arith, r, r, seed=11, index=index))
+    assert not _same(got, triton_matmul(a, b, arith, a_role=r, b_role=r, seed=12, index=index))  # the seed reaches them
+    assert not _same(got, triton_matmul(a, b, arith, a_role=r, b_role=r, seed=11))  # and the index
+
+
+@pytest.mark.parametrize("arith", [
+    "mul=e4m3 acc=bf16", "mul=bf16 acc=e5m2 rounding=up order=chunk(4)", "acc=bf16 kahan=true",
+    "acc=e5m2 kahan=true rounding=toward_zero order=chunk(8)", "acc=e8m22", "acc=fp32 rounding=down",
+    "mul=fp16 acc=fp32 order=chunk(8)",
+])
+def test_rounded_products_kahan_and_wide_accumulators_equal_the_reference(arith):
+    """Rounded products, and chunks under 16, are summed in float64 in k's order (exact here);
+    accumulators with 22 or 23 fraction bits round the exact sum through float64, as the
+    reference does."""
+    gen = torch.Generator().manual_seed(8)
+    a = (torch.randn(1, 33, 24, generator=gen) * 2.0 ** (4 * (torch.arange(24) % 5))).to(DEVICE)
+    b = torch.randn(1, 24, 40, generator=gen).to(DEVICE)
+    arith, r = parse_arith(arith), parse_quant("bf16")
+    got = triton_matmul(a, b, arith, a_role=r, b_role=r)
+    assert _same(got, _reference(a, b, arith, r, r))
+
+
+@pytest.mark.parametrize("scale, arith", [(2.0**-70, "acc=bf16 rounding=up"), (2.0**-70, "acc=bf16 order=chunk(16) rounding=up"),
+                                          (2.0**66, "acc=bf16"), (2.0**66, "acc=e8m10 order=chunk(16)")])
+def test_products_beyond_float32s_range_are_formed_in_float64(scale, arith):
+    """bf16 x bf16 products can leave float32's range (2**-140 rounds up to bf16's least value;
+    2**132 overflows float32 where cancelling float64 sums need not): the data decides."""
+    gen = torch.Generator().manual_seed(9)
+    a = (torch.randn(1, 20, 32, generator=gen) * scale).to(DEVICE)
+    b = (torch.randn(1, 32, 18, generator=gen) * scale).to(DEVICE)
+    b[:, 16:] = -b[:, :16]  # each chunk of 16 cancels its predecessor
+    arith, r = parse_arith(arith), parse_quant("bf16")
+    got = triton_matmul(a, b, arith, a_role=r, b_role=r)
+    want = _reference(a, b, arith, r, r)
+    assert _same(got, want) and not torch.isnan(want).any()
+
+
 def test_what_it_does_not_emulate_is_refused():
-    assert not supports(parse_arith("acc=bf16 rounding=stochastic"))
-    assert not supports(parse_arith("acc=fp32"), None, None)  # fp32 products of fp32 values are not exact
-    assert not supports(parse_arith("acc=bf16 kahan=true"))
-    assert not supports(parse_arith("acc=e8m22"), parse_quant("bf16"), parse_quant("bf16"))  # one guard bit
-    assert not supports(parse_arith("acc=fp32 rounding=toward_zero"), parse_quant("bf16"), parse_quant("bf16"))
-    assert supports(parse_arith("acc=bf16"), parse_quant("bf16"), parse_quant("bf16"))
-    with pytest.raises(SupportError, match="not exact in float32"):
-        triton_matmul(torch.ones(1, 2, 2, device=DEVICE), torch.ones(1, 2, 2, device=DEVICE), parse_arith("acc=bf16"))
+    r = parse_quant("bf16")
+    assert not supports(parse_arith("acc=bf16 order=pairwise"), r, r)
+    assert not supports(parse_arith("acc=e10m10"), r, r)  # an accumulator beyond float32's range
+    assert not supports(parse_arith("mul=e10m10 acc=bf16"), r, r)  # bf16 products are rounded from float64
+    assert supports(parse_arith("mul=e10m10 acc=bf16"), parse_quant("fp8_e4m3"), parse_quant("fp8_e4m3"))
+    assert supports(parse_arith("acc=fp32 rounding=toward_zero kahan=true"), r, r)
+    assert supports(parse_arith("acc=bf16 rounding=stochastic"), None, None)  # fp32 operands: float64 products
+    with pytest.raises(SupportError, match="pairwise"):
+        triton_matmul(torch.ones(1, 2, 2, device=DEVICE), torch.ones(1, 2, 2, device=DEVICE),
+                      parse_arith("acc=bf16 order=pairwise"))
+    with pytest.raises(ValueError, match="needs a seed"):
+        triton_matmul(torch.ones(1, 2, 2, device=DEVICE), torch.ones(1, 2, 2, device=DEVICE),
+                      parse_arith("acc=bf16 rounding=stochastic"))
 
 
 def test_operands_rounded_beforehand_may_carry_power_of_two_scales():
@@ -137,7 +193,11 @@ def test_operands_rounded_beforehand_may_carry_power_of_two_scales():
     assert _same(got, emulated_matmul(a, b, arith, exact_products=True).float())
     assert supports(arith, parse_quant("fp8_e4m3:tensor"), parse_quant("fp8_e4m3:channel"), quantize=False)
     assert not supports(arith, parse_quant("fp8_e4m3:tensor"), parse_quant("fp8_e4m3"))  # not in the prologue
-    assert not supports(arith, parse_quant("fp8_e4m3:tensor_amax"), parse_quant("fp8_e4m3"), quantize=False)
+    amax = parse_quant("fp8_e4m3:tensor_amax")  # any float32 values: float64 products
+    assert supports(arith, amax, parse_quant("fp8_e4m3"), quantize=False)
+    a = quantize_role(torch.randn(1, 20, 64, generator=gen).to(DEVICE), amax, axis=-1, seed=0)
+    got = triton_matmul(a, b, arith, a_role=amax, b_role=parse_quant("mxfp8_e5m2"), quantize=False)
+    assert _same(got, emulated_matmul(a, b, arith, exact_products=True).float())
 
 
 def test_fp8_chunks_go_through_fp16_dots_with_fp32_sums():
