@@ -306,6 +306,7 @@ def round_float64(x, rbits, SPEC: tl.constexpr):
         rbits: random words as for ``round_to_format`` (low ``SPEC.sr_bits`` used).
         SPEC: the ``RoundSpec`` of a float (not fixed-point) format.
     """
+    tl.static_assert(not SPEC.fixed, "round_float64 rounds to float formats")
     ux = x.to(tl.int64, bitcast=True)
     neg = ux < 0
     ua = ux & _ABS64
