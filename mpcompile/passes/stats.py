@@ -6,7 +6,7 @@ Writes ``meta["mpc"]["stats"]`` on each quantized traced node: per role with a f
 scaling, the fractions of values that overflow (above max), flush to zero (below half the
 smallest subnormal) and land subnormal; and ``sqnr_db``, the signal-to-quantization-noise ratio
 of the node's output in the lowered model against the fp32 model (errors of earlier layers
-included), over all batches.
+included), over all batches: -inf where an output overflowed to inf or NaN.
 """
 from __future__ import annotations
 
@@ -75,5 +75,14 @@ def collect_stats(traced: torch.fx.GraphModule, lowered: torch.fx.GraphModule, b
         signal, err = sum(noise.get(node.name, [])[0::2]), sum(noise.get(node.name, [])[1::2])
         stats = {role: {"overflow": t[0] / t[3], "flush_to_zero": t[1] / t[3], "subnormal": t[2] / t[3]}
                  for role, t in counts.get(node.name, {}).items() if t[3]}
-        stats["sqnr_db"] = math.inf if err == 0 else (10 * math.log10(signal / err) if signal else -math.inf)
+        stats["sqnr_db"] = _sqnr_db(signal, err)
         node.meta["mpc"]["stats"] = stats
+
+
+def _sqnr_db(signal: float, noise: float) -> float:
+    """10 log10(signal / noise): inf without noise; -inf without signal, or where the noise is
+    unbounded (an output that overflowed to inf or became NaN)."""
+    if noise == 0:
+        return math.inf
+    ratio = signal / noise if math.isfinite(noise) else 0.0
+    return 10 * math.log10(ratio) if ratio > 0 else -math.inf  # NaN (a NaN reference) is not > 0

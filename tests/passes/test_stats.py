@@ -42,3 +42,16 @@ def test_lossless_formats_have_infinite_sqnr_and_recompile_recollects_stats():
     y, yq = net(x).double(), cm(x).double()
     assert stats["sqnr_db"] == 10 * math.log10(y.square().sum().item() / (y - yq).square().sum().item()) < 40
     assert torch.equal(torch.random.get_rng_state(), state)  # analysis never moves training's random numbers
+
+
+def test_an_output_that_overflows_has_sqnr_minus_infinity():
+    """Unsaturated fp8_e4m3 has no inf: 1000 becomes NaN; e5m2 overflows to inf. The noise is
+    then unbounded, and compile must still finish."""
+    net = nn.Linear(2, 1)
+    x = torch.tensor([[1000.0, 1.0]])
+    for policy in ("version: 1\ndefault: {input: fp8_e4m3}\n", "version: 1\ndefault: {output: fp8_e5m2}\n"):
+        with torch.no_grad():
+            net.weight.fill_(100.0), net.bias.zero_()
+        cm = mpcompile.compile(net, policy, (x,))
+        assert not torch.isfinite(cm(x)).all()
+        assert _stats(cm, "linear")["sqnr_db"] == -math.inf
