@@ -260,7 +260,7 @@ def _sum_rows(g: torch.Tensor, spec: ArithSpec, seed) -> torch.Tensor:
     if _sum_spec(spec).is_native:
         return g.sum(0)
     ones = torch.ones(1, g.shape[0], 1, dtype=g.dtype, device=g.device)
-    return emulated_matmul(g.t()[None], ones, _sum_spec(spec), seed=seed, exact_products=True)[0, :, 0].to(g.dtype)
+    return _emulated(g.t()[None], ones, _sum_spec(spec), seed, exact_products=True)[0, :, 0].to(g.dtype)
 
 
 def _sum_spec(spec: ArithSpec) -> ArithSpec:
@@ -511,7 +511,7 @@ def _reduce(x, dims, keepdim, spec, seed):
     count = _numel(x.shape, dims)
     rows = x.permute(*kept, *dims).reshape(1, _numel(x.shape, kept), count)
     ones = torch.ones(1, count, 1, dtype=x.dtype, device=x.device)
-    s = emulated_matmul(rows, ones, _sum_spec(spec), seed=seed, exact_products=True)
+    s = _emulated(rows, ones, _sum_spec(spec), seed, exact_products=True)
     shape = [1 if d in dims else x.shape[d] for d in range(nd)] if keepdim else [x.shape[d] for d in kept]
     return s.reshape(shape), count
 

@@ -57,14 +57,17 @@ SUMS = POLICY.replace("weight: fp8_e4m3", "weight: fp8_e4m3\n  bias: bf16").repl
 
 
 # each GEMM's (operands rounded in its prologue, output role rounded in its epilogue), in call
-# order: forward conv, linear, matmul; backward matmul (grad a, grad b), linear (grad x, grad W),
-# conv (grad x, grad W). Roles rounded elsewhere are rounded in memory: grad_output where the
+# order: forward conv, linear, matmul; backward matmul (grad a, grad b), linear (grad bias, grad
+# x, grad W), conv (grad bias, grad x, grad W). A bias's gradient sums rounded grad_output
+# against ones, unfused. Roles rounded elsewhere are rounded in memory: grad_output where the
 # bias's gradient needs it rounded anyway, a stochastic role of conv's input or output (its
 # GEMM's operand and result are not laid out as the role's tensor).
-FUSED = {"nearest": [((True, True), False)] * 3 + [((True, True), True)] * 2 + [((False, True), True)] * 4,
-         "stochastic sums": [((True, True), False)] * 3 + [((True, True), True)] * 2 + [((False, True), True)] * 4,
-         "stochastic roles": [((False, True), False)] + [((True, True), True)] * 4 + [((False, True), True)] * 2
-                             + [((False, False), True)] * 2}
+_SUM = [(False, False)]
+_NEAREST = ([((True, True), False)] * 3 + [((True, True), True)] * 2 + _SUM + [((False, True), True)] * 2 + _SUM
+            + [((False, True), True)] * 2)
+FUSED = {"nearest": _NEAREST, "stochastic sums": _NEAREST,
+         "stochastic roles": [((False, True), False)] + [((True, True), True)] * 4 + _SUM + [((False, True), True)] * 2
+                             + _SUM + [((False, False), True)] * 2}
 
 
 @needs_triton
@@ -171,6 +174,26 @@ def test_what_the_kernel_does_not_emulate_falls_back_with_one_warning():
     assert len([w for w in caught if "pairwise" in str(w.message)]) == 1  # once per arithmetic and roles
     torch.manual_seed(1)
     assert torch.equal(got, reference(x))
+
+
+@needs_triton
+@pytest.mark.parametrize("spec", ["acc=bf16", "acc=fp16 rounding=stochastic", "acc=e5m7 kahan=true order=chunk(16)",
+                                  "acc=bf16 rounding=up order=chunk(4)"])
+def test_sums_and_means_run_as_triton_gemms_equal_to_torch(monkeypatch, spec):
+    """mpc::sum / mean (and a bias's gradient) are GEMMs against ones: float64 products."""
+    import mpcompile.codegen.triton_gemm as triton_gemm
+
+    calls = []
+    real = triton_gemm.triton_matmul
+    monkeypatch.setattr(triton_gemm, "triton_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = (torch.randn(3, 40, 5) * 2.0 ** torch.arange(0, 10, 2)).to(DEVICE)  # inf - inf warns in the interpreter
+    for op in (mpcompile.ops.sum, mpcompile.ops.mean):
+        want = op(x, 1, spec=spec, seed=3, backend="torch")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            got = op(x, 1, spec=spec, seed=3, backend="triton")
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    assert len(calls) == 2
 
 
 def test_the_torch_backend_rounds_each_role_once(monkeypatch):
