@@ -451,9 +451,10 @@ def triton_matmul(a: torch.Tensor, b: torch.Tensor, arith: ArithSpec, *, a_role:
                        a.stride(2), b.stride(0), b.stride(1), b.stride(2), *ia, *ib, seed_a, seed_b, seed_out,
                        seed or 0, A_SPEC=ra.spec, A_SR=ra.stochastic, B_SPEC=rb.spec, B_SR=rb.stochastic,
                        ACC=sums.acc, WIDE=sums.wide, ACC_SR=sums.acc_sr, KAHAN=sums.kahan, MUL=sums.mul,
-                       MUL_SR=sums.mul_sr, P64=p64, HAS_INDEX=has_index, CHUNK=chunk, DOT=dot, DOT16=dot and _fits_fp16(a_role) and _fits_fp16(b_role),
-                       HAS_BIAS=bias is not None, OUT_SPEC=out.spec, OUT_SR=out.stochastic, BM=bm, BN=bn,
-                       num_warps=warps, num_stages=stages, enable_fp_fusion=False)  # an FMA in two_sum or in acc + a * b would change the sums
+                       MUL_SR=sums.mul_sr, P64=p64, HAS_INDEX=has_index, CHUNK=chunk, DOT=dot,
+                       DOT16=dot and _fits_fp16(a_role) and _fits_fp16(b_role), HAS_BIAS=bias is not None,
+                       OUT_SPEC=out.spec, OUT_SR=out.stochastic, BM=bm, BN=bn, num_warps=warps, num_stages=stages,
+                       enable_fp_fusion=False)  # an FMA in two_sum or in acc + a * b would change the sums
     return c
 
 

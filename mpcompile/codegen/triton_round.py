@@ -2,10 +2,11 @@
 
 ``round_to_format`` takes a tile of float32 values in registers and returns it rounded to the
 format that a ``RoundSpec`` describes; ``round_blocks`` does the same for block-scaled formats,
-one block per row. A spec is one ``tl.constexpr`` (a NamedTuple of Python values), so every
-format, rounding mode and saturation flag gets its own specialised code with all constants
-folded, and a kernel that rounds in several formats (a GEMM's inputs, products and
-accumulator) takes one spec per role and calls the same functions.
+one block per row, and ``round_float64`` for float64 values (an emulated GEMM's exact sums)
+and formats whose values float32 holds. A spec is one ``tl.constexpr`` (a NamedTuple of Python
+values), so every format, rounding mode and saturation flag gets its own specialised code with
+all constants folded, and a kernel that rounds in several formats (a GEMM's inputs, products
+and accumulator) takes one spec per role and calls the same functions.
 
 Everything is integer arithmetic on the float32 bit pattern. ``|x| = m * 2**(E' - 150)``
 with ``m`` a 24-bit integer and ``E' = max(E, 1)``, so rounding ``|x|`` to a multiple of the
@@ -14,8 +15,10 @@ bit pattern with its low ``s`` bits cleared plus ``away << s``: a carry out of t
 field runs into the exponent field exactly as the value carries into the next binade. No
 fp32->bf16/fp8 cast is used (the interpreter does not round those correctly) and no float
 operation that could round or flush a subnormal, except scaling a block's largest value,
-which repeats the reference's own two multiplications. A NaN result is torch.nan with the sign
-the reference gives it (the reference's payload depends on which torch kernel made the NaN).
+which repeats the reference's own two multiplications. ``round_float64`` does the same on the
+float64 pattern (a 53-bit ``m``); its one cast, to float32, is of a value float32 holds. A
+NaN result is torch.nan with the sign the reference gives it (the reference's payload depends
+on which torch kernel made the NaN).
 """
 from __future__ import annotations
 
@@ -328,7 +331,8 @@ def round_float64(x, rbits, SPEC: tl.constexpr):
     low_s = ((ua >> sc) + up) << sc  # s in [1, 52]: both ends of the interval share x's frame
     high_s = up * ((qe + 1023) << 52)  # s >= 53: fl == 0, so 0 or 2**qe
     r = tl.where(s <= 0, ua, tl.where(s <= 52, low_s, high_s)).to(tl.float64, bitcast=True)
-    # to float32, exactly (the format's values are float32's); past its max is past float32's
+    # to float32, exactly (the format's values are float32's); past the format's max, inf stands in
+    # for the overflow _finish decides on
     amax = tl.full(r.shape, SPEC.max_bits, tl.int32).to(tl.float32, bitcast=True).to(tl.float64)
     past = (r > amax) | ~finite
     r32 = tl.where(past, 0.0, r).to(tl.float32).to(tl.int32, bitcast=True)

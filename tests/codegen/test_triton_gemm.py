@@ -115,7 +115,8 @@ def test_overflow_and_nan_follow_the_reference():
 @pytest.mark.parametrize("arith", [
     "acc=bf16 rounding=stochastic", "acc=e5m2 rounding=stochastic sr_bits=7 order=chunk(16)",
     "acc=fp16 rounding=stochastic order=chunk(32)", "mul=e5m2 acc=fp16 rounding=stochastic",
-    "mul=e4m3 acc=bf16 mul_rounding=stochastic order=chunk(8)", "acc=e6m9 rounding=stochastic kahan=true order=chunk(16)",
+    "mul=e4m3 acc=bf16 mul_rounding=stochastic order=chunk(8)",
+    "acc=e6m9 rounding=stochastic kahan=true order=chunk(16)",
 ])
 def test_stochastic_products_and_sums_draw_the_references_bits(arith):
     """Rounding step j of stream s of output element i draws counter_words(i, stream_seed(seed,
@@ -148,8 +149,10 @@ def test_rounded_products_kahan_and_wide_accumulators_equal_the_reference(arith)
     assert _same(got, _reference(a, b, arith, r, r))
 
 
-@pytest.mark.parametrize("scale, arith", [(2.0**-70, "acc=bf16 rounding=up"), (2.0**-70, "acc=bf16 order=chunk(16) rounding=up"),
-                                          (2.0**66, "acc=bf16"), (2.0**66, "acc=e8m10 order=chunk(16)")])
+@pytest.mark.parametrize("scale, arith", [
+    (2.0**-70, "acc=bf16 rounding=up"), (2.0**-70, "acc=bf16 order=chunk(16) rounding=up"),
+    (2.0**66, "acc=bf16"), (2.0**66, "acc=e8m10 order=chunk(16)"),
+])
 def test_products_beyond_float32s_range_are_formed_in_float64(scale, arith):
     """bf16 x bf16 products can leave float32's range (2**-140 rounds up to bf16's least value;
     2**132 overflows float32 where cancelling float64 sums need not): the data decides."""
