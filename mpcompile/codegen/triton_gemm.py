@@ -70,8 +70,9 @@ class _Role(NamedTuple):
 class _Sum(NamedTuple):
     """How the kernel rounds products and sums: the constexpr arguments of an arithmetic."""
 
+    dot: bool  # chunks of unrounded float32 products are summed by tl.dot (else: an explicit k loop)
     acc: RoundSpec | None  # None: float32's own nearest-even add
-    wide: bool  # adds go through float64, as the reference's (stochastic, 22-23 fraction bits, float64 chunk sums)
+    wide: bool  # adds go through float64, as the reference's (stochastic, 22-23 fraction bits, float64 terms)
     acc_sr: bool
     mul: RoundSpec | None
     mul_sr: bool
@@ -80,8 +81,6 @@ class _Sum(NamedTuple):
 
 _MUL, _ADD, _BIAS = tl.constexpr(STREAM_MUL), tl.constexpr(STREAM_ADD), tl.constexpr(STREAM_BIAS)
 _KAHAN0, _KAHAN1, _KAHAN2, _KAHAN3 = (tl.constexpr(s) for s in STREAM_KAHAN)
-_ABS64 = tl.constexpr(2**63 - 1)
-_INF64 = tl.constexpr(0x7FF0000000000000)
 
 
 @triton.jit
@@ -93,20 +92,15 @@ def _two_sum(a, b):
 
 @triton.jit
 def _round_to_odd(s, e):
-    """s + e (|e| <= ulp(s) / 2, from two_sum) rounded to odd: s if exact, odd or not finite,
-    else its neighbour toward e."""
-    us = s.to(tl.int32, bitcast=True)
+    """s + e (|e| <= ulp(s) / 2, from two_sum; float32 or float64) rounded to odd: s if exact,
+    odd or not finite, else its neighbour toward e."""
+    if s.dtype == tl.float64:
+        us = s.to(tl.int64, bitcast=True)
+    else:
+        us = s.to(tl.int32, bitcast=True)
     toward = tl.where((e > 0) == (s > 0), us + 1, us - 1)  # magnitude up if e has s's sign
-    keep = (e == 0) | ((us & 1) == 1) | ((us & 0x7FFFFFFF) >= 0x7F800000)
-    return tl.where(keep, us, toward).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _round_to_odd64(s, e):
-    us = s.to(tl.int64, bitcast=True)
-    toward = tl.where((e > 0) == (s > 0), us + 1, us - 1)
-    keep = (e == 0) | ((us & 1) == 1) | ((us & _ABS64) >= _INF64)
-    return tl.where(keep, us, toward).to(tl.float64, bitcast=True)
+    keep = (e == 0) | ((us & 1) == 1) | (tl.abs(s) == float("inf")) | (s != s)
+    return tl.where(keep, us, toward).to(s.dtype, bitcast=True)
 
 
 @triton.jit
@@ -143,7 +137,7 @@ def _add_rounded(acc, term, rbits, ACC: tl.constexpr, WIDE: tl.constexpr):
         return acc + term
     if WIDE:  # as the reference: float64 two_sum, round to odd, round (any mode, 23 fraction bits)
         s, e = _two_sum(acc.to(tl.float64), term.to(tl.float64))
-        return round_float64(_round_to_odd64(s, e), rbits, ACC)
+        return round_float64(_round_to_odd(s, e), rbits, ACC)
     s, e = _two_sum(acc, term)
     return round_to_format(_round_to_odd(s, e), 0, None, ACC)
 
@@ -275,9 +269,10 @@ _BINARY32 = FloatFormat(8, 23)
 
 
 @functools.lru_cache(maxsize=256)
-def _sum_spec(arith: ArithSpec, device_type: str, p64: bool, float64_terms: bool) -> _Sum:
+def _sum_spec(arith: ArithSpec, device_type: str, p64: bool) -> _Sum:
     """The kernel's rounding of ``arith``'s products and sums (``p64``: the products are formed
-    in float64; ``float64_terms``: so are the terms added into acc, products or chunk sums)."""
+    in float64). A chunk of unrounded float32 products, k >= 16, is one tl.dot; rounded or
+    float64 products, and chunks under 16, are summed in float64 in k's order."""
     if arith.order == "pairwise":
         raise SupportError(f"arithmetic {arith}: order pairwise is not emulated by the Triton GEMM")
     acc, device = arith.acc, torch.device(device_type)
@@ -289,22 +284,16 @@ def _sum_spec(arith: ArithSpec, device_type: str, p64: bool, float64_terms: bool
             raise SupportError(f"arithmetic {arith}: products rounded in float64 must be float32 values")
         n = arith.sr_bits_for(arith.mul)
         mul = round_spec(*plan_quantize(arith.mul, arith.mul_rounding, False, torch.float32, n, False, device))
-    wide = float64_terms or arith.rounding == "stochastic"
+    dot = (arith.chunk or 0) >= 16 and mul is None and not p64
+    wide = p64 or (arith.chunk is not None and not dot) or arith.rounding == "stochastic"  # float64 terms, or SR
     if acc == _BINARY32 and arith.rounding == "nearest" and not wide:
         spec = None
     else:
         wide = wide or acc.man > 21  # round-to-odd in float32 keeps two guard bits below 21 only
         n = arith.sr_bits_for(acc)
         spec = round_spec(*plan_quantize(acc, arith.rounding, False, torch.float32, n, False, device))
-    return _Sum(spec, wide, arith.rounding == "stochastic", mul, mul is not None and arith.mul_rounding == "stochastic",
-                arith.kahan)
-
-
-def _plan(arith: ArithSpec, p64: bool) -> tuple[bool, bool]:
-    """(chunks summed by tl.dot, terms in float64): a chunk of unrounded float32 products is one
-    tl.dot; rounded or float64 products, or chunks under 16, are summed in float64 in k's order."""
-    dot = (arith.chunk or 0) >= 16 and arith.mul is None and not p64
-    return dot, p64 or (arith.chunk is not None and not dot)
+    return _Sum(dot, spec, wide, arith.rounding == "stochastic", mul,
+                mul is not None and arith.mul_rounding == "stochastic", arith.kahan)
 
 
 def _in_float32(fmt: FloatFormat) -> bool:
@@ -366,7 +355,7 @@ def _check(arith, a_role, b_role, device_type, quantize: bool | tuple[bool, bool
     qa, qb = (quantize, quantize) if isinstance(quantize, bool) else quantize
     a = _role_spec(a_role, device_type) if qa else _Role(None, False)
     b = _role_spec(b_role, device_type) if qb else _Role(None, False)
-    return a, b, _sum_spec(arith, device_type, p64, _plan(arith, p64)[1])
+    return a, b, _sum_spec(arith, device_type, p64)
 
 
 def _index_strides(shape: tuple[int, int, int], transposed: bool) -> tuple[int, int, int]:
@@ -427,7 +416,6 @@ def triton_matmul(a: torch.Tensor, b: torch.Tensor, arith: ArithSpec, *, a_role:
         raise SupportError("triton_matmul computes on float32 operands")
     p64 = not _products_in_float32(a, b, a_role, b_role)
     ra, rb, sums = _check(arith, a_role, b_role, a.device.type, quantize, p64)
-    dot = _plan(arith, p64)[0]
     if arith.stochastic and seed is None:
         raise ValueError("triton_matmul: stochastic rounding of products or sums needs a seed")
     out = _role_spec(out_role, a.device.type)
@@ -438,7 +426,7 @@ def triton_matmul(a: torch.Tensor, b: torch.Tensor, arith: ArithSpec, *, a_role:
     has_index = arith.stochastic and index is not None
     if has_index and tuple(index.shape) != (B, M, N):
         raise ValueError(f"triton_matmul: index must have the output's shape {(B, M, N)}, got {tuple(index.shape)}")
-    bm, bn, warps, stages = _tiles(dot, a.device.type)
+    bm, bn, warps, stages = _tiles(sums.dot, a.device.type)
     grid = (B, triton.cdiv(M, bm), triton.cdiv(N, bn))
     ia = _index_strides((B, M, K), a_transposed)
     ib = _index_strides((B, K, N), b_transposed)
@@ -451,8 +439,8 @@ def triton_matmul(a: torch.Tensor, b: torch.Tensor, arith: ArithSpec, *, a_role:
                        a.stride(2), b.stride(0), b.stride(1), b.stride(2), *ia, *ib, seed_a, seed_b, seed_out,
                        seed or 0, A_SPEC=ra.spec, A_SR=ra.stochastic, B_SPEC=rb.spec, B_SR=rb.stochastic,
                        ACC=sums.acc, WIDE=sums.wide, ACC_SR=sums.acc_sr, KAHAN=sums.kahan, MUL=sums.mul,
-                       MUL_SR=sums.mul_sr, P64=p64, HAS_INDEX=has_index, CHUNK=chunk, DOT=dot,
-                       DOT16=dot and _fits_fp16(a_role) and _fits_fp16(b_role), HAS_BIAS=bias is not None,
+                       MUL_SR=sums.mul_sr, P64=p64, HAS_INDEX=has_index, CHUNK=chunk, DOT=sums.dot,
+                       DOT16=sums.dot and _fits_fp16(a_role) and _fits_fp16(b_role), HAS_BIAS=bias is not None,
                        OUT_SPEC=out.spec, OUT_SR=out.stochastic, BM=bm, BN=bn, num_warps=warps, num_stages=stages,
                        enable_fp_fusion=False)  # an FMA in two_sum or in acc + a * b would change the sums
     return c
