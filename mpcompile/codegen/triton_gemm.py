@@ -125,21 +125,24 @@ def _load_role(ptr, offs, mask, index, seed, SPEC: tl.constexpr, STOCHASTIC: tl.
 def _bits(index, seed, STREAM: tl.constexpr, step, SR: tl.constexpr):
     """The random words of rounding ``step`` of ``STREAM`` (``emulate``'s streams) for the output
     elements numbered ``index``; 0 where that rounding is not stochastic."""
+    words = 0
     if SR:
-        return counter_word(index, stream_seed(seed, STREAM, step))
-    return 0
+        words = counter_word(index, stream_seed(seed, STREAM, step))
+    return words
 
 
 @triton.jit
 def _add_rounded(acc, term, rbits, ACC: tl.constexpr, WIDE: tl.constexpr):
     """acc + term rounded once into the accumulator format, from the exact sum."""
     if ACC is None:  # a float32 accumulator: the add itself rounds to nearest even
-        return acc + term
-    if WIDE:  # as the reference: float64 two_sum, round to odd, round (any mode, 23 fraction bits)
+        r = acc + term
+    elif WIDE:  # as the reference: float64 two_sum, round to odd, round (any mode, 23 fraction bits)
         s, e = _two_sum(acc.to(tl.float64), term.to(tl.float64))
-        return round_float64(_round_to_odd(s, e), rbits, ACC)
-    s, e = _two_sum(acc, term)
-    return round_to_format(_round_to_odd(s, e), 0, None, ACC)
+        r = round_float64(_round_to_odd(s, e), rbits, ACC)
+    else:
+        s, e = _two_sum(acc, term)
+        r = round_to_format(_round_to_odd(s, e), 0, None, ACC)
+    return r
 
 
 @triton.jit
@@ -150,8 +153,11 @@ def _accumulate(acc, comp, term, index, seed, step, ACC: tl.constexpr, WIDE: tl.
         y = _add_rounded(term, -comp, _bits(index, seed, _KAHAN0, step, SR), ACC, WIDE)
         t = _add_rounded(acc, y, _bits(index, seed, _KAHAN1, step, SR), ACC, WIDE)
         z = _add_rounded(t, -acc, _bits(index, seed, _KAHAN2, step, SR), ACC, WIDE)
-        return t, _add_rounded(z, -y, _bits(index, seed, _KAHAN3, step, SR), ACC, WIDE)
-    return _add_rounded(acc, term, _bits(index, seed, _ADD, step, SR), ACC, WIDE), comp
+        comp = _add_rounded(z, -y, _bits(index, seed, _KAHAN3, step, SR), ACC, WIDE)
+        acc = t
+    else:
+        acc = _add_rounded(acc, term, _bits(index, seed, _ADD, step, SR), ACC, WIDE)
+    return acc, comp
 
 
 @triton.jit

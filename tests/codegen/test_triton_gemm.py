@@ -1,6 +1,11 @@
 """The Triton GEMM against the reference emulation, bit for bit, in Triton's interpreter (or on CUDA)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -213,3 +218,64 @@ def test_fp8_chunks_go_through_fp16_dots_with_fp32_sums():
     arith, r = parse_arith("acc=e8m15 order=chunk(32)"), parse_quant("fp8_e4m3")
     got = triton_matmul(a, b, arith, a_role=r, b_role=r)
     assert torch.all(got == 992.125) and _same(got, _reference(a, b, arith, r, r))
+
+
+_COMPILE_GEMMS_FOR_SM90 = textwrap.dedent("""
+    import torch, triton
+    from triton.backends.compiler import GPUTarget
+    from mpcompile.codegen import triton_gemm as tg, triton_quantize
+    from mpcompile.ops.spec import parse_arith, parse_quant
+    assert not triton_quantize.INTERPRETED
+    kernel, tiles, launches = tg._gemm_kernel, tg._tiles, []
+
+    class Record:  # stands in for the kernel: keeps what triton_matmul would launch
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append((args, kw))
+
+    tg._gemm_kernel, tg._tiles = Record(), lambda dot, device_type: tiles(dot, "cuda")
+    gen = torch.Generator().manual_seed(0)
+    for arith, ra, rb, kw in CASES:
+        quant = lambda r: r if r is None else parse_quant(r)
+        kw = {k: quant(v) if k == "out_role" else v for k, v in kw.items()}
+        if "bias" in kw:
+            kw["bias"] = torch.randn(8, generator=gen)
+        if "index" in kw:  # the output's numbering, as conv's
+            kw["index"] = torch.randperm(64, generator=gen).view(1, 8, 8)
+        a, b = torch.randn(1, 8, 40, generator=gen), torch.randn(1, 40, 8, generator=gen)
+        tg.triton_matmul(a, b, parse_arith(arith), a_role=quant(ra), b_role=quant(rb), **kw)
+    assert len(launches) == len(CASES)
+    for (args, kw), case in zip(launches, CASES):
+        types = {torch.float32: "*fp32", torch.int64: "*i64"}
+        sig = {n: types[v.dtype] if isinstance(v, torch.Tensor) else "i32" for n, v in zip(kernel.arg_names, args)}
+        options = {k: kw.pop(k) for k in ("num_warps", "num_stages", "enable_fp_fusion")}
+        source = triton.compiler.ASTSource(kernel, {**sig, **{k: "constexpr" for k in kw}}, kw)
+        try:
+            triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+        except Exception as err:
+            while err.__cause__ is not None:
+                err = err.__cause__
+            raise SystemExit(f"{case}: {type(err).__name__}: {err}")
+""")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA every other test compiles the kernels")
+def test_kernels_compile_for_a_gpu():
+    """The interpreter runs Python, not the compiler, and takes code the compiler refuses (an
+    early return's type, a branch its constexprs rule out): compile the kernels triton_matmul
+    would launch on an sm_90 GPU, over every constexpr branch, where the interpreter is off."""
+    cases = [  # (arithmetic, a's role, b's role, triton_matmul's keywords)
+        ("acc=bf16 order=chunk(32)", "fp8_e4m3", "fp8_e4m3", {"bias": True, "out_role": "fp8_e4m3"}),  # fp16 dots
+        ("acc=fp32 order=chunk(32)", "bf16", "bf16", {}),  # float32's own add, ieee dots
+        ("acc=e5m10", "fp8_e5m2", "fp8_e5m2", {}),
+        ("acc=bf16 rounding=stochastic", "fp8_e4m3:stochastic", "fp8_e4m3", {
+            "seed": 1, "index": True, "out_role": "bf16:stochastic", "seed_out": 2}),
+        ("acc=fp16 order=chunk(8) kahan=true", None, None, {}),  # float64 products and chunk sums
+        ("acc=e8m22 order=chunk(32) rounding=up", "fp16", "fp16", {"bias": True}),  # float64 adds of dots
+        ("acc=bf16 mul=bf16 mul_rounding=stochastic order=chunk(16)", None, None, {"seed": 3}),
+        ("acc=fp16 mul=e5m10 rounding=stochastic kahan=true", "fixed(8,4)", "fixed(8,4)", {"seed": 4}),
+        ("acc=e6m9 order=chunk(64) rounding=odd", "bf16", "e8m0", {"quantize": (False, True)}),
+    ]
+    script = f"CASES = {cases!r}\n" + _COMPILE_GEMMS_FOR_SM90
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
