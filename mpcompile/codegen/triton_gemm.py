@@ -373,12 +373,15 @@ def _index_strides(shape: tuple[int, int, int], transposed: bool) -> tuple[int, 
     return rows * cols, cols, 1
 
 
-def _tiles(dot: bool, device_type: str) -> tuple[int, int, int, int]:
-    """(BM, BN, num_warps, num_stages) of a launch (``dot``: chunks summed by tl.dot, else an
-    explicit k loop): the interpreter pays per program, so it gets large tiles whatever the loop."""
+def _tiles(sums: _Sum, device_type: str) -> tuple[int, int, int, int]:
+    """(BM, BN, num_warps, num_stages) of a launch. The interpreter pays per program, so it gets
+    large tiles whatever the loop. On a GPU, dots whose chunk adds are float32's get 128x128
+    tiles (64 outputs per thread); float64 adds, Kahan and explicit k loops hold more registers
+    per output, and 128x128 tiles (or 64x64 on 4 warps) spill them (ptxas, sm_90), so 64x64 on
+    8 warps."""
     if device_type == "cpu":
         return 64, 64, 4, 1
-    return (128, 128, 8, 3) if dot else (64, 64, 4, 2)
+    return (128, 128, 8, 3) if sums.dot and not (sums.wide or sums.kahan) else (64, 64, 8, 2)
 
 
 def triton_matmul(a: torch.Tensor, b: torch.Tensor, arith: ArithSpec, *, a_role: QuantSpec | None = None,
@@ -432,7 +435,7 @@ def triton_matmul(a: torch.Tensor, b: torch.Tensor, arith: ArithSpec, *, a_role:
     has_index = arith.stochastic and index is not None
     if has_index and tuple(index.shape) != (B, M, N):
         raise ValueError(f"triton_matmul: index must have the output's shape {(B, M, N)}, got {tuple(index.shape)}")
-    bm, bn, warps, stages = _tiles(sums.dot, a.device.type)
+    bm, bn, warps, stages = _tiles(sums, a.device.type)
     grid = (B, triton.cdiv(M, bm), triton.cdiv(N, bn))
     ia = _index_strides((B, M, K), a_transposed)
     ib = _index_strides((B, K, N), b_transposed)

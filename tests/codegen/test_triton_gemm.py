@@ -232,7 +232,7 @@ _COMPILE_GEMMS_FOR_SM90 = textwrap.dedent("""
         def __getitem__(self, grid):
             return lambda *args, **kw: launches.append((args, kw))
 
-    tg._gemm_kernel, tg._tiles = Record(), lambda dot, device_type: tiles(dot, "cuda")
+    tg._gemm_kernel, tg._tiles = Record(), lambda sums, device_type: tiles(sums, "cuda")
     gen = torch.Generator().manual_seed(0)
     for arith, ra, rb, kw in CASES:
         quant = lambda r: r if r is None else parse_quant(r)
