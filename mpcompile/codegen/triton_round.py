@@ -76,6 +76,7 @@ class RoundSpec(NamedTuple):
     elem_emax: int
     sr_bits: int
     nearest_even: bool  # ``_nearest_even`` rounds this format (a fast path of round_to_format)
+    stochastic_carry: bool  # ``_stochastic_carry`` rounds this format (another)
 
 
 _SPECS: dict[tuple[int, QuantPlan], tuple[QuantParams, RoundSpec]] = {}
@@ -100,16 +101,19 @@ def round_spec(plan: QuantPlan, params: QuantParams) -> RoundSpec:
     if hit is not None and hit[0] is params:
         return hit[1]
     floats = torch.stack([params.max, params.neg_max, params.min_pos]).view(torch.int32).tolist()
-    ints = torch.stack([params.man, params.emin, params.bias, params.elem_emax]).tolist()
+    ints = torch.stack([params.man, params.emin, params.bias, params.elem_emax, params.sr_bits.int()]).tolist()
     spec = RoundSpec(
         fixed=plan.kind == "fixed", rounding=plan.rounding, saturate=plan.saturate, signed=plan.signed,
         has_inf=plan.has_inf, has_zero=plan.has_zero, has_nz=plan.has_nz, ftz=plan.ftz,
         parity_by_exponent=plan.parity_by_exponent, man=ints[0], emin=ints[1], bias=ints[2],
         max_bits=floats[0], neg_max_bits=floats[1], min_pos_bits=floats[2], elem_emax=ints[3],
-        sr_bits=int(params.sr_bits.item()),
+        sr_bits=ints[4],
         nearest_even=(plan.kind == "float" and plan.rounding == "nearest" and not plan.parity_by_exponent
                       and not plan.ftz and ints[0] <= 22
-                      and (ints[1] == -126 or ints[1] > -126 and ints[1] - ints[0] >= -125)))
+                      and (ints[1] == -126 or ints[1] > -126 and ints[1] - ints[0] >= -125)),
+        stochastic_carry=(plan.kind == "float" and plan.rounding == "stochastic" and not plan.parity_by_exponent
+                          and not plan.ftz and ints[0] <= 22 and ints[4] == 23 - ints[0]
+                          and (ints[1] == -126 or -104 <= ints[1] <= 127)))
     if len(_SPECS) >= _MAX_SPECS:
         _SPECS.clear()
     _SPECS[key] = (params, spec)
@@ -247,6 +251,9 @@ def round_to_format(x, rbits, scale_exp, SPEC: tl.constexpr):
     if SPEC.nearest_even and scale_exp is None:
         r = tl.where(is_nan, _NAN, _nearest_even(ua, SPEC))
         return _finish(r, ux, ua, neg, finite, is_nan, scale_exp, SPEC)
+    if SPEC.stochastic_carry and scale_exp is None:
+        r = tl.where(is_nan, _NAN, _stochastic_carry(ua, rbits, SPEC))
+        return _finish(r, ux, ua, neg, finite, is_nan, scale_exp, SPEC)
     big_e = ua >> 23
     m = tl.where(big_e > 0, (ua & 0x7FFFFF) | 0x800000, ua)
     unit = tl.maximum(big_e, 1) - 150  # |x| = m * 2**unit
@@ -295,6 +302,34 @@ def _nearest_even(ua, SPEC: tl.constexpr):
         small = ua < ((SPEC.emin + 127) << 23)
         a = tl.where(small, ua, 0).to(tl.float32, bitcast=True)  # inf - inf would raise in the interpreter
         r = tl.where(small, ((a + c) - c).to(tl.int32, bitcast=True), r)
+    return r
+
+
+@triton.jit
+def _stochastic_carry(ua, rbits, SPEC: tl.constexpr):
+    """The magnitude bits ``ua`` (not NaN) rounded stochastically as round_to_format's general path
+    rounds them, for float formats with man <= 22, emin == -126 or -104 <= emin <= 127, and
+    N = 23 - man random bits (the default): a few operations instead of dozens.
+
+    From 2**emin up (and below it too when emin == -126, where the format's subnormals drop the
+    same N bits of float32's), a value drops exactly its low N bits, so the rule "the dropped
+    fraction plus N random bits reaches 2**N" is the carry out of adding the random bits to
+    them: add and mask (a carry runs into the exponent field as the value does into the next
+    binade; inf's low bits are 0, so it stays inf). Below 2**emin > 2**-126 the grid is uniform,
+    q = 2**(emin - man): t = a / q * 2**N is exact and below 2**23, so rint(t) (adding and
+    subtracting 2**23) is the dropped fraction rounded to N bits, ties to even, as the general
+    rule rounds it.
+    """
+    N: tl.constexpr = 23 - SPEC.man
+    rb = (rbits & ((1 << N) - 1)).to(tl.int32)
+    r = (ua + rb) & -(1 << N)
+    if SPEC.emin > -126:
+        small = ua < ((SPEC.emin + 127) << 23)
+        scale = (tl.zeros_like(ua) + ((150 - SPEC.emin) << 23)).to(tl.float32, bitcast=True)  # 2**(23 - emin)
+        t = tl.where(small, ua, 0).to(tl.float32, bitcast=True) * scale
+        t = ((t + 8388608.0) - 8388608.0).to(tl.int32)  # rint(t): 2**23 has ulp 1
+        q = (tl.zeros_like(ua) + ((SPEC.emin - SPEC.man + 127) << 23)).to(tl.float32, bitcast=True)
+        r = tl.where(small, (((t + rb) >> N).to(tl.float32) * q).to(tl.int32, bitcast=True), r)
     return r
 
 

@@ -112,6 +112,33 @@ def test_nearest_even_fast_path_on_every_kind_of_bit_pattern(f, fast):
         assert_same(x, f, "nearest", saturate=sat)
 
 
+@pytest.mark.parametrize("f, fast", [
+    (get("fp8_e4m3"), True), (get("fp8_e5m2"), True), (get("fp16"), True), (get("fp4_e2m1"), True),
+    (get("bf16"), True), (FloatFormat(8, 22), True),            # emin = -126: the carry throughout
+    (FloatFormat(4, 4, signed=False), True), (FloatFormat(5, 2, bias=-20), True),  # emin = 21
+    (FloatFormat(8, 3, bias=104), True),    # emin = -103: t = a * 2**126 below 2**emin
+    (FloatFormat(8, 3, bias=106), False),   # emin = -105: 2**(23 - emin) is past float32's range
+    (FloatFormat(8, 3, bias=150), False), (FloatFormat(3, 2, subnormals=False), False), (FloatFormat(3, 0), False),
+], ids=lambda v: fid(v) if not isinstance(v, bool) else ("fast" if v else "general"))
+def test_stochastic_carry_fast_path_on_every_kind_of_bit_pattern(f, fast):
+    """Stochastic rounding with the default 23 - man random bits has a short path
+    (``_stochastic_carry``); random bit patterns over every exponent, and the format's own values
+    and midpoints, match, with seeded bits and with given ones."""
+    plan, params = plan_quantize(f, "stochastic", False, torch.float32, max(1, 23 - f.man), True, torch.device(DEVICE))
+    assert tq.round_spec(plan, params).stochastic_carry == fast
+    words = torch.randint(-2**31, 2**31 - 1, (100_000,), generator=torch.Generator().manual_seed(5), dtype=torch.int64)
+    grid = float_inputs(f, torch.float32) if f.bits <= 16 else torch.empty(0)
+    x = torch.cat([words.to(torch.int32).view(torch.float32), grid]).to(DEVICE)
+    for sat in (False, True):
+        assert_same(x, f, "stochastic", seed=sat + 1, saturate=sat)
+    n = max(1, 23 - f.man)
+    # all-ones bits round away whenever the dropped fraction, rounded to n bits, is not 0; zeros
+    # only where it rounds up to 1: both hinge on that rounding, which random bits rarely reach
+    ones, zeros = torch.full_like(x, 2**n - 1, dtype=torch.int64), torch.zeros_like(x, dtype=torch.int64)
+    for bits in (random_bits(x, n), ones, zeros):
+        assert_same(x, f, "stochastic", sr_bits=n, random_bits=bits)
+
+
 @pytest.mark.parametrize("f", FLOATS + FIXED, ids=fid)
 def test_stochastic_seeded_equals_reference(f):
     """The kernel recomputes counter_bits from each element's index: the same words, no tensor of them."""
