@@ -63,19 +63,27 @@ def _quantize_values(x_ptr, out_ptr, bits_ptr, numel, SPEC: tl.constexpr, BITS: 
 
 @triton.jit
 def _quantize_blocks(x_ptr, out_ptr, bits_ptr, n_blocks, length, inner, blocks_per_line, SPEC: tl.constexpr,
-                     BITS: tl.constexpr, BLOCK_SIZE: tl.constexpr, WIDTH: tl.constexpr, ROWS: tl.constexpr):
+                     BITS: tl.constexpr, BLOCK_SIZE: tl.constexpr, WIDTH: tl.constexpr, ROWS: tl.constexpr,
+                     RUN: tl.constexpr):
     """Block formats on a contiguous x viewed as (outer, length, inner), blocks of BLOCK_SIZE
     along ``length``: ROWS blocks per program, one per row of a (ROWS, WIDTH) tile.
 
     Block ids run fastest over ``inner``, so the rows of a tile are neighbours in memory and
     loads stay coalesced whichever axis the blocks follow; no transposed or padded copy is made.
+    ``RUN``: inner is 1 and BLOCK_SIZE divides length, so x is one run of whole blocks and a
+    block's offset needs no (per row, 64-bit) division.
     """
     block = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    i = block % inner
-    line = block // inner
-    j = (line % blocks_per_line)[:, None] * BLOCK_SIZE + tl.arange(0, WIDTH)[None, :]
-    offs = ((line // blocks_per_line)[:, None] * length + j) * inner + i[:, None]
-    mask = (block[:, None] < n_blocks) & (tl.arange(0, WIDTH)[None, :] < BLOCK_SIZE) & (j < length)
+    cols = tl.arange(0, WIDTH)[None, :]
+    if RUN:
+        offs = block[:, None] * BLOCK_SIZE + cols
+        mask = (block[:, None] < n_blocks) & (cols < BLOCK_SIZE)
+    else:
+        i = block % inner
+        line = block // inner
+        j = (line % blocks_per_line)[:, None] * BLOCK_SIZE + cols
+        offs = ((line // blocks_per_line)[:, None] * length + j) * inner + i[:, None]
+        mask = (block[:, None] < n_blocks) & (cols < BLOCK_SIZE) & (j < length)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     y = round_blocks(x, _random_words(bits_ptr, offs, mask, BITS), SPEC)
     tl.store(out_ptr + offs, y, mask=mask)
@@ -169,7 +177,7 @@ def _launcher(plan: QuantPlan, spec: RoundSpec) -> Launcher:
         n_blocks = math.prod(shape[:axis]) * per_line * inner
         _quantize_blocks[(triton.cdiv(n_blocks, rows),)](
             x, out, bits, n_blocks, length, inner, per_line,
-            SPEC=spec, BITS=mode, BLOCK_SIZE=size, WIDTH=width, ROWS=rows)
+            SPEC=spec, BITS=mode, BLOCK_SIZE=size, WIDTH=width, ROWS=rows, RUN=inner == 1 and length % size == 0)
     return launch_blocks
 
 

@@ -248,12 +248,27 @@ def round_to_format(x, rbits, scale_exp, SPEC: tl.constexpr):
     ua = ux & _ABS
     finite = ua < _INF
     is_nan = ua > _INF
-    if SPEC.nearest_even and scale_exp is None:
-        r = tl.where(is_nan, _NAN, _nearest_even(ua, SPEC))
-        return _finish(r, ux, ua, neg, finite, is_nan, scale_exp, SPEC)
-    if SPEC.stochastic_carry and scale_exp is None:
-        r = tl.where(is_nan, _NAN, _stochastic_carry(ua, rbits, SPEC))
-        return _finish(r, ux, ua, neg, finite, is_nan, scale_exp, SPEC)
+    if scale_exp is None:
+        if SPEC.nearest_even:
+            r = tl.where(is_nan, _NAN, _nearest_even(ua, SPEC.emin, SPEC.man, SPEC.emin > -126))
+        elif SPEC.stochastic_carry:
+            r = tl.where(is_nan, _NAN, _stochastic_carry(ua, rbits, SPEC))
+        else:
+            r = _round_magnitude(ua, neg, finite, is_nan, rbits, scale_exp, SPEC)
+    elif SPEC.nearest_even:  # blocks: the short path where every block of the tile allows it
+        emin = SPEC.emin + scale_exp
+        if (tl.min(emin) - SPEC.man >= -125) & (tl.max(emin) - SPEC.man <= 104):
+            r = tl.where(is_nan, _NAN, _nearest_even(ua, emin, SPEC.man, True))
+        else:
+            r = _round_magnitude(ua, neg, finite, is_nan, rbits, scale_exp, SPEC)
+    else:
+        r = _round_magnitude(ua, neg, finite, is_nan, rbits, scale_exp, SPEC)
+    return _finish(r, ux, ua, neg, finite, is_nan, scale_exp, SPEC)
+
+
+@triton.jit
+def _round_magnitude(ua, neg, finite, is_nan, rbits, scale_exp, SPEC: tl.constexpr):
+    """round_to_format's general path: the rounded magnitude bits, before _finish."""
     big_e = ua >> 23
     m = tl.where(big_e > 0, (ua & 0x7FFFFF) | 0x800000, ua)
     unit = tl.maximum(big_e, 1) - 150  # |x| = m * 2**unit
@@ -277,15 +292,16 @@ def round_to_format(x, rbits, scale_exp, SPEC: tl.constexpr):
     low_s = ((ua >> sc) + up) << sc  # s in [1, 23]: both ends of the interval share x's frame
     high_s = up * tl.where(qe > 127, _INF, (qe + 127) << 23)  # s >= 24: fl == 0, so 0 or 2**qe (qe >= -125)
     r = tl.where(s <= 0, ua, tl.where(s <= 23, low_s, high_s))
-    r = tl.where(finite, r, tl.where(is_nan, _NAN, _INF))
-    return _finish(r, ux, ua, neg, finite, is_nan, scale_exp, SPEC)
+    return tl.where(finite, r, tl.where(is_nan, _NAN, _INF))
 
 
 @triton.jit
-def _nearest_even(ua, SPEC: tl.constexpr):
+def _nearest_even(ua, emin, MAN: tl.constexpr, SUB: tl.constexpr):
     """The magnitude bits ``ua`` (not NaN) rounded to nearest, ties to even, on the grid of a
-    float format with emin >= -126 and man <= 22, as round_to_format's general path (a few
-    operations instead of dozens).
+    float format with MAN <= 22 fraction bits and least normal exponent ``emin`` (an integer,
+    or a block's scaled one: a tile broadcastable to ua), as round_to_format's general path (a
+    few operations instead of dozens). ``SUB``: round below 2**emin with the add-and-subtract
+    constant, which needs emin - MAN >= -125 and <= 104; without it, emin must be -126.
 
     From 2**emin up (and below it too when emin == -126, where the format's subnormal quantum
     is the same number of float32 bit positions) the grid is float32's with the low 23 - man
@@ -296,10 +312,10 @@ def _nearest_even(ua, SPEC: tl.constexpr):
     With q >= 2**-125 every float32 subnormal is below q / 2, so a GPU that flushed subnormal
     operands would give the same result.
     """
-    r = (ua + ((1 << (22 - SPEC.man)) - 1) + ((ua >> (23 - SPEC.man)) & 1)) & -(1 << (23 - SPEC.man))
-    if SPEC.emin > -126:
-        c = (tl.zeros_like(ua) + ((SPEC.emin - SPEC.man + 150) << 23)).to(tl.float32, bitcast=True)
-        small = ua < ((SPEC.emin + 127) << 23)
+    r = (ua + ((1 << (22 - MAN)) - 1) + ((ua >> (23 - MAN)) & 1)) & -(1 << (23 - MAN))
+    if SUB:
+        c = (tl.zeros_like(ua) + ((emin - MAN + 150) << 23)).to(tl.float32, bitcast=True)
+        small = ua < ((emin + 127) << 23)
         a = tl.where(small, ua, 0).to(tl.float32, bitcast=True)  # inf - inf would raise in the interpreter
         r = tl.where(small, ((a + c) - c).to(tl.int32, bitcast=True), r)
     return r
@@ -380,11 +396,14 @@ def round_float64(x, rbits, SPEC: tl.constexpr):
 def _finish(r, ux, ua, neg, finite, is_nan, scale_exp, SPEC: tl.constexpr):
     """Overflow, formats without zero, unsigned formats and the sign, on the rounded magnitude
     bits r (int32 comparisons order non-negative floats; NaN is excluded explicitly)."""
-    amax = tl.zeros_like(ua) + SPEC.max_bits
-    if SPEC.fixed:
-        amax = tl.where(neg, SPEC.neg_max_bits, amax)
-    if scale_exp is not None:
-        amax = _scaled_bits(amax, scale_exp)
+    if scale_exp is None:
+        amax = tl.zeros_like(ua) + SPEC.max_bits
+        if SPEC.fixed:
+            amax = tl.where(neg, SPEC.neg_max_bits, amax)
+    else:  # once per block, broadcast
+        amax = _scaled_bits(tl.zeros_like(scale_exp) + SPEC.max_bits, scale_exp)
+        if SPEC.fixed:
+            amax = tl.where(neg, _scaled_bits(tl.zeros_like(scale_exp) + SPEC.neg_max_bits, scale_exp), amax)
     over = (r > amax) & ~is_nan
     if SPEC.saturate:
         r = tl.where(over, amax, r)
@@ -437,5 +456,8 @@ def round_blocks(x, rbits, SPEC: tl.constexpr):
     """
     ua = x.to(tl.int32, bitcast=True) & _ABS
     amax = tl.max(ua, axis=1, keep_dims=True)  # bit patterns order as magnitudes, NaN above inf
-    r = round_to_format(x, rbits, block_scale_exp(amax, SPEC.elem_emax), SPEC)
+    k = block_scale_exp(amax, SPEC.elem_emax)
+    if SPEC.has_zero:  # an all-zero block rounds to zeros at any scale; at 0, the short path takes it
+        k = tl.where(amax == 0, 0, k)
+    r = round_to_format(x, rbits, k, SPEC)
     return tl.where(amax > _INF, (tl.zeros_like(ua) + _NAN).to(tl.float32, bitcast=True), r)

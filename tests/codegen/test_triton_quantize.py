@@ -185,10 +185,36 @@ def test_counter_word_equals_counter_words_beyond_32_bit_indices():
 
 
 # -- block formats --------------------------------------------------------------------------------
+@pytest.mark.parametrize("extra", [5, 0], ids=["tail", "whole blocks"])  # 0: one run of blocks, no division
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("f", BLOCKS, ids=fid)
-def test_blocks_equal_reference(f, mode):
-    assert_same(blocks_input(f), f, mode)
+def test_blocks_equal_reference(f, mode, extra):
+    assert_same(blocks_input(f, extra=extra), f, mode)
+
+
+@pytest.mark.parametrize("extra", [5, 0], ids=["tail", "whole blocks"])
+@pytest.mark.parametrize("f", [get("mxfp8_e4m3"), get("mxfp8_e5m2"), get("mxfp4_e2m1"), BlockMinifloat(4, 3, 16),
+                               MXFormat(FloatFormat(5, 10), 24)], ids=fid)
+def test_blocks_round_to_nearest_on_the_short_path_where_a_tile_allows_it(f, extra):
+    """Where every block of a tile has its scaled grid inside float32's normal range (realistic
+    data), blocks round to nearest through ``_nearest_even`` at their scale; a tile holding one
+    extreme block (amax near float32's least value, or inf) takes the general path. Blocks
+    centred on binades -100..100, elements spread over 0-40 binades below (down into the
+    scaled subnormals), ties, and all-zero blocks."""
+    gen = torch.Generator().manual_seed(6)
+    bs = f.block_size
+    rows, length = 3 * tq.ELEMENTS_PER_PROGRAM // (4 * bs), 4 * bs + extra
+    n = rows * length
+    centre = torch.randint(-100, 100, (n // bs + 1, 1), generator=gen).expand(-1, bs).flatten()[:n]
+    spread = torch.randint(0, 41, (n,), generator=gen) * (torch.rand(n, generator=gen) < 0.3)
+    x = torch.ldexp(1 + torch.rand(n, generator=gen), centre - spread) * (torch.randint(0, 2, (n,), generator=gen) * 2 - 1)
+    ties = torch.ldexp(torch.randint(-40, 41, (n,), generator=gen).float(), centre)
+    x = torch.where((centre % 4) == 0, ties, x)
+    x[(centre % 7) == 0] = 0.0
+    x = x.reshape(rows, length)
+    x[-1, :bs] = torch.ldexp(torch.ones(bs), torch.tensor(-135))  # in the last tile only
+    x[rows // 2, 1] = torch.inf  # in a middle tile only
+    assert_same(x.to(DEVICE), f, "nearest")
 
 
 @pytest.mark.parametrize("f", BLOCKS, ids=fid)
@@ -275,14 +301,15 @@ _COMPILE_FOR_SM90 = textwrap.dedent("""
     ptrs = {"x_ptr": "*fp32", "out_ptr": "*fp32", "bits_ptr": "*i64"}
     for name, mode, seeded in [("fp8_e4m3", "nearest", False), ("e8m0", "odd", False), ("fixed(8,4,unsigned)", "down", False),
                                ("bf16", "stochastic", True), ("fp8_e5m2", "stochastic", False),
-                               ("mxfp4_e2m1", "stochastic", True), ("bfp(8,16)", "up", False)]:
+                               ("mxfp4_e2m1", "stochastic", True), ("bfp(8,16)", "up", False),
+                               ("mxfp8_e4m3", "nearest", False), ("bm(4,3,16)", "nearest", False)]:
         plan, params = plan_quantize(parse(name), mode, False, torch.float32, 20, seeded)
         consts = {"SPEC": round_spec(plan, params), "BITS": "seeded" if seeded else "tensor" if mode == "stochastic" else "none"}
         if plan.block_size is None:
             kernel, ints, consts["BLOCK"] = tq._quantize_values, ["numel"], 1024
         else:
             kernel, ints = tq._quantize_blocks, ["n_blocks", "length", "inner", "blocks_per_line"]
-            consts.update(BLOCK_SIZE=plan.block_size, WIDTH=32, ROWS=32)
+            consts.update(BLOCK_SIZE=plan.block_size, WIDTH=32, ROWS=32, RUN=name.startswith("mx"))
         sig = {**ptrs, **{k: "i64" for k in ints}, **{k: "constexpr" for k in consts}}
         triton.compile(triton.compiler.ASTSource(kernel, sig, consts), target=GPUTarget("cuda", 90, 32))
 """)
