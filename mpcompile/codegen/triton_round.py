@@ -334,7 +334,7 @@ def _stochastic_carry(ua, rbits, SPEC: tl.constexpr):
     binade; inf's low bits are 0, so it stays inf). Below 2**emin > 2**-126 the grid is uniform,
     q = 2**(emin - man): t = a / q * 2**N is exact and below 2**23, so rint(t) (adding and
     subtracting 2**23) is the dropped fraction rounded to N bits, ties to even, as the general
-    rule rounds it.
+    rule rounds it. (That a can be a float32 subnormal: Triton's code keeps them, no .ftz.)
     """
     N: tl.constexpr = 23 - SPEC.man
     rb = (rbits & ((1 << N) - 1)).to(tl.int32)
