@@ -250,19 +250,20 @@ def round_to_format(x, rbits, scale_exp, SPEC: tl.constexpr):
     is_nan = ua > _INF
     if scale_exp is None:
         if SPEC.nearest_even:
-            r = tl.where(is_nan, _NAN, _nearest_even(ua, SPEC.emin, SPEC.man, SPEC.emin > -126))
+            r = _nearest_even(ua, SPEC.emin, SPEC.man, SPEC.emin > -126)
         elif SPEC.stochastic_carry:
-            r = tl.where(is_nan, _NAN, _stochastic_carry(ua, rbits, SPEC))
+            r = _stochastic_carry(ua, rbits, SPEC)
         else:
             r = _round_magnitude(ua, neg, finite, is_nan, rbits, scale_exp, SPEC)
     elif SPEC.nearest_even:  # blocks: the short path where every block of the tile allows it
         emin = SPEC.emin + scale_exp
         if (tl.min(emin) - SPEC.man >= -125) & (tl.max(emin) - SPEC.man <= 104):
-            r = tl.where(is_nan, _NAN, _nearest_even(ua, emin, SPEC.man, True))
+            r = _nearest_even(ua, emin, SPEC.man, True)
         else:
             r = _round_magnitude(ua, neg, finite, is_nan, rbits, scale_exp, SPEC)
     else:
         r = _round_magnitude(ua, neg, finite, is_nan, rbits, scale_exp, SPEC)
+    r = tl.where(is_nan, _NAN, r)  # the short paths round NaN's bits like any others'
     return _finish(r, ux, ua, neg, finite, is_nan, scale_exp, SPEC)
 
 
@@ -314,7 +315,7 @@ def _nearest_even(ua, emin, MAN: tl.constexpr, SUB: tl.constexpr):
     """
     r = (ua + ((1 << (22 - MAN)) - 1) + ((ua >> (23 - MAN)) & 1)) & -(1 << (23 - MAN))
     if SUB:
-        c = (tl.zeros_like(ua) + ((emin - MAN + 150) << 23)).to(tl.float32, bitcast=True)
+        c = _pow2(tl.zeros_like(ua) + (emin - MAN + 23))
         small = ua < ((emin + 127) << 23)
         a = tl.where(small, ua, 0).to(tl.float32, bitcast=True)  # inf - inf would raise in the interpreter
         r = tl.where(small, ((a + c) - c).to(tl.int32, bitcast=True), r)
@@ -341,10 +342,10 @@ def _stochastic_carry(ua, rbits, SPEC: tl.constexpr):
     r = (ua + rb) & -(1 << N)
     if SPEC.emin > -126:
         small = ua < ((SPEC.emin + 127) << 23)
-        scale = (tl.zeros_like(ua) + ((150 - SPEC.emin) << 23)).to(tl.float32, bitcast=True)  # 2**(23 - emin)
+        scale = _pow2(tl.zeros_like(ua) + (23 - SPEC.emin))
         t = tl.where(small, ua, 0).to(tl.float32, bitcast=True) * scale
         t = ((t + 8388608.0) - 8388608.0).to(tl.int32)  # rint(t): 2**23 has ulp 1
-        q = (tl.zeros_like(ua) + ((SPEC.emin - SPEC.man + 127) << 23)).to(tl.float32, bitcast=True)
+        q = _pow2(tl.zeros_like(ua) + (SPEC.emin - SPEC.man))
         r = tl.where(small, (((t + rb) >> N).to(tl.float32) * q).to(tl.int32, bitcast=True), r)
     return r
 
