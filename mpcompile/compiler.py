@@ -10,6 +10,7 @@ import linecache
 import math
 import traceback
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -109,8 +110,14 @@ class CompiledModel(nn.Module):
         self.warnings = [f"{label}: matches no op of this model" for label in unmatched_rules(traced, self.policy)]
         for node in traced.graph.nodes:
             mpc = node.meta.get("mpc", {})
+            unapplied = self._unapplied(node) if "unemulated" in mpc else []
+            if unapplied:
+                self.warnings.append(f"node {node.name} ({mpc['facts'].op_type} '{mpc['facts'].name}'): runs in fp32: "
+                                     f"{mpc['unemulated']}, so the policy's {', '.join(unapplied)} for it "
+                                     f"{'is' if len(unapplied) == 1 else 'are'} not applied; a rule that matches it "
+                                     f"with keep: fp32 says that this is intended")
             assignment = mpc.get("assignment")
-            if assignment is not None:
+            if assignment is not None and "unemulated" not in mpc:
                 skipped = [r for r, s in assignment.roles if s.quant is not None and r not in mpc["roles"]]
                 if skipped:
                     self.warnings.append(f"node {node.name} ({mpc['facts'].op_type} '{mpc['facts'].name}'): "
@@ -122,6 +129,18 @@ class CompiledModel(nn.Module):
                                          f"output components are single dot products")
         for text in self.warnings:
             warnings.warn(f"mpcompile: {text}", stacklevel=3)
+
+    def _unapplied(self, node: torch.fx.Node) -> list[str]:
+        """What the policy would set for a node of unemulated GEMM work if it were a GEMM-like op,
+        and lowering does not apply: roles (an op's input and output roles are applied all the
+        same) and emulated arithmetic."""
+        mpc = node.meta["mpc"]
+        level = self.level.get(node.name, 0) if isinstance(self.level, Mapping) else self.level
+        would = self.policy.resolve(replace(mpc["facts"], group="gemm"), level)
+        actual = mpc.get("assignment")
+        applied = {r for r, s in actual.roles if s.quant is not None and r in mpc["roles"]} if actual else set()
+        return ([r for r, s in would.roles if s.quant is not None and r not in applied]
+                + [f"{k} arithmetic" for k in ("forward", "backward") if not getattr(would, k).is_native])
 
     def forward(self, *args, **kwargs):
         return self.graph_module(*args, **kwargs)

@@ -316,3 +316,97 @@ levels:
     assert inputs == {"conv1": "fp8_e4m3", "conv2": "bf16", "fc": "fp8_e4m3"}
     with pytest.raises(CompileError, match=r"no op named 'conv3'.*keyed by node name"):
         cm.recompile(level={"conv3": 1})
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+class UnemulatedGemms(nn.Module):
+    """GEMM work that lowering does not emulate, beside a Linear that it does."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(2, 1, 2, stride=2)
+        self.rnn = nn.GRU(4, 4, batch_first=True)
+        self.block = Block()
+        self.fc = nn.Linear(4, 4)
+        self.w = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        h = self.up(x).flatten(1)[:, :12].view(-1, 3, 4)
+        h = self.rnn(h)[0]
+        return self.fc(self.block(torch.einsum("bti,ij->btj", h, self.w)))
+
+
+def test_gemm_work_that_runs_in_fp32_under_a_quantizing_policy_is_a_warning_naming_node_and_module():
+    torch.manual_seed(0)
+    model, x = UnemulatedGemms(), torch.randn(2, 2, 3, 3)
+    fp8 = "version: 1\ndefault: {input: fp8_e4m3, weight: fp8_e4m3}\n"
+    with pytest.warns(UserWarning, match="runs in fp32") as record:
+        cm = mpcompile.compile(model, fp8, (x,), leaf_modules=(Block,))
+    assert list(cm.assignments()) == ["fc"]
+    assert len(cm.warnings) == len(record) == 4
+    up, rnn, einsum, block = cm.warnings
+    assert up.startswith("node up (ConvTranspose2d 'up'): runs in fp32: ConvTranspose2d is not emulated, so the "
+                         "policy's input, weight for it are not applied")
+    assert rnn.startswith("node rnn (GRU 'rnn'): runs in fp32: GRU is not emulated")
+    assert einsum.startswith("node einsum (einsum 'einsum'): runs in fp32: einsum is not emulated")
+    assert block.startswith("node block (Block 'block'): runs in fp32: torch.fx keeps Block whole")
+    assert "layers inside it (fc) are not emulated" in block
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert mpcompile.compile(model, "version: 1\n", (x,), leaf_modules=(Block,)).warnings == []
+        keep = fp8 + "rules:\n  - match: {type: [ConvTranspose2d, GRU, einsum, Block]}\n    keep: fp32\n"
+        assert mpcompile.compile(model, keep, (x,), leaf_modules=(Block,)).warnings == []
+    # a rule by name reaches the einsum: its input and output roles are applied, its weight and arithmetic not
+    named = "version: 1\nrules:\n  - match: {name: einsum}\n    input: bf16\n    weight: bf16\n    forward: {acc: bf16}\n"
+    with pytest.warns(UserWarning):
+        cm = mpcompile.compile(model, named, (x,), leaf_modules=(Block,))
+    assert [w.split(": runs")[0] for w in cm.warnings] == ["node einsum (einsum 'einsum')"]
+    assert "so the policy's weight, forward arithmetic for it are not applied" in cm.warnings[0]
+    assert list(cm.assignments()) == ["einsum"]
+
+
+class Mixed(nn.Module):
+    """Values that are not float tensors among an op's inputs and outputs: a size, integer
+    indices, a (values, indices) tuple, a list of tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(5, 12)
+        self.fc = nn.Linear(12, 4)
+
+    def forward(self, x, i):
+        h = x.view(x.size(0), -1) + self.embed(i).sum(1)
+        top, index = torch.max(self.fc(h), dim=1, keepdim=True)
+        return self.fc(torch.cat([h[:, :2], h[:, 2:]], 1)) * index.float() + top
+
+
+def test_every_op_rounds_its_float_tensors_only_with_or_without_example_inputs():
+    torch.manual_seed(0)
+    model, x, i = Mixed(), torch.randn(2, 3, 4), torch.randint(0, 5, (2, 3))
+    every = "version: 1\nrules:\n  - match: {}\n    input: e3m2\n    output: e3m2\n"
+    shaped, unshaped = mpcompile.compile(model, every, (x, i)), mpcompile.compile(model, every)
+    targets = lambda cm: [n.target.__name__ for n in cm.graph_module.graph.nodes if n.op == "call_function"
+                          and n.target.__name__ in ("quant", "quant_floats")]
+    # the size and the indices are known not to be float tensors where the shape pass ran
+    assert "quant_floats" not in targets(shaped) and set(targets(unshaped)) == {"quant_floats"}
+    assert len(targets(shaped)) < len(targets(unshaped))
+    y1, y2 = shaped(x, i), unshaped(x, i)
+    y1.sum().backward()
+    g1 = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    y2.sum().backward()
+    assert torch.equal(y1, y2) and all(torch.equal(a, p.grad) for a, p in zip(g1, model.parameters()))
+    q = lambda t: quantize(t, "e3m2")  # every float tensor an op takes or makes, once (rounding is idempotent)
+    with torch.no_grad():
+        h = q(q(q(x).view(2, -1)) + q(q(model.embed(i)).sum(1)))
+        top, index = torch.max(q(model.fc(h)), dim=1, keepdim=True)
+        want = q(q(q(model.fc(h)) * index.float()) + top)
+    assert torch.equal(y1, want)

@@ -5,7 +5,9 @@ tensor roles the node has, which lowering can quantize) for every call node and,
 nodes, ``meta["mpc"]["gemm"]``: ``linear``, ``conv1d``/``conv2d``/``conv3d``, ``matmul`` or
 ``attention`` (an ``nn.MultiheadAttention``: four GEMMs under one assignment).
 GEMM-like ops have every role; norms ``input``, ``output`` and the ``weight`` / ``bias`` they
-have; other ops ``input`` and ``output``.
+have; other ops ``input`` and ``output``. GEMM work that is not emulated (a transposed conv, an
+RNN, ``einsum``, a torch.nn module torch.fx keeps whole with Linear layers inside) gets
+``meta["mpc"]["unemulated"]``: why it runs in fp32, so that the compiler can say so.
 """
 from __future__ import annotations
 
@@ -26,6 +28,14 @@ _GEMM_MODULES = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", 
 _GEMM_FUNCTIONS = {F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d",
                    torch.matmul: "matmul", torch.mm: "matmul", torch.bmm: "matmul", operator.matmul: "matmul"}
 _GEMM_METHODS = {"matmul": "matmul", "mm": "matmul", "bmm": "matmul"}
+# GEMM-like work that lowering does not emulate: it runs in fp32 whatever the policy says.
+_UNEMULATED_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.RNNBase, nn.RNNCellBase,
+                       nn.Bilinear)
+_UNEMULATED_FUNCTIONS = (torch.addmm, torch.baddbmm, torch.addbmm, torch.addmv, torch.addr, torch.mv, torch.dot,
+                         torch.inner, torch.outer, torch.einsum, torch.tensordot, torch.linalg.multi_dot,
+                         torch.chain_matmul, F.bilinear, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+                         F.scaled_dot_product_attention)
+_UNEMULATED_METHODS = ("addmm", "baddbmm", "addbmm", "addmv", "addr", "mv", "dot", "inner", "outer")
 _GROUPS = {
     "activation": (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
                    nn.LeakyReLU, nn.ELU, nn.Softmax, F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid,
@@ -88,6 +98,30 @@ def classify(gm: torch.fx.GraphModule) -> None:
             if group == "norm" else ("input", "output")
         if node in kinds:
             meta["gemm"] = kinds[node]
+        else:
+            why = _unemulated(gm, node, target)
+            if why is not None:
+                meta["unemulated"] = why
+
+
+def _unemulated(gm: torch.fx.GraphModule, node: torch.fx.Node, target) -> str | None:
+    """Why the node is GEMM work that runs in fp32 (None: it is not GEMM work, or it is emulated)."""
+    if node.op == "call_function" and target in _UNEMULATED_FUNCTIONS:
+        return f"{getattr(target, '__name__', target)} is not emulated"
+    if node.op == "call_method" and target in _UNEMULATED_METHODS:
+        return f"Tensor.{target} is not emulated"
+    if node.op != "call_module":
+        return None
+    module = gm.get_submodule(node.target)
+    if isinstance(module, _UNEMULATED_MODULES):
+        return f"{type(module).__name__} is not emulated"
+    inside = [name for name, m in module.named_modules()
+              if name and isinstance(m, (*_GEMM_MODULES, *_UNEMULATED_MODULES))]
+    if not inside:
+        return None
+    more = f" and {len(inside) - 3} more" if len(inside) > 3 else ""
+    return (f"torch.fx keeps {type(module).__name__} whole (a torch.nn module or a leaf module), so the GEMM-like "
+            f"layers inside it ({', '.join(inside[:3])}{more}) are not emulated")
 
 
 def _affine(gm: torch.fx.GraphModule, node: torch.fx.Node, target) -> tuple[str, ...]:

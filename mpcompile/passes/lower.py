@@ -11,8 +11,10 @@ a count buffer (``_mpc_counts.<node>``: components computed low, components) per
   ``matmul``: an ``mpc::`` op; ``multi_head_attention``: four) with its roles and specs as strings.
   With ``recompute`` it also names the activation that consumes it when that is its only user
   and an elementwise function ``ops.kappa`` knows (the estimate then includes kappa_phi).
-- Any other node gets ``ops.quant`` on its tensor inputs and its output for its ``input`` /
-  ``output`` roles; a norm also on its ``weight`` / ``bias`` (a norm module then runs through
+- Any other node gets ``ops.quant`` on its float tensor inputs and its output (if a float
+  tensor) for its ``input`` / ``output`` roles: sizes, integer indices and tuples are not
+  rounded (where no example input told the shape pass what a value is, ``quant_floats`` decides
+  when it runs); a norm also on its ``weight`` / ``bias`` (a norm module then runs through
   ``torch.func.functional_call`` with the quantized parameters swapped in; its buffers, such as
   BatchNorm's running statistics, stay its own).
 - Nodes without an assignment are copied as they are, so an fp32 policy changes nothing.
@@ -178,11 +180,30 @@ def _gemm(gm, graph: torch.fx.Graph, node: torch.fx.Node, meta: dict, env) -> to
     return graph.call_function(_OPS[kind], args, {**call_kwargs, **kwargs})
 
 
-def _quant(graph: torch.fx.Graph, value: torch.fx.Node, setting) -> torch.fx.Node:
+def quant_floats(x, fmt: str, rounding: str, scaling: str, saturate: bool):
+    """``ops.quant`` of a float tensor; any other value (a size, integer indices, a tuple) as it is."""
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        return ops.quant(x, fmt, rounding, scaling=scaling, saturate=saturate)
+    return x
+
+
+def _float_tensor(node: torch.fx.Node) -> bool | None:
+    """Whether a traced node's value is a float tensor; None: unknown (the shape pass did not run)."""
+    if "type" not in node.meta:  # set by ShapeProp for every node it ran
+        return None
+    return issubclass(node.meta["type"], torch.Tensor) and node.meta["mpc"].get("dtype", torch.int64).is_floating_point
+
+
+def _quant(graph: torch.fx.Graph, value: torch.fx.Node, setting, traced: torch.fx.Node | None = None) -> torch.fx.Node:
+    """``value`` rounded as ``setting``; ``traced``: the node whose value it is, where that may
+    not be a float tensor."""
     q = setting.quant
     if q.scaling == "tensor_delayed":
         raise LoweringError(f"node {value.name}: tensor_delayed scaling is for GEMM operands; use tensor here")
-    return graph.call_function(ops.quant, (value, str(q.fmt), q.rounding),
+    floats = True if traced is None else _float_tensor(traced)
+    if floats is False:
+        return value
+    return graph.call_function(ops.quant if floats else quant_floats, (value, str(q.fmt), q.rounding),
                                {"scaling": q.scaling, "saturate": q.saturate})
 
 
@@ -196,7 +217,7 @@ def _quantized_io(gm, graph: torch.fx.Graph, node: torch.fx.Node, assignment, en
     roles = {r: s for r, s in assignment.roles if s.quant is not None and r in applies}
 
     def arg(n: torch.fx.Node) -> torch.fx.Node:
-        return _quant(graph, env[n], roles["input"]) if "input" in roles and n.op != "get_attr" else env[n]
+        return _quant(graph, env[n], roles["input"], n) if "input" in roles and n.op != "get_attr" else env[n]
 
     affine = {r: roles[r] for r in ("weight", "bias") if r in roles}
     if not affine:
@@ -214,4 +235,4 @@ def _quantized_io(gm, graph: torch.fx.Graph, node: torch.fx.Node, assignment, en
             else:
                 kwargs[role] = _quant(graph, kwargs[role], setting)
         out = graph.call_function(node.target, tuple(args), kwargs)
-    return _quant(graph, out, roles["output"]) if "output" in roles else out
+    return _quant(graph, out, roles["output"], node) if "output" in roles else out

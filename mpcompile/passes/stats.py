@@ -11,7 +11,7 @@ included), over all batches: -inf where an output overflowed to inf or NaN.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 
@@ -21,17 +21,35 @@ from .observe import observe
 __all__ = ["collect_stats"]
 
 
-def _role_values(gm, node, role: str, args, kwargs, out):
-    if role == "output":
-        return out
-    if role == "input":
-        return args[0]
-    if role not in ("weight", "bias"):
-        return None
-    if node.op == "call_module":
-        return getattr(gm.get_submodule(node.target), role, None)
-    i = NORM_PARAMS.get(node.target, {"weight": 1, "bias": 2}).get(role, len(args))  # linear, conv: (x, w, b)
-    return args[i] if i < len(args) else kwargs.get(role)
+def _role_values(gm, node, role: str, args, kwargs, out) -> list[torch.Tensor]:
+    """The float tensors that role ``role`` of ``node`` rounds, as lowering applies it."""
+    if role not in node.meta["mpc"]["roles"]:
+        values = []
+    elif role == "output":
+        values = [out]
+    elif role == "input":  # a GEMM's first operand; every input of another op but parameters
+        values = args[:1] if "gemm" in node.meta["mpc"] else [
+            v for n, v in _inputs((node.args, node.kwargs), (args, kwargs)) if n.op != "get_attr"]
+    elif role not in ("weight", "bias"):
+        values = []
+    elif node.op == "call_module":
+        values = [getattr(gm.get_submodule(node.target), role, None)]
+    else:
+        i = NORM_PARAMS.get(node.target, {"weight": 1, "bias": 2}).get(role, len(args))  # linear, conv: (x, w, b)
+        values = [args[i] if i < len(args) else kwargs.get(role)]
+    return [v for v in values if isinstance(v, torch.Tensor) and v.is_floating_point()]
+
+
+def _inputs(template, values) -> Iterator[tuple[torch.fx.Node, object]]:
+    """(input node, its value) pairs of a node's arguments (``template``) and their values."""
+    if isinstance(template, torch.fx.Node):
+        yield template, values
+    elif isinstance(template, (list, tuple)):
+        for t, v in zip(template, values):
+            yield from _inputs(t, v)
+    elif isinstance(template, dict):
+        for key, t in template.items():
+            yield from _inputs(t, values[key])
 
 
 def collect_stats(traced: torch.fx.GraphModule, lowered: torch.fx.GraphModule, batches: Iterable[tuple]) -> None:
@@ -48,15 +66,15 @@ def collect_stats(traced: torch.fx.GraphModule, lowered: torch.fx.GraphModule, b
         reference.setdefault(node.name, []).append(out.double())
         for role, setting in assignment.roles:
             q = setting.quant
-            values = _role_values(traced, node, role, args, kwargs, out)
-            if q is None or q.scaling != "none" or not hasattr(q.fmt, "min_subnormal") or values is None:
+            if q is None or q.scaling != "none" or not hasattr(q.fmt, "min_subnormal"):
                 continue
-            a = values.detach().abs()
-            tally = counts.setdefault(node.name, {}).setdefault(role, [0, 0, 0, 0])
-            tally[0] += int((a > q.fmt.max).sum())
-            tally[1] += int(((a > 0) & (a < q.fmt.min_subnormal / 2)).sum())
-            tally[2] += int(((a >= q.fmt.min_subnormal / 2) & (a < q.fmt.min_normal)).sum())
-            tally[3] += a.numel()
+            for values in _role_values(traced, node, role, args, kwargs, out):
+                a = values.detach().abs()
+                tally = counts.setdefault(node.name, {}).setdefault(role, [0, 0, 0, 0])
+                tally[0] += int((a > q.fmt.max).sum())
+                tally[1] += int(((a > 0) & (a < q.fmt.min_subnormal / 2)).sum())
+                tally[2] += int(((a >= q.fmt.min_subnormal / 2) & (a < q.fmt.min_normal)).sum())
+                tally[3] += a.numel()
 
     observe(traced, batches, fp32)
     noise: dict[str, list[float]] = {}
