@@ -6,6 +6,7 @@ so an optimizer built on its parameters keeps working across precision changes.
 """
 from __future__ import annotations
 
+import functools
 import linecache
 import math
 import traceback
@@ -22,6 +23,7 @@ from .errors import MpcompileError, PolicyError
 from .passes import assign_formats, classify, collect_stats, estimate_condition, lower, propagate_shapes
 from .passes.assign import unmatched_rules
 from .policy import Policy, load_policy
+from .traceable import TRACEABLE_FORWARDS
 
 __all__ = ["compile", "CompiledModel", "CompileError"]
 
@@ -31,17 +33,28 @@ class CompileError(MpcompileError, ValueError):
 
 
 class _Tracer(torch.fx.Tracer):
-    """symbolic_trace's tracer, with the given module types kept as opaque calls."""
+    """symbolic_trace's tracer, with the given module types kept as opaque calls, and torch.nn
+    modules that have a ``TRACEABLE_FORWARDS`` entry traced through it."""
 
     def __init__(self, leaf_modules: tuple[type, ...]):
         super().__init__()
         self.leaves = leaf_modules
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, self.leaves) or super().is_leaf_module(m, qualname)
+        if isinstance(m, self.leaves):
+            return True
+        return type(m) not in TRACEABLE_FORWARDS and super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        if type(m) in TRACEABLE_FORWARDS and not isinstance(m, self.leaves):
+            forward = functools.partial(TRACEABLE_FORWARDS[type(m)], m)
+        return super().call_module(m, forward, args, kwargs)
 
 
 def _trace(model: nn.Module, leaf_modules: tuple[type, ...]) -> torch.fx.GraphModule:
+    cls = type(model)
+    if cls in TRACEABLE_FORWARDS and not isinstance(model, leaf_modules):  # the tracer calls the root's forward itself
+        model.__class__ = type(cls.__name__, (cls,), {"forward": TRACEABLE_FORWARDS[cls]})
     try:
         graph = _Tracer(leaf_modules).trace(model)
     except Exception as err:  # fx raises TraceError, TypeError, RuntimeError... with the failing line in its traceback
@@ -57,7 +70,9 @@ def _trace(model: nn.Module, leaf_modules: tuple[type, ...]) -> torch.fx.GraphMo
                 if owner is not None else "keep the untraceable code in a submodule and pass its class as leaf_modules=")
         raise CompileError(f"torch.fx cannot trace {type(model).__name__}: {type(err).__name__}: {err}\n"
                            f"    at {where}\n  {hint}") from err
-    return torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
+    finally:
+        model.__class__ = cls
+    return torch.fx.GraphModule(model, graph, class_name=cls.__name__)
 
 
 class CompiledModel(nn.Module):
