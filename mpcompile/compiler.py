@@ -22,6 +22,7 @@ from .backends import check_backend
 from .errors import MpcompileError, PolicyError
 from .passes import assign_formats, classify, collect_stats, estimate_condition, lower, propagate_shapes
 from .passes.assign import unmatched_rules
+from .passes.classify import ATTENTION_KINDS
 from .policy import Policy, load_policy
 from .traceable import TRACEABLE_FORWARDS
 
@@ -138,7 +139,7 @@ class CompiledModel(nn.Module):
                     self.warnings.append(f"node {node.name} ({mpc['facts'].op_type} '{mpc['facts'].name}'): "
                                          f"{', '.join(skipped)} not applied: this op's roles are "
                                          f"{', '.join(mpc['roles'])}")
-                if assignment.recompute is not None and mpc.get("gemm") in (None, "attention"):
+                if assignment.recompute is not None and mpc.get("gemm") in (None, *ATTENTION_KINDS):
                     self.warnings.append(f"node {node.name} ({mpc['facts'].op_type} '{mpc['facts'].name}'): "
                                          f"recompute not applied: it is for linear, conv and matmul ops, whose "
                                          f"output components are single dot products")

@@ -1,10 +1,15 @@
-"""``nn.MultiheadAttention`` as four emulated GEMMs, for policies that quantize attention.
+"""Attention as emulated GEMMs, for policies that quantize it.
 
-torch runs the module as one fused kernel (or scaled_dot_product_attention), which has no
-place for formats. Here it is decomposed as ``F.multi_head_attention_forward`` writes it out
-when it returns weights: input projection, q·kᵀ on q scaled by 1/sqrt(head_dim), additive
-masks, softmax, dropout, probabilities·v, output projection. Every GEMM is an ``mpc::`` op
-with the same roles and arithmetic (``input`` the left operand, ``weight`` the right one).
+torch runs attention as one fused kernel, which has no place for formats. Here it is written
+out, every GEMM an ``mpc::`` op with the same roles and arithmetic (``input`` the left
+operand, ``weight`` the right one):
+
+- ``multi_head_attention`` (``nn.MultiheadAttention``, four GEMMs), as
+  ``F.multi_head_attention_forward`` writes it out when it returns weights: input projection,
+  q·kᵀ on q scaled by 1/sqrt(head_dim), additive masks, softmax, dropout, probabilities·v,
+  output projection;
+- ``scaled_dot_product_attention`` (two GEMMs), as torch documents its reference: q·kᵀ, then
+  scaled, masked, softmax, dropout, probabilities·v.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import torch.nn.functional as F
 
 from .api import Formats, Spec, _fx_leaf, linear, matmul
 
-__all__ = ["multi_head_attention", "unsupported_attention"]
+__all__ = ["multi_head_attention", "scaled_dot_product_attention", "unsupported_attention"]
 
 
 def unsupported_attention(module: nn.MultiheadAttention) -> str | None:
@@ -89,3 +94,34 @@ def multi_head_attention(module: nn.MultiheadAttention, query: torch.Tensor, key
         return out, None
     weights = probs.mean(dim=1) if average_attn_weights else probs
     return out, weights if batched else weights.squeeze(0)
+
+
+@_fx_leaf
+def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                 attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
+                                 scale: float | None = None, enable_gqa: bool = False, *, formats: Formats = None,
+                                 forward: Spec = None, backward: Spec = None, backend: str = "auto") -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` with its two GEMMs emulated.
+
+    Args:
+        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa: as
+            ``F.scaled_dot_product_attention`` (a boolean mask: True where a query may attend).
+        formats, forward, backward, backend: roles, arithmetic and backend of both GEMMs (see
+            ``matmul``).
+    """
+    if is_causal and attn_mask is not None:
+        raise ValueError("mpcompile.ops.scaled_dot_product_attention: is_causal and attn_mask exclude each other, as "
+                         "in torch")
+    if enable_gqa:  # each group of query heads shares one key and value head
+        key = key.repeat_interleave(query.size(-3) // key.size(-3), -3)
+        value = value.repeat_interleave(query.size(-3) // value.size(-3), -3)
+    gemm = {"formats": formats, "spec": forward, "backward": backward, "backend": backend}
+    scores = matmul(query, key.transpose(-2, -1), **gemm) * (1 / math.sqrt(query.size(-1)) if scale is None else scale)
+    if is_causal:
+        attn_mask = torch.ones(query.size(-2), key.size(-2), dtype=torch.bool, device=query.device).tril()
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool else scores + attn_mask
+    probs = torch.softmax(scores, dim=-1)
+    if dropout_p > 0:
+        probs = F.dropout(probs, dropout_p)
+    return matmul(probs, value, **gemm)

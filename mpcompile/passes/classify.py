@@ -2,9 +2,9 @@
 
 Reads: nothing. Writes: ``meta["mpc"]["facts"]`` (a ``NodeFacts``) and ``["roles"]`` (the
 tensor roles the node has, which lowering can quantize) for every call node and, for GEMM-like
-nodes, ``meta["mpc"]["gemm"]``: ``linear``, ``conv1d``/``conv2d``/``conv3d``, ``matmul`` or
-``attention`` (an ``nn.MultiheadAttention``: four GEMMs under one assignment).
-GEMM-like ops have every role; norms ``input``, ``output`` and the ``weight`` / ``bias`` they
+nodes, ``meta["mpc"]["gemm"]``: ``linear``, ``conv1d``/``conv2d``/``conv3d``, ``matmul``,
+``attention`` (an ``nn.MultiheadAttention``: four GEMMs under one assignment) or ``sdpa``
+(``F.scaled_dot_product_attention``: two). GEMM-like ops have every role; norms ``input``, ``output`` and the ``weight`` / ``bias`` they
 have; other ops ``input`` and ``output``. GEMM work that is not emulated (a transposed conv, an
 RNN, ``einsum``, a torch.nn module torch.fx keeps whole with Linear layers inside) gets
 ``meta["mpc"]["unemulated"]``: why it runs in fp32, so that the compiler can say so.
@@ -20,21 +20,22 @@ import torch.nn.functional as F
 from ..ops.spec import ROLES
 from ..policy import NodeFacts
 
-__all__ = ["classify", "GEMM_KINDS", "NORM_PARAMS"]
+__all__ = ["classify", "GEMM_KINDS", "ATTENTION_KINDS", "NORM_PARAMS"]
 
-GEMM_KINDS = ("linear", "conv1d", "conv2d", "conv3d", "matmul", "attention")
+GEMM_KINDS = ("linear", "conv1d", "conv2d", "conv3d", "matmul", "attention", "sdpa")
+ATTENTION_KINDS = ("attention", "sdpa")  # several GEMMs and a softmax under one assignment
 _GEMM_MODULES = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d",
                  nn.MultiheadAttention: "attention"}
 _GEMM_FUNCTIONS = {F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d",
-                   torch.matmul: "matmul", torch.mm: "matmul", torch.bmm: "matmul", operator.matmul: "matmul"}
+                   torch.matmul: "matmul", torch.mm: "matmul", torch.bmm: "matmul", operator.matmul: "matmul",
+                   F.scaled_dot_product_attention: "sdpa"}
 _GEMM_METHODS = {"matmul": "matmul", "mm": "matmul", "bmm": "matmul"}
 # GEMM-like work that lowering does not emulate: it runs in fp32 whatever the policy says.
 _UNEMULATED_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.RNNBase, nn.RNNCellBase,
                        nn.Bilinear)
 _UNEMULATED_FUNCTIONS = (torch.addmm, torch.baddbmm, torch.addbmm, torch.addmv, torch.addr, torch.mv, torch.dot,
                          torch.inner, torch.outer, torch.einsum, torch.tensordot, torch.linalg.multi_dot,
-                         torch.chain_matmul, F.bilinear, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
-                         F.scaled_dot_product_attention)
+                         torch.chain_matmul, F.bilinear, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
 _UNEMULATED_METHODS = ("addmm", "baddbmm", "addbmm", "addmv", "addr", "mv", "dot", "inner", "outer")
 _GROUPS = {
     "activation": (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,

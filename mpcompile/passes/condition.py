@@ -4,7 +4,7 @@ Reads: ``meta["mpc"]["gemm"]`` and ``["facts"]`` (classify). Writes ``meta["mpc"
 = {"median", "p99", "max"} over the output elements of every batch, and sets the facts'
 ``kappa`` (what ``kappa_above`` / ``kappa_below`` select on) to the p99.
 
-- dot products (GEMM-like ops but attention): kappa_v = (|W||x| + |b|) / |Wx + b| per output
+- dot products (GEMM-like ops but attention and sdpa): kappa_v = (|W||x| + |b|) / |Wx + b| per output
   element;
 - activations: kappa_phi = |v phi'(v)| / |phi(v)| per element (0 where both are 0, as for a
   ReLU's negative side, whose output does not move).
@@ -20,14 +20,15 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.kappa import activation_kappa, magnitudes
+from .classify import ATTENTION_KINDS
 from .observe import observe
 
 __all__ = ["estimate_condition"]
 
 
 def _gemm_kappa(gm, node, kind: str, args, kwargs, out) -> torch.Tensor | None:
-    if kind == "attention":
-        return None  # four GEMMs and a softmax: no one dot product to take kappa of
+    if kind in ATTENTION_KINDS:
+        return None  # GEMMs and a softmax: no one dot product to take kappa of
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         w, b, x = module.weight, module.bias, args[0]

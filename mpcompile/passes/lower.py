@@ -8,7 +8,8 @@ a count buffer (``_mpc_counts.<node>``: components computed low, components) per
 ``recompute``, which every lowering starts afresh (not in the state dict: a statistic, not state).
 
 - A GEMM-like node becomes one call of ``mpcompile.ops`` (``linear``, ``conv1d/2d/3d``,
-  ``matmul``: an ``mpc::`` op; ``multi_head_attention``: four) with its roles and specs as strings.
+  ``matmul``: an ``mpc::`` op; ``multi_head_attention``: four; ``scaled_dot_product_attention``:
+  two) with its roles and specs as strings.
   With ``recompute`` it also names the activation that consumes it when that is its only user
   and an elementwise function ``ops.kappa`` knows (the estimate then includes kappa_phi).
 - Any other node gets ``ops.quant`` on its float tensor inputs and its output (if a float
@@ -29,11 +30,12 @@ from .. import ops
 from ..errors import MpcompileError
 from ..ops.attention import unsupported_attention
 from ..ops.spec import AMAX_HISTORY, ROLES, RoleFormats
-from .classify import NORM_PARAMS
+from .classify import ATTENTION_KINDS, NORM_PARAMS
 
 __all__ = ["lower", "LoweringError", "consumer_activation"]
 
-_OPS = {"linear": ops.linear, "conv1d": ops.conv1d, "conv2d": ops.conv2d, "conv3d": ops.conv3d, "matmul": ops.matmul}
+_OPS = {"linear": ops.linear, "conv1d": ops.conv1d, "conv2d": ops.conv2d, "conv3d": ops.conv3d, "matmul": ops.matmul,
+        "sdpa": ops.scaled_dot_product_attention}
 _CONV_FIELDS = ("stride", "padding", "dilation", "groups")
 # Elementwise activations by module (its exact type), function or method, as ``ops.kappa.ACTIVATIONS``
 # names them; those with a parameter: (name, its attribute) of a module, (name, keyword, position,
@@ -144,12 +146,12 @@ def _strings(assignment) -> dict:
 def _gemm(gm, graph: torch.fx.Graph, node: torch.fx.Node, meta: dict, env) -> torch.fx.Node:
     kind, kwargs = meta["gemm"], _strings(meta["assignment"])
     recompute = meta["assignment"].recompute
-    if recompute is not None and kind != "attention":  # attention: a warning of the compiled model
+    if recompute is not None and kind not in ATTENTION_KINDS:  # attention: a warning of the compiled model
         kwargs.update(recompute=str(recompute), activation=consumer_activation(gm, node),
                       counts=_low_counts(gm, graph, node))
     if _delayed(meta["assignment"]):
-        if kind == "attention":
-            raise LoweringError(f"node {node.name} (module {node.target}): tensor_delayed scaling is not emulated "
+        if kind in ATTENTION_KINDS:
+            raise LoweringError(f"node {node.name} (module {meta['facts'].name}): tensor_delayed scaling is not emulated "
                                 f"inside attention; use tensor scaling for it with a rule")
         kwargs["amax_history"] = _amax_history(gm, graph, node)
     args = torch.fx.map_arg(node.args, lambda n: env[n])

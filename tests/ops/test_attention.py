@@ -3,6 +3,7 @@ GEMM quantized as its roles say, and lowered by the compiler."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -112,3 +113,55 @@ def test_attention_torch_cannot_emulate_is_a_lowering_error():
         mpcompile.compile(model, "version: 1\ndefault: {input: bf16}\n")
     assert mpcompile.compile(model, "version: 1\ndefault: {input: bf16}\nrules:\n  - match: {name: attn}\n"
                                     "    keep: fp32\n").assignments()["attn"].quantizes is False
+
+
+@pytest.mark.parametrize("mask", ["none", "causal", "bool", "float", "gqa"])
+def test_sdpa_rounds_both_gemms_as_torchs_reference_writes_it(mask):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 6, 8), torch.randn(2, 4, 6, 8)
+    kwargs = {"causal": {"is_causal": True}, "bool": {"attn_mask": torch.rand(5, 6) > 0.3},
+              "float": {"attn_mask": torch.randn(2, 1, 5, 6), "scale": 0.3}, "gqa": {"enable_gqa": True}}.get(mask, {})
+    if mask == "gqa":  # two query heads per key and value head
+        k, v = k[:, :2], v[:, :2]
+    torch.testing.assert_close(ops.scaled_dot_product_attention(q, k, v, **kwargs),
+                               F.scaled_dot_product_attention(q, k, v, **kwargs), rtol=1e-5, atol=1e-6)
+    formats = {"input": "fp8_e4m3", "weight": "e3m2", "output": "bf16"}
+    got = ops.scaled_dot_product_attention(q, k, v, **kwargs, formats=formats)
+    left, right, out = (lambda t, f=f: quantize(t, f) for f in ("fp8_e4m3", "e3m2", "bf16"))
+    if mask == "gqa":
+        k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    scores = out(torch.matmul(left(q), right(k.transpose(-2, -1)))) * kwargs.get("scale", 1 / math.sqrt(8))
+    allowed = torch.ones(5, 6, dtype=torch.bool).tril() if mask == "causal" else kwargs.get("attn_mask")
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, -math.inf) if allowed.dtype == torch.bool else scores + allowed
+    assert torch.equal(got, out(torch.matmul(left(F.softmax(scores, -1)), right(v))))
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(8, 24), nn.Linear(8, 8)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)
+        return self.proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2))
+
+
+def test_compile_lowers_sdpa_as_a_gemm_like_op():
+    torch.manual_seed(0)
+    model, x = Block(), torch.randn(2, 5, 8)
+    fp8 = "version: 1\ndefault: {input: fp8_e4m3, weight: fp8_e4m3, grad_output: fp8_e5m2, forward: {acc: bf16}}\n"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cm = mpcompile.compile(model, fp8, (x,))
+    assert list(cm.assignments()) == ["qkv", "scaled_dot_product_attention", "proj"]
+    calls = [n.target for n in cm.graph_module.graph.nodes if n.op == "call_function"
+             and n.target.__module__.startswith("mpcompile.ops")]
+    assert calls == [ops.linear, ops.scaled_dot_product_attention, ops.linear]
+    y = cm(x)
+    y.square().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    want = model(x)
+    assert 0 < float((y - want).norm() / want.norm()) < 0.2
+    with torch.no_grad():
+        assert torch.equal(mpcompile.compile(model, "fp32", (x,))(x), want)
