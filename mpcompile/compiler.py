@@ -7,6 +7,7 @@ so an optimizer built on its parameters keeps working across precision changes.
 from __future__ import annotations
 
 import functools
+import inspect
 import linecache
 import math
 import traceback
@@ -52,12 +53,25 @@ class _Tracer(torch.fx.Tracer):
         return super().call_module(m, forward, args, kwargs)
 
 
-def _trace(model: nn.Module, leaf_modules: tuple[type, ...]) -> torch.fx.GraphModule:
+def _fixed_defaults(model: nn.Module, given: int | None) -> dict[str, Any]:
+    """forward's parameters that the trace fixes to their defaults: those defaulting to None or a
+    bool beyond the ``given`` positional inputs (None: the required ones, at least one). As
+    placeholders, fx would trace ``if mask is None`` as false and ``if flag`` not at all; fixed,
+    the graph asserts at run time that the same value comes."""
+    params = list(inspect.signature(model.forward).parameters.values())
+    if given is None:
+        given = max(1, sum(p.default is inspect.Parameter.empty for p in params))
+    return {p.name: p.default for i, p in enumerate(params)
+            if (i >= given or p.kind == p.KEYWORD_ONLY) and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            and (p.default is None or isinstance(p.default, bool))}
+
+
+def _trace(model: nn.Module, leaf_modules: tuple[type, ...], given: int | None = None) -> torch.fx.GraphModule:
     cls = type(model)
     if cls in TRACEABLE_FORWARDS and not isinstance(model, leaf_modules):  # the tracer calls the root's forward itself
         model.__class__ = type(cls.__name__, (cls,), {"forward": TRACEABLE_FORWARDS[cls]})
     try:
-        graph = _Tracer(leaf_modules).trace(model)
+        graph = _Tracer(leaf_modules).trace(model, concrete_args=_fixed_defaults(model, given) or None)
     except Exception as err:  # fx raises TraceError, TypeError, RuntimeError... with the failing line in its traceback
         frames = list(traceback.walk_tb(err.__traceback__))
         user = [(f, line) for f, line in frames if "torch/fx" not in f.f_code.co_filename.replace("\\", "/")]
@@ -241,6 +255,8 @@ def compile(model: nn.Module, policy: "Policy | Mapping | str | Path", example_i
         policy: a ``Policy``, a mapping, a path to a YAML file, a shipped policy's name
             (``"hfp8"``), or YAML text.
         example_inputs: positional inputs; when given, shapes and dtypes are recorded per node.
+            forward's parameters that default to None or a bool and that these do not give
+            (without them: that are not required) are fixed to their defaults in the trace.
         leaf_modules: module types kept as opaque calls (they run unchanged).
         calibration: batches (a tensor or a tuple of forward's arguments each) on which the
             condition and stats passes run; default: ``example_inputs`` as one batch.
@@ -254,7 +270,12 @@ def compile(model: nn.Module, policy: "Policy | Mapping | str | Path", example_i
     if kappa_rules and calibration is None and example_inputs is None:
         raise PolicyError(f"{kappa_rules[0]}: selects on kappa, which the condition pass estimates on data: "
                           f"give compile() calibration= batches or example_inputs")
-    traced = _trace(model, tuple(leaf_modules))
+    if example_inputs is not None:
+        example_inputs = tuple(example_inputs)
+    calibration = None if calibration is None else list(calibration)
+    first = example_inputs if example_inputs is not None else calibration[0] if calibration else None
+    traced = _trace(model, tuple(leaf_modules),
+                    None if first is None else len(first) if isinstance(first, (tuple, list)) else 1)
     if example_inputs is not None:
         propagate_shapes(traced, tuple(example_inputs))
     classify(traced)

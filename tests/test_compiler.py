@@ -410,3 +410,27 @@ def test_every_op_rounds_its_float_tensors_only_with_or_without_example_inputs()
         top, index = torch.max(q(model.fc(h)), dim=1, keepdim=True)
         want = q(q(q(model.fc(h)) * index.float()) + top)
     assert torch.equal(y1, want)
+
+
+class OptionalMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, mask=None, double=False):
+        y = self.fc(x)
+        if mask is not None:
+            y = y.masked_fill(mask, 0.0)
+        return 2 * y if double else y
+
+
+def test_optional_arguments_the_example_inputs_leave_out_are_traced_at_their_defaults():
+    torch.manual_seed(0)
+    model, x, mask = OptionalMask(), torch.randn(2, 4), torch.rand(2, 4) > 0.5
+    for example in ((x,), None):  # fx alone would trace `mask is not None` as true, and fail on `if double`
+        cm = mpcompile.compile(model, "fp32", example)
+        assert torch.equal(cm(x), model(x))
+        with pytest.raises(AssertionError, match="mask has been specialized to have value None"):
+            cm(x, mask)
+    cm = mpcompile.compile(model, "version: 1\ndefault: {input: bf16}\n", (x, mask))
+    assert torch.equal(cm(x, mask), model(quantize(x, "bf16"), mask))
