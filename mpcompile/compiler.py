@@ -173,7 +173,15 @@ class CompiledModel(nn.Module):
                 + [f"{k} arithmetic" for k in ("forward", "backward") if not getattr(would, k).is_native])
 
     def forward(self, *args, **kwargs):
-        return self.graph_module(*args, **kwargs)
+        try:
+            return self.graph_module(*args, **kwargs)
+        except AssertionError as err:  # fx's check of an argument traced at its default (_fixed_defaults)
+            name, sep, _ = str(err).partition(" has been specialized to have value ")
+            if not sep:
+                raise
+            raise CompileError(f"{type(self._traced[0]).__name__}.forward: argument {name!r} was traced at its default "
+                               f"(it was not among compile()'s example inputs) and now has another value; pass it "
+                               f"in example_inputs to compile() to trace it as an input") from err
 
     def table(self) -> str:
         """A text table of every GEMM-like or quantized op: formats, arithmetic, deciding rules."""

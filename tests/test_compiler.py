@@ -430,7 +430,8 @@ def test_optional_arguments_the_example_inputs_leave_out_are_traced_at_their_def
     for example in ((x,), None):  # fx alone would trace `mask is not None` as true, and fail on `if double`
         cm = mpcompile.compile(model, "fp32", example)
         assert torch.equal(cm(x), model(x))
-        with pytest.raises(AssertionError, match="mask has been specialized to have value None"):
+        with pytest.raises(CompileError, match="OptionalMask.forward: argument 'mask' was traced at its default .* "
+                                               "pass it in example_inputs"):
             cm(x, mask)
     cm = mpcompile.compile(model, "version: 1\ndefault: {input: bf16}\n", (x, mask))
     assert torch.equal(cm(x, mask), model(quantize(x, "bf16"), mask))
