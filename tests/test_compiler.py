@@ -435,3 +435,32 @@ def test_optional_arguments_the_example_inputs_leave_out_are_traced_at_their_def
             cm(x, mask)
     cm = mpcompile.compile(model, "version: 1\ndefault: {input: bf16}\n", (x, mask))
     assert torch.equal(cm(x, mask), model(quantize(x, "bf16"), mask))
+
+
+class InPlace(nn.Module):
+    """Activations that write into their input, which later ops read."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.act = nn.Linear(4, 4), nn.Linear(4, 4), nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        F.relu(h, inplace=True)
+        self.act(h)
+        h.mul_(3.0)
+        return self.fc2(h)
+
+
+@pytest.mark.parametrize("role", ["input", "output"])
+def test_an_in_place_op_under_formats_leaves_its_input_as_the_op_would(role):
+    torch.manual_seed(0)
+    model, x = InPlace(), torch.randn(3, 4)
+    cm = mpcompile.compile(model, f"version: 1\nrules:\n  - match: {{type: [relu, ReLU, mul_]}}\n    {role}: e3m2\n",
+                           (x,))
+    q = lambda t: quantize(t, "e3m2")
+    with torch.no_grad():
+        h = q(q(q(model.fc1(x)).relu()).relu() * 3.0) if role == "output" else q(q(q(model.fc1(x)).relu()).relu()) * 3.0
+        assert torch.equal(cm(x), model.fc2(h))
+    cm(x).square().sum().backward()  # autograd keeps what the op wrote: the input is written after it
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

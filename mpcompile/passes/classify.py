@@ -4,10 +4,11 @@ Reads: nothing. Writes: ``meta["mpc"]["facts"]`` (a ``NodeFacts``) and ``["roles
 tensor roles the node has, which lowering can quantize) for every call node and, for GEMM-like
 nodes, ``meta["mpc"]["gemm"]``: ``linear``, ``conv1d``/``conv2d``/``conv3d``, ``matmul``,
 ``attention`` (an ``nn.MultiheadAttention``: four GEMMs under one assignment) or ``sdpa``
-(``F.scaled_dot_product_attention``: two). GEMM-like ops have every role; norms ``input``, ``output`` and the ``weight`` / ``bias`` they
-have; other ops ``input`` and ``output``. GEMM work that is not emulated (a transposed conv, an
-RNN, ``einsum``, a torch.nn module torch.fx keeps whole with Linear layers inside) gets
-``meta["mpc"]["unemulated"]``: why it runs in fp32, so that the compiler can say so.
+(``F.scaled_dot_product_attention``: two). GEMM-like ops have every role; norms ``input``,
+``output`` and the ``weight`` / ``bias`` they have; other ops ``input`` and ``output``. GEMM
+work that is not emulated (a transposed conv, an RNN, ``einsum``, a torch.nn module torch.fx
+keeps whole with Linear layers inside) gets ``meta["mpc"]["unemulated"]``: why it runs in
+fp32, so that the compiler can say so.
 """
 from __future__ import annotations
 

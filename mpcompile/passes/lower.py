@@ -15,7 +15,8 @@ a count buffer (``_mpc_counts.<node>``: components computed low, components) per
 - Any other node gets ``ops.quant`` on its float tensor inputs and its output (if a float
   tensor) for its ``input`` / ``output`` roles: sizes, integer indices and tuples are not
   rounded (where no example input told the shape pass what a value is, ``quant_floats`` decides
-  when it runs); a norm also on its ``weight`` / ``bias`` (a norm module then runs through
+  when it runs). An in-place op's result is copied back into the input it wrote, so that later
+  readers of that input see the rounded result, as they would see the op's; a norm also on its ``weight`` / ``bias`` (a norm module then runs through
   ``torch.func.functional_call`` with the quantized parameters swapped in; its buffers, such as
   BatchNorm's running statistics, stay its own).
 - Nodes without an assignment are copied as they are, so an fp32 policy changes nothing.
@@ -32,7 +33,7 @@ from ..ops.attention import unsupported_attention
 from ..ops.spec import AMAX_HISTORY, ROLES, RoleFormats
 from .classify import ATTENTION_KINDS, NORM_PARAMS
 
-__all__ = ["lower", "LoweringError", "consumer_activation"]
+__all__ = ["lower", "LoweringError", "consumer_activation", "quant_floats"]
 
 _OPS = {"linear": ops.linear, "conv1d": ops.conv1d, "conv2d": ops.conv2d, "conv3d": ops.conv3d, "matmul": ops.matmul,
         "sdpa": ops.scaled_dot_product_attention}
@@ -217,9 +218,13 @@ def _call_with(module: torch.nn.Module, params: dict, args: tuple, kwargs: dict)
 def _quantized_io(gm, graph: torch.fx.Graph, node: torch.fx.Node, assignment, env) -> torch.fx.Node:
     applies = node.meta["mpc"]["roles"]
     roles = {r: s for r, s in assignment.roles if s.quant is not None and r in applies}
+    written = _written_in_place(gm, node) if "input" in roles or "output" in roles else None
 
     def arg(n: torch.fx.Node) -> torch.fx.Node:
-        return _quant(graph, env[n], roles["input"], n) if "input" in roles and n.op != "get_attr" else env[n]
+        if "input" in roles and n.op != "get_attr":
+            return _quant(graph, env[n], roles["input"], n)
+        # an in-place op writes into a copy, which autograd may keep; its input is written after the rounding
+        return graph.call_method("clone", (env[n],)) if n is written else env[n]
 
     affine = {r: roles[r] for r in ("weight", "bias") if r in roles}
     if not affine:
@@ -237,4 +242,22 @@ def _quantized_io(gm, graph: torch.fx.Graph, node: torch.fx.Node, assignment, en
             else:
                 kwargs[role] = _quant(graph, kwargs[role], setting)
         out = graph.call_function(node.target, tuple(args), kwargs)
-    return _quant(graph, out, roles["output"], node) if "output" in roles else out
+    out = _quant(graph, out, roles["output"], node) if "output" in roles else out
+    # the op wrote into a rounded copy of its input, or a copy whose result is rounded: the input's
+    # later readers must see what the op's users see, as they would without formats
+    return out if written is None else graph.call_method("copy_", (env[written], out))
+
+
+def _written_in_place(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.Node | None:
+    """The input an in-place op writes into (``relu_``, ``x.add_``, ``inplace=True``); None if it
+    writes nothing."""
+    first = node.args[0] if node.args else None
+    if not isinstance(first, torch.fx.Node):
+        return None
+    if node.op == "call_module":
+        return first if getattr(gm.get_submodule(node.target), "inplace", False) is True else None
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if name.endswith("_") and not name.endswith("__"):
+        return first
+    normalized = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True) if node.op == "call_function" else None
+    return first if normalized is not None and normalized.kwargs.get("inplace") is True else None
