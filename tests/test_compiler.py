@@ -341,7 +341,7 @@ class UnemulatedGemms(nn.Module):
     def forward(self, x):
         h = self.up(x).flatten(1)[:, :12].view(-1, 3, 4)
         h = self.rnn(h)[0]
-        return self.fc(self.block(torch.einsum("bti,ij->btj", h, self.w)))
+        return self.fc(self.block(torch.einsum("bti,ij,jk->btk", h, self.w, self.w)))  # three operands
 
 
 def test_gemm_work_that_runs_in_fp32_under_a_quantizing_policy_is_a_warning_naming_node_and_module():
@@ -356,7 +356,7 @@ def test_gemm_work_that_runs_in_fp32_under_a_quantizing_policy_is_a_warning_nami
     assert up.startswith("node up (ConvTranspose2d 'up'): runs in fp32: ConvTranspose2d is not emulated, so the "
                          "policy's input, weight for it are not applied")
     assert rnn.startswith("node rnn (GRU 'rnn'): runs in fp32: GRU is not emulated")
-    assert einsum.startswith("node einsum (einsum 'einsum'): runs in fp32: einsum is not emulated")
+    assert einsum.startswith("node einsum (einsum 'einsum'): runs in fp32: einsum 'bti,ij,jk->btk' is not emulated")
     assert block.startswith("node block (Block 'block'): runs in fp32: torch.fx keeps Block whole")
     assert "layers inside it (fc) are not emulated" in block
     with warnings.catch_warnings():

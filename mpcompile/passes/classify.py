@@ -3,12 +3,13 @@
 Reads: nothing. Writes: ``meta["mpc"]["facts"]`` (a ``NodeFacts``) and ``["roles"]`` (the
 tensor roles the node has, which lowering can quantize) for every call node and, for GEMM-like
 nodes, ``meta["mpc"]["gemm"]``: ``linear``, ``conv1d``/``conv2d``/``conv3d``, ``matmul``,
-``attention`` (an ``nn.MultiheadAttention``: four GEMMs under one assignment) or ``sdpa``
+``einsum`` (two operands that ``ops.einsum_plan`` lays out as a matrix product), ``attention``
+(an ``nn.MultiheadAttention``: four GEMMs under one assignment) or ``sdpa``
 (``F.scaled_dot_product_attention``: two). GEMM-like ops have every role; norms ``input``,
 ``output`` and the ``weight`` / ``bias`` they have; other ops ``input`` and ``output``. GEMM
-work that is not emulated (a transposed conv, an RNN, ``einsum``, a torch.nn module torch.fx
-keeps whole with Linear layers inside) gets ``meta["mpc"]["unemulated"]``: why it runs in
-fp32, so that the compiler can say so.
+work that is not emulated (a transposed conv, an RNN, another ``einsum``, a torch.nn module
+torch.fx keeps whole with Linear layers inside) gets ``meta["mpc"]["unemulated"]``: why it
+runs in fp32, so that the compiler can say so.
 """
 from __future__ import annotations
 
@@ -18,12 +19,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.einsum import einsum_plan
 from ..ops.spec import ROLES
 from ..policy import NodeFacts
 
-__all__ = ["classify", "GEMM_KINDS", "ATTENTION_KINDS", "NORM_PARAMS"]
+__all__ = ["classify", "einsum_operands", "GEMM_KINDS", "ATTENTION_KINDS", "NORM_PARAMS"]
 
-GEMM_KINDS = ("linear", "conv1d", "conv2d", "conv3d", "matmul", "attention", "sdpa")
+GEMM_KINDS = ("linear", "conv1d", "conv2d", "conv3d", "matmul", "einsum", "attention", "sdpa")
 ATTENTION_KINDS = ("attention", "sdpa")  # several GEMMs and a softmax under one assignment
 _GEMM_MODULES = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d",
                  nn.MultiheadAttention: "attention"}
@@ -85,6 +87,8 @@ def classify(gm: torch.fx.GraphModule) -> None:
         kind = (next((_GEMM_MODULES[c] for c in target.__mro__ if c in _GEMM_MODULES), None)
                 if node.op == "call_module" else
                 _GEMM_METHODS.get(target) if node.op == "call_method" else _GEMM_FUNCTIONS.get(target))
+        if target is torch.einsum and einsum_operands(node) is not None:
+            kind = "einsum"
         if kind is not None:
             kinds[node] = kind
     gemms = [n for n in calls if n in kinds]
@@ -106,8 +110,20 @@ def classify(gm: torch.fx.GraphModule) -> None:
                 meta["unemulated"] = why
 
 
+def einsum_operands(node: torch.fx.Node) -> tuple | None:
+    """(equation, a, b) of an einsum node that ``ops.einsum`` emulates; None for any other."""
+    equation, *operands = node.args
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):  # torch.einsum(eq, [a, b])
+        operands = list(operands[0])
+    if node.kwargs or not isinstance(equation, str) or len(operands) != 2 or einsum_plan(equation) is None:
+        return None
+    return equation, *operands
+
+
 def _unemulated(gm: torch.fx.GraphModule, node: torch.fx.Node, target) -> str | None:
     """Why the node is GEMM work that runs in fp32 (None: it is not GEMM work, or it is emulated)."""
+    if node.op == "call_function" and target is torch.einsum:
+        return f"einsum {node.args[0]!r} is not emulated: only two operands whose product is a matrix product"
     if node.op == "call_function" and target in _UNEMULATED_FUNCTIONS:
         return f"{getattr(target, '__name__', target)} is not emulated"
     if node.op == "call_method" and target in _UNEMULATED_METHODS:

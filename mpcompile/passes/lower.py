@@ -8,8 +8,8 @@ a count buffer (``_mpc_counts.<node>``: components computed low, components) per
 ``recompute``, which every lowering starts afresh (not in the state dict: a statistic, not state).
 
 - A GEMM-like node becomes one call of ``mpcompile.ops`` (``linear``, ``conv1d/2d/3d``,
-  ``matmul``: an ``mpc::`` op; ``multi_head_attention``: four; ``scaled_dot_product_attention``:
-  two) with its roles and specs as strings.
+  ``matmul``, ``einsum``: an ``mpc::`` op; ``multi_head_attention``: four;
+  ``scaled_dot_product_attention``: two) with its roles and specs as strings.
   With ``recompute`` it also names the activation that consumes it when that is its only user
   and an elementwise function ``ops.kappa`` knows (the estimate then includes kappa_phi).
 - Any other node gets ``ops.quant`` on its float tensor inputs and its output (if a float
@@ -31,7 +31,7 @@ from .. import ops
 from ..errors import MpcompileError
 from ..ops.attention import unsupported_attention
 from ..ops.spec import AMAX_HISTORY, ROLES, RoleFormats
-from .classify import ATTENTION_KINDS, NORM_PARAMS
+from .classify import ATTENTION_KINDS, NORM_PARAMS, einsum_operands
 
 __all__ = ["lower", "LoweringError", "consumer_activation", "quant_floats"]
 
@@ -177,6 +177,10 @@ def _gemm(gm, graph: torch.fx.Graph, node: torch.fx.Node, meta: dict, env) -> to
                                         {"mode": module.padding_mode})
                 kwargs["padding"] = 0
         return graph.call_function(_OPS[kind], (x, weight, bias), kwargs)
+    if kind == "einsum":
+        equation, a, b = einsum_operands(node)
+        kwargs["spec"] = kwargs.pop("forward")
+        return graph.call_function(ops.einsum, (equation, env[a], env[b]), kwargs)
     if kind == "matmul":  # torch.matmul(a, b), a @ b or a.matmul(b)
         kwargs["spec"] = kwargs.pop("forward")
         return graph.call_function(ops.matmul, args[:2], kwargs)

@@ -27,6 +27,9 @@ def _role_values(gm, node, role: str, args, kwargs, out) -> list[torch.Tensor]:
         values = []
     elif role == "output":
         values = [out]
+    elif node.meta["mpc"].get("gemm") == "einsum":  # (equation, a, b) or (equation, [a, b]); no bias
+        operands = args[1] if len(args) == 2 else args[1:]
+        values = [operands[("input", "weight").index(role)]] if role in ("input", "weight") else []
     elif role == "input":  # a GEMM's first operand; every input of another op but parameters
         values = args[:1] if "gemm" in node.meta["mpc"] else [
             v for n, v in _inputs((node.args, node.kwargs), (args, kwargs)) if n.op != "get_attr"]
