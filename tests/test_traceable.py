@@ -10,6 +10,7 @@ import torch.nn as nn
 
 import mpcompile
 from mpcompile import ops
+from lowered import check_low_precision_run, ops_called
 
 
 class Classifier(nn.Module):
@@ -83,14 +84,9 @@ def test_every_gemm_inside_meets_the_policy(case):
         warnings.simplefilter("error")  # nothing runs in fp32 unannounced
         cm = mpcompile.compile(model, fp8, inputs)
     assert list(cm.assignments()) == gemms
-    called = [n.target for n in cm.graph_module.graph.nodes if n.op == "call_function"]
-    assert called.count(ops.linear) == sum("attn" not in g for g in gemms)
-    assert called.count(ops.multi_head_attention) == sum("attn" in g for g in gemms)
-    y, *grads = _forward_backward(cm, inputs, list(model.parameters()))
-    want = _forward_backward(model, inputs, list(model.parameters()))[0]
-    assert torch.isfinite(y).all() and not torch.equal(y, want)
-    assert 0 < float((y - want).norm() / want.norm()) < 0.2  # FP8 operands: a few percent
-    assert all(torch.isfinite(g).all() for g in grads)
+    assert ops_called(cm) == [ops.multi_head_attention if "attn" in g else ops.linear for g in gemms]
+    model.eval()  # no dropout: FP8 operands move the output by a few percent
+    check_low_precision_run(cm, model, inputs)
 
 
 def test_a_module_kept_whole_by_leaf_modules_runs_as_it_is_and_says_so():
