@@ -96,3 +96,20 @@ def test_a_module_kept_whole_by_leaf_modules_runs_as_it_is_and_says_so():
                                          r"keeps TransformerEncoder whole"):
         cm = mpcompile.compile(model, fp8, inputs, leaf_modules=(nn.TransformerEncoder,))
     assert list(cm.assignments()) == ["head"]
+
+
+class CausalHintWithoutMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+
+    def forward(self, x):
+        return self.layer(x, is_causal=True)
+
+
+def test_a_causal_hint_without_its_mask_is_refused_as_torch_refuses_it():
+    model, x = CausalHintWithoutMask(), torch.randn(2, 3, 8)
+    with pytest.raises(RuntimeError, match="Need attn_mask if specifying the is_causal hint"):
+        model(x)
+    with pytest.raises(mpcompile.CompileError, match="is_causal=True is a hint that comes with the causal mask"):
+        mpcompile.compile(model, "version: 1\n", (x,))
