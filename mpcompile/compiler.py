@@ -285,9 +285,9 @@ def compile(model: nn.Module, policy: "Policy | Mapping | str | Path", example_i
     traced = _trace(model, tuple(leaf_modules),
                     None if first is None else len(first) if isinstance(first, (tuple, list)) else 1)
     if example_inputs is not None:
-        propagate_shapes(traced, tuple(example_inputs))
+        propagate_shapes(traced, example_inputs)
     classify(traced)
-    batches = [tuple(example_inputs)] if calibration is None and example_inputs is not None else \
+    batches = [example_inputs] if calibration is None and example_inputs is not None else \
         [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in calibration or ()]
     if batches:
         estimate_condition(traced, batches)

@@ -87,7 +87,7 @@ def classify(gm: torch.fx.GraphModule) -> None:
         kind = (next((_GEMM_MODULES[c] for c in target.__mro__ if c in _GEMM_MODULES), None)
                 if node.op == "call_module" else
                 _GEMM_METHODS.get(target) if node.op == "call_method" else _GEMM_FUNCTIONS.get(target))
-        if target is torch.einsum and einsum_operands(node) is not None:
+        if target is torch.einsum and not node.kwargs and einsum_operands(node.args) is not None:
             kind = "einsum"
         if kind is not None:
             kinds[node] = kind
@@ -110,12 +110,13 @@ def classify(gm: torch.fx.GraphModule) -> None:
                 meta["unemulated"] = why
 
 
-def einsum_operands(node: torch.fx.Node) -> tuple | None:
-    """(equation, a, b) of an einsum node that ``ops.einsum`` emulates; None for any other."""
-    equation, *operands = node.args
+def einsum_operands(args: tuple) -> tuple | None:
+    """(equation, a, b) from ``torch.einsum``'s arguments (nodes, or their values), where
+    ``ops.einsum`` emulates them; None otherwise."""
+    equation, *operands = args
     if len(operands) == 1 and isinstance(operands[0], (list, tuple)):  # torch.einsum(eq, [a, b])
         operands = list(operands[0])
-    if node.kwargs or not isinstance(equation, str) or len(operands) != 2 or einsum_plan(equation) is None:
+    if not isinstance(equation, str) or len(operands) != 2 or einsum_plan(equation) is None:
         return None
     return equation, *operands
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.kappa import activation_kappa, magnitudes
-from .classify import ATTENTION_KINDS
+from .classify import ATTENTION_KINDS, einsum_operands
 from .observe import observe
 
 __all__ = ["estimate_condition"]
@@ -29,9 +29,9 @@ __all__ = ["estimate_condition"]
 def _gemm_kappa(gm, node, kind: str, args, kwargs, out) -> torch.Tensor | None:
     if kind in ATTENTION_KINDS:
         return None  # GEMMs and a softmax: no one dot product to take kappa of
-    if kind == "einsum":  # (equation, a, b) or (equation, [a, b])
-        operands = args[1] if len(args) == 2 else args[1:]
-        return torch.einsum(args[0], *(t.abs() for t in operands)) / out.abs()
+    if kind == "einsum":
+        equation, a, b = einsum_operands(args)
+        return torch.einsum(equation, a.abs(), b.abs()) / out.abs()
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         w, b, x = module.weight, module.bias, args[0]

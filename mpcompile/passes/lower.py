@@ -178,7 +178,7 @@ def _gemm(gm, graph: torch.fx.Graph, node: torch.fx.Node, meta: dict, env) -> to
                 kwargs["padding"] = 0
         return graph.call_function(_OPS[kind], (x, weight, bias), kwargs)
     if kind == "einsum":
-        equation, a, b = einsum_operands(node)
+        equation, a, b = einsum_operands(node.args)
         kwargs["spec"] = kwargs.pop("forward")
         return graph.call_function(ops.einsum, (equation, env[a], env[b]), kwargs)
     if kind == "matmul":  # torch.matmul(a, b), a @ b or a.matmul(b)

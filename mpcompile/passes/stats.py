@@ -15,7 +15,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from .classify import NORM_PARAMS
+from .classify import NORM_PARAMS, einsum_operands
 from .observe import observe
 
 __all__ = ["collect_stats"]
@@ -27,9 +27,9 @@ def _role_values(gm, node, role: str, args, kwargs, out) -> list[torch.Tensor]:
         values = []
     elif role == "output":
         values = [out]
-    elif node.meta["mpc"].get("gemm") == "einsum":  # (equation, a, b) or (equation, [a, b]); no bias
-        operands = args[1] if len(args) == 2 else args[1:]
-        values = [operands[("input", "weight").index(role)]] if role in ("input", "weight") else []
+    elif node.meta["mpc"].get("gemm") == "einsum":  # no bias
+        _, a, b = einsum_operands(args)
+        values = [{"input": a, "weight": b}.get(role)]
     elif role == "input":  # a GEMM's first operand; every input of another op but parameters
         values = args[:1] if "gemm" in node.meta["mpc"] else [
             v for n, v in _inputs((node.args, node.kwargs), (args, kwargs)) if n.op != "get_attr"]

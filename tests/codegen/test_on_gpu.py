@@ -7,19 +7,17 @@ Marked ``gpu`` and skipped without CUDA or under the interpreter. On a GPU machi
 """
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
 import torch
 
-import mpcompile
 from backend_pairs import reference_and
 from mpcompile.codegen import triton_gemm, triton_quantize
 from mpcompile.ops.emulate import emulated_matmul
 from mpcompile.ops.roles import quantize_role
 from mpcompile.ops.spec import parse_arith, parse_quant
-from test_triton_backend import POLICY, STOCHASTIC, Tiny, _run
+from test_triton_backend import POLICY, STOCHASTIC, tiny_equals_torch
 
 DEVICE = "cuda"
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
@@ -35,19 +33,7 @@ def _same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
 
 @pytest.mark.parametrize("policy", [POLICY, STOCHASTIC], ids=["nearest", "stochastic roles"])
 def test_auto_runs_a_small_cnn_on_the_kernels_and_equals_torch(monkeypatch, policy):
-    calls = []
-    real = triton_gemm.triton_matmul
-    monkeypatch.setattr(triton_gemm, "triton_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
-    torch.manual_seed(0)
-    model, x = Tiny().to(DEVICE), torch.randn(16, 3, 6, 6, device=DEVICE)
-    want = _run(mpcompile.compile(copy.deepcopy(model), policy, (x,), backend="torch"), x)
-    assert not calls
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)  # a fallback to the reference would warn
-        got = _run(mpcompile.compile(model, policy, (x,)), x)  # backend="auto"
-    assert calls
-    for g, w in zip(got, want):
-        assert torch.equal(g, w)
+    assert tiny_equals_torch(monkeypatch, policy, 16, "auto")  # auto launched the kernels
 
 
 @pytest.mark.parametrize("arith", ["acc=bf16 order=chunk(32)", "acc=bf16 rounding=stochastic order=chunk(32)",

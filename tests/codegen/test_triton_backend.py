@@ -70,27 +70,35 @@ FUSED = {"nearest": _NEAREST, "stochastic sums": _NEAREST,
                              + _SUM + [((False, False), True)] * 2}
 
 
-@needs_triton
-@pytest.mark.parametrize("policy", [POLICY, STOCHASTIC, SUMS], ids=["nearest", "stochastic roles", "stochastic sums"])
-def test_a_small_cnn_under_triton_equals_torch_forward_and_backward(monkeypatch, policy, request):
+def tiny_equals_torch(monkeypatch, policy: str, batch: int, backend: str, record=lambda args, kwargs: None) -> list:
+    """Tiny under ``policy`` on ``backend`` equals it on ``torch``, forward and backward, with no
+    fallback to the reference (which would warn). Returns ``record(args, kwargs)`` of each
+    ``triton_matmul`` call of the backend's run (torch's run makes none)."""
     import mpcompile.codegen.triton_gemm as triton_gemm
 
     calls = []
     real = triton_gemm.triton_matmul
-    monkeypatch.setattr(triton_gemm, "triton_matmul", lambda *a, **k: calls.append(
-        (k.get("quantize", True), k.get("out_role") is not None)) or real(*a, **k))
+    monkeypatch.setattr(triton_gemm, "triton_matmul", lambda *a, **k: calls.append(record(a, k)) or real(*a, **k))
     torch.manual_seed(0)
-    model, x = Tiny().to(DEVICE), torch.randn(2, 3, 6, 6, device=DEVICE)
+    model, x = Tiny().to(DEVICE), torch.randn(batch, 3, 6, 6, device=DEVICE)
     reference = _run(mpcompile.compile(copy.deepcopy(model), policy, (x,), backend="torch"), x)
     assert not calls
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a fallback to the reference would warn
-        cm = mpcompile.compile(model, policy, (x,), backend="triton")
+        cm = mpcompile.compile(model, policy, (x,), backend=backend)
         calls.clear()  # compile's calibration ran the forward once
-        triton = _run(cm, x)
+        got = _run(cm, x)
+    for g, want in zip(got, reference):
+        assert torch.equal(g, want)
+    return calls
+
+
+@needs_triton
+@pytest.mark.parametrize("policy", [POLICY, STOCHASTIC, SUMS], ids=["nearest", "stochastic roles", "stochastic sums"])
+def test_a_small_cnn_under_triton_equals_torch_forward_and_backward(monkeypatch, policy, request):
+    fused = lambda args, kwargs: (kwargs.get("quantize", True), kwargs.get("out_role") is not None)
+    calls = tiny_equals_torch(monkeypatch, policy, 2, "triton", fused)
     assert calls == FUSED[request.node.callspec.id]
-    for got, want in zip(triton, reference):
-        assert torch.equal(got, want)
 
 
 class Grouped(nn.Module):
