@@ -16,7 +16,8 @@ a count buffer (``_mpc_counts.<node>``: components computed low, components) per
   tensor) for its ``input`` / ``output`` roles: sizes, integer indices and tuples are not
   rounded (where no example input told the shape pass what a value is, ``quant_floats`` decides
   when it runs). An in-place op's result is copied back into the input it wrote, so that later
-  readers of that input see the rounded result, as they would see the op's; a norm also on its ``weight`` / ``bias`` (a norm module then runs through
+  readers of that input see the rounded result, as they would see the op's. A norm also gets
+  it on its ``weight`` / ``bias`` (a norm module then runs through
   ``torch.func.functional_call`` with the quantized parameters swapped in; its buffers, such as
   BatchNorm's running statistics, stay its own).
 - Nodes without an assignment are copied as they are, so an fp32 policy changes nothing.
