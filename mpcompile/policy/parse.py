@@ -1,10 +1,8 @@
-"""Precision policies: YAML schema v1, validated with file:line:column, resolved per op by cascade.
-
-A policy says which format each tensor role of each op gets and with which arithmetic:
-``default`` covers every GEMM-like op, ``rules`` override it role by role for the ops their
-selectors match (top to bottom, the last match wins), and ``levels`` is a ladder of overrides
-for dynamic precision. ``load_policy`` reads one; ``Policy.resolve`` answers for one op. The
-schema is written down in docs/policy.md.
+"""Reading a policy: YAML text, a file, a shipped policy's name or a Python mapping, validated
+into a ``schema.Policy``, with every error naming its place (file:line:column and the quoted
+line with a caret for YAML; the key path for a mapping) and, where one exists, the name that
+was probably meant. ``load_policy`` is the entry point; the schema is written down in
+docs/policy.md.
 """
 from __future__ import annotations
 
@@ -18,19 +16,17 @@ from typing import Any, Mapping
 
 import yaml
 
-from .errors import FormatError, PolicyError, SpecError
-from .formats import parse as parse_format
-from .ops.spec import DELAYED_ROLES, ROLES, SCALINGS, ArithSpec, QuantSpec, Recompute
-from .rounding import ROUNDING_MODES
+from ..errors import FormatError, PolicyError, SpecError
+from ..formats import parse as parse_format
+from ..ops.spec import DELAYED_ROLES, ROLES, SCALINGS, ArithSpec, QuantSpec, Recompute
+from ..rounding import ROUNDING_MODES
+from .schema import (EPSILON_MODES, GROUPS, NATIVE, SCHEMA_VERSION, TRUST_REGION_METHODS, Level, OptimizerSettings,
+                     Policy, RoleSetting, Rule, Selector, Settings, TrustRegionSettings)
 
-__all__ = ["SCHEMA_VERSION", "GROUPS", "SHIPPED_POLICIES", "RoleSetting", "Settings", "Selector", "Rule", "Level",
-           "Policy", "NodeFacts", "Assignment", "OptimizerSettings", "TrustRegionSettings", "load_policy",
-           "shipped_policies"]
+__all__ = ["SHIPPED_POLICIES", "load_policy", "shipped_policies"]
 
-SCHEMA_VERSION = 1
-SHIPPED_POLICIES = Path(__file__).resolve().parent / "policies"
-GROUPS = ("gemm", "elementwise", "norm", "activation", "pool")
-_NATIVE = ArithSpec()
+SHIPPED_POLICIES = Path(__file__).resolve().parents[1] / "policies"  # mpcompile/policies
+# the keys each section takes
 _TOP = ("version", "name", "description", "formats", "rounding", "saturate", "default", "rules", "levels",
         "trust_region", "optimizer")
 _SETTINGS = ROLES + ("forward", "backward", "recompute", "rounding", "saturate", "keep")
@@ -39,8 +35,6 @@ _INF = ("inf", "infinity", "+inf")  # tau as a string: YAML reads "inf" as text 
 _ROLE_KEYS = ("format", "rounding", "saturate", "sr_bits", "scaling")
 _ARITH_KEYS = ("mul", "acc", "order", "rounding", "mul_rounding", "fma", "kahan", "sr_bits")
 _OPTIMIZER_KEYS = ("master", "gradient", "momentum", "second_moment", "update_rounding", "weight_decay")
-TRUST_REGION_METHODS = ("trust_region", "mp_sgd")
-EPSILON_MODES = ("measured", "bound")
 _SELECTORS = ("type", "name", "name_regex", "first", "last", "index", "kappa_above", "kappa_below")
 _ALIAS = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -153,223 +147,6 @@ def _format(node: _Node, text: str, aliases: Mapping[str, Any], what: str):
         return parse_format(text)
     except FormatError as err:
         raise node.fail(f"{what}: {err}", _did_you_mean(text, aliases)) from None
-
-
-# -- the schema ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RoleSetting:
-    """A role's quantization; ``quant`` None leaves the tensor as it is."""
-
-    quant: QuantSpec | None
-    sr_bits: int | None = None  # random bits of stochastic rounding (None: quantize's default)
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What one section (default, a rule, a level) sets: only the roles and specs it names."""
-
-    roles: tuple[tuple[str, RoleSetting], ...] = ()
-    forward: ArithSpec | None = None
-    backward: ArithSpec | None = None
-    recompute: "Recompute | str | None" = None  # None: not named; "off": recompute: null, or keep: fp32
-
-    @property
-    def keeps_fp32(self) -> bool:
-        """Whether this is ``keep: fp32``: every role untouched and torch's arithmetic."""
-        return (len(self.roles) == len(ROLES) and all(s.quant is None for _, s in self.roles)
-                and all(spec is not None and spec.is_native for spec in (self.forward, self.backward)))
-
-
-@dataclass(frozen=True)
-class Selector:
-    """Which ops a rule matches: every given condition must hold."""
-
-    type: tuple[str, ...] = ()  # module class, function or method name, or one of GROUPS
-    name: str | None = None  # qualified module name; covers its submodules
-    name_regex: re.Pattern | None = None  # full match on the qualified name
-    first: bool | None = None  # position among GEMM-like ops in execution order
-    last: bool | None = None
-    index: tuple[int, ...] = ()  # negative counts from the end
-    kappa_above: float | None = None  # the condition pass's estimate; ops without one never match
-    kappa_below: float | None = None
-
-    @property
-    def needs_kappa(self) -> bool:
-        return self.kappa_above is not None or self.kappa_below is not None
-
-    def matches(self, op: "NodeFacts") -> bool:
-        pos = op.index
-        return ((not self.type or op.op_type in self.type or op.group in self.type)
-                and (self.name is None or op.name == self.name or op.name.startswith(self.name + "."))
-                and (self.name_regex is None or self.name_regex.fullmatch(op.name) is not None)
-                and (self.first is None or (pos == 0) == self.first)
-                and (self.last is None or (pos is not None and pos == op.gemm_count - 1) == self.last)
-                and (not self.index or (pos is not None and any(pos == (i if i >= 0 else op.gemm_count + i)
-                                                                 for i in self.index)))
-                and (self.kappa_above is None or (op.kappa is not None and op.kappa > self.kappa_above))
-                and (self.kappa_below is None or (op.kappa is not None and op.kappa < self.kappa_below)))
-
-
-@dataclass(frozen=True)
-class Rule:
-    match: Selector
-    settings: Settings
-    label: str  # "rules[2] (file:line:col)"
-
-
-@dataclass(frozen=True)
-class Level:
-    name: str
-    settings: Settings
-    label: str
-
-
-@dataclass(frozen=True)
-class NodeFacts:
-    """What selectors look at, for one op of a traced model (filled by the classify and condition passes)."""
-
-    op_type: str  # module class name (Conv2d), or function / method name (relu, add)
-    name: str  # qualified module name, or the fx node's name for a function
-    group: str | None = None  # one of GROUPS
-    index: int | None = None  # position among the model's GEMM-like ops, in execution order
-    gemm_count: int = 0
-    kappa: float | None = None  # the op's condition number summary (condition pass)
-
-
-@dataclass(frozen=True)
-class Assignment:
-    """A policy's answer for one op: the roles set, the arithmetic, and who decided each."""
-
-    roles: tuple[tuple[str, RoleSetting], ...]
-    forward: ArithSpec
-    backward: ArithSpec
-    decided_by: tuple[tuple[str, str], ...]  # role / "forward" / "backward" / "recompute" -> section label
-    matched: tuple[str, ...]  # labels of every rule that matched, in order
-    recompute: Recompute | None = None  # per-component recomputation (GEMM-like ops)
-
-    @property
-    def quantizes(self) -> bool:
-        """Whether anything is rounded: a role with a format, emulated arithmetic, or recomputation."""
-        return (any(s.quant is not None for _, s in self.roles) or not (self.forward.is_native and self.backward.is_native)
-                or self.recompute is not None)
-
-    @property
-    def unit_roundoff(self) -> float:
-        """The largest unit roundoff among what the forward pass rounds (operand and output roles,
-        the forward products and sum); 0 when it rounds nothing. One rounding's relative error."""
-        formats = [s.quant.fmt for r, s in self.roles if s.quant is not None and not r.startswith("grad")]
-        if not self.forward.is_native:
-            formats += [f for f in (self.forward.acc, self.forward.mul) if f is not None]
-        return max((f.unit_roundoff for f in formats), default=0.0)
-
-
-@dataclass(frozen=True)
-class OptimizerSettings:
-    """The ``optimizer:`` section: formats of what an optimizer stores; None keeps fp32.
-
-    ``master`` is the stored weights themselves (a low-precision master is the LP-SGD / SWALP
-    setting), ``gradient`` the gradients the update reads, ``momentum`` SGD's momentum buffer
-    or Adam's first moment, ``second_moment`` Adam's second moment. ``update_rounding`` rounds
-    every stored value after a step; ``weight_decay`` (None: the optimizer's own) is decoupled
-    for AdamW and L2 otherwise, as torch does it.
-    """
-
-    master: Any = None
-    gradient: Any = None
-    momentum: Any = None
-    second_moment: Any = None
-    update_rounding: str = "nearest"
-    weight_decay: float | None = None
-
-
-@dataclass(frozen=True)
-class TrustRegionSettings:
-    """The ``trust_region:`` section: how the dynamic-precision controller steps and climbs.
-
-    ``method`` is the trust-region method (steps of length Delta along -g/||g||, rho tests
-    ``checks_per_epoch`` times an epoch) or ``mp_sgd`` (SGD steps of the trainer's lr, precision
-    raised when eps > lr * eta / 2 * ||g||^2). ``epsilon`` is the loss error at a level:
-    ``measured`` against fp32 on the batch (re-measured every ``refresh`` checks) or ``bound``,
-    sum over ops of kappa * unit roundoff, times |loss|. ``lower_when_safe`` steps down a level
-    after ``lower_patience`` checks in a row whose lower-level eps is below ``lower_margin`` times
-    the threshold; ``per_layer`` raises the ops with the largest kappa * u first.
-    """
-
-    method: str = "trust_region"
-    eta1: float = 0.25
-    eta2: float = 0.75
-    delta0: float = 0.1
-    delta_max: float = 10.0
-    checks_per_epoch: int = 50
-    epsilon: str = "measured"
-    refresh: int = 1
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    eta: float = 0.5
-    lower_when_safe: bool = False
-    lower_margin: float = 0.5
-    lower_patience: int = 3
-    per_layer: bool = False
-
-
-@dataclass(frozen=True)
-class Policy:
-    """A validated policy (schema v1). ``levels[0]`` is the policy itself."""
-
-    name: str
-    description: str
-    default: Settings
-    rules: tuple[Rule, ...]
-    levels: tuple[Level, ...]
-    source: str  # the file (or "<string>", "<dict>") it was read from
-    trust_region: TrustRegionSettings | None = None  # read by the runtime
-    optimizer: OptimizerSettings = OptimizerSettings()
-
-    def level_index(self, level: "int | str") -> int:
-        names = [lv.name for lv in self.levels]
-        if isinstance(level, str):
-            if level not in names:
-                raise PolicyError(f"{self.source}: no level named '{level}'; levels are {', '.join(names) or 'none'}")
-            return names.index(level)
-        if not 0 <= level < max(1, len(self.levels)):
-            raise PolicyError(f"{self.source}: level {level} is out of range: the ladder has {max(1, len(names))} levels")
-        return level
-
-    def resolve(self, op: NodeFacts, level: "int | str" = 0) -> Assignment:
-        """The cascade for one op: ``default`` (GEMM-like ops only), then every matching rule
-        top to bottom, role by role, then levels 1..``level``, which override only what is
-        quantized: a role left untouched (null) stays untouched, so a ladder never lowers the
-        precision of what a rule kept in fp32. A level's ``recompute`` likewise reaches only ops
-        whose forward arithmetic is emulated, or that recompute already."""
-        roles: dict[str, RoleSetting] = {}
-        specs = {"forward": _NATIVE, "backward": _NATIVE}
-        recompute: dict[str, Recompute | None] = {"value": None}
-        decided: dict[str, str] = {}
-        matched = []
-
-        def apply(settings: Settings, label: str, only_quantized: bool) -> None:
-            emulated = not specs["forward"].is_native or recompute["value"] is not None
-            for role, setting in settings.roles:
-                if not only_quantized or (role in roles and roles[role].quant is not None):
-                    roles[role], decided[role] = setting, label
-            for key in ("forward", "backward"):
-                spec = getattr(settings, key)
-                if spec is not None and (not only_quantized or not specs[key].is_native):
-                    specs[key], decided[key] = spec, label
-            if settings.recompute is not None and (not only_quantized or emulated):
-                recompute["value"] = None if settings.recompute == "off" else settings.recompute
-                decided["recompute"] = label
-
-        if op.group == "gemm":
-            apply(self.default, "default", False)
-        for rule in self.rules:
-            if rule.match.matches(op):
-                apply(rule.settings, rule.label, False)
-                matched.append(rule.label)
-        for lv in self.levels[1:self.level_index(level) + 1]:
-            apply(lv.settings, lv.label, True)
-        return Assignment(tuple((r, roles[r]) for r in ROLES if r in roles), specs["forward"], specs["backward"],
-                          tuple(decided.items()), tuple(matched), recompute["value"])
 
 
 # -- reading ---------------------------------------------------------------------------------------
@@ -514,7 +291,7 @@ def _settings(node: _Node, what: str, aliases, inherited) -> Settings:
         clash = [key for key in section if key in ROLES + ("forward", "backward", "recompute")]
         if clash:
             raise node.keys[clash[0]].fail(f"'{clash[0]}' contradicts 'keep: fp32' in the same {what}; drop one")
-        return Settings(tuple((r, RoleSetting(None)) for r in ROLES), _NATIVE, _NATIVE, "off")
+        return Settings(tuple((r, RoleSetting(None)) for r in ROLES), NATIVE, NATIVE, "off")
     roles = tuple((r, _role(section[r], f"{what}.{r}", aliases, inherited)) for r in ROLES if r in section)
     for r, setting in roles:
         if setting.quant is not None and setting.quant.scaling == "tensor_delayed" and r not in DELAYED_ROLES:
@@ -541,7 +318,7 @@ def _recompute(node: _Node, what: str, aliases, inherited) -> "Recompute | str":
         raise fields["tau"].fail(f"{what}.tau must be a positive number or inf, got {_kind(tau)}",
                                  "components whose kappa estimate exceeds tau are recomputed; inf keeps every "
                                  "component low, a tau below 1 recomputes them all")
-    high = _arith(fields["forward"], f"{what}.forward", aliases, inherited) if "forward" in fields else _NATIVE
+    high = _arith(fields["forward"], f"{what}.forward", aliases, inherited) if "forward" in fields else NATIVE
     return Recompute(tau, high)
 
 

@@ -1,0 +1,49 @@
+"""The lock file: resolved assignments written back as a policy (a plain dict, ready for JSON or
+YAML) with one rule per op, an exact ``name_regex``, that sets every role and both arithmetic
+specs as resolved, so loading it reproduces the assignments whatever rules, levels and defaults
+produced them.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Iterable
+
+from ..ops.spec import ArithSpec
+from .schema import SCHEMA_VERSION, Assignment
+
+__all__ = ["spec_mapping", "lock_policy"]
+
+
+def spec_mapping(spec: ArithSpec) -> dict[str, Any]:
+    """An arithmetic spec as the policy's ``forward:`` / ``backward:`` mapping, every field spelled out."""
+    fields = {"mul": None if spec.mul is None else str(spec.mul), "acc": str(spec.acc), "order": spec.order,
+              "rounding": spec.rounding, "mul_rounding": spec.mul_rounding, "fma": spec.fma, "kahan": spec.kahan}
+    return fields | ({"sr_bits": spec.sr_bits} if spec.sr_bits is not None else {})
+
+
+def lock_policy(entries: Iterable[tuple[str, Assignment]], name: str, description: str) -> dict[str, Any]:
+    """The policy (schema v1, as a dict) that gives each named op exactly its assignment.
+
+    Args:
+        entries: (qualified op name, its assignment) in the order the rules should appear.
+        name: the lock's ``name``.
+        description: the lock's ``description`` (where the assignments were resolved from).
+    """
+    rules = []
+    for op_name, assignment in entries:
+        rule: dict[str, Any] = {"match": {"name_regex": re.escape(op_name)}}
+        for role, setting in assignment.roles:
+            if setting.quant is None or setting.sr_bits is None:
+                rule[role] = None if setting.quant is None else str(setting.quant)
+            else:
+                q = setting.quant
+                rule[role] = {"format": str(q.fmt), "rounding": q.rounding, "scaling": q.scaling,
+                              "saturate": q.saturate, "sr_bits": setting.sr_bits}
+        rule["forward"], rule["backward"] = spec_mapping(assignment.forward), spec_mapping(assignment.backward)
+        if assignment.recompute is not None:
+            tau = assignment.recompute.tau
+            rule["recompute"] = {"tau": "inf" if tau == math.inf else tau,  # JSON has no inf that YAML reads
+                                 "forward": spec_mapping(assignment.recompute.forward)}
+        rules.append(rule)
+    return {"version": SCHEMA_VERSION, "name": name, "description": description, "rules": rules}

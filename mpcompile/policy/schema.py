@@ -1,0 +1,214 @@
+"""The policy schema (v1) as values: the frozen dataclasses a validated policy is made of, their
+defaults, and the schema's constants.
+
+A ``Policy`` holds a ``default`` (``Settings`` for every GEMM-like op), ``Rule``s (a ``Selector``
+and the ``Settings`` it applies) and ``Level``s (the ladder for dynamic precision); asked about
+one op (its ``NodeFacts``) it answers with an ``Assignment``. How the answer is computed lives in
+``cascade``; how a policy is read from YAML lives in ``parse``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import PolicyError
+from ..ops.spec import ROLES, ArithSpec, QuantSpec, Recompute
+
+__all__ = ["SCHEMA_VERSION", "GROUPS", "TRUST_REGION_METHODS", "EPSILON_MODES", "NATIVE", "RoleSetting", "Settings",
+           "Selector", "Rule", "Level", "NodeFacts", "Assignment", "OptimizerSettings", "TrustRegionSettings",
+           "Policy"]
+
+SCHEMA_VERSION = 1
+GROUPS = ("gemm", "elementwise", "norm", "activation", "pool")
+TRUST_REGION_METHODS = ("trust_region", "mp_sgd")
+EPSILON_MODES = ("measured", "bound")
+NATIVE = ArithSpec()  # torch's own arithmetic: what an op gets where nothing names its specs
+
+
+@dataclass(frozen=True)
+class RoleSetting:
+    """A role's quantization; ``quant`` None leaves the tensor as it is."""
+
+    quant: QuantSpec | None
+    sr_bits: int | None = None  # random bits of stochastic rounding (None: quantize's default)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one section (default, a rule, a level) sets: only the roles and specs it names."""
+
+    roles: tuple[tuple[str, RoleSetting], ...] = ()
+    forward: ArithSpec | None = None
+    backward: ArithSpec | None = None
+    recompute: "Recompute | str | None" = None  # None: not named; "off": recompute: null, or keep: fp32
+
+    @property
+    def keeps_fp32(self) -> bool:
+        """Whether this is ``keep: fp32``: every role untouched and torch's arithmetic."""
+        return (len(self.roles) == len(ROLES) and all(s.quant is None for _, s in self.roles)
+                and all(spec is not None and spec.is_native for spec in (self.forward, self.backward)))
+
+
+@dataclass(frozen=True)
+class Selector:
+    """Which ops a rule matches: every given condition must hold."""
+
+    type: tuple[str, ...] = ()  # module class, function or method name, or one of GROUPS
+    name: str | None = None  # qualified module name; covers its submodules
+    name_regex: re.Pattern | None = None  # full match on the qualified name
+    first: bool | None = None  # position among GEMM-like ops in execution order
+    last: bool | None = None
+    index: tuple[int, ...] = ()  # negative counts from the end
+    kappa_above: float | None = None  # the condition pass's estimate; ops without one never match
+    kappa_below: float | None = None
+
+    @property
+    def needs_kappa(self) -> bool:
+        """Whether this selector looks at the condition pass's estimate."""
+        return self.kappa_above is not None or self.kappa_below is not None
+
+    def matches(self, op: "NodeFacts") -> bool:
+        """Whether every condition holds for ``op`` (``cascade.selector_matches``)."""
+        from .cascade import selector_matches  # the cascade imports this module
+        return selector_matches(self, op)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One entry of ``rules:``: the settings applied to the ops its selector matches."""
+
+    match: Selector
+    settings: Settings
+    label: str  # "rules[2] (file:line:col)"
+
+
+@dataclass(frozen=True)
+class Level:
+    """One rung of ``levels:``: settings that override what is quantized."""
+
+    name: str
+    settings: Settings
+    label: str
+
+
+@dataclass(frozen=True)
+class NodeFacts:
+    """What selectors look at, for one op of a traced model (filled by the classify and condition passes)."""
+
+    op_type: str  # module class name (Conv2d), or function / method name (relu, add)
+    name: str  # qualified module name, or the fx node's name for a function
+    group: str | None = None  # one of GROUPS
+    index: int | None = None  # position among the model's GEMM-like ops, in execution order
+    gemm_count: int = 0
+    kappa: float | None = None  # the op's condition number summary (condition pass)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """A policy's answer for one op: the roles set, the arithmetic, and who decided each."""
+
+    roles: tuple[tuple[str, RoleSetting], ...]
+    forward: ArithSpec
+    backward: ArithSpec
+    decided_by: tuple[tuple[str, str], ...]  # role / "forward" / "backward" / "recompute" -> section label
+    matched: tuple[str, ...]  # labels of every rule that matched, in order
+    recompute: Recompute | None = None  # per-component recomputation (GEMM-like ops)
+
+    @property
+    def quantizes(self) -> bool:
+        """Whether anything is rounded: a role with a format, emulated arithmetic, or recomputation."""
+        return (any(s.quant is not None for _, s in self.roles) or not (self.forward.is_native and self.backward.is_native)
+                or self.recompute is not None)
+
+    @property
+    def unit_roundoff(self) -> float:
+        """The largest unit roundoff among what the forward pass rounds (operand and output roles,
+        the forward products and sum); 0 when it rounds nothing. One rounding's relative error."""
+        formats = [s.quant.fmt for r, s in self.roles if s.quant is not None and not r.startswith("grad")]
+        if not self.forward.is_native:
+            formats += [f for f in (self.forward.acc, self.forward.mul) if f is not None]
+        return max((f.unit_roundoff for f in formats), default=0.0)
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """The ``optimizer:`` section: formats of what an optimizer stores; None keeps fp32.
+
+    ``master`` is the stored weights themselves (a low-precision master is the LP-SGD / SWALP
+    setting), ``gradient`` the gradients the update reads, ``momentum`` SGD's momentum buffer
+    or Adam's first moment, ``second_moment`` Adam's second moment. ``update_rounding`` rounds
+    every stored value after a step; ``weight_decay`` (None: the optimizer's own) is decoupled
+    for AdamW and L2 otherwise, as torch does it.
+    """
+
+    master: Any = None
+    gradient: Any = None
+    momentum: Any = None
+    second_moment: Any = None
+    update_rounding: str = "nearest"
+    weight_decay: float | None = None
+
+
+@dataclass(frozen=True)
+class TrustRegionSettings:
+    """The ``trust_region:`` section: how the dynamic-precision controller steps and climbs.
+
+    ``method`` is the trust-region method (steps of length Delta along -g/||g||, rho tests
+    ``checks_per_epoch`` times an epoch) or ``mp_sgd`` (SGD steps of the trainer's lr, precision
+    raised when eps > lr * eta / 2 * ||g||^2). ``epsilon`` is the loss error at a level:
+    ``measured`` against fp32 on the batch (re-measured every ``refresh`` checks) or ``bound``,
+    sum over ops of kappa * unit roundoff, times |loss|. ``lower_when_safe`` steps down a level
+    after ``lower_patience`` checks in a row whose lower-level eps is below ``lower_margin`` times
+    the threshold; ``per_layer`` raises the ops with the largest kappa * u first.
+    """
+
+    method: str = "trust_region"
+    eta1: float = 0.25
+    eta2: float = 0.75
+    delta0: float = 0.1
+    delta_max: float = 10.0
+    checks_per_epoch: int = 50
+    epsilon: str = "measured"
+    refresh: int = 1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    eta: float = 0.5
+    lower_when_safe: bool = False
+    lower_margin: float = 0.5
+    lower_patience: int = 3
+    per_layer: bool = False
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A validated policy (schema v1). ``levels[0]`` is the policy itself."""
+
+    name: str
+    description: str
+    default: Settings
+    rules: tuple[Rule, ...]
+    levels: tuple[Level, ...]
+    source: str  # the file (or "<string>", "<dict>") it was read from
+    trust_region: TrustRegionSettings | None = None  # read by the runtime
+    optimizer: OptimizerSettings = OptimizerSettings()
+
+    def level_index(self, level: "int | str") -> int:
+        """The position of ``level`` (a name or a number) in the ladder.
+
+        Raises:
+            PolicyError: no level has that name, or the number is out of range.
+        """
+        names = [lv.name for lv in self.levels]
+        if isinstance(level, str):
+            if level not in names:
+                raise PolicyError(f"{self.source}: no level named '{level}'; levels are {', '.join(names) or 'none'}")
+            return names.index(level)
+        if not 0 <= level < max(1, len(self.levels)):
+            raise PolicyError(f"{self.source}: level {level} is out of range: the ladder has {max(1, len(names))} levels")
+        return level
+
+    def resolve(self, op: NodeFacts, level: "int | str" = 0) -> Assignment:
+        """The cascade for one op at ``level`` (``cascade.resolve``: default, rules, levels)."""
+        from .cascade import resolve  # the cascade imports this module
+        return resolve(self, op, level)
