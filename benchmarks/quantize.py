@@ -1,7 +1,7 @@
 """quantize speed on the CPU, as ratios to torch's own fp8 cast of the same data.
 
 16M float32 values; every figure is the median of --runs runs in this one process, after a
-warm-up call (which, for the fused backend, also pays the one-time compile, reported apart;
+warm-up call (which, for the fused kernel, also pays the one-time compile, reported apart;
 inductor gets an empty cache directory so that this is the cold cost a user first sees).
 glibc is told to keep freed memory (MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_) so that
 fresh large buffers do not page-fault on every call; the script re-executes itself to set it.
@@ -23,7 +23,7 @@ if any(os.environ.get(k) != v for k, v in _MALLOC.items()):
 
 import torch  # noqa: E402
 
-from mpcompile import quantize, set_quantize_backend  # noqa: E402
+from mpcompile import quantize, set_quantize_kernel  # noqa: E402
 from timing import median_seconds  # noqa: E402
 
 CASES = [("fp8_e4m3", "nearest"), ("fp8_e4m3", "stochastic"), ("bf16", "nearest"),
@@ -51,17 +51,17 @@ def main() -> None:
     y.copy_(x)
     floor = median_seconds(lambda: y.copy_(x), args.runs)
     print(f"{'y.copy_(x) (bandwidth floor)':34s} {floor * 1e3:9.1f} {floor / base:13.2f}")
-    for backend in ("reference", "fused"):
-        set_quantize_backend(backend)
+    for kernel in ("reference", "fused"):
+        set_quantize_kernel(kernel)
         for fmt, rounding in CASES:
             start = time.perf_counter()
-            quantize(x, fmt, rounding)  # warm-up; compiles on the fused backend
+            quantize(x, fmt, rounding)  # warm-up; compiles the fused kernel
             first = time.perf_counter() - start
             t = median_seconds(lambda: quantize(x, fmt, rounding), args.runs)
-            name = f"{'eager' if backend == 'reference' else 'fused'} {fmt} {rounding}"
-            note = f"   (first call {first:.1f} s, cold compile included)" if backend == "fused" else ""
+            name = f"{'eager' if kernel == 'reference' else 'fused'} {fmt} {rounding}"
+            note = f"   (first call {first:.1f} s, cold compile included)" if kernel == "fused" else ""
             print(f"{name:34s} {t * 1e3:9.1f} {t / base:13.2f}{note}")
-    set_quantize_backend(None)
+    set_quantize_kernel(None)
 
 
 if __name__ == "__main__":

@@ -6,27 +6,29 @@ device without a float64 detour or a host synchronisation. Rounding happens on t
 magnitude: ``|x| = y * 2**qe`` with ``qe`` the quantum exponent of ``x`` in the format, then
 ``y`` is rounded to an integer by the mode, with exact tests on ``y - floor(y)``.
 
-Backends (the fused CPU path, Triton kernels) register with ``register_backend`` and must
-be bit-identical to ``reference_quantize``.
+Other quantize kernels (the fused CPU path, Triton kernels) register with
+``register_quantize_kernel`` and must be bit-identical to ``reference_quantize``.
 """
 from __future__ import annotations
 
 import functools
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Literal, NamedTuple
 
 import torch
 
-from .backends import current_backend, resolve_backend, use_backend
+from .backends import PLUGINS, current_backend, load_plugins, resolve_backend, use_backend
 from .formats import BlockFormat, FixedFormat, FloatFormat, Format, parse
 from .formats.block_format import SCALE_EXP_MAX, SCALE_EXP_MIN
 from .random_bits import COUNTER_BITS, counter_bits
 
 __all__ = [
     "Rounding", "ROUNDING_MODES", "quantize", "QuantPlan", "plan_quantize", "reference_quantize",
-    "register_backend", "set_quantize_backend", "get_quantize_backend", "default_sr_bits",
+    "register_quantize_kernel", "set_quantize_kernel", "get_quantize_kernel", "default_sr_bits",
+    "register_backend", "set_quantize_backend", "get_quantize_backend",  # deprecated spellings
 ]
 
 Rounding = Literal["nearest", "nearest_away", "toward_zero", "up", "down", "odd", "stochastic"]
@@ -37,7 +39,7 @@ ROUNDING_MODES: tuple[str, ...] = ("nearest", "nearest_away", "toward_zero", "up
 class QuantPlan:
     """Everything about a quantization that is fixed before looking at data.
 
-    Equal plans run the same code, so backends may cache compiled kernels by plan.
+    Equal plans run the same code, so quantize kernels may cache compiled code by plan.
     Per-format numbers are not in the plan but in ``QuantParams`` (tensors), so that one
     compiled kernel serves a whole family of formats.
     """
@@ -286,64 +288,108 @@ def _largest_held(dtype: torch.dtype, fmt: FloatFormat | FixedFormat, v: float) 
         v = on_grid
 
 
-# -- backends ------------------------------------------------------------------------------------
+# -- quantize kernels ------------------------------------------------------------------------------
+# A quantize kernel is one implementation of ``reference_quantize``'s contract. "Backend" is the
+# op-level word (``mpcompile.backends``: auto, torch, triton); under ``torch`` the kernel is the
+# eager reference or, for large CPU tensors, the fused one; under ``triton`` the Triton one.
 Kernel = Callable[[torch.Tensor, QuantPlan, QuantParams, "torch.Tensor | None"], torch.Tensor]
 
 
 @dataclass(frozen=True)
-class _Backend:
+class _QuantizeKernel:
     name: str
     kernel: Kernel
     accepts: Callable[[torch.Tensor, QuantPlan], bool]
 
 
-_BACKENDS: dict[str, _Backend] = {"reference": _Backend("reference", reference_quantize, lambda x, plan: True)}
-_ENV = "MPCOMPILE_QUANTIZE_BACKEND"
+_KERNELS: dict[str, _QuantizeKernel] = {"reference": _QuantizeKernel("reference", reference_quantize, lambda x, plan: True)}
+_ENV = "MPCOMPILE_QUANTIZE_KERNEL"
+_OLD_ENV = "MPCOMPILE_QUANTIZE_BACKEND"  # deprecated spelling, still read
 _forced: str | None = None
 
 
-def register_backend(name: str, kernel: Kernel, accepts: Callable[[torch.Tensor, QuantPlan], bool]) -> None:
-    """Add a backend; in ``auto`` mode the most recently registered one that accepts a call runs it.
+def register_quantize_kernel(name: str, kernel: Kernel, accepts: Callable[[torch.Tensor, QuantPlan], bool]) -> None:
+    """Add a quantize kernel; in ``auto`` mode the most recently registered one that accepts a call runs it.
+
+    mpcompile's own kernels (``fused``, ``triton``, in ``mpcompile/codegen/``) register when
+    ``mpcompile.backends.load_plugins`` imports them; the ``torch`` backend's are loaded before a
+    kernel registered here, so that it comes after them and takes precedence.
 
     Args:
-        name: the name ``set_quantize_backend`` and the environment variable use.
+        name: the name ``set_quantize_kernel`` and ``MPCOMPILE_QUANTIZE_KERNEL`` use.
         kernel: same contract as ``reference_quantize``, and bit-identical to it.
-        accepts: whether the backend should take this input and plan when not forced.
+        accepts: whether the kernel should take this input and plan when not forced.
     """
-    _BACKENDS[name] = _Backend(name, kernel, accepts)
+    load_plugins("torch")
+    _KERNELS[name] = _QuantizeKernel(name, kernel, accepts)
 
 
-def set_quantize_backend(name: str | None) -> None:
-    """Force a backend for every ``quantize`` call (``"reference"`` = eager torch, ``"fused"``),
-    or ``None``/``"auto"`` to choose per call. Overrides the ``MPCOMPILE_QUANTIZE_BACKEND``
-    environment variable."""
+def _known(name: str) -> bool:
+    """Whether a kernel is registered as ``name``, loading the backends' plug-ins as far as needed."""
+    for backend in PLUGINS:
+        if name in _KERNELS:
+            break
+        load_plugins(backend)
+    return name in _KERNELS
+
+
+def set_quantize_kernel(name: str | None) -> None:
+    """Force a quantize kernel for every ``quantize`` call (``"reference"``: eager torch,
+    ``"fused"``: the reference compiled by torch.compile, ``"triton"``), or ``None``/``"auto"``
+    to choose per call by the op backend. Overrides ``MPCOMPILE_QUANTIZE_KERNEL``."""
     global _forced
-    if name not in (None, "auto") and name not in _BACKENDS:
-        raise ValueError(f"set_quantize_backend: unknown backend {name!r}; known: auto, {', '.join(_BACKENDS)}")
+    if name not in (None, "auto") and not _known(name):
+        raise ValueError(f"set_quantize_kernel: unknown quantize kernel {name!r}; known: auto, {', '.join(_KERNELS)}")
     _forced = None if name == "auto" else name
 
 
-def get_quantize_backend() -> str:
-    """The forced backend name, or ``"auto"``."""
-    name = _forced or os.environ.get(_ENV, "auto")
-    if name != "auto" and name not in _BACKENDS:
-        raise ValueError(f"{_ENV}={name!r} is not a backend; use auto, {', '.join(_BACKENDS)}")
+def get_quantize_kernel() -> str:
+    """The forced quantize kernel's name (``set_quantize_kernel``, else the environment variable
+    ``MPCOMPILE_QUANTIZE_KERNEL``), or ``"auto"``."""
+    if _forced:
+        return _forced
+    env = _ENV
+    if _ENV not in os.environ and _OLD_ENV in os.environ:
+        env = _OLD_ENV
+        warnings.warn(f"{_OLD_ENV} is deprecated: set {_ENV} instead", DeprecationWarning, stacklevel=2)
+    name = os.environ.get(env, "auto")
+    if name != "auto" and not _known(name):
+        raise ValueError(f"{env}={name!r} is not a quantize kernel; use auto, {', '.join(_KERNELS)}")
     return name
 
 
-def _select(x: torch.Tensor, plan: QuantPlan) -> _Backend:
-    """A forced quantize backend, else the op backend (``use_backend``) for x's device: ``triton``
-    takes float32 plans, ``torch`` the most recently registered torch backend that accepts."""
-    name = get_quantize_backend()
+def register_backend(name: str, kernel: Kernel, accepts: Callable[[torch.Tensor, QuantPlan], bool]) -> None:
+    """Deprecated spelling of ``register_quantize_kernel``."""
+    warnings.warn("register_backend is deprecated: use register_quantize_kernel", DeprecationWarning, stacklevel=2)
+    register_quantize_kernel(name, kernel, accepts)
+
+
+def set_quantize_backend(name: str | None) -> None:
+    """Deprecated spelling of ``set_quantize_kernel``."""
+    warnings.warn("set_quantize_backend is deprecated: use set_quantize_kernel", DeprecationWarning, stacklevel=2)
+    set_quantize_kernel(name)
+
+
+def get_quantize_backend() -> str:
+    """Deprecated spelling of ``get_quantize_kernel``."""
+    warnings.warn("get_quantize_backend is deprecated: use get_quantize_kernel", DeprecationWarning, stacklevel=2)
+    return get_quantize_kernel()
+
+
+def _select(x: torch.Tensor, plan: QuantPlan) -> _QuantizeKernel:
+    """A forced quantize kernel, else the op backend's (``use_backend``) for x's device: ``triton``
+    takes float32 plans, ``torch`` the most recently registered kernel other than triton that accepts."""
+    name = get_quantize_kernel()
     if name != "auto":
-        return _BACKENDS[name]
-    if resolve_backend(current_backend(), x.device) == "triton" and "triton" in _BACKENDS:
+        return _KERNELS[name]
+    if resolve_backend(current_backend(), x.device) == "triton" and "triton" in _KERNELS:  # loads the plug-ins
         if plan.dtype == torch.float32:
-            return _BACKENDS["triton"]
-    for backend in reversed(list(_BACKENDS.values())):
-        if backend.name != "triton" and backend.accepts(x, plan):
-            return backend
-    return _BACKENDS["reference"]
+            return _KERNELS["triton"]
+    load_plugins("torch")  # the fused CPU kernel also serves the torch reference's large tensors under triton
+    for kernel in reversed(list(_KERNELS.values())):
+        if kernel.name != "triton" and kernel.accepts(x, plan):
+            return kernel
+    return _KERNELS["reference"]
 
 
 # -- the public function -----------------------------------------------------------------------
@@ -375,7 +421,7 @@ def quantize(
         generator: draws the seed of the random bits (default: torch's global generator).
             The bits are ``counter_bits(seed)``: the same on every backend and device.
         backend: ``auto``, ``torch`` or ``triton`` (``mpcompile.backends``); default: the
-            enclosing ``use_backend``'s, else ``auto``. ``set_quantize_backend`` overrides it.
+            enclosing ``use_backend``'s, else ``auto``. ``set_quantize_kernel`` overrides it.
 
     Returns:
         A tensor of x's shape, dtype and device whose finite entries are values of ``fmt``. It

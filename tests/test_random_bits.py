@@ -1,7 +1,7 @@
 """counter_bits against a pure-Python lowbias32, and the statistics stochastic rounding needs."""
 import torch
 
-from mpcompile import quantize, set_quantize_backend
+from mpcompile import quantize, set_quantize_kernel
 from mpcompile.random_bits import counter_bits, mix32
 
 M32 = 0xFFFFFFFF
@@ -48,16 +48,16 @@ def test_bits_are_uniform_and_seeds_independent():
     assert abs(agree - 0.5) < 5 * 0.5 / n**0.5
 
 
-def test_seeded_stochastic_rounding_is_the_same_on_both_backends_and_reproducible():
+def test_seeded_stochastic_rounding_is_the_same_with_both_kernels_and_reproducible():
     x = torch.randn(4099)
     run = lambda: quantize(x, "fp8_e5m2", "stochastic", generator=torch.Generator().manual_seed(7))
     try:
-        set_quantize_backend("reference")
+        set_quantize_kernel("reference")
         ref = run()
-        set_quantize_backend("fused")
+        set_quantize_kernel("fused")
         fused = run()
     finally:
-        set_quantize_backend(None)
+        set_quantize_kernel(None)
     assert torch.equal(ref, fused) and torch.equal(ref, run())
     torch.manual_seed(3)
     first = quantize(x, "fp8_e5m2", "stochastic")

@@ -1,19 +1,20 @@
-"""The fused CPU backend: the reference kernel compiled by torch.compile (inductor).
+"""The fused CPU quantize kernel: the reference kernel compiled by torch.compile (inductor).
 
 Eager torch makes one pass over memory per op; compiled, the dozen ops of a quantization
 become one loop. A kernel is compiled once per ``QuantPlan`` (format family, rounding mode,
 dtype) with dynamic shapes, since per-format numbers arrive as tensors. Used for CPU tensors
 of at least ``MIN_NUMEL`` elements; if compilation fails the call falls back to the reference
-with a warning.
+with a warning. ``mpcompile.backends.load_plugins`` imports this module (and so registers the
+kernel) the first time ``quantize`` runs.
 """
 from __future__ import annotations
 
 import types
-import warnings
 
 import torch
 
-from ..rounding import QuantParams, QuantPlan, reference_quantize, register_backend
+from ..backends import run_or_fall_back
+from ..rounding import QuantParams, QuantPlan, reference_quantize, register_quantize_kernel
 
 __all__ = ["MIN_NUMEL", "fused_quantize", "compiled_kernels"]
 
@@ -44,16 +45,8 @@ def _kernel(plan: QuantPlan):
 
 def fused_quantize(x: torch.Tensor, plan: QuantPlan, params: QuantParams, bits: torch.Tensor | None) -> torch.Tensor:
     """``reference_quantize``, compiled; same contract and bit-identical results."""
-    if plan not in _FAILED:
-        try:
-            return _kernel(plan)(x, params, bits)
-        except Exception as err:  # a compiler failure must not cost the user the result
-            _FAILED.add(plan)
-            first_line = (str(err).strip().splitlines() or [""])[0][:300]
-            warnings.warn(f"mpcompile: fused quantize failed to compile for {plan}; using the eager "
-                          f"reference for it from now on ({type(err).__name__}: {first_line})",
-                          RuntimeWarning, stacklevel=3)
-    return reference_quantize(x, plan, params, bits)
+    return run_or_fall_back(_FAILED, plan, lambda: _kernel(plan)(x, params, bits),
+                            lambda: reference_quantize(x, plan, params, bits), f"fused quantize for {plan}")
 
 
-register_backend("fused", fused_quantize, lambda x, plan: x.device.type == "cpu" and x.numel() >= MIN_NUMEL)
+register_quantize_kernel("fused", fused_quantize, lambda x, plan: x.device.type == "cpu" and x.numel() >= MIN_NUMEL)

@@ -35,8 +35,10 @@ Not emulated here (``SupportError``): ``pairwise`` order, accumulator formats wh
 not all float32 values, ``mul`` formats beyond float32's range where products are formed in
 float64, and role formats the prologue does not round (scaled or block formats: the ops round
 those in memory first; any values are then fine). Registered as the ``triton`` GEMM backend of
-the ops (``gemm_backends.register_gemm_backend``), which falls back to the reference, with one
-warning per arithmetic, where this kernel does not emulate it or fails to compile.
+the ops (``gemm_backends.register_gemm_backend``; ``mpcompile.backends.load_plugins`` imports
+this module the first time the ``triton`` backend is resolved), which falls back to the
+reference, with one warning per arithmetic, where this kernel does not emulate it or fails to
+compile.
 """
 from __future__ import annotations
 
@@ -48,9 +50,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backends import run_or_fall_back
 from ..formats import BlockFormat, FixedFormat, FloatFormat
+from ..ops import ArithSpec, QuantSpec
 from ..ops.gemm_backends import GemmBackend, GemmFusion, register_gemm_backend
-from ..ops.spec import STREAM_ADD, STREAM_BIAS, STREAM_KAHAN, STREAM_MUL, ArithSpec, QuantSpec
+from ..ops.spec import STREAM_ADD, STREAM_BIAS, STREAM_KAHAN, STREAM_MUL
 from ..random_bits import COUNTER_BITS
 from ..rounding import default_sr_bits, plan_quantize
 from .triton_round import RoundSpec, counter_word, round_float64, round_spec, round_to_format, stream_seed
@@ -412,7 +416,7 @@ def triton_matmul(a: torch.Tensor, b: torch.Tensor, arith: ArithSpec, *, a_role:
             (stochastic bits from the output's flat index and ``seed_out``).
         seed, index: for stochastic rounding of products or sums, as ``emulated_matmul`` takes
             them: the reduction's seed, and int64 (B, M, N) numbers of the output elements
-            (default row-major); a bias's add draws its bits as ``kernels._add_bias``, from
+            (default row-major); a bias's add draws its bits as ``ops.bodies.add_bias``, from
             ``index``.
 
     Returns:
@@ -476,25 +480,27 @@ def _gemm_backend(a: torch.Tensor, b: torch.Tensor, arith: ArithSpec, a_role: Qu
         return None  # float64 work (sums against ones, exact products) stays with the reference, as do its errors
     key = (arith, a_role, b_role)
     fused = None if fusion is None else (*key, fusion.round_a, fusion.round_b, fusion.out_role)
-    if key in _NOTED or fused in _UNFUSED:
+    if fused in _UNFUSED:
         return None
-    try:
-        if fusion is None:
-            return triton_matmul(a, b, arith, a_role=a_role, b_role=b_role, quantize=False, seed=seed, index=index)
-        f = fusion
-        return triton_matmul(a, b, arith, a_role=a_role, b_role=b_role, seed_a=f.seed_a, seed_b=f.seed_b,
-                             a_transposed=f.a_transposed, b_transposed=f.b_transposed,
-                             quantize=(f.round_a, f.round_b), bias=f.bias, out_role=f.out_role, seed_out=f.seed_out,
-                             seed=seed, index=index)
-    except SupportError as err:
-        if fusion is None:
-            _note_once(key, f"Triton GEMM: {err}")
-        else:
-            _UNFUSED.add(fused)
-    except Exception as err:  # a kernel that fails to compile must not cost the user the result
-        _note_once(key, f"the Triton GEMM for {arith} with roles {a_role} x {b_role} failed "
-                        f"({type(err).__name__}: {str(err)[:200]})")
-    return None
+
+    def kernel() -> torch.Tensor | None:
+        try:
+            if fusion is None:
+                return triton_matmul(a, b, arith, a_role=a_role, b_role=b_role, quantize=False, seed=seed, index=index)
+            f = fusion
+            return triton_matmul(a, b, arith, a_role=a_role, b_role=b_role, seed_a=f.seed_a, seed_b=f.seed_b,
+                                 a_transposed=f.a_transposed, b_transposed=f.b_transposed,
+                                 quantize=(f.round_a, f.round_b), bias=f.bias, out_role=f.out_role,
+                                 seed_out=f.seed_out, seed=seed, index=index)
+        except SupportError as err:  # not emulated: said once, not a failure
+            if fusion is None:
+                _note_once(key, f"Triton GEMM: {err}")
+            else:
+                _UNFUSED.add(fused)
+            return None
+
+    return run_or_fall_back(_NOTED, key, kernel, lambda: None, f"the Triton GEMM for {arith} with roles "
+                                                                 f"{a_role} x {b_role}", stacklevel=5)
 
 
 register_gemm_backend("triton", GemmBackend(gemm=_gemm_backend, rounds=rounds))

@@ -1,4 +1,4 @@
-"""The Triton backend of ``quantize``: one fused pass over memory per call, bit-identical to the reference.
+"""The Triton quantize kernel: one fused pass over memory per call, bit-identical to the reference.
 
 A call reads x once and writes the result once. Everything between happens in registers:
 the rounding (``triton_round``), the random words of seeded stochastic rounding (recomputed
@@ -8,17 +8,18 @@ per ``RoundSpec`` (the plan's flags and the format's numbers, all constexpr); th
 closure is cached in memory per (plan, spec), and Triton caches the compiled code on disk.
 Float32 plans only: a float64 plan goes to the reference.
 
-Registered as the ``triton`` backend, which ``auto`` picks for CUDA tensors. On the CPU it
-runs only when asked for by name (``backend="triton"``, ``use_backend`` or
-``set_quantize_backend("triton")``), in Triton's interpreter (``TRITON_INTERPRET=1`` set before
-mpcompile is imported): that is how the tests check it against the reference. A kernel that fails to compile falls back to the reference, with one
-warning per spec.
+Registered as the ``triton`` quantize kernel, which the ``triton`` backend runs (``auto`` picks
+that backend for CUDA tensors); ``mpcompile.backends.load_plugins`` imports this module the first
+time the ``triton`` backend is resolved. On the CPU it runs only when asked for by name
+(``backend="triton"``, ``use_backend`` or ``set_quantize_kernel("triton")``), in Triton's
+interpreter (``TRITON_INTERPRET=1`` set before mpcompile is imported): that is how the tests
+check it against the reference. A kernel that fails to compile falls back to the reference,
+with one warning per spec.
 """
 from __future__ import annotations
 
 import math
 import struct
-import warnings
 from typing import Callable
 
 import torch
@@ -26,8 +27,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from ..backends import BackendError
-from ..rounding import QuantParams, QuantPlan, reference_quantize, register_backend
+from ..backends import BackendError, run_or_fall_back
+from ..rounding import QuantParams, QuantPlan, reference_quantize, register_quantize_kernel
 from .triton_round import RoundSpec, counter_word, round_blocks, round_spec, round_to_format
 
 __all__ = ["triton_quantize", "INTERPRETED", "ELEMENTS_PER_PROGRAM", "cached_launchers"]
@@ -117,31 +118,25 @@ def triton_quantize(x: torch.Tensor, plan: QuantPlan, params: QuantParams, bits:
         return reference_quantize(x, plan, params, bits)
     if x.device.type == "cpu" and not INTERPRETED:
         raise BackendError(
-            "mpcompile: the 'triton' quantize backend got a CPU tensor, but Triton runs on the CPU only "
+            "mpcompile: the 'triton' quantize kernel got a CPU tensor, but Triton runs on the CPU only "
             "in its interpreter, which is off. Set TRITON_INTERPRET=1 before importing mpcompile, move "
-            "the tensor to a CUDA device, or use set_quantize_backend('auto') / ('reference').")
+            "the tensor to a CUDA device, or use set_quantize_kernel('auto') / ('reference').")
     _check_bits(x, plan, bits)
     spec = round_spec(plan, params)
     key = (plan, spec)
-    if key in _FAILED:
-        return reference_quantize(x, plan, params, bits)
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    if x.numel() == 0:
+
+    def kernel() -> torch.Tensor:
+        xc = x.contiguous()
+        out = torch.empty_like(xc)
+        if xc.numel():
+            launch = _LAUNCHERS.get(key)
+            if launch is None:
+                launch = _LAUNCHERS[key] = _launcher(plan, spec)
+            launch(xc, out, xc if bits is None else bits.contiguous())
         return out
-    launch = _LAUNCHERS.get(key)
-    if launch is None:
-        launch = _LAUNCHERS[key] = _launcher(plan, spec)
-    try:
-        launch(x, out, x if bits is None else bits.contiguous())
-    except Exception as err:  # a compiler failure must not cost the user the result
-        _FAILED.add(key)
-        first_line = (str(err).strip().splitlines() or [""])[0][:300]
-        warnings.warn(f"mpcompile: the Triton quantize kernel for {_describe(plan, spec)} failed to compile "
-                      f"or launch; using the eager reference for it from now on ({type(err).__name__}: "
-                      f"{first_line})", RuntimeWarning, stacklevel=3)
-        return reference_quantize(x, plan, params, bits)
-    return out
+
+    return run_or_fall_back(_FAILED, key, kernel, lambda: reference_quantize(x, plan, params, bits),
+                            f"the Triton quantize kernel for {_describe(plan, spec)}")
 
 
 def _check_bits(x: torch.Tensor, plan: QuantPlan, bits: torch.Tensor | None) -> None:
@@ -199,4 +194,4 @@ def _accepts(x: torch.Tensor, plan: QuantPlan) -> bool:
     return x.is_cuda and plan.dtype == torch.float32
 
 
-register_backend("triton", triton_quantize, _accepts)
+register_quantize_kernel("triton", triton_quantize, _accepts)

@@ -1,4 +1,8 @@
-"""Number formats: immutable, hashable value sets with their special-value behaviour."""
+"""Number formats: immutable, hashable value sets with their special-value behaviour.
+
+Inside, imports point one way: ``table`` (the named formats) <- ``float_format``,
+``fixed_format`` <- ``block_format`` <- ``registry`` (``register``, ``parse``).
+"""
 from .block_format import BlockFloat, BlockFormat, BlockMinifloat, MXFormat
 from .fixed_format import FixedFormat
 from .float_format import FloatFormat, p3109

@@ -14,10 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import FormatError
 from .fixed_format import FixedFormat
-from .float_format import FloatFormat, _check_int
+from .float_format import FloatFormat, check_int
+from .table import entries, get
 
-__all__ = ["BlockFormat", "MXFormat", "BlockFloat", "BlockMinifloat", "SCALE_EXP_MIN", "SCALE_EXP_MAX"]
+__all__ = ["BlockFormat", "MXFormat", "BlockFloat", "BlockMinifloat", "SCALE_EXP_MIN", "SCALE_EXP_MAX", "block_spec"]
 
 SCALE_EXP_MIN, SCALE_EXP_MAX = -127, 127
 
@@ -30,8 +32,8 @@ class BlockFormat:
     axis: int
 
     def _check_block(self) -> None:
-        _check_int("block_size", self.block_size, 1, 2**20)
-        _check_int("axis", self.axis, -64, 63)
+        check_int("block_size", self.block_size, 1, 2**20)
+        check_int("axis", self.axis, -64, 63)
 
     @property
     def bits(self) -> int:
@@ -81,7 +83,8 @@ class MXFormat(BlockFormat):
 
     Args:
         element: element format (``fp8_e4m3``, ``fp8_e5m2``, ``fp6_e3m2``, ``fp6_e2m3``,
-            ``fp4_e2m1``, ``int8`` = ``fixed(8,6)``) or any float/fixed format, or its name.
+            ``fp4_e2m1``, ``int8`` = ``fixed(8,6)``) or any float/fixed format, or the registered
+            name of one (``formats.parse`` reads a spec).
         block_size: elements per scale.
         axis: the dimension along which blocks run.
     """
@@ -92,16 +95,16 @@ class MXFormat(BlockFormat):
 
     def __post_init__(self) -> None:
         if isinstance(self.element, str):
-            from .registry import parse
-
-            object.__setattr__(self, "element", parse(self.element))
+            try:
+                object.__setattr__(self, "element", get(self.element))
+            except FormatError as err:
+                raise FormatError(f"MXFormat: element {self.element!r} is not a registered name; for a spec, pass "
+                                  f"formats.parse({self.element!r}) ({err})") from None
         if not isinstance(self.element, (FloatFormat, FixedFormat)):
             raise ValueError(f"MXFormat: element={self.element!r} must be a float or fixed format")
         self._check_block()
 
     def __str__(self) -> str:
-        from .registry import block_spec
-
         return block_spec(self)
 
 
@@ -118,7 +121,7 @@ class BlockFloat(BlockFormat):
     axis: int = -1
 
     def __post_init__(self) -> None:
-        _check_int("wl", self.wl, 2, 32)
+        check_int("wl", self.wl, 2, 32)
         self._check_block()
 
     @property
@@ -149,3 +152,13 @@ class BlockMinifloat(BlockFormat):
 
     def __str__(self) -> str:
         return f"bm({self.exp},{self.man},{self.block_size}{self._suffix(self.block_size)})"
+
+
+def block_spec(fmt: MXFormat) -> str:
+    """The spec ``formats.parse`` reads back to ``fmt``: its registered name (``mxfp8_e4m3``) if it
+    has one, else ``mx(element,block_size[,axis=n])``."""
+    if fmt.axis == -1:
+        for name, known in entries():
+            if isinstance(known, MXFormat) and known.element == fmt.element and fmt.block_size == known.block_size:
+                return name
+    return f"mx({fmt.element},{fmt.block_size}{'' if fmt.axis == -1 else f',axis={fmt.axis}'})"

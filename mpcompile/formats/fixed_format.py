@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .float_format import _check_int
+from .float_format import check_int
 
 __all__ = ["FixedFormat"]
 
@@ -29,8 +29,8 @@ class FixedFormat:
     signed: bool = True
 
     def __post_init__(self) -> None:
-        _check_int("wl", self.wl, 2 if self.signed else 1, 53)
-        _check_int("fl", self.fl, -252, 252)
+        check_int("wl", self.wl, 2 if self.signed else 1, 53)
+        check_int("fl", self.fl, -252, 252)
 
     @property
     def bits(self) -> int:

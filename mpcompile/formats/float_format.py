@@ -7,7 +7,9 @@ from typing import Literal
 
 import torch
 
-__all__ = ["FloatFormat", "NanStyle", "p3109"]
+from .table import lookup
+
+__all__ = ["FloatFormat", "NanStyle", "p3109", "format_spec", "check_int"]
 
 NanStyle = Literal["ieee", "fn", "negzero", "none"]
 _NAN_STYLES = ("ieee", "fn", "negzero", "none")
@@ -44,11 +46,11 @@ class FloatFormat:
     name: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        _check_int("exp", self.exp, 1, 11)
-        _check_int("man", self.man, 0, 52)
+        check_int("exp", self.exp, 1, 11)
+        check_int("man", self.man, 0, 52)
         if self.bias is None:
             object.__setattr__(self, "bias", 2 ** (self.exp - 1) - 1)
-        _check_int("bias", self.bias, -(2**11), 2**11)
+        check_int("bias", self.bias, -(2**11), 2**11)
         if self.nan not in _NAN_STYLES:
             raise ValueError(f"FloatFormat: nan={self.nan!r} is not one of {', '.join(_NAN_STYLES)}")
         if self.nan == "negzero" and not self.signed:
@@ -152,11 +154,7 @@ class FloatFormat:
         return torch.tensor(neg + nz + mags, dtype=torch.float64)
 
     def __str__(self) -> str:
-        if self.name is not None:
-            return self.name
-        from .registry import format_spec  # the canonical spelling lives with the parser
-
-        return format_spec(self)
+        return self.name if self.name is not None else format_spec(self)
 
 
 def p3109(k: int, p: int, signed: bool = True, domain: Literal["extended", "finite"] = "extended") -> FloatFormat:
@@ -165,8 +163,8 @@ def p3109(k: int, p: int, signed: bool = True, domain: Literal["extended", "fini
     Signed formats keep NaN in the -0 code, unsigned ones in the all-ones code;
     ``domain="extended"`` adds +-infinity just below it.
     """
-    _check_int("k", k, 2, 16)
-    _check_int("p", p, 1, k - 1 if signed else k)
+    check_int("k", k, 2, 16)
+    check_int("p", p, 1, k - 1 if signed else k)
     if domain not in ("extended", "finite"):
         raise ValueError(f"p3109: domain={domain!r} is not 'extended' or 'finite'")
     exp = k - p + (0 if signed else 1)
@@ -182,6 +180,23 @@ def p3109(k: int, p: int, signed: bool = True, domain: Literal["extended", "fini
     )
 
 
-def _check_int(name: str, value: object, lo: int, hi: int) -> None:
+def format_spec(fmt: FloatFormat) -> str:
+    """The spec ``formats.parse`` reads back to ``fmt``: ``eXmY`` with fn/fnuz shorthand and options."""
+    ieee = {"bias": 2 ** (fmt.exp - 1) - 1, "subnormals": True, "inf": True, "nan": "ieee", "signed": True}
+    for suffix, kw in (("fnuz", {"inf": False, "nan": "negzero", "bias": 2 ** (fmt.exp - 1)}),
+                       ("fn", {"inf": False, "nan": "fn"}), ("", {})):
+        defaults = {**ieee, **kw, "neg_zero": fmt.signed and fmt.nan != "negzero"}
+        diffs = {k: getattr(fmt, k) for k, v in defaults.items() if getattr(fmt, k) != v}
+        if suffix == "" or not diffs:
+            opts = ",".join(f"{k}={str(v).lower()}" for k, v in diffs.items())
+            bare = f"e{fmt.exp}m{fmt.man}{suffix}"
+            # a bare name that a registered format holds (e8m0: the MX scale) would read back as that one
+            registered = lookup(bare)
+            return bare + (f"({opts})" if opts or (registered is not None and registered != fmt) else "")
+    raise AssertionError("unreachable: the plain spec always applies")
+
+
+def check_int(name: str, value: object, lo: int, hi: int) -> None:
+    """A ValueError unless ``value`` is an int (not a bool) in ``[lo, hi]``: the formats' argument check."""
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
         raise ValueError(f"{name}={value!r} is out of range: expected an integer in [{lo}, {hi}]")

@@ -9,79 +9,29 @@ or ``key=value``::
 """
 from __future__ import annotations
 
-import difflib
 import functools
 import re
 from dataclasses import replace
 from typing import Union
 
 from ..errors import FormatError
-from .block_format import BlockFloat, BlockFormat, BlockMinifloat, MXFormat
+from .block_format import BlockFloat, BlockFormat, BlockMinifloat, MXFormat, block_spec
 from .fixed_format import FixedFormat
-from .float_format import FloatFormat, p3109
+from .float_format import FloatFormat, format_spec, p3109
+from .table import get, lookup, names, store
 
 __all__ = ["Format", "get", "parse", "names", "register", "format_spec", "block_spec"]
 
 Format = Union[FloatFormat, FixedFormat, MXFormat, BlockFloat, BlockMinifloat]
 
 
-_REGISTRY: dict[str, Format] = {}
-
-
 def register(name: str, fmt: Format) -> None:
     """Add ``fmt`` under ``name`` (lower case) so that ``get`` and ``parse`` find it."""
-    key = name.lower()
-    if key in _REGISTRY and _REGISTRY[key] != fmt:
-        raise FormatError(f"register: {name!r} already names {_REGISTRY[key]}")
-    _REGISTRY[key] = replace(fmt, name=name) if isinstance(fmt, FloatFormat) else fmt
-
-
-for _name, _fmt in {
-    "fp64": FloatFormat(11, 52),
-    "fp32": FloatFormat(8, 23),
-    "tf32": FloatFormat(8, 10),
-    "bf16": FloatFormat(8, 7),
-    "fp16": FloatFormat(5, 10),
-    "fp8_e4m3": FloatFormat(4, 3, inf=False, nan="fn"),
-    "fp8_e5m2": FloatFormat(5, 2),
-    "fp8_e4m3fnuz": FloatFormat(4, 3, bias=8, inf=False, nan="negzero"),
-    "fp8_e5m2fnuz": FloatFormat(5, 2, bias=16, inf=False, nan="negzero"),
-    "fp8_e3m4": FloatFormat(3, 4),
-    "fp6_e3m2": FloatFormat(3, 2, inf=False, nan="none"),
-    "fp6_e2m3": FloatFormat(2, 3, inf=False, nan="none"),
-    "fp4_e2m1": FloatFormat(2, 1, inf=False, nan="none"),
-    "e8m0": FloatFormat(8, 0, subnormals=False, inf=False, nan="fn", signed=False),
-}.items():
-    register(_name, _fmt)
-for _elem in ("fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1"):
-    register("mx" + _elem, MXFormat(_REGISTRY[_elem]))
-register("mxint8", MXFormat(FixedFormat(8, 6)))
-_ALIASES = {"fp8_e4m3fn": "fp8_e4m3", "fp6_e3m2fn": "fp6_e3m2", "fp6_e2m3fn": "fp6_e2m3",
-            "fp4_e2m1fn": "fp4_e2m1", "fp8_e8m0": "e8m0", "e8m0fnu": "e8m0", "float32": "fp32",
-            "float64": "fp64", "float16": "fp16", "bfloat16": "bf16", "half": "fp16"}
-
-
-def names() -> list[str]:
-    """Registered names, in registration order."""
-    return list(_REGISTRY)
-
-
-def get(name: str) -> Format:
-    """The registered format called ``name`` (case-insensitive).
-
-    Raises:
-        FormatError: unknown name; the message lists the closest registered names.
-    """
-    key = name.strip().lower()
-    key = _ALIASES.get(key, key)
-    if key in _REGISTRY:
-        return _REGISTRY[key]
-    close = difflib.get_close_matches(key, list(_REGISTRY) + list(_ALIASES), n=4, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise FormatError(
-        f"unknown format {name!r}{hint} Known: {', '.join(_REGISTRY)}; or a spec such as "
-        "'e5m10', 'p3109(8,3)', 'fixed(8,4)', 'mx(fp8_e4m3,32)'"
-    )
+    known = lookup(name)
+    if known is not None and known != fmt:
+        raise FormatError(f"register: {name!r} already names {known}")
+    store(name, replace(fmt, name=name) if isinstance(fmt, FloatFormat) else fmt)
+    _parse_spec.cache_clear()  # a new name may change what a spec reads as
 
 
 # -- parsing ----------------------------------------------------------------------------------
@@ -176,7 +126,7 @@ def _build(node, spec: str) -> Format:
     low = name.lower()
     m = _FLOAT_NAME.fullmatch(low)
     if args is None:
-        return _float_from_name(m, {}) if m and low not in _REGISTRY else get(name)
+        return _float_from_name(m, {}) if m and lookup(low) is None else get(name)
     if m:
         if args:
             raise FormatError(f"format spec {spec!r}: {name}() takes only key=value options")
@@ -228,25 +178,24 @@ def _float_from_name(m: re.Match, kwargs: dict) -> FloatFormat:
     return FloatFormat(exp, man, **kw)
 
 
-# -- writing ----------------------------------------------------------------------------------
-def format_spec(fmt: FloatFormat) -> str:
-    """The spec ``parse`` reads back to ``fmt``: ``eXmY`` with fn/fnuz shorthand and options."""
-    ieee = {"bias": 2 ** (fmt.exp - 1) - 1, "subnormals": True, "inf": True, "nan": "ieee", "signed": True}
-    for suffix, kw in (("fnuz", {"inf": False, "nan": "negzero", "bias": 2 ** (fmt.exp - 1)}),
-                       ("fn", {"inf": False, "nan": "fn"}), ("", {})):
-        defaults = {**ieee, **kw, "neg_zero": fmt.signed and fmt.nan != "negzero"}
-        diffs = {k: getattr(fmt, k) for k, v in defaults.items() if getattr(fmt, k) != v}
-        if suffix == "" or not diffs:
-            opts = ",".join(f"{k}={str(v).lower()}" for k, v in diffs.items())
-            bare = f"e{fmt.exp}m{fmt.man}{suffix}"
-            # a bare name that a registered format holds (e8m0: the MX scale) would read back as that one
-            return bare + (f"({opts})" if opts or _REGISTRY.get(bare, fmt) != fmt else "")
-    raise AssertionError("unreachable: the plain spec always applies")
-
-
-def block_spec(fmt: MXFormat) -> str:
-    for name, known in _REGISTRY.items():
-        if isinstance(known, MXFormat) and known.element == fmt.element and fmt.block_size == known.block_size:
-            if fmt.axis == -1:
-                return name
-    return f"mx({fmt.element},{fmt.block_size}{'' if fmt.axis == -1 else f',axis={fmt.axis}'})"
+# -- the built-in names -----------------------------------------------------------------------------
+for _name, _fmt in {
+    "fp64": FloatFormat(11, 52),
+    "fp32": FloatFormat(8, 23),
+    "tf32": FloatFormat(8, 10),
+    "bf16": FloatFormat(8, 7),
+    "fp16": FloatFormat(5, 10),
+    "fp8_e4m3": FloatFormat(4, 3, inf=False, nan="fn"),
+    "fp8_e5m2": FloatFormat(5, 2),
+    "fp8_e4m3fnuz": FloatFormat(4, 3, bias=8, inf=False, nan="negzero"),
+    "fp8_e5m2fnuz": FloatFormat(5, 2, bias=16, inf=False, nan="negzero"),
+    "fp8_e3m4": FloatFormat(3, 4),
+    "fp6_e3m2": FloatFormat(3, 2, inf=False, nan="none"),
+    "fp6_e2m3": FloatFormat(2, 3, inf=False, nan="none"),
+    "fp4_e2m1": FloatFormat(2, 1, inf=False, nan="none"),
+    "e8m0": FloatFormat(8, 0, subnormals=False, inf=False, nan="fn", signed=False),
+}.items():
+    register(_name, _fmt)
+for _elem in ("fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1"):
+    register("mx" + _elem, MXFormat(get(_elem)))
+register("mxint8", MXFormat(FixedFormat(8, 6)))

@@ -18,11 +18,11 @@ from __future__ import annotations
 import functools
 import math
 import types
-import warnings
 from dataclasses import dataclass
 
 import torch
 
+from ..backends import run_or_fall_back
 from ..formats import FloatFormat
 from ..random_bits import counter_words, stream_seed
 from .exact import Grid, grid_of, round_exact, two_prod, two_sum
@@ -185,19 +185,18 @@ def _kernel(key: tuple, fn, options: dict):
 def _call(compiled: bool, key: tuple, fn, args: tuple, rows: tuple, options: dict | None = None):
     """``fn(*args)``, as a kernel compiled once per ``key`` if ``compiled``. Dims 0 and 1 (batch
     and rows, which vary by layer) of the ``rows`` tensors are dynamic; the rest is static."""
-    if compiled and key not in _FAILED:
-        try:
-            for t in rows:
-                if t is not None:
-                    torch._dynamo.maybe_mark_dynamic(t, 0)
-                    torch._dynamo.maybe_mark_dynamic(t, 1)
-            return _kernel(key, fn, options or {})(*args)
-        except Exception as err:  # a compiler failure must not cost the user the result
-            _FAILED.add(key)
-            warnings.warn(f"mpcompile: compiling the emulated GEMM for {key[0].spec} failed; running it "
-                          f"eagerly ({type(err).__name__}: {str(err).strip()[:200]})", RuntimeWarning,
-                          stacklevel=4)
-    return fn(*args)
+    if not compiled:
+        return fn(*args)
+
+    def kernel():
+        for t in rows:
+            if t is not None:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+                torch._dynamo.maybe_mark_dynamic(t, 1)
+        return _kernel(key, fn, options or {})(*args)
+
+    return run_or_fall_back(_FAILED, key, kernel, lambda: fn(*args), f"the compiled emulated GEMM for {key[0].spec}",
+                            stacklevel=5)
 
 
 def _step_seeds(seed: int | None, streams: int, steps: range, device) -> torch.Tensor | None:

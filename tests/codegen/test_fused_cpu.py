@@ -1,4 +1,4 @@
-"""The fused CPU backend is bit-identical to the eager reference; the switch and fallback work."""
+"""The fused CPU quantize kernel is bit-identical to the eager reference; the switch and fallback work."""
 import functools
 import warnings
 
@@ -6,13 +6,13 @@ import pytest
 import torch
 
 import mpcompile.codegen.fused_cpu as fused_cpu
-from mpcompile import quantize, set_quantize_backend
+from mpcompile import quantize, set_quantize_kernel
 from mpcompile.formats import MXFormat, get, parse
 from backend_pairs import reference_and
 
 # a compile failure falls back to the reference with a RuntimeWarning: here it must fail
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
-from mpcompile.rounding import get_quantize_backend
+from mpcompile.rounding import get_quantize_kernel
 
 
 both = functools.partial(reference_and, "fused")
@@ -78,21 +78,48 @@ def test_auto_picks_fused_for_large_cpu_tensors(monkeypatch):
     plan, _ = plan_quantize(parse("fp8_e4m3"), "nearest", False, torch.float32, 20)
     assert _select(torch.zeros(100), plan).name == "fused"
     assert _select(torch.zeros(99), plan).name == "reference"
-    set_quantize_backend("reference")
+    set_quantize_kernel("reference")
     try:
         assert _select(torch.zeros(100), plan).name == "reference"
     finally:
-        set_quantize_backend(None)
+        set_quantize_kernel(None)
 
 
-def test_backend_switch_env_and_errors(monkeypatch):
-    monkeypatch.setenv("MPCOMPILE_QUANTIZE_BACKEND", "reference")
-    assert get_quantize_backend() == "reference"
-    monkeypatch.setenv("MPCOMPILE_QUANTIZE_BACKEND", "nonsense")
-    with pytest.raises(ValueError, match="MPCOMPILE_QUANTIZE_BACKEND"):
+def test_kernel_switch_env_and_errors(monkeypatch):
+    monkeypatch.setenv("MPCOMPILE_QUANTIZE_KERNEL", "reference")
+    assert get_quantize_kernel() == "reference"
+    monkeypatch.setenv("MPCOMPILE_QUANTIZE_KERNEL", "nonsense")
+    with pytest.raises(ValueError, match="MPCOMPILE_QUANTIZE_KERNEL"):
         quantize(torch.ones(3), "fp16")
-    with pytest.raises(ValueError, match="unknown backend"):
-        set_quantize_backend("gpu9000")
+    with pytest.raises(ValueError, match="unknown quantize kernel"):
+        set_quantize_kernel("gpu9000")
+
+
+def test_the_old_backend_spellings_warn_and_still_work(monkeypatch):
+    import mpcompile
+    from mpcompile.rounding import get_quantize_backend, register_backend, reference_quantize
+
+    with pytest.warns(DeprecationWarning, match="set_quantize_kernel"):
+        mpcompile.set_quantize_backend("reference")
+    try:
+        with pytest.warns(DeprecationWarning, match="get_quantize_kernel"):
+            assert get_quantize_backend() == "reference"
+    finally:
+        set_quantize_kernel(None)
+    monkeypatch.setenv("MPCOMPILE_QUANTIZE_BACKEND", "fused")
+    with pytest.warns(DeprecationWarning, match="MPCOMPILE_QUANTIZE_KERNEL"):
+        assert get_quantize_kernel() == "fused"
+    monkeypatch.setenv("MPCOMPILE_QUANTIZE_KERNEL", "reference")  # the new name wins
+    assert get_quantize_kernel() == "reference"
+    monkeypatch.delenv("MPCOMPILE_QUANTIZE_BACKEND")
+    monkeypatch.delenv("MPCOMPILE_QUANTIZE_KERNEL")
+    from mpcompile import rounding
+
+    monkeypatch.setattr(rounding, "_KERNELS", dict(rounding._KERNELS))  # the registration is undone after
+    with pytest.warns(DeprecationWarning, match="register_quantize_kernel"):
+        register_backend("mine", reference_quantize, lambda x, plan: False)
+    set_quantize_kernel("mine")
+    set_quantize_kernel(None)
 
 
 @pytest.mark.filterwarnings("default::RuntimeWarning")

@@ -25,7 +25,7 @@ import torch
 triton = pytest.importorskip("triton", reason="triton is not installed (a dependency on Linux only)")
 import triton.language as tl
 
-from mpcompile import quantize, set_quantize_backend
+from mpcompile import quantize, set_quantize_kernel
 from mpcompile.backends import BackendError
 from mpcompile.codegen import triton_quantize as tq
 from mpcompile.codegen.triton_round import counter_word
@@ -272,12 +272,12 @@ def test_compile_failure_falls_back_with_one_warning(monkeypatch):
 
 def test_cpu_tensor_without_the_interpreter_says_what_to_do(monkeypatch):
     monkeypatch.setattr(tq, "INTERPRETED", False)
-    set_quantize_backend("triton")
+    set_quantize_kernel("triton")
     try:
         with pytest.raises(BackendError, match="TRITON_INTERPRET=1"):
             quantize(torch.ones(4), "fp8_e4m3")
     finally:
-        set_quantize_backend(None)
+        set_quantize_kernel(None)
 
 
 def test_auto_picks_triton_for_cuda_float32_only():

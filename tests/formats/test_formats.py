@@ -251,6 +251,7 @@ ERRORS = [
     (lambda: MXFormat(get("fp8_e4m3"), 0), ["block_size=0"]),
     (lambda: MXFormat("fp8_e4m3", 32, axis=100), ["axis=100"]),
     (lambda: MXFormat(get("mxint8")), ["element=", "float or fixed"]),
+    (lambda: MXFormat("fp8_e4m4"), ["'fp8_e4m4'", "not a registered name", "parse('fp8_e4m4')", "fp8_e4m3"]),
     (lambda: BlockFloat(1, 32), ["wl=1", "[2, 32]"]),
     (lambda: BlockMinifloat(0, 3, 32), ["exp=0"]),
     (lambda: BlockMinifloat(4, 3, 0), ["block_size=0"]),
@@ -309,3 +310,22 @@ def test_a_format_whose_bare_name_is_registered_to_another_reads_back_as_itself(
     ieee_e8m0 = FloatFormat(8, 0)  # IEEE-style, unlike the registered e8m0 (the MX scale)
     assert str(ieee_e8m0) == "e8m0()" and parse(str(ieee_e8m0)) == ieee_e8m0
     assert str(parse("e8m0")) == "e8m0" and parse("e8m0") != ieee_e8m0
+
+
+def test_a_registered_name_prints_and_parses(monkeypatch):
+    from mpcompile.formats import register, registry, table
+
+    monkeypatch.setattr(table, "_TABLE", dict(table._TABLE))  # the registrations are undone after the test
+    try:
+        mx16 = MXFormat(get("fp8_e4m3"), 16)
+        assert str(mx16) == "mx(fp8_e4m3,16)"
+        register("mx16_e4m3", mx16)
+        assert str(mx16) == "mx16_e4m3" and get("MX16_E4M3") == mx16 and "mx16_e4m3" in names()
+        assert str(MXFormat(get("fp8_e4m3"), 16, axis=0)) == "mx(fp8_e4m3,16,axis=0)"
+        assert parse("e4m3") == FloatFormat(4, 3)
+        register("e4m3", get("fp8_e4m3"))  # a bare spec, registered: it reads as the registered format now
+        assert parse("e4m3") == get("fp8_e4m3") and str(FloatFormat(4, 3)) == "e4m3()"
+        with pytest.raises(mpcompile.FormatError, match="already names"):
+            register("mx16_e4m3", get("mxfp8_e4m3"))
+    finally:
+        registry._parse_spec.cache_clear()
