@@ -45,7 +45,7 @@ def main() -> None:
     t_mm = median_seconds(lambda: torch.mm(a, b), max(args.runs, 21), warmup=True)
     rows = []
     for name, spec, bar in (("gemm 256^3 e5m2/e5m10 sequential", seq, 150), ("gemm 256^3 e5m2/e5m10 chunk(32)", chunk, 20)):
-        t = median_seconds(lambda: ops.matmul(a, b, spec), args.runs, warmup=True)
+        t = median_seconds(lambda: ops.matmul(a, b, forward=spec), args.runs, warmup=True)
         rows.append((name, t, t / t_mm, f"torch.mm {t_mm * 1e3:.3f} ms", bar))
 
     x, w, bias = torch.randn(256, 256), torch.randn(256, 256), torch.randn(256)

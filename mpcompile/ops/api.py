@@ -7,10 +7,16 @@
 ``linear``, ``conv*d`` and ``matmul`` also take ``recompute=Recompute(tau, high)``: the output
 components whose condition number estimate (``ops.kappa.component_kappa``, with the consumer
 ``activation``) exceeds tau are computed again in ``high``; ``counts`` adds up how many stayed low.
+
+Every GEMM-like entry point takes its forward arithmetic as ``forward=`` and the gradients' as
+``backward=``. The public helpers below (``fx_leaf``, ``check_operands``, ``prepare_op``,
+``delayed_role_scales``, ``int_tuple``, ``renamed_spec``) are what the entry points of other
+files (``einsum``, ``addmm``, ``conv_transpose``, ``attention``) are built from.
 """
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -21,14 +27,15 @@ from .kappa import activation as parse_activation
 from .spec import (AMAX_HISTORY, ROLES, ArithSpec, QuantSpec, Recompute, RoleFormats, SpecError, parse_arith,
                    parse_recompute)
 
-__all__ = ["matmul", "linear", "conv1d", "conv2d", "conv3d", "quant", "sum", "mean"]
+__all__ = ["matmul", "linear", "conv1d", "conv2d", "conv3d", "quant", "sum", "mean", "Formats", "Spec", "High",
+           "fx_leaf", "check_operands", "prepare_op", "delayed_role_scales", "int_tuple", "renamed_spec"]
 
 Formats = Mapping[str, object] | RoleFormats | str | None
 Spec = ArithSpec | str | None
 High = Recompute | str | None
 
 
-def _fx_leaf(fn: Callable) -> Callable:
+def fx_leaf(fn: Callable) -> Callable:
     """``fn``, recorded as one call_function node when torch.fx traces a model that calls it
     (its argument checks cannot run on proxies), so models written with these ops compile."""
     @functools.wraps(fn)
@@ -100,7 +107,9 @@ def _seed(seed: int | None, stochastic: bool, device) -> torch.Tensor | None:
     return torch.randint(0, 2**32, (), dtype=torch.int64, device=device)
 
 
-def _check(name: str, **tensors) -> torch.device:
+def check_operands(name: str, **tensors) -> torch.device:
+    """The device of the op's tensors (None ones skipped), after checking that they are floating
+    tensors of one dtype on one device; errors name ``mpcompile.ops.<name>`` and the argument."""
     device = dtype = None
     for arg, t in tensors.items():
         if t is None:
@@ -117,15 +126,16 @@ def _check(name: str, **tensors) -> torch.device:
     return device
 
 
-def _prepare(name, formats, forward, backward, seed, recompute: High = None, **tensors):
+def prepare_op(name, formats, forward, backward, seed, recompute: High = None, **tensors):
     """Checked tensors and specs: (roles, forward, backward, seed tensor) for the op. A chunk
     longer than the reduction is one chunk, as the reduction's last chunk is a short one."""
-    device = _check(name, **tensors)
+    device = check_operands(name, **tensors)
     roles, fwd, bwd, stochastic = _specs(formats, forward, backward, recompute)
     return roles, fwd, bwd, _seed(seed, stochastic, device)
 
 
-def _delayed_scales(roles: str, history: torch.Tensor | None, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+def delayed_role_scales(roles: str, history: torch.Tensor | None, x: torch.Tensor,
+                        w: torch.Tensor) -> torch.Tensor | None:
     """The scales of the op's ``tensor_delayed`` operands, from ``history``, whose rows then
     take the operands' amaxes (grad_output's is taken in backward)."""
     if history is None:
@@ -136,8 +146,8 @@ def _delayed_scales(roles: str, history: torch.Tensor | None, x: torch.Tensor, w
     return torch.ops.mpc.delayed_scales(history, roles, x.detach(), w.detach())
 
 
-@_fx_leaf
-def matmul(a: torch.Tensor, b: torch.Tensor, spec: Spec = None, *, formats: Formats = None,
+@fx_leaf
+def matmul(a: torch.Tensor, b: torch.Tensor, spec: Spec = None, *, formats: Formats = None, forward: Spec = None,
            backward: Spec = None, seed: int | None = None, amax_history: torch.Tensor | None = None,
            recompute: High = None, activation: str | None = None, counts: torch.Tensor | None = None,
            backend: str = "auto") -> torch.Tensor:
@@ -145,9 +155,10 @@ def matmul(a: torch.Tensor, b: torch.Tensor, spec: Spec = None, *, formats: Form
 
     Args:
         a, b: operands (``torch.matmul`` broadcasting); roles ``input`` = a, ``weight`` = b.
-        spec: forward arithmetic (``ArithSpec`` or its string); None = native fp32.
+        spec: deprecated (positional or keyword): the old name of ``forward``; warns.
         formats: role -> format / ``"fmt[:rounding][:scaling][:sat]"`` / ``QuantSpec``.
-        backward: arithmetic of the gradient GEMMs (default: ``spec``).
+        forward: forward arithmetic (``ArithSpec`` or its string); None = native fp32.
+        backward: arithmetic of the gradient GEMMs (default: ``forward``).
         seed: seed of every random bit the op draws (default: from torch's generator).
         amax_history: (8, 16) amaxes per role, newest first, of ``tensor_delayed`` roles: read
             for their scales and updated in place (``compile`` gives each op one).
@@ -163,8 +174,9 @@ def matmul(a: torch.Tensor, b: torch.Tensor, spec: Spec = None, *, formats: Form
     if a.dim() == 0 or b.dim() == 0 or a.shape[-1] != b.shape[-2 if b.dim() > 1 else 0]:
         raise ValueError(f"mpcompile.ops.matmul: shapes {tuple(a.shape)} and {tuple(b.shape)} do not multiply "
                          f"(a's last dim must equal b's {'second-to-last' if b.dim() > 1 else 'only'} dim)")
-    roles, fwd, bwd, s = _prepare("matmul", formats, spec, backward, seed, recompute, a=a, b=b)
-    scales = _delayed_scales(roles, amax_history, a, b)
+    forward = renamed_spec("matmul", forward, spec)
+    roles, fwd, bwd, s = prepare_op("matmul", formats, forward, backward, seed, recompute, a=a, b=b)
+    scales = delayed_role_scales(roles, amax_history, a, b)
     if recompute is None:
         return torch.ops.mpc.matmul(a, b, roles, fwd, bwd, s, scales, amax_history, check_backend(backend))
     y, low = torch.ops.mpc.matmul_recompute(a, b, roles, fwd, bwd, *_recompute_args(recompute, activation), s, scales,
@@ -173,20 +185,20 @@ def matmul(a: torch.Tensor, b: torch.Tensor, spec: Spec = None, *, formats: Form
     return y
 
 
-@_fx_leaf
+@fx_leaf
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, formats: Formats = None,
            forward: Spec = None, backward: Spec = None, seed: int | None = None,
            amax_history: torch.Tensor | None = None, recompute: High = None, activation: str | None = None,
            counts: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """``F.linear(x, w, b)`` with per-role formats and emulated arithmetic (see ``matmul``, also for
     ``recompute``, ``activation``, ``counts`` and ``backend``)."""
-    _check("linear", x=x, w=w, b=b)
+    check_operands("linear", x=x, w=w, b=b)
     if w.dim() != 2 or x.dim() < 1 or x.shape[-1] != w.shape[1] or (b is not None and tuple(b.shape) != (w.shape[0],)):
         raise ValueError(f"mpcompile.ops.linear: x {tuple(x.shape)}, w {tuple(w.shape)}"
                          f"{'' if b is None else f', b {tuple(b.shape)}'} do not fit: w must be (out, in) with "
                          f"in = x.shape[-1], b (out,)")
-    roles, fwd, bwd, s = _prepare("linear", formats, forward, backward, seed, recompute, x=x, w=w, b=b)
-    scales = _delayed_scales(roles, amax_history, x, w)
+    roles, fwd, bwd, s = prepare_op("linear", formats, forward, backward, seed, recompute, x=x, w=w, b=b)
+    scales = delayed_role_scales(roles, amax_history, x, w)
     if recompute is None:
         return torch.ops.mpc.linear(x, w, b, roles, fwd, bwd, s, scales, amax_history, check_backend(backend))
     y, low = torch.ops.mpc.linear_recompute(x, w, b, roles, fwd, bwd, *_recompute_args(recompute, activation), s,
@@ -195,26 +207,41 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, f
     return y
 
 
-def _tuple(value, n: int, what: str) -> list[int]:
+def int_tuple(value, n: int, what: str, op: str) -> list[int]:
+    """An int or n ints as a list of n ints (``stride``, ``padding``, ... of ``mpcompile.ops.<op>``)."""
     out = [value] * n if isinstance(value, int) else list(value)
     if len(out) != n or not all(isinstance(v, int) for v in out):
-        raise ValueError(f"mpcompile.ops.conv{n}d: {what}={value!r} must be an int or {n} ints")
+        raise ValueError(f"mpcompile.ops.{op}: {what}={value!r} must be an int or {n} ints")
     return out
+
+
+def renamed_spec(op: str, forward: Spec, spec: Spec) -> Spec:
+    """``forward``, or the value of the deprecated ``spec`` argument of ``mpcompile.ops.<op>``
+    (its old name, kept for one release) with a DeprecationWarning naming the new spelling."""
+    if spec is None:
+        return forward
+    if forward is not None:
+        raise TypeError(f"mpcompile.ops.{op}: forward= and its deprecated old name spec= both given; pass forward= "
+                        f"only")
+    warnings.warn(f"mpcompile.ops.{op}: spec= (or the spec as a positional argument) is deprecated and will be "
+                  f"removed in the next release; pass the forward arithmetic as forward=", DeprecationWarning,
+                  stacklevel=4)  # renamed_spec <- the op <- fx_leaf's entry <- the caller
+    return spec
 
 
 def _conv(n: int, x, w, b, stride, padding, dilation, groups, formats, forward, backward, seed, amax_history,
           recompute=None, activation=None, counts=None, backend="auto"):
-    _check(f"conv{n}d", x=x, w=w, b=b)
+    check_operands(f"conv{n}d", x=x, w=w, b=b)
     if x.dim() != n + 2 or w.dim() != n + 2 or x.shape[1] != w.shape[1] * groups or w.shape[0] % groups:
         raise ValueError(f"mpcompile.ops.conv{n}d: x {tuple(x.shape)} and w {tuple(w.shape)} with groups={groups} "
                          f"do not fit: x must be (N, C, *{n} sizes), w (C_out, C / groups, *kernel), "
                          f"C_out divisible by groups")
-    roles, fwd, bwd, s = _prepare(f"conv{n}d", formats, forward, backward, seed, recompute, x=x, w=w, b=b)
-    stride, dilation = _tuple(stride, n, "stride"), _tuple(dilation, n, "dilation")
+    roles, fwd, bwd, s = prepare_op(f"conv{n}d", formats, forward, backward, seed, recompute, x=x, w=w, b=b)
+    stride, dilation = int_tuple(stride, n, "stride", f"conv{n}d"), int_tuple(dilation, n, "dilation", f"conv{n}d")
     if isinstance(padding, str):
         x, padding = _pad_same(x, w, stride, dilation, padding)
-    scales = _delayed_scales(roles, amax_history, x, w)
-    padding = _tuple(padding, n, "padding")
+    scales = delayed_role_scales(roles, amax_history, x, w)
+    padding = int_tuple(padding, n, "padding", f"conv{n}d")
     if recompute is None:
         return torch.ops.mpc.conv(x, w, b, stride, padding, dilation, groups, roles, fwd, bwd, s, scales, amax_history,
                                   check_backend(backend))
@@ -240,7 +267,7 @@ def _pad_same(x: torch.Tensor, w: torch.Tensor, stride: list[int], dilation: lis
     return (torch.nn.functional.pad(x, extra) if any(extra) else x), [t // 2 for t in totals]
 
 
-@_fx_leaf
+@fx_leaf
 def conv1d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, *, formats: Formats = None,
            forward: Spec = None, backward: Spec = None, seed: int | None = None,
            amax_history: torch.Tensor | None = None, recompute: High = None, activation: str | None = None,
@@ -250,7 +277,7 @@ def conv1d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, *, formats: 
                  recompute, activation, counts, backend)
 
 
-@_fx_leaf
+@fx_leaf
 def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, *, formats: Formats = None,
            forward: Spec = None, backward: Spec = None, seed: int | None = None,
            amax_history: torch.Tensor | None = None, recompute: High = None, activation: str | None = None,
@@ -266,7 +293,7 @@ def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, *, formats: 
                  recompute, activation, counts, backend)
 
 
-@_fx_leaf
+@fx_leaf
 def conv3d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, *, formats: Formats = None,
            forward: Spec = None, backward: Spec = None, seed: int | None = None,
            amax_history: torch.Tensor | None = None, recompute: High = None, activation: str | None = None,
@@ -276,7 +303,7 @@ def conv3d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, *, formats: 
                  recompute, activation, counts, backend)
 
 
-@_fx_leaf
+@fx_leaf
 def quant(x: torch.Tensor, fmt, rounding: str = "nearest", *, grad_format=None, grad_rounding: str | None = None,
           scaling: str = "none", saturate: bool = False, axis: int = 0, seed: int | None = None,
           backend: str = "auto") -> torch.Tensor:
@@ -289,7 +316,7 @@ def quant(x: torch.Tensor, fmt, rounding: str = "nearest", *, grad_format=None, 
         scaling, saturate: as in ``QuantSpec``; ``axis`` is the channel axis of ``channel`` scaling.
         backend: see ``matmul``.
     """
-    _check("quant", x=x)
+    check_operands("quant", x=x)
     fwd, grad, stochastic = _quant_specs(fmt, rounding, grad_format, grad_rounding or rounding, scaling, saturate)
     return torch.ops.mpc.quant(x, fwd, grad, axis, _seed(seed, stochastic, x.device), check_backend(backend))
 
@@ -307,17 +334,17 @@ def _dims(dim) -> list[int]:
     return [] if dim is None else [dim] if isinstance(dim, int) else list(dim)
 
 
-@_fx_leaf
+@fx_leaf
 def sum(x: torch.Tensor, dim: int | Sequence[int] | None = None, keepdim: bool = False, *, spec: Spec = None,
         seed: int | None = None, backend: str = "auto") -> torch.Tensor:
     """``x.sum(dim)`` accumulated as ``spec`` says (its acc, order, rounding, kahan; no products)."""
-    _, arith, _, s = _prepare("sum", None, spec, None, seed, x=x)
+    _, arith, _, s = prepare_op("sum", None, spec, None, seed, x=x)
     return torch.ops.mpc.sum(x, _dims(dim), keepdim, arith, s, check_backend(backend))
 
 
-@_fx_leaf
+@fx_leaf
 def mean(x: torch.Tensor, dim: int | Sequence[int] | None = None, keepdim: bool = False, *, spec: Spec = None,
          seed: int | None = None, backend: str = "auto") -> torch.Tensor:
     """``x.mean(dim)``: the emulated sum, then sum / count rounded once to the acc format."""
-    _, arith, _, s = _prepare("mean", None, spec, None, seed, x=x)
+    _, arith, _, s = prepare_op("mean", None, spec, None, seed, x=x)
     return torch.ops.mpc.mean(x, _dims(dim), keepdim, arith, s, check_backend(backend))

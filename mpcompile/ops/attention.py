@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .api import Formats, Spec, _fx_leaf, linear, matmul
+from .api import Formats, Spec, fx_leaf, linear, matmul
 
 __all__ = ["multi_head_attention", "scaled_dot_product_attention", "unsupported_attention"]
 
@@ -38,7 +38,7 @@ def _additive(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | N
     return torch.zeros_like(mask, dtype=like.dtype).masked_fill_(mask, -math.inf)
 
 
-@_fx_leaf
+@fx_leaf
 def multi_head_attention(module: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor,
                          value: torch.Tensor, key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
                          attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
@@ -76,8 +76,7 @@ def multi_head_attention(module: nn.MultiheadAttention, query: torch.Tensor, key
         q, k, v = (linear(t, w, b, **gemm) for t, w, b in zip((query, key, value), weights, bias))
     # (L, N, E) -> (N, heads, L, head_dim)
     q, k, v = (t.unflatten(-1, (heads, e // heads)).permute(1, 2, 0, 3) for t in (q, k, v))
-    scores = matmul(q * math.sqrt(1.0 / (e // heads)), k.transpose(-2, -1), formats=formats, spec=forward,
-                    backward=backward, backend=backend)
+    scores = matmul(q * math.sqrt(1.0 / (e // heads)), k.transpose(-2, -1), **gemm)
     mask = _additive(attn_mask, scores)
     if mask is not None:
         scores = scores + (mask.unflatten(0, (-1, heads)) if mask.dim() == 3 else mask)
@@ -87,7 +86,7 @@ def multi_head_attention(module: nn.MultiheadAttention, query: torch.Tensor, key
     probs = F.softmax(scores, dim=-1)
     if module.training and module.dropout > 0:
         probs = F.dropout(probs, module.dropout)
-    out = matmul(probs, v, formats=formats, spec=forward, backward=backward, backend=backend).permute(2, 0, 1, 3).flatten(2)
+    out = matmul(probs, v, **gemm).permute(2, 0, 1, 3).flatten(2)
     out = linear(out, module.out_proj.weight, module.out_proj.bias, **gemm)
     out = out.squeeze(1) if not batched else out.transpose(0, 1) if module.batch_first else out
     if not need_weights:
@@ -96,7 +95,7 @@ def multi_head_attention(module: nn.MultiheadAttention, query: torch.Tensor, key
     return out, weights if batched else weights.squeeze(0)
 
 
-@_fx_leaf
+@fx_leaf
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                  attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
                                  scale: float | None = None, enable_gqa: bool = False, *, formats: Formats = None,
@@ -115,7 +114,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     if enable_gqa:  # each group of query heads shares one key and value head
         key = key.repeat_interleave(query.size(-3) // key.size(-3), -3)
         value = value.repeat_interleave(query.size(-3) // value.size(-3), -3)
-    gemm = {"formats": formats, "spec": forward, "backward": backward, "backend": backend}
+    gemm = {"formats": formats, "forward": forward, "backward": backward, "backend": backend}
     scores = matmul(query, key.transpose(-2, -1), **gemm) * (1 / math.sqrt(query.size(-1)) if scale is None else scale)
     if is_causal:
         attn_mask = torch.ones(query.size(-2), key.size(-2), dtype=torch.bool, device=query.device).tril()

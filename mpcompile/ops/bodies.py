@@ -1,6 +1,7 @@
-"""Forward and backward of the emulated ops on plain tensors, with parsed specs.
+"""Op bodies: forward and backward of the emulated ops on plain tensors, with parsed specs.
 
-These are the bodies of the ``mpc::`` custom ops (``library``). Each GEMM runs torch's own
+These are the bodies of the ``mpc::`` custom ops (``library``; ``addmm``, ``conv_transpose``
+hold their own ops and bodies, built from the public helpers here). Each GEMM runs torch's own
 kernel when its spec is native and ``emulate.emulated_matmul`` otherwise; backward GEMMs
 (grad_input = grad_output W, grad_weight = grad_output^T X) use the backward spec on the
 operands as the forward quantized them (re-quantized from the same seed, not stored).
@@ -30,19 +31,22 @@ from .kappa import activation, component_kappa, magnitudes
 from .roles import op_seed, quantize_role
 from .spec import ROLES, STREAM_BIAS, STREAM_DIV, ArithSpec, QuantSpec, Recompute, RoleFormats
 
-__all__ = ["gemm", "linear_forward", "linear_backward", "matmul_forward", "matmul_backward",
-           "conv_forward", "conv_backward", "linear_recompute", "matmul_recompute", "conv_recompute",
-           "reduce_sum", "reduce_mean"]
+__all__ = ["gemm", "emulated", "round_role", "RoleTensor", "backward_gemm", "add_bias", "sum_rows", "conv_index",
+           "native_grads", "linear_forward", "linear_backward", "matmul_forward", "matmul_backward", "conv_forward",
+           "conv_backward", "linear_recompute", "matmul_recompute", "conv_recompute", "reduce_sum", "reduce_mean"]
 
-def _role(roles: RoleFormats, name: str, x, axis: int, seed: int | None, scales: torch.Tensor | None):
+
+def round_role(roles: RoleFormats, name: str, x, axis: int, seed: int | None, scales: torch.Tensor | None):
+    """x rounded to role ``name`` of ``roles`` (channel axis ``axis``), with the op's sub-seed and
+    delayed scale of that role; x itself where the role has no format."""
     i = ROLES.index(name)
     return quantize_role(x, roles.get(name), axis=axis, seed=op_seed(seed, 16 + i),
                          scale=None if scales is None else scales[i])
 
 
-def _emulated(a: torch.Tensor, b: torch.Tensor, spec: ArithSpec, seed: int | None,
-              roles: tuple[QuantSpec | None, QuantSpec | None] = (None, None), *,
-              index: torch.Tensor | None = None, exact_products: bool = False) -> torch.Tensor:
+def emulated(a: torch.Tensor, b: torch.Tensor, spec: ArithSpec, seed: int | None,
+             roles: tuple[QuantSpec | None, QuantSpec | None] = (None, None), *,
+             index: torch.Tensor | None = None, exact_products: bool = False) -> torch.Tensor:
     """``emulated_matmul`` (float64 holding acc values), by the op's backend where it emulates it."""
     y = backend_gemm(a, b, spec, roles, seed=seed, index=index)
     if y is not None:
@@ -57,11 +61,11 @@ def gemm(a: torch.Tensor, b: torch.Tensor, spec: ArithSpec, seed: int | None, *,
     ``roles``: the formats a and b were rounded to, which a generated kernel may rely on."""
     if spec.is_native:
         return torch.matmul(a, b)
-    return _emulated(a, b, spec, seed, roles, index=index, exact_products=exact_products).to(a.dtype)
+    return emulated(a, b, spec, seed, roles, index=index, exact_products=exact_products).to(a.dtype)
 
 
 def _seed_of(role: str, seed: int | None) -> int:
-    """The seed ``_role`` rounds role ``role`` with, as a kernel takes it."""
+    """The seed ``round_role`` rounds role ``role`` with, as a kernel takes it."""
     return op_seed(seed, 16 + ROLES.index(role)) or 0
 
 
@@ -72,7 +76,7 @@ def _fuses(fwd: ArithSpec, scales, device: torch.device) -> bool:
 
 
 @dataclass
-class _RoleTensor:
+class RoleTensor:
     """A role's tensor as an op's GEMMs take it: raw, and rounded in memory (once) where
     something needs it so."""
 
@@ -85,7 +89,7 @@ class _RoleTensor:
 
     @functools.cached_property
     def rounded(self) -> torch.Tensor:
-        return _role(self.roles, self.name, self.raw, self.axis, self.seed, self.scales)
+        return round_role(self.roles, self.name, self.raw, self.axis, self.seed, self.scales)
 
     def for_kernel(self, plain: bool = True, padded: bool = False) -> tuple[torch.Tensor, bool]:
         """(the tensor, whether the kernel rounds it as it loads it): raw where it may
@@ -102,10 +106,10 @@ _GemmOperands = Callable[[torch.Tensor, torch.Tensor],
                          tuple[torch.Tensor, torch.Tensor, Callable, "torch.Tensor | None"]]
 
 
-def _backward_gemm(left: _RoleTensor, right: _RoleTensor, operands: _GemmOperands, spec: ArithSpec, gemm_seed,
-                   out: str, axis: int, *, plain: tuple[bool, bool, bool] = (True, True, True),
-                   padded: tuple[bool, bool] = (False, False),
-                   transposed: tuple[bool, bool] = (False, False)) -> torch.Tensor:
+def backward_gemm(left: RoleTensor, right: RoleTensor, operands: _GemmOperands, spec: ArithSpec, gemm_seed,
+                  out: str, axis: int, *, plain: tuple[bool, bool, bool] = (True, True, True),
+                  padded: tuple[bool, bool] = (False, False),
+                  transposed: tuple[bool, bool] = (False, False)) -> torch.Tensor:
     """The GEMM of role tensors ``left`` and ``right`` (``operands``), rounded to role ``out``.
 
     Where the op's backend has a generated GEMM, the roles are rounded in its prologue and
@@ -126,10 +130,10 @@ def _backward_gemm(left: _RoleTensor, right: _RoleTensor, operands: _GemmOperand
         y = backend_gemm(a, b, spec, operand_roles, fusion, seed=gemm_seed, index=index)
         if y is not None:
             y = finish(y.to(a.dtype))
-            return y if out_role is not None else _role(roles, out, y, axis, seed, None)
+            return y if out_role is not None else round_role(roles, out, y, axis, seed, None)
     a, b, finish, index = operands(left.rounded, right.rounded)
     y = gemm(a, b, spec, gemm_seed, roles=operand_roles, index=index)
-    return _role(roles, out, finish(y), axis, seed, scales)
+    return round_role(roles, out, finish(y), axis, seed, scales)
 
 
 def _round_acc(s: torch.Tensor, e: torch.Tensor, spec: ArithSpec, seed: int | None, stream: int) -> torch.Tensor:
@@ -142,12 +146,13 @@ def _round_acc(s: torch.Tensor, e: torch.Tensor, spec: ArithSpec, seed: int | No
     return round_exact(s, e, grid_of(spec.acc, spec.rounding, n), spec.rounding, bits, n)
 
 
-def _add_bias(y64: torch.Tensor, bias: torch.Tensor, spec: ArithSpec, seed: int | None) -> torch.Tensor:
-    """One more rounded add into the accumulator: y + bias, from the exact sum."""
+def add_bias(y64: torch.Tensor, bias: torch.Tensor, spec: ArithSpec, seed: int | None) -> torch.Tensor:
+    """One more rounded add into the accumulator: y + bias (broadcast to y), from the exact sum;
+    a stochastic rounding's bits are numbered by y's flat index."""
     return _round_acc(*two_sum(y64, bias.to(torch.float64)), spec, seed, STREAM_BIAS)
 
 
-def _native_grads(fn: Callable, xq, wq, has_bias: bool, grad: torch.Tensor) -> tuple:
+def native_grads(fn: Callable, xq, wq, has_bias: bool, grad: torch.Tensor) -> tuple:
     """Torch's own gradients of ``fn(x, w, bias)``: (grad x, grad w, grad bias or None)."""
     bias = torch.zeros(wq.shape[0], dtype=xq.dtype, device=xq.device) if has_bias else None
     with torch.enable_grad():
@@ -160,8 +165,8 @@ def _native_grads(fn: Callable, xq, wq, has_bias: bool, grad: torch.Tensor) -> t
 
 # -- linear ---------------------------------------------------------------------------------------
 def _linear_operands(x, w, b, roles: RoleFormats, seed, scales):
-    return (_role(roles, "input", x, -1, seed, scales), _role(roles, "weight", w, 0, seed, scales),
-            _role(roles, "bias", b, 0, seed, scales))
+    return (round_role(roles, "input", x, -1, seed, scales), round_role(roles, "weight", w, 0, seed, scales),
+            round_role(roles, "bias", b, 0, seed, scales))
 
 
 def _linear_sums(xq, wq, bq, fwd: ArithSpec, seed: int | None, roles: RoleFormats) -> torch.Tensor:
@@ -169,9 +174,9 @@ def _linear_sums(xq, wq, bq, fwd: ArithSpec, seed: int | None, roles: RoleFormat
     if fwd.is_native:
         return F.linear(xq, wq, bq)
     rows = xq.reshape(1, _rows(xq), xq.shape[-1])
-    y = _emulated(rows, wq.t()[None], fwd, op_seed(seed, 0), (roles.get("input"), roles.get("weight")))
+    y = emulated(rows, wq.t()[None], fwd, op_seed(seed, 0), (roles.get("input"), roles.get("weight")))
     if bq is not None:
-        y = _add_bias(y, bq, fwd, op_seed(seed, 0))
+        y = add_bias(y, bq, fwd, op_seed(seed, 0))
     return y.to(xq.dtype).reshape(*xq.shape[:-1], wq.shape[0])
 
 
@@ -181,18 +186,19 @@ def _fused_linear(x, w, b, roles: RoleFormats, fwd: ArithSpec, seed: int | None,
     backend has no such kernel for these roles and arithmetic."""
     if not _fuses(fwd, scales, x.device):
         return None
-    xr, round_x = _RoleTensor(roles, "input", x, -1, seed, None).for_kernel()
-    wr, round_w = _RoleTensor(roles, "weight", w, 0, seed, None).for_kernel()
+    xr, round_x = RoleTensor(roles, "input", x, -1, seed, None).for_kernel()
+    wr, round_w = RoleTensor(roles, "weight", w, 0, seed, None).for_kernel()
     out = roles.get("output") if rounds_in_kernel(roles.get("output"), x.device, True) else None
     fusion = GemmFusion(round_a=round_x, round_b=round_w, seed_a=_seed_of("input", seed),
-                        seed_b=_seed_of("weight", seed), b_transposed=True, bias=_role(roles, "bias", b, 0, seed, None),
-                        out_role=out, seed_out=_seed_of("output", seed))
+                        seed_b=_seed_of("weight", seed), b_transposed=True,
+                        bias=round_role(roles, "bias", b, 0, seed, None), out_role=out,
+                        seed_out=_seed_of("output", seed))
     y = backend_gemm(xr.reshape(1, _rows(x), x.shape[-1]), wr.t()[None], fwd,
                      (roles.get("input"), roles.get("weight")), fusion, seed=op_seed(seed, 0))
     if y is None:
         return None
     y = y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
-    return y if out is not None else _role(roles, "output", y, -1, seed, None)
+    return y if out is not None else round_role(roles, "output", y, -1, seed, None)
 
 
 def linear_forward(x, w, b, roles: RoleFormats, fwd: ArithSpec, seed: int | None, scales=None) -> torch.Tensor:
@@ -200,7 +206,7 @@ def linear_forward(x, w, b, roles: RoleFormats, fwd: ArithSpec, seed: int | None
     if y is not None:
         return y
     xq, wq, bq = _linear_operands(x, w, b, roles, seed, scales)
-    return _role(roles, "output", _linear_sums(xq, wq, bq, fwd, seed, roles), -1, seed, scales)
+    return round_role(roles, "output", _linear_sums(xq, wq, bq, fwd, seed, roles), -1, seed, scales)
 
 
 def linear_recompute(x, w, b, roles: RoleFormats, fwd: ArithSpec, high: Recompute, phi: str, seed: int | None,
@@ -209,25 +215,26 @@ def linear_recompute(x, w, b, roles: RoleFormats, fwd: ArithSpec, high: Recomput
     xq, wq, bq = _linear_operands(x, w, b, roles, seed, scales)
     y, low = _recomputed(lambda spec: _linear_sums(xq, wq, bq, spec, seed, roles),
                          lambda: magnitudes("linear", xq, wq, bq), fwd, high, phi)
-    return _role(roles, "output", y, -1, seed, scales), low
+    return round_role(roles, "output", y, -1, seed, scales), low
 
 
 def linear_backward(grad, x, w, has_bias: bool, roles: RoleFormats, fwd: ArithSpec, bwd: ArithSpec, seed,
                     scales=None):
-    g, xs, ws = (_RoleTensor(roles, "grad_output", grad, -1, seed, scales),
-                 _RoleTensor(roles, "input", x, -1, seed, scales), _RoleTensor(roles, "weight", w, 0, seed, scales))
+    g, xs, ws = (RoleTensor(roles, "grad_output", grad, -1, seed, scales),
+                 RoleTensor(roles, "input", x, -1, seed, scales), RoleTensor(roles, "weight", w, 0, seed, scales))
     if bwd.is_native:
-        gx, gw, gb = _native_grads(F.linear, xs.rounded, ws.rounded, has_bias, g.rounded)
-        return (_role(roles, "grad_input", gx, -1, seed, scales), _role(roles, "grad_weight", gw, 0, seed, scales),
-                _role(roles, "grad_bias", gb, 0, seed, scales))
+        gx, gw, gb = native_grads(F.linear, xs.rounded, ws.rounded, has_bias, g.rounded)
+        return (round_role(roles, "grad_input", gx, -1, seed, scales),
+                round_role(roles, "grad_weight", gw, 0, seed, scales),
+                round_role(roles, "grad_bias", gb, 0, seed, scales))
     rows = lambda t: t.reshape(1, _rows(x), w.shape[0])
-    gb = _sum_rows(rows(g.rounded)[0], bwd, op_seed(seed, 3)) if has_bias else None
-    gx = _backward_gemm(g, ws, lambda gt, wt: (rows(gt), wt[None], lambda y: y.reshape(x.shape), None), bwd,
-                        op_seed(seed, 1), "grad_input", -1)
-    gw = _backward_gemm(g, xs, lambda gt, xt: (rows(gt).transpose(1, 2), xt.reshape(1, _rows(x), x.shape[-1]),
-                                               lambda y: y[0], None),
-                        bwd, op_seed(seed, 2), "grad_weight", 0, transposed=(True, False))
-    return gx, gw, _role(roles, "grad_bias", gb, 0, seed, scales)
+    gb = sum_rows(rows(g.rounded)[0], bwd, op_seed(seed, 3)) if has_bias else None
+    gx = backward_gemm(g, ws, lambda gt, wt: (rows(gt), wt[None], lambda y: y.reshape(x.shape), None), bwd,
+                       op_seed(seed, 1), "grad_input", -1)
+    gw = backward_gemm(g, xs, lambda gt, xt: (rows(gt).transpose(1, 2), xt.reshape(1, _rows(x), x.shape[-1]),
+                                              lambda y: y[0], None),
+                       bwd, op_seed(seed, 2), "grad_weight", 0, transposed=(True, False))
+    return gx, gw, round_role(roles, "grad_bias", gb, 0, seed, scales)
 
 
 def _recomputed(sums: Callable[[ArithSpec], torch.Tensor], magnitude: Callable[[], torch.Tensor], fwd: ArithSpec,
@@ -255,12 +262,12 @@ def _rows(x: torch.Tensor) -> int:
     return _numel(x.shape, range(x.dim() - 1))
 
 
-def _sum_rows(g: torch.Tensor, spec: ArithSpec, seed) -> torch.Tensor:
+def sum_rows(g: torch.Tensor, spec: ArithSpec, seed) -> torch.Tensor:
     """Sum over dim 0 of a (R, C) tensor with the spec's accumulator (no products are rounded)."""
     if _sum_spec(spec).is_native:
         return g.sum(0)
     ones = torch.ones(1, g.shape[0], 1, dtype=g.dtype, device=g.device)
-    return _emulated(g.t()[None], ones, _sum_spec(spec), seed, exact_products=True)[0, :, 0].to(g.dtype)
+    return emulated(g.t()[None], ones, _sum_spec(spec), seed, exact_products=True)[0, :, 0].to(g.dtype)
 
 
 def _sum_spec(spec: ArithSpec) -> ArithSpec:
@@ -294,8 +301,8 @@ def _fused_matmul(a, b, roles: RoleFormats, fwd: ArithSpec, seed, scales) -> tor
         return None
     ea, eb, batch = _as_matrices(a, b)
     own = lambda x: (x.shape[:-2] if x.dim() > 1 else ()) == batch  # not broadcast: its own flat index
-    ar, round_a = _RoleTensor(roles, "input", a, -1, seed, None).for_kernel(plain=own(a))
-    br, round_b = _RoleTensor(roles, "weight", b, -1, seed, None).for_kernel(plain=own(b))
+    ar, round_a = RoleTensor(roles, "input", a, -1, seed, None).for_kernel(plain=own(a))
+    br, round_b = RoleTensor(roles, "weight", b, -1, seed, None).for_kernel(plain=own(b))
     ea, eb, _ = _as_matrices(ar, br)
     nb = _numel(batch, range(len(batch)))
     out = roles.get("output") if rounds_in_kernel(roles.get("output"), a.device, True) else None
@@ -306,7 +313,7 @@ def _fused_matmul(a, b, roles: RoleFormats, fwd: ArithSpec, seed, scales) -> tor
     if y is None:
         return None
     y = _matmul_result(y.to(a.dtype), a, b, batch)
-    return y if out is not None else _role(roles, "output", y, -1, seed, None)
+    return y if out is not None else round_role(roles, "output", y, -1, seed, None)
 
 
 def _matmul_result(y, a, b, batch) -> torch.Tensor:
@@ -323,17 +330,17 @@ def matmul_forward(a, b, roles: RoleFormats, fwd: ArithSpec, seed, scales=None) 
     y = _fused_matmul(a, b, roles, fwd, seed, scales)
     if y is not None:
         return y
-    aq, bq = _role(roles, "input", a, -1, seed, scales), _role(roles, "weight", b, -1, seed, scales)
-    return _role(roles, "output", _matmul_sums(aq, bq, fwd, seed, roles), -1, seed, scales)
+    aq, bq = round_role(roles, "input", a, -1, seed, scales), round_role(roles, "weight", b, -1, seed, scales)
+    return round_role(roles, "output", _matmul_sums(aq, bq, fwd, seed, roles), -1, seed, scales)
 
 
 def matmul_recompute(a, b, roles: RoleFormats, fwd: ArithSpec, high: Recompute, phi: str, seed,
                      scales=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``matmul_forward`` with the components ``high`` selects recomputed; and how many stayed low."""
-    aq, bq = _role(roles, "input", a, -1, seed, scales), _role(roles, "weight", b, -1, seed, scales)
+    aq, bq = round_role(roles, "input", a, -1, seed, scales), round_role(roles, "weight", b, -1, seed, scales)
     y, low = _recomputed(lambda spec: _matmul_sums(aq, bq, spec, seed, roles), lambda: magnitudes("matmul", aq, bq),
                          fwd, high, phi)
-    return _role(roles, "output", y, -1, seed, scales), low
+    return round_role(roles, "output", y, -1, seed, scales), low
 
 
 def _reduced_operands(left, right, target_shape):
@@ -359,12 +366,13 @@ def _numel(shape, dims) -> int:
 
 
 def matmul_backward(grad, a, b, roles: RoleFormats, fwd: ArithSpec, bwd: ArithSpec, seed, scales=None):
-    g, as_, bs = (_RoleTensor(roles, "grad_output", grad, -1, seed, scales),
-                  _RoleTensor(roles, "input", a, -1, seed, scales), _RoleTensor(roles, "weight", b, -1, seed, scales))
+    g, as_, bs = (RoleTensor(roles, "grad_output", grad, -1, seed, scales),
+                  RoleTensor(roles, "input", a, -1, seed, scales), RoleTensor(roles, "weight", b, -1, seed, scales))
     if bwd.is_native:
         with torch.enable_grad():
             ga, gb = torch.func.vjp(torch.matmul, as_.rounded, bs.rounded)[1](g.rounded)
-        return _role(roles, "grad_input", ga, -1, seed, scales), _role(roles, "grad_weight", gb, -1, seed, scales)
+        return (round_role(roles, "grad_input", ga, -1, seed, scales),
+                round_role(roles, "grad_weight", gb, -1, seed, scales))
     batch = _as_matrices(a, b)[2]
     a_shape = a.shape if a.dim() > 1 else (1, a.shape[0])
     b_shape = b.shape if b.dim() > 1 else (b.shape[0], 1)
@@ -382,10 +390,10 @@ def matmul_backward(grad, a, b, roles: RoleFormats, fwd: ArithSpec, bwd: ArithSp
         ea = _as_matrices(at, b)[0]
         return (*_reduced_operands(ea.transpose(-1, -2), grad2(gt), b_shape), lambda y: y.reshape(b.shape), None)
 
-    ga = _backward_gemm(g, bs, ga_operands, bwd, op_seed(seed, 1), "grad_input", -1, plain=(plain,) * 3,
-                        transposed=(False, True))
-    gb = _backward_gemm(as_, g, gb_operands, bwd, op_seed(seed, 2), "grad_weight", -1, plain=(plain,) * 3,
-                        transposed=(True, False))
+    ga = backward_gemm(g, bs, ga_operands, bwd, op_seed(seed, 1), "grad_input", -1, plain=(plain,) * 3,
+                       transposed=(False, True))
+    gb = backward_gemm(as_, g, gb_operands, bwd, op_seed(seed, 2), "grad_weight", -1, plain=(plain,) * 3,
+                       transposed=(True, False))
     return ga, gb
 
 
@@ -393,7 +401,7 @@ def matmul_backward(grad, a, b, roles: RoleFormats, fwd: ArithSpec, bwd: ArithSp
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-def _conv_index(spec: ArithSpec, a: torch.Tensor, out_shape: tuple, groups: int) -> torch.Tensor | None:
+def conv_index(spec: ArithSpec, a: torch.Tensor, out_shape: tuple, groups: int) -> torch.Tensor | None:
     """For a stochastic accumulator, the output elements' numbers (which count the random bits)
     in the layout of the GEMM over patches ``a``; None otherwise."""
     if not spec.stochastic:
@@ -406,7 +414,7 @@ def _conv_index(spec: ArithSpec, a: torch.Tensor, out_shape: tuple, groups: int)
 def _conv_gemm(x, w, stride, padding, dilation, groups, spec, seed, roles=(None, None)):
     """An emulated convolution without bias: float64 accumulator values, (N, C_out, *O)."""
     a, b, out_shape, to_output = conv_as_gemm_operands(x, w, stride, padding, dilation, groups)
-    return to_output(_emulated(a, b, spec, seed, roles, index=_conv_index(spec, a, out_shape, groups)))
+    return to_output(emulated(a, b, spec, seed, roles, index=conv_index(spec, a, out_shape, groups)))
 
 
 def _conv_sums(xq, wq, bq, stride, padding, dilation, groups, fwd: ArithSpec, seed,
@@ -416,13 +424,13 @@ def _conv_sums(xq, wq, bq, stride, padding, dilation, groups, fwd: ArithSpec, se
         return _CONV[wq.dim() - 2](xq, wq, bq, stride, padding, dilation, groups)
     y = _conv_gemm(xq, wq, stride, padding, dilation, groups, fwd, op_seed(seed, 0), roles)
     if bq is not None:
-        y = _add_bias(y, bq.reshape((1, -1) + (1,) * (y.dim() - 2)), fwd, op_seed(seed, 0))
+        y = add_bias(y, bq.reshape((1, -1) + (1,) * (y.dim() - 2)), fwd, op_seed(seed, 0))
     return y.to(xq.dtype)
 
 
 def _conv_operands(x, w, b, roles: RoleFormats, seed, scales):
-    return (_role(roles, "input", x, 1, seed, scales), _role(roles, "weight", w, 0, seed, scales),
-            _role(roles, "bias", b, 0, seed, scales))
+    return (round_role(roles, "input", x, 1, seed, scales), round_role(roles, "weight", w, 0, seed, scales),
+            round_role(roles, "bias", b, 0, seed, scales))
 
 
 def _fused_conv(x, w, b, conv: tuple, roles: RoleFormats, fwd: ArithSpec, seed, scales) -> torch.Tensor | None:
@@ -431,22 +439,22 @@ def _fused_conv(x, w, b, conv: tuple, roles: RoleFormats, fwd: ArithSpec, seed, 
     (the output's layout is not the GEMM's), in its epilogue; None where it has none."""
     if not _fuses(fwd, scales, x.device):
         return None
-    xr, round_x = _RoleTensor(roles, "input", x, 1, seed, None).for_kernel(plain=False, padded=True)
+    xr, round_x = RoleTensor(roles, "input", x, 1, seed, None).for_kernel(plain=False, padded=True)
     # the GEMM reads w as (G, C_g*K, C_out/G): its transpose per group
-    wr, round_w = _RoleTensor(roles, "weight", w, 0, seed, None).for_kernel()
+    wr, round_w = RoleTensor(roles, "weight", w, 0, seed, None).for_kernel()
     a, bm, out_shape, to_output = conv_as_gemm_operands(xr, wr, *conv)
     out = roles.get("output") if rounds_in_kernel(roles.get("output"), x.device, False) else None
-    bq = _role(roles, "bias", b, 0, seed, None)
+    bq = round_role(roles, "bias", b, 0, seed, None)
     fusion = GemmFusion(round_a=round_x, round_b=round_w, seed_a=_seed_of("input", seed),
                         seed_b=_seed_of("weight", seed), b_transposed=True,
                         bias=None if bq is None else bq.reshape(conv[-1], -1), out_role=out,
                         seed_out=_seed_of("output", seed))
     y = backend_gemm(a, bm, fwd, (roles.get("input"), roles.get("weight")), fusion, seed=op_seed(seed, 0),
-                     index=_conv_index(fwd, a, out_shape, conv[-1]))
+                     index=conv_index(fwd, a, out_shape, conv[-1]))
     if y is None:
         return None
     y = to_output(y.to(x.dtype))
-    return y if out is not None else _role(roles, "output", y, 1, seed, None)
+    return y if out is not None else round_role(roles, "output", y, 1, seed, None)
 
 
 def conv_forward(x, w, b, stride, padding, dilation, groups, roles: RoleFormats, fwd: ArithSpec, seed, scales=None):
@@ -455,8 +463,8 @@ def conv_forward(x, w, b, stride, padding, dilation, groups, roles: RoleFormats,
         return y
     xq, wq, bq = _conv_operands(x, w, b, roles, seed, scales)
     operands = (roles.get("input"), roles.get("weight"))
-    return _role(roles, "output", _conv_sums(xq, wq, bq, stride, padding, dilation, groups, fwd, seed, operands), 1,
-                 seed, scales)
+    y = _conv_sums(xq, wq, bq, stride, padding, dilation, groups, fwd, seed, operands)
+    return round_role(roles, "output", y, 1, seed, scales)
 
 
 def conv_recompute(x, w, b, stride, padding, dilation, groups, roles: RoleFormats, fwd: ArithSpec, high: Recompute,
@@ -467,27 +475,28 @@ def conv_recompute(x, w, b, stride, padding, dilation, groups, roles: RoleFormat
     operands = (roles.get("input"), roles.get("weight"))
     y, low = _recomputed(lambda spec: _conv_sums(xq, wq, bq, *conv, spec, seed, operands),
                          lambda: magnitudes(f"conv{wq.dim() - 2}d", xq, wq, bq, *conv), fwd, high, phi)
-    return _role(roles, "output", y, 1, seed, scales), low
+    return round_role(roles, "output", y, 1, seed, scales), low
 
 
 def conv_backward(grad, x, w, has_bias, stride, padding, dilation, groups, roles: RoleFormats,
                   fwd: ArithSpec, bwd: ArithSpec, seed, scales=None):
-    g, xs, ws = (_RoleTensor(roles, "grad_output", grad, 1, seed, scales),
-                 _RoleTensor(roles, "input", x, 1, seed, scales), _RoleTensor(roles, "weight", w, 0, seed, scales))
+    g, xs, ws = (RoleTensor(roles, "grad_output", grad, 1, seed, scales),
+                 RoleTensor(roles, "input", x, 1, seed, scales), RoleTensor(roles, "weight", w, 0, seed, scales))
     if bwd.is_native:  # the kernel torch's autograd calls for a convolution, without a forward to record
         gx, gw, gb = torch.ops.aten.convolution_backward(g.rounded, xs.rounded, ws.rounded,
                                                          [w.shape[0]] if has_bias else None, stride, padding,
                                                          dilation, False, [0] * (w.dim() - 2), groups,
                                                          [True, True, has_bias])
-        return (_role(roles, "grad_input", gx, 1, seed, scales), _role(roles, "grad_weight", gw, 0, seed, scales),
-                _role(roles, "grad_bias", gb, 0, seed, scales))
+        return (round_role(roles, "grad_input", gx, 1, seed, scales),
+                round_role(roles, "grad_weight", gw, 0, seed, scales),
+                round_role(roles, "grad_bias", gb, 0, seed, scales))
     n, c_out = grad.shape[0], grad.shape[1]
-    gb = _sum_rows(g.rounded.transpose(0, 1).reshape(c_out, -1).t(), bwd, op_seed(seed, 3)) if has_bias else None
+    gb = sum_rows(g.rounded.transpose(0, 1).reshape(c_out, -1).t(), bwd, op_seed(seed, 3)) if has_bias else None
 
     def gx_operands(gt, wt):  # grad_input: a stride-1 convolution of the upsampled gradient
         a, b, x_shape, to_input = conv_as_gemm_operands(
             *transposed_conv_operands(gt, wt, x.shape, stride, padding, dilation, groups), groups)
-        return a, b, to_input, _conv_index(bwd, a, x_shape, groups)
+        return a, b, to_input, conv_index(bwd, a, x_shape, groups)
 
     def gw_operands(gt, xt):  # grad_weight: grad_output's rows against the input's patches
         rows = gt.reshape(n, groups, c_out // groups, -1).permute(1, 2, 0, 3).reshape(groups, c_out // groups, -1)
@@ -495,11 +504,11 @@ def conv_backward(grad, x, w, has_bias, stride, padding, dilation, groups, roles
         return rows, patches, lambda y: y.reshape(w.shape), None
 
     # the unfolded and permuted operands are not laid out as their role tensors, and hold padding zeros
-    gx = _backward_gemm(g, ws, gx_operands, bwd, op_seed(seed, 1), "grad_input", 1, plain=(False, False, False),
-                        padded=(True, False))
-    gw = _backward_gemm(g, xs, gw_operands, bwd, op_seed(seed, 2), "grad_weight", 0, plain=(False, False, True),
-                        padded=(False, True))
-    return gx, gw, _role(roles, "grad_bias", gb, 0, seed, scales)
+    gx = backward_gemm(g, ws, gx_operands, bwd, op_seed(seed, 1), "grad_input", 1, plain=(False, False, False),
+                       padded=(True, False))
+    gw = backward_gemm(g, xs, gw_operands, bwd, op_seed(seed, 2), "grad_weight", 0, plain=(False, False, True),
+                       padded=(False, True))
+    return gx, gw, round_role(roles, "grad_bias", gb, 0, seed, scales)
 
 
 # -- reductions -----------------------------------------------------------------------------------
@@ -511,7 +520,7 @@ def _reduce(x, dims, keepdim, spec, seed):
     count = _numel(x.shape, dims)
     rows = x.permute(*kept, *dims).reshape(1, _numel(x.shape, kept), count)
     ones = torch.ones(1, count, 1, dtype=x.dtype, device=x.device)
-    s = _emulated(rows, ones, _sum_spec(spec), seed, exact_products=True)
+    s = emulated(rows, ones, _sum_spec(spec), seed, exact_products=True)
     shape = [1 if d in dims else x.shape[d] for d in range(nd)] if keepdim else [x.shape[d] for d in kept]
     return s.reshape(shape), count
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .api import Formats, High, Spec, _fx_leaf, matmul
+from .api import Formats, High, Spec, fx_leaf, matmul, renamed_spec
 
 __all__ = ["EinsumPlan", "einsum_plan", "einsum"]
 
@@ -61,19 +61,21 @@ def _laid_out(t: torch.Tensor, term: str, parts: tuple[str, ...], sizes: dict[st
     return t.reshape([math.prod(sizes[c] for c in part) for part in parts])
 
 
-@_fx_leaf
-def einsum(equation: str, a: torch.Tensor, b: torch.Tensor, *, formats: Formats = None, spec: Spec = None,
+@fx_leaf
+def einsum(equation: str, a: torch.Tensor, b: torch.Tensor, *, formats: Formats = None, forward: Spec = None,
            backward: Spec = None, seed: int | None = None, amax_history: torch.Tensor | None = None,
            recompute: High = None, activation: str | None = None, counts: torch.Tensor | None = None,
-           backend: str = "auto") -> torch.Tensor:
+           backend: str = "auto", spec: Spec = None) -> torch.Tensor:
     """``torch.einsum(equation, a, b)`` with emulated arithmetic, as one batched ``matmul``.
 
     Args:
         equation: a two-operand equation that ``einsum_plan`` lays out as a matrix product.
         a, b: the operands (roles ``input`` and ``weight``); size-1 dims broadcast, as in torch.
-        formats, spec, backward, seed, amax_history, recompute, activation, counts, backend:
+        formats, forward, backward, seed, amax_history, recompute, activation, counts, backend:
             as ``matmul``'s, for the one product.
+        spec: deprecated: the old name of ``forward``; warns.
     """
+    forward = renamed_spec("einsum", forward, spec)
     plan = einsum_plan(equation)
     if plan is None:
         raise ValueError(f"mpcompile.ops.einsum: {equation!r} is not a matrix product of two operands (each index "
@@ -88,8 +90,8 @@ def einsum(equation: str, a: torch.Tensor, b: torch.Tensor, *, formats: Formats 
                 raise ValueError(f"mpcompile.ops.einsum: {equation!r}: index {c!r} has sizes {sizes[c]} and {n}")
             sizes[c] = max(sizes.get(c, 1), n)
     product = matmul(_laid_out(a, plan.a, (plan.batch, plan.left, plan.contracted), sizes),
-                     _laid_out(b, plan.b, (plan.batch, plan.contracted, plan.right), sizes), spec, formats=formats,
-                     backward=backward, seed=seed, amax_history=amax_history, recompute=recompute,
+                     _laid_out(b, plan.b, (plan.batch, plan.contracted, plan.right), sizes), formats=formats,
+                     forward=forward, backward=backward, seed=seed, amax_history=amax_history, recompute=recompute,
                      activation=activation, counts=counts, backend=backend)
     order = plan.batch + plan.left + plan.right
     return product.reshape([sizes[c] for c in order]).permute([order.index(c) for c in plan.out])

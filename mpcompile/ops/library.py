@@ -16,39 +16,85 @@ backward op gets the forward's.
 (``high``) and the consumer activation's name (``phi``, "" for none) on top, and return the
 output and the number of its components computed in the low (forward) arithmetic. Their
 backward is the plain op's.
+
+Each op's signature is declared once, by its Python function (``mpc_op``): autograd formulas
+read their inputs by argument name (``inputs_of``) and return one gradient per argument
+(``gradients``), so no formula counts positions. Ops of other files (``addmm``,
+``conv_transpose``) are built with the same helpers.
 """
 from __future__ import annotations
 
-from typing import Optional
+import inspect
+from types import SimpleNamespace
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..backends import use_backend
-from . import kernels
+from . import bodies
 from .roles import delayed_scale, quantize_role, record_amax
 from .spec import ROLES, parse_arith, parse_quant, parse_recompute, parse_roles
 
-__all__ = ["delayed_scales", "quant", "linear", "matmul", "conv", "linear_recompute", "matmul_recompute", "conv_recompute",
-           "reduce_sum", "reduce_mean"]
+__all__ = ["mpc_op", "inputs_of", "gradients", "seed_value", "grad_seed", "save_gemm", "backward_scales", "dense",
+           "count_like", "delayed_scales", "quant", "linear", "matmul", "conv", "linear_recompute", "matmul_recompute",
+           "conv_recompute", "reduce_sum", "reduce_mean"]
 
 
-def _seed(seed: Optional[torch.Tensor]) -> int | None:
+# -- declaring ops ----------------------------------------------------------------------------------
+_ARGUMENTS: dict[object, tuple[str, ...]] = {}  # op -> its argument names, in schema order
+
+
+def mpc_op(name: str, *, mutates_args: tuple[str, ...] = ()) -> Callable:
+    """``torch.library.custom_op("mpc::<name>")`` of the decorated function, whose argument names
+    (the op's schema) are kept for ``inputs_of`` and ``gradients``."""
+    def define(fn: Callable):
+        op = torch.library.custom_op(f"mpc::{name}", mutates_args=mutates_args)(fn)
+        _ARGUMENTS[op] = tuple(inspect.signature(fn).parameters)
+        return op
+    return define
+
+
+def inputs_of(op, inputs: tuple) -> SimpleNamespace:
+    """The ``inputs`` a setup_context of ``op`` receives, by the op's argument names."""
+    names = _ARGUMENTS[op]
+    if len(inputs) != len(names):
+        raise TypeError(f"mpc op {names}: got {len(inputs)} inputs")
+    return SimpleNamespace(**dict(zip(names, inputs)))
+
+
+def gradients(op, **grads) -> tuple:
+    """One gradient per argument of ``op``, in order: those named, None for the others."""
+    names = _ARGUMENTS[op]
+    unknown = set(grads) - set(names)
+    if unknown:
+        raise TypeError(f"gradients of {', '.join(sorted(unknown))}: not arguments of the op ({', '.join(names)})")
+    return tuple(grads.get(name) for name in names)
+
+
+def seed_value(seed: Optional[torch.Tensor]) -> int | None:
+    """An op's seed tensor as the int the bodies take (None: no stochastic rounding)."""
     return None if seed is None else int(seed)
 
 
-def _grad_seed(seed: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def grad_seed(seed: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The seed of a gradient's own random bits, derived from the op's seed."""
     return None if seed is None else seed ^ 0x2545F491  # another word: the gradient's own bits
 
 
 _GRAD_OUTPUT = ROLES.index("grad_output")
 
 
-def _history_setup(ctx, scales: Optional[torch.Tensor], history: Optional[torch.Tensor]) -> None:
-    ctx.scales, ctx.history = scales, history
+def save_gemm(ctx, args: SimpleNamespace, *tensors: str) -> None:
+    """What the backward of a GEMM-like op reads from its inputs ``args`` (``inputs_of``): roles,
+    fwd, bwd, backend, scales and history on ctx, and the tensors named and the seed saved
+    (``ctx.saved_tensors`` is them in that order, the seed last)."""
+    ctx.roles, ctx.fwd, ctx.bwd, ctx.backend = args.roles, args.fwd, args.bwd, args.backend
+    ctx.scales, ctx.history = args.scales, args.history
+    ctx.save_for_backward(*(getattr(args, t) for t in tensors), args.seed)
 
 
-def _backward_scales(ctx, grad: torch.Tensor) -> Optional[torch.Tensor]:
+def backward_scales(ctx, grad: torch.Tensor) -> Optional[torch.Tensor]:
     """The forward's scales, plus grad_output's from the history when it is tensor_delayed."""
     spec = parse_roles(ctx.roles).get("grad_output")
     if ctx.history is None or spec is None or spec.scaling != "tensor_delayed":
@@ -59,8 +105,18 @@ def _backward_scales(ctx, grad: torch.Tensor) -> Optional[torch.Tensor]:
     return scales
 
 
+def dense(gx, gw, gb, w) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Contiguous gradients (the layout the fake implementations promise); no bias: empty."""
+    return gx.contiguous(), gw.contiguous(), gb.contiguous() if gb is not None else w.new_empty(0)
+
+
+def count_like(x: torch.Tensor) -> torch.Tensor:
+    """An empty int64 0-d tensor on x's device: the fake of a count of components."""
+    return x.new_empty((), dtype=torch.int64)
+
+
 # -- delayed scales -------------------------------------------------------------------------------
-@torch.library.custom_op("mpc::delayed_scales", mutates_args=("history",))
+@mpc_op("delayed_scales", mutates_args=("history",))
 def delayed_scales(history: torch.Tensor, roles: str, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """The factors (float64, one per role of ``ROLES``, 1 where not delayed) of the ``tensor_delayed``
     input (x) and weight (w) roles, from ``history``, whose rows then take x's and w's amaxes.
@@ -81,12 +137,12 @@ def _(history, roles, x, w):
 
 
 # -- quant ----------------------------------------------------------------------------------------
-@torch.library.custom_op("mpc::quant", mutates_args=())
+@mpc_op("quant")
 def quant(x: torch.Tensor, fmt: str, grad_fmt: str, axis: int, seed: Optional[torch.Tensor],
           backend: str = "auto") -> torch.Tensor:
     """x rounded to ``fmt`` (a QuantSpec string; "" = unchanged); the gradient to ``grad_fmt``."""
     with use_backend(backend):
-        y = quantize_role(x, parse_quant(fmt) if fmt else None, axis=axis, seed=_seed(seed))
+        y = quantize_role(x, parse_quant(fmt) if fmt else None, axis=axis, seed=seed_value(seed))
     return y.clone(memory_format=torch.contiguous_format)  # never an alias of x
 
 
@@ -96,25 +152,26 @@ def _(x, fmt, grad_fmt, axis, seed, backend="auto"):
 
 
 def _quant_setup(ctx, inputs, output):
-    ctx.grad_fmt, ctx.axis, ctx.seed, ctx.backend = inputs[2], inputs[3], inputs[4], inputs[5]
+    args = inputs_of(quant, inputs)
+    ctx.grad_fmt, ctx.axis, ctx.seed, ctx.backend = args.grad_fmt, args.axis, args.seed, args.backend
 
 
 def _quant_backward(ctx, grad):
-    seed = _grad_seed(ctx.seed)
-    return torch.ops.mpc.quant(grad, ctx.grad_fmt, "", ctx.axis, seed, ctx.backend), None, None, None, None, None
+    gx = torch.ops.mpc.quant(grad, ctx.grad_fmt, "", ctx.axis, grad_seed(ctx.seed), ctx.backend)
+    return gradients(quant, x=gx)
 
 
 quant.register_autograd(_quant_backward, setup_context=_quant_setup)
 
 
 # -- linear ---------------------------------------------------------------------------------------
-@torch.library.custom_op("mpc::linear", mutates_args=())
+@mpc_op("linear")
 def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], roles: str, fwd: str, bwd: str,
            seed: Optional[torch.Tensor], scales: Optional[torch.Tensor] = None,
            history: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
     """y = x W^T + b with per-role formats and the forward arithmetic ``fwd``."""
     with use_backend(backend):
-        y = kernels.linear_forward(x, w, b, parse_roles(roles), parse_arith(fwd), _seed(seed), scales)
+        y = bodies.linear_forward(x, w, b, parse_roles(roles), parse_arith(fwd), seed_value(seed), scales)
     return y.contiguous()
 
 
@@ -123,19 +180,14 @@ def _(x, w, b, roles, fwd, bwd, seed, scales=None, history=None, backend="auto")
     return x.new_empty(*x.shape[:-1], w.shape[0])
 
 
-@torch.library.custom_op("mpc::linear_backward", mutates_args=())
+@mpc_op("linear_backward")
 def linear_backward(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, has_bias: bool, roles: str, fwd: str,
                     bwd: str, seed: Optional[torch.Tensor], scales: Optional[torch.Tensor] = None,
                     backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     with use_backend(backend):
-        gx, gw, gb = kernels.linear_backward(grad, x, w, has_bias, parse_roles(roles), parse_arith(fwd),
-                                             parse_arith(bwd), _seed(seed), scales)
-    return _dense(gx, gw, gb, w)
-
-
-def _dense(gx, gw, gb, w) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Contiguous gradients (the layout the fake implementations promise); no bias: empty."""
-    return gx.contiguous(), gw.contiguous(), gb.contiguous() if gb is not None else w.new_empty(0)
+        gx, gw, gb = bodies.linear_backward(grad, x, w, has_bias, parse_roles(roles), parse_arith(fwd),
+                                            parse_arith(bwd), seed_value(seed), scales)
+    return dense(gx, gw, gb, w)
 
 
 @linear_backward.register_fake
@@ -143,63 +195,54 @@ def _(grad, x, w, has_bias, roles, fwd, bwd, seed, scales=None, backend="auto"):
     return x.new_empty(x.shape), w.new_empty(w.shape), w.new_empty(w.shape[0] if has_bias else 0)
 
 
-def _linear_setup(ctx, inputs, output):
-    x, w, b, ctx.roles, ctx.fwd, ctx.bwd, seed, scales, history, ctx.backend = inputs
-    ctx.has_bias = b is not None
-    _history_setup(ctx, scales, history)
-    ctx.save_for_backward(x, w, seed)
+def _save_linear(ctx, args: SimpleNamespace) -> None:
+    save_gemm(ctx, args, "x", "w")
+    ctx.has_bias = args.b is not None
 
 
-def _linear_grad(ctx, grad):
+def _linear_grads(ctx, grad) -> dict:
+    """{x, w, b: gradient} of a linear op."""
     x, w, seed = ctx.saved_tensors
     gx, gw, gb = torch.ops.mpc.linear_backward(grad, x, w, ctx.has_bias, ctx.roles, ctx.fwd, ctx.bwd, seed,
-                                               _backward_scales(ctx, grad), ctx.backend)
-    return (gx, gw, gb if ctx.has_bias else None) + (None,) * 7
+                                               backward_scales(ctx, grad), ctx.backend)
+    return {"x": gx, "w": gw, "b": gb if ctx.has_bias else None}
 
 
-linear.register_autograd(_linear_grad, setup_context=_linear_setup)
+linear.register_autograd(lambda ctx, grad: gradients(linear, **_linear_grads(ctx, grad)),
+                         setup_context=lambda ctx, inputs, output: _save_linear(ctx, inputs_of(linear, inputs)))
 
 
-def _count_like(x: torch.Tensor) -> torch.Tensor:
-    return x.new_empty((), dtype=torch.int64)
-
-
-@torch.library.custom_op("mpc::linear_recompute", mutates_args=())
+@mpc_op("linear_recompute")
 def linear_recompute(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], roles: str, fwd: str, bwd: str,
                      high: str, phi: str, seed: Optional[torch.Tensor], scales: Optional[torch.Tensor] = None,
-                     history: Optional[torch.Tensor] = None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                     history: Optional[torch.Tensor] = None,
+                     backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """``linear`` with the components whose kappa estimate exceeds ``high``'s tau recomputed in its
     arithmetic; and the number of components left in ``fwd``."""
     with use_backend(backend):
-        y, low = kernels.linear_recompute(x, w, b, parse_roles(roles), parse_arith(fwd), parse_recompute(high), phi,
-                                          _seed(seed), scales)
+        y, low = bodies.linear_recompute(x, w, b, parse_roles(roles), parse_arith(fwd), parse_recompute(high), phi,
+                                         seed_value(seed), scales)
     return y.contiguous(), low
 
 
 @linear_recompute.register_fake
 def _(x, w, b, roles, fwd, bwd, high, phi, seed, scales=None, history=None, backend="auto"):
-    return x.new_empty(*x.shape[:-1], w.shape[0]), _count_like(x)
+    return x.new_empty(*x.shape[:-1], w.shape[0]), count_like(x)
 
 
-def _linear_recompute_setup(ctx, inputs, output):
-    _linear_setup(ctx, inputs[:6] + inputs[8:], output)
-
-
-def _linear_recompute_grad(ctx, grad, _):
-    return _linear_grad(ctx, grad)[:3] + (None,) * 9
-
-
-linear_recompute.register_autograd(_linear_recompute_grad, setup_context=_linear_recompute_setup)
+linear_recompute.register_autograd(
+    lambda ctx, grad, _: gradients(linear_recompute, **_linear_grads(ctx, grad)),
+    setup_context=lambda ctx, inputs, output: _save_linear(ctx, inputs_of(linear_recompute, inputs)))
 
 
 # -- matmul ---------------------------------------------------------------------------------------
-@torch.library.custom_op("mpc::matmul", mutates_args=())
+@mpc_op("matmul")
 def matmul(a: torch.Tensor, b: torch.Tensor, roles: str, fwd: str, bwd: str, seed: Optional[torch.Tensor],
            scales: Optional[torch.Tensor] = None, history: Optional[torch.Tensor] = None,
            backend: str = "auto") -> torch.Tensor:
     """torch.matmul (broadcasting, 1-d operands) with roles input = a, weight = b."""
     with use_backend(backend):
-        y = kernels.matmul_forward(a, b, parse_roles(roles), parse_arith(fwd), _seed(seed), scales)
+        y = bodies.matmul_forward(a, b, parse_roles(roles), parse_arith(fwd), seed_value(seed), scales)
     return y.contiguous()
 
 
@@ -208,13 +251,13 @@ def _(a, b, roles, fwd, bwd, seed, scales=None, history=None, backend="auto"):
     return a.new_empty(torch.matmul(a, b).shape)
 
 
-@torch.library.custom_op("mpc::matmul_backward", mutates_args=())
+@mpc_op("matmul_backward")
 def matmul_backward(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, roles: str, fwd: str, bwd: str,
                     seed: Optional[torch.Tensor], scales: Optional[torch.Tensor] = None,
                     backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     with use_backend(backend):
-        ga, gb = kernels.matmul_backward(grad, a, b, parse_roles(roles), parse_arith(fwd), parse_arith(bwd),
-                                         _seed(seed), scales)
+        ga, gb = bodies.matmul_backward(grad, a, b, parse_roles(roles), parse_arith(fwd), parse_arith(bwd),
+                                        seed_value(seed), scales)
     return ga.contiguous(), gb.contiguous()
 
 
@@ -223,59 +266,50 @@ def _(grad, a, b, roles, fwd, bwd, seed, scales=None, backend="auto"):
     return a.new_empty(a.shape), b.new_empty(b.shape)
 
 
-def _matmul_setup(ctx, inputs, output):
-    a, b, ctx.roles, ctx.fwd, ctx.bwd, seed, scales, history, ctx.backend = inputs
-    _history_setup(ctx, scales, history)
-    ctx.save_for_backward(a, b, seed)
-
-
-def _matmul_grad(ctx, grad):
+def _matmul_grads(ctx, grad) -> dict:
+    """{a, b: gradient} of a matmul op."""
     a, b, seed = ctx.saved_tensors
-    ga, gb = torch.ops.mpc.matmul_backward(grad, a, b, ctx.roles, ctx.fwd, ctx.bwd, seed, _backward_scales(ctx, grad),
+    ga, gb = torch.ops.mpc.matmul_backward(grad, a, b, ctx.roles, ctx.fwd, ctx.bwd, seed, backward_scales(ctx, grad),
                                            ctx.backend)
-    return (ga, gb) + (None,) * 7
+    return {"a": ga, "b": gb}
 
 
-matmul.register_autograd(_matmul_grad, setup_context=_matmul_setup)
+matmul.register_autograd(lambda ctx, grad: gradients(matmul, **_matmul_grads(ctx, grad)),
+                         setup_context=lambda ctx, inputs, output: save_gemm(ctx, inputs_of(matmul, inputs), "a", "b"))
 
 
-@torch.library.custom_op("mpc::matmul_recompute", mutates_args=())
+@mpc_op("matmul_recompute")
 def matmul_recompute(a: torch.Tensor, b: torch.Tensor, roles: str, fwd: str, bwd: str, high: str, phi: str,
                      seed: Optional[torch.Tensor], scales: Optional[torch.Tensor] = None,
-                     history: Optional[torch.Tensor] = None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                     history: Optional[torch.Tensor] = None,
+                     backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """``matmul`` with recomputed components, as ``linear_recompute``."""
     with use_backend(backend):
-        y, low = kernels.matmul_recompute(a, b, parse_roles(roles), parse_arith(fwd), parse_recompute(high), phi,
-                                          _seed(seed), scales)
+        y, low = bodies.matmul_recompute(a, b, parse_roles(roles), parse_arith(fwd), parse_recompute(high), phi,
+                                         seed_value(seed), scales)
     return y.contiguous(), low
 
 
 @matmul_recompute.register_fake
 def _(a, b, roles, fwd, bwd, high, phi, seed, scales=None, history=None, backend="auto"):
-    return a.new_empty(torch.matmul(a, b).shape), _count_like(a)
+    return a.new_empty(torch.matmul(a, b).shape), count_like(a)
 
 
-def _matmul_recompute_setup(ctx, inputs, output):
-    _matmul_setup(ctx, inputs[:5] + inputs[7:], output)
-
-
-def _matmul_recompute_grad(ctx, grad, _):
-    return _matmul_grad(ctx, grad)[:2] + (None,) * 9
-
-
-matmul_recompute.register_autograd(_matmul_recompute_grad, setup_context=_matmul_recompute_setup)
+matmul_recompute.register_autograd(
+    lambda ctx, grad, _: gradients(matmul_recompute, **_matmul_grads(ctx, grad)),
+    setup_context=lambda ctx, inputs, output: save_gemm(ctx, inputs_of(matmul_recompute, inputs), "a", "b"))
 
 
 # -- conv -----------------------------------------------------------------------------------------
-@torch.library.custom_op("mpc::conv", mutates_args=())
+@mpc_op("conv")
 def conv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], stride: list[int], padding: list[int],
          dilation: list[int], groups: int, roles: str, fwd: str, bwd: str, seed: Optional[torch.Tensor],
          scales: Optional[torch.Tensor] = None, history: Optional[torch.Tensor] = None,
          backend: str = "auto") -> torch.Tensor:
     """conv1d/2d/3d (by w's rank) with per-role formats and the forward arithmetic ``fwd``."""
     with use_backend(backend):
-        y = kernels.conv_forward(x, w, b, stride, padding, dilation, groups, parse_roles(roles), parse_arith(fwd),
-                                 _seed(seed), scales)
+        y = bodies.conv_forward(x, w, b, stride, padding, dilation, groups, parse_roles(roles), parse_arith(fwd),
+                                seed_value(seed), scales)
     return y.contiguous()
 
 
@@ -287,15 +321,16 @@ def _(x, w, b, stride, padding, dilation, groups, roles, fwd, bwd, seed, scales=
     return x.new_empty(_CONV[w.dim() - 2](x, w, b, stride, padding, dilation, groups).shape)
 
 
-@torch.library.custom_op("mpc::conv_backward", mutates_args=())
+@mpc_op("conv_backward")
 def conv_backward(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, has_bias: bool, stride: list[int],
                   padding: list[int], dilation: list[int], groups: int, roles: str, fwd: str, bwd: str,
                   seed: Optional[torch.Tensor], scales: Optional[torch.Tensor] = None,
                   backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     with use_backend(backend):
-        gx, gw, gb = kernels.conv_backward(grad, x, w, has_bias, stride, padding, dilation, groups,
-                                           parse_roles(roles), parse_arith(fwd), parse_arith(bwd), _seed(seed), scales)
-    return _dense(gx, gw, gb, w)
+        gx, gw, gb = bodies.conv_backward(grad, x, w, has_bias, stride, padding, dilation, groups,
+                                          parse_roles(roles), parse_arith(fwd), parse_arith(bwd), seed_value(seed),
+                                          scales)
+    return dense(gx, gw, gb, w)
 
 
 @conv_backward.register_fake
@@ -303,69 +338,63 @@ def _(grad, x, w, has_bias, stride, padding, dilation, groups, roles, fwd, bwd, 
     return x.new_empty(x.shape), w.new_empty(w.shape), w.new_empty(w.shape[0] if has_bias else 0)
 
 
-def _conv_setup(ctx, inputs, output):
-    (x, w, b, ctx.stride, ctx.padding, ctx.dilation, ctx.groups, ctx.roles, ctx.fwd, ctx.bwd, seed, scales, history,
-     ctx.backend) = inputs
-    ctx.has_bias = b is not None
-    _history_setup(ctx, scales, history)
-    ctx.save_for_backward(x, w, seed)
+def _save_conv(ctx, args: SimpleNamespace) -> None:
+    save_gemm(ctx, args, "x", "w")
+    ctx.has_bias = args.b is not None
+    ctx.conv = (args.stride, args.padding, args.dilation, args.groups)
 
 
-def _conv_grad(ctx, grad):
+def _conv_grads(ctx, grad) -> dict:
+    """{x, w, b: gradient} of a conv op."""
     x, w, seed = ctx.saved_tensors
-    gx, gw, gb = torch.ops.mpc.conv_backward(grad, x, w, ctx.has_bias, ctx.stride, ctx.padding, ctx.dilation,
-                                             ctx.groups, ctx.roles, ctx.fwd, ctx.bwd, seed, _backward_scales(ctx, grad),
-                                             ctx.backend)
-    return (gx, gw, gb if ctx.has_bias else None) + (None,) * 11
+    gx, gw, gb = torch.ops.mpc.conv_backward(grad, x, w, ctx.has_bias, *ctx.conv, ctx.roles, ctx.fwd, ctx.bwd, seed,
+                                             backward_scales(ctx, grad), ctx.backend)
+    return {"x": gx, "w": gw, "b": gb if ctx.has_bias else None}
 
 
-conv.register_autograd(_conv_grad, setup_context=_conv_setup)
+conv.register_autograd(lambda ctx, grad: gradients(conv, **_conv_grads(ctx, grad)),
+                       setup_context=lambda ctx, inputs, output: _save_conv(ctx, inputs_of(conv, inputs)))
 
 
-@torch.library.custom_op("mpc::conv_recompute", mutates_args=())
+@mpc_op("conv_recompute")
 def conv_recompute(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], stride: list[int],
                    padding: list[int], dilation: list[int], groups: int, roles: str, fwd: str, bwd: str, high: str,
                    phi: str, seed: Optional[torch.Tensor], scales: Optional[torch.Tensor] = None,
-                   history: Optional[torch.Tensor] = None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                   history: Optional[torch.Tensor] = None,
+                   backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """``conv`` with recomputed components, as ``linear_recompute``."""
     with use_backend(backend):
-        y, low = kernels.conv_recompute(x, w, b, stride, padding, dilation, groups, parse_roles(roles),
-                                        parse_arith(fwd), parse_recompute(high), phi, _seed(seed), scales)
+        y, low = bodies.conv_recompute(x, w, b, stride, padding, dilation, groups, parse_roles(roles),
+                                       parse_arith(fwd), parse_recompute(high), phi, seed_value(seed), scales)
     return y.contiguous(), low
 
 
 @conv_recompute.register_fake
 def _(x, w, b, stride, padding, dilation, groups, roles, fwd, bwd, high, phi, seed, scales=None, history=None,
       backend="auto"):
-    return x.new_empty(_CONV[w.dim() - 2](x, w, b, stride, padding, dilation, groups).shape), _count_like(x)
+    return x.new_empty(_CONV[w.dim() - 2](x, w, b, stride, padding, dilation, groups).shape), count_like(x)
 
 
-def _conv_recompute_setup(ctx, inputs, output):
-    _conv_setup(ctx, inputs[:10] + inputs[12:], output)
-
-
-def _conv_recompute_grad(ctx, grad, _):
-    return _conv_grad(ctx, grad)[:3] + (None,) * 13
-
-
-conv_recompute.register_autograd(_conv_recompute_grad, setup_context=_conv_recompute_setup)
+conv_recompute.register_autograd(
+    lambda ctx, grad, _: gradients(conv_recompute, **_conv_grads(ctx, grad)),
+    setup_context=lambda ctx, inputs, output: _save_conv(ctx, inputs_of(conv_recompute, inputs)))
 
 
 # -- sum / mean -------------------------------------------------------------------------------------
-@torch.library.custom_op("mpc::sum", mutates_args=())
+@mpc_op("sum")
 def reduce_sum(x: torch.Tensor, dim: list[int], keepdim: bool, spec: str, seed: Optional[torch.Tensor],
                backend: str = "auto") -> torch.Tensor:
     """x summed over ``dim`` (all if empty) with the accumulator of ``spec``."""
     with use_backend(backend):
-        return kernels.reduce_sum(x, dim, keepdim, parse_arith(spec), _seed(seed)).contiguous()
+        return bodies.reduce_sum(x, dim, keepdim, parse_arith(spec), seed_value(seed)).contiguous()
 
 
-@torch.library.custom_op("mpc::mean", mutates_args=())
+@mpc_op("mean")
 def reduce_mean(x: torch.Tensor, dim: list[int], keepdim: bool, spec: str, seed: Optional[torch.Tensor],
                 backend: str = "auto") -> torch.Tensor:
     """The sum, then one rounding of sum / count to the accumulator format."""
     with use_backend(backend):
-        return kernels.reduce_mean(x, dim, keepdim, parse_arith(spec), _seed(seed)).contiguous()
+        return bodies.reduce_mean(x, dim, keepdim, parse_arith(spec), seed_value(seed)).contiguous()
 
 
 @reduce_sum.register_fake
@@ -378,22 +407,22 @@ def _(x, dim, keepdim, spec, seed, backend="auto"):
     return x.new_empty(x.sum(dim=dim or None, keepdim=keepdim).shape)
 
 
-def _reduce_setup(ctx, inputs, output):
-    x, ctx.dim, ctx.keepdim = inputs[0], inputs[1], inputs[2]
-    ctx.shape = x.shape
-    ctx.count = x.numel() // max(output.numel(), 1) if x.numel() else 0
+def _reduce_setup(op, ctx, inputs, output):
+    args = inputs_of(op, inputs)
+    ctx.dim, ctx.keepdim, ctx.shape = args.dim, args.keepdim, args.x.shape
+    ctx.count = args.x.numel() // max(output.numel(), 1) if args.x.numel() else 0
 
 
-def _sum_grad(ctx, grad):
+def _expanded(ctx, grad):
+    """grad of the reduced tensor, broadcast back over the reduced dims."""
     if not ctx.keepdim:
         for d in sorted(d % len(ctx.shape) for d in (ctx.dim or range(len(ctx.shape)))):
             grad = grad.unsqueeze(d)
-    return grad.expand(ctx.shape), None, None, None, None, None
+    return grad.expand(ctx.shape)
 
 
-def _mean_grad(ctx, grad):
-    return (_sum_grad(ctx, grad)[0] / ctx.count,) + (None,) * 5
-
-
-reduce_sum.register_autograd(_sum_grad, setup_context=_reduce_setup)
-reduce_mean.register_autograd(_mean_grad, setup_context=_reduce_setup)
+reduce_sum.register_autograd(lambda ctx, grad: gradients(reduce_sum, x=_expanded(ctx, grad)),
+                             setup_context=lambda ctx, inputs, output: _reduce_setup(reduce_sum, ctx, inputs, output))
+reduce_mean.register_autograd(lambda ctx, grad: gradients(reduce_mean, x=_expanded(ctx, grad) / ctx.count),
+                              setup_context=lambda ctx, inputs, output: _reduce_setup(reduce_mean, ctx, inputs,
+                                                                                      output))

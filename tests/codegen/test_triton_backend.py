@@ -206,11 +206,11 @@ def test_sums_and_means_run_as_triton_gemms_equal_to_torch(monkeypatch, spec):
 
 def test_the_torch_backend_rounds_each_role_once(monkeypatch):
     """The fused forwards prepare nothing where no generated GEMM would take it."""
-    import mpcompile.ops.kernels as kernels
+    import mpcompile.ops.bodies as bodies
 
     rounded = []
-    real = kernels.quantize_role
-    monkeypatch.setattr(kernels, "quantize_role", lambda x, spec, **k: rounded.append(spec) or real(x, spec, **k))
+    real = bodies.quantize_role
+    monkeypatch.setattr(bodies, "quantize_role", lambda x, spec, **k: rounded.append(spec) or real(x, spec, **k))
     formats = {"input": "fp8_e4m3:tensor", "weight": "fp8_e4m3", "bias": "bf16"}
     mpcompile.ops.linear(torch.randn(4, 8), torch.randn(3, 8), torch.randn(3), formats=formats, forward="acc=bf16",
                          backend="torch")

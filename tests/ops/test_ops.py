@@ -131,7 +131,7 @@ def test_matmul_broadcast_backward_reduces_over_batch_in_one_sum():
     a, b = _leaves((3, 2, 5), (5, 4), seed=2)
     g = torch.randn(3, 2, 4)
     spec = ArithSpec(mul="fp8_e5m2", acc="e5m10")
-    y = ops.matmul(a, b, spec, seed=3)
+    y = ops.matmul(a, b, forward=spec, seed=3)
     ga, gb = _grads(y, (a, b), g)
     s2 = op_seed(3, 2)
     flat_a, flat_g = a.detach().reshape(6, 5), g.reshape(6, 4)  # the reduction runs over (batch, row)
@@ -348,16 +348,30 @@ def test_errors_name_the_argument():
     with pytest.raises(SpecError, match="unknown role"):
         ops.linear(torch.randn(2, 3), torch.randn(4, 3), formats={"activation": "fp8_e4m3"})
     with pytest.raises(SpecError, match="float64 operands need a mul format"):
-        ops.matmul(torch.randn(2, 3, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64), ArithSpec(acc="fp16"))
+        ops.matmul(torch.randn(2, 3, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64),
+                   forward=ArithSpec(acc="fp16"))
     with pytest.raises(ValueError, match="groups"):
         ops.conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), groups=2)
+
+
+def test_the_deprecated_spec_spelling_of_matmul_and_einsum_warns_and_gives_the_same_result():
+    a, b = _leaves((3, 5), (5, 4))
+    spec, formats = "mul=fp8_e5m2 acc=e5m10 rounding=stochastic", {"input": "fp8_e4m3"}
+    want = ops.matmul(a, b, formats=formats, forward=spec, seed=3)
+    for old in (lambda: ops.matmul(a, b, spec=spec, formats=formats, seed=3),
+                lambda: ops.matmul(a, b, spec, formats=formats, seed=3),
+                lambda: ops.einsum("ij,jk->ik", a, b, spec=spec, formats=formats, seed=3)):
+        with pytest.warns(DeprecationWarning, match=r"spec= .* is deprecated .* pass the forward arithmetic as forward="):
+            assert torch.equal(old(), want)
+    with pytest.raises(TypeError, match="forward= and its deprecated old name spec= both given"):
+        ops.matmul(a, b, spec=spec, forward=spec)
 
 
 @pytest.mark.parametrize("shapes", [((5,), (5,)), ((0, 5), (5, 3)), ((2, 0), (0, 3)), ((2, 3, 0, 5), (5, 4))])
 def test_matmul_edge_shapes_match_torch(shapes):
     a, b = _leaves(*shapes)
     spec = ArithSpec(acc="e8m23", order="pairwise")  # fp32 adds in a tree: close to torch, not equal
-    y, y0 = ops.matmul(a, b, spec), torch.matmul(a, b)
+    y, y0 = ops.matmul(a, b, forward=spec), torch.matmul(a, b)
     g = torch.randn_like(y0)
     assert y.shape == y0.shape
     torch.testing.assert_close(y, y0)
