@@ -1,6 +1,6 @@
 """Exceptions raised by mpcompile; each message says what was wrong, where, and what to do."""
 
-__all__ = ["MpcompileError", "FormatError", "SpecError", "PolicyError"]
+__all__ = ["MpcompileError", "FormatError", "SpecError", "PolicyError", "CompileError", "LoweringError"]
 
 
 class MpcompileError(Exception):
@@ -17,3 +17,11 @@ class SpecError(MpcompileError, ValueError):
 
 class PolicyError(MpcompileError, ValueError):
     """A precision policy that cannot be read: the message names file:line:column."""
+
+
+class CompileError(MpcompileError, ValueError):
+    """A model that cannot be captured or compiled; the message says where and what to do."""
+
+
+class LoweringError(MpcompileError, ValueError):
+    """A node that lowering cannot rewrite; the message names the node and its module."""

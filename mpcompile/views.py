@@ -10,13 +10,15 @@ from __future__ import annotations
 import html
 import json
 import math
-import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import networkx as nx
 
+import torch
+
 from .ops.spec import ROLES, ArithSpec, Recompute
-from .policy import Assignment, Settings
+from .passes import MpcMeta, mpc_meta
+from .policy import Assignment, Settings, lock_policy
 
 if TYPE_CHECKING:
     from .compiler import CompiledModel
@@ -26,11 +28,11 @@ __all__ = ["table", "rich_table", "settings_text", "explain", "lock", "to_json",
 _ROLE_COLUMNS = ("input", "weight", "output", "grad_output")
 
 
-def _rows(cm: "CompiledModel"):
-    for node in cm.analysed().graph.nodes:
-        meta = node.meta.get("mpc", {})
-        if "facts" in meta:
-            yield node, meta["facts"], meta.get("shape"), meta.get("assignment")
+def _rows(cm: "CompiledModel") -> Iterator[tuple[torch.fx.Node, MpcMeta]]:
+    for node in cm.annotated.graph.nodes:
+        meta = mpc_meta(node)
+        if meta is not None and meta.classified:
+            yield node, meta
 
 
 def _role_text(assignment: Assignment | None, role: str) -> str:
@@ -66,20 +68,20 @@ _HEAD = ("node", "op", "module", "shape", *_ROLE_COLUMNS, "forward", "backward",
 def _table_rows(cm: "CompiledModel") -> list[tuple[tuple[str, ...], int]]:
     """(cells, operand bits) per GEMM-like op and per op a rule quantizes."""
     rows, low = [], cm.low_precision_fraction()
-    for node, facts, shape, assignment in _rows(cm):
-        if facts.group != "gemm" and assignment is None:
+    for node, meta in _rows(cm):
+        assignment = meta.assignment
+        if meta.group != "gemm" and assignment is None:
             continue
         deciders = dict(assignment.decided_by) if assignment else {}
         decided = ",".join(sorted({d.split(" (")[0] for d in deciders.values()})) or "-"
         backward = assignment.backward if assignment else ArithSpec()
-        stats = node.meta["mpc"].get("stats", {})
-        shares = [s for role, s in stats.items() if role != "sqnr_db"]
-        cells = (node.name, facts.op_type, facts.name, "x".join(map(str, shape)) if shape else "?",
+        shares = list((meta.stats or {}).values())
+        cells = (node.name, meta.op_type, meta.name, "x".join(map(str, meta.shape)) if meta.shape else "?",
                  *(_role_text(assignment, r) for r in _ROLE_COLUMNS), _forward_text(assignment, low.get(node.name)),
                  _spec_text(backward), decided,
-                 "-" if facts.kappa is None else f"{facts.kappa:.3g}",
-                 f"{100 * max(s['overflow'] for s in shares):.2g}/{100 * max(s['flush_to_zero'] for s in shares):.2g}"
-                 if shares else "-", f"{stats['sqnr_db']:.1f}" if "sqnr_db" in stats else "-")
+                 "-" if meta.kappa is None else f"{meta.kappa.p99:.3g}",
+                 f"{100 * max(s.overflow for s in shares):.2g}/{100 * max(s.flush_to_zero for s in shares):.2g}"
+                 if shares else "-", "-" if meta.sqnr_db is None else f"{meta.sqnr_db:.1f}")
         rows.append((cells, _bits(assignment)))
     return rows
 
@@ -97,14 +99,21 @@ def table(cm: "CompiledModel") -> str:
     rows = [cells for cells, _ in _table_rows(cm)]
     widths = [max(len(str(r[i])) for r in (_HEAD, *rows)) for i in range(len(_HEAD))]
     line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
-    return "\n".join([_title(cm), line(_HEAD), line(tuple("-" * w for w in widths)), *map(line, rows), *cm.warnings])
+    return "\n".join([_title(cm), line(_HEAD), line(tuple("-" * w for w in widths)), *map(line, rows), *_notes(cm)])
+
+
+def _notes(cm: "CompiledModel") -> list[str]:
+    """The compiled model's warnings, and where statistics are missing for a reason, the reason."""
+    stale = cm.calibrated and not cm.stats_current and any(a.quantizes for a in cm.assignments().values())
+    return cm.warnings + (["statistics belong to an earlier assignment: cm.collect_stats() measures this one"]
+                          if stale else [])
 
 
 def rich_table(cm: "CompiledModel"):
     """``table`` as a ``rich`` Table for terminals: each row coloured by its operand bits."""
     from rich.table import Table
 
-    out = Table(title=_title(cm), caption="\n".join(cm.warnings) or None)
+    out = Table(title=_title(cm), caption="\n".join(_notes(cm)) or None)
     for name in _HEAD:
         out.add_column(name)
     for cells, bits in _table_rows(cm):
@@ -127,15 +136,16 @@ def settings_text(settings: Settings) -> str:
 def explain(cm: "CompiledModel", name: str) -> str:
     """Every section that applied to the op with qualified name (or node name) ``name``, and
     what each set; the last line is the result."""
-    found = [(node, facts, a) for node, facts, _, a in _rows(cm) if name in (facts.name, node.name)]
+    found = [(node, meta) for node, meta in _rows(cm) if name in (meta.name, node.name)]
     if not found:
-        names = sorted({f.name for _, f, _, _ in _rows(cm)})
+        names = sorted({meta.name for _, meta in _rows(cm)})
         close = [n for n in names if name in n][:5]
         raise KeyError(f"no op named {name!r} in this model" + (f"; ops containing it: {', '.join(close)}" if close else ""))
-    node, facts, assignment = found[0]
-    policy, lines = cm.policy, [f"{node.name}: {facts.op_type} '{facts.name}' (group {facts.group or '-'}, "
-                                f"GEMM index {facts.index if facts.index is not None else '-'})"]
-    sections = ([("default", policy.default)] if facts.group == "gemm" else []) + \
+    node, meta = found[0]
+    assignment = meta.assignment
+    policy, lines = cm.policy, [f"{node.name}: {meta.op_type} '{meta.name}' (group {meta.group or '-'}, "
+                                f"GEMM index {meta.gemm_index if meta.gemm_index is not None else '-'})"]
+    sections = ([("default", policy.default)] if meta.group == "gemm" else []) + \
         [(rule.label, rule.settings) for rule in policy.rules if assignment and rule.label in assignment.matched]
     lines += [f"  {label}: {settings_text(settings)}" for label, settings in sections]
     if not sections:
@@ -148,34 +158,10 @@ def explain(cm: "CompiledModel", name: str) -> str:
     return "\n".join(lines)
 
 
-def _spec_mapping(spec: ArithSpec) -> dict[str, Any]:
-    fields = {"mul": None if spec.mul is None else str(spec.mul), "acc": str(spec.acc), "order": spec.order,
-              "rounding": spec.rounding, "mul_rounding": spec.mul_rounding, "fma": spec.fma, "kahan": spec.kahan}
-    return fields | ({"sr_bits": spec.sr_bits} if spec.sr_bits is not None else {})
-
-
 def lock(cm: "CompiledModel") -> dict[str, Any]:
     """The resolved assignment as a policy (a dict) that reproduces this compiled model."""
-    rules = []
-    for node, facts, _, assignment in _rows(cm):
-        if assignment is None:
-            continue
-        rule: dict[str, Any] = {"match": {"name_regex": re.escape(facts.name)}}
-        for role, setting in assignment.roles:
-            if setting.quant is None or setting.sr_bits is None:
-                rule[role] = None if setting.quant is None else str(setting.quant)
-            else:
-                q = setting.quant
-                rule[role] = {"format": str(q.fmt), "rounding": q.rounding, "scaling": q.scaling,
-                              "saturate": q.saturate, "sr_bits": setting.sr_bits}
-        rule["forward"], rule["backward"] = _spec_mapping(assignment.forward), _spec_mapping(assignment.backward)
-        if assignment.recompute is not None:
-            tau = assignment.recompute.tau
-            rule["recompute"] = {"tau": "inf" if tau == math.inf else tau,  # JSON has no inf that YAML reads
-                                 "forward": _spec_mapping(assignment.recompute.forward)}
-        rules.append(rule)
-    return {"version": 1, "name": f"{cm.policy.name}.lock",
-            "description": f"resolved from {cm.policy.source} at level {cm.level}", "rules": rules}
+    return lock_policy(((meta.name, meta.assignment) for _, meta in _rows(cm) if meta.assignment is not None),
+                       f"{cm.policy.name}.lock", f"resolved from {cm.policy.source} at level {cm.level}")
 
 
 def to_json(cm: "CompiledModel") -> str:
@@ -196,15 +182,15 @@ def to_networkx(cm: "CompiledModel") -> nx.DiGraph:
     """The traced graph: a node per fx node (attributes op, module, shape, bits, roles, forward,
     backward, kappa), an edge per use."""
     g = nx.DiGraph()
-    for node in cm.analysed().graph.nodes:
-        mpc = node.meta.get("mpc", {})
-        facts, assignment = mpc.get("facts"), mpc.get("assignment")
-        g.add_node(node.name, op=facts.op_type if facts else node.op, module=facts.name if facts else node.name,
-                   shape=mpc.get("shape"), bits=_bits(assignment),
+    for node in cm.annotated.graph.nodes:
+        meta = mpc_meta(node) or MpcMeta()
+        assignment = meta.assignment
+        g.add_node(node.name, op=meta.op_type or node.op, module=meta.name or node.name,
+                   shape=meta.shape, bits=_bits(assignment),
                    roles={r: _role_text(assignment, r) for r, _ in assignment.roles} if assignment else {},
                    forward=_spec_text(assignment.forward) if assignment else "torch",
                    backward=_spec_text(assignment.backward) if assignment else "torch",
-                   kappa=facts.kappa if facts else None)
+                   kappa=None if meta.kappa is None else meta.kappa.p99)
         g.add_edges_from((arg.name, node.name) for arg in node.all_input_nodes)
     return g
 

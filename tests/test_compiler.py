@@ -158,7 +158,7 @@ def test_shape_propagation_leaves_the_model_as_it_was():
     cm = mpcompile.compile(model, "version: 1\n", (torch.randn(1, 3, 8, 8),))  # batch 1: train-mode BN would fail
     assert model.training and all(m.training for m in model.modules())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # running stats untouched
-    assert cm.analysed().graph.find_nodes(op="call_module", target="3")[0].meta["mpc"]["shape"] == (1, 4, 1, 1)
+    assert cm.annotated.graph.find_nodes(op="call_module", target="3")[0].meta["mpc"].shape == (1, 4, 1, 1)
 
 
 def test_roles_an_op_lacks_are_reported():
@@ -195,8 +195,8 @@ def test_norm_weight_and_bias_roles_quantize_the_affine_parameters():
     with pytest.warns(UserWarning, match=r"node layer_norm \(layer_norm 'layer_norm'\): bias not applied"):
         cm = mpcompile.compile(model, "version: 1\nrules:\n  - match: {type: norm}\n    weight: fp8_e4m3\n"
                                       "    bias: fp8_e5m2:toward_zero\n", (x,))
-    assert set(cm.analysed().graph.find_nodes(op="call_module", target="bn")[0].meta["mpc"]["stats"]) == \
-        {"weight", "bias", "sqnr_db"}
+    bn = cm.annotated.graph.find_nodes(op="call_module", target="bn")[0].meta["mpc"]
+    assert set(bn.stats) == {"weight", "bias"} and bn.sqnr_db is not None
     q8, q5 = (lambda t: quantize(t.detach(), "fp8_e4m3")), (lambda t: quantize(t.detach(), "fp8_e5m2", "toward_zero"))
     stats = {k: v.clone() for k, v in model.bn.state_dict().items()}
     y = cm(x)  # training mode: batch statistics, and the running ones move in place
@@ -339,7 +339,7 @@ class UnemulatedGemms(nn.Module):
         self.w = nn.Parameter(torch.randn(4, 4))
 
     def forward(self, x):
-        h = self.up(x).flatten(1)[:, :12].view(-1, 3, 4)
+        h = self.up(x, output_size=[6, 6]).flatten(1)[:, :12].view(-1, 3, 4)  # output_size: not emulated
         h = self.rnn(h)[0]
         return self.fc(self.block(torch.einsum("bti,ij,jk->btk", h, self.w, self.w)))  # three operands
 
@@ -353,8 +353,8 @@ def test_gemm_work_that_runs_in_fp32_under_a_quantizing_policy_is_a_warning_nami
     assert list(cm.assignments()) == ["fc"]
     assert len(cm.warnings) == len(record) == 4
     up, rnn, einsum, block = cm.warnings
-    assert up.startswith("node up (ConvTranspose2d 'up'): runs in fp32: ConvTranspose2d is not emulated, so the "
-                         "policy's input, weight for it are not applied")
+    assert up.startswith("node up (ConvTranspose2d 'up'): runs in fp32: ConvTranspose2d called with output_size is "
+                         "not emulated, so the policy's input, weight for it are not applied")
     assert rnn.startswith("node rnn (GRU 'rnn'): runs in fp32: GRU is not emulated")
     assert einsum.startswith("node einsum (einsum 'einsum'): runs in fp32: einsum 'bti,ij,jk->btk' is not emulated")
     assert block.startswith("node block (Block 'block'): runs in fp32: torch.fx keeps Block whole")

@@ -50,7 +50,7 @@ def test_table_lists_formats_arithmetic_and_deciders():
     assert rows["fc"][5] == "bf16" and "acc=fp16" in rows["fc"] and rows["fc"][-4] == "default,rules[2]"
     assert rows["relu_1"][6] == "bf16"
     # calibration (the example inputs): kappa p99, overflow / flush-to-zero %, SQNR against fp32
-    kappa = cm.analysed().graph.find_nodes(op="call_module", target="fc")[0].meta["mpc"]["kappa"]["p99"]
+    kappa = cm.annotated.graph.find_nodes(op="call_module", target="fc")[0].meta["mpc"].kappa.p99
     assert rows["fc"][-3] == f"{kappa:.3g}" and rows["conv1"][-2:] == ["-", "-"]
     ovf, ftz = map(float, rows["conv2"][-2].split("/"))
     assert ovf == 0 and 0 <= ftz < 5 and 10 < float(rows["conv2"][-1]) < 60

@@ -1,14 +1,14 @@
 """lower: put ``mpc::`` ops where the assignment quantizes anything.
 
-Reads: ``meta["mpc"]["gemm"]``, ``["roles"]`` (classify) and ``["assignment"]`` (assign).
-Writes a new graph whose node standing for a traced node carries its meta plus
-``meta["mpc"]["node"]`` (the traced node's name), and on the traced module an amax-history
+Reads: ``MpcMeta.kind``, ``roles`` (classify) and ``assignment`` (assign). Writes a new graph
+whose node standing for a traced node carries a copy of its ``MpcMeta`` with ``source`` (the
+traced node's name), and on the traced module an amax-history
 buffer (``_mpc_amax.<node>``) per op with ``tensor_delayed`` roles, which a recompile reuses, and
 a count buffer (``_mpc_counts.<node>``: components computed low, components) per op with
 ``recompute``, which every lowering starts afresh (not in the state dict: a statistic, not state).
 
-- A GEMM-like node becomes one call of ``mpcompile.ops`` (``linear``, ``conv1d/2d/3d``,
-  ``matmul``, ``einsum``: an ``mpc::`` op; ``multi_head_attention``: four;
+- A GEMM-like node becomes one call of its registry entry's op (``mpcompile.ops.linear``,
+  ``conv2d``, ``matmul``... an ``mpc::`` op each; ``multi_head_attention``: four;
   ``scaled_dot_product_attention``: two) with its roles and specs as strings.
   With ``recompute`` it also names the activation that consumes it when that is its only user
   and an elementwise function ``ops.kappa`` knows (the estimate then includes kappa_phi).
@@ -24,37 +24,18 @@ a count buffer (``_mpc_counts.<node>``: components computed low, components) per
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from .. import ops
-from ..errors import MpcompileError
-from ..ops.attention import unsupported_attention
+from ..ops.registry import KINDS, Call, LoweringError, activation_name, lower_call
 from ..ops.spec import AMAX_HISTORY, ROLES, RoleFormats
-from .classify import ATTENTION_KINDS, NORM_PARAMS, einsum_operands
+from .meta import MpcMeta, mpc_meta
 
 __all__ = ["lower", "LoweringError", "consumer_activation", "quant_floats"]
 
-_OPS = {"linear": ops.linear, "conv1d": ops.conv1d, "conv2d": ops.conv2d, "conv3d": ops.conv3d, "matmul": ops.matmul,
-        "sdpa": ops.scaled_dot_product_attention}
-_CONV_FIELDS = ("stride", "padding", "dilation", "groups")
-# Elementwise activations by module (its exact type), function or method, as ``ops.kappa.ACTIVATIONS``
-# names them; those with a parameter: (name, its attribute) of a module, (name, keyword, position,
-# default) of a function.
-_PHI_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh",
-                nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid"}
-_PHI_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", F.silu: "silu", torch.sigmoid: "sigmoid",
-                  F.sigmoid: "sigmoid", torch.tanh: "tanh", F.tanh: "tanh", F.hardswish: "hardswish",
-                  F.hardsigmoid: "hardsigmoid"}
-_PHI_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid", "tanh": "tanh",
-                "tanh_": "tanh"}
-_PHI_MODULE_PARAMETERS = {nn.LeakyReLU: ("leaky_relu", "negative_slope"), nn.ELU: ("elu", "alpha")}
-_PHI_FUNCTION_PARAMETERS = {F.leaky_relu: ("leaky_relu", "negative_slope", 1, 0.01), F.elu: ("elu", "alpha", 1, 1.0)}
-
-
-class LoweringError(MpcompileError, ValueError):
-    """A node that lowering cannot rewrite; the message names the node and its module."""
+_KINDS = {k.name: k for k in KINDS}
 
 
 def lower(gm: torch.fx.GraphModule, backend: str = "auto") -> torch.fx.GraphModule:
@@ -65,15 +46,14 @@ def lower(gm: torch.fx.GraphModule, backend: str = "auto") -> torch.fx.GraphModu
     if hasattr(gm, "_mpc_counts"):
         del gm._mpc_counts  # counts start afresh with every lowering
     for node in gm.graph.nodes:
-        meta = node.meta.get("mpc", {})
-        assignment = meta.get("assignment")
-        if assignment is None or not assignment.quantizes:
+        meta = mpc_meta(node) or MpcMeta()
+        if meta.assignment is None or not meta.assignment.quantizes:
             env[node] = graph.node_copy(node, lambda n: env[n])
-        elif "gemm" in meta:
+        elif meta.group == "gemm":
             env[node] = _gemm(gm, graph, node, meta, env)
         else:
-            env[node] = _quantized_io(gm, graph, node, assignment, env)
-        env[node].meta = {**node.meta, "mpc": {**node.meta.get("mpc", {}), "node": node.name}}
+            env[node] = _quantized_io(gm, graph, node, meta, env)
+        env[node].meta = {**node.meta, "mpc": replace(meta, source=node.name)}
     if backend != "auto":
         for op in graph.nodes:
             if op.op == "call_function" and getattr(op.target, "__module__", "").startswith("mpcompile.ops."):
@@ -116,28 +96,7 @@ def consumer_activation(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | 
     users = list(node.users)
     if len(users) != 1 or users[0].args[:1] != (node,):
         return None
-    user = users[0]
-    if user.op == "call_method":
-        return _PHI_METHODS.get(user.target)
-    if user.op == "call_module":
-        module = gm.get_submodule(user.target)
-        if type(module) in _PHI_MODULES:
-            return _PHI_MODULES[type(module)]
-        if isinstance(module, nn.GELU):
-            return "gelu_tanh" if module.approximate == "tanh" else "gelu"
-        if type(module) in _PHI_MODULE_PARAMETERS:
-            name, attribute = _PHI_MODULE_PARAMETERS[type(module)]
-            return f"{name}({float(getattr(module, attribute))!r})"
-        return None
-    if user.op != "call_function":
-        return None
-    if user.target is F.gelu:
-        return "gelu_tanh" if user.kwargs.get("approximate", "none") == "tanh" else "gelu"
-    if user.target in _PHI_FUNCTION_PARAMETERS:
-        name, keyword, position, default = _PHI_FUNCTION_PARAMETERS[user.target]
-        value = user.args[position] if len(user.args) > position else user.kwargs.get(keyword, default)
-        return f"{name}({float(value)!r})" if isinstance(value, (int, float)) else None
-    return _PHI_FUNCTIONS.get(user.target)
+    return activation_name(gm, users[0])
 
 
 def _strings(assignment) -> dict:
@@ -145,47 +104,19 @@ def _strings(assignment) -> dict:
     return {"formats": str(formats) or None, "forward": str(assignment.forward), "backward": str(assignment.backward)}
 
 
-def _gemm(gm, graph: torch.fx.Graph, node: torch.fx.Node, meta: dict, env) -> torch.fx.Node:
-    kind, kwargs = meta["gemm"], _strings(meta["assignment"])
-    recompute = meta["assignment"].recompute
-    if recompute is not None and kind not in ATTENTION_KINDS:  # attention: a warning of the compiled model
-        kwargs.update(recompute=str(recompute), activation=consumer_activation(gm, node),
-                      counts=_low_counts(gm, graph, node))
-    if _delayed(meta["assignment"]):
-        if kind in ATTENTION_KINDS:
-            raise LoweringError(f"node {node.name} (module {meta['facts'].name}): tensor_delayed scaling is not emulated "
+def _gemm(gm, graph: torch.fx.Graph, node: torch.fx.Node, meta: MpcMeta, env) -> torch.fx.Node:
+    kind, assignment = _KINDS[meta.kind], meta.assignment
+    spec = _strings(assignment)
+    if assignment.recompute is not None and kind.recomputes:  # elsewhere: a warning of the compiled model
+        spec.update(recompute=str(assignment.recompute), activation=consumer_activation(gm, node),
+                    counts=_low_counts(gm, graph, node))
+    if _delayed(assignment):
+        if not kind.bilinear:
+            raise LoweringError(f"node {node.name} (module {meta.name}): tensor_delayed scaling is not emulated "
                                 f"inside attention; use tensor scaling for it with a rule")
-        kwargs["amax_history"] = _amax_history(gm, graph, node)
-    args = torch.fx.map_arg(node.args, lambda n: env[n])
-    call_kwargs = torch.fx.map_arg(node.kwargs, lambda n: env[n])
-    if kind == "attention":
-        module = gm.get_submodule(node.target)
-        why = unsupported_attention(module)
-        if why is not None:
-            raise LoweringError(f"node {node.name} (module {node.target}, {type(module).__name__}): {why}; keep it "
-                                f"in fp32 with a rule (match: {{name: {node.target}}}, keep: fp32)")
-        return graph.call_function(ops.multi_head_attention, (graph.get_attr(node.target), *args),
-                                   {**call_kwargs, **kwargs})
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        weight = graph.get_attr(f"{node.target}.weight")
-        bias = graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
-        x = args[0]
-        if kind != "linear":
-            kwargs.update({f: getattr(module, f) for f in _CONV_FIELDS})
-            if module.padding_mode != "zeros":  # as nn.Conv's own forward: pad, then convolve unpadded
-                x = graph.call_function(F.pad, (x, module._reversed_padding_repeated_twice),
-                                        {"mode": module.padding_mode})
-                kwargs["padding"] = 0
-        return graph.call_function(_OPS[kind], (x, weight, bias), kwargs)
-    if kind == "einsum":
-        equation, a, b = einsum_operands(node.args)
-        kwargs["spec"] = kwargs.pop("forward")
-        return graph.call_function(ops.einsum, (equation, env[a], env[b]), kwargs)
-    if kind == "matmul":  # torch.matmul(a, b), a @ b or a.matmul(b)
-        kwargs["spec"] = kwargs.pop("forward")
-        return graph.call_function(ops.matmul, args[:2], kwargs)
-    return graph.call_function(_OPS[kind], args, {**call_kwargs, **kwargs})
+        spec["amax_history"] = _amax_history(gm, graph, node)
+    call = Call(gm, node, torch.fx.map_arg(node.args, lambda n: env[n]), torch.fx.map_arg(node.kwargs, lambda n: env[n]))
+    return lower_call(kind, call, graph, spec)
 
 
 def quant_floats(x, fmt: str, rounding: str, scaling: str, saturate: bool):
@@ -199,7 +130,8 @@ def _float_tensor(node: torch.fx.Node) -> bool | None:
     """Whether a traced node's value is a float tensor; None: unknown (the shape pass did not run)."""
     if "type" not in node.meta:  # set by ShapeProp for every node it ran
         return None
-    return issubclass(node.meta["type"], torch.Tensor) and node.meta["mpc"].get("dtype", torch.int64).is_floating_point
+    dtype = mpc_meta(node).dtype if mpc_meta(node) is not None else None
+    return issubclass(node.meta["type"], torch.Tensor) and dtype is not None and dtype.is_floating_point
 
 
 def _quant(graph: torch.fx.Graph, value: torch.fx.Node, setting, traced: torch.fx.Node | None = None) -> torch.fx.Node:
@@ -220,9 +152,8 @@ def _call_with(module: torch.nn.Module, params: dict, args: tuple, kwargs: dict)
     return torch.func.functional_call(module, dict(params), tuple(args), dict(kwargs))
 
 
-def _quantized_io(gm, graph: torch.fx.Graph, node: torch.fx.Node, assignment, env) -> torch.fx.Node:
-    applies = node.meta["mpc"]["roles"]
-    roles = {r: s for r, s in assignment.roles if s.quant is not None and r in applies}
+def _quantized_io(gm, graph: torch.fx.Graph, node: torch.fx.Node, meta: MpcMeta, env) -> torch.fx.Node:
+    roles = {r: s for r, s in meta.assignment.roles if s.quant is not None and r in meta.roles}
     written = _written_in_place(gm, node) if "input" in roles or "output" in roles else None
 
     def arg(n: torch.fx.Node) -> torch.fx.Node:
@@ -241,7 +172,7 @@ def _quantized_io(gm, graph: torch.fx.Graph, node: torch.fx.Node, assignment, en
     else:
         args, kwargs = list(torch.fx.map_arg(node.args, arg)), dict(torch.fx.map_arg(node.kwargs, arg))
         for role, setting in affine.items():
-            i = NORM_PARAMS[node.target][role]
+            i = _KINDS[meta.kind].params[role][0]
             if i < len(args):
                 args[i] = _quant(graph, args[i], setting)
             else:

@@ -1,12 +1,14 @@
 """shape: output shape and dtype of every node, from example inputs (torch.fx's ShapeProp).
 
-Reads: nothing. Writes: ``meta["mpc"]["shape"]`` (tuple) and ``["dtype"]`` for tensor outputs.
+Reads: nothing. Writes: ``MpcMeta.shape`` and ``dtype`` of every node with a tensor output (an
+attention module's: its first output's).
 """
 from __future__ import annotations
 
 import torch
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .meta import meta_of
 from .observe import evaluating
 
 __all__ = ["propagate_shapes"]
@@ -23,8 +25,9 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple) -> None:
     with evaluating(gm):
         ShapeProp(gm).propagate(*example_inputs)
     for node in gm.graph.nodes:
-        meta = node.meta.get("tensor_meta")
-        if isinstance(meta, (tuple, list)) and meta and not hasattr(meta, "shape"):  # attention: (output, weights)
-            meta = meta[0]
-        if meta is not None and hasattr(meta, "shape"):
-            node.meta.setdefault("mpc", {}).update(shape=tuple(meta.shape), dtype=meta.dtype)
+        tensor = node.meta.get("tensor_meta")
+        if isinstance(tensor, (tuple, list)) and tensor and not hasattr(tensor, "shape"):  # attention: (output, weights)
+            tensor = tensor[0]
+        if tensor is not None and hasattr(tensor, "shape"):
+            meta = meta_of(node)
+            meta.shape, meta.dtype = tuple(tensor.shape), tensor.dtype

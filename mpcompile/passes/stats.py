@@ -1,10 +1,10 @@
 """stats: what the assigned formats do to calibration data.
 
-Reads: ``meta["mpc"]["assignment"]`` (assign) on the traced graph, and the lowered graph (lower
-copies each node's meta, so ``meta["mpc"]["node"]`` names the traced node it came from).
-Writes ``meta["mpc"]["stats"]`` on each quantized traced node: per role with a format and no
-scaling, the fractions of values that overflow (above max), flush to zero (below half the
-smallest subnormal) and land subnormal; and ``sqnr_db``, the signal-to-quantization-noise ratio
+Reads: ``MpcMeta.assignment`` (assign), ``kind`` and ``roles`` (classify) on the traced graph,
+and the lowered graph (whose nodes' ``MpcMeta.source`` names the traced node they stand for).
+Writes on each quantized traced node ``MpcMeta.stats``: per role with a format and no scaling,
+the fractions of values that overflow (above max), flush to zero (below half the smallest
+subnormal) and land subnormal; and ``MpcMeta.sqnr_db``, the signal-to-quantization-noise ratio
 of the node's output in the lowered model against the fp32 model (errors of earlier layers
 included), over all batches: -inf where an output overflowed to inf or NaN.
 """
@@ -15,31 +15,30 @@ from typing import Iterable, Iterator
 
 import torch
 
-from .classify import NORM_PARAMS, einsum_operands
+from ..ops.registry import KINDS, Call, role_values
+from .meta import RoleStats, mpc_meta
 from .observe import observe
 
 __all__ = ["collect_stats"]
 
 
+_KINDS = {k.name: k for k in KINDS}
+
+
 def _role_values(gm, node, role: str, args, kwargs, out) -> list[torch.Tensor]:
     """The float tensors that role ``role`` of ``node`` rounds, as lowering applies it."""
-    if role not in node.meta["mpc"]["roles"]:
+    meta = mpc_meta(node)
+    kind = _KINDS.get(meta.kind)
+    if role not in meta.roles:
         values = []
     elif role == "output":
         values = [out]
-    elif node.meta["mpc"].get("gemm") == "einsum":  # no bias
-        _, a, b = einsum_operands(args)
-        values = [{"input": a, "weight": b}.get(role)]
-    elif role == "input":  # a GEMM's first operand; every input of another op but parameters
-        values = args[:1] if "gemm" in node.meta["mpc"] else [
-            v for n, v in _inputs((node.args, node.kwargs), (args, kwargs)) if n.op != "get_attr"]
-    elif role not in ("weight", "bias"):
-        values = []
-    elif node.op == "call_module":
-        values = [getattr(gm.get_submodule(node.target), role, None)]
+    elif role == "input" and not (kind is not None and kind.is_gemm):  # every input of the op but parameters
+        values = [v for n, v in _inputs((node.args, node.kwargs), (args, kwargs)) if n.op != "get_attr"]
+    elif role in ("input", "weight", "bias"):
+        values = role_values(kind, Call(gm, node, args, kwargs), role)
     else:
-        i = NORM_PARAMS.get(node.target, {"weight": 1, "bias": 2}).get(role, len(args))  # linear, conv: (x, w, b)
-        values = [args[i] if i < len(args) else kwargs.get(role)]
+        values = []
     return [v for v in values if isinstance(v, torch.Tensor) and v.is_floating_point()]
 
 
@@ -63,7 +62,8 @@ def collect_stats(traced: torch.fx.GraphModule, lowered: torch.fx.GraphModule, b
 
     def fp32(node, args, kwargs, out):
         out = out[0] if isinstance(out, tuple) else out  # attention: (output, weights)
-        assignment = node.meta.get("mpc", {}).get("assignment")
+        meta = mpc_meta(node)
+        assignment = None if meta is None else meta.assignment
         if assignment is None or not assignment.quantizes or not isinstance(out, torch.Tensor):
             return
         reference.setdefault(node.name, []).append(out.double())
@@ -84,7 +84,7 @@ def collect_stats(traced: torch.fx.GraphModule, lowered: torch.fx.GraphModule, b
 
     def low(node, args, kwargs, out):
         out = out[0] if isinstance(out, tuple) else out
-        name = node.meta.get("mpc", {}).get("node")
+        name = getattr(mpc_meta(node), "source", None)
         if name in reference and isinstance(out, torch.Tensor):
             ref = reference[name][len(noise.setdefault(name, [])) // 2]
             noise[name] += [float(ref.square().sum()), float((ref - out.double()).square().sum())]
@@ -94,10 +94,10 @@ def collect_stats(traced: torch.fx.GraphModule, lowered: torch.fx.GraphModule, b
         if node.name not in reference:
             continue
         signal, err = sum(noise.get(node.name, [])[0::2]), sum(noise.get(node.name, [])[1::2])
-        stats = {role: {"overflow": t[0] / t[3], "flush_to_zero": t[1] / t[3], "subnormal": t[2] / t[3]}
-                 for role, t in counts.get(node.name, {}).items() if t[3]}
-        stats["sqnr_db"] = _sqnr_db(signal, err)
-        node.meta["mpc"]["stats"] = stats
+        meta = mpc_meta(node)
+        meta.stats = {role: RoleStats(overflow=t[0] / t[3], flush_to_zero=t[1] / t[3], subnormal=t[2] / t[3])
+                      for role, t in counts.get(node.name, {}).items() if t[3]}
+        meta.sqnr_db = _sqnr_db(signal, err)
 
 
 def _sqnr_db(signal: float, noise: float) -> float:

@@ -7,20 +7,21 @@ for dynamic precision. ``load_policy`` reads one; ``Policy.resolve`` answers for
 ``lock_policy`` writes resolved answers back as a policy. The schema is written down in
 docs/policy.md.
 
-- ``schema``: the dataclasses a policy is made of, their defaults and the schema's constants;
+- ``schema``: the dataclasses a policy is made of (selectors matching ops among them), their
+  defaults and the schema's constants;
 - ``parse``: reading YAML or a mapping, with every error located;
-- ``cascade``: selectors matching ops, and default, rules and levels combined per op;
+- ``cascade``: the ``Policy``, and default, rules and levels combined per op;
 - ``lock``: the lock file.
 """
 from __future__ import annotations
 
-from .cascade import resolve, selector_matches
+from .cascade import Policy, resolve
 from .lock import lock_policy, spec_mapping
 from .parse import SHIPPED_POLICIES, load_policy, shipped_policies
 from .schema import (EPSILON_MODES, GROUPS, NATIVE, SCHEMA_VERSION, TRUST_REGION_METHODS, Assignment, Level, NodeFacts,
-                     OptimizerSettings, Policy, RoleSetting, Rule, Selector, Settings, TrustRegionSettings)
+                     OptimizerSettings, RoleSetting, Rule, Selector, Settings, TrustRegionSettings)
 
 __all__ = ["SCHEMA_VERSION", "GROUPS", "TRUST_REGION_METHODS", "EPSILON_MODES", "NATIVE", "SHIPPED_POLICIES",
            "RoleSetting", "Settings", "Selector", "Rule", "Level", "Policy", "NodeFacts", "Assignment",
            "OptimizerSettings", "TrustRegionSettings", "load_policy", "shipped_policies", "resolve",
-           "selector_matches", "lock_policy", "spec_mapping"]
+           "lock_policy", "spec_mapping"]

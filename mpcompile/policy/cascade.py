@@ -1,34 +1,19 @@
-"""The cascade: which rules match an op, and how default, rules and levels combine into its
+"""The cascade: a ``Policy`` and how its default, rules and levels combine into an op's
 ``Assignment``, role by role, with the deciding section of each recorded.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from ..errors import PolicyError
 from ..ops.spec import ROLES, Recompute
-from .schema import NATIVE, Assignment, NodeFacts, Policy, RoleSetting, Selector, Settings
+from .schema import (NATIVE, Assignment, Level, NodeFacts, OptimizerSettings, RoleSetting, Rule, Settings,
+                     TrustRegionSettings)
 
-__all__ = ["selector_matches", "resolve"]
-
-
-def selector_matches(selector: Selector, op: NodeFacts) -> bool:
-    """Whether every condition ``selector`` gives holds for ``op``.
-
-    ``type`` matches the op's class or function name or its group, ``name`` the qualified name or
-    a module above it, ``name_regex`` the whole name; ``first``, ``last`` and ``index`` look at the
-    op's position among the GEMM-like ops; an op without a kappa estimate never matches a kappa bound.
-    """
-    pos = op.index
-    return ((not selector.type or op.op_type in selector.type or op.group in selector.type)
-            and (selector.name is None or op.name == selector.name or op.name.startswith(selector.name + "."))
-            and (selector.name_regex is None or selector.name_regex.fullmatch(op.name) is not None)
-            and (selector.first is None or (pos == 0) == selector.first)
-            and (selector.last is None or (pos is not None and pos == op.gemm_count - 1) == selector.last)
-            and (not selector.index or (pos is not None and any(pos == (i if i >= 0 else op.gemm_count + i)
-                                                                 for i in selector.index)))
-            and (selector.kappa_above is None or (op.kappa is not None and op.kappa > selector.kappa_above))
-            and (selector.kappa_below is None or (op.kappa is not None and op.kappa < selector.kappa_below)))
+__all__ = ["Policy", "resolve"]
 
 
-def resolve(policy: Policy, op: NodeFacts, level: "int | str" = 0) -> Assignment:
+def resolve(policy: "Policy", op: NodeFacts, level: "int | str" = 0) -> Assignment:
     """The cascade for one op: ``default`` (GEMM-like ops only), then every matching rule
     top to bottom, role by role, then levels 1..``level``, which override only what is
     quantized: a role left untouched (null) stays untouched, so a ladder never lowers the
@@ -65,10 +50,43 @@ def resolve(policy: Policy, op: NodeFacts, level: "int | str" = 0) -> Assignment
     if op.group == "gemm":
         apply(policy.default, "default", False)
     for rule in policy.rules:
-        if selector_matches(rule.match, op):
+        if rule.match.matches(op):
             apply(rule.settings, rule.label, False)
             matched.append(rule.label)
     for lv in policy.levels[1:policy.level_index(level) + 1]:
         apply(lv.settings, lv.label, True)
     return Assignment(tuple((r, roles[r]) for r in ROLES if r in roles), specs["forward"], specs["backward"],
                       tuple(decided.items()), tuple(matched), recompute["value"])
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A validated policy (schema v1). ``levels[0]`` is the policy itself."""
+
+    name: str
+    description: str
+    default: Settings
+    rules: tuple[Rule, ...]
+    levels: tuple[Level, ...]
+    source: str  # the file (or "<string>", "<dict>") it was read from
+    trust_region: TrustRegionSettings | None = None  # read by the runtime
+    optimizer: OptimizerSettings = OptimizerSettings()
+
+    def level_index(self, level: "int | str") -> int:
+        """The position of ``level`` (a name or a number) in the ladder.
+
+        Raises:
+            PolicyError: no level has that name, or the number is out of range.
+        """
+        names = [lv.name for lv in self.levels]
+        if isinstance(level, str):
+            if level not in names:
+                raise PolicyError(f"{self.source}: no level named '{level}'; levels are {', '.join(names) or 'none'}")
+            return names.index(level)
+        if not 0 <= level < max(1, len(self.levels)):
+            raise PolicyError(f"{self.source}: level {level} is out of range: the ladder has {max(1, len(names))} levels")
+        return level
+
+    def resolve(self, op: NodeFacts, level: "int | str" = 0) -> Assignment:
+        """The cascade for one op at ``level`` (``resolve``: default, rules, levels)."""
+        return resolve(self, op, level)

@@ -20,8 +20,9 @@ from ..errors import FormatError, PolicyError, SpecError
 from ..formats import parse as parse_format
 from ..ops.spec import DELAYED_ROLES, ROLES, SCALINGS, ArithSpec, QuantSpec, Recompute
 from ..rounding import ROUNDING_MODES
+from .cascade import Policy
 from .schema import (EPSILON_MODES, GROUPS, NATIVE, SCHEMA_VERSION, TRUST_REGION_METHODS, Level, OptimizerSettings,
-                     Policy, RoleSetting, Rule, Selector, Settings, TrustRegionSettings)
+                     RoleSetting, Rule, Selector, Settings, TrustRegionSettings)
 
 __all__ = ["SHIPPED_POLICIES", "load_policy", "shipped_policies"]
 

@@ -1,10 +1,10 @@
 """The policy schema (v1) as values: the frozen dataclasses a validated policy is made of, their
 defaults, and the schema's constants.
 
-A ``Policy`` holds a ``default`` (``Settings`` for every GEMM-like op), ``Rule``s (a ``Selector``
+A policy holds a ``default`` (``Settings`` for every GEMM-like op), ``Rule``s (a ``Selector``
 and the ``Settings`` it applies) and ``Level``s (the ladder for dynamic precision); asked about
-one op (its ``NodeFacts``) it answers with an ``Assignment``. How the answer is computed lives in
-``cascade``; how a policy is read from YAML lives in ``parse``.
+one op (its ``NodeFacts``) it answers with an ``Assignment``. The ``Policy`` itself and how the
+answer is computed live in ``cascade``; how a policy is read from YAML lives in ``parse``.
 """
 from __future__ import annotations
 
@@ -12,12 +12,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import PolicyError
 from ..ops.spec import ROLES, ArithSpec, QuantSpec, Recompute
 
 __all__ = ["SCHEMA_VERSION", "GROUPS", "TRUST_REGION_METHODS", "EPSILON_MODES", "NATIVE", "RoleSetting", "Settings",
-           "Selector", "Rule", "Level", "NodeFacts", "Assignment", "OptimizerSettings", "TrustRegionSettings",
-           "Policy"]
+           "Selector", "Rule", "Level", "NodeFacts", "Assignment", "OptimizerSettings", "TrustRegionSettings"]
 
 SCHEMA_VERSION = 1
 GROUPS = ("gemm", "elementwise", "norm", "activation", "pool")
@@ -69,9 +67,22 @@ class Selector:
         return self.kappa_above is not None or self.kappa_below is not None
 
     def matches(self, op: "NodeFacts") -> bool:
-        """Whether every condition holds for ``op`` (``cascade.selector_matches``)."""
-        from .cascade import selector_matches  # the cascade imports this module
-        return selector_matches(self, op)
+        """Whether every condition this selector gives holds for ``op``.
+
+        ``type`` matches the op's class or function name or its group, ``name`` the qualified name or
+        a module above it, ``name_regex`` the whole name; ``first``, ``last`` and ``index`` look at the
+        op's position among the GEMM-like ops; an op without a kappa estimate never matches a kappa bound.
+        """
+        pos = op.index
+        return ((not self.type or op.op_type in self.type or op.group in self.type)
+                and (self.name is None or op.name == self.name or op.name.startswith(self.name + "."))
+                and (self.name_regex is None or self.name_regex.fullmatch(op.name) is not None)
+                and (self.first is None or (pos == 0) == self.first)
+                and (self.last is None or (pos is not None and pos == op.gemm_count - 1) == self.last)
+                and (not self.index or (pos is not None and any(pos == (i if i >= 0 else op.gemm_count + i)
+                                                                     for i in self.index)))
+                and (self.kappa_above is None or (op.kappa is not None and op.kappa > self.kappa_above))
+                and (self.kappa_below is None or (op.kappa is not None and op.kappa < self.kappa_below)))
 
 
 @dataclass(frozen=True)
@@ -178,37 +189,3 @@ class TrustRegionSettings:
     lower_margin: float = 0.5
     lower_patience: int = 3
     per_layer: bool = False
-
-
-@dataclass(frozen=True)
-class Policy:
-    """A validated policy (schema v1). ``levels[0]`` is the policy itself."""
-
-    name: str
-    description: str
-    default: Settings
-    rules: tuple[Rule, ...]
-    levels: tuple[Level, ...]
-    source: str  # the file (or "<string>", "<dict>") it was read from
-    trust_region: TrustRegionSettings | None = None  # read by the runtime
-    optimizer: OptimizerSettings = OptimizerSettings()
-
-    def level_index(self, level: "int | str") -> int:
-        """The position of ``level`` (a name or a number) in the ladder.
-
-        Raises:
-            PolicyError: no level has that name, or the number is out of range.
-        """
-        names = [lv.name for lv in self.levels]
-        if isinstance(level, str):
-            if level not in names:
-                raise PolicyError(f"{self.source}: no level named '{level}'; levels are {', '.join(names) or 'none'}")
-            return names.index(level)
-        if not 0 <= level < max(1, len(self.levels)):
-            raise PolicyError(f"{self.source}: level {level} is out of range: the ladder has {max(1, len(names))} levels")
-        return level
-
-    def resolve(self, op: NodeFacts, level: "int | str" = 0) -> Assignment:
-        """The cascade for one op at ``level`` (``cascade.resolve``: default, rules, levels)."""
-        from .cascade import resolve  # the cascade imports this module
-        return resolve(self, op, level)

@@ -1,4 +1,4 @@
-"""torch.nn's transformer modules traced layer by layer (mpcompile/traceable.py): equal to the
+"""torch.nn's transformer modules traced layer by layer (mpcompile/capture/traceable.py): equal to the
 modules in fp32, and every GEMM inside them under the policy."""
 from __future__ import annotations
 

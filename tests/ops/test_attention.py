@@ -104,8 +104,8 @@ def test_compile_lowers_attention_only_when_the_policy_quantizes_it():
                                     formats={"input": "fp8_e4m3", "weight": "fp8_e4m3", "output": "bf16"})
     q8 = lambda t: quantize(t.detach(), "fp8_e4m3")
     assert torch.equal(cm(x), F.linear(q8(h + x), q8(model.fc.weight), model.fc.bias))
-    node = cm.analysed().graph.find_nodes(op="call_module", target="attn")[0]
-    assert node.meta["mpc"]["shape"] == (2, 4, 8) and math.isfinite(node.meta["mpc"]["stats"]["sqnr_db"])
+    node = cm.annotated.graph.find_nodes(op="call_module", target="attn")[0]
+    assert node.meta["mpc"].shape == (2, 4, 8) and math.isfinite(node.meta["mpc"].sqnr_db)
 
 
 def test_attention_torch_cannot_emulate_is_a_lowering_error():

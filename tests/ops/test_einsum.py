@@ -27,7 +27,7 @@ def test_einsum_is_torchs_in_fp32_and_one_emulated_matmul_of_the_laid_out_operan
     a, b = torch.randn(sa), torch.randn(sb)
     torch.testing.assert_close(ops.einsum(equation, a, b), torch.einsum(equation, a, b), rtol=1e-6, atol=1e-6)
     formats, spec = {"input": "fp8_e4m3", "weight": "e3m2", "output": "bf16"}, "acc=e5m7 order=chunk(4)"
-    got = ops.einsum(equation, a, b, formats=formats, spec=spec)
+    got = ops.einsum(equation, a, b, formats=formats, forward=spec)
     p = einsum_plan(equation)
     sizes = {c: n for t, term in ((a, p.a), (b, p.b)) for c, n in zip(term, t.shape) if n > 1}
     size = lambda part: int(torch.tensor([sizes.get(c, 1) for c in part]).prod())
@@ -36,7 +36,8 @@ def test_einsum_is_torchs_in_fp32_and_one_emulated_matmul_of_the_laid_out_operan
     left = torch.einsum(f"{p.a}->{p.batch}{p.left}{p.contracted}", a).expand(shape((p.batch, p.left, p.contracted)))
     right = torch.einsum(f"{p.b}->{p.batch}{p.contracted}{p.right}", b).expand(shape((p.batch, p.contracted, p.right)))
     want = ops.matmul(left.reshape(size(p.batch), size(p.left), size(p.contracted)),
-                      right.reshape(size(p.batch), size(p.contracted), size(p.right)), spec, formats=formats)
+                      right.reshape(size(p.batch), size(p.contracted), size(p.right)), formats=formats,
+                      forward=spec)
     want = torch.einsum(f"{p.batch}{p.left}{p.right}->{p.out}", want.reshape(shape((p.batch, p.left, p.right))))
     assert torch.equal(got, want)
 
@@ -82,7 +83,7 @@ def test_compile_lowers_two_operand_einsums_and_warns_of_the_others():
         "not applied; a rule that matches it with keep: fp32 says that this is intended"]
     assert ops_called(cm) == [ops.linear, ops.einsum, ops.einsum]
     check_low_precision_run(cm, model, (x,))
-    traced = {n.name: n for n in cm.analysed().graph.nodes}
-    assert traced["einsum"].meta["mpc"]["kappa"]["median"] >= 1  # |q||k| / |q k| per score
-    assert set(traced["einsum_1"].meta["mpc"]["stats"]) >= {"input", "weight", "sqnr_db"}
+    traced = {n.name: n.meta["mpc"] for n in cm.annotated.graph.nodes}
+    assert traced["einsum"].kappa.median >= 1  # |q||k| / |q k| per score
+    assert set(traced["einsum_1"].stats) >= {"input", "weight"} and traced["einsum_1"].sqnr_db is not None
     assert cm.low_precision_counts()["einsum"][1] == 2 * 5 * 2 * 5  # every score, recomputed or not

@@ -59,11 +59,8 @@ CASES = {"linear": _linear_case, "conv2d": _conv_case, "matmul": _matmul_case}
 
 
 def _call(op, args, kwargs, spec: ArithSpec, formats=FORMATS, **extra) -> torch.Tensor:
-    """The op with forward arithmetic ``spec`` (matmul takes it as ``spec``)."""
-    arith = {"spec": spec} if op is ops.matmul else {"forward": spec, "backward": BWD}
-    if op is ops.matmul:
-        extra["backward"] = BWD
-    return op(*args, formats=formats, **arith, **kwargs, **extra)
+    """The op with forward arithmetic ``spec``."""
+    return op(*args, formats=formats, forward=spec, backward=BWD, **kwargs, **extra)
 
 
 def _estimate(magnitude: torch.Tensor, v: torch.Tensor, phi) -> torch.Tensor:
@@ -227,7 +224,7 @@ def test_compile_end_to_end(which):
         cm = mpcompile.compile(model, _policy(tau), (x,))
         assert torch.equal(cm(x), want)
     cm = mpcompile.compile(model, _policy(10.0), (x,), calibration=[x])
-    calls = {n.meta["mpc"]["node"]: n.kwargs for n in cm.graph_module.graph.nodes if "counts" in n.kwargs}
+    calls = {n.meta["mpc"].source: n.kwargs for n in cm.graph_module.graph.nodes if "counts" in n.kwargs}
     assert {name: kw["activation"] for name, kw in calls.items()} == {n: phi for n, (phi, _) in nodes.items()}
     assert {name: kw["recompute"] for name, kw in calls.items()} == \
         dict.fromkeys(nodes, "tau=10.0 acc=bf16 order=chunk(4)")
@@ -299,7 +296,7 @@ class Consumers(nn.Module):
 def test_lowering_names_the_consumer_activation():
     x = torch.randn(3, 4)
     cm = mpcompile.compile(Consumers(), _policy(10), (x,))
-    phis = {n.meta["mpc"]["node"]: n.kwargs["activation"] for n in cm.graph_module.graph.nodes if "counts" in n.kwargs}
+    phis = {n.meta["mpc"].source: n.kwargs["activation"] for n in cm.graph_module.graph.nodes if "counts" in n.kwargs}
     assert phis == {"fcs_0": "gelu_tanh", "fcs_1": "elu(0.5)", "fcs_2": "leaky_relu(0.3)", "fcs_3": "sigmoid",
                     "fcs_4": "gelu", "fcs_5": "elu(2.0)", "fcs_6": None, "fcs_7": None, "fcs_8": "leaky_relu(0.1)"}
     assert cm(x).shape == (3, 4) and set(cm.low_precision_fraction()) == set(phis)

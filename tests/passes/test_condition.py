@@ -28,7 +28,8 @@ def _rank_summary(k: torch.Tensor) -> dict:
 
 
 def _kappas(cm) -> dict:
-    return {n.name: n.meta["mpc"]["kappa"] for n in cm.analysed().graph.nodes if "kappa" in n.meta.get("mpc", {})}
+    return {n.name: vars(n.meta["mpc"].kappa) for n in cm.annotated.graph.nodes
+            if "mpc" in n.meta and n.meta["mpc"].kappa is not None}
 
 
 def test_kappa_of_dot_products_and_activations():

@@ -8,10 +8,11 @@ import torch.nn as nn
 
 import mpcompile
 from mpcompile import quantize
+from mpcompile.passes.meta import RoleStats
 
 
 def _stats(cm, name):
-    return next(n for n in cm.analysed().graph.nodes if n.name == name).meta["mpc"].get("stats")
+    return next(n for n in cm.annotated.graph.nodes if n.name == name).meta["mpc"]
 
 
 def test_shares_of_overflow_flush_and_subnormal():
@@ -21,26 +22,29 @@ def test_shares_of_overflow_flush_and_subnormal():
     x = torch.tensor([[500.0, -1000.0, 2.0**-11, 2.0**-10, 2.0**-7, 0.0, 1.0, -3.0]] * 2)
     cm = mpcompile.compile(net, "version: 1\ndefault: {input: 'fp8_e4m3:sat'}\n", (x,))  # saturated: SQNR stays finite
     s = _stats(cm, "linear")  # a bare Linear traces to F.linear
-    assert s["input"] == {"overflow": 2 / 8, "flush_to_zero": 1 / 8, "subnormal": 2 / 8}
+    assert s.stats["input"] == RoleStats(overflow=2 / 8, flush_to_zero=1 / 8, subnormal=2 / 8)
     y, yq = net(x).double(), cm(x).double()
-    assert s["sqnr_db"] == 10 * math.log10(y.square().sum().item() / (y - yq).square().sum().item())
+    assert s.sqnr_db == 10 * math.log10(y.square().sum().item() / (y - yq).square().sum().item())
 
 
-def test_lossless_formats_have_infinite_sqnr_and_recompile_recollects_stats():
+def test_lossless_formats_have_infinite_sqnr_and_collect_stats_measures_a_recompile():
     torch.manual_seed(0)
     net = nn.Linear(8, 3)
     with torch.no_grad():
         net.weight.copy_(quantize(net.weight, "bf16"))
     x = quantize(torch.randn(4, 8), "bf16")
     cm = mpcompile.compile(net, "version: 1\ndefault: {input: bf16, weight: bf16}\n", (x,))
-    (stats,) = [n.meta["mpc"]["stats"] for n in cm.analysed().graph.nodes if "stats" in n.meta.get("mpc", {})]
-    assert stats["sqnr_db"] == math.inf and stats["weight"]["overflow"] == 0
+    s = _stats(cm, "linear")
+    assert s.sqnr_db == math.inf and s.stats["weight"].overflow == 0 and cm.stats_current
     cm.recompile("version: 1\ndefault: {input: fp8_e4m3, weight: fp8_e4m3}\n")
-    assert all("stats" not in n.meta.get("mpc", {}) for n in cm._traced[0].graph.nodes)  # recompile stays cheap
+    assert _stats(cm, "linear").stats is None and not cm.stats_current  # recompile stays cheap
+    assert "cm.collect_stats() measures this one" in cm.table()  # the views say why, and run nothing
+    assert _stats(cm, "linear").stats is None
     state = torch.random.get_rng_state()
-    (stats,) = [n.meta["mpc"]["stats"] for n in cm.analysed().graph.nodes if "stats" in n.meta.get("mpc", {})]
+    cm.collect_stats()
+    s = _stats(cm, "linear")
     y, yq = net(x).double(), cm(x).double()
-    assert stats["sqnr_db"] == 10 * math.log10(y.square().sum().item() / (y - yq).square().sum().item()) < 40
+    assert s.sqnr_db == 10 * math.log10(y.square().sum().item() / (y - yq).square().sum().item()) < 40
     assert torch.equal(torch.random.get_rng_state(), state)  # analysis never moves training's random numbers
 
 
@@ -54,4 +58,4 @@ def test_an_output_that_overflows_has_sqnr_minus_infinity():
             net.weight.fill_(100.0), net.bias.zero_()
         cm = mpcompile.compile(net, policy, (x,))
         assert not torch.isfinite(cm(x)).all()
-        assert _stats(cm, "linear")["sqnr_db"] == -math.inf
+        assert _stats(cm, "linear").sqnr_db == -math.inf

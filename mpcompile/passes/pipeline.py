@@ -1,0 +1,52 @@
+"""The pass lists: what ``compile`` runs, and what a recompile runs again.
+
+capture -> shape -> classify -> condition -> assign -> lower -> stats. condition comes before
+assign because rules may select on kappa; stats after lower, because it measures the lowered
+model against the fp32 one. A recompile (another policy or level) runs assign and lower only:
+analysis results stay, and the parameters are the same objects.
+"""
+from __future__ import annotations
+
+from ..capture import capture_fx
+from .assign import assign_formats
+from .classify import classify
+from .condition import estimate_condition
+from .lower import lower
+from .manager import Pass, PassState, check_order
+from .shape import propagate_shapes
+from .stats import collect_stats
+
+__all__ = ["COMPILE", "RECOMPILE", "STATS"]
+
+
+def _capture(state: PassState) -> None:
+    first = state.example_inputs if state.example_inputs is not None else state.batches[0] if state.batches else None
+    state.traced = capture_fx(state.model, state.leaf_modules, None if first is None else len(first))
+
+
+def _lower(state: PassState) -> None:
+    state.lowered = lower(state.traced, state.backend)
+
+
+_ANALYSIS = ("shape", "dtype", "op_type", "name", "group", "kind", "gemm_index", "gemm_count", "roles", "unemulated",
+             "kappa")
+CAPTURE = Pass("capture", _capture)
+SHAPE = Pass("shape", lambda s: propagate_shapes(s.traced, s.example_inputs), writes=("shape", "dtype"),
+             applies=lambda s: s.example_inputs is not None)
+CLASSIFY = Pass("classify", lambda s: classify(s.traced),
+                writes=("op_type", "name", "group", "kind", "gemm_index", "gemm_count", "roles", "unemulated"))
+CONDITION = Pass("condition", lambda s: estimate_condition(s.traced, s.batches), reads=("kind", "group"),
+                 writes=("kappa",), applies=lambda s: bool(s.batches))
+ASSIGN = Pass("assign", lambda s: assign_formats(s.traced, s.policy, s.level),
+              reads=("op_type", "name", "group", "gemm_index", "gemm_count", "kappa"),
+              writes=("assignment", "stats", "sqnr_db"))
+LOWER = Pass("lower", _lower, reads=("kind", "group", "roles", "assignment", "dtype"), writes=("source",))
+STATS_PASS = Pass("stats", lambda s: collect_stats(s.traced, s.lowered, s.batches),
+                  reads=("assignment", "kind", "roles", "source"), writes=("stats", "sqnr_db"),
+                  applies=lambda s: bool(s.batches))
+
+COMPILE = (CAPTURE, SHAPE, CLASSIFY, CONDITION, ASSIGN, LOWER, STATS_PASS)
+RECOMPILE = (ASSIGN, LOWER)
+STATS = (STATS_PASS,)
+check_order(COMPILE, written_before=("kappa",))  # kappa is optional: without calibration data it stays None
+check_order(RECOMPILE, written_before=_ANALYSIS)
