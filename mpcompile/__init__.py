@@ -3,11 +3,13 @@
 Importing mpcompile loads only the number formats and ``quantize``. Everything else (the ops,
 the compiler, policies, the runtime, the generated kernels, and with them torch.compile,
 torchvision and triton) loads on first use of its name: ``mpcompile.compile``,
-``mpcompile.train``, ``mpcompile.ops`` (PEP 562's module ``__getattr__``).
+``mpcompile.train``, ``mpcompile.ops``, any submodule such as ``mpcompile.models`` (PEP 562's
+module ``__getattr__``).
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from . import formats
@@ -38,7 +40,9 @@ _LAZY: dict[str, tuple[str, str | None]] = {
 
 def __getattr__(name: str) -> Any:
     if name not in _LAZY:
-        raise AttributeError(f"module 'mpcompile' has no attribute {name!r}")
+        if name.startswith("_") or importlib.util.find_spec(f"{__name__}.{name}") is None:
+            raise AttributeError(f"module 'mpcompile' has no attribute {name!r}")
+        return importlib.import_module(f".{name}", __name__)  # a submodule: mpcompile.models, mpcompile.views...
     module, attr = _LAZY[name]
     value = importlib.import_module(module, __name__)
     if attr is not None:

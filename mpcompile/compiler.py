@@ -18,16 +18,13 @@ import torch.nn as nn
 
 from .backends import check_backend
 from .errors import CompileError, PolicyError
-from .ops.registry import KINDS
+from .ops.registry import kind_named
 from .passes import MpcMeta, PassState, mpc_meta, run_passes
 from .passes.assign import level_of, unmatched_rules
 from .passes.pipeline import COMPILE, RECOMPILE, STATS
 from .policy import Policy, load_policy
 
 __all__ = ["compile", "CompiledModel", "CompileError"]
-
-_RECOMPUTES = {k.name for k in KINDS if k.recomputes}
-
 
 class CompiledModel(nn.Module):
     """A model lowered under a policy. Call it like the original.
@@ -124,7 +121,7 @@ class CompiledModel(nn.Module):
             skipped = [r for r, s in assignment.roles if s.quant is not None and r not in meta.roles]
             if skipped:
                 texts.append(f"{where}: {', '.join(skipped)} not applied: this op's roles are {', '.join(meta.roles)}")
-            if assignment.recompute is not None and meta.kind not in _RECOMPUTES:
+            if assignment.recompute is not None and not (meta.kind and kind_named(meta.kind).recomputes):
                 texts.append(f"{where}: recompute not applied: it is for linear, conv, matmul and einsum ops")
         for text in texts:
             warnings.warn(f"mpcompile: {text}", stacklevel=4)

@@ -27,7 +27,7 @@ from .einsum import einsum, einsum_plan
 from .spec import ROLES
 
 __all__ = ["OpKind", "Call", "LoweringError", "KINDS", "lookup", "gemm_module_types", "role_values",
-           "einsum_operands", "activation_name", "lower_call", "GEMM"]
+           "einsum_operands", "activation_name", "lower_call", "kind_named", "GEMM"]
 
 aten = torch.ops.aten
 GEMM = "gemm"
@@ -275,6 +275,14 @@ def lookup(gm: torch.fx.GraphModule, node: torch.fx.Node) -> OpKind | None:
     if kind is None and isinstance(node.target, torch._ops.OpOverload):
         kind = _BY_ATEN.get(node.target)
     return kind
+
+
+_BY_NAME = {k.name: k for k in KINDS}
+
+
+def kind_named(name: str | None) -> OpKind | None:
+    """The entry called ``name`` (what classify records as ``MpcMeta.kind``); None for None."""
+    return None if name is None else _BY_NAME[name]
 
 
 def gemm_module_types() -> tuple[type, ...]:

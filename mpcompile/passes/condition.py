@@ -17,14 +17,11 @@ from typing import Iterable
 import torch
 
 from ..ops.kappa import activation_kappa
-from ..ops.registry import KINDS, Call
+from ..ops.registry import Call, kind_named
 from .meta import KappaSummary, mpc_meta
 from .observe import observe
 
 __all__ = ["estimate_condition"]
-
-_BILINEAR = {k.name for k in KINDS if k.bilinear}
-
 
 def _absolute(value):
     """A float tensor's absolute value; anything else as it is."""
@@ -66,10 +63,11 @@ def estimate_condition(gm: torch.fx.GraphModule, batches: Iterable[tuple]) -> No
 
     def collect(node, args, kwargs, out):
         meta = mpc_meta(node)
-        if meta is None or not (meta.kind in _BILINEAR or meta.group == "activation"):
+        bilinear = meta is not None and meta.kind is not None and kind_named(meta.kind).bilinear
+        if not (bilinear or (meta is not None and meta.group == "activation")):
             return
         call = Call(gm, node, args, kwargs)
-        kappa = _gemm_kappa(call, out) if meta.kind in _BILINEAR else _activation_kappa(call, out)
+        kappa = _gemm_kappa(call, out) if bilinear else _activation_kappa(call, out)
         if kappa is not None:
             values.setdefault(node, []).append(kappa.flatten().double())
 

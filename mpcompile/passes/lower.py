@@ -29,14 +29,11 @@ from dataclasses import replace
 import torch
 
 from .. import ops
-from ..ops.registry import KINDS, Call, LoweringError, activation_name, lower_call
+from ..ops.registry import Call, LoweringError, activation_name, kind_named, lower_call
 from ..ops.spec import AMAX_HISTORY, ROLES, RoleFormats
 from .meta import MpcMeta, mpc_meta
 
 __all__ = ["lower", "LoweringError", "consumer_activation", "quant_floats"]
-
-_KINDS = {k.name: k for k in KINDS}
-
 
 def lower(gm: torch.fx.GraphModule, backend: str = "auto") -> torch.fx.GraphModule:
     """A new GraphModule over the same submodules and parameters, with ``mpc::`` ops in, each
@@ -105,7 +102,7 @@ def _strings(assignment) -> dict:
 
 
 def _gemm(gm, graph: torch.fx.Graph, node: torch.fx.Node, meta: MpcMeta, env) -> torch.fx.Node:
-    kind, assignment = _KINDS[meta.kind], meta.assignment
+    kind, assignment = kind_named(meta.kind), meta.assignment
     spec = _strings(assignment)
     if assignment.recompute is not None and kind.recomputes:  # elsewhere: a warning of the compiled model
         spec.update(recompute=str(assignment.recompute), activation=consumer_activation(gm, node),
@@ -172,7 +169,7 @@ def _quantized_io(gm, graph: torch.fx.Graph, node: torch.fx.Node, meta: MpcMeta,
     else:
         args, kwargs = list(torch.fx.map_arg(node.args, arg)), dict(torch.fx.map_arg(node.kwargs, arg))
         for role, setting in affine.items():
-            i = _KINDS[meta.kind].params[role][0]
+            i = kind_named(meta.kind).params[role][0]
             if i < len(args):
                 args[i] = _quant(graph, args[i], setting)
             else:

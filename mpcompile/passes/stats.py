@@ -15,20 +15,17 @@ from typing import Iterable, Iterator
 
 import torch
 
-from ..ops.registry import KINDS, Call, role_values
+from ..ops.registry import Call, kind_named, role_values
 from .meta import RoleStats, mpc_meta
 from .observe import observe
 
 __all__ = ["collect_stats"]
 
 
-_KINDS = {k.name: k for k in KINDS}
-
-
 def _role_values(gm, node, role: str, args, kwargs, out) -> list[torch.Tensor]:
     """The float tensors that role ``role`` of ``node`` rounds, as lowering applies it."""
     meta = mpc_meta(node)
-    kind = _KINDS.get(meta.kind)
+    kind = kind_named(meta.kind)
     if role not in meta.roles:
         values = []
     elif role == "output":
