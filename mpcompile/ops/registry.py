@@ -233,24 +233,31 @@ KINDS: tuple[OpKind, ...] = (
                     nn.LeakyReLU, nn.ELU, nn.Softmax),
            functions=(F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu, F.softmax,
                       torch.relu, torch.sigmoid, torch.tanh, torch.softmax),
-           methods=("relu", "sigmoid", "tanh", "softmax", "gelu")),
+           methods=("relu", "sigmoid", "tanh", "softmax", "gelu"),
+           aten=(aten.relu.default, aten.gelu.default, aten.silu.default, aten.sigmoid.default, aten.tanh.default,
+                 aten.hardswish.default, aten.hardsigmoid.default, aten.leaky_relu.default, aten.elu.default,
+                 aten.hardtanh.default, aten.softmax.int, aten._softmax.default)),
     OpKind("norm", "norm",
            modules=(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
                     nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm)),
     OpKind("batch_norm", "norm", functions=(F.batch_norm, F.instance_norm),
            params={"weight": (3, "weight"), "bias": (4, "bias")}),
+    OpKind("aten_batch_norm", "norm", aten=(aten.batch_norm.default, aten.instance_norm.default),
+           params={"weight": (1, "weight"), "bias": (2, "bias")}),
     OpKind("layer_norm", "norm", functions=(F.layer_norm, F.group_norm),
-           params={"weight": (2, "weight"), "bias": (3, "bias")}),
-    OpKind("rms_norm", "norm", functions=(F.rms_norm,), params={"weight": (2, "weight")}),
+           aten=(aten.layer_norm.default, aten.group_norm.default), params={"weight": (2, "weight"), "bias": (3, "bias")}),
+    OpKind("rms_norm", "norm", functions=(F.rms_norm,), aten=(aten.rms_norm.default,), params={"weight": (2, "weight")}),
     OpKind("local_response_norm", "norm", functions=(F.local_response_norm,)),
     OpKind("pool", "pool",
            modules=(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
                     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d),
-           functions=(F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d), methods=("mean",)),
+           functions=(F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d), methods=("mean",),
+           aten=(aten.max_pool2d.default, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default, aten.mean.dim)),
     OpKind("elementwise", "elementwise",
            functions=(operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul,
                       torch.div),
-           methods=("add", "sub", "mul", "div", "add_", "mul_")),
+           methods=("add", "sub", "mul", "div", "add_", "mul_"),
+           aten=(aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.add_.Tensor, aten.mul_.Tensor)),
 )
 
 _BY_FUNCTION = {f: k for k in KINDS for f in k.functions}
@@ -310,11 +317,15 @@ _PHI_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Sigmoid:
                 nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid"}
 _PHI_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", F.silu: "silu", torch.sigmoid: "sigmoid",
                   F.sigmoid: "sigmoid", torch.tanh: "tanh", F.tanh: "tanh", F.hardswish: "hardswish",
-                  F.hardsigmoid: "hardsigmoid"}
+                  F.hardsigmoid: "hardsigmoid", aten.relu.default: "relu", aten.silu.default: "silu",
+                  aten.sigmoid.default: "sigmoid", aten.tanh.default: "tanh", aten.hardswish.default: "hardswish",
+                  aten.hardsigmoid.default: "hardsigmoid"}
 _PHI_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid", "tanh": "tanh",
                 "tanh_": "tanh"}
 _PHI_MODULE_PARAMETERS = {nn.LeakyReLU: ("leaky_relu", "negative_slope"), nn.ELU: ("elu", "alpha")}
-_PHI_FUNCTION_PARAMETERS = {F.leaky_relu: ("leaky_relu", "negative_slope", 1, 0.01), F.elu: ("elu", "alpha", 1, 1.0)}
+_PHI_FUNCTION_PARAMETERS = {F.leaky_relu: ("leaky_relu", "negative_slope", 1, 0.01), F.elu: ("elu", "alpha", 1, 1.0),
+                            aten.leaky_relu.default: ("leaky_relu", "negative_slope", 1, 0.01),
+                            aten.elu.default: ("elu", "alpha", 1, 1.0)}
 
 
 def activation_name(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
@@ -334,7 +345,7 @@ def activation_name(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None
         return None
     if node.op != "call_function":
         return None
-    if node.target is F.gelu:
+    if node.target in (F.gelu, aten.gelu.default):
         return "gelu_tanh" if node.kwargs.get("approximate", "none") == "tanh" else "gelu"
     if node.target in _PHI_FUNCTION_PARAMETERS:
         name, keyword, position, default = _PHI_FUNCTION_PARAMETERS[node.target]
