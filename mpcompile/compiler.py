@@ -30,8 +30,10 @@ class CompiledModel(nn.Module):
     """A model lowered under a policy. Call it like the original.
 
     Attributes:
-        policy: the policy in force; level: its level; warnings: rules that matched no op;
-        backend: which implementation computes the ops (``mpcompile.backends``).
+        policy: the policy in force; level: its level; backend: which implementation computes
+        the ops (``mpcompile.backends``); warnings: what the policy says and this model does not
+        do (rules that match no op, roles an op lacks, GEMM work that runs in fp32...);
+        annotated: the captured graph, each node's ``MpcMeta`` in ``node.meta["mpc"]``.
     """
 
     def __init__(self, state: PassState):

@@ -127,7 +127,7 @@ def _float_tensor(node: torch.fx.Node) -> bool | None:
     """Whether a traced node's value is a float tensor; None: unknown (the shape pass did not run)."""
     if "type" not in node.meta:  # set by ShapeProp for every node it ran
         return None
-    dtype = mpc_meta(node).dtype if mpc_meta(node) is not None else None
+    dtype = getattr(mpc_meta(node), "dtype", None)
     return issubclass(node.meta["type"], torch.Tensor) and dtype is not None and dtype.is_floating_point
 
 
@@ -169,11 +169,11 @@ def _quantized_io(gm, graph: torch.fx.Graph, node: torch.fx.Node, meta: MpcMeta,
     else:
         args, kwargs = list(torch.fx.map_arg(node.args, arg)), dict(torch.fx.map_arg(node.kwargs, arg))
         for role, setting in affine.items():
-            i = kind_named(meta.kind).params[role][0]
+            i, keyword = kind_named(meta.kind).params[role]
             if i < len(args):
                 args[i] = _quant(graph, args[i], setting)
             else:
-                kwargs[role] = _quant(graph, kwargs[role], setting)
+                kwargs[keyword] = _quant(graph, kwargs[keyword], setting)
         out = graph.call_function(node.target, tuple(args), kwargs)
     out = _quant(graph, out, roles["output"], node) if "output" in roles else out
     # the op wrote into a rounded copy of its input, or a copy whose result is rounded: the input's

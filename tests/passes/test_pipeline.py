@@ -29,3 +29,9 @@ def test_views_run_no_pass():
     assert meta.sqnr_db is None
     cm.collect_stats()
     assert meta.sqnr_db is not None
+
+
+def test_analysed_is_the_deprecated_spelling_of_annotated():
+    cm = mpcompile.compile(nn.Sequential(nn.Linear(4, 4)), "fp32", (torch.randn(2, 4),))
+    with pytest.warns(DeprecationWarning, match="CompiledModel.annotated"):
+        assert cm.analysed() is cm.annotated
