@@ -47,6 +47,18 @@ def test_an_fx_graph_and_a_torch_export_graph_are_recognised_alike():
     assert [k for k, g in aten if g == "gemm"] == [k for k, g in fx if g == "gemm"] == ["conv2d", "linear", "matmul"]
 
 
+def test_an_exported_aten_graph_compiles_to_the_same_numbers_as_the_fx_trace():
+    torch.manual_seed(0)
+    model, x = Mixed(), torch.randn(2, 2, 4, 4)
+    policy = ("version: 1\ndefault: {input: fp8_e4m3, weight: fp8_e4m3, forward: {acc: e6m9, order: chunk(4)}}\n"
+              "rules:\n  - match: {type: activation}\n    output: bf16\n")
+    traced = mpcompile.compile(model, policy, (x,))
+    exported = mpcompile.compile(torch.export.export(model, (x,), strict=False).module(), policy, (x,))
+    assert [f.__name__ for f in ops_called(exported)] == [f.__name__ for f in ops_called(traced)] == \
+        ["conv2d", "quant", "linear", "matmul"]
+    assert torch.equal(exported(x), traced(x)) and not torch.equal(traced(x), model(x))
+
+
 def test_a_subclass_is_its_base_kind_and_unknown_calls_have_none():
     class MyLinear(nn.Linear):
         pass
