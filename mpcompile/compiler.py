@@ -11,7 +11,7 @@ import math
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
@@ -64,7 +64,8 @@ class CompiledModel(nn.Module):
                       "after a recompile", DeprecationWarning, stacklevel=2)
         return self.annotated
 
-    def _annotations(self) -> Iterable[tuple[torch.fx.Node, MpcMeta]]:
+    def annotations(self) -> Iterator[tuple[torch.fx.Node, MpcMeta]]:
+        """(node, its ``MpcMeta``) for every classified node of ``annotated``, in graph order."""
         for node in self.annotated.graph.nodes:
             meta = mpc_meta(node)
             if meta is not None and meta.classified:
@@ -78,7 +79,7 @@ class CompiledModel(nn.Module):
         dropped: ``collect_stats`` measures the new one."""
         state = self._state
         if isinstance(level, Mapping):
-            unknown = sorted(set(level) - {n.name for n, _ in self._annotations()})
+            unknown = sorted(set(level) - {n.name for n, _ in self.annotations()})
             if unknown:
                 raise CompileError(f"recompile(level=...): no op named {', '.join(map(repr, unknown))}; per-op levels "
                                    f"are keyed by node name (see CompiledModel.assignments())")
@@ -103,14 +104,14 @@ class CompiledModel(nn.Module):
     @property
     def stats_current(self) -> bool:
         """Whether the annotated graph holds statistics of the current assignment."""
-        return any(m.sqnr_db is not None for _, m in self._annotations())
+        return any(m.sqnr_db is not None for _, m in self.annotations())
 
     def _check(self) -> list[str]:
         """Warnings (each also issued) on what the policy says and this model does not do: rules
         that match no op, roles an op does not have, GEMM work that runs in fp32, recompute where
         it does not apply."""
         texts = [f"{label}: matches no op of this model" for label in unmatched_rules(self.annotated, self.policy)]
-        for node, meta in self._annotations():
+        for node, meta in self.annotations():
             where = f"node {node.name} ({meta.op_type} '{meta.name}')"
             unapplied = self._unapplied(node, meta) if meta.unemulated else []
             if unapplied:
@@ -185,12 +186,12 @@ class CompiledModel(nn.Module):
         the condition pass's median kappa (None without calibration data or for an op it does not
         estimate) and ``Assignment.unit_roundoff``. What a first-order error estimate reads."""
         return {node.name: (None if meta.kappa is None else meta.kappa.median, meta.assignment.unit_roundoff)
-                for node, meta in self._annotations()
+                for node, meta in self.annotations()
                 if meta.assignment is not None and meta.assignment.unit_roundoff > 0}
 
     def assignments(self) -> dict[str, Any]:
         """Node name -> ``Assignment``, for every node the policy quantizes."""
-        return {node.name: meta.assignment for node, meta in self._annotations() if meta.assignment is not None}
+        return {node.name: meta.assignment for node, meta in self.annotations() if meta.assignment is not None}
 
     def low_precision_counts(self) -> dict[str, tuple[int, int]]:
         """Node name -> (output components computed in the low arithmetic, output components), for

@@ -10,11 +10,9 @@ from __future__ import annotations
 import html
 import json
 import math
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import networkx as nx
-
-import torch
 
 from .ops.spec import ROLES, ArithSpec, Recompute
 from .passes import MpcMeta, mpc_meta
@@ -26,13 +24,6 @@ if TYPE_CHECKING:
 __all__ = ["table", "rich_table", "settings_text", "explain", "lock", "to_json", "to_networkx", "to_dot", "to_svg"]
 
 _ROLE_COLUMNS = ("input", "weight", "output", "grad_output")
-
-
-def _rows(cm: "CompiledModel") -> Iterator[tuple[torch.fx.Node, MpcMeta]]:
-    for node in cm.annotated.graph.nodes:
-        meta = mpc_meta(node)
-        if meta is not None and meta.classified:
-            yield node, meta
 
 
 def _role_text(assignment: Assignment | None, role: str) -> str:
@@ -68,7 +59,7 @@ _HEAD = ("node", "op", "module", "shape", *_ROLE_COLUMNS, "forward", "backward",
 def _table_rows(cm: "CompiledModel") -> list[tuple[tuple[str, ...], int]]:
     """(cells, operand bits) per GEMM-like op and per op a rule quantizes."""
     rows, low = [], cm.low_precision_fraction()
-    for node, meta in _rows(cm):
+    for node, meta in cm.annotations():
         assignment = meta.assignment
         if meta.group != "gemm" and assignment is None:
             continue
@@ -136,9 +127,9 @@ def settings_text(settings: Settings) -> str:
 def explain(cm: "CompiledModel", name: str) -> str:
     """Every section that applied to the op with qualified name (or node name) ``name``, and
     what each set; the last line is the result."""
-    found = [(node, meta) for node, meta in _rows(cm) if name in (meta.name, node.name)]
+    found = [(node, meta) for node, meta in cm.annotations() if name in (meta.name, node.name)]
     if not found:
-        names = sorted({meta.name for _, meta in _rows(cm)})
+        names = sorted({meta.name for _, meta in cm.annotations()})
         close = [n for n in names if name in n][:5]
         raise KeyError(f"no op named {name!r} in this model" + (f"; ops containing it: {', '.join(close)}" if close else ""))
     node, meta = found[0]
@@ -160,7 +151,7 @@ def explain(cm: "CompiledModel", name: str) -> str:
 
 def lock(cm: "CompiledModel") -> dict[str, Any]:
     """The resolved assignment as a policy (a dict) that reproduces this compiled model."""
-    return lock_policy(((meta.name, meta.assignment) for _, meta in _rows(cm) if meta.assignment is not None),
+    return lock_policy(((meta.name, meta.assignment) for _, meta in cm.annotations() if meta.assignment is not None),
                        f"{cm.policy.name}.lock", f"resolved from {cm.policy.source} at level {cm.level}")
 
 
