@@ -199,8 +199,8 @@ def _name(call: Call) -> str:
     return f"Tensor.{target}" if call.node.op == "call_method" else getattr(target, "__name__", str(target))
 
 
-def _unemulated(name: str, modules=(), functions=(), methods=()) -> OpKind:
-    return OpKind(name, None, modules=modules, functions=functions, methods=methods, emulated=False)
+def _unemulated(name: str, modules=(), functions=(), methods=(), overloads=()) -> OpKind:
+    return OpKind(name, None, modules=modules, functions=functions, methods=methods, aten=overloads, emulated=False)
 
 
 KINDS: tuple[OpKind, ...] = (
@@ -227,7 +227,13 @@ KINDS: tuple[OpKind, ...] = (
     _unemulated("bilinear", modules=(nn.Bilinear,), functions=(F.bilinear,)),
     _unemulated("products", functions=(torch.addbmm, torch.addmv, torch.addr, torch.mv, torch.dot, torch.inner,
                                        torch.outer, torch.tensordot, torch.linalg.multi_dot, torch.chain_matmul),
-                methods=("addbmm", "addmv", "addr", "mv", "dot", "inner", "outer")),
+                methods=("addbmm", "addmv", "addr", "mv", "dot", "inner", "outer"),
+                # ATen's spellings, and those that a decomposed export graph has for emulated kinds
+                overloads=(aten.addbmm.default, aten.addmv.default, aten.addr.default, aten.mv.default,
+                           aten.dot.default, aten.inner.default, aten.outer.default, aten.tensordot.default,
+                           aten.bilinear.default, aten.convolution.default,
+                           aten._scaled_dot_product_flash_attention_for_cpu.default,
+                           aten._scaled_dot_product_efficient_attention.default)),
     OpKind("activation", "activation",
            modules=(nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
                     nn.LeakyReLU, nn.ELU, nn.Softmax),

@@ -59,6 +59,21 @@ def test_an_exported_aten_graph_compiles_to_the_same_numbers_as_the_fx_trace():
     assert torch.equal(exported(x), traced(x)) and not torch.equal(traced(x), model(x))
 
 
+def test_aten_gemm_work_that_is_not_emulated_warns():
+    class Decomposed(nn.Module):  # what run_decompositions() leaves of a convolution
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 2, 3, 3))
+
+        def forward(self, x):
+            return torch.ops.aten.convolution.default(x, self.w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1)
+
+    x = torch.randn(1, 2, 5, 5)
+    with pytest.warns(UserWarning, match=r"runs in fp32: convolution.default is not emulated, so the policy's input, "
+                                         r"weight for it are not applied"):
+        mpcompile.compile(Decomposed(), "version: 1\ndefault: {input: fp8_e4m3, weight: fp8_e4m3}\n", (x,))
+
+
 def test_a_subclass_is_its_base_kind_and_unknown_calls_have_none():
     class MyLinear(nn.Linear):
         pass
