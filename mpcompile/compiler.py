@@ -1,45 +1,79 @@
-"""``compile``: run the pass list (``passes.pipeline.COMPILE``) over a model and a policy.
+"""``compile``: capture a model, run the pass list (``passes.pipeline.COMPILE``) under a policy.
 
-``CompiledModel`` is an ``nn.Module`` over the lowered graph. It shares the original model's
-parameters and buffers (the same objects), and ``recompile`` re-runs assign and lower only
-(``RECOMPILE``), so an optimizer built on its parameters keeps working across precision
-changes. Its views (``table``, ``explain``, ``to_json``...) read the annotated graph only.
+``CompiledModel`` is an ordinary ``nn.Module`` around the lowered graph: its modules,
+parameters and buffers are the source model's (the same objects, so its ``state_dict`` has the
+source's keys and an optimizer built on its parameters keeps working across precision changes);
+attributes it lacks fall through to the source model; it pickles and deep-copies. Each train /
+eval mode is captured the first time it runs, so the compiled model never runs the other mode's
+code. ``recompile`` re-runs assign and lower only (``RECOMPILE``). Its views (``table``,
+``explain``, ``to_json``...) read the annotated graph only.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
 
 from .backends import check_backend
+from .capture import Inputs, as_inputs
 from .errors import CompileError, PolicyError
 from .ops.registry import kind_named
 from .passes import MpcMeta, PassState, mpc_meta, run_passes
 from .passes.assign import level_of, unmatched_rules
-from .passes.pipeline import COMPILE, RECOMPILE, STATS
+from .passes.pipeline import CAPTURE, CLASSIFY, COMPILE, LOWER, RECOMPILE, SHAPE, STATS
 from .policy import Policy, load_policy
 
 __all__ = ["compile", "CompiledModel", "CompileError"]
+
+_GRAPH_STATE = ("_mpc_amax",)  # modules lowering keeps on the traced graph, state a pickle must carry
+
 
 class CompiledModel(nn.Module):
     """A model lowered under a policy. Call it like the original.
 
     Attributes:
+        source: the model it was compiled from (its modules and parameters are this module's).
         policy: the policy in force; level: its level; backend: which implementation computes
-        the ops (``mpcompile.backends``); warnings: what the policy says and this model does not
-        do (rules that match no op, roles an op lacks, GEMM work that runs in fp32...);
-        annotated: the captured graph, each node's ``MpcMeta`` in ``node.meta["mpc"]``.
+        the ops (``mpcompile.backends``); capture: the capture path taken (``fx``, ``export``,
+        ``graph``); warnings: what the policy says and this model does not do (rules that match
+        no op, roles an op lacks, GEMM work that runs in fp32...); annotated: the captured graph
+        of the current mode, each node's ``MpcMeta`` in ``node.meta["mpc"]``.
     """
 
-    def __init__(self, state: PassState):
+    def __init__(self, state: PassState, strict: bool = False):
         super().__init__()
-        self._state = state  # not a module: the traced graph stays out of the module tree
-        self.graph_module, self.warnings = state.lowered, self._check()
+        source = state.model
+        # the source's own dicts: its state_dict keys, .to(), .train() and parameters() are this module's
+        self.__dict__.update(_source=source, _modules=source._modules, _parameters=source._parameters,
+                             _buffers=source._buffers, _non_persistent_buffers_set=source._non_persistent_buffers_set)
+        self.training = source.training
+        self._strict = strict
+        self._states: dict[bool, PassState] = {source.training: state}
+        self._warnings: dict[bool, list[str]] = {source.training: self._check(state)}
+
+    @property
+    def source(self) -> nn.Module:
+        return self._source
+
+    @property
+    def _state(self) -> PassState:
+        """The state of the current mode, or of the mode captured first while this one has not run."""
+        return self._states.get(self._source.training) or next(iter(self._states.values()))
+
+    @property
+    def graph_module(self) -> torch.fx.GraphModule:
+        """The lowered graph of the current mode (see ``_state``)."""
+        return self._state.lowered
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(dict.fromkeys(w for texts in self._warnings.values() for w in texts))
 
     @property
     def policy(self) -> Policy:
@@ -54,6 +88,15 @@ class CompiledModel(nn.Module):
         return self._state.backend
 
     @property
+    def capture(self) -> str:
+        return self._state.capture
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The modes captured so far (``train``, ``eval``)."""
+        return tuple("train" if mode else "eval" for mode in self._states)
+
+    @property
     def annotated(self) -> torch.fx.GraphModule:
         """The captured graph with every pass's results in ``node.meta["mpc"]`` (an ``MpcMeta``)."""
         return self._state.traced
@@ -64,37 +107,73 @@ class CompiledModel(nn.Module):
                       "after a recompile", DeprecationWarning, stacklevel=2)
         return self.annotated
 
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            source = self.__dict__.get("_source")
+            if source is None:
+                raise
+        value = getattr(source, name)
+        if inspect.ismethod(value) and value.__self__ is source:
+            # it would call the source's own forward: the uncompiled model, in fp32
+            raise AttributeError(f"CompiledModel.{name}: {type(source).__name__}.{name} is a method of the source "
+                                 f"model and would run it uncompiled; call cm.source.{name}(...) if that is meant")
+        return value
+
+    def train(self, mode: bool = True) -> "CompiledModel":
+        self._source.train(mode)
+        self.training = mode
+        return self
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> "CompiledModel":
+        super()._apply(fn, recurse)  # the source's modules, parameters and buffers
+        for state in self._states.values():  # and what lowering keeps on the graphs (a shared tensor is done: fn is a no-op)
+            for module in (state.traced, state.lowered):
+                module._apply(fn, recurse)
+        return self
+
+    def __getstate__(self) -> dict:
+        """Everything but the graphs, which are not picklable with their metadata: each mode's
+        analysis (``MpcMeta`` by node name) and graph state (amax histories) instead."""
+        saved = dict(self.__dict__)
+        saved["_states"] = {mode: _snapshot(state) for mode, state in self._states.items()}
+        return saved
+
+    def __setstate__(self, saved: dict) -> None:
+        self.__dict__.update(saved)
+        self._states = {mode: _restore(self._source, mode, snapshot) for mode, snapshot in saved["_states"].items()}
+
     def annotations(self) -> Iterator[tuple[torch.fx.Node, MpcMeta]]:
         """(node, its ``MpcMeta``) for every classified node of ``annotated``, in graph order."""
-        for node in self.annotated.graph.nodes:
-            meta = mpc_meta(node)
-            if meta is not None and meta.classified:
-                yield node, meta
+        return _annotations(self.annotated)
 
     def recompile(self, policy: "Policy | Mapping | str | Path | None" = None,
                   level: "int | str | Mapping[str, int | str] | None" = None) -> None:
         """Re-assign formats (from a new policy and/or level) and re-lower; parameters are kept.
         ``level`` is one level for every op or a mapping from node names to levels (an op it does
-        not name is at level 0). Format statistics belong to the previous assignment and are
+        not name is at level 0). Every captured mode is recompiled. Format statistics belong to the previous assignment and are
         dropped: ``collect_stats`` measures the new one."""
-        state = self._state
         if isinstance(level, Mapping):
-            unknown = sorted(set(level) - {n.name for n, _ in self.annotations()})
+            names = {n.name for s in self._states.values() for n in s.traced.graph.nodes}
+            unknown = sorted(set(level) - names)
             if unknown:
                 raise CompileError(f"recompile(level=...): no op named {', '.join(map(repr, unknown))}; per-op levels "
                                    f"are keyed by node name (see CompiledModel.assignments())")
             level = dict(level)
-        if policy is not None:
-            state.policy = load_policy(policy)
-        state.level = (0 if policy is not None else state.level) if level is None else level
-        run_passes(RECOMPILE, state)
-        self.graph_module, self.warnings = state.lowered, self._check()
+        policy = None if policy is None else load_policy(policy)
+        for mode, state in self._states.items():
+            state.policy = policy or state.policy
+            state.level = (0 if policy is not None else state.level) if level is None else level
+            run_passes(RECOMPILE, state)
+            self._warnings[mode] = self._check(state)
 
     def collect_stats(self) -> None:
         """Measure the current assignment on the calibration batches (the stats pass): what the
         table and ``explain`` show as overflow / flush-to-zero shares and SQNR. Compile runs it;
         a recompile drops the previous results."""
-        run_passes(STATS, self._state)
+        for state in self._states.values():
+            run_passes(STATS, state)
 
     @property
     def calibrated(self) -> bool:
@@ -106,15 +185,20 @@ class CompiledModel(nn.Module):
         """Whether the annotated graph holds statistics of the current assignment."""
         return any(m.sqnr_db is not None for _, m in self.annotations())
 
-    def _check(self) -> list[str]:
+    def _check(self, state: PassState) -> list[str]:
         """Warnings (each also issued) on what the policy says and this model does not do: rules
         that match no op, roles an op does not have, GEMM work that runs in fp32, recompute where
-        it does not apply."""
-        texts = [f"{label}: matches no op of this model" for label in unmatched_rules(self.annotated, self.policy)]
-        for node, meta in self.annotations():
+        it does not apply.
+
+        Raises:
+            CompileError: under ``strict``, GEMM work runs in fp32 where the policy quantizes."""
+        texts = [f"{label}: matches no op of this model" for label in unmatched_rules(state.traced, state.policy)]
+        uncovered = []
+        for node, meta in _annotations(state.traced):
             where = f"node {node.name} ({meta.op_type} '{meta.name}')"
-            unapplied = self._unapplied(node, meta) if meta.unemulated else []
+            unapplied = self._unapplied(state, node, meta) if meta.unemulated else []
             if unapplied:
+                uncovered.append(f"{where}: {meta.unemulated}")
                 texts.append(f"{where}: runs in fp32: {meta.unemulated}, so the policy's {', '.join(unapplied)} for it "
                              f"{'is' if len(unapplied) == 1 else 'are'} not applied; a rule that matches it with "
                              f"keep: fp32 says that this is intended")
@@ -126,23 +210,34 @@ class CompiledModel(nn.Module):
                 texts.append(f"{where}: {', '.join(skipped)} not applied: this op's roles are {', '.join(meta.roles)}")
             if assignment.recompute is not None and not (meta.kind and kind_named(meta.kind).recomputes):
                 texts.append(f"{where}: recompute not applied: it is for linear, conv, matmul and einsum ops")
+        if uncovered and (self._strict or state.policy.strict):
+            raise CompileError("strict: GEMM work runs in fp32 where the policy quantizes it:\n  " + "\n  ".join(uncovered)
+                               + "\n  keep it in fp32 with a rule (keep: fp32) or make its code traceable")
         for text in texts:
-            warnings.warn(f"mpcompile: {text}", stacklevel=4)
+            warnings.warn(f"mpcompile: {text}", stacklevel=5)
         return texts
 
-    def _unapplied(self, node: torch.fx.Node, meta: MpcMeta) -> list[str]:
+    @staticmethod
+    def _unapplied(state: PassState, node: torch.fx.Node, meta: MpcMeta) -> list[str]:
         """What the policy would set for a node of unemulated GEMM work if it were a GEMM-like op,
         and lowering does not apply: roles (an op's input and output roles are applied all the
         same) and emulated arithmetic."""
-        would = self.policy.resolve(replace(meta.facts, group="gemm"), level_of(self.level, node))
+        would = state.policy.resolve(replace(meta.facts, group="gemm"), level_of(state.level, node))
         actual = meta.assignment
         applied = {r for r, s in actual.roles if s.quant is not None and r in meta.roles} if actual else set()
         return ([r for r, s in would.roles if s.quant is not None and r not in applied]
                 + [f"{k} arithmetic" for k in ("forward", "backward") if not getattr(would, k).is_native])
 
     def forward(self, *args, **kwargs):
+        mode = self._source.training
+        state = self._states.get(mode)
+        if state is None:  # this mode's first call: capture its code (never run the other mode's)
+            first = next(iter(self._states.values()))
+            state = replace(first, inputs=first.inputs or Inputs(args, kwargs), traced=None, lowered=None)
+            self._states[mode] = run_passes(COMPILE, state)
+            self._warnings[mode] = self._check(state)
         try:
-            return self.graph_module(*args, **kwargs)
+            return state.lowered(*args, **kwargs)
         except AssertionError as err:  # fx's check of an argument traced at its default (_fixed_defaults)
             name, sep, _ = str(err).partition(" has been specialized to have value ")
             if not sep:
@@ -216,33 +311,91 @@ class CompiledModel(nn.Module):
                     c.zero_()
 
 
+def _annotations(traced: torch.fx.GraphModule) -> Iterator[tuple[torch.fx.Node, MpcMeta]]:
+    for node in traced.graph.nodes:
+        meta = mpc_meta(node)
+        if meta is not None and meta.classified:
+            yield node, meta
+
+
+_RECAPTURED = ("traced", "lowered", "example_inputs", "batches")
+
+
+def _snapshot(state: PassState) -> dict[str, Any]:
+    """A mode's state without its graphs: the options, every node's ``MpcMeta`` by name and the
+    graph-held buffers (amax histories)."""
+    kept = {f.name: getattr(state, f.name) for f in fields(state) if f.name not in _RECAPTURED}
+    metas = {n.name: mpc_meta(n) for n in state.traced.graph.nodes if mpc_meta(n) is not None}
+    held = {name: getattr(state.traced, name).state_dict() for name in _GRAPH_STATE if hasattr(state.traced, name)}
+    return {"state": kept, "metas": metas, "held": held}
+
+
+def _restore(source: nn.Module, mode: bool, snapshot: dict[str, Any]) -> PassState:
+    """The mode's state again: captured anew (capture is deterministic: the same node names),
+    its analysis put back node by node, lowered; nothing is re-estimated or re-assigned."""
+    state = PassState(**{**snapshot["state"], "model": source})
+    training = source.training
+    source.train(mode)
+    try:
+        run_passes((CAPTURE, SHAPE), state)
+    finally:
+        source.train(training)
+    nodes = {n.name: n for n in state.traced.graph.nodes}
+    if set(nodes) != set(snapshot["metas"]) | set(nodes):
+        raise CompileError(f"cannot restore the compiled {type(source).__name__}: capturing it again gives other nodes")
+    for name, meta in snapshot["metas"].items():
+        nodes[name].meta["mpc"] = meta
+    for name, buffers in snapshot["held"].items():
+        held = nn.Module()
+        for key, value in buffers.items():
+            held.register_buffer(key, value)
+        setattr(state.traced, name, held)
+    run_passes((LOWER,), state)
+    return state
+
+
 def compile(model: nn.Module, policy: "Policy | Mapping | str | Path", example_inputs: Iterable | None = None, *,
+            example_kwargs: Mapping[str, Any] | None = None, capture: str = "auto", strict: bool | None = None,
             leaf_modules: Iterable[type] = (), calibration: Iterable | None = None,
             level: "int | str" = 0, backend: str = "auto") -> CompiledModel:
-    """Trace ``model`` with torch.fx and lower it under ``policy``.
+    """Capture ``model`` (torch.fx, or torch.export where fx cannot) and lower it under ``policy``.
 
     Args:
-        model: any module torch.fx can trace (or whose untraceable parts are ``leaf_modules``).
-        policy: a ``Policy``, a mapping, a path to a YAML file, a shipped policy's name
-            (``"hfp8"``), or YAML text.
-        example_inputs: positional inputs; when given, shapes and dtypes are recorded per node.
-            forward's parameters that default to None or a bool and that these do not give
-            (without them: that are not required) are fixed to their defaults in the trace.
-        leaf_modules: module types kept as opaque calls (they run unchanged).
-        calibration: batches (a tensor or a tuple of forward's arguments each) on which the
-            condition and stats passes run; default: ``example_inputs`` as one batch.
+        model: any module (a ``CompiledModel``: its source is compiled anew; an
+            ``fx.GraphModule``: used as it is).
+        policy: a ``Policy``, a mapping, a path to a .yaml, .yml or .json file, a shipped
+            policy's name (``"hfp8"``), or YAML text.
+        example_inputs: positional inputs (a tensor: the one input); when given, shapes and
+            dtypes are recorded per node and the coverage check runs. With fx, forward's
+            parameters that default to None or a bool and that these do not give are fixed to
+            their defaults in the trace.
+        example_kwargs: keyword inputs (``input_ids=..., attention_mask=...``).
+        capture: ``auto`` (a GraphModule as it is; else fx, then torch.export), ``fx``,
+            ``export`` or ``graph`` (see ``mpcompile.capture.paths``); ``cm.capture`` says which.
+        strict: GEMM work that runs in fp32 where the policy quantizes it is a CompileError
+            (default: the policy's ``strict``, else a warning).
+        leaf_modules: module types fx keeps as opaque calls (they run unchanged).
+        calibration: batches (a tensor, a tuple of positional or a mapping of keyword arguments
+            each) on which the condition and stats passes run; default: the example inputs.
         level: the policy level to start at (or a mapping from node names to levels).
         backend: ``auto`` (Triton kernels for CUDA tensors, the torch reference elsewhere),
             ``torch`` or ``triton`` (on the CPU only in Triton's interpreter); the numbers are
             the same. See ``mpcompile.backends``.
+
+    The model is captured in its current mode (train or eval); the other mode is captured the
+    first time the compiled model runs in it.
     """
+    if isinstance(model, CompiledModel):
+        model = model.source
     policy = load_policy(policy)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    inputs = None if example_inputs is None and example_kwargs is None else \
+        Inputs(tuple(example_inputs or ()), dict(example_kwargs or {}))
     kappa_rules = [rule.label for rule in policy.rules if rule.match.needs_kappa]
-    if kappa_rules and calibration is None and example_inputs is None:
+    if kappa_rules and calibration is None and inputs is None:
         raise PolicyError(f"{kappa_rules[0]}: selects on kappa, which the condition pass estimates on data: "
                           f"give compile() calibration= batches or example_inputs")
-    example_inputs = None if example_inputs is None else tuple(example_inputs)
-    batches = [example_inputs] if calibration is None and example_inputs is not None else \
-        [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in calibration or ()]
-    state = PassState(model, policy, level, tuple(leaf_modules), example_inputs, batches, check_backend(backend))
-    return CompiledModel(run_passes(COMPILE, state))
+    batches = (inputs,) if calibration is None and inputs is not None else tuple(map(as_inputs, calibration or ()))
+    state = PassState(model, policy, level, tuple(leaf_modules), inputs, batches, capture, check_backend(backend))
+    return CompiledModel(run_passes(COMPILE, state), bool(policy.strict if strict is None else strict))

@@ -1,13 +1,20 @@
-"""Capture with torch.fx: symbolic tracing with opaque leaf modules and traceable forwards."""
+"""Capture with torch.fx: symbolic tracing with opaque leaf modules and traceable forwards.
+
+Functions that libraries hide from fx with ``torch.fx.wrap`` (torchvision's
+``shifted_window_attention``...) can be traced into, so the GEMMs inside them meet the policy;
+kept opaque, they are one call whose GEMMs the coverage pass reports.
+"""
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import linecache
 import traceback
-from typing import Any
+from typing import Any, Iterator
 
 import torch
+import torch.fx._symbolic_trace as fx_trace
 import torch.nn as nn
 
 from ..errors import CompileError
@@ -35,26 +42,45 @@ class _Tracer(torch.fx.Tracer):
         return super().call_module(m, forward, args, kwargs)
 
 
-def traced_defaults(model: nn.Module, given: int | None) -> dict[str, Any]:
+def traced_defaults(model: nn.Module, given: int | None, named: frozenset[str] = frozenset()) -> dict[str, Any]:
     """forward's parameters that the trace fixes to their defaults: those defaulting to None or a
-    bool beyond the ``given`` positional inputs (None: the required ones, at least one). As
-    placeholders, fx would trace ``if mask is None`` as false and ``if flag`` not at all; fixed,
-    the graph asserts at run time that the same value comes."""
+    bool beyond the ``given`` positional inputs (None: the required ones, at least one) and not
+    ``named`` by keyword inputs. As placeholders, fx would trace ``if mask is None`` as false and
+    ``if flag`` not at all; fixed, the graph asserts at run time that the same value comes."""
     params = list(inspect.signature(model.forward).parameters.values())
     if given is None:
         given = max(1, sum(p.default is inspect.Parameter.empty for p in params))
     return {p.name: p.default for i, p in enumerate(params)
             if (i >= given or p.kind == p.KEYWORD_ONLY) and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-            and (p.default is None or isinstance(p.default, bool))}
+            and p.name not in named and (p.default is None or isinstance(p.default, bool))}
 
 
-def capture_fx(model: nn.Module, leaf_modules: tuple[type, ...], given: int | None = None) -> torch.fx.GraphModule:
+@contextlib.contextmanager
+def _into_wrapped_functions() -> Iterator[None]:
+    """Trace into ``torch.fx.wrap``-ped functions (fx's own helpers stay wrapped)."""
+    functions, methods = dict(fx_trace._wrapped_fns_to_patch), list(fx_trace._wrapped_methods_to_patch)
+    fx_trace._wrapped_fns_to_patch.clear()
+    fx_trace._wrapped_fns_to_patch.update({key: scope for key, scope in functions.items()
+                                           if scope.get("__name__", "").startswith("torch.fx")})
+    fx_trace._wrapped_methods_to_patch.clear()
+    try:
+        yield
+    finally:
+        fx_trace._wrapped_fns_to_patch.clear()
+        fx_trace._wrapped_fns_to_patch.update(functions)
+        fx_trace._wrapped_methods_to_patch[:] = methods
+
+
+def capture_fx(model: nn.Module, leaf_modules: tuple[type, ...], given: int | None = None,
+               named: frozenset[str] = frozenset(), into_wrapped: bool = True) -> torch.fx.GraphModule:
     """``model`` traced into a GraphModule.
 
     Args:
         model: the module to trace.
         leaf_modules: module types kept as opaque calls.
-        given: how many positional inputs the example inputs give (see ``traced_defaults``).
+        given, named: how many positional inputs the example inputs give and which keyword
+            inputs they name (see ``traced_defaults``).
+        into_wrapped: trace into ``torch.fx.wrap``-ped functions (else they stay opaque calls).
 
     Raises:
         CompileError: fx cannot trace it; the message names the line and says what to do.
@@ -63,7 +89,8 @@ def capture_fx(model: nn.Module, leaf_modules: tuple[type, ...], given: int | No
     if cls in TRACEABLE_FORWARDS and not isinstance(model, leaf_modules):  # the tracer calls the root's forward itself
         model.__class__ = type(cls.__name__, (cls,), {"forward": TRACEABLE_FORWARDS[cls]})
     try:
-        graph = _Tracer(leaf_modules).trace(model, concrete_args=traced_defaults(model, given) or None)
+        with _into_wrapped_functions() if into_wrapped else contextlib.nullcontext():
+            graph = _Tracer(leaf_modules).trace(model, concrete_args=traced_defaults(model, given, named) or None)
     except Exception as err:  # fx raises TraceError, TypeError, RuntimeError... with the failing line in its traceback
         raise CompileError(_trace_failure(model, err)) from err
     finally:

@@ -26,7 +26,7 @@ from .conv_transpose import conv_transpose1d, conv_transpose2d, conv_transpose3d
 from .einsum import einsum, einsum_plan
 from .spec import ROLES
 
-__all__ = ["OpKind", "Call", "LoweringError", "KINDS", "lookup", "gemm_module_types", "role_values",
+__all__ = ["module_kind", "OpKind", "Call", "LoweringError", "KINDS", "lookup", "gemm_module_types", "role_values",
            "einsum_operands", "activation_name", "lower_call", "kind_named", "GEMM"]
 
 aten = torch.ops.aten
@@ -291,6 +291,15 @@ def lookup(gm: torch.fx.GraphModule, node: torch.fx.Node) -> OpKind | None:
 
 
 _BY_NAME = {k.name: k for k in KINDS}
+_BY_MODULE_PATH = {f"{m.__module__}.{m.__qualname__}": k for m, k in _BY_MODULE.items()}
+
+
+def module_kind(module_type: "type | str") -> OpKind | None:
+    """The entry of a module type named exactly (a class, or its ``module.qualname`` as
+    torch.export's ``nn_module_stack`` gives it); subclasses, whose forwards are their own, are not it."""
+    if isinstance(module_type, type):
+        module_type = f"{module_type.__module__}.{module_type.__qualname__}"
+    return _BY_MODULE_PATH.get(module_type)
 
 
 def kind_named(name: str | None) -> OpKind | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.registry import Call, OpKind, gemm_module_types, lookup
+from ..ops.registry import Call, OpKind, gemm_module_types, lookup, module_kind
 from .meta import meta_of
 
 __all__ = ["classify"]
@@ -21,18 +21,40 @@ _CALLS = ("call_module", "call_function", "call_method")
 def _op_type(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
     if node.op == "call_module":
         return type(gm.get_submodule(node.target)).__name__
+    if isinstance(node.target, torch._ops.OpOverload):  # aten.linear.default: "linear", as fx names F.linear
+        return node.target.overloadpacket.__name__
     if node.op == "call_function":
         return getattr(node.target, "__name__", str(node.target))
     return node.target
 
 
-def _qualified_name(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
+def _owner(node: torch.fx.Node) -> tuple[str, str] | None:
+    """(qualified name, class as ``module.qualname``) of the module whose forward made the node."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path, cls = next(reversed(stack.values()))
+    return path, cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _module_ops(kinds: dict[torch.fx.Node, OpKind | None]) -> dict[torch.fx.Node, tuple[str, str]]:
+    """Nodes that stand for a whole torch.nn module: in an ATen graph, a module fx keeps whole
+    (Linear, LayerNorm...) becomes the one op of its own kind inside it. Such a node is named and
+    typed as the module (``fc``, ``Linear``), as fx names it, so one policy fits both graphs."""
+    found: dict[tuple[str, str], list[torch.fx.Node]] = {}
+    for node, kind in kinds.items():
+        owner = _owner(node) if node.op == "call_function" and kind is not None else None
+        if owner is not None and module_kind(owner[1]) is not None and module_kind(owner[1]).group == kind.group:
+            found.setdefault(owner, []).append(node)
+    return {nodes[0]: (path, cls.rpartition(".")[2]) for (path, cls), nodes in found.items() if len(nodes) == 1}
+
+
+def _qualified_name(node: torch.fx.Node) -> str:
     """A module's qualified name; for a function, the module whose forward called it plus the node's name."""
     if node.op == "call_module":
         return node.target
-    stack = node.meta.get("nn_module_stack")
-    owner = next(reversed(stack.values()))[0] if stack else ""
-    return f"{owner}.{node.name}" if owner else node.name
+    owner = _owner(node)
+    return f"{owner[0]}.{node.name}" if owner and owner[0] else node.name
 
 
 def classify(gm: torch.fx.GraphModule) -> None:
@@ -51,9 +73,10 @@ def classify(gm: torch.fx.GraphModule) -> None:
             refused[node], kind = why, None
         kinds[node] = kind
     gemms = [n for n in calls if kinds[n] is not None and kinds[n].is_gemm]
+    modules = _module_ops(kinds)
     for node in calls:
         kind, meta = kinds[node], meta_of(node)
-        meta.op_type, meta.name = _op_type(gm, node), _qualified_name(gm, node)
+        meta.name, meta.op_type = modules.get(node) or (_qualified_name(node), _op_type(gm, node))
         meta.kind, meta.group = (kind.name, kind.group) if kind is not None else (None, None)
         meta.gemm_index = gemms.index(node) if node in gemms else None
         meta.gemm_count = len(gemms)

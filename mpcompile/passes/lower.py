@@ -24,6 +24,7 @@ a count buffer (``_mpc_counts.<node>``: components computed low, components) per
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import torch
@@ -39,6 +40,7 @@ def lower(gm: torch.fx.GraphModule, backend: str = "auto") -> torch.fx.GraphModu
     """A new GraphModule over the same submodules and parameters, with ``mpc::`` ops in, each
     called with ``backend`` (``mpcompile.backends``; ``auto`` is the ops' default and not written)."""
     graph = torch.fx.Graph()
+    graph.set_codegen(copy.deepcopy(gm.graph._codegen))  # an exported graph's pytree inputs and outputs
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     if hasattr(gm, "_mpc_counts"):
         del gm._mpc_counts  # counts start afresh with every lowering

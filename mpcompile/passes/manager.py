@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from ..capture import Inputs
 from ..policy import Policy
 
 __all__ = ["PassState", "Pass", "run_passes", "check_order"]
@@ -23,9 +24,13 @@ class PassState:
     Attributes:
         model: the user's module; leaf_modules: module types kept opaque by the capture.
         policy, level: the policy in force and its level (or node name -> level).
-        example_inputs: positional inputs for the shape pass (None: no shapes).
-        batches: calibration batches for the condition and stats passes (none: they do not run).
+        inputs: example inputs as the model takes them (None: no shapes, no coverage check).
+        calibration: batches for the condition and stats passes (none: they do not run).
+        capture: the capture path asked for (``auto``, ``fx``, ``export``, ``graph``); after
+            capture, the one taken.
         backend: which implementation the lowered ops use (``mpcompile.backends``).
+        example_inputs, batches: ``inputs`` and ``calibration`` as the captured graph's
+            placeholders take them (capture).
         traced: the captured, annotated graph (capture); lowered: the graph of ``mpc::`` ops (lower).
     """
 
@@ -33,9 +38,12 @@ class PassState:
     policy: Policy
     level: "int | str | Mapping[str, int | str]" = 0
     leaf_modules: tuple[type, ...] = ()
+    inputs: Inputs | None = None
+    calibration: tuple[Inputs, ...] = ()
+    capture: str = "auto"
+    backend: str = "auto"
     example_inputs: tuple | None = None
     batches: list[tuple] = field(default_factory=list)
-    backend: str = "auto"
     traced: torch.fx.GraphModule | None = None
     lowered: torch.fx.GraphModule | None = None
 

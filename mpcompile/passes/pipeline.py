@@ -1,27 +1,30 @@
 """The pass lists: what ``compile`` runs, and what a recompile runs again.
 
-capture -> shape -> classify -> condition -> assign -> lower -> stats. condition comes before
-assign because rules may select on kappa; stats after lower, because it measures the lowered
-model against the fp32 one. A recompile (another policy or level) runs assign and lower only:
+capture -> shape -> classify -> condition -> assign -> lower -> coverage -> stats. condition
+comes before assign because rules may select on kappa; coverage and stats after lower, because
+they run the lowered model (stats against the fp32 one). A recompile (another policy or level) runs assign and lower only:
 analysis results stay, and the parameters are the same objects.
 """
 from __future__ import annotations
 
-from ..capture import capture_fx
+from ..capture import capture, flat_inputs
 from .assign import assign_formats
 from .classify import classify
 from .condition import estimate_condition
+from .coverage import check_coverage
 from .lower import lower
 from .manager import Pass, PassState, check_order
 from .shape import propagate_shapes
 from .stats import collect_stats
 
-__all__ = ["COMPILE", "RECOMPILE", "STATS"]
+__all__ = ["COMPILE", "RECOMPILE", "STATS", "CAPTURE", "SHAPE", "CLASSIFY", "LOWER", "COVERAGE"]
 
 
 def _capture(state: PassState) -> None:
-    first = state.example_inputs if state.example_inputs is not None else state.batches[0] if state.batches else None
-    state.traced = capture_fx(state.model, state.leaf_modules, None if first is None else len(first))
+    first = state.inputs if state.inputs is not None else state.calibration[0] if state.calibration else None
+    state.traced, state.capture = capture(state.model, state.capture, first, state.leaf_modules)
+    state.example_inputs = None if state.inputs is None else flat_inputs(state.traced, state.inputs)
+    state.batches = [flat_inputs(state.traced, batch) for batch in state.calibration]
 
 
 def _lower(state: PassState) -> None:
@@ -39,12 +42,15 @@ ASSIGN = Pass("assign", lambda s: assign_formats(s.traced, s.policy, s.level),
               reads=("op_type", "name", "group", "gemm_index", "gemm_count", "kappa"),
               writes=("assignment", "stats", "sqnr_db"))
 LOWER = Pass("lower", _lower, reads=("kind", "group", "roles", "assignment", "dtype"), writes=("source",))
+COVERAGE = Pass("coverage", lambda s: check_coverage(s.traced, s.lowered, s.example_inputs),
+                 reads=("kind", "unemulated", "source"), writes=("unemulated",),
+                 applies=lambda s: s.example_inputs is not None)
 STATS_PASS = Pass("stats", lambda s: collect_stats(s.traced, s.lowered, s.batches),
                   reads=("assignment", "kind", "roles", "source"), writes=("stats", "sqnr_db"),
                   applies=lambda s: bool(s.batches))
 
-COMPILE = (CAPTURE, SHAPE, CLASSIFY, CONDITION, ASSIGN, LOWER, STATS_PASS)
+COMPILE = (CAPTURE, SHAPE, CLASSIFY, CONDITION, ASSIGN, LOWER, COVERAGE, STATS_PASS)
 RECOMPILE = (ASSIGN, LOWER)
 STATS = (STATS_PASS,)
 check_order(COMPILE, written_before=("kappa",))  # kappa is optional: without calibration data it stays None
-check_order(RECOMPILE, written_before=[f for p in (SHAPE, CLASSIFY, CONDITION) for f in p.writes])
+check_order(RECOMPILE, written_before=[f for p in (SHAPE, CLASSIFY, CONDITION, COVERAGE) for f in p.writes])

@@ -71,6 +71,7 @@ class Policy:
     source: str  # the file (or "<string>", "<dict>") it was read from
     trust_region: TrustRegionSettings | None = None  # read by the runtime
     optimizer: OptimizerSettings = OptimizerSettings()
+    strict: bool = False  # GEMM work the compiled model runs in fp32 against the policy is an error, not a warning
 
     def level_index(self, level: "int | str") -> int:
         """The position of ``level`` (a name or a number) in the ladder.

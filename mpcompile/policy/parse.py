@@ -29,7 +29,7 @@ __all__ = ["SHIPPED_POLICIES", "load_policy", "shipped_policies"]
 SHIPPED_POLICIES = Path(__file__).resolve().parents[1] / "policies"  # mpcompile/policies
 # the keys each section takes
 _TOP = ("version", "name", "description", "formats", "rounding", "saturate", "default", "rules", "levels",
-        "trust_region", "optimizer")
+        "trust_region", "optimizer", "strict")
 _SETTINGS = ROLES + ("forward", "backward", "recompute", "rounding", "saturate", "keep")
 _RECOMPUTE_KEYS = ("tau", "forward")
 _INF = ("inf", "infinity", "+inf")  # tau as a string: YAML reads "inf" as text (its float is .inf)
@@ -155,8 +155,9 @@ def load_policy(source: "Policy | Mapping | str | Path") -> Policy:
     """Read and validate a policy.
 
     Args:
-        source: a ``Policy`` (returned as is), a mapping, a path to a YAML file, the name of a
-            shipped policy (``"hfp8"``: ``mpcompile/policies/hfp8.yaml``), or YAML text.
+        source: a ``Policy`` (returned as is), a mapping, a path to a .yaml, .yml or .json file
+            (a lock file; JSON is YAML), the name of a shipped policy (``"hfp8"``:
+            ``mpcompile/policies/hfp8.yaml``), or YAML text.
 
     Raises:
         PolicyError: naming file:line:column (a mapping: the key path), the offending text and,
@@ -167,10 +168,11 @@ def load_policy(source: "Policy | Mapping | str | Path") -> Policy:
     if isinstance(source, Mapping):
         return _read(_from_python(source, "<dict>"), "<dict>")
     text, file = str(source), "<string>"
-    if isinstance(source, Path) or ("\n" not in text and text.endswith((".yaml", ".yml"))):
+    if isinstance(source, Path) or ("\n" not in text and text.endswith((".yaml", ".yml", ".json"))):
         path = Path(source)
         if not path.is_file():
-            siblings = [p.name for p in path.parent.glob("*.y*ml")] if path.parent.is_dir() else []
+            siblings = [p.name for p in path.parent.iterdir() if p.suffix in (".yaml", ".yml", ".json")] \
+                if path.parent.is_dir() else []
             hint = _did_you_mean(path.name, siblings)
             raise PolicyError(f"{path}: no such policy file" + (f"; {hint}" if hint else ""))
         text, file = path.read_text(), str(path)
@@ -214,7 +216,8 @@ def _read(root: _Node, source: str) -> Policy:
     optimizer = _optimizer(top["optimizer"], aliases) if "optimizer" in top else OptimizerSettings()
     return Policy(_check(top["name"], (str,), "name") if "name" in top else Path(source).stem,
                   _check(top["description"], (str,), "description") if "description" in top else "",
-                  default, rules, tuple(levels), source, trust_region, optimizer)
+                  default, rules, tuple(levels), source, trust_region, optimizer,
+                  _check(top["strict"], (bool,), "strict") if "strict" in top else False)
 
 
 def _optimizer(node: _Node, aliases) -> OptimizerSettings:

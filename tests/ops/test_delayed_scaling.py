@@ -103,7 +103,8 @@ def test_compile_keeps_a_history_per_op_across_recompile_and_calibration():
     first = histories["_0"]
     assert first[ROW["input"], 0] == x.abs().max() and first[ROW["grad_output"], 0] > 0
     cm.recompile(level="bf16")
-    assert cm.graph_module._mpc_amax._0 is first and "graph_module._mpc_amax._0" in cm.state_dict()
+    # kept across the recompile; not in the state dict, whose keys are the source model's
+    assert cm.graph_module._mpc_amax._0 is first and cm.state_dict().keys() == model.state_dict().keys()
     before = first.clone()
     cm.table()  # statistics of the new level run on the calibration batch
     assert torch.equal(first, before)

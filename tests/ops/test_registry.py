@@ -69,7 +69,7 @@ def test_aten_gemm_work_that_is_not_emulated_warns():
             return torch.ops.aten.convolution.default(x, self.w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1)
 
     x = torch.randn(1, 2, 5, 5)
-    with pytest.warns(UserWarning, match=r"runs in fp32: convolution.default is not emulated, so the policy's input, "
+    with pytest.warns(UserWarning, match=r"runs in fp32: convolution is not emulated, so the policy's input, "
                                          r"weight for it are not applied"):
         mpcompile.compile(Decomposed(), "version: 1\ndefault: {input: fp8_e4m3, weight: fp8_e4m3}\n", (x,))
 

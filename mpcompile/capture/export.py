@@ -1,0 +1,66 @@
+"""Capture with torch.export: the ATen training-IR graph of a model that fx cannot trace.
+
+``torch.export.export(strict=False)`` runs the model's Python as it is (decorated
+``*args, **kwargs`` forwards, data-dependent shapes, ``torch.fx.wrap``-ped functions), so Hugging
+Face transformers 5, timm and torchvision models capture without edits. Every tensor dimension is
+``Dim.AUTO``: export keeps a dimension symbolic unless the model fixes it, so the graph takes
+other batch sizes and sequence lengths than the example's. The unlifted module's parameters and
+buffers are the model's own objects, and its nodes carry ``nn_module_stack``, from which
+classify names ops by module path as it does for an fx trace.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+from torch.export import Dim
+from torch.utils import _pytree as pytree
+
+from ..errors import CompileError
+
+__all__ = ["capture_export", "first_line"]
+
+
+def _auto_dims(value: Any) -> Any:
+    return {i: Dim.AUTO for i in range(value.dim())} if isinstance(value, torch.Tensor) and value.dim() else None
+
+
+def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Every tensor dimension ``Dim.AUTO``, keyed by forward's parameter names (None where
+    forward takes ``*args``, which export's name-keyed specification cannot name)."""
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError:
+        return None
+    params = inspect.signature(model.forward).parameters
+    if any(params[name].kind == inspect.Parameter.VAR_POSITIONAL for name in bound.arguments):
+        return None
+    return {name: pytree.tree_map(_auto_dims, value) for name, value in bound.arguments.items()}
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's first meaningful line: its type and the first non-empty line of its text."""
+    text = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def capture_export(model: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> torch.fx.GraphModule:
+    """``model``'s ATen graph from ``torch.export.export(strict=False)`` as a plain GraphModule.
+
+    Args:
+        model: the module, in the mode (train or eval) whose code the graph is to run.
+        args, kwargs: example inputs; the graph takes the same structure (positional and keyword).
+
+    Raises:
+        CompileError: export failed; the message has its first meaningful line.
+    """
+    try:
+        program = torch.export.export(model, tuple(args), dict(kwargs), strict=False,
+                                      dynamic_shapes=_dynamic_shapes(model, tuple(args), kwargs))
+    except Exception as err:  # export raises UserError, GuardOnDataDependentSymNode, TypeError...
+        raise CompileError(f"torch.export cannot capture {type(model).__name__}: {first_line(err)}") from err
+    unlifted = program.module()
+    # a plain GraphModule: export's own refuses train()/eval(), which the passes and the user call
+    return torch.fx.GraphModule(unlifted, unlifted.graph, class_name=type(model).__name__)

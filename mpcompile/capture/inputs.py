@@ -1,0 +1,68 @@
+"""Example inputs as a model takes them (positional and keyword), and as a captured graph's
+placeholders take them (``flat_inputs``: what ``torch.fx.Interpreter.run`` is given)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from torch.fx._pytree import tree_flatten_spec
+
+from ..errors import CompileError
+
+__all__ = ["Inputs", "as_inputs", "flat_inputs"]
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """One call's arguments: ``model(*args, **kwargs)``."""
+
+    args: tuple = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+
+def as_inputs(batch: Any) -> Inputs:
+    """A calibration batch as ``Inputs``: a tensor (one argument), a tuple or list (positional
+    arguments), a mapping (keyword arguments, as a tokenizer returns them) or ``Inputs``."""
+    if isinstance(batch, Inputs):
+        return batch
+    if isinstance(batch, Mapping):
+        return Inputs((), dict(batch))
+    return Inputs(tuple(batch) if isinstance(batch, (tuple, list)) else (batch,))
+
+
+def flat_inputs(gm: torch.fx.GraphModule, inputs: Inputs) -> tuple:
+    """``inputs`` as ``gm``'s placeholders take them, in order.
+
+    An exported graph flattens its inputs by its ``_in_spec``; a traced one takes forward's
+    parameters, a keyword argument at its parameter's place (a placeholder with a default keeps
+    it where neither gives a value).
+
+    Raises:
+        CompileError: the inputs do not fit the graph's parameters.
+    """
+    if getattr(gm, "_in_spec", None) is not None:
+        try:
+            return tuple(tree_flatten_spec((list(inputs.args), dict(inputs.kwargs)), gm._in_spec))
+        except Exception as err:
+            raise CompileError(f"inputs {_describe(inputs)} do not match the captured graph's "
+                               f"({gm._in_spec}): {err}") from err
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    names = [n.target.lstrip("*") for n in placeholders]
+    unknown = sorted(set(inputs.kwargs) - set(names))
+    if unknown or len(inputs.args) > len(names):
+        raise CompileError(f"inputs {_describe(inputs)} do not match forward's parameters ({', '.join(names)})")
+    values = list(inputs.args)
+    last = max([len(values) - 1] + [names.index(k) for k in inputs.kwargs])
+    for node, name in list(zip(placeholders, names))[len(values):last + 1]:
+        if name in inputs.kwargs:
+            values.append(inputs.kwargs[name])
+        elif node.args:
+            values.append(node.args[0])
+        else:
+            raise CompileError(f"inputs {_describe(inputs)} give no value for forward's parameter {name!r}")
+    return tuple(values)
+
+
+def _describe(inputs: Inputs) -> str:
+    return f"({len(inputs.args)} positional{', ' + ', '.join(inputs.kwargs) if inputs.kwargs else ''})"
