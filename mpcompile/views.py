@@ -61,14 +61,16 @@ def _table_rows(cm: "CompiledModel") -> list[tuple[tuple[str, ...], int]]:
     rows, low = [], cm.low_precision_fraction()
     for node, meta in cm.annotations():
         assignment = meta.assignment
-        if meta.group != "gemm" and assignment is None:
+        if meta.group != "gemm" and assignment is None and meta.unemulated is None:
             continue
         deciders = dict(assignment.decided_by) if assignment else {}
         decided = ",".join(sorted({d.split(" (")[0] for d in deciders.values()})) or "-"
         backward = assignment.backward if assignment else ArithSpec()
         shares = list((meta.stats or {}).values())
         cells = (node.name, meta.op_type, meta.name, "x".join(map(str, meta.shape)) if meta.shape else "?",
-                 *(_role_text(assignment, r) for r in _ROLE_COLUMNS), _forward_text(assignment, low.get(node.name)),
+                 *(_role_text(assignment, r) for r in _ROLE_COLUMNS),
+                 f"fp32: not emulated, {meta.unemulated}" if meta.unemulated else
+                 _forward_text(assignment, low.get(node.name)),
                  _spec_text(backward), decided,
                  "-" if meta.kappa is None else f"{meta.kappa.p99:.3g}",
                  f"{100 * max(s.overflow for s in shares):.2g}/{100 * max(s.flush_to_zero for s in shares):.2g}"
@@ -78,11 +80,13 @@ def _table_rows(cm: "CompiledModel") -> list[tuple[tuple[str, ...], int]]:
 
 
 def _title(cm: "CompiledModel") -> str:
-    return f"policy '{cm.policy.name}' ({cm.policy.source}), level {cm.level}"
+    mode = "train" if cm.source.training else "eval"
+    return f"policy '{cm.policy.name}' ({cm.policy.source}), level {cm.level}, captured by {cm.capture}, {mode} mode"
 
 
 def table(cm: "CompiledModel") -> str:
-    """One line per GEMM-like op and per op a rule quantizes: its formats, arithmetic, the
+    """One line per GEMM-like op, per op a rule quantizes and per op that runs GEMM work no
+    policy reaches (``fp32: not emulated``, and why): its formats, arithmetic, the
     sections that decided them and, with calibration data, its condition number (p99), the
     largest overflow / flush-to-zero shares of its roles and its output's SQNR. An op with
     ``recompute`` shows it after its forward spec, with the share of output components it has
@@ -150,9 +154,12 @@ def explain(cm: "CompiledModel", name: str) -> str:
 
 
 def lock(cm: "CompiledModel") -> dict[str, Any]:
-    """The resolved assignment as a policy (a dict) that reproduces this compiled model."""
+    """The resolved assignment as a policy (a dict) that reproduces this compiled model; its
+    description lists the GEMM work that runs in fp32 because nothing emulates it."""
+    fp32 = [f"{meta.name} ({meta.unemulated})" for _, meta in cm.annotations() if meta.unemulated]
     return lock_policy(((meta.name, meta.assignment) for _, meta in cm.annotations() if meta.assignment is not None),
-                       f"{cm.policy.name}.lock", f"resolved from {cm.policy.source} at level {cm.level}")
+                       f"{cm.policy.name}.lock", f"resolved from {cm.policy.source} at level {cm.level}, captured by "
+                       f"{cm.capture}" + (f"; fp32, not emulated: {'; '.join(fp32)}" if fp32 else ""))
 
 
 def to_json(cm: "CompiledModel") -> str:

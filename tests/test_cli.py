@@ -37,7 +37,7 @@ def test_inspect_prints_the_table_or_the_lock(tmp_path, capsys):
     policy.write_text("version: 1\nname: p\ndefault: {weight: bf16}\n")
     assert main(["inspect", "test_compiler:SmallCNN", "--policy", str(policy), "--input-shape", "1,3,16,16"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == f"policy 'p' ({policy}), level 0"
+    assert lines[0] == f"policy 'p' ({policy}), level 0, captured by fx, eval mode"
     assert [line.split()[:6] for line in lines[3:]] == [
         ["conv1", "Conv2d", "conv1", "1x8x16x16", "-", "bf16"], ["conv2", "Conv2d", "conv2", "1x8x7x7", "-", "bf16"],
         ["fc", "Linear", "fc", "1x10", "-", "bf16"]]

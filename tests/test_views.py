@@ -43,7 +43,7 @@ def _resolved(cm):
 def test_table_lists_formats_arithmetic_and_deciders():
     cm, _, _ = _compiled()
     lines = cm.table().splitlines()
-    assert lines[0] == "policy 'demo' (<string>), level 0"
+    assert lines[0] == "policy 'demo' (<string>), level 0, captured by fx, train mode"
     rows = {line.split()[0]: line.split() for line in lines[3:]}
     assert rows["conv1"][2:9] == ["conv1", "2x8x16x16", "fp32", "fp32", "fp32", "fp32", "torch"]
     assert rows["conv2"][4:8] == ["fp8_e4m3", "fp8_e4m3:channel", "-", "fp8_e5m2:stochastic"]

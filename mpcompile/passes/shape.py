@@ -1,12 +1,14 @@
-"""shape: output shape and dtype of every node, from example inputs (torch.fx's ShapeProp).
+"""shape: output shape and dtype of every node, from one run on the example inputs.
 
 Reads: nothing. Writes: ``MpcMeta.shape`` and ``dtype`` of every node with a tensor output (an
-attention module's: its first output's).
+attention module's: its first output's), and ``node.meta["type"]`` (the output's type, as
+torch.fx's ShapeProp writes it) of every node. An fx Interpreter rather than ShapeProp itself,
+which prints a traceback of its own before it re-raises: a failure here is a CompileError that
+names the node, its module and what it got.
 """
 from __future__ import annotations
 
 import torch
-from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import CompileError
 from .meta import meta_of
@@ -15,14 +17,20 @@ from .observe import evaluating
 __all__ = ["propagate_shapes"]
 
 
-class _ShapeProp(ShapeProp):
-    """ShapeProp that remembers the node it runs, so a failure can name it."""
+class _Shapes(torch.fx.Interpreter):
+    """Records each node's output type, shape and dtype, and the node it runs (for errors)."""
 
     node: torch.fx.Node | None = None
 
     def run_node(self, n: torch.fx.Node):
         self.node = n
-        return super().run_node(n)
+        result = super().run_node(n)
+        n.meta["type"] = type(result)
+        tensor = result[0] if isinstance(result, (tuple, list)) and result else result  # attention: (output, weights)
+        if isinstance(tensor, torch.Tensor):
+            meta = meta_of(n)
+            meta.shape, meta.dtype = tuple(tensor.shape), tensor.dtype
+        return result
 
 
 def _described(value) -> str:
@@ -33,10 +41,13 @@ def _described(value) -> str:
     return type(value).__name__
 
 
-def _where(node: torch.fx.Node) -> str:
+def _where(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
+    """``node fc (Linear, module 'fc')``: the node, what it calls and the module it belongs to."""
     stack = node.meta.get("nn_module_stack")
-    module = next(reversed(stack.values()))[0] if stack else node.target if node.op == "call_module" else ""
-    return f"node {node.name} ({node.format_node().split(' = ', 1)[-1][:80]}, module '{module or '<root>'}')"
+    module = node.target if node.op == "call_module" else next(reversed(stack.values()))[0] if stack else ""
+    what = (type(gm.get_submodule(node.target)).__name__ if node.op == "call_module" else
+            getattr(node.target, "__name__", str(node.target)))
+    return f"node {node.name} ({what}, module '{module or '<root>'}')"
 
 
 def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple) -> None:
@@ -51,23 +62,16 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple) -> None:
         CompileError: a node fails on these inputs (a shape or dtype mismatch...); the message
             names the node, its module and the shapes and dtypes it got.
     """
-    prop = _ShapeProp(gm)
+    run = _Shapes(gm)
     with evaluating(gm):
         try:
-            prop.propagate(*example_inputs)
+            run.run(*example_inputs)
         except Exception as err:
-            node = prop.node
+            node = run.node
             if node is None or node.op == "placeholder":
                 raise CompileError(f"the example inputs do not fit {type(gm).__name__}'s forward: {err}") from err
-            args, kwargs = prop.fetch_args_kwargs_from_env(node)
+            args, kwargs = run.fetch_args_kwargs_from_env(node)
             got = ", ".join([_described(a) for a in args] + [f"{k}={_described(v)}" for k, v in kwargs.items()])
             text = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
-            raise CompileError(f"{_where(node)} fails on the example inputs: {type(err).__name__}: {text}\n"
+            raise CompileError(f"{_where(gm, node)} fails on the example inputs: {type(err).__name__}: {text}\n"
                                f"  it got: {got}") from err
-    for node in gm.graph.nodes:
-        tensor = node.meta.get("tensor_meta")
-        if isinstance(tensor, (tuple, list)) and tensor and not hasattr(tensor, "shape"):  # attention: (output, weights)
-            tensor = tensor[0]
-        if tensor is not None and hasattr(tensor, "shape"):
-            meta = meta_of(node)
-            meta.shape, meta.dtype = tuple(tensor.shape), tensor.dtype
