@@ -24,12 +24,14 @@ __all__ = ["capture_export", "first_line"]
 
 
 def _auto_dims(value: Any) -> Any:
-    return {i: Dim.AUTO for i in range(value.dim())} if isinstance(value, torch.Tensor) and value.dim() else None
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return None
+    return {i: Dim.AUTO for i in range(1 if value.is_floating_point() else value.dim())}
 
 
 def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any] | None:
-    """Every tensor dimension ``Dim.AUTO``, keyed by forward's parameter names (None where
-    forward takes ``*args``, which export's name-keyed specification cannot name)."""
+    """``Dim.AUTO`` dimensions (see the module docstring), keyed by forward's parameter names
+    (None where forward takes ``*args``, which export's name-keyed specification cannot name)."""
     try:
         bound = inspect.signature(model.forward).bind(*args, **kwargs)
     except TypeError:
