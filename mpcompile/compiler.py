@@ -234,7 +234,9 @@ class CompiledModel(nn.Module):
         if state is None:  # this mode's first call: capture its code (never run the other mode's)
             first = next(iter(self._states.values()))
             state = replace(first, inputs=first.inputs or Inputs(args, kwargs), traced=None, lowered=None)
-            self._states[mode] = run_passes(COMPILE, state)
+            run_passes(COMPILE[:1], state)
+            _share_graph_state(first, state)
+            self._states[mode] = run_passes(COMPILE[1:], state)
             self._warnings[mode] = self._check(state)
         try:
             return state.lowered(*args, **kwargs)
@@ -321,12 +323,20 @@ def _annotations(traced: torch.fx.GraphModule) -> Iterator[tuple[torch.fx.Node, 
 _RECAPTURED = ("traced", "lowered", "example_inputs", "batches")
 
 
+def _share_graph_state(first: PassState, state: PassState) -> None:
+    """Give a newly captured mode the first mode's graph state (an op's amax history is one
+    history, whichever mode fills it)."""
+    for name in _GRAPH_STATE:
+        if hasattr(first.traced, name):
+            setattr(state.traced, name, getattr(first.traced, name))
+
+
 def _snapshot(state: PassState) -> dict[str, Any]:
     """A mode's state without its graphs: the options, every node's ``MpcMeta`` by name and the
     graph-held buffers (amax histories)."""
     kept = {f.name: getattr(state, f.name) for f in fields(state) if f.name not in _RECAPTURED}
     metas = {n.name: mpc_meta(n) for n in state.traced.graph.nodes if mpc_meta(n) is not None}
-    held = {name: getattr(state.traced, name).state_dict() for name in _GRAPH_STATE if hasattr(state.traced, name)}
+    held = {name: getattr(state.traced, name) for name in _GRAPH_STATE if hasattr(state.traced, name)}  # modes share them
     return {"state": kept, "metas": metas, "held": held}
 
 
@@ -345,10 +355,7 @@ def _restore(source: nn.Module, mode: bool, snapshot: dict[str, Any]) -> PassSta
         raise CompileError(f"cannot restore the compiled {type(source).__name__}: capturing it again gives other nodes")
     for name, meta in snapshot["metas"].items():
         nodes[name].meta["mpc"] = meta
-    for name, buffers in snapshot["held"].items():
-        held = nn.Module()
-        for key, value in buffers.items():
-            held.register_buffer(key, value)
+    for name, held in snapshot["held"].items():
         setattr(state.traced, name, held)
     run_passes((LOWER,), state)
     return state

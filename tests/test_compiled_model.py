@@ -1,0 +1,117 @@
+"""A CompiledModel is an ordinary nn.Module (mpcompile/compiler.py): the source model's state_dict
+keys, attributes that fall through, pickling and deep copies that reproduce it, modes captured on
+first use, and torch.compile / torch.export of it."""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import mpcompile
+from mpcompile import CompileError
+
+DELAYED = ("version: 1\ndefault: {input: fp8_e4m3:tensor_delayed, weight: fp8_e4m3, grad_output: fp8_e5m2}\n"
+           "levels:\n  - {name: fp8}\n  - {name: bf16, set: {input: bf16, weight: bf16}}\n")
+
+
+class Net(nn.Module):
+    """Functional dropout and batch norm that read ``self.training``: traced, they are frozen in one mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.scale = nn.Parameter(torch.ones(8))  # a parameter of the root itself
+        self.register_buffer("mean", torch.zeros(8))
+        self.register_buffer("var", torch.ones(8))
+        self.note = "a plain attribute"
+
+    def describe(self) -> str:
+        return "a method"
+
+    def forward(self, x):
+        h = F.batch_norm(self.fc(x), self.mean, self.var, training=self.training) * self.scale
+        return self.out(F.dropout(F.relu(h), 0.5, training=self.training))
+
+
+def _same(a: nn.Module, b: nn.Module, x: torch.Tensor) -> bool:
+    torch.manual_seed(3)
+    want = a(x)
+    torch.manual_seed(3)
+    return torch.equal(want, b(x))
+
+
+def test_state_dict_keys_and_attributes_are_the_source_models():
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(5, 6)
+    cm = mpcompile.compile(model, "hfp8", (x,))
+    assert list(cm.state_dict()) == list(model.state_dict())
+    assert cm.fc.weight is model.fc.weight and cm.scale is model.scale and cm.note == "a plain attribute"
+    assert [id(p) for p in cm.parameters()] == [id(p) for p in model.parameters()]
+    plain = Net()
+    plain.load_state_dict(cm.state_dict())  # a compiled model's checkpoint into a plain model...
+    cm.load_state_dict({k: v + 1 for k, v in plain.state_dict().items()})  # ...and a plain one's into it
+    assert torch.equal(model.fc.weight, plain.fc.weight + 1)
+    with pytest.raises(AttributeError, match=r"Net.describe is a method of the source model and would run it "
+                                             r"uncompiled; call cm.source.describe"):
+        cm.describe()
+    assert cm.source.describe() == "a method"
+    assert mpcompile.compile(cm, "fp32", (x,)).source is model  # compiled anew from its source
+
+
+def test_each_mode_is_captured_on_first_use_and_runs_its_own_code():
+    torch.manual_seed(0)
+    model, x = Net().train(), torch.randn(5, 6)
+    cm = mpcompile.compile(model, "fp32", (x,))
+    cm.eval()
+    assert not model.training and _same(model, cm, x) and cm.modes == ("train", "eval")
+    assert torch.equal(cm.mean, torch.zeros(8))  # eval-mode batch norm leaves the running mean alone
+    cm.train()
+    assert model.training and _same(model, cm, x)
+    assert not torch.equal(cm.mean, torch.zeros(8))  # ...and train mode updates it, on the source's buffer
+
+
+def test_pickle_and_deepcopy_reproduce_assignments_levels_and_amax_history():
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(5, 6)
+    cm = mpcompile.compile(model, DELAYED, (x,))
+    cm(x).sum().backward()
+    cm.recompile(level={"out": "bf16"})
+    cm.eval()(x)
+    cm.train()
+    assert cm.graph_module._mpc_amax is cm.eval().graph_module._mpc_amax  # one history per op, whichever mode runs
+    buffer = io.BytesIO()
+    torch.save(cm, buffer)
+    buffer.seek(0)
+    for copied in (copy.deepcopy(cm), torch.load(buffer, weights_only=False)):
+        cm.eval()
+        assert copied.source is not model and copied.fc.weight is not model.fc.weight
+        assert copied.modes == cm.modes and copied.level == {"out": "bf16"} and copied.warnings == cm.warnings
+        assert copied.assignments() == cm.assignments() and copied.table() == cm.table()
+        assert torch.equal(copied.graph_module._mpc_amax.fc, cm.graph_module._mpc_amax.fc)
+        assert copied.graph_module._mpc_amax.fc is copied.train().graph_module._mpc_amax.fc
+    for mode in (False, True):  # the copies ran nothing above, and their histories moved with cm's since
+        cm.train(mode)
+        assert _same(cm, copy.deepcopy(cm), x)
+
+
+def test_torch_compile_and_torch_export_of_a_compiled_model():
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), torch.randn(5, 4)
+    cm = mpcompile.compile(model, "version: 1\ndefault: {input: fp8_e4m3, weight: fp8_e4m3}\n", (x,))
+    want = cm(x)
+    assert torch.equal(torch.compile(cm, backend="aot_eager")(x), want)
+    program = torch.export.export(cm, (x,), strict=False)
+    assert torch.equal(program.module()(x), want)
+    assert sum(str(n.target).startswith("mpc.") for n in program.graph.nodes) == 2
+
+
+def test_a_wrong_example_input_names_the_node_its_module_and_the_shapes():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(CompileError, match=r"node _0 \(Linear, module '0'\) fails on the example inputs: RuntimeError: "
+                                           r"mat1 and mat2 shapes cannot be multiplied \(5x5 and 4x8\)\n  it got: "
+                                           r"\(5, 5\) float32"):
+        mpcompile.compile(model, "fp32", (torch.randn(5, 5),))
