@@ -2,6 +2,7 @@
 file:line:column."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -54,6 +55,12 @@ def test_sources(tmp_path: Path):
         load_policy({"version": 1, "rules": [{"match": {"frist": True}, "keep": "fp32"}]})
     with pytest.raises(PolicyError, match=r"mien\.yaml: no such policy file; did you mean 'mine\.yaml'"):
         load_policy(tmp_path / "mien.yaml")
+    lock = tmp_path / "mine.lock.json"  # a lock file is JSON, which is YAML: a path string reads the file
+    lock.write_text(json.dumps({"version": 1, "strict": True, "default": {"input": "bf16"}}))
+    assert load_policy(str(lock)).source == str(lock) and load_policy(str(lock)).strict
+    assert not from_file.strict
+    with pytest.raises(PolicyError, match=r"mien\.lock\.json: no such policy file; did you mean 'mine\.lock\.json'"):
+        load_policy(str(tmp_path / "mien.lock.json"))
 
 
 # (policy text, line, column, what the message says): every one must fail at that place

@@ -1,0 +1,111 @@
+"""The capture paths (mpcompile/capture/paths.py): a GraphModule as it is, fx (into fx.wrap-ped
+functions), torch.export; auto's choice and its errors; one policy fits fx and export graphs."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import mpcompile
+from mpcompile import CompileError
+from zoo import HF, TORCHVISION
+
+FP8 = "version: 1\ndefault: {input: fp8_e4m3, weight: fp8_e4m3}\n"
+
+
+@torch.fx.wrap
+def scaled_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Wrapped as libraries wrap helpers fx must not trace into; its body is traceable."""
+    return (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+
+
+class Scores(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return scaled_scores(self.q(x), self.k(x)).softmax(-1)
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x) if x.sum() > 0 else -x
+
+
+def test_a_graph_module_is_used_as_it_is_and_left_untouched():
+    model, x = Scores(), torch.randn(2, 3, 8)
+    gm = torch.fx.symbolic_trace(model)  # fx keeps the wrapped function whole here
+    cm = mpcompile.compile(gm, FP8, (x,))
+    assert cm.capture == "graph" and not any("mpc" in n.meta for n in gm.graph.nodes)
+    assert [n.meta["mpc"].op_type for n, _ in cm.annotations() if n.op == "call_function"][:1] == ["scaled_scores"]
+    assert any("aten.matmul" not in w and "aten.bmm" in w and "scaled_scores" in w for w in cm.warnings)
+
+
+def test_fx_traces_into_a_wrapped_function_whose_body_traces():
+    torch.manual_seed(0)
+    model, x = Scores(), torch.randn(2, 3, 8)
+    cm = mpcompile.compile(model, FP8, (x,))
+    assert cm.capture == "fx" and cm.warnings == []
+    assert [m.kind for _, m in cm.annotations() if m.group == "gemm"] == ["linear", "linear", "matmul"]
+
+
+def test_swin_attention_kept_whole_by_fx_is_reported_and_strict_refuses_it():
+    z = TORCHVISION["swin_t"]
+    model = z.build().eval()
+    with pytest.warns(UserWarning, match=r"runs in fp32: aten\.(addmm|bmm|mm).* run in fp32 inside "
+                                         r"shifted_window_attention, which lowering does not emulate"):
+        cm = mpcompile.compile(model, FP8, z.args(), capture="fx", calibration=[])
+    assert "fp32: not emulated, aten." in cm.table() and "fp32, not emulated: " in json.loads(cm.to_json())["description"]
+    with pytest.raises(CompileError, match=r"(?s)strict: GEMM work runs in fp32 where the policy quantizes it:.*"
+                                           r"shifted_window_attention"):
+        mpcompile.compile(model, FP8, z.args(), capture="fx", calibration=[], strict=True)
+    auto = mpcompile.compile(model, FP8, z.args(), calibration=[], strict=True)  # export traces through it
+    assert auto.capture == "export" and sum(m.kind == "matmul" for _, m in auto.annotations()) == 2 * 4  # q@k, p@v
+
+
+def test_auto_says_what_each_path_said():
+    with pytest.raises(CompileError, match=r"(?s)cannot capture DataDependent; tried:\n  fx: torch\.fx cannot trace "
+                                           r"DataDependent: TraceError: .*\n  export: GuardOnDataDependentSymNode: "):
+        mpcompile.compile(DataDependent(), FP8, (torch.randn(2, 4),))
+    with pytest.raises(CompileError, match=r"export: not tried: it needs example inputs"):
+        mpcompile.compile(DataDependent(), FP8)
+    with pytest.raises(CompileError, match=r"capture='export' needs example inputs"):
+        mpcompile.compile(Scores(), FP8, capture="export")
+    with pytest.raises(CompileError, match=r"capture='trace': choose one of auto, fx, export, graph"):
+        mpcompile.compile(Scores(), FP8, capture="trace")
+    with pytest.raises(CompileError, match=r"torch\.fx cannot trace BertModel"):
+        z = HF["bert"]
+        mpcompile.compile(z.build(), FP8, example_kwargs=z.kwargs(), capture="fx")
+
+
+def test_one_policy_fits_the_fx_and_the_export_graph():
+    torch.manual_seed(0)
+    model, x = Scores(), torch.randn(2, 3, 8)
+    policy = FP8 + "rules:\n  - match: {type: Linear, name_regex: '^k$'}\n    input: bf16\n"
+    traced = mpcompile.compile(model, policy, (x,), capture="fx")
+    exported = mpcompile.compile(model, policy, (x,), capture="export")
+    names = lambda cm: [(m.name, m.op_type) for _, m in cm.annotations() if m.group == "gemm"]
+    assert names(traced) == names(exported) == [("q", "Linear"), ("k", "Linear"), ("matmul", "matmul")]
+    assert [r["match"] for r in json.loads(exported.to_json())["rules"]][:2] == [{"name_regex": "q"}, {"name_regex": "k"}]
+    assert torch.equal(traced(x), exported(x))
+
+
+def test_an_exported_model_takes_other_batch_sizes_and_sequence_lengths():
+    z = HF["bert"]
+    model = z.build().eval()
+    cm = mpcompile.compile(model, FP8, example_kwargs=z.kwargs(), calibration=[])
+    ids, mask = torch.randint(3, 64, (3, 5)), torch.ones(3, 5, dtype=torch.long)
+    assert torch.equal(cm(input_ids=ids, attention_mask=mask).last_hidden_state,
+                       cm(ids, mask).last_hidden_state)  # positional or keyword, as the source takes them
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = cm(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert out.shape == (3, 5, 16) and torch.isfinite(out).all()
