@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Re-install only when the package definition changes.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,hf]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -133,6 +133,15 @@ class CompiledModel(nn.Module):
                 module._apply(fn, recurse)
         return self
 
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict`` (the source model's keys). With ``assign``, new tensor
+        objects replace the source's, so every mode is captured again around them (its analysis
+        and assignments kept)."""
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if assign:
+            self._states = {mode: _restore(self._source, mode, _snapshot(state)) for mode, state in self._states.items()}
+        return result
+
     def __getstate__(self) -> dict:
         """Everything but the graphs, which are not picklable with their metadata: each mode's
         analysis (``MpcMeta`` by node name) and graph state (amax histories) instead."""

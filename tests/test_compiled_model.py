@@ -115,3 +115,17 @@ def test_a_wrong_example_input_names_the_node_its_module_and_the_shapes():
                                            r"mat1 and mat2 shapes cannot be multiplied \(5x5 and 4x8\)\n  it got: "
                                            r"\(5, 5\) float32"):
         mpcompile.compile(model, "fp32", (torch.randn(5, 5),))
+
+
+def test_load_state_dict_with_assign_rebinds_every_mode():
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(5, 6)
+    cm = mpcompile.compile(model, "hfp8", (x,), capture="export")
+    cm.eval()(x)
+    new = {k: torch.rand_like(v) + 0.5 for k, v in Net().state_dict().items()}  # positive: var is a variance
+    cm.load_state_dict(new, assign=True)
+    assert cm.fc.weight is model.fc.weight and torch.equal(model.fc.weight, new["fc.weight"])
+    reference = mpcompile.compile(Net(), "hfp8", (x,), capture="export")
+    reference.load_state_dict(new)  # copied into its own tensors
+    for mode in (True, False):  # the train run moves both models' running statistics alike
+        assert _same(reference.train(mode), cm.train(mode), x)
