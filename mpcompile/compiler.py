@@ -194,10 +194,10 @@ class CompiledModel(nn.Module):
         """Whether the annotated graph holds statistics of the current assignment."""
         return any(m.sqnr_db is not None for _, m in self.annotations())
 
-    def _check(self, state: PassState) -> list[str]:
+    def _check(self, state: PassState, issued: Iterable[str] = ()) -> list[str]:
         """Warnings (each also issued) on what the policy says and this model does not do: rules
         that match no op, roles an op does not have, GEMM work that runs in fp32, recompute where
-        it does not apply.
+        it does not apply. Those ``issued`` already (by another mode) are not issued again.
 
         Raises:
             CompileError: under ``strict``, GEMM work runs in fp32 where the policy quantizes."""
@@ -222,7 +222,8 @@ class CompiledModel(nn.Module):
         if uncovered and (self._strict or state.policy.strict):
             raise CompileError("strict: GEMM work runs in fp32 where the policy quantizes it:\n  " + "\n  ".join(uncovered)
                                + "\n  keep it in fp32 with a rule (keep: fp32) or make its code traceable")
-        for text in texts:
+        issued = set(issued)
+        for text in (t for t in texts if t not in issued):
             warnings.warn(f"mpcompile: {text}", stacklevel=5)
         return texts
 
@@ -243,10 +244,14 @@ class CompiledModel(nn.Module):
         if state is None:  # this mode's first call: capture its code (never run the other mode's)
             first = next(iter(self._states.values()))
             state = replace(first, inputs=first.inputs or Inputs(args, kwargs), traced=None, lowered=None)
+            if first.capture == "graph":
+                warnings.warn(f"mpcompile: {type(self._source).__name__} was given as a GraphModule and is used as it "
+                              f"is: its code, traced in one mode, runs in {'train' if mode else 'eval'} mode too; "
+                              f"compile the source module to capture each mode's own code", stacklevel=2)
             run_passes(COMPILE[:1], state)
             _share_graph_state(first, state)
             self._states[mode] = run_passes(COMPILE[1:], state)
-            self._warnings[mode] = self._check(state)
+            self._warnings[mode] = self._check(state, issued=self.warnings)
         try:
             return state.lowered(*args, **kwargs)
         except AssertionError as err:  # fx's check of an argument traced at its default (_fixed_defaults)

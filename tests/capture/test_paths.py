@@ -47,6 +47,10 @@ def test_a_graph_module_is_used_as_it_is_and_left_untouched():
     assert cm.capture == "graph" and not any("mpc" in n.meta for n in gm.graph.nodes)
     assert [n.meta["mpc"].op_type for n, _ in cm.annotations() if n.op == "call_function"][:1] == ["scaled_scores"]
     assert any("aten.matmul" not in w and "aten.bmm" in w and "scaled_scores" in w for w in cm.warnings)
+    with pytest.warns(UserWarning, match=r"GraphModule and is used as it is: its code, traced in one mode, runs in eval "
+                                         r"mode too") as issued:
+        cm.eval()(x)
+    assert not any("scaled_scores" in str(w.message) for w in issued)  # the first mode's warnings are not repeated
 
 
 def test_fx_traces_into_a_wrapped_function_whose_body_traces():

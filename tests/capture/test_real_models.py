@@ -49,8 +49,9 @@ def test_a_quantizing_policy_reaches_every_gemm(name):
     assert not all(torch.equal(g, w) for g, w in zip(out, _run(model, z)))  # rounded: not the fp32 numbers
 
 
-@pytest.mark.parametrize("name", ["hf-bert", "hf-llama", "timm-efficientnet", "timm-vit", "torchvision-swin_t",
-                                  "torchvision-maxvit", "torchvision-regnet", "timm-convnext"])
+@pytest.mark.parametrize("name", ["hf-bert", "hf-llama", "timm-resnet", "timm-efficientnet", "timm-convnext",
+                                  "timm-vit", "torchvision-swin_t", "torchvision-vit", "torchvision-maxvit",
+                                  "torchvision-regnet"])
 def test_each_mode_runs_its_own_code(name):
     z = ALL[name]
     model = z.build().train()
