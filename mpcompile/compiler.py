@@ -252,6 +252,7 @@ class CompiledModel(nn.Module):
             _share_graph_state(first, state)
             self._states[mode] = run_passes(COMPILE[1:], state)
             self._warnings[mode] = self._check(state, issued=self.warnings)
+        _check_call(self._source, state.lowered, args, kwargs)
         try:
             return state.lowered(*args, **kwargs)
         except AssertionError as err:  # fx's check of an argument traced at its default (_fixed_defaults)
@@ -327,6 +328,18 @@ class CompiledModel(nn.Module):
                     c.zero_()
 
 
+def _check_call(source: nn.Module, lowered: torch.fx.GraphModule, args: tuple, kwargs: dict) -> None:
+    """Raise TypeError, saying what the graph takes, where a call does not fit it (an exported
+    graph takes exactly the arguments its example inputs gave)."""
+    signature = inspect.signature(lowered.forward)
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as err:
+        raise TypeError(f"{type(source).__name__} was captured with the arguments ({', '.join(signature.parameters)}) "
+                        f"and this call does not fit them: {err}; give compile() example inputs with every argument "
+                        f"the model is called with") from None
+
+
 def _annotations(traced: torch.fx.GraphModule) -> Iterator[tuple[torch.fx.Node, MpcMeta]]:
     for node in traced.graph.nodes:
         meta = mpc_meta(node)
@@ -365,7 +378,7 @@ def _restore(source: nn.Module, mode: bool, snapshot: dict[str, Any]) -> PassSta
     finally:
         source.train(training)
     nodes = {n.name: n for n in state.traced.graph.nodes}
-    if set(nodes) != set(snapshot["metas"]) | set(nodes):
+    if set(snapshot["metas"]) - set(nodes):
         raise CompileError(f"cannot restore the compiled {type(source).__name__}: capturing it again gives other nodes")
     for name, meta in snapshot["metas"].items():
         nodes[name].meta["mpc"] = meta

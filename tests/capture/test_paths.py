@@ -113,3 +113,11 @@ def test_an_exported_model_takes_other_batch_sizes_and_sequence_lengths():
         warnings.simplefilter("error")
         out = cm(input_ids=ids, attention_mask=mask).last_hidden_state
     assert out.shape == (3, 5, 16) and torch.isfinite(out).all()
+
+
+def test_a_call_that_does_not_fit_the_captured_arguments_says_what_they_are():
+    z = HF["gpt2"]
+    cm = mpcompile.compile(z.build(), FP8, example_kwargs={"input_ids": z.kwargs()["input_ids"]}, calibration=[])
+    with pytest.raises(TypeError, match=r"GPT2LMHeadModel was captured with the arguments \(input_ids\) and this call "
+                                        r"does not fit them: got an unexpected keyword argument 'labels'"):
+        cm(input_ids=z.kwargs()["input_ids"], labels=z.kwargs()["input_ids"])
