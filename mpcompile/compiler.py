@@ -161,8 +161,8 @@ class CompiledModel(nn.Module):
                   level: "int | str | Mapping[str, int | str] | None" = None) -> None:
         """Re-assign formats (from a new policy and/or level) and re-lower; parameters are kept.
         ``level`` is one level for every op or a mapping from node names to levels (an op it does
-        not name is at level 0). Every captured mode is recompiled. Format statistics belong to the previous assignment and are
-        dropped: ``collect_stats`` measures the new one."""
+        not name is at level 0). Every captured mode is recompiled. Format statistics belong to
+        the previous assignment and are dropped: ``collect_stats`` measures the new one."""
         if isinstance(level, Mapping):
             names = {n.name for s in self._states.values() for n in s.traced.graph.nodes}
             unknown = sorted(set(level) - names)
