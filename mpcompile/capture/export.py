@@ -58,9 +58,10 @@ def capture_export(model: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> 
     Raises:
         CompileError: export failed; the message has its first meaningful line.
     """
+    # contiguous: with symbolic sizes, export's guards on a strided example fail on contiguous calls
+    args, kwargs = pytree.tree_map_only(torch.Tensor, torch.Tensor.contiguous, (tuple(args), dict(kwargs)))
     try:
-        program = torch.export.export(model, tuple(args), dict(kwargs), strict=False,
-                                      dynamic_shapes=_dynamic_shapes(model, tuple(args), kwargs))
+        program = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=_dynamic_shapes(model, args, kwargs))
     except Exception as err:  # export raises UserError, GuardOnDataDependentSymNode, TypeError...
         raise CompileError(f"torch.export cannot capture {type(model).__name__}: {first_line(err)}") from err
     unlifted = program.module()

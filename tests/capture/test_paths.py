@@ -121,3 +121,11 @@ def test_a_call_that_does_not_fit_the_captured_arguments_says_what_they_are():
     with pytest.raises(TypeError, match=r"GPT2LMHeadModel was captured with the arguments \(input_ids\) and this call "
                                         r"does not fit them: got an unexpected keyword argument 'labels'"):
         cm(input_ids=z.kwargs()["input_ids"], labels=z.kwargs()["input_ids"])
+
+
+def test_a_strided_example_input_does_not_tie_the_export_graph_to_its_strides():
+    torch.manual_seed(0)
+    model, strided = nn.Linear(8, 4), torch.randn(4, 9)[:, :8]
+    cm = mpcompile.compile(model, "fp32", (strided,), capture="export")
+    for x in (strided, torch.randn(6, 8), torch.randn(6, 10)[:, 1:9]):
+        assert torch.equal(cm(x), model(x))
