@@ -256,6 +256,11 @@ class CompiledModel(nn.Module):
         try:
             return state.lowered(*args, **kwargs)
         except AssertionError as err:  # fx's check of an argument traced at its default (_fixed_defaults)
+            if str(err).startswith("Guard failed"):  # an exported graph's guard on its inputs' shapes
+                raise CompileError(f"{type(self._source).__name__} was captured by torch.export for inputs of other "
+                                   f"shapes: {str(err).splitlines()[0]}; compile it with example inputs of the "
+                                   f"shapes it is called with (export keeps batch sizes and integer inputs' "
+                                   f"sizes symbolic, not float inputs' other sizes)") from err
             name, sep, _ = str(err).partition(" has been specialized to have value ")
             if not sep:
                 raise

@@ -2,11 +2,18 @@
 
 ``torch.export.export(strict=False)`` runs the model's Python as it is (decorated
 ``*args, **kwargs`` forwards, data-dependent shapes, ``torch.fx.wrap``-ped functions), so Hugging
-Face transformers 5, timm and torchvision models capture without edits. Every tensor dimension is
-``Dim.AUTO``: export keeps a dimension symbolic unless the model fixes it, so the graph takes
-other batch sizes and sequence lengths than the example's. The unlifted module's parameters and
-buffers are the model's own objects, and its nodes carry ``nn_module_stack``, from which
-classify names ops by module path as it does for an fx trace.
+Face transformers 5, timm and torchvision models capture without edits.
+
+The batch dimension of every tensor input, and every dimension of an integer one (token ids,
+masks, positions), is ``Dim.AUTO``: export keeps it symbolic unless the model fixes it, so the
+graph takes other batch sizes and sequence lengths than the example's. export fixes a dimension
+whose example size is 1, so a batch of one is exported as a batch of two (the same rows twice),
+and the graph then takes any batch size, 1 included. The other dimensions of float inputs (image
+sizes...) are the example's: symbolic image sizes make export of a windowed model such as Swin
+30x slower, and a call with another size fails export's guard, which names the dimension.
+
+The unlifted module's parameters and buffers are the model's own objects, and its nodes carry
+``nn_module_stack``, from which classify names ops by module path as it does for an fx trace.
 """
 from __future__ import annotations
 
@@ -42,6 +49,19 @@ def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: Mapping[str, Any]) ->
     return {name: pytree.tree_map(_auto_dims, value) for name, value in bound.arguments.items()}
 
 
+def _batch_of_two(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """The inputs with every tensor repeated twice along its first dimension, where every tensor
+    input has a first dimension of 1 (a batch of one); None otherwise."""
+    tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    if not tensors or any(t.dim() == 0 or t.shape[0] != 1 for t in tensors):
+        return None
+    return pytree.tree_map_only(torch.Tensor, lambda t: torch.cat([t, t]), (args, kwargs))
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+    return torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=_dynamic_shapes(model, args, kwargs))
+
+
 def first_line(err: BaseException) -> str:
     """An exception's first meaningful line: its type and the first non-empty line of its text."""
     text = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
@@ -60,8 +80,14 @@ def capture_export(model: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> 
     """
     # contiguous: with symbolic sizes, export's guards on a strided example fail on contiguous calls
     args, kwargs = pytree.tree_map_only(torch.Tensor, torch.Tensor.contiguous, (tuple(args), dict(kwargs)))
+    program = None
+    if (doubled := _batch_of_two(args, kwargs)) is not None:
+        try:
+            program = _export(model, *doubled)
+        except Exception:  # a model that insists on a batch of one: export the example as it is
+            program = None
     try:
-        program = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=_dynamic_shapes(model, args, kwargs))
+        program = program or _export(model, args, kwargs)
     except Exception as err:  # export raises UserError, GuardOnDataDependentSymNode, TypeError...
         raise CompileError(f"torch.export cannot capture {type(model).__name__}: {first_line(err)}") from err
     unlifted = program.module()

@@ -129,3 +129,18 @@ def test_a_strided_example_input_does_not_tie_the_export_graph_to_its_strides():
     cm = mpcompile.compile(model, "fp32", (strided,), capture="export")
     for x in (strided, torch.randn(6, 8), torch.randn(6, 10)[:, 1:9]):
         assert torch.equal(cm(x), model(x))
+
+
+def test_a_batch_of_one_is_exported_for_any_batch_and_other_image_sizes_are_refused():
+    torch.manual_seed(0)
+    z = HF["gpt2"]
+    model = z.build().eval()
+    one = z.kwargs()["input_ids"][:1]
+    cm = mpcompile.compile(model, "fp32", example_kwargs={"input_ids": one}, calibration=[])
+    for ids in (one, torch.randint(3, 64, (3, 5)), torch.randint(3, 64, (1, 1))):
+        assert torch.equal(cm(input_ids=ids).logits, model(input_ids=ids).logits)
+    vit = HF["vit"]
+    cm = mpcompile.compile(vit.build().eval(), "fp32", example_kwargs=vit.kwargs(), calibration=[])
+    with pytest.raises(CompileError, match=r"ViTModel was captured by torch\.export for inputs of other shapes: Guard "
+                                           r"failed: .*; compile it with example inputs of the shapes it is called with"):
+        cm(pixel_values=torch.randn(1, 3, 64, 64))
