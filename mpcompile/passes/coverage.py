@@ -1,16 +1,16 @@
-"""coverage: GEMM work the lowered model runs in fp32 where no policy can reach it.
+"""coverage: GEMM work the model runs where no policy can reach it.
 
-Runs the lowered graph once on the example inputs under a ``TorchDispatchMode`` that records
-every GEMM-like ATen call, node by node. An ``mpc::`` op reaches the mode as one call (its
-GEMMs run inside it), so what the mode records is GEMM work in fp32: at a node of a GEMM kind
-the registry emulates, the policy left it in fp32; at any other node (a wrapped function fx kept
-opaque, a leaf module, an op the registry does not know) no policy can change it. Those nodes
-get ``unemulated`` (the compiled model then warns, or under ``strict`` refuses, where the
-policy would quantize them). Static classification sees the GEMM work it knows of; this sees
-what actually runs.
+Runs the captured graph once on the example inputs (fp32, as traced) under a
+``TorchDispatchMode`` that records every GEMM-like ATen call, node by node. At a node of a GEMM
+kind the registry emulates, lowering puts an ``mpc::`` op wherever the policy quantizes. At any
+other node (a wrapped function fx kept opaque, a leaf module, an op the registry does not know)
+the GEMM work runs in fp32 whatever the policy says: such a node gets ``unemulated`` (the
+compiled model then warns, or under ``strict`` refuses, where the policy would quantize it).
+Classification sees the GEMM work it knows of; this sees what actually runs. It runs the traced
+graph rather than the lowered one: what lowering reaches is decided by the node's kind, and an
+fp32 run costs a fraction of an emulated one.
 
-Reads: ``MpcMeta.kind``, ``unemulated`` (classify), ``source`` (lower). Writes: ``unemulated``
-of the traced node a lowered node stands for.
+Reads: ``MpcMeta.kind``, ``unemulated`` (classify). Writes: ``unemulated``.
 """
 from __future__ import annotations
 
@@ -54,28 +54,25 @@ class _GemmCalls(TorchDispatchMode):
         return calls
 
 
-def check_coverage(traced: torch.fx.GraphModule, lowered: torch.fx.GraphModule, example_inputs: tuple) -> None:
-    """Record, on ``traced``'s nodes, GEMM work ``lowered`` runs in fp32 out of any policy's reach.
+def check_coverage(gm: torch.fx.GraphModule, example_inputs: tuple) -> None:
+    """Record, on ``gm``'s nodes, GEMM work that no policy reaches (see the module docstring).
 
     Args:
-        traced: the annotated graph (classified).
-        lowered: the graph lower made of it.
-        example_inputs: ``lowered``'s placeholders' values.
+        gm: the classified captured graph.
+        example_inputs: its placeholders' values.
     """
-    by_name = {n.name: n for n in traced.graph.nodes}
     mode, found = _GemmCalls(), {}
 
     def after(node, args, kwargs, out):
         calls = mode.take()
-        meta = mpc_meta(node)
-        if calls and meta is not None and meta.source in by_name:
-            found.setdefault(meta.source, Counter()).update(calls)
+        if calls:
+            found.setdefault(node, Counter()).update(calls)
 
     with mode:
-        observe(lowered, [example_inputs], after)
-    for name, calls in found.items():
-        meta = mpc_meta(by_name[name])
-        kind = kind_named(meta.kind)
-        if meta.unemulated is None and not (kind is not None and kind.is_gemm and kind.emulated):
+        observe(gm, [example_inputs], after)
+    for node, calls in found.items():
+        meta = mpc_meta(node)
+        kind = kind_named(meta.kind) if meta is not None else None
+        if meta is not None and meta.unemulated is None and not (kind is not None and kind.is_gemm and kind.emulated):
             ran = ", ".join(f"{op} x{n}" if n > 1 else op for op, n in sorted(calls.items()))
             meta.unemulated = f"{ran} run in fp32 inside {meta.op_type}, which lowering does not emulate"

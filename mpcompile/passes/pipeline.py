@@ -1,8 +1,9 @@
 """The pass lists: what ``compile`` runs, and what a recompile runs again.
 
-capture -> shape -> classify -> condition -> assign -> lower -> coverage -> stats. condition
-comes before assign because rules may select on kappa; coverage and stats after lower, because
-they run the lowered model (stats against the fp32 one). A recompile (another policy or level) runs assign and lower only:
+capture -> shape -> classify -> coverage -> condition -> assign -> lower -> stats. coverage
+completes classify (what runs where no policy reaches); condition comes before assign because
+rules may select on kappa; stats after lower, because it measures the lowered model against the
+fp32 one. A recompile (another policy or level) runs assign and lower only:
 analysis results stay, and the parameters are the same objects.
 """
 from __future__ import annotations
@@ -42,14 +43,13 @@ ASSIGN = Pass("assign", lambda s: assign_formats(s.traced, s.policy, s.level),
               reads=("op_type", "name", "group", "gemm_index", "gemm_count", "kappa"),
               writes=("assignment", "stats", "sqnr_db"))
 LOWER = Pass("lower", _lower, reads=("kind", "group", "roles", "assignment", "dtype"), writes=("source",))
-COVERAGE = Pass("coverage", lambda s: check_coverage(s.traced, s.lowered, s.example_inputs),
-                 reads=("kind", "unemulated", "source"), writes=("unemulated",),
-                 applies=lambda s: s.example_inputs is not None)
+COVERAGE = Pass("coverage", lambda s: check_coverage(s.traced, s.example_inputs), reads=("kind", "unemulated"),
+                 writes=("unemulated",), applies=lambda s: s.example_inputs is not None)
 STATS_PASS = Pass("stats", lambda s: collect_stats(s.traced, s.lowered, s.batches),
                   reads=("assignment", "kind", "roles", "source"), writes=("stats", "sqnr_db"),
                   applies=lambda s: bool(s.batches))
 
-COMPILE = (CAPTURE, SHAPE, CLASSIFY, CONDITION, ASSIGN, LOWER, COVERAGE, STATS_PASS)
+COMPILE = (CAPTURE, SHAPE, CLASSIFY, COVERAGE, CONDITION, ASSIGN, LOWER, STATS_PASS)
 RECOMPILE = (ASSIGN, LOWER)
 STATS = (STATS_PASS,)
 check_order(COMPILE, written_before=("kappa",))  # kappa is optional: without calibration data it stays None

@@ -12,7 +12,7 @@ from mpcompile.passes.pipeline import ASSIGN, COMPILE, LOWER, RECOMPILE
 
 def test_each_list_reads_only_what_an_earlier_pass_writes():
     names = [p.name for p in COMPILE]
-    assert names == ["capture", "shape", "classify", "condition", "assign", "lower", "coverage", "stats"]
+    assert names == ["capture", "shape", "classify", "coverage", "condition", "assign", "lower", "stats"]
     assert [p.name for p in RECOMPILE] == ["assign", "lower"]
     with pytest.raises(ValueError, match="pass lower reads .*assignment"):
         check_order((Pass("classify", print, writes=("kind", "group", "roles", "dtype")), LOWER, ASSIGN))
