@@ -12,6 +12,7 @@ export, then fx with wrapped functions opaque: the first that captures the model
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -61,10 +62,8 @@ def capture(model: nn.Module, how: str, inputs: Inputs | None,
         if inputs is None:
             raise CompileError("capture='export' needs example inputs: pass example_inputs= (and example_kwargs=)")
         return capture_export(model, inputs.args, inputs.kwargs), "export"
-    try:
+    with contextlib.suppress(CompileError):  # a wrapped function's body that does not trace: the next path
         return _fx(model, leaf_modules, inputs, into_wrapped=True), "fx"
-    except CompileError as err:
-        traced_into = err
     if how == "auto" and inputs is not None:
         try:
             return capture_export(model, inputs.args, inputs.kwargs), "export"
@@ -79,7 +78,6 @@ def capture(model: nn.Module, how: str, inputs: Inputs | None,
                   "export: not tried: it needs example inputs (compile's example_inputs= / example_kwargs=)")
         raise CompileError(f"cannot capture {type(model).__name__}; tried:\n  fx: {str(err).splitlines()[0]}\n  "
                            f"{export}\n{_hint(err)}") from err
-
 
 
 def _hint(err: CompileError) -> str:
