@@ -26,7 +26,7 @@ from .errors import CompileError, PolicyError
 from .ops.registry import kind_named
 from .passes import MpcMeta, PassState, mpc_meta, run_passes
 from .passes.assign import level_of, unmatched_rules
-from .passes.pipeline import CAPTURE, CLASSIFY, COMPILE, LOWER, RECOMPILE, SHAPE, STATS
+from .passes.pipeline import CAPTURE, COMPILE, LOWER, RECOMPILE, SHAPE, STATS
 from .policy import Policy, load_policy
 
 __all__ = ["compile", "CompiledModel", "CompileError"]

@@ -26,7 +26,7 @@ from .conv_transpose import conv_transpose1d, conv_transpose2d, conv_transpose3d
 from .einsum import einsum, einsum_plan
 from .spec import ROLES
 
-__all__ = ["module_kind", "OpKind", "Call", "LoweringError", "KINDS", "lookup", "gemm_module_types", "role_values",
+__all__ = ["OpKind", "Call", "LoweringError", "KINDS", "lookup", "module_kind", "gemm_module_types", "role_values",
            "einsum_operands", "activation_name", "lower_call", "kind_named", "GEMM"]
 
 aten = torch.ops.aten
