@@ -26,7 +26,7 @@ from .errors import CompileError, PolicyError
 from .ops.registry import kind_named
 from .passes import MpcMeta, PassState, mpc_meta, run_passes
 from .passes.assign import level_of, unmatched_rules
-from .passes.pipeline import CAPTURE, COMPILE, LOWER, RECOMPILE, SHAPE, STATS
+from .passes.pipeline import CAPTURE, COMPILE, CONDITION, LOWER, RECOMPILE, SHAPE, STATS
 from .policy import Policy, load_policy
 
 __all__ = ["compile", "CompiledModel", "CompileError"]
@@ -248,9 +248,7 @@ class CompiledModel(nn.Module):
                 warnings.warn(f"mpcompile: {type(self._source).__name__} was given as a GraphModule and is used as it "
                               f"is: its code, traced in one mode, runs in {'train' if mode else 'eval'} mode too; "
                               f"compile the source module to capture each mode's own code", stacklevel=2)
-            run_passes(COMPILE[:1], state)
-            _share_graph_state(first, state)
-            self._states[mode] = run_passes(COMPILE[1:], state)
+            self._states[mode] = _capture_mode(first, state)
             self._warnings[mode] = self._check(state, issued=self.warnings)
         _check_call(self._source, state.lowered, args, kwargs)
         try:
@@ -355,12 +353,20 @@ def _annotations(traced: torch.fx.GraphModule) -> Iterator[tuple[torch.fx.Node, 
 _RECAPTURED = ("traced", "lowered", "example_inputs", "batches")
 
 
-def _share_graph_state(first: PassState, state: PassState) -> None:
-    """Give a newly captured mode the first mode's graph state (an op's amax history is one
-    history, whichever mode fills it)."""
+def _capture_mode(first: PassState, state: PassState) -> PassState:
+    """Run the compile passes for a newly captured mode. It shares the first mode's graph state
+    (an op's amax history is one history, whichever mode fills it) and takes its kappa estimates
+    node by node instead of estimating them again, so that the same rules select the same ops
+    and both modes have the same assignments."""
+    before, after = COMPILE[:COMPILE.index(CONDITION)], COMPILE[COMPILE.index(CONDITION) + 1:]
+    run_passes(before, state)
     for name in _GRAPH_STATE:
         if hasattr(first.traced, name):
             setattr(state.traced, name, getattr(first.traced, name))
+    kappas = {n.name: mpc_meta(n).kappa for n, _ in _annotations(first.traced)}
+    for node, meta in _annotations(state.traced):
+        meta.kappa = kappas.get(node.name)
+    return run_passes(after, state)
 
 
 def _snapshot(state: PassState) -> dict[str, Any]:

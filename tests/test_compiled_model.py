@@ -129,3 +129,15 @@ def test_load_state_dict_with_assign_rebinds_every_mode():
     reference.load_state_dict(new)  # copied into its own tensors
     for mode in (True, False):  # the train run moves both models' running statistics alike
         assert _same(reference.train(mode), cm.train(mode), x)
+
+
+def test_a_second_mode_takes_the_first_modes_kappa_and_so_its_assignments():
+    torch.manual_seed(0)
+    model, x = Net().train(), torch.randn(5, 6)
+    policy = ("version: 1\ndefault: {input: fp8_e4m3, weight: fp8_e4m3}\n"
+              "rules:\n  - match: {kappa_above: 1.5}\n    input: bf16\n")
+    cm = mpcompile.compile(model, policy, (x,))
+    trained = {n.name: (m.kappa, m.assignment) for n, m in cm.annotations()}
+    cm.eval()(x)  # dropout off: estimated again, the kappas would differ
+    assert {n.name: (m.kappa, m.assignment) for n, m in cm.annotations()} == trained
+    assert any(a is not None and dict(a.roles)["input"].quant.fmt.name == "bf16" for _, a in trained.values())

@@ -18,7 +18,7 @@ from .manager import Pass, PassState, check_order
 from .shape import propagate_shapes
 from .stats import collect_stats
 
-__all__ = ["COMPILE", "RECOMPILE", "STATS", "CAPTURE", "SHAPE", "CLASSIFY", "LOWER", "COVERAGE"]
+__all__ = ["COMPILE", "RECOMPILE", "STATS", "CAPTURE", "SHAPE", "CLASSIFY", "COVERAGE", "CONDITION", "LOWER"]
 
 
 def _capture(state: PassState) -> None:
