@@ -250,9 +250,11 @@ class CompiledModel(nn.Module):
                               f"compile the source module to capture each mode's own code", stacklevel=2)
             self._states[mode] = _capture_mode(first, state)
             self._warnings[mode] = self._check(state, issued=self.warnings)
-        _check_call(self._source, state.lowered, args, kwargs)
         try:
             return state.lowered(*args, **kwargs)
+        except TypeError:  # binding the arguments on every call would cost a small model a third of its forward
+            _check_call(self._source, state.lowered, args, kwargs)
+            raise
         except AssertionError as err:  # fx's check of an argument traced at its default (_fixed_defaults)
             if str(err).startswith("Guard failed"):  # an exported graph's guard on its inputs' shapes
                 raise CompileError(f"{type(self._source).__name__} was captured by torch.export for inputs of other "
@@ -333,7 +335,7 @@ class CompiledModel(nn.Module):
 
 def _check_call(source: nn.Module, lowered: torch.fx.GraphModule, args: tuple, kwargs: dict) -> None:
     """Raise TypeError, saying what the graph takes, where a call does not fit it (an exported
-    graph takes exactly the arguments its example inputs gave)."""
+    graph takes exactly the arguments its example inputs gave); return where it fits."""
     signature = inspect.signature(lowered.forward)
     try:
         signature.bind(*args, **kwargs)
