@@ -26,7 +26,7 @@ from typing import Callable, Hashable, Iterator, TypeVar
 
 import torch
 
-from .errors import MpcompileError
+from .errors import MpcompileError, first_line
 
 __all__ = ["BACKENDS", "PLUGINS", "BackendError", "check_backend", "resolve_backend", "use_backend", "current_backend",
            "load_plugins", "run_or_fall_back"]
@@ -123,7 +123,6 @@ def run_or_fall_back(failed: set, key: Hashable, kernel: Callable[[], T], fallba
             return kernel()
         except Exception as err:  # noqa: BLE001 (any compiler or launch failure)
             failed.add(key)
-            first_line = (str(err).strip().splitlines() or [""])[0][:300]
             warnings.warn(f"mpcompile: {what} failed to compile or run; the reference computes it from now on "
-                          f"(same numbers) ({type(err).__name__}: {first_line})", RuntimeWarning, stacklevel=stacklevel)
+                          f"(same numbers) ({first_line(err, limit=300)})", RuntimeWarning, stacklevel=stacklevel)
     return fallback()

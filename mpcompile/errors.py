@@ -1,6 +1,6 @@
 """Exceptions raised by mpcompile; each message says what was wrong, where, and what to do."""
 
-__all__ = ["MpcompileError", "FormatError", "SpecError", "PolicyError", "CompileError", "LoweringError"]
+__all__ = ["MpcompileError", "FormatError", "SpecError", "PolicyError", "CompileError", "LoweringError", "first_line"]
 
 
 class MpcompileError(Exception):
@@ -25,3 +25,10 @@ class CompileError(MpcompileError, ValueError):
 
 class LoweringError(MpcompileError, ValueError):
     """A node that lowering cannot rewrite; the message names the node and its module."""
+
+
+def first_line(err: BaseException, limit: int | None = None) -> str:
+    """An exception's type and the first non-empty line of its text (cut to ``limit`` characters):
+    what a message quotes of an error from torch or a compiler, whose texts run to pages."""
+    text = next((line.strip() for line in str(err).splitlines() if line.strip()), "")[:limit]
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__

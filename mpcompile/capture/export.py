@@ -25,9 +25,9 @@ import torch.nn as nn
 from torch.export import Dim
 from torch.utils import _pytree as pytree
 
-from ..errors import CompileError
+from ..errors import CompileError, first_line
 
-__all__ = ["capture_export", "first_line"]
+__all__ = ["capture_export"]
 
 
 def _auto_dims(value: Any) -> Any:
@@ -60,12 +60,6 @@ def _batch_of_two(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
 
 def _export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
     return torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=_dynamic_shapes(model, args, kwargs))
-
-
-def first_line(err: BaseException) -> str:
-    """An exception's first meaningful line: its type and the first non-empty line of its text."""
-    text = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def capture_export(model: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> torch.fx.GraphModule:

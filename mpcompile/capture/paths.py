@@ -18,8 +18,8 @@ import copy
 import torch
 import torch.nn as nn
 
-from ..errors import CompileError
-from .export import capture_export, first_line
+from ..errors import CompileError, first_line
+from .export import capture_export
 from .fx import capture_fx
 from .inputs import Inputs
 

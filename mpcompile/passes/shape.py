@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import CompileError
+from ..errors import CompileError, first_line
 from .meta import meta_of
 from .observe import evaluating
 
@@ -72,6 +72,5 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple) -> None:
                 raise CompileError(f"the example inputs do not fit {type(gm).__name__}'s forward: {err}") from err
             args, kwargs = run.fetch_args_kwargs_from_env(node)
             got = ", ".join([_described(a) for a in args] + [f"{k}={_described(v)}" for k, v in kwargs.items()])
-            text = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
-            raise CompileError(f"{_where(gm, node)} fails on the example inputs: {type(err).__name__}: {text}\n"
+            raise CompileError(f"{_where(gm, node)} fails on the example inputs: {first_line(err)}\n"
                                f"  it got: {got}") from err
