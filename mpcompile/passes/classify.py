@@ -13,12 +13,13 @@ import torch
 from ..ops.registry import Call, OpKind, gemm_module_types, lookup, module_kind
 from .meta import meta_of
 
-__all__ = ["classify"]
+__all__ = ["classify", "op_type", "owner"]
 
 _CALLS = ("call_module", "call_function", "call_method")
 
 
-def _op_type(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
+def op_type(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
+    """What a node calls: module class name (``Conv2d``), function or op name (``relu``, ``linear``)."""
     if node.op == "call_module":
         return type(gm.get_submodule(node.target)).__name__
     if isinstance(node.target, torch._ops.OpOverload):  # aten.linear.default: "linear", as fx names F.linear
@@ -28,7 +29,7 @@ def _op_type(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
     return node.target
 
 
-def _owner(node: torch.fx.Node) -> tuple[str, str] | None:
+def owner(node: torch.fx.Node) -> tuple[str, str] | None:
     """(qualified name, class as ``module.qualname``) of the module whose forward made the node."""
     stack = node.meta.get("nn_module_stack")
     if not stack:
@@ -43,9 +44,9 @@ def _module_ops(kinds: dict[torch.fx.Node, OpKind | None]) -> dict[torch.fx.Node
     typed as the module (``fc``, ``Linear``), as fx names it, so one policy fits both graphs."""
     found: dict[tuple[str, str], list[torch.fx.Node]] = {}
     for node, kind in kinds.items():
-        owner = _owner(node) if node.op == "call_function" and kind is not None else None
-        if owner is not None and module_kind(owner[1]) is not None and module_kind(owner[1]).group == kind.group:
-            found.setdefault(owner, []).append(node)
+        module = owner(node) if node.op == "call_function" and kind is not None else None
+        if module is not None and module_kind(module[1]) is not None and module_kind(module[1]).group == kind.group:
+            found.setdefault(module, []).append(node)
     return {nodes[0]: (path, cls.rpartition(".")[2]) for (path, cls), nodes in found.items() if len(nodes) == 1}
 
 
@@ -53,8 +54,8 @@ def _qualified_name(node: torch.fx.Node) -> str:
     """A module's qualified name; for a function, the module whose forward called it plus the node's name."""
     if node.op == "call_module":
         return node.target
-    owner = _owner(node)
-    return f"{owner[0]}.{node.name}" if owner and owner[0] else node.name
+    module = owner(node)
+    return f"{module[0]}.{node.name}" if module and module[0] else node.name
 
 
 def classify(gm: torch.fx.GraphModule) -> None:
@@ -76,7 +77,7 @@ def classify(gm: torch.fx.GraphModule) -> None:
     modules = _module_ops(kinds)
     for node in calls:
         kind, meta = kinds[node], meta_of(node)
-        meta.name, meta.op_type = modules.get(node) or (_qualified_name(node), _op_type(gm, node))
+        meta.name, meta.op_type = modules.get(node) or (_qualified_name(node), op_type(gm, node))
         meta.kind, meta.group = (kind.name, kind.group) if kind is not None else (None, None)
         meta.gemm_index = gemms.index(node) if node in gemms else None
         meta.gemm_count = len(gemms)
@@ -89,7 +90,7 @@ def _unemulated(gm: torch.fx.GraphModule, node: torch.fx.Node, kind: OpKind | No
     if kind is not None and not kind.emulated:
         return (f"{type(gm.get_submodule(node.target)).__name__} is not emulated" if node.op == "call_module" else
                 f"Tensor.{node.target} is not emulated" if node.op == "call_method" else
-                f"{_op_type(gm, node)} is not emulated")
+                f"{op_type(gm, node)} is not emulated")
     if node.op != "call_module" or (kind is not None and kind.is_gemm):
         return None
     inside = [name for name, m in gm.get_submodule(node.target).named_modules()
@@ -97,5 +98,5 @@ def _unemulated(gm: torch.fx.GraphModule, node: torch.fx.Node, kind: OpKind | No
     if not inside:
         return None
     more = f" and {len(inside) - 3} more" if len(inside) > 3 else ""
-    return (f"torch.fx keeps {_op_type(gm, node)} whole (a torch.nn module or a leaf module), so the GEMM-like "
+    return (f"torch.fx keeps {op_type(gm, node)} whole (a torch.nn module or a leaf module), so the GEMM-like "
             f"layers inside it ({', '.join(inside[:3])}{more}) are not emulated")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import CompileError, first_line
+from .classify import op_type, owner
 from .meta import meta_of
 from .observe import evaluating
 
@@ -43,11 +44,8 @@ def _described(value) -> str:
 
 def _where(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
     """``node fc (Linear, module 'fc')``: the node, what it calls and the module it belongs to."""
-    stack = node.meta.get("nn_module_stack")
-    module = node.target if node.op == "call_module" else next(reversed(stack.values()))[0] if stack else ""
-    what = (type(gm.get_submodule(node.target)).__name__ if node.op == "call_module" else
-            getattr(node.target, "__name__", str(node.target)))
-    return f"node {node.name} ({what}, module '{module or '<root>'}')"
+    module = node.target if node.op == "call_module" else (owner(node) or ("",))[0]
+    return f"node {node.name} ({op_type(gm, node)}, module '{module or '<root>'}')"
 
 
 def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: tuple) -> None:
