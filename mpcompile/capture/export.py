@@ -39,12 +39,12 @@ def _auto_dims(value: Any) -> Any:
 def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any] | None:
     """``Dim.AUTO`` dimensions (see the module docstring), keyed by forward's parameter names
     (None where forward takes ``*args``, which export's name-keyed specification cannot name)."""
+    signature = inspect.signature(model.forward)
     try:
-        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
     except TypeError:
         return None
-    params = inspect.signature(model.forward).parameters
-    if any(params[name].kind == inspect.Parameter.VAR_POSITIONAL for name in bound.arguments):
+    if any(signature.parameters[name].kind == inspect.Parameter.VAR_POSITIONAL for name in bound.arguments):
         return None
     return {name: pytree.tree_map(_auto_dims, value) for name, value in bound.arguments.items()}
 
