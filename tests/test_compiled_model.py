@@ -115,6 +115,9 @@ def test_a_wrong_example_input_names_the_node_its_module_and_the_shapes():
                                            r"mat1 and mat2 shapes cannot be multiplied \(5x5 and 4x8\)\n  it got: "
                                            r"\(5, 5\) float32"):
         mpcompile.compile(model, "fp32", (torch.randn(5, 5),))
+    with pytest.raises(CompileError, match=r"node _0 \(Linear, module '0'\) fails on the example inputs: RuntimeError: "
+                                           r".*\n  it got: \(5, 4\) int64"):
+        mpcompile.compile(model, "fp32", (torch.ones(5, 4, dtype=torch.long),))
 
 
 def test_load_state_dict_with_assign_rebinds_every_mode():

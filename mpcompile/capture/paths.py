@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 
 import torch
 import torch.nn as nn
@@ -39,6 +40,15 @@ def _fx(model: nn.Module, leaf_modules: tuple[type, ...], inputs: Inputs | None,
     return capture_fx(model, leaf_modules, given, named, into_wrapped)
 
 
+def _export(model: nn.Module, inputs: Inputs, leaf_modules: tuple[type, ...]) -> torch.fx.GraphModule:
+    gm = capture_export(model, inputs.args, inputs.kwargs)
+    if leaf_modules:  # export has no leaves: what the user asked to run unchanged meets the policy
+        warnings.warn(f"mpcompile: {type(model).__name__} was captured by torch.export, which does not keep "
+                      f"leaf_modules ({', '.join(t.__name__ for t in leaf_modules)}) opaque: the ops inside them are "
+                      f"captured and the policy applies to them; capture='fx' keeps them whole", stacklevel=5)
+    return gm
+
+
 def capture(model: nn.Module, how: str, inputs: Inputs | None,
             leaf_modules: tuple[type, ...] = ()) -> tuple[torch.fx.GraphModule, str]:
     """``model`` as a GraphModule, by the path ``how`` names, and the path taken.
@@ -47,7 +57,7 @@ def capture(model: nn.Module, how: str, inputs: Inputs | None,
         model: the module, in the mode whose code the graph is to run.
         how: ``auto``, ``fx``, ``export`` or ``graph`` (see the module docstring).
         inputs: example inputs (export needs them; fx uses them to fix defaults).
-        leaf_modules: module types fx keeps as opaque calls (export has no leaves).
+        leaf_modules: module types fx keeps as opaque calls (export has no leaves: it warns).
 
     Raises:
         CompileError: the path cannot capture the model; for ``auto``, what each path said.
@@ -61,12 +71,12 @@ def capture(model: nn.Module, how: str, inputs: Inputs | None,
     if how == "export":
         if inputs is None:
             raise CompileError("capture='export' needs example inputs: pass example_inputs= (and example_kwargs=)")
-        return capture_export(model, inputs.args, inputs.kwargs), "export"
+        return _export(model, inputs, leaf_modules), "export"
     with contextlib.suppress(CompileError):  # a wrapped function's body that does not trace: the next path
         return _fx(model, leaf_modules, inputs, into_wrapped=True), "fx"
     if how == "auto" and inputs is not None:
         try:
-            return capture_export(model, inputs.args, inputs.kwargs), "export"
+            return _export(model, inputs, leaf_modules), "export"
         except CompileError as err:
             exported = err
     try:

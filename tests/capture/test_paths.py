@@ -144,3 +144,12 @@ def test_a_batch_of_one_is_exported_for_any_batch_and_other_image_sizes_are_refu
     with pytest.raises(CompileError, match=r"ViTModel was captured by torch\.export for inputs of other shapes: Guard "
                                            r"failed: .*; compile it with example inputs of the shapes it is called with"):
         cm(pixel_values=torch.randn(1, 3, 64, 64))
+
+
+def test_export_says_that_it_does_not_keep_leaf_modules_opaque():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8)
+    with pytest.warns(UserWarning, match=r"Scores was captured by torch\.export, which does not keep leaf_modules "
+                                         r"\(Linear\) opaque: the ops inside them are captured"):
+        cm = mpcompile.compile(Scores(), FP8, (x,), capture="export", leaf_modules=(nn.Linear,))
+    assert [m.kind for _, m in cm.annotations() if m.group == "gemm"] == ["linear", "linear", "matmul"]
