@@ -32,6 +32,7 @@ from .roles import op_seed, quantize_role
 from .spec import ROLES, STREAM_BIAS, STREAM_DIV, ArithSpec, QuantSpec, Recompute, RoleFormats
 
 __all__ = ["gemm", "emulated", "round_role", "RoleTensor", "backward_gemm", "add_bias", "sum_rows", "conv_index",
+           "channel_rows",
            "native_grads", "linear_forward", "linear_backward", "matmul_forward", "matmul_backward", "conv_forward",
            "conv_backward", "linear_recompute", "matmul_recompute", "conv_recompute", "reduce_sum", "reduce_mean"]
 
@@ -411,6 +412,13 @@ def conv_index(spec: ArithSpec, a: torch.Tensor, out_shape: tuple, groups: int) 
     return index.view(n, groups, -1, a.shape[1] // n).permute(1, 0, 3, 2).reshape(groups, a.shape[1], -1)
 
 
+def channel_rows(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """(N, C, *S) as a weight gradient's left operand: (groups, C / groups, N * prod(S)), each
+    channel's values over (sample, position) in row-major order."""
+    n, c = t.shape[:2]
+    return t.reshape(n, groups, c // groups, -1).permute(1, 2, 0, 3).reshape(groups, c // groups, -1)
+
+
 def _conv_gemm(x, w, stride, padding, dilation, groups, spec, seed, roles=(None, None)):
     """An emulated convolution without bias: float64 accumulator values, (N, C_out, *O)."""
     a, b, out_shape, to_output = conv_as_gemm_operands(x, w, stride, padding, dilation, groups)
@@ -490,7 +498,7 @@ def conv_backward(grad, x, w, has_bias, stride, padding, dilation, groups, roles
         return (round_role(roles, "grad_input", gx, 1, seed, scales),
                 round_role(roles, "grad_weight", gw, 0, seed, scales),
                 round_role(roles, "grad_bias", gb, 0, seed, scales))
-    n, c_out = grad.shape[0], grad.shape[1]
+    c_out = grad.shape[1]
     gb = sum_rows(g.rounded.transpose(0, 1).reshape(c_out, -1).t(), bwd, op_seed(seed, 3)) if has_bias else None
 
     def gx_operands(gt, wt):  # grad_input: a stride-1 convolution of the upsampled gradient
@@ -499,9 +507,8 @@ def conv_backward(grad, x, w, has_bias, stride, padding, dilation, groups, roles
         return a, b, to_input, conv_index(bwd, a, x_shape, groups)
 
     def gw_operands(gt, xt):  # grad_weight: grad_output's rows against the input's patches
-        rows = gt.reshape(n, groups, c_out // groups, -1).permute(1, 2, 0, 3).reshape(groups, c_out // groups, -1)
         patches = conv_as_gemm_operands(xt, w, stride, padding, dilation, groups)[0]
-        return rows, patches, lambda y: y.reshape(w.shape), None
+        return channel_rows(gt, groups), patches, lambda y: y.reshape(w.shape), None
 
     # the unfolded and permuted operands are not laid out as their role tensors, and hold padding zeros
     gx = backward_gemm(g, ws, gx_operands, bwd, op_seed(seed, 1), "grad_input", 1, plain=(False, False, False),

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from ..backends import check_backend, use_backend
 from .api import Formats, Spec, check_operands, delayed_role_scales, fx_leaf, int_tuple, prepare_op
-from .bodies import RoleTensor, add_bias, backward_gemm, conv_index, emulated, round_role, sum_rows
+from .bodies import RoleTensor, add_bias, backward_gemm, channel_rows, conv_index, emulated, round_role, sum_rows
 from .im2col import conv_as_gemm_operands, transposed_conv_operands
 from .library import backward_scales, dense, gradients, inputs_of, mpc_op, save_gemm, seed_value
 from .roles import op_seed
@@ -97,7 +97,7 @@ def conv_transpose_backward(grad, x, w, has_bias: bool, stride, padding, output_
                                                          dilation, True, output_padding, groups,
                                                          [True, True, has_bias])
     else:
-        n, c_in, c_out = x.shape[0], x.shape[1], grad.shape[1]
+        c_out = grad.shape[1]
         gb = sum_rows(g.rounded.transpose(0, 1).reshape(c_out, -1).t(), bwd, op_seed(seed, 3)) if has_bias else None
         fit = lambda gt: _padded_grad(gt, padding, output_padding)
         unit = [0] * nd
@@ -107,9 +107,8 @@ def conv_transpose_backward(grad, x, w, has_bias: bool, stride, padding, output_
             return a, b, to_input, conv_index(bwd, a, x_shape, groups)
 
         def gw_operands(xt, gt):  # grad_weight: the input's rows against grad_output's patches
-            rows = xt.reshape(n, groups, c_in // groups, -1).permute(1, 2, 0, 3).reshape(groups, c_in // groups, -1)
             patches = conv_as_gemm_operands(fit(gt), w, stride, unit, dilation, groups)[0]
-            return rows, patches, lambda y: y.reshape(w.shape), None
+            return channel_rows(xt, groups), patches, lambda y: y.reshape(w.shape), None
 
         # the unfolded and permuted operands are not laid out as their role tensors, and hold padding zeros
         gx = backward_gemm(g, ws, gx_operands, bwd, op_seed(seed, 1), "grad_input", 1, plain=(False, False, False),
