@@ -355,6 +355,17 @@ def _annotations(traced: torch.fx.GraphModule) -> Iterator[tuple[torch.fx.Node, 
 _RECAPTURED = ("traced", "lowered", "example_inputs", "batches")
 
 
+def _held(traced: torch.fx.GraphModule) -> dict[str, nn.Module]:
+    """The modules lowering keeps on a traced graph (``_GRAPH_STATE``): state the modes share."""
+    return {name: getattr(traced, name) for name in _GRAPH_STATE if hasattr(traced, name)}
+
+
+def _hold(traced: torch.fx.GraphModule, held: dict[str, nn.Module]) -> None:
+    """Put ``_held``'s modules on a newly captured graph, before lowering would make its own."""
+    for name, module in held.items():
+        setattr(traced, name, module)
+
+
 def _capture_mode(first: PassState, state: PassState) -> PassState:
     """Run the compile passes for a newly captured mode. It shares the first mode's graph state
     (an op's amax history is one history, whichever mode fills it) and takes its kappa estimates
@@ -362,9 +373,7 @@ def _capture_mode(first: PassState, state: PassState) -> PassState:
     and both modes have the same assignments."""
     before, after = COMPILE[:COMPILE.index(CONDITION)], COMPILE[COMPILE.index(CONDITION) + 1:]
     run_passes(before, state)
-    for name in _GRAPH_STATE:
-        if hasattr(first.traced, name):
-            setattr(state.traced, name, getattr(first.traced, name))
+    _hold(state.traced, _held(first.traced))
     kappas = {n.name: mpc_meta(n).kappa for n, _ in _annotations(first.traced)}
     for node, meta in _annotations(state.traced):
         meta.kappa = kappas.get(node.name)
@@ -376,8 +385,7 @@ def _snapshot(state: PassState) -> dict[str, Any]:
     graph-held buffers (amax histories)."""
     kept = {f.name: getattr(state, f.name) for f in fields(state) if f.name not in _RECAPTURED}
     metas = {n.name: mpc_meta(n) for n in state.traced.graph.nodes if mpc_meta(n) is not None}
-    held = {name: getattr(state.traced, name) for name in _GRAPH_STATE if hasattr(state.traced, name)}  # modes share them
-    return {"state": kept, "metas": metas, "held": held}
+    return {"state": kept, "metas": metas, "held": _held(state.traced)}
 
 
 def _restore(source: nn.Module, mode: bool, snapshot: dict[str, Any]) -> PassState:
@@ -395,8 +403,7 @@ def _restore(source: nn.Module, mode: bool, snapshot: dict[str, Any]) -> PassSta
         raise CompileError(f"cannot restore the compiled {type(source).__name__}: capturing it again gives other nodes")
     for name, meta in snapshot["metas"].items():
         nodes[name].meta["mpc"] = meta
-    for name, held in snapshot["held"].items():
-        setattr(state.traced, name, held)
+    _hold(state.traced, snapshot["held"])
     run_passes((LOWER,), state)
     return state
 
