@@ -2,6 +2,7 @@
 placeholders take them (``flat_inputs``: what ``torch.fx.Interpreter.run`` is given)."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -35,8 +36,8 @@ def flat_inputs(gm: torch.fx.GraphModule, inputs: Inputs) -> tuple:
     """``inputs`` as ``gm``'s placeholders take them, in order.
 
     An exported graph flattens its inputs by its ``_in_spec``; a traced one takes forward's
-    parameters, a keyword argument at its parameter's place (a placeholder with a default keeps
-    it where neither gives a value).
+    parameters, a keyword argument at its parameter's place and a default where neither gives a
+    value.
 
     Raises:
         CompileError: the inputs do not fit the graph's parameters.
@@ -47,21 +48,14 @@ def flat_inputs(gm: torch.fx.GraphModule, inputs: Inputs) -> tuple:
         except Exception as err:
             raise CompileError(f"inputs {_describe(inputs)} do not match the captured graph's "
                                f"({gm._in_spec}): {err}") from err
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    names = [n.target.lstrip("*") for n in placeholders]
-    unknown = sorted(set(inputs.kwargs) - set(names))
-    if unknown or len(inputs.args) > len(names):
-        raise CompileError(f"inputs {_describe(inputs)} do not match forward's parameters ({', '.join(names)})")
-    values = list(inputs.args)
-    last = max([len(values) - 1] + [names.index(k) for k in inputs.kwargs])
-    for node, name in list(zip(placeholders, names))[len(values):last + 1]:
-        if name in inputs.kwargs:
-            values.append(inputs.kwargs[name])
-        elif node.args:
-            values.append(node.args[0])
-        else:
-            raise CompileError(f"inputs {_describe(inputs)} give no value for forward's parameter {name!r}")
-    return tuple(values)
+    signature = inspect.signature(gm.forward)  # fx writes forward with one parameter per placeholder
+    try:
+        bound = signature.bind(*inputs.args, **inputs.kwargs)
+    except TypeError as err:
+        raise CompileError(f"inputs {_describe(inputs)} do not match forward's parameters "
+                           f"({', '.join(signature.parameters)}): {err}") from err
+    bound.apply_defaults()
+    return bound.args
 
 
 def _describe(inputs: Inputs) -> str:

@@ -153,3 +153,25 @@ def test_export_says_that_it_does_not_keep_leaf_modules_opaque():
                                          r"\(Linear\) opaque: the ops inside them are captured"):
         cm = mpcompile.compile(Scores(), FP8, (x,), capture="export", leaf_modules=(nn.Linear,))
     assert [m.kind for _, m in cm.annotations() if m.group == "gemm"] == ["linear", "linear", "matmul"]
+
+
+class Masked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, bias=None, mask=None):
+        y = self.fc(x) if bias is None else self.fc(x) + bias
+        return y if mask is None else y * mask
+
+
+def test_fx_takes_keyword_example_inputs_at_their_parameters_places():
+    torch.manual_seed(0)
+    model, x, mask = Masked(), torch.randn(3, 4), (torch.rand(3, 4) > 0.5).float()
+    cm = mpcompile.compile(model, "version: 1\ndefault: {output: bf16}\n", (x,), example_kwargs={"mask": mask})
+    assert cm.capture == "fx" and torch.equal(cm(x, mask=mask), cm(x, None, mask))
+    assert not torch.equal(cm(x, mask=mask), model(x, mask=mask)) and torch.equal(cm(x, mask=mask),
+                                                                                    cm(x, mask=mask).bfloat16().float())
+    with pytest.raises(CompileError, match=r"inputs \(1 positional, maks\) do not match forward's parameters "
+                                           r"\(x, bias\w*, mask\w*\): got an unexpected keyword argument 'maks'"):
+        mpcompile.compile(model, "fp32", (x,), example_kwargs={"maks": mask}, capture="fx")
