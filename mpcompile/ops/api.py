@@ -156,7 +156,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor, spec: Spec = None, *, formats: Form
     Args:
         a, b: operands (``torch.matmul`` broadcasting); roles ``input`` = a, ``weight`` = b.
         spec: deprecated (positional or keyword): the old name of ``forward``; warns.
-        formats: role -> format / ``"fmt[:rounding][:scaling][:sat]"`` / ``QuantSpec``.
+        formats: role -> format / ``"fmt[:rounding][:scaling][:sat][:sr_bits=n][:axis=n]"`` / ``QuantSpec``;
+            block formats block along the reduction dim K (a conv weight: in_channels x kernel).
         forward: forward arithmetic (``ArithSpec`` or its string); None = native fp32.
         backward: arithmetic of the gradient GEMMs (default: ``forward``).
         seed: seed of every random bit the op draws (default: from torch's generator).

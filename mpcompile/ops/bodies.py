@@ -31,18 +31,26 @@ from .kappa import activation, component_kappa, magnitudes
 from .roles import op_seed, quantize_role
 from .spec import ROLES, STREAM_BIAS, STREAM_DIV, ArithSpec, QuantSpec, Recompute, RoleFormats
 
-__all__ = ["gemm", "emulated", "round_role", "RoleTensor", "backward_gemm", "add_bias", "sum_rows", "conv_index",
+__all__ = ["gemm", "emulated", "round_role", "kernel_dims", "k_dim", "RoleTensor", "backward_gemm", "add_bias", "sum_rows", "conv_index",
            "channel_rows",
            "native_grads", "linear_forward", "linear_backward", "matmul_forward", "matmul_backward", "conv_forward",
            "conv_backward", "linear_recompute", "matmul_recompute", "conv_recompute", "reduce_sum", "reduce_mean"]
 
 
-def round_role(roles: RoleFormats, name: str, x, axis: int, seed: int | None, scales: torch.Tensor | None):
-    """x rounded to role ``name`` of ``roles`` (channel axis ``axis``), with the op's sub-seed and
-    delayed scale of that role; x itself where the role has no format."""
+def round_role(roles: RoleFormats, name: str, x, axis: int, seed: int | None, scales: torch.Tensor | None,
+               blocks: tuple[int, ...] = (-1,)):
+    """x rounded to role ``name`` of ``roles`` (channel axis ``axis``, block formats' blocks along
+    ``blocks``), with the op's sub-seed and delayed scale of that role; x itself where the role
+    has no format."""
     i = ROLES.index(name)
     return quantize_role(x, roles.get(name), axis=axis, seed=op_seed(seed, 16 + i),
-                         scale=None if scales is None else scales[i])
+                         scale=None if scales is None else scales[i], blocks=blocks)
+
+
+def kernel_dims(w: torch.Tensor, first: int = 1) -> tuple[int, ...]:
+    """A convolution weight's reduction dims from ``first`` on: its in_channels and kernel
+    elements, in the im2col order of ``im2col.patches``."""
+    return tuple(range(first, w.dim()))
 
 
 def emulated(a: torch.Tensor, b: torch.Tensor, spec: ArithSpec, seed: int | None,
@@ -87,10 +95,11 @@ class RoleTensor:
     axis: int
     seed: int | None
     scales: torch.Tensor | None
+    blocks: tuple[int, ...] = (-1,)
 
     @functools.cached_property
     def rounded(self) -> torch.Tensor:
-        return round_role(self.roles, self.name, self.raw, self.axis, self.seed, self.scales)
+        return round_role(self.roles, self.name, self.raw, self.axis, self.seed, self.scales, self.blocks)
 
     def for_kernel(self, plain: bool = True, padded: bool = False) -> tuple[torch.Tensor, bool]:
         """(the tensor, whether the kernel rounds it as it loads it): raw where it may
@@ -110,13 +119,14 @@ _GemmOperands = Callable[[torch.Tensor, torch.Tensor],
 def backward_gemm(left: RoleTensor, right: RoleTensor, operands: _GemmOperands, spec: ArithSpec, gemm_seed,
                   out: str, axis: int, *, plain: tuple[bool, bool, bool] = (True, True, True),
                   padded: tuple[bool, bool] = (False, False),
-                  transposed: tuple[bool, bool] = (False, False)) -> torch.Tensor:
+                  transposed: tuple[bool, bool] = (False, False), out_blocks: tuple[int, ...] = (-1,)) -> torch.Tensor:
     """The GEMM of role tensors ``left`` and ``right`` (``operands``), rounded to role ``out``.
 
     Where the op's backend has a generated GEMM, the roles are rounded in its prologue and
     epilogue as far as ``rounds_in_kernel`` allows, else in memory. ``plain``: whether a's,
     b's and the result's flat index is their role tensor's (``transposed``: a's or b's is its
-    transpose's); ``padded``: whether a or b holds zeros an unfold padded in.
+    transpose's); ``padded``: whether a or b holds zeros an unfold padded in; ``out_blocks``:
+    the dims a block format's blocks of role ``out`` run along.
     """
     roles, seed, scales = left.roles, left.seed, left.scales
     operand_roles = (roles.get(left.name), roles.get(right.name))
@@ -131,10 +141,10 @@ def backward_gemm(left: RoleTensor, right: RoleTensor, operands: _GemmOperands, 
         y = backend_gemm(a, b, spec, operand_roles, fusion, seed=gemm_seed, index=index)
         if y is not None:
             y = finish(y.to(a.dtype))
-            return y if out_role is not None else round_role(roles, out, y, axis, seed, None)
+            return y if out_role is not None else round_role(roles, out, y, axis, seed, None, out_blocks)
     a, b, finish, index = operands(left.rounded, right.rounded)
     y = gemm(a, b, spec, gemm_seed, roles=operand_roles, index=index)
-    return round_role(roles, out, finish(y), axis, seed, scales)
+    return round_role(roles, out, finish(y), axis, seed, scales, out_blocks)
 
 
 def _round_acc(s: torch.Tensor, e: torch.Tensor, spec: ArithSpec, seed: int | None, stream: int) -> torch.Tensor:
@@ -303,7 +313,7 @@ def _fused_matmul(a, b, roles: RoleFormats, fwd: ArithSpec, seed, scales) -> tor
     ea, eb, batch = _as_matrices(a, b)
     own = lambda x: (x.shape[:-2] if x.dim() > 1 else ()) == batch  # not broadcast: its own flat index
     ar, round_a = RoleTensor(roles, "input", a, -1, seed, None).for_kernel(plain=own(a))
-    br, round_b = RoleTensor(roles, "weight", b, -1, seed, None).for_kernel(plain=own(b))
+    br, round_b = RoleTensor(roles, "weight", b, -1, seed, None, k_dim(b)).for_kernel(plain=own(b))
     ea, eb, _ = _as_matrices(ar, br)
     nb = _numel(batch, range(len(batch)))
     out = roles.get("output") if rounds_in_kernel(roles.get("output"), a.device, True) else None
@@ -315,6 +325,11 @@ def _fused_matmul(a, b, roles: RoleFormats, fwd: ArithSpec, seed, scales) -> tor
         return None
     y = _matmul_result(y.to(a.dtype), a, b, batch)
     return y if out is not None else round_role(roles, "output", y, -1, seed, None)
+
+
+def k_dim(b: torch.Tensor) -> tuple[int]:
+    """The reduction dim of matmul's second operand, which block formats' blocks run along."""
+    return (-2,) if b.dim() > 1 else (-1,)
 
 
 def _matmul_result(y, a, b, batch) -> torch.Tensor:
@@ -331,14 +346,14 @@ def matmul_forward(a, b, roles: RoleFormats, fwd: ArithSpec, seed, scales=None) 
     y = _fused_matmul(a, b, roles, fwd, seed, scales)
     if y is not None:
         return y
-    aq, bq = round_role(roles, "input", a, -1, seed, scales), round_role(roles, "weight", b, -1, seed, scales)
+    aq, bq = round_role(roles, "input", a, -1, seed, scales), round_role(roles, "weight", b, -1, seed, scales, k_dim(b))
     return round_role(roles, "output", _matmul_sums(aq, bq, fwd, seed, roles), -1, seed, scales)
 
 
 def matmul_recompute(a, b, roles: RoleFormats, fwd: ArithSpec, high: Recompute, phi: str, seed,
                      scales=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``matmul_forward`` with the components ``high`` selects recomputed; and how many stayed low."""
-    aq, bq = round_role(roles, "input", a, -1, seed, scales), round_role(roles, "weight", b, -1, seed, scales)
+    aq, bq = round_role(roles, "input", a, -1, seed, scales), round_role(roles, "weight", b, -1, seed, scales, k_dim(b))
     y, low = _recomputed(lambda spec: _matmul_sums(aq, bq, spec, seed, roles), lambda: magnitudes("matmul", aq, bq),
                          fwd, high, phi)
     return round_role(roles, "output", y, -1, seed, scales), low
@@ -368,12 +383,13 @@ def _numel(shape, dims) -> int:
 
 def matmul_backward(grad, a, b, roles: RoleFormats, fwd: ArithSpec, bwd: ArithSpec, seed, scales=None):
     g, as_, bs = (RoleTensor(roles, "grad_output", grad, -1, seed, scales),
-                  RoleTensor(roles, "input", a, -1, seed, scales), RoleTensor(roles, "weight", b, -1, seed, scales))
+                  RoleTensor(roles, "input", a, -1, seed, scales),
+                  RoleTensor(roles, "weight", b, -1, seed, scales, k_dim(b)))
     if bwd.is_native:
         with torch.enable_grad():
             ga, gb = torch.func.vjp(torch.matmul, as_.rounded, bs.rounded)[1](g.rounded)
         return (round_role(roles, "grad_input", ga, -1, seed, scales),
-                round_role(roles, "grad_weight", gb, -1, seed, scales))
+                round_role(roles, "grad_weight", gb, -1, seed, scales, k_dim(b)))
     batch = _as_matrices(a, b)[2]
     a_shape = a.shape if a.dim() > 1 else (1, a.shape[0])
     b_shape = b.shape if b.dim() > 1 else (b.shape[0], 1)
@@ -394,7 +410,7 @@ def matmul_backward(grad, a, b, roles: RoleFormats, fwd: ArithSpec, bwd: ArithSp
     ga = backward_gemm(g, bs, ga_operands, bwd, op_seed(seed, 1), "grad_input", -1, plain=(plain,) * 3,
                        transposed=(False, True))
     gb = backward_gemm(as_, g, gb_operands, bwd, op_seed(seed, 2), "grad_weight", -1, plain=(plain,) * 3,
-                       transposed=(True, False))
+                       transposed=(True, False), out_blocks=k_dim(b))
     return ga, gb
 
 
@@ -437,8 +453,8 @@ def _conv_sums(xq, wq, bq, stride, padding, dilation, groups, fwd: ArithSpec, se
 
 
 def _conv_operands(x, w, b, roles: RoleFormats, seed, scales):
-    return (round_role(roles, "input", x, 1, seed, scales), round_role(roles, "weight", w, 0, seed, scales),
-            round_role(roles, "bias", b, 0, seed, scales))
+    return (round_role(roles, "input", x, 1, seed, scales, (1,)),
+            round_role(roles, "weight", w, 0, seed, scales, kernel_dims(w)), round_role(roles, "bias", b, 0, seed, scales))
 
 
 def _fused_conv(x, w, b, conv: tuple, roles: RoleFormats, fwd: ArithSpec, seed, scales) -> torch.Tensor | None:
@@ -447,9 +463,9 @@ def _fused_conv(x, w, b, conv: tuple, roles: RoleFormats, fwd: ArithSpec, seed, 
     (the output's layout is not the GEMM's), in its epilogue; None where it has none."""
     if not _fuses(fwd, scales, x.device):
         return None
-    xr, round_x = RoleTensor(roles, "input", x, 1, seed, None).for_kernel(plain=False, padded=True)
+    xr, round_x = RoleTensor(roles, "input", x, 1, seed, None, (1,)).for_kernel(plain=False, padded=True)
     # the GEMM reads w as (G, C_g*K, C_out/G): its transpose per group
-    wr, round_w = RoleTensor(roles, "weight", w, 0, seed, None).for_kernel()
+    wr, round_w = RoleTensor(roles, "weight", w, 0, seed, None, kernel_dims(w)).for_kernel()
     a, bm, out_shape, to_output = conv_as_gemm_operands(xr, wr, *conv)
     out = roles.get("output") if rounds_in_kernel(roles.get("output"), x.device, False) else None
     bq = round_role(roles, "bias", b, 0, seed, None)
@@ -462,7 +478,7 @@ def _fused_conv(x, w, b, conv: tuple, roles: RoleFormats, fwd: ArithSpec, seed, 
     if y is None:
         return None
     y = to_output(y.to(x.dtype))
-    return y if out is not None else round_role(roles, "output", y, 1, seed, None)
+    return y if out is not None else round_role(roles, "output", y, 1, seed, None, (1,))
 
 
 def conv_forward(x, w, b, stride, padding, dilation, groups, roles: RoleFormats, fwd: ArithSpec, seed, scales=None):
@@ -472,7 +488,7 @@ def conv_forward(x, w, b, stride, padding, dilation, groups, roles: RoleFormats,
     xq, wq, bq = _conv_operands(x, w, b, roles, seed, scales)
     operands = (roles.get("input"), roles.get("weight"))
     y = _conv_sums(xq, wq, bq, stride, padding, dilation, groups, fwd, seed, operands)
-    return round_role(roles, "output", y, 1, seed, scales)
+    return round_role(roles, "output", y, 1, seed, scales, (1,))
 
 
 def conv_recompute(x, w, b, stride, padding, dilation, groups, roles: RoleFormats, fwd: ArithSpec, high: Recompute,
@@ -483,20 +499,21 @@ def conv_recompute(x, w, b, stride, padding, dilation, groups, roles: RoleFormat
     operands = (roles.get("input"), roles.get("weight"))
     y, low = _recomputed(lambda spec: _conv_sums(xq, wq, bq, *conv, spec, seed, operands),
                          lambda: magnitudes(f"conv{wq.dim() - 2}d", xq, wq, bq, *conv), fwd, high, phi)
-    return round_role(roles, "output", y, 1, seed, scales), low
+    return round_role(roles, "output", y, 1, seed, scales, (1,)), low
 
 
 def conv_backward(grad, x, w, has_bias, stride, padding, dilation, groups, roles: RoleFormats,
                   fwd: ArithSpec, bwd: ArithSpec, seed, scales=None):
-    g, xs, ws = (RoleTensor(roles, "grad_output", grad, 1, seed, scales),
-                 RoleTensor(roles, "input", x, 1, seed, scales), RoleTensor(roles, "weight", w, 0, seed, scales))
+    g, xs, ws = (RoleTensor(roles, "grad_output", grad, 1, seed, scales, (1,)),
+                 RoleTensor(roles, "input", x, 1, seed, scales, (1,)),
+                 RoleTensor(roles, "weight", w, 0, seed, scales, kernel_dims(w)))
     if bwd.is_native:  # the kernel torch's autograd calls for a convolution, without a forward to record
         gx, gw, gb = torch.ops.aten.convolution_backward(g.rounded, xs.rounded, ws.rounded,
                                                          [w.shape[0]] if has_bias else None, stride, padding,
                                                          dilation, False, [0] * (w.dim() - 2), groups,
                                                          [True, True, has_bias])
-        return (round_role(roles, "grad_input", gx, 1, seed, scales),
-                round_role(roles, "grad_weight", gw, 0, seed, scales),
+        return (round_role(roles, "grad_input", gx, 1, seed, scales, (1,)),
+                round_role(roles, "grad_weight", gw, 0, seed, scales, kernel_dims(w)),
                 round_role(roles, "grad_bias", gb, 0, seed, scales))
     c_out = grad.shape[1]
     gb = sum_rows(g.rounded.transpose(0, 1).reshape(c_out, -1).t(), bwd, op_seed(seed, 3)) if has_bias else None
@@ -512,9 +529,9 @@ def conv_backward(grad, x, w, has_bias, stride, padding, dilation, groups, roles
 
     # the unfolded and permuted operands are not laid out as their role tensors, and hold padding zeros
     gx = backward_gemm(g, ws, gx_operands, bwd, op_seed(seed, 1), "grad_input", 1, plain=(False, False, False),
-                       padded=(True, False))
+                       padded=(True, False), out_blocks=(1,))
     gw = backward_gemm(g, xs, gw_operands, bwd, op_seed(seed, 2), "grad_weight", 0, plain=(False, False, True),
-                       padded=(False, True))
+                       padded=(False, True), out_blocks=kernel_dims(w))
     return gx, gw, round_role(roles, "grad_bias", gb, 0, seed, scales)
 
 

@@ -9,7 +9,8 @@ gradient of the convolution with that weight: the same GEMMs a convolution's gra
   channels within a group, as torch.ao quantizes a transposed convolution's weight; bits of
   stochastic rounding by w's flat index), ``bias`` (C_out,), ``output`` and ``grad_output``
   (axis 1), ``grad_input`` (x's gradient, axis 1), ``grad_weight`` (w's layout, axis 1),
-  ``grad_bias``.
+  ``grad_bias``. Block formats' blocks run along the reduction: a weight's (C_in, *k) in w's
+  own order, the channels of x, the output and the gradients.
 - Forward: x is upsampled by the stride with zeros, padded by dilation * (k - 1) - padding on
   the left and so that the output has torch's size on the right (output_padding included), and
   convolved with stride 1 with the kernel flipped and its in/out channels swapped. Each output
@@ -36,7 +37,8 @@ import torch.nn.functional as F
 
 from ..backends import check_backend, use_backend
 from .api import Formats, Spec, check_operands, delayed_role_scales, fx_leaf, int_tuple, prepare_op
-from .bodies import RoleTensor, add_bias, backward_gemm, channel_rows, conv_index, emulated, round_role, sum_rows
+from .bodies import (RoleTensor, add_bias, backward_gemm, channel_rows, conv_index, emulated, kernel_dims,
+                     round_role, sum_rows)
 from .im2col import conv_as_gemm_operands, transposed_conv_operands
 from .library import backward_scales, dense, gradients, inputs_of, mpc_op, save_gemm, seed_value
 from .roles import op_seed
@@ -55,12 +57,18 @@ def conv_transpose_shape(x_shape, w_shape, stride, padding, output_padding, grou
     return (x_shape[0], w_shape[1] * groups, *sizes)
 
 
+def _kd(w: torch.Tensor) -> tuple[int, ...]:
+    """The weight's (in_channels, out_channels/groups, *kernel) reduction dims: in_channels and
+    the kernel elements, in the im2col order of the convolution it is the input gradient of."""
+    return (0, *kernel_dims(w, 2))
+
+
 # -- body -----------------------------------------------------------------------------------------
 def conv_transpose_forward(x, w, b, stride, padding, output_padding, groups, dilation, roles: RoleFormats,
                            fwd: ArithSpec, seed: int | None, scales=None) -> torch.Tensor:
     """The transposed convolution of x with w (and bias b), as the module docstring says."""
     nd = w.dim() - 2
-    xq, wq = round_role(roles, "input", x, 1, seed, scales), round_role(roles, "weight", w, 1, seed, scales)
+    xq, wq = round_role(roles, "input", x, 1, seed, scales, (1,)), round_role(roles, "weight", w, 1, seed, scales, _kd(w))
     bq = round_role(roles, "bias", b, 0, seed, scales)
     if fwd.is_native:
         y = _CONV_T[nd](xq, wq, bq, stride, padding, output_padding, groups, dilation)
@@ -74,7 +82,7 @@ def conv_transpose_forward(x, w, b, stride, padding, output_padding, groups, dil
         if bq is not None:
             y = add_bias(y, bq.reshape((1, -1) + (1,) * nd), fwd, op_seed(seed, 0))
         y = y.to(x.dtype)
-    return round_role(roles, "output", y, 1, seed, scales)
+    return round_role(roles, "output", y, 1, seed, scales, (1,))
 
 
 def _padded_grad(g: torch.Tensor, padding, output_padding) -> torch.Tensor:
@@ -89,8 +97,8 @@ def conv_transpose_backward(grad, x, w, has_bias: bool, stride, padding, output_
                             roles: RoleFormats, fwd: ArithSpec, bwd: ArithSpec, seed: int | None, scales=None):
     """(grad x, grad w, grad bias or None) of ``conv_transpose_forward``, as the module docstring says."""
     nd = w.dim() - 2
-    g, xs, ws = (RoleTensor(roles, "grad_output", grad, 1, seed, scales),
-                 RoleTensor(roles, "input", x, 1, seed, scales), RoleTensor(roles, "weight", w, 1, seed, scales))
+    g, xs, ws = (RoleTensor(roles, "grad_output", grad, 1, seed, scales, (1,)),
+                 RoleTensor(roles, "input", x, 1, seed, scales, (1,)), RoleTensor(roles, "weight", w, 1, seed, scales, _kd(w)))
     if bwd.is_native:  # the kernel torch's autograd calls for a transposed convolution
         gx, gw, gb = torch.ops.aten.convolution_backward(g.rounded, xs.rounded, ws.rounded,
                                                          [grad.shape[1]] if has_bias else None, stride, padding,
@@ -112,11 +120,12 @@ def conv_transpose_backward(grad, x, w, has_bias: bool, stride, padding, output_
 
         # the unfolded and permuted operands are not laid out as their role tensors, and hold padding zeros
         gx = backward_gemm(g, ws, gx_operands, bwd, op_seed(seed, 1), "grad_input", 1, plain=(False, False, False),
-                           padded=(True, False))
+                           padded=(True, False), out_blocks=(1,))
         gw = backward_gemm(xs, g, gw_operands, bwd, op_seed(seed, 2), "grad_weight", 1, plain=(False, False, True),
-                           padded=(False, True))
+                           padded=(False, True), out_blocks=_kd(w))
         return gx, gw, round_role(roles, "grad_bias", gb, 0, seed, scales)
-    return (round_role(roles, "grad_input", gx, 1, seed, scales), round_role(roles, "grad_weight", gw, 1, seed, scales),
+    return (round_role(roles, "grad_input", gx, 1, seed, scales, (1,)),
+            round_role(roles, "grad_weight", gw, 1, seed, scales, _kd(w)),
             round_role(roles, "grad_bias", gb, 0, seed, scales))
 
 

@@ -8,6 +8,8 @@ caller keeps with ``record_amax``): Transformer Engine's delayed scaling.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..formats import BlockFormat
@@ -65,16 +67,19 @@ def record_amax(history: torch.Tensor, x: torch.Tensor) -> None:
 
 
 def quantize_role(x: torch.Tensor | None, spec: QuantSpec | None, *, axis: int, seed: int | None,
-                  scale: torch.Tensor | None = None) -> torch.Tensor | None:
+                  scale: torch.Tensor | None = None, blocks: tuple[int, ...] = (-1,)) -> torch.Tensor | None:
     """x rounded as ``spec`` says (x itself if spec is None).
 
     Args:
         x: the role's tensor (or None for an absent bias).
-        spec: the role's quantization.
+        spec: the role's quantization; its ``axis``, where given, replaces ``axis`` and ``blocks``.
         axis: the channel axis for ``channel`` scaling.
         seed: 32-bit seed of the random bits for stochastic rounding (the bits are
             ``counter_bits(seed)``); None draws one from torch's generator.
         scale: the factor of a ``tensor_delayed`` role (``delayed_scale``).
+        blocks: the dims a block format's blocks run along, flattened in this order: the
+            reduction dims of the GEMM the tensor feeds (a conv weight's in_channels and kernel
+            elements, in im2col order). A block format with an axis of its own keeps it.
     """
     if x is None or spec is None:
         return x
@@ -82,13 +87,40 @@ def quantize_role(x: torch.Tensor | None, spec: QuantSpec | None, *, axis: int, 
         raise SpecError(f"role format {spec}: tensor_delayed scaling needs an amax history; compile() gives each op "
                         f"one, and a direct call of an op takes amax_history=")
     bits = n = None
-    if spec.rounding == "stochastic" and seed is not None:
-        n = min(default_sr_bits(spec.fmt, x.dtype), COUNTER_BITS)
-        bits = counter_bits(torch.tensor(seed, dtype=torch.int64, device=x.device), x.shape)
+    if spec.rounding == "stochastic":
+        n = spec.sr_bits
+        if seed is not None:
+            n = n or min(default_sr_bits(spec.fmt, x.dtype), COUNTER_BITS)
+            bits = counter_bits(torch.tensor(seed, dtype=torch.int64, device=x.device), x.shape)
+    if spec.axis is not None:
+        axis, blocks = spec.axis, (spec.axis,)
+    if isinstance(spec.fmt, BlockFormat):
+        if spec.scaling != "none":
+            raise SpecError(f"role format {spec}: block formats carry their own scales; use scaling none")
+        if spec.fmt.axis != -1 and spec.axis is None:
+            blocks = (spec.fmt.axis,)
+        return _blocked(x, spec, blocks, n, bits)
     if spec.scaling == "none":
         return quantize(x, spec.fmt, spec.rounding, saturate=spec.saturate, sr_bits=n, random_bits=bits)
-    if isinstance(spec.fmt, BlockFormat):
-        raise SpecError(f"role format {spec}: block formats carry their own scales; use scaling none")
     s = scale.to(torch.float64) if spec.scaling == "tensor_delayed" else _scale(x, spec, axis)
     y = quantize(x.to(torch.float64) * s, spec.fmt, spec.rounding, saturate=spec.saturate, sr_bits=n, random_bits=bits)
     return (y / s).to(x.dtype)
+
+
+def _blocked(x: torch.Tensor, spec: QuantSpec, blocks: tuple[int, ...], n: int | None,
+             bits: torch.Tensor | None) -> torch.Tensor:
+    """x in a block format whose blocks run along ``blocks``, flattened in that order."""
+    nd = max(x.dim(), 1)
+    if not all(-nd <= d < nd for d in blocks):
+        raise SpecError(f"role format {spec}: blocks run along dims {blocks}, but the tensor has {x.dim()} dims")
+    dims = [d % nd for d in blocks] if x.dim() else []
+    if len(dims) <= 1:
+        fmt = replace(spec.fmt, axis=dims[0] if dims else -1)
+        return quantize(x, fmt, spec.rounding, saturate=spec.saturate, sr_bits=n, random_bits=bits)
+    order = [d for d in range(nd) if d not in dims] + dims
+    moved = x.permute(order)
+    rows = moved.shape[:nd - len(dims)]
+    flat = (lambda t: t.permute(order).reshape(*rows, -1))
+    y = quantize(flat(x), replace(spec.fmt, axis=-1), spec.rounding, saturate=spec.saturate, sr_bits=n,
+                 random_bits=None if bits is None else flat(bits))
+    return y.reshape(moved.shape).permute(torch.argsort(torch.tensor(order)).tolist())

@@ -4,7 +4,7 @@ Each spec is a frozen dataclass with a canonical string form that ``parse_*`` re
 (and caches), so that custom ops take plain strings and a printed graph stays readable::
 
     ArithSpec:   mul=fp8_e5m2 acc=fp16 order=chunk(32)        (fields at their default omitted)
-    QuantSpec:   fp8_e4m3:stochastic:tensor:sat               (format[:rounding][:scaling][:sat])
+    QuantSpec:   fp8_e4m3:stochastic:tensor:sat:sr_bits=12   (format[:rounding][:scaling][:sat][:sr_bits=n][:axis=n])
     RoleFormats: input=fp8_e4m3 weight=fp8_e4m3:channel grad_output=fp8_e5m2
     Recompute:   tau=100.0 acc=fp32                             (tau, then the ArithSpec's fields)
 """
@@ -20,6 +20,7 @@ import torch
 
 from ..errors import SpecError
 from ..formats import BlockFloat, BlockMinifloat, FixedFormat, FloatFormat, Format, MXFormat, parse
+from ..random_bits import COUNTER_BITS
 from ..rounding import ROUNDING_MODES
 
 __all__ = ["ArithSpec", "QuantSpec", "RoleFormats", "Recompute", "ROLES", "SCALINGS", "AMAX_HISTORY", "DELAYED_ROLES",
@@ -218,12 +219,18 @@ class QuantSpec:
             ``AMAX_HISTORY`` calls instead of the current one (Transformer Engine's delayed
             scaling: a tensor that grows past it overflows, or saturates with ``saturate``).
         saturate: overflow goes to +-max instead of inf/NaN.
+        sr_bits: random bits per value of ``stochastic`` rounding, at most ``COUNTER_BITS``
+            (None: ``rounding.default_sr_bits``, the bits a float32 value loses).
+        axis: the role tensor's axis that ``channel`` scales run along and that a block
+            format's blocks run along (None: the op's own, see ``quantize_role``).
     """
 
     fmt: Format
     rounding: str = "nearest"
     scaling: str = "none"
     saturate: bool = False
+    sr_bits: int | None = None
+    axis: int | None = None
 
     def __post_init__(self) -> None:
         _not_traced("QuantSpec")
@@ -231,12 +238,19 @@ class QuantSpec:
         _rounding(self.rounding, "rounding")
         if self.scaling not in SCALINGS:
             raise SpecError(f"scaling={self.scaling!r} is not one of {', '.join(SCALINGS)}")
+        if self.sr_bits is not None and not (type(self.sr_bits) is int and 1 <= self.sr_bits <= COUNTER_BITS):
+            raise SpecError(f"sr_bits={self.sr_bits!r} must be an integer in [1, {COUNTER_BITS}] "
+                            f"(the bits of one counter-based random word)")
+        if self.axis is not None and not (type(self.axis) is int and -64 <= self.axis < 64):
+            raise SpecError(f"axis={self.axis!r} must be an integer (a dimension of the role's tensor)")
 
     def __str__(self) -> str:
         parts = [str(self.fmt)]
         parts += [self.rounding] if self.rounding != "nearest" else []
         parts += [self.scaling] if self.scaling != "none" else []
-        return ":".join(parts + (["sat"] if self.saturate else []))
+        parts += ["sat"] if self.saturate else []
+        parts += [f"sr_bits={self.sr_bits}"] if self.sr_bits is not None else []
+        return ":".join(parts + ([f"axis={self.axis}"] if self.axis is not None else []))
 
 
 @dataclass(frozen=True)
@@ -302,11 +316,13 @@ def _quant_from_string(text: str) -> QuantSpec:
     head, *opts = text.strip().split(":")
     kwargs: dict = {}
     for opt in opts:
-        key = "rounding" if opt in ROUNDING_MODES else "scaling" if opt in SCALINGS else "saturate" if opt == "sat" else None
-        if key is None or key in kwargs:
+        name, sep, value = opt.partition("=")
+        key = name if sep and name in ("sr_bits", "axis") else "rounding" if opt in ROUNDING_MODES else \
+            "scaling" if opt in SCALINGS else "saturate" if opt == "sat" else None
+        if key is None or key in kwargs or (sep and not re.fullmatch(r"-?\d+", value)):
             raise SpecError(f"role spec {text!r}: {opt!r} is not a rounding mode, a scaling "
-                            f"({', '.join(SCALINGS)}) or 'sat', or repeats one")
-        kwargs[key] = True if key == "saturate" else opt
+                            f"({', '.join(SCALINGS)}), 'sat', sr_bits=<n> or axis=<n>, or repeats one")
+        kwargs[key] = int(value) if sep else True if key == "saturate" else opt
     return QuantSpec(head, **kwargs)
 
 

@@ -19,6 +19,7 @@ import yaml
 from ..errors import FormatError, PolicyError, SpecError
 from ..formats import parse as parse_format
 from ..ops.spec import DELAYED_ROLES, ROLES, SCALINGS, ArithSpec, QuantSpec, Recompute
+from ..random_bits import COUNTER_BITS
 from ..rounding import ROUNDING_MODES
 from .cascade import Policy
 from .schema import (EPSILON_MODES, GROUPS, NATIVE, SCHEMA_VERSION, TRUST_REGION_METHODS, Level, OptimizerSettings,
@@ -33,7 +34,7 @@ _TOP = ("version", "name", "description", "formats", "rounding", "saturate", "de
 _SETTINGS = ROLES + ("forward", "backward", "recompute", "rounding", "saturate", "keep")
 _RECOMPUTE_KEYS = ("tau", "forward")
 _INF = ("inf", "infinity", "+inf")  # tau as a string: YAML reads "inf" as text (its float is .inf)
-_ROLE_KEYS = ("format", "rounding", "saturate", "sr_bits", "scaling")
+_ROLE_KEYS = ("format", "rounding", "saturate", "sr_bits", "scaling", "axis")
 _ARITH_KEYS = ("mul", "acc", "order", "rounding", "mul_rounding", "fma", "kahan", "sr_bits")
 _OPTIMIZER_KEYS = ("master", "gradient", "momentum", "second_moment", "update_rounding", "weight_decay")
 _SELECTORS = ("type", "name", "name_regex", "first", "last", "index", "kappa_above", "kappa_below")
@@ -330,7 +331,7 @@ def _role(node: _Node, what: str, aliases, inherited) -> RoleSetting:
     rounding, saturate = inherited
     if node.value is None:
         return RoleSetting(None)
-    scaling, sr_bits = "none", None
+    scaling, extra = "none", {}
     if isinstance(node.value, str):
         head, *parts = node.value.split(":")
         fmt = _format(node, head.strip(), aliases, what)
@@ -353,11 +354,13 @@ def _role(node: _Node, what: str, aliases, inherited) -> RoleSetting:
         if "scaling" in fields:
             scaling = _choice(fields["scaling"], SCALINGS, f"{what}.scaling")
         if "sr_bits" in fields:
-            sr_bits = _check(fields["sr_bits"], (int,), f"{what}.sr_bits")
-            if not 1 <= sr_bits <= 62:
-                raise fields["sr_bits"].fail(f"{what}.sr_bits must be in [1, 62], got {sr_bits}")
+            extra["sr_bits"] = _check(fields["sr_bits"], (int,), f"{what}.sr_bits")
+            if not 1 <= extra["sr_bits"] <= COUNTER_BITS:
+                raise fields["sr_bits"].fail(f"{what}.sr_bits must be in [1, {COUNTER_BITS}], got {extra['sr_bits']}")
+        if "axis" in fields:
+            extra["axis"] = _check(fields["axis"], (int,), f"{what}.axis")
     try:
-        return RoleSetting(QuantSpec(fmt, rounding, scaling, saturate), sr_bits)
+        return RoleSetting(QuantSpec(fmt, rounding, scaling, saturate, **extra))
     except SpecError as err:
         raise node.fail(f"{what}: {err}") from None
 

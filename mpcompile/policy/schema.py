@@ -29,7 +29,6 @@ class RoleSetting:
     """A role's quantization; ``quant`` None leaves the tensor as it is."""
 
     quant: QuantSpec | None
-    sr_bits: int | None = None  # random bits of stochastic rounding (None: quantize's default)
 
 
 @dataclass(frozen=True)

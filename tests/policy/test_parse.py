@@ -36,7 +36,7 @@ rules:
     a = dict(p.resolve(FC).roles)
     assert str(a["input"].quant) == "fp8_e4m3:stochastic:sat"
     assert str(a["weight"].quant) == "fp8_e4m3:channel:sat"
-    assert str(a["grad_output"].quant) == "fp8_e5m2:down:tensor" and a["grad_output"].sr_bits == 12
+    assert str(a["grad_output"].quant) == "fp8_e5m2:down:tensor:sr_bits=12" and a["grad_output"].quant.sr_bits == 12
     assert str(a["output"].quant) == "bf16:up:sat"
     fc = p.resolve(FC)
     assert fc.forward == ArithSpec(mul="fp8_e4m3", acc="fp16", rounding="stochastic")
@@ -74,7 +74,7 @@ MALFORMED = [
     ("version: 1\ndefault:\n  input: bf16:stochastik\n", 3, 10, "'stochastik' is not a rounding.*did you mean 'stochastic'"),
     ("version: 1\ndefault:\n  input: {rounding: up}\n", 3, 10, "default.input needs a 'format'"),
     ("version: 1\ndefault:\n  input: {format: bf16, scaling: tensr}\n", 3, 34, "scaling 'tensr'.*did you mean 'tensor'"),
-    ("version: 1\ndefault:\n  input: {format: bf16, sr_bits: 0}\n", 3, 34, r"sr_bits must be in \[1, 62\]"),
+    ("version: 1\ndefault:\n  input: {format: bf16, sr_bits: 0}\n", 3, 34, r"sr_bits must be in \[1, 32\]"),
     ("version: 1\ndefault:\n  input: {format: bf16, sr_bits: many}\n", 3, 34, "sr_bits must be an integer"),
     ("version: 1\ndefault:\n  input: [bf16]\n", 3, 10, "default.input must be a mapping, got a list"),
     ("version: 1\ndefault:\n  forward: {acc: fp16, oder: chunk(32)}\n", 3, 24, "unknown key 'oder'.*did you mean 'order'"),
@@ -140,8 +140,9 @@ def test_the_documented_example_loads():
     doc = (Path(__file__).parents[2] / "docs" / "policy.md").read_text()
     example = doc.split("```yaml\n", 1)[1].split("```", 1)[0]
     p = load_policy(example)
-    assert roles(p.resolve(BLOCK)) == {"input": "fp8_e4m3", "weight": "fp8_e4m3:channel", "grad_output": "fp8_e5m2:stochastic"}
-    assert dict(p.resolve(BLOCK).roles)["grad_output"].sr_bits == 12
+    assert roles(p.resolve(BLOCK)) == {"input": "fp8_e4m3", "weight": "fp8_e4m3:channel",
+                                       "grad_output": "fp8_e5m2:stochastic:sr_bits=12"}
+    assert dict(p.resolve(BLOCK).roles)["grad_output"].quant.sr_bits == 12
 
 
 def test_recompute_keeps_the_section_rounding():
