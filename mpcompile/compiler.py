@@ -5,7 +5,8 @@ parameters and buffers are the source model's (the same objects, so its ``state_
 source's keys and an optimizer built on its parameters keeps working across precision changes);
 attributes it lacks fall through to the source model; it pickles and deep-copies. Each train /
 eval mode is captured the first time it runs, so the compiled model never runs the other mode's
-code. ``recompile`` re-runs assign and lower only (``RECOMPILE``). Its views (``table``,
+code. ``recompile`` re-runs assign and lower (``RECOMPILE``), and measures again where it
+changes the formats of a calibrated model (``RECALIBRATE``). Its views (``table``,
 ``explain``, ``to_json``...) read the annotated graph only.
 """
 from __future__ import annotations
@@ -25,8 +26,9 @@ from .capture import Inputs, as_inputs
 from .errors import CompileError, PolicyError
 from .ops.registry import kind_named
 from .passes import MpcMeta, PassState, mpc_meta, run_passes
-from .passes.assign import level_of, unmatched_rules
-from .passes.pipeline import CAPTURE, COMPILE, CONDITION, LOWER, RECOMPILE, SHAPE, STATS
+from .passes.assign import level_of
+from .passes.audit import setting_warnings
+from .passes.pipeline import CAPTURE, COMPILE, CONDITION, LOWER, RECALIBRATE, RECOMPILE, SHAPE, STATS
 from .policy import Policy, load_policy
 
 __all__ = ["compile", "CompiledModel", "CompileError"]
@@ -161,8 +163,10 @@ class CompiledModel(nn.Module):
                   level: "int | str | Mapping[str, int | str] | None" = None) -> None:
         """Re-assign formats (from a new policy and/or level) and re-lower; parameters are kept.
         ``level`` is one level for every op or a mapping from node names to levels (an op it does
-        not name is at level 0). Every captured mode is recompiled. Format statistics belong to
-        the previous assignment and are dropped: ``collect_stats`` measures the new one."""
+        not name is at level 0). Every captured mode is recompiled. Where formats change and the
+        model was compiled with calibration batches, kappa is estimated again on them (with the
+        parameters of now; kappa rules may then match other ops) and the new formats' statistics
+        measured; otherwise statistics of the previous assignment are dropped."""
         if isinstance(level, Mapping):
             names = {n.name for s in self._states.values() for n in s.traced.graph.nodes}
             unknown = sorted(set(level) - names)
@@ -174,8 +178,11 @@ class CompiledModel(nn.Module):
         for mode, state in self._states.items():
             state.policy = policy or state.policy
             state.level = (0 if policy is not None else state.level) if level is None else level
+            before = _effects(state)
             run_passes(RECOMPILE, state)
-            self._warnings[mode] = self._check(state)
+            if state.batches and _effects(state) != before:
+                run_passes(RECALIBRATE, state)
+            self._warnings[mode] = self._check(state, issued=self.warnings)
 
     def collect_stats(self) -> None:
         """Measure the current assignment on the calibration batches (the stats pass): what the
@@ -195,13 +202,14 @@ class CompiledModel(nn.Module):
         return any(m.sqnr_db is not None for _, m in self.annotations())
 
     def _check(self, state: PassState, issued: Iterable[str] = ()) -> list[str]:
-        """Warnings (each also issued) on what the policy says and this model does not do: rules
-        that match no op, roles an op does not have, GEMM work that runs in fp32, recompute where
-        it does not apply. Those ``issued`` already (by another mode) are not issued again.
+        """Warnings (each also issued) on what the policy says and this model does not do: the
+        settings ``setting_warnings`` finds without effect, roles an op does not have, GEMM work
+        that runs in fp32, recompute where it does not apply. Those ``issued`` already (by
+        another mode or an earlier compile of it) are not issued again.
 
         Raises:
             CompileError: under ``strict``, GEMM work runs in fp32 where the policy quantizes."""
-        texts = [f"{label}: matches no op of this model" for label in unmatched_rules(state.traced, state.policy)]
+        texts = setting_warnings(state.traced, state.policy, bool(state.batches))
         uncovered = []
         for node, meta in _annotations(state.traced):
             where = f"node {node.name} ({meta.op_type} '{meta.name}')"
@@ -353,6 +361,11 @@ def _annotations(traced: torch.fx.GraphModule) -> Iterator[tuple[torch.fx.Node, 
 
 
 _RECAPTURED = ("traced", "lowered", "example_inputs", "batches")
+
+
+def _effects(state: PassState) -> dict[str, tuple]:
+    """What each assigned node computes (``Assignment.effect``), by node name."""
+    return {node.name: meta.assignment.effect for node, meta in _annotations(state.traced) if meta.assignment}
 
 
 def _held(traced: torch.fx.GraphModule) -> dict[str, nn.Module]:

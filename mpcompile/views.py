@@ -14,21 +14,43 @@ from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 
-from .ops.spec import ROLES, ArithSpec, Recompute
+from .formats import BlockFormat
+from .ops.registry import kind_named
+from .ops.spec import ROLES, ArithSpec, QuantSpec, Recompute
 from .passes import MpcMeta, mpc_meta
 from .policy import Assignment, Settings, lock_policy
 
 if TYPE_CHECKING:
     from .compiler import CompiledModel
 
-__all__ = ["table", "rich_table", "settings_text", "explain", "lock", "to_json", "to_networkx", "to_dot", "to_svg"]
+__all__ = ["table", "block_axis", "rich_table", "settings_text", "explain", "lock", "to_json", "to_networkx", "to_dot", "to_svg"]
 
 _ROLE_COLUMNS = ("input", "weight", "output", "grad_output")
 
 
-def _role_text(assignment: Assignment | None, role: str) -> str:
+def _role_text(assignment: Assignment | None, role: str, kind: str | None = None) -> str:
+    """A role's format; a block format's with the axis its blocks run along where ``kind`` (the
+    op's registry kind) is given."""
     setting = dict(assignment.roles).get(role) if assignment else None
-    return "-" if setting is None else "fp32" if setting.quant is None else str(setting.quant)
+    if setting is None or setting.quant is None:
+        return "-" if setting is None else "fp32"
+    q = setting.quant
+    if kind is None or not isinstance(q.fmt, BlockFormat) or q.axis is not None:  # str(q) names a given axis
+        return str(q)
+    return f"{q} [blocks: {block_axis(kind, role, q)}]"
+
+
+def block_axis(kind: str, role: str, q: QuantSpec) -> str:
+    """Where a block format's blocks run for ``role`` of an op of registry ``kind``: a
+    convolution's weight along in_channels x kernel (im2col order), its other tensors along the
+    channels, a GEMM's operands along K, anything else along the last dim; or the axis given."""
+    if q.axis is not None or q.fmt.axis != -1:
+        return f"axis {q.axis if q.axis is not None else q.fmt.axis}"
+    if kind.startswith("conv"):
+        return "in_channels x kernel" if role in ("weight", "grad_weight") else "channels"
+    if kind_named(kind).is_gemm and role in ("input", "weight"):
+        return "K"
+    return "last dim"
 
 
 def _spec_text(spec: ArithSpec) -> str:
@@ -68,7 +90,7 @@ def _table_rows(cm: "CompiledModel") -> list[tuple[tuple[str, ...], int]]:
         backward = assignment.backward if assignment else ArithSpec()
         shares = list((meta.stats or {}).values())
         cells = (node.name, meta.op_type, meta.name, "x".join(map(str, meta.shape)) if meta.shape else "?",
-                 *(_role_text(assignment, r) for r in _ROLE_COLUMNS),
+                 *(_role_text(assignment, r, meta.kind) for r in _ROLE_COLUMNS),
                  f"fp32: not emulated, {meta.unemulated}" if meta.unemulated else
                  _forward_text(assignment, low.get(node.name)),
                  _spec_text(backward), decided,
@@ -94,21 +116,14 @@ def table(cm: "CompiledModel") -> str:
     rows = [cells for cells, _ in _table_rows(cm)]
     widths = [max(len(str(r[i])) for r in (_HEAD, *rows)) for i in range(len(_HEAD))]
     line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
-    return "\n".join([_title(cm), line(_HEAD), line(tuple("-" * w for w in widths)), *map(line, rows), *_notes(cm)])
-
-
-def _notes(cm: "CompiledModel") -> list[str]:
-    """The compiled model's warnings, and where statistics are missing for a reason, the reason."""
-    stale = cm.calibrated and not cm.stats_current and any(a.quantizes for a in cm.assignments().values())
-    return cm.warnings + (["statistics belong to an earlier assignment: cm.collect_stats() measures this one"]
-                          if stale else [])
+    return "\n".join([_title(cm), line(_HEAD), line(tuple("-" * w for w in widths)), *map(line, rows), *cm.warnings])
 
 
 def rich_table(cm: "CompiledModel"):
     """``table`` as a ``rich`` Table for terminals: each row coloured by its operand bits."""
     from rich.table import Table
 
-    out = Table(title=_title(cm), caption="\n".join(_notes(cm)) or None)
+    out = Table(title=_title(cm), caption="\n".join(cm.warnings) or None)
     for name in _HEAD:
         out.add_column(name)
     for cells, bits in _table_rows(cm):

@@ -46,7 +46,7 @@ def test_table_lists_formats_arithmetic_and_deciders():
     assert lines[0] == "policy 'demo' (<string>), level 0, captured by fx, train mode"
     rows = {line.split()[0]: line.split() for line in lines[3:]}
     assert rows["conv1"][2:9] == ["conv1", "2x8x16x16", "fp32", "fp32", "fp32", "fp32", "torch"]
-    assert rows["conv2"][4:8] == ["fp8_e4m3", "fp8_e4m3:channel", "-", "fp8_e5m2:stochastic"]
+    assert rows["conv2"][4:8] == ["fp8_e4m3", "fp8_e4m3:channel", "-", "fp8_e5m2:stochastic:sr_bits=9"]
     assert rows["fc"][5] == "bf16" and "acc=fp16" in rows["fc"] and rows["fc"][-4] == "default,rules[2]"
     assert rows["relu_1"][6] == "bf16"
     # calibration (the example inputs): kappa p99, overflow / flush-to-zero %, SQNR against fp32
@@ -62,7 +62,7 @@ def test_explain_lists_every_section_that_applied():
     assert text[0] == "fc: Linear 'fc' (group gemm, GEMM index 2)"
     assert text[1].startswith("  default: input=fp8_e4m3, weight=fp8_e4m3:channel, grad_output=fp8_e5m2:stochastic")
     assert text[2] == "  rules[2] (<string>:10:5): weight=bf16, forward=(acc=fp16 order=chunk(4))"
-    assert text[3].startswith("  => input=e5m10, weight=bf16, grad_output=fp8_e5m2:stochastic; forward acc=fp16")
+    assert text[3].startswith("  => input=e5m10, weight=bf16, grad_output=fp8_e5m2:stochastic:sr_bits=9; forward acc=fp16")
     with pytest.raises(KeyError, match="no op named 'conv' in this model; ops containing it: conv1, conv2"):
         cm.explain("conv")
 
@@ -73,7 +73,7 @@ def test_the_lock_reproduces_the_compiled_model(level):
     text = cm.to_json()
     again = mpcompile.compile(model, text)  # JSON is YAML
     assert _resolved(again) == _resolved(cm) == _resolved(mpcompile.compile(model, json.loads(text)))
-    assert dict(cm.assignments()["conv2"].roles)["grad_output"].sr_bits == 9
+    assert dict(cm.assignments()["conv2"].roles)["grad_output"].quant.sr_bits == 9
     torch.manual_seed(1)
     y = cm(x)
     torch.manual_seed(1)

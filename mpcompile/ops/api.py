@@ -306,26 +306,28 @@ def conv3d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, *, formats: 
 
 @fx_leaf
 def quant(x: torch.Tensor, fmt, rounding: str = "nearest", *, grad_format=None, grad_rounding: str | None = None,
-          scaling: str = "none", saturate: bool = False, axis: int = 0, seed: int | None = None,
-          backend: str = "auto") -> torch.Tensor:
+          scaling: str = "none", saturate: bool = False, axis: int = -1, sr_bits: int | None = None,
+          seed: int | None = None, backend: str = "auto") -> torch.Tensor:
     """Straight-through quantizer: x rounded to ``fmt`` forward, the gradient to ``grad_format``.
 
     Args:
         fmt: format (or ``QuantSpec``) of the forward value; None leaves it unchanged.
         grad_format: format (or ``QuantSpec``) of the gradient; None passes it unchanged.
         grad_rounding: the gradient's rounding (default ``rounding``).
-        scaling, saturate: as in ``QuantSpec``; ``axis`` is the channel axis of ``channel`` scaling.
+        scaling, saturate, sr_bits: as in ``QuantSpec``; ``axis`` is the channel axis of
+            ``channel`` scaling (default: the last, features) and the axis of a block format's blocks.
         backend: see ``matmul``.
     """
     check_operands("quant", x=x)
-    fwd, grad, stochastic = _quant_specs(fmt, rounding, grad_format, grad_rounding or rounding, scaling, saturate)
+    fwd, grad, stochastic = _quant_specs(fmt, rounding, grad_format, grad_rounding or rounding, scaling, saturate,
+                                         sr_bits)
     return torch.ops.mpc.quant(x, fwd, grad, axis, _seed(seed, stochastic, x.device), check_backend(backend))
 
 
 @torch.compiler.assume_constant_result
-def _quant_specs(fmt, rounding, grad_format, grad_rounding, scaling, saturate) -> tuple[str, str, bool]:
+def _quant_specs(fmt, rounding, grad_format, grad_rounding, scaling, saturate, sr_bits) -> tuple[str, str, bool]:
     """The op strings of the value's and the gradient's ``QuantSpec`` ("" = unchanged)."""
-    specs = [None if f is None else f if isinstance(f, QuantSpec) else QuantSpec(f, r, scaling, saturate)
+    specs = [None if f is None else f if isinstance(f, QuantSpec) else QuantSpec(f, r, scaling, saturate, sr_bits)
              for f, r in ((fmt, rounding), (grad_format, grad_rounding))]
     stochastic = any(q is not None and q.rounding == "stochastic" for q in specs)
     return "" if specs[0] is None else str(specs[0]), "" if specs[1] is None else str(specs[1]), stochastic

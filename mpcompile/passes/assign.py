@@ -13,7 +13,7 @@ import torch
 from ..policy import Policy
 from .meta import mpc_meta
 
-__all__ = ["assign_formats", "unmatched_rules", "level_of"]
+__all__ = ["assign_formats", "level_of"]
 
 
 def level_of(level: "int | str | Mapping[str, int | str]", node: torch.fx.Node) -> "int | str":
@@ -41,9 +41,3 @@ def assign_formats(gm: torch.fx.GraphModule, policy: Policy,
             if assignment.roles or assignment.quantizes:
                 meta.assignment = assignment
 
-
-def unmatched_rules(gm: torch.fx.GraphModule, policy: Policy) -> list[str]:
-    """Labels of the policy's rules that matched no node (a warning, not an error)."""
-    matched = {label for node in gm.graph.nodes
-               for label in getattr(getattr(mpc_meta(node), "assignment", None), "matched", ())}
-    return [rule.label for rule in policy.rules if rule.label not in matched]

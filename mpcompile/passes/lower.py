@@ -15,7 +15,8 @@ a count buffer (``_mpc_counts.<node>``: components computed low, components) per
 - Any other node gets ``ops.quant`` on its float tensor inputs and its output (if a float
   tensor) for its ``input`` / ``output`` roles: sizes, integer indices and tuples are not
   rounded (where no example input told the shape pass what a value is, ``quant_floats`` decides
-  when it runs). An in-place op's result is copied back into the input it wrote, so that later
+  when it runs); ``channel`` scales run along ``channel_axis`` (never the batch) unless the
+  role names an ``axis``. An in-place op's result is copied back into the input it wrote, so that later
   readers of that input see the rounded result, as they would see the op's. A norm also gets
   it on its ``weight`` / ``bias`` (a norm module then runs through
   ``torch.func.functional_call`` with the quantized parameters swapped in; its buffers, such as
@@ -25,6 +26,7 @@ a count buffer (``_mpc_counts.<node>``: components computed low, components) per
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import replace
 
 import torch
@@ -34,7 +36,7 @@ from ..ops.registry import Call, LoweringError, activation_name, kind_named, low
 from ..ops.spec import AMAX_HISTORY, ROLES, RoleFormats
 from .meta import MpcMeta, mpc_meta
 
-__all__ = ["lower", "LoweringError", "consumer_activation", "quant_floats"]
+__all__ = ["lower", "LoweringError", "consumer_activation", "quant_floats", "channel_axis"]
 
 def lower(gm: torch.fx.GraphModule, backend: str = "auto") -> torch.fx.GraphModule:
     """A new GraphModule over the same submodules and parameters, with ``mpc::`` ops in, each
@@ -55,7 +57,8 @@ def lower(gm: torch.fx.GraphModule, backend: str = "auto") -> torch.fx.GraphModu
         env[node].meta = {**node.meta, "mpc": replace(meta, source=node.name)}
     if backend != "auto":
         for op in graph.nodes:
-            if op.op == "call_function" and getattr(op.target, "__module__", "").startswith("mpcompile.ops."):
+            if op.op == "call_function" and (op.target is quant_floats
+                                             or getattr(op.target, "__module__", "").startswith("mpcompile.ops.")):
                 op.kwargs = {**op.kwargs, "backend": backend}
     lowered = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     if hasattr(gm, "_mpc_amax"):
@@ -118,11 +121,35 @@ def _gemm(gm, graph: torch.fx.Graph, node: torch.fx.Node, meta: MpcMeta, env) ->
     return lower_call(kind, call, graph, spec)
 
 
-def quant_floats(x, fmt: str, rounding: str, scaling: str, saturate: bool):
+def quant_floats(x, fmt: str, rounding: str, **options):
     """``ops.quant`` of a float tensor; any other value (a size, integer indices, a tuple) as it is."""
     if isinstance(x, torch.Tensor) and x.is_floating_point():
-        return ops.quant(x, fmt, rounding, scaling=scaling, saturate=saturate)
+        return ops.quant(x, fmt, rounding, **options)
     return x
+
+
+# op types whose tensors are laid out (N, C, ...): a convolution's, a pooling's, a batch norm's
+_CHANNELS_FIRST = re.compile(r"conv|pool|batch_?norm|instance_?norm|group_?norm|local_response", re.I)
+_FEATURES_LAST = re.compile(r"linear|matmul|mm$|einsum|layer_?norm|rms_?norm|embedding|attention|sdpa", re.I)
+
+
+def channel_axis(node: torch.fx.Node, value: torch.fx.Node | None) -> int:
+    """The channel axis of ``channel`` scaling for a tensor of a non-GEMM op (``value``, its input;
+    None: its output): never the batch. A tensor of 3 or more dims is (N, C, ...) when the
+    nearest op upstream that fixes a layout is a convolution, pooling or batch-like norm, and
+    features-last (..., C) otherwise, as any tensor of 2 dims is."""
+    shape = getattr(mpc_meta(value if value is not None else node), "shape", None)
+    if shape is not None and len(shape) < 3:
+        return -1
+    at, seen = (value if value is not None else node), 0
+    while isinstance(at, torch.fx.Node) and seen < 64:
+        op_type = getattr(mpc_meta(at), "op_type", None) or ""
+        if _CHANNELS_FIRST.search(op_type):
+            return 1
+        if _FEATURES_LAST.search(op_type):
+            return -1
+        at, seen = next((a for a in at.all_input_nodes if a.op != "get_attr"), None), seen + 1
+    return 1 if shape is not None and len(shape) >= 4 else -1
 
 
 def _float_tensor(node: torch.fx.Node) -> bool | None:
@@ -133,17 +160,19 @@ def _float_tensor(node: torch.fx.Node) -> bool | None:
     return issubclass(node.meta["type"], torch.Tensor) and dtype is not None and dtype.is_floating_point
 
 
-def _quant(graph: torch.fx.Graph, value: torch.fx.Node, setting, traced: torch.fx.Node | None = None) -> torch.fx.Node:
-    """``value`` rounded as ``setting``; ``traced``: the node whose value it is, where that may
-    not be a float tensor."""
+def _quant(graph: torch.fx.Graph, value: torch.fx.Node, setting, axis: int,
+           traced: torch.fx.Node | None = None) -> torch.fx.Node:
+    """``value`` rounded as ``setting`` (channel axis ``axis`` unless the role names one);
+    ``traced``: the node whose value it is, where that may not be a float tensor."""
     q = setting.quant
     if q.scaling == "tensor_delayed":
         raise LoweringError(f"node {value.name}: tensor_delayed scaling is for GEMM operands; use tensor here")
     floats = True if traced is None else _float_tensor(traced)
     if floats is False:
         return value
-    return graph.call_function(ops.quant if floats else quant_floats, (value, str(q.fmt), q.rounding),
-                               {"scaling": q.scaling, "saturate": q.saturate})
+    options = {"scaling": q.scaling, "saturate": q.saturate, "axis": axis if q.axis is None else q.axis}
+    options |= {"sr_bits": q.sr_bits} if q.sr_bits is not None else {}
+    return graph.call_function(ops.quant if floats else quant_floats, (value, str(q.fmt), q.rounding), options)
 
 
 def _call_with(module: torch.nn.Module, params: dict, args: tuple, kwargs: dict):
@@ -157,7 +186,7 @@ def _quantized_io(gm, graph: torch.fx.Graph, node: torch.fx.Node, meta: MpcMeta,
 
     def arg(n: torch.fx.Node) -> torch.fx.Node:
         if "input" in roles and n.op != "get_attr":
-            return _quant(graph, env[n], roles["input"], n)
+            return _quant(graph, env[n], roles["input"], channel_axis(node, n), n)
         # an in-place op writes into a copy, which autograd may keep; its input is written after the rounding
         return graph.call_method("clone", (env[n],)) if n is written else env[n]
 
@@ -165,7 +194,7 @@ def _quantized_io(gm, graph: torch.fx.Graph, node: torch.fx.Node, meta: MpcMeta,
     if not affine:
         out = graph.node_copy(node, arg)
     elif node.op == "call_module":
-        swapped = {r: _quant(graph, graph.get_attr(f"{node.target}.{r}"), s) for r, s in affine.items()}
+        swapped = {r: _quant(graph, graph.get_attr(f"{node.target}.{r}"), s, -1) for r, s in affine.items()}
         out = graph.call_function(_call_with, (graph.get_attr(node.target), swapped,
                                                torch.fx.map_arg(node.args, arg), torch.fx.map_arg(node.kwargs, arg)))
     else:
@@ -173,11 +202,11 @@ def _quantized_io(gm, graph: torch.fx.Graph, node: torch.fx.Node, meta: MpcMeta,
         for role, setting in affine.items():
             i, keyword = kind_named(meta.kind).params[role]
             if i < len(args):
-                args[i] = _quant(graph, args[i], setting)
+                args[i] = _quant(graph, args[i], setting, -1)
             else:
-                kwargs[keyword] = _quant(graph, kwargs[keyword], setting)
+                kwargs[keyword] = _quant(graph, kwargs[keyword], setting, -1)
         out = graph.call_function(node.target, tuple(args), kwargs)
-    out = _quant(graph, out, roles["output"], node) if "output" in roles else out
+    out = _quant(graph, out, roles["output"], channel_axis(node, None), node) if "output" in roles else out
     # the op wrote into a rounded copy of its input, or a copy whose result is rounded: the input's
     # later readers must see what the op's users see, as they would without formats
     return out if written is None else graph.call_method("copy_", (env[written], out))
@@ -194,5 +223,10 @@ def _written_in_place(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
     if name.endswith("_") and not name.endswith("__"):
         return first
-    normalized = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True) if node.op == "call_function" else None
+    if node.op != "call_function":
+        return None
+    try:
+        normalized = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
+    except RuntimeError:  # torch.tanh & co. have several schemas (Tensor, int, float...) and no inplace
+        return None
     return first if normalized is not None and normalized.kwargs.get("inplace") is True else None

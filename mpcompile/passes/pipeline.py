@@ -3,8 +3,9 @@
 capture -> shape -> classify -> coverage -> condition -> assign -> lower -> stats. coverage
 completes classify (what runs where no policy reaches); condition comes before assign because
 rules may select on kappa; stats after lower, because it measures the lowered model against the
-fp32 one. A recompile (another policy or level) runs assign and lower only:
-analysis results stay, and the parameters are the same objects.
+fp32 one. A recompile (another policy or level) runs assign and lower: the parameters are the
+same objects; where it changes formats of a model calibrated at compile, it measures again
+(RECALIBRATE: kappa with the parameters of now, then the new formats' statistics).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from .manager import Pass, PassState, check_order
 from .shape import propagate_shapes
 from .stats import collect_stats
 
-__all__ = ["COMPILE", "RECOMPILE", "STATS", "CAPTURE", "SHAPE", "CLASSIFY", "COVERAGE", "CONDITION", "LOWER"]
+__all__ = ["COMPILE", "RECOMPILE", "RECALIBRATE", "STATS", "CAPTURE", "SHAPE", "CLASSIFY", "COVERAGE", "CONDITION", "LOWER"]
 
 
 def _capture(state: PassState) -> None:
@@ -51,6 +52,8 @@ STATS_PASS = Pass("stats", lambda s: collect_stats(s.traced, s.lowered, s.batche
 
 COMPILE = (CAPTURE, SHAPE, CLASSIFY, COVERAGE, CONDITION, ASSIGN, LOWER, STATS_PASS)
 RECOMPILE = (ASSIGN, LOWER)
+RECALIBRATE = (CONDITION, ASSIGN, LOWER, STATS_PASS)
 STATS = (STATS_PASS,)
 check_order(COMPILE, written_before=("kappa",))  # kappa is optional: without calibration data it stays None
 check_order(RECOMPILE, written_before=[f for p in (SHAPE, CLASSIFY, CONDITION, COVERAGE) for f in p.writes])
+check_order(RECALIBRATE, written_before=[f for p in (SHAPE, CLASSIFY, COVERAGE) for f in p.writes])

@@ -132,6 +132,12 @@ class Assignment:
                 or self.recompute is not None)
 
     @property
+    def effect(self) -> tuple:
+        """What the op computes under this assignment, not who decided it: equal effects, equal numbers."""
+        return (tuple((r, s.quant) for r, s in self.roles if s.quant is not None), self.forward, self.backward,
+                self.recompute)
+
+    @property
     def unit_roundoff(self) -> float:
         """The largest unit roundoff among what the forward pass rounds (operand and output roles,
         the forward products and sum); 0 when it rounds nothing. One rounding's relative error."""
