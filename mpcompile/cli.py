@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import sys
+import warnings
 from pathlib import Path
+from typing import Iterator
 
 from .errors import MpcompileError
 from .formats import BlockFormat, FixedFormat, FloatFormat, Format, get, names, parse
@@ -58,8 +61,11 @@ def inspect_model(model_spec: str, policy: str, shape: str, fmt: str, calibrate:
         dims = tuple(int(d) for d in shape.split(","))
     except ValueError:
         raise MpcompileError(f"--input-shape {shape!r}: give comma-separated sizes, e.g. 1,3,224,224") from None
-    cm = compile_model(build_model(model_spec).eval(), _policy_source(policy),
-                       (torch.randn(dims),), calibration=None if calibrate else [])
+    said = _Warnings()
+    with said.caught():
+        cm = compile_model(build_model(model_spec).eval(), _policy_source(policy),
+                           (torch.randn(dims),), calibration=None if calibrate else [])
+    said.flush(cm.warnings if fmt == "table" else ())
     if fmt == "table" and sys.stdout.isatty():  # colours by operand bits
         from rich.console import Console
         console = Console(file=io.StringIO(), force_terminal=True, width=Console().width)
@@ -69,33 +75,64 @@ def inspect_model(model_spec: str, policy: str, shape: str, fmt: str, calibrate:
     return views[fmt]()
 
 
+class _Warnings:
+    """Python warnings raised under ``caught()``, each printed once to stderr by ``flush``, except
+    those the command's own output shows (a table lists its model's warnings)."""
+
+    def __init__(self):
+        self.printed: set[str] = set()
+
+    @contextlib.contextmanager
+    def caught(self) -> Iterator[None]:
+        with warnings.catch_warnings(record=True) as self._caught:
+            warnings.simplefilter("always")
+            yield
+
+    def flush(self, shown: "list[str]" = ()) -> None:
+        skip = self.printed | {f"mpcompile: {text}" for text in shown}
+        for text in dict.fromkeys(str(w.message) for w in self._caught):
+            if text not in skip:
+                print(f"warning: {text}", file=sys.stderr)
+        self.printed |= {str(w.message) for w in self._caught}
+        self._caught.clear()
+
+
 def _policy_source(text: str) -> "Path | str":
     """A policy argument: an existing file, else a shipped policy's name or YAML text."""
     return Path(text) if Path(text).is_file() or text.endswith((".yaml", ".yml")) else text
 
 
 def _train(args) -> str:
-    """Run ``mpcompile train`` and return its final summary table."""
-    from .runtime.trainer import TrainConfig, Trainer
-
-    if args.resume:
-        trainer = Trainer.resume(args.resume, epochs=args.epochs, out=args.out)
-    else:
-        loss_scale = args.loss_scale
-        if loss_scale not in (None, "none", "dynamic"):
-            try:
-                loss_scale = float(loss_scale)
-            except ValueError:
-                raise MpcompileError(f"--loss-scale {loss_scale!r}: give none, dynamic or a number") from None
-        out = args.out or f"runs/{args.model}-{args.data}-{Path(args.policy).stem}"
-        trainer = Trainer(TrainConfig(args.model, args.data, args.policy, 10 if args.epochs is None else args.epochs,
-                                      args.batch_size, args.lr,
-                                      args.optimizer, args.seed, out, args.data_dir, loss_scale,
-                                      device=args.device, schedule=args.schedule))
-    summary = trainer.fit()
+    """Run ``mpcompile train`` and return its final summary table; warnings go to stderr once
+    each, the compiled model's before the run starts."""
+    said = _Warnings()
+    with said.caught():
+        trainer = _trainer(args)
+        said.flush()
+        summary = trainer.fit()
+    said.flush()
     rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in summary.items()]
     width = max(len(k) for k, _ in rows)
     return "\n".join([f"{k.ljust(width)}  {v}" for k, v in rows] + [f"{'run folder'.ljust(width)}  {trainer.out}"])
+
+
+def _trainer(args):
+    from .runtime.trainer import TrainConfig, Trainer
+
+    if args.resume:
+        return Trainer.resume(args.resume, epochs=args.epochs, out=args.out)
+    loss_scale = args.loss_scale
+    if loss_scale not in (None, "none", "dynamic"):
+        try:
+            loss_scale = float(loss_scale)
+        except ValueError:
+            raise MpcompileError(f"--loss-scale {loss_scale!r}: give none, dynamic or a number") from None
+    out = args.out or f"runs/{args.model}-{args.data}-{Path(args.policy).stem}"
+    return Trainer(TrainConfig(args.model, args.data, args.policy, 10 if args.epochs is None else args.epochs,
+                               args.batch_size, args.lr,
+                               args.optimizer, args.seed, out, args.data_dir, loss_scale,
+                               device=args.device, schedule=args.schedule,
+                               calibration_batches=args.calibration_batches, stats=args.stats))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     tp.add_argument("--seed", type=int, default=0)
     tp.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     tp.add_argument("--out", help="run folder (default runs/MODEL-DATA-POLICY)")
+    tp.add_argument("--calibration-batches", type=int, default=4,
+                    help="training batches the condition and stats passes measure, at the start and after each "
+                         "recompile that changes formats, where the policy reads kappa or --stats is given (default 4)")
+    tp.add_argument("--stats", action="store_true",
+                    help="measure overflow, underflow and SQNR per op on the calibration batches (table.txt)")
     tp.add_argument("--resume", help="a run folder or checkpoint.pt to continue (to --epochs, if given)")
     args = ap.parse_args(argv)
     try:

@@ -314,6 +314,19 @@ class CompiledModel(nn.Module):
                 for node, meta in self.annotations()
                 if meta.assignment is not None and meta.assignment.unit_roundoff > 0}
 
+    def condition_estimates(self) -> dict[str, Any]:
+        """Node name -> the condition pass's ``KappaSummary``, for every op it estimated: what
+        kappa rules selected with (a checkpoint keeps them, see ``load_condition_estimates``)."""
+        return {node.name: meta.kappa for node, meta in self.annotations() if meta.kappa is not None}
+
+    def load_condition_estimates(self, estimates: Mapping[str, Any]) -> None:
+        """Put back ``condition_estimates`` (of this model, as saved) in every captured mode and
+        assign and lower again, so that kappa rules select what they selected then."""
+        for state in self._states.values():
+            for node, meta in _annotations(state.traced):
+                meta.kappa = estimates.get(node.name)
+            run_passes(RECOMPILE, state)
+
     def assignments(self) -> dict[str, Any]:
         """Node name -> ``Assignment``, for every node the policy quantizes."""
         return {node.name: meta.assignment for node, meta in self.annotations() if meta.assignment is not None}

@@ -73,6 +73,15 @@ class Policy:
     optimizer: OptimizerSettings = OptimizerSettings()
     strict: bool = False  # GEMM work the compiled model runs in fp32 against the policy is an error, not a warning
 
+    @property
+    def wants_calibration(self) -> bool:
+        """Whether a model under this policy needs the condition pass: a rule selects on kappa,
+        or a section recomputes output components by their condition number (whose thresholds
+        are set against the kappa the pass measures)."""
+        sections = [self.default] + [r.settings for r in self.rules] + [lv.settings for lv in self.levels]
+        return (any(r.match.needs_kappa for r in self.rules)
+                or any(isinstance(s.recompute, Recompute) for s in sections))
+
     def level_index(self, level: "int | str") -> int:
         """The position of ``level`` (a name or a number) in the ladder.
 

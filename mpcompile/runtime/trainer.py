@@ -1,10 +1,18 @@
 """Train a compiled model: progress, metrics, plots and checkpoints that resume bit-identically.
 
 A run folder holds ``metrics.jsonl`` (one line per step and per epoch), ``summary.json``,
-``curves.png`` (loss and accuracy against epochs) and ``checkpoint.pt``, written after every
-epoch and on Ctrl-C. The checkpoint carries the model, optimizer, loss scaler, policy level,
+``table.txt`` (the compiled model's table at the end: formats, and the kappa and statistics
+of the last calibration), ``curves.png`` (loss and accuracy against epochs) and
+``checkpoint.pt``, written after every epoch and on Ctrl-C. The checkpoint carries the model,
+optimizer, loss scaler, policy level,
 the RNG states of torch, python and numpy, and the position in the epoch; the data order is a
 function of (seed, epoch), so ``resume`` continues exactly where the run stopped.
+
+Calibration: where the policy reads kappa (kappa rules, recompute), the trust region's
+``bound`` or ``per_layer`` does, or ``stats`` is asked for, the model is compiled with the
+first ``calibration_batches`` training batches, on which the condition and stats passes run,
+and again at each recompile that changes formats (``CompiledModel.recompile``). A checkpoint
+keeps the kappa estimates rules selected with.
 
 A step whose gradients overflow is skipped and the loss scaler backs off; a step whose loss is
 already inf/NaN (the forward overflowed a format) is skipped without touching the scale, which
@@ -52,7 +60,9 @@ class TrainConfig:
     """What a run is. ``loss_scale``: None (dynamic when the policy rounds any gradient, else
     none), ``"none"``, ``"dynamic"`` or a number (static). ``schedule``: ``constant`` lr, or
     ``cosine``, lr * (1 + cos(pi * t / T)) / 2 at step t of T (a function of the step, so a
-    resumed run follows it exactly)."""
+    resumed run follows it exactly). ``calibration_batches``: training batches calibration
+    measures (see the module docstring); ``stats``: measure format statistics even where the
+    policy reads no kappa."""
 
     model: str = "lenet5"
     data: str = "digits"
@@ -68,6 +78,8 @@ class TrainConfig:
     level: int | str = 0
     device: str = "cpu"
     schedule: str = "constant"
+    calibration_batches: int = 4
+    stats: bool = False
 
     def check(self) -> None:
         """Refuse what cannot train, before anything is built."""
@@ -75,6 +87,8 @@ class TrainConfig:
             raise MpcompileError(f"batch size {self.batch_size} must be a positive integer")
         if not self.lr > 0:
             raise MpcompileError(f"learning rate {self.lr} must be positive")
+        if not isinstance(self.calibration_batches, int) or self.calibration_batches < 1:
+            raise MpcompileError(f"calibration batches {self.calibration_batches} must be a positive integer")
         if not isinstance(self.epochs, int) or self.epochs < 0:
             raise MpcompileError(f"epochs {self.epochs} must be a non-negative integer")
         if self.schedule not in SCHEDULES:
@@ -136,10 +150,7 @@ class Trainer:
         self.model = model_for(config.model, self.data).to(self.device)
         example = self.data.batch("train", torch.arange(min(8, self.data.size("train"))))[0].to(self.device)
         tr = policy.trust_region
-        # kappa (the condition pass) is only needed by the bound and per-layer choices; it costs a pass
-        calibration = [] if tr is None or (tr.epsilon == "measured" and not tr.per_layer) else \
-            [self.data.batch("train", torch.arange(min(256, self.data.size("train"))))[0].to(self.device)]
-        self.compiled: CompiledModel = compile(self.model, policy, (example,), calibration=calibration,
+        self.compiled: CompiledModel = compile(self.model, policy, (example,), calibration=self._calibration(policy),
                                                level=config.level)
         self.scaler: LossScaler = make_loss_scaler(self._loss_scale(policy))
         self.optimizer, self.controller, self.objective = None, None, None
@@ -157,6 +168,19 @@ class Trainer:
         self._partial = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
         self._metrics = None
 
+    def _calibration(self, policy) -> list[torch.Tensor]:
+        """The first ``calibration_batches`` training batches (in the data's order) where anything
+        reads what calibration measures: kappa rules or recompute, the trust region's ``bound``
+        or ``per_layer``, or ``stats``; none otherwise (the condition and stats passes cost a pass
+        each, and again at each recompile that changes formats)."""
+        tr = policy.trust_region
+        if not (policy.wants_calibration or self.config.stats
+                or (tr is not None and (tr.epsilon == "bound" or tr.per_layer))):
+            return []
+        size, n = self.config.batch_size, self.data.size("train")
+        starts = range(0, min(n, self.config.calibration_batches * size), size)
+        return [self.data.batch("train", torch.arange(i, min(i + size, n)))[0].to(self.device) for i in starts]
+
     def _loss_scale(self, policy):
         spec = self.config.loss_scale
         if spec is None:
@@ -172,6 +196,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict() if self.optimizer else None,
                 "controller": self.controller.state_dict() if self.controller else None,
                 "objective": self.objective.state_dict() if self.objective else None,
+                "kappa": self.compiled.condition_estimates(),  # measured at the last calibration
                 "level_iterations": dict(self.level_iterations), "scaler": self.scaler.state_dict(),
                 "level": self.compiled.level, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "partial": dict(self._partial), "history": list(self.history), "nan_loss_steps": self.nan_loss_steps,
@@ -199,6 +224,8 @@ class Trainer:
         config.level = state["level"]
         trainer = cls(config, progress=progress)
         trainer.compiled.load_state_dict(state["model"])
+        if state.get("kappa") is not None:
+            trainer.compiled.load_condition_estimates(state["kappa"])
         if trainer.optimizer:
             trainer.optimizer.load_state_dict(state["optimizer"])
         else:
@@ -273,6 +300,7 @@ class Trainer:
             self._metrics = None
         summary = self.summary()
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (self.out / "table.txt").write_text(self.compiled.table() + "\n")
         self.plot()
         return summary
 
