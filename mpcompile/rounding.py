@@ -169,6 +169,10 @@ def _round_values(x, plan: QuantPlan, p: QuantParams, bits, scale_exp=None):
         qe = -p.man if scale_exp is None else scale_exp - p.man
     bias = p.bias if scale_exp is None else p.bias - scale_exp  # codes of the unscaled element
     r = _round_magnitude(a, neg, qe, plan, p, bits, bias)
+    if not plan.signed:  # an unsigned format's only non-positive value is 0: negative x is out of
+        # range unless its magnitude rounds to 0 (read before overflow, which clamps an unsigned
+        # fixed format's negatives to 0); in a format without zero (E8M0) every negative x is
+        out = neg & ((r > 0) if plan.has_zero else (a > 0))
 
     amax = torch.where(neg, p.neg_max, p.max) if plan.kind == "fixed" else p.max
     if scale_exp is not None:
@@ -184,9 +188,9 @@ def _round_values(x, plan: QuantPlan, p: QuantParams, bits, scale_exp=None):
         r = r.masked_fill_(r > amax, torch.inf if plan.has_inf else torch.nan)
     if not plan.has_zero:  # E8M0: nothing below min_pos, and zero is not a value
         r = torch.where(a == 0, p.min_pos if plan.saturate else torch.nan, torch.maximum(r, p.min_pos))
-    if not plan.signed:  # negative values are out of range of an unsigned format
+    if not plan.signed:  # a negative value rounding to 0 gives +0 (r is a magnitude)
         low = p.min_pos if not plan.has_zero else torch.zeros_like(p.min_pos)
-        return torch.where(neg & (a > 0), low if plan.saturate else torch.nan, r)
+        return torch.where(out, low if plan.saturate else torch.nan, r)
     r = torch.copysign(r, x, out=r)
     return r if plan.has_nz else r.masked_fill_(r == 0, 0.0)
 

@@ -3,7 +3,7 @@
 * Fixed point: each input becomes the Fraction x * 2**fl, rounded to an integer by the mode,
   then overflow is NaN, or clamps to [min, max] with saturate and for the directed modes that
   round toward the range (toward_zero and odd always, up below, down above); negative input to
-  an unsigned format is NaN (0 with saturate).
+  an unsigned format is +0 where the mode rounds it to 0, else out of range: NaN (0 with saturate).
 * Float formats, ``odd`` (no other library has it) and every mode for the formats gfloat cannot
   describe (flush to zero, a 1-bit exponent): the input is placed on the sorted list of the
   format's magnitudes (exact float comparisons, Fraction midpoints), truncated, and stepped
@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import math
+import os
 from bisect import bisect_right
 from fractions import Fraction
 from functools import lru_cache
@@ -63,11 +64,11 @@ def ref_fixed(f: FixedFormat, x: float, mode: str, sat: bool, bits: int = 0, n: 
     if math.isnan(x):
         return math.nan
     neg = math.copysign(1.0, x) < 0
-    if not f.signed and neg and x != 0:
-        return 0.0 if sat else math.nan
-    if math.isinf(x):
+    if math.isinf(x):  # (-inf in an unsigned format: its min is 0)
         return math.ldexp(f.min_int if neg else f.max_int, -f.fl) if sat else math.nan
     k = _round_int(_scaled(x, f.fl), mode, bits, n)
+    if not f.signed and k < 0:  # out of range even where the mode would clamp an overflow
+        return 0.0 if sat else math.nan
     if not f.min_int <= k <= f.max_int:
         if not _clamps(mode, neg, sat):
             return math.nan
@@ -132,6 +133,91 @@ def test_unsigned_fixed_saturate_keeps_no_negative_zero(mode):
             assert_bitwise(x, quantize(x, f, mode, saturate=sat), np.zeros(64), f"{f} {mode} saturate={sat}")
 
 
+# -- unsigned formats: negative input that rounds to 0 -----------------------------------------
+NEG_TINY = [-1e-5, -(2.0**-9), -(2.0**-8), -0.5]  # in fixed(8,7,unsigned) (step 2**-7): 0.00128, 1/4, 1/2, 64 steps
+NEG_TINY_EXPECTED = {  # +0 where the mode rounds the magnitude to 0, else out of range (NaN)
+    "nearest": [0.0, 0.0, 0.0, math.nan],  # 1/2 step: the tie goes to the even 0
+    "nearest_away": [0.0, 0.0, math.nan, math.nan],
+    "toward_zero": [0.0, 0.0, 0.0, math.nan],
+    "up": [0.0, 0.0, 0.0, math.nan],  # toward +inf: -tiny -> 0; -0.5 is exact, out of range
+    "down": [math.nan] * 4,  # toward -inf: -tiny -> -2**-7
+    "odd": [math.nan] * 4,  # truncated to the even 0 and inexact: the odd -2**-7
+}
+
+
+def _triton_runs() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+
+
+def _quantize_both(x: torch.Tensor, f, mode: str, **kw) -> list[tuple[str, torch.Tensor]]:
+    """quantize by the reference kernel and, where Triton runs (float32), the Triton one."""
+    from mpcompile import set_quantize_kernel
+    kernels = ["reference"] + (["triton"] if x.dtype == torch.float32 and _triton_runs() else [])
+    out = []
+    try:
+        for k in kernels:
+            set_quantize_kernel(k)
+            y = x.cuda() if k == "triton" and os.environ.get("TRITON_INTERPRET") != "1" else x
+            out.append((k, quantize(y, f, mode, **kw).cpu()))
+    finally:
+        set_quantize_kernel(None)
+    return out
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # no silent fallback from the Triton kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=did)
+@pytest.mark.parametrize("mode", MODES)
+def test_unsigned_negative_rounding_to_zero_is_zero(mode, dtype):
+    """A negative input whose magnitude rounds to 0 is +0 in an unsigned format (0 is in its range);
+    only one that rounds to a nonzero magnitude is out of range: NaN, 0 with saturate."""
+    f = parse("fixed(8,7,unsigned)")
+    x = torch.tensor(NEG_TINY, dtype=dtype)
+    for sat in SATS:
+        expected = np.array([0.0] * 4 if sat else NEG_TINY_EXPECTED[mode])
+        for kernel, got in _quantize_both(x, f, mode, saturate=sat):
+            assert_bitwise(x, got, expected, f"{f} {mode} saturate={sat} {dtype} {kernel}")
+            assert torch.equal(got.isnan(), torch.from_numpy(np.isnan(expected)))
+            assert torch.equal(got.nan_to_num(7.0), torch.from_numpy(np.nan_to_num(expected, nan=7.0)).to(dtype))
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@pytest.mark.parametrize("dtype", DTYPES, ids=did)
+def test_unsigned_negative_rounding_to_zero_stochastic(dtype):
+    """-2**-9 is 1/4 step of fixed(8,7,unsigned): with 2 random bits it rounds away (out of range)
+    only for bits 3; -1e-5 (0.00128 steps, 0 in 2 bits) never does."""
+    f = parse("fixed(8,7,unsigned)")
+    x = torch.tensor([-(2.0**-9)] * 4 + [-1e-5] * 4, dtype=dtype)
+    bits = torch.tensor([0, 1, 2, 3] * 2)
+    expected = np.array([0.0, 0.0, 0.0, math.nan] + [0.0] * 4)
+    for kernel, got in _quantize_both(x, f, "stochastic", sr_bits=2, random_bits=bits):
+        assert_bitwise(x, got, expected, f"{f} stochastic {dtype} {kernel}")
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@pytest.mark.parametrize("dtype", DTYPES, ids=did)
+@pytest.mark.parametrize("mode", MODES)
+def test_unsigned_float_negative_rounding_to_zero_is_zero(mode, dtype):
+    """The same rule for an unsigned float format (p3109(8,1,unsigned): 0, then m = its least value);
+    E8M0 has no zero: every negative input stays out of range."""
+    f = parse("p3109(8,1,unsigned)")
+    m = f.min_subnormal
+    x = torch.tensor([-m / 4, -m / 2, -m * 0.75, -m, -0.0], dtype=dtype)
+    nan = math.nan
+    expected = {"nearest": [0.0, 0.0, nan, nan], "nearest_away": [0.0, nan, nan, nan],
+                "toward_zero": [0.0, 0.0, 0.0, nan], "up": [0.0, 0.0, 0.0, nan],
+                "down": [nan] * 4, "odd": [nan] * 4}[mode] + [0.0]
+    for sat in SATS:
+        for kernel, got in _quantize_both(x, f, mode, saturate=sat):
+            assert_bitwise(x, got, np.array([0.0] * 5 if sat else expected), f"{f} {mode} saturate={sat} {kernel}")
+    e8m0 = get("e8m0")
+    for kernel, got in _quantize_both(torch.tensor([-(2.0**-140), -1.0], dtype=dtype), e8m0, mode):
+        assert_bitwise(x[:2], got, np.array([nan, nan]), f"e8m0 {mode} {kernel}")
+
+
 # -- float formats: odd, and every mode where gfloat cannot serve ------------------------------
 @lru_cache(maxsize=None)
 def _table(f: FloatFormat):
@@ -160,7 +246,7 @@ def ref_float(f: FloatFormat, x: float, mode: str, sat: bool) -> float:
         return math.nan
     neg = math.copysign(1.0, x) < 0
     low = f.min_subnormal if not f.has_zero else 0.0
-    if not f.signed and neg and x != 0:  # out of an unsigned format's range
+    if not f.signed and not f.has_zero and neg and x != 0:  # E8M0-like: every negative value is out of range
         return low if sat else math.nan
     a = abs(x)
     if a == 0 and not f.has_zero:  # E8M0-like: zero is not a value
@@ -180,8 +266,8 @@ def ref_float(f: FloatFormat, x: float, mode: str, sat: bool) -> float:
             r = nxt[i] if away else mags[i]
             if r > f.max:
                 r = f.max if _clamps(mode, neg, sat) else (math.inf if f.inf else math.nan)
-    if not f.signed:
-        return r
+    if not f.signed:  # negative input is out of range unless it rounds to 0 (then +0)
+        return (low if sat else math.nan) if neg and r != 0 else r
     if r == 0:
         return -0.0 if neg and f.neg_zero else 0.0
     return -r if neg else r

@@ -24,18 +24,27 @@ MODES = ["nearest", "nearest_away", "toward_zero", "up", "down"]
 SR_CASES = [(n, d) for n in (1, 3, 8, 13, 20) for d in DTYPES] + [(30, torch.float32), (60, torch.float64)]
 
 
-def documented(f: FloatFormat, x: np.ndarray, sat: bool) -> tuple[np.ndarray, np.ndarray]:
+def documented(f: FloatFormat, x: np.ndarray, sat: bool, mode: str,
+               bits: np.ndarray | None = None, n: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Inputs where mpcompile deliberately differs from gfloat, and its result there: negative
-    input to an unsigned format is NaN (the lowest value with saturate; -0 is +0), and in a
-    format without zero (E8M0) 0 is NaN (the lowest value with saturate) while positive values
-    below the lowest value become it. gfloat leaves negative input to unsigned formats and
-    E8M0's underflow unrounded."""
+    input to an unsigned format is +0 where the mode rounds it to 0 (-0 too), else out of range:
+    NaN (the lowest value with saturate); in a format without zero (E8M0) every negative input
+    is out of range, 0 is NaN (the lowest value with saturate) and positive values below the
+    lowest value become it. gfloat leaves negative input to unsigned formats and E8M0's
+    underflow unrounded. Whether -a rounds to 0 is gfloat's rounding of a by the mirrored mode
+    (round(-a, up) = -round(a, down)), the same random bits for stochastic."""
     low = 0.0 if f.has_zero else f.min_subnormal
     out = np.full_like(x, np.nan)
     mask = np.zeros(x.shape, dtype=bool)
     if not f.signed:
         neg = np.signbit(x) & ~np.isnan(x) & (x != 0)
-        out[neg] = low if sat else np.nan
+        to_zero = np.zeros(x.shape, dtype=bool)
+        if f.has_zero and neg.any():
+            mirrored = {"up": "down", "down": "up"}.get(mode, mode)
+            a = gfloat_round(f, -x[neg], mirrored, sat, srbits=None if bits is None else bits[neg], srnumbits=n)
+            to_zero[neg] = a == 0
+        out[neg & ~to_zero] = low if sat else np.nan
+        out[to_zero] = 0.0
         mask |= neg
     if not f.has_zero:
         zero = x == 0
@@ -48,13 +57,13 @@ def documented(f: FloatFormat, x: np.ndarray, sat: bool) -> tuple[np.ndarray, np
 
 def check_gfloat(f, x: torch.Tensor, got: torch.Tensor, mode: str, sat: bool, bits=None, n: int = 0):
     xn, gn = x.numpy(), got.numpy()
-    mask, expected = documented(f, xn, sat)
+    bn = None if bits is None else bits.numpy()
+    mask, expected = documented(f, xn, sat, mode, bn, n)
     # gfloat scales |x| by 2**-(emin - man) in float64: far below a quantum > 1 that underflows
     # (it rounds 5e-324 "up" to 0); test_rounding_fixed_odd's exact reference covers these
     below = (xn != 0) & (np.abs(xn.astype(np.float64)) < np.ldexp(1.0, min(f.emin - f.man - 1022, 0)))
     expected[below], mask = gn[below], mask | below
-    bn = None if bits is None else bits.numpy()[~mask]
-    expected[~mask] = gfloat_round(f, xn[~mask], mode, sat, srbits=bn, srnumbits=n)
+    expected[~mask] = gfloat_round(f, xn[~mask], mode, sat, srbits=None if bn is None else bn[~mask], srnumbits=n)
     assert_bitwise(xn, gn, expected, f"{f} {mode} saturate={sat} {x.dtype}")
 
 

@@ -397,6 +397,12 @@ def round_float64(x, rbits, SPEC: tl.constexpr):
 def _finish(r, ux, ua, neg, finite, is_nan, scale_exp, SPEC: tl.constexpr):
     """Overflow, formats without zero, unsigned formats and the sign, on the rounded magnitude
     bits r (int32 comparisons order non-negative floats; NaN is excluded explicitly)."""
+    if not SPEC.signed:  # negative x is out of range unless its magnitude rounds to 0 (read before
+        # overflow, which clamps an unsigned fixed format's negatives to 0); without zero, any negative x
+        if SPEC.has_zero:
+            out = neg & (r > 0) & ~is_nan
+        else:
+            out = neg & (ua > 0) & ~is_nan
     if scale_exp is None:
         amax = tl.zeros_like(ua) + SPEC.max_bits
         if SPEC.fixed:
@@ -427,9 +433,9 @@ def _finish(r, ux, ua, neg, finite, is_nan, scale_exp, SPEC: tl.constexpr):
         r = r | (ux & _SIGN)
         if not SPEC.has_nz:
             r = tl.where(r == _SIGN, 0, r)
-    else:  # negative values are out of range of an unsigned format
+    else:  # a negative value rounding to 0 gives +0 (r is a magnitude)
         low = 0 if SPEC.has_zero else SPEC.min_pos_bits
-        r = tl.where(neg & (ua > 0) & ~is_nan, low if SPEC.saturate else _NAN, r)
+        r = tl.where(out, low if SPEC.saturate else _NAN, r)
     return r.to(tl.float32, bitcast=True)
 
 

@@ -66,6 +66,9 @@ def round_rational(v: "Fraction | float", negative: bool, fmt: FloatFormat, mode
         raise ValueError(f"round_rational: v={v} disagrees with negative={negative}")
     a = math.inf if isinstance(v, float) and math.isinf(v) else abs(Fraction(v))
     r = math.inf if a == math.inf else _round_magnitude(a, negative, fmt, mode, bits, n)
+    # an unsigned format's only non-positive value is 0: negative v is out of range unless its
+    # magnitude rounds to 0; in a format without zero (E8M0) every negative v is
+    out = not fmt.signed and negative and (r != 0 if fmt.has_zero else a > 0)
     if r > fmt.max:  # overflow; the directed modes keep a finite value finite on their side
         clamp = mode in ("toward_zero", "odd") or (mode == "up" and negative) or (mode == "down" and not negative)
         r = Fraction(fmt.max) if clamp and a != math.inf else (math.inf if fmt.inf else math.nan)
@@ -74,8 +77,8 @@ def round_rational(v: "Fraction | float", negative: bool, fmt: FloatFormat, mode
             r = math.nan
         elif r < fmt.min_subnormal:
             r = Fraction(fmt.min_subnormal)
-    if not fmt.signed:  # negative values are out of range
-        return math.nan if negative and a > 0 else float(r)
+    if not fmt.signed:  # a negative value rounding to 0 gives +0 (r is a magnitude)
+        return math.nan if out else float(r)
     if r == 0 and not fmt.neg_zero:
         return 0.0
     return math.copysign(float(r), sign)

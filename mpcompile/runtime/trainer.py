@@ -4,9 +4,9 @@ A run folder holds ``metrics.jsonl`` (one line per step and per epoch), ``summar
 ``table.txt`` (the compiled model's table at the end: formats, and the kappa and statistics
 of the last calibration), ``curves.png`` (loss and accuracy against epochs) and
 ``checkpoint.pt``, written after every epoch and on Ctrl-C. The checkpoint carries the model,
-optimizer, loss scaler, policy level,
-the RNG states of torch, python and numpy, and the position in the epoch; the data order is a
-function of (seed, epoch), so ``resume`` continues exactly where the run stopped.
+optimizer, loss scaler, policy level, the RNG states of torch, python and numpy, and the
+position in the epoch; the data order is a function of (seed, epoch), so ``resume``
+continues exactly where the run stopped.
 
 Calibration: where the policy reads kappa (kappa rules, recompute), the trust region's
 ``bound`` or ``per_layer`` does, or ``stats`` is asked for, the model is compiled with the
