@@ -10,7 +10,7 @@ from __future__ import annotations
 import html
 import json
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import networkx as nx
 
@@ -19,6 +19,7 @@ from .ops.registry import kind_named
 from .ops.spec import ROLES, ArithSpec, QuantSpec, Recompute
 from .passes import MpcMeta, mpc_meta
 from .policy import Assignment, Settings, lock_policy
+from .policy.lock import runtime_sections
 
 if TYPE_CHECKING:
     from .compiler import CompiledModel
@@ -171,10 +172,16 @@ def explain(cm: "CompiledModel", name: str) -> str:
 def lock(cm: "CompiledModel") -> dict[str, Any]:
     """The resolved assignment as a policy (a dict) that reproduces this compiled model; its
     description lists the GEMM work that runs in fp32 because nothing emulates it."""
+    policy, level = cm.policy, cm.level
     fp32 = [f"{meta.name} ({meta.unemulated})" for _, meta in cm.annotations() if meta.unemulated]
+    if policy.levels and not isinstance(level, Mapping):
+        level = f"{policy.level_index(level)} ({policy.levels[policy.level_index(level)].name})"
+    description = (f"{policy.description}: " if policy.description else "") + \
+        f"resolved from {policy.source} at level {level}, captured by {cm.capture}" + \
+        (f"; fp32, not emulated: {'; '.join(fp32)}" if fp32 else "")
     return lock_policy(((meta.name, meta.assignment) for _, meta in cm.annotations() if meta.assignment is not None),
-                       f"{cm.policy.name}.lock", f"resolved from {cm.policy.source} at level {cm.level}, captured by "
-                       f"{cm.capture}" + (f"; fp32, not emulated: {'; '.join(fp32)}" if fp32 else ""))
+                       f"{policy.name}.lock", description,
+                       runtime_sections(policy.optimizer, policy.trust_region, policy.strict))
 
 
 def to_json(cm: "CompiledModel") -> str:

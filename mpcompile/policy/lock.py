@@ -1,18 +1,20 @@
 """The lock file: resolved assignments written back as a policy (a plain dict, ready for JSON or
 YAML) with one rule per op, an exact ``name_regex``, that sets every role and both arithmetic
 specs as resolved, so loading it reproduces the assignments whatever rules, levels and defaults
-produced them.
+produced them; and the sections the runtime reads (``optimizer``, ``trust_region``, ``strict``)
+as the policy gave them, so that training under the lock trains as under the policy.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from ..ops.spec import ArithSpec
-from .schema import SCHEMA_VERSION, Assignment
+from .schema import SCHEMA_VERSION, Assignment, OptimizerSettings, TrustRegionSettings
 
-__all__ = ["spec_mapping", "lock_policy"]
+__all__ = ["spec_mapping", "lock_policy", "runtime_sections"]
 
 
 def spec_mapping(spec: ArithSpec) -> dict[str, Any]:
@@ -22,13 +24,29 @@ def spec_mapping(spec: ArithSpec) -> dict[str, Any]:
     return fields | ({"sr_bits": spec.sr_bits} if spec.sr_bits is not None else {})
 
 
-def lock_policy(entries: Iterable[tuple[str, Assignment]], name: str, description: str) -> dict[str, Any]:
+def runtime_sections(optimizer: OptimizerSettings, trust_region: TrustRegionSettings | None,
+                     strict: bool) -> dict[str, Any]:
+    """The policy sections the runtime reads, as a policy spells them; those at their defaults
+    left out."""
+    sections: dict[str, Any] = {}
+    stored = {f.name: getattr(optimizer, f.name) for f in dataclasses.fields(optimizer)
+              if getattr(optimizer, f.name) != f.default}
+    if stored:
+        sections["optimizer"] = {k: v if isinstance(v, (str, float, int)) else str(v) for k, v in stored.items()}
+    if trust_region is not None:
+        sections["trust_region"] = dataclasses.asdict(trust_region)
+    return sections | ({"strict": True} if strict else {})
+
+
+def lock_policy(entries: Iterable[tuple[str, Assignment]], name: str, description: str,
+                sections: Mapping[str, Any] = {}) -> dict[str, Any]:
     """The policy (schema v1, as a dict) that gives each named op exactly its assignment.
 
     Args:
         entries: (qualified op name, its assignment) in the order the rules should appear.
         name: the lock's ``name``.
         description: the lock's ``description`` (where the assignments were resolved from).
+        sections: top-level sections written as they are (``runtime_sections``).
     """
     rules = []
     for op_name, assignment in entries:
@@ -46,4 +64,4 @@ def lock_policy(entries: Iterable[tuple[str, Assignment]], name: str, descriptio
             rule["recompute"] = {"tau": "inf" if tau == math.inf else tau,  # JSON has no inf that YAML reads
                                  "forward": spec_mapping(assignment.recompute.forward)}
         rules.append(rule)
-    return {"version": SCHEMA_VERSION, "name": name, "description": description, "rules": rules}
+    return {"version": SCHEMA_VERSION, "name": name, "description": description, **sections, "rules": rules}
