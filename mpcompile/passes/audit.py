@@ -8,8 +8,10 @@ returns the warnings a compiled model issues about its policy (``CompiledModel.w
   settings every later rule overrides); a rule that matches GEMM work lowering does not emulate
   is never idle (``keep: fp32`` there silences the warning that it runs in fp32);
 - a level that changes nothing against the level below it;
+- a ``default`` that changes nothing (``keep: fp32`` there, or roles every rule overrides);
 - a key that has no effect where it is written: ``sr_bits`` without stochastic rounding,
-  ``axis`` on a role that neither blocks nor scales per channel.
+  ``axis`` on a role that neither blocks nor scales per channel, ``fma`` (products without a
+  ``mul`` format are exact already), ``mul_rounding`` without ``mul``.
 
 Per-op checks (roles an op lacks, GEMM work that stays fp32) belong to the compiled model.
 """
@@ -45,6 +47,12 @@ def _names(ops: list[NodeFacts]) -> str:
 
 
 def _rules(policy: Policy, ops: list[NodeFacts], unemulated: set[str], calibrated: bool) -> Iterator[str]:
+    gemms = [op for op in ops if op.group == "gemm" and op.name not in unemulated]
+    if policy.default != Settings() and gemms:
+        bare = replace(policy, default=Settings())
+        if all(policy.resolve(op).effect == bare.resolve(op).effect for op in gemms):
+            yield ("default: changes nothing for this model" + (": keep: fp32 is what an op gets where nothing is set"
+                                                                if policy.default.keeps_fp32 else ": rules set all it sets"))
     for i, rule in enumerate(policy.rules):
         matched = [op for op in ops if rule.match.matches(op)]
         if not matched:
@@ -90,5 +98,12 @@ def _keys(policy: Policy) -> Iterator[str]:
                        f"{q.scaling}, not channel")
         for key in ("forward", "backward"):
             spec = getattr(settings, key)
-            if spec is not None and spec.sr_bits is not None and not spec.stochastic:
+            if spec is None:
+                continue
+            if spec.sr_bits is not None and not spec.stochastic:
                 yield f"{where}: {key}.sr_bits has no effect: no rounding of this arithmetic is stochastic"
+            if spec.fma:
+                yield (f"{where}: {key}.fma has no effect: with mul null every product is exact and each add "
+                       f"rounded once, which is a fused multiply-add already")
+            if spec.mul is None and spec.mul_rounding != spec.rounding:
+                yield f"{where}: {key}.mul_rounding has no effect: mul is null, so products are exact"

@@ -25,7 +25,7 @@ from .cascade import Policy
 from .schema import (EPSILON_MODES, GROUPS, NATIVE, SCHEMA_VERSION, TRUST_REGION_METHODS, Level, OptimizerSettings,
                      RoleSetting, Rule, Selector, Settings, TrustRegionSettings)
 
-__all__ = ["SHIPPED_POLICIES", "load_policy", "shipped_policies"]
+__all__ = ["SHIPPED_POLICIES", "SECTION_KEYS", "load_policy", "shipped_policies"]
 
 SHIPPED_POLICIES = Path(__file__).resolve().parents[1] / "policies"  # mpcompile/policies
 # the keys each section takes
@@ -38,6 +38,14 @@ _ROLE_KEYS = ("format", "rounding", "saturate", "sr_bits", "scaling", "axis")
 _ARITH_KEYS = ("mul", "acc", "order", "rounding", "mul_rounding", "fma", "kahan", "sr_bits")
 _OPTIMIZER_KEYS = ("master", "gradient", "momentum", "second_moment", "update_rounding", "weight_decay")
 _SELECTORS = ("type", "name", "name_regex", "first", "last", "index", "kappa_above", "kappa_below")
+_LEVEL = ("name", "set", "keep", "rounding", "saturate")
+_TRUST_REGION = tuple(f.name for f in dataclasses.fields(TrustRegionSettings))
+# every key the reader takes, by the section that takes it (docs/policy.md, "Every key")
+SECTION_KEYS: dict[str, tuple[str, ...]] = {
+    "policy": _TOP, "settings": _SETTINGS, "role": _ROLE_KEYS, "arithmetic": _ARITH_KEYS,
+    "recompute": _RECOMPUTE_KEYS, "rule": ("match",), "match": _SELECTORS, "level": _LEVEL,
+    "optimizer": _OPTIMIZER_KEYS, "trust_region": _TRUST_REGION,
+}
 _ALIAS = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -240,7 +248,7 @@ def _optimizer(node: _Node, aliases) -> OptimizerSettings:
 
 def _trust_region(node: _Node) -> TrustRegionSettings:
     fields = {f.name: f.default for f in dataclasses.fields(TrustRegionSettings)}
-    section = _mapping(node, "trust_region", tuple(fields))
+    section = _mapping(node, "trust_region", _TRUST_REGION)
     values: dict[str, Any] = {}
     for key, value in section.items():
         what = f"trust_region.{key}"
@@ -429,7 +437,7 @@ def _selector(node: _Node, what: str) -> Selector:
 
 
 def _level(node: _Node, i: int, aliases, inherited, taken: list[str]) -> Level:
-    fields = _mapping(node, f"levels[{i}]", ("name", "set", "keep", "rounding", "saturate"))
+    fields = _mapping(node, f"levels[{i}]", _LEVEL)
     if "name" not in fields:
         raise node.fail(f"levels[{i}] has no 'name'; levels are picked by name or number")
     name = _check(fields["name"], (str,), f"levels[{i}].name")
