@@ -225,6 +225,10 @@ class CompiledModel(nn.Module):
             skipped = [r for r, s in assignment.roles if s.quant is not None and r not in meta.roles]
             if skipped:
                 texts.append(f"{where}: {', '.join(skipped)} not applied: this op's roles are {', '.join(meta.roles)}")
+            emulated = [k for k in ("forward", "backward") if not getattr(assignment, k).is_native]
+            if emulated and meta.group != "gemm":
+                texts.append(f"{where}: {' and '.join(emulated)} arithmetic not applied: it is for GEMM-like ops, "
+                             f"and this {meta.group} op runs in torch's arithmetic with its roles rounded")
             if assignment.recompute is not None and not (meta.kind and kind_named(meta.kind).recomputes):
                 texts.append(f"{where}: recompute not applied: it is for linear, conv, matmul and einsum ops")
         if uncovered and (self._strict or state.policy.strict):

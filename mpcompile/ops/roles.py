@@ -94,9 +94,7 @@ def quantize_role(x: torch.Tensor | None, spec: QuantSpec | None, *, axis: int, 
             bits = counter_bits(torch.tensor(seed, dtype=torch.int64, device=x.device), x.shape)
     if spec.axis is not None:
         axis, blocks = spec.axis, (spec.axis,)
-    if isinstance(spec.fmt, BlockFormat):
-        if spec.scaling != "none":
-            raise SpecError(f"role format {spec}: block formats carry their own scales; use scaling none")
+    if isinstance(spec.fmt, BlockFormat):  # unscaled (QuantSpec refuses a scaling)
         if spec.fmt.axis != -1 and spec.axis is None:
             blocks = (spec.fmt.axis,)
         return _blocked(x, spec, blocks, n, bits)

@@ -19,7 +19,7 @@ from typing import Mapping
 import torch
 
 from ..errors import SpecError
-from ..formats import BlockFloat, BlockMinifloat, FixedFormat, FloatFormat, Format, MXFormat, parse
+from ..formats import BlockFloat, BlockFormat, BlockMinifloat, FixedFormat, FloatFormat, Format, MXFormat, parse
 from ..random_bits import COUNTER_BITS
 from ..rounding import ROUNDING_MODES
 
@@ -238,6 +238,8 @@ class QuantSpec:
         _rounding(self.rounding, "rounding")
         if self.scaling not in SCALINGS:
             raise SpecError(f"scaling={self.scaling!r} is not one of {', '.join(SCALINGS)}")
+        if isinstance(self.fmt, BlockFormat) and self.scaling != "none":
+            raise SpecError(f"scaling={self.scaling}: block formats ({self.fmt}) carry their own scales; use none")
         if self.sr_bits is not None and not (type(self.sr_bits) is int and 1 <= self.sr_bits <= COUNTER_BITS):
             raise SpecError(f"sr_bits={self.sr_bits!r} must be an integer in [1, {COUNTER_BITS}] "
                             f"(the bits of one counter-based random word)")

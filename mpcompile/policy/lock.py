@@ -52,12 +52,7 @@ def lock_policy(entries: Iterable[tuple[str, Assignment]], name: str, descriptio
     for op_name, assignment in entries:
         rule: dict[str, Any] = {"match": {"name_regex": re.escape(op_name)}}
         for role, setting in assignment.roles:
-            q = setting.quant
-            if q is None or (q.sr_bits is None and q.axis is None):
-                rule[role] = None if q is None else str(q)
-            else:
-                rule[role] = {"format": str(q.fmt), "rounding": q.rounding, "scaling": q.scaling, "saturate": q.saturate}
-                rule[role] |= {k: getattr(q, k) for k in ("sr_bits", "axis") if getattr(q, k) is not None}
+            rule[role] = None if setting.quant is None else str(setting.quant)  # the role's string form, whole
         rule["forward"], rule["backward"] = spec_mapping(assignment.forward), spec_mapping(assignment.backward)
         if assignment.recompute is not None:
             tau = assignment.recompute.tau

@@ -344,14 +344,17 @@ def _role(node: _Node, what: str, aliases, inherited) -> RoleSetting:
         head, *parts = node.value.split(":")
         fmt = _format(node, head.strip(), aliases, what)
         for part in (p.strip() for p in parts):
+            key, _, number = part.partition("=")
             if part in ROUNDING_MODES:
                 rounding = part
             elif part in SCALINGS:
                 scaling = part
             elif part == "sat":
                 saturate = True
+            elif key in ("sr_bits", "axis") and re.fullmatch(r"-?\d+", number):
+                extra[key] = int(number)
             else:
-                raise node.fail(f"{what}: '{part}' is not a rounding mode, a scaling or 'sat'",
+                raise node.fail(f"{what}: '{part}' is not a rounding mode, a scaling, 'sat', sr_bits=n or axis=n",
                                 _did_you_mean(part, ROUNDING_MODES + SCALINGS + ("sat",)))
     else:
         fields = _mapping(node, what, _ROLE_KEYS)
@@ -367,6 +370,8 @@ def _role(node: _Node, what: str, aliases, inherited) -> RoleSetting:
                 raise fields["sr_bits"].fail(f"{what}.sr_bits must be in [1, {COUNTER_BITS}], got {extra['sr_bits']}")
         if "axis" in fields:
             extra["axis"] = _check(fields["axis"], (int,), f"{what}.axis")
+    if not 1 <= extra.get("sr_bits", 1) <= COUNTER_BITS:
+        raise node.fail(f"{what}.sr_bits must be in [1, {COUNTER_BITS}], got {extra['sr_bits']}")
     try:
         return RoleSetting(QuantSpec(fmt, rounding, scaling, saturate, **extra))
     except SpecError as err:

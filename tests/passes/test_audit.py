@@ -68,3 +68,10 @@ def test_what_changes_something_warns_nothing_and_warnings_are_issued_once():
         cm.recompile(idle)
     assert [str(r.message) for r in record] == ["mpcompile: rules[0] (<string>:3:5): matches no op of this model"]
     assert cm.warnings == ["rules[0] (<string>:3:5): matches no op of this model"]
+
+
+def test_arithmetic_on_an_op_without_a_gemm_is_a_warning_and_a_scaled_block_format_an_error():
+    (text,) = _warnings("version: 1\nrules:\n  - match: {type: ReLU}\n    output: bf16\n    forward: {acc: bf16}\n")
+    assert text.startswith("node _1 (ReLU '1'): forward arithmetic not applied: it is for GEMM-like ops")
+    with pytest.raises(mpcompile.PolicyError, match=r"<string>:3:11: .*block formats \(mxfp8_e4m3\) carry their own"):
+        mpcompile.load_policy("version: 1\ndefault:\n  weight: {format: mxfp8_e4m3, scaling: tensor}\n")

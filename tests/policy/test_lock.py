@@ -8,8 +8,8 @@ from mpcompile.policy import NodeFacts, load_policy, lock_policy
 
 from policy_cases import BLOCK, CONV1, FC, RELU
 
-# every kind of value a lock spells out: a role kept in fp32, a format, a role with sr_bits (a
-# mapping), products in a format with their own sr_bits, recompute with a finite and an infinite tau
+# every kind of value a lock spells out: a role kept in fp32, a format, a role with sr_bits (its
+# string form), products in a format with their own sr_bits, recompute with a finite and an infinite tau
 POLICY = """
 version: 1
 name: every_field
@@ -50,8 +50,7 @@ def test_the_lock_spells_out_every_role_and_spec():
     assert list(block) == ["match", "input", "weight", "grad_output", "forward", "backward", "recompute"]
     assert block["match"] == {"name_regex": r"layer1\.0\.conv2"}
     assert (block["input"], block["weight"]) == ("fp8_e4m3", "fp8_e4m3:channel")
-    assert block["grad_output"] == {"format": "fp8_e5m2", "rounding": "stochastic", "scaling": "none",
-                                    "saturate": False, "sr_bits": 9}
+    assert block["grad_output"] == "fp8_e5m2:stochastic:sr_bits=9"
     assert block["forward"] == native | {"acc": "fp16", "order": "chunk(4)"} and block["backward"] == native
     assert block["recompute"] == {"tau": 100.0, "forward": native | {"acc": "bf16", "order": "pairwise"}}
     fc = lock["rules"][2]
