@@ -133,15 +133,16 @@ _CHANNELS_FIRST = re.compile(r"conv|pool|batch_?norm|instance_?norm|group_?norm|
 _FEATURES_LAST = re.compile(r"linear|matmul|mm$|einsum|layer_?norm|rms_?norm|embedding|attention|sdpa", re.I)
 
 
-def channel_axis(node: torch.fx.Node, value: torch.fx.Node | None) -> int:
-    """The channel axis of ``channel`` scaling for a tensor of a non-GEMM op (``value``, its input;
-    None: its output): never the batch. A tensor of 3 or more dims is (N, C, ...) when the
-    nearest op upstream that fixes a layout is a convolution, pooling or batch-like norm, and
-    features-last (..., C) otherwise, as any tensor of 2 dims is."""
-    shape = getattr(mpc_meta(value if value is not None else node), "shape", None)
+def channel_axis(value: torch.fx.Node) -> int:
+    """The channel axis of ``channel`` scaling for ``value``, a non-GEMM op's input or output:
+    never the batch. A tensor of 3 or more dims is (N, C, ...) when the nearest op at or above
+    it that fixes a layout is a convolution, pooling or batch-like norm, and features-last
+    (..., C) when it is a linear, matmul, layer norm, embedding or attention, as any tensor of 2
+    dims is; where no op decides, 4 or more dims are (N, C, ...)."""
+    shape = getattr(mpc_meta(value), "shape", None)
     if shape is not None and len(shape) < 3:
         return -1
-    at, seen = (value if value is not None else node), 0
+    at, seen = value, 0
     while isinstance(at, torch.fx.Node) and seen < 64:
         op_type = getattr(mpc_meta(at), "op_type", None) or ""
         if _CHANNELS_FIRST.search(op_type):
@@ -186,7 +187,7 @@ def _quantized_io(gm, graph: torch.fx.Graph, node: torch.fx.Node, meta: MpcMeta,
 
     def arg(n: torch.fx.Node) -> torch.fx.Node:
         if "input" in roles and n.op != "get_attr":
-            return _quant(graph, env[n], roles["input"], channel_axis(node, n), n)
+            return _quant(graph, env[n], roles["input"], channel_axis(n), n)
         # an in-place op writes into a copy, which autograd may keep; its input is written after the rounding
         return graph.call_method("clone", (env[n],)) if n is written else env[n]
 
@@ -206,7 +207,7 @@ def _quantized_io(gm, graph: torch.fx.Graph, node: torch.fx.Node, meta: MpcMeta,
             else:
                 kwargs[keyword] = _quant(graph, kwargs[keyword], setting, -1)
         out = graph.call_function(node.target, tuple(args), kwargs)
-    out = _quant(graph, out, roles["output"], channel_axis(node, None), node) if "output" in roles else out
+    out = _quant(graph, out, roles["output"], channel_axis(node), node) if "output" in roles else out
     # the op wrote into a rounded copy of its input, or a copy whose result is rounded: the input's
     # later readers must see what the op's users see, as they would without formats
     return out if written is None else graph.call_method("copy_", (env[written], out))
