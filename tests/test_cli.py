@@ -61,3 +61,14 @@ def test_inspect_calibrates_and_draws(capsys):
     assert all(float(r[-3]) >= 1 and float(r[-1]) > 10 for r in rows)  # kappa p99, SQNR dB
     assert main(args + ["--format", "dot"]) == 0 and capsys.readouterr().out.startswith('digraph "<string>" {')
     assert main(args + ["--format", "svg"]) == 0 and capsys.readouterr().out.startswith("<svg ")
+
+
+def test_inspect_says_each_warning_once(capsys):
+    idle = "version: 1\nrules:\n  - match: {type: Conv3d}\n    input: bf16\n"
+    text = "rules[0] (<string>:3:5): matches no op of this model"
+    assert main(["inspect", "lenet5", "--input-shape", "2,1,8,8", "--policy", idle]) == 0
+    out, err = capsys.readouterr()
+    assert out.count(text) == 1 and text not in err  # the table lists it
+    assert main(["inspect", "lenet5", "--input-shape", "2,1,8,8", "--policy", idle, "--format", "json"]) == 0
+    out, err = capsys.readouterr()
+    assert text not in out and err.count(text) == 1
