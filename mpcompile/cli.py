@@ -128,7 +128,8 @@ def _trainer(args):
         except ValueError:
             raise MpcompileError(f"--loss-scale {loss_scale!r}: give none, dynamic or a number") from None
     out = args.out or f"runs/{args.model}-{args.data}-{Path(args.policy).stem}"
-    return Trainer(TrainConfig(args.model, args.data, args.policy, 10 if args.epochs is None else args.epochs,
+    return Trainer(TrainConfig(args.model, args.data, args.policy,
+                               TrainConfig.epochs if args.epochs is None else args.epochs,
                                args.batch_size, args.lr,
                                args.optimizer, args.seed, out, args.data_dir, loss_scale,
                                device=args.device, schedule=args.schedule,
@@ -148,18 +149,24 @@ def main(argv: list[str] | None = None) -> int:
     ip.add_argument("--input-shape", default="1,3,224,224", help="example input shape (default 1,3,224,224)")
     ip.add_argument("--format", choices=("table", "json", "dot", "svg"), default="table")
     ip.add_argument("--calibrate", action="store_true", help="estimate kappa, overflow and SQNR on a random batch")
+    from .runtime.trainer import TrainConfig  # its defaults are the command's
+
     tp = sub.add_parser("train", help="train a model under a policy (progress, metrics, plots, checkpoints)")
     tp.add_argument("--model", default="lenet5", help="lenet5, mlp, logreg, resnet20, a torchvision model or "
                                                       "package.module:factory (default lenet5)")
     tp.add_argument("--data", default="digits", help="digits (built in), mnist, cifar10 (from --data-dir) or fake")
     tp.add_argument("--data-dir", help="folder holding MNIST/ or cifar-10-batches-py/")
     tp.add_argument("--policy", default="fp32", help="a policy file or shipped name (default fp32)")
-    tp.add_argument("--epochs", type=int, help="epochs to train to (default 10; with --resume: the run's)")
-    tp.add_argument("--batch-size", type=int, default=64)
-    tp.add_argument("--lr", type=float, default=0.05)
-    tp.add_argument("--optimizer", default="sgd", help="sgd (momentum 0.9), adam or adamw")
+    tp.add_argument("--epochs", type=int,
+                    help=f"epochs to train to (default {TrainConfig.epochs}; with --resume: the run's)")
+    tp.add_argument("--batch-size", type=int, default=TrainConfig.batch_size,
+                    help=f"default {TrainConfig.batch_size}")
+    tp.add_argument("--lr", type=float, default=TrainConfig.lr, help=f"peak learning rate (default {TrainConfig.lr})")
+    tp.add_argument("--optimizer", default=TrainConfig.optimizer,
+                    help=f"sgd (momentum 0.9), adam or adamw (default {TrainConfig.optimizer})")
     tp.add_argument("--loss-scale", help="none, dynamic or a number (default: dynamic when gradients are rounded)")
-    tp.add_argument("--schedule", default="constant", help="lr schedule: constant (default) or cosine")
+    tp.add_argument("--schedule", default=TrainConfig.schedule,
+                    help=f"lr schedule: constant or cosine (default {TrainConfig.schedule})")
     tp.add_argument("--seed", type=int, default=0)
     tp.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     tp.add_argument("--out", help="run folder (default runs/MODEL-DATA-POLICY)")
