@@ -170,9 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     tp.add_argument("--seed", type=int, default=0)
     tp.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     tp.add_argument("--out", help="run folder (default runs/MODEL-DATA-POLICY)")
-    tp.add_argument("--calibration-batches", type=int, default=4,
+    tp.add_argument("--calibration-batches", type=int, default=TrainConfig.calibration_batches,
                     help="training batches the condition and stats passes measure, at the start and after each "
-                         "recompile that changes formats, where the policy reads kappa or --stats is given (default 4)")
+                         "recompile that changes formats, where the policy reads kappa or --stats is given "
+                         f"(default {TrainConfig.calibration_batches})")
     tp.add_argument("--stats", action="store_true",
                     help="measure overflow, underflow and SQNR per op on the calibration batches (table.txt)")
     tp.add_argument("--resume", help="a run folder or checkpoint.pt to continue (to --epochs, if given)")

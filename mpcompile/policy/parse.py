@@ -370,8 +370,6 @@ def _role(node: _Node, what: str, aliases, inherited) -> RoleSetting:
                 raise fields["sr_bits"].fail(f"{what}.sr_bits must be in [1, {COUNTER_BITS}], got {extra['sr_bits']}")
         if "axis" in fields:
             extra["axis"] = _check(fields["axis"], (int,), f"{what}.axis")
-    if not 1 <= extra.get("sr_bits", 1) <= COUNTER_BITS:
-        raise node.fail(f"{what}.sr_bits must be in [1, {COUNTER_BITS}], got {extra['sr_bits']}")
     try:
         return RoleSetting(QuantSpec(fmt, rounding, scaling, saturate, **extra))
     except SpecError as err:

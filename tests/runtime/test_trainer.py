@@ -100,6 +100,7 @@ def test_the_run_folder_holds_metrics_summary_plot_and_checkpoint(tmp_path):
     ({"optimizer": "lbfgs"}, MpcompileError, "choose one of sgd, adam, adamw"),
     ({"device": "gpu"}, MpcompileError, "device 'gpu' is not a torch device"),
     ({"schedule": "linear"}, MpcompileError, "choose one of constant, cosine"),
+    ({"calibration_batches": 0}, MpcompileError, "calibration batches 0 must be a positive integer"),
 ])
 def test_bad_input_is_refused_before_training(tmp_path, change, error, message):
     with pytest.raises(error, match=message):
