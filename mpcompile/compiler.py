@@ -28,7 +28,7 @@ from .ops.registry import kind_named
 from .passes import MpcMeta, PassState, mpc_meta, run_passes
 from .passes.assign import level_of
 from .passes.audit import setting_warnings
-from .passes.pipeline import CAPTURE, COMPILE, CONDITION, LOWER, RECALIBRATE, RECOMPILE, SHAPE, STATS
+from .passes.pipeline import ASSIGN, CAPTURE, COMPILE, CONDITION, LOWER, RECALIBRATE, RECOMPILE, SHAPE, STATS
 from .policy import Policy, load_policy
 
 __all__ = ["compile", "CompiledModel", "CompileError"]
@@ -179,9 +179,8 @@ class CompiledModel(nn.Module):
             state.policy = policy or state.policy
             state.level = (0 if policy is not None else state.level) if level is None else level
             before = _effects(state)
-            run_passes(RECOMPILE, state)
-            if state.batches and _effects(state) != before:
-                run_passes(RECALIBRATE, state)
+            run_passes((ASSIGN,), state)
+            run_passes(RECALIBRATE if state.batches and _effects(state) != before else (LOWER,), state)
             self._warnings[mode] = self._check(state, issued=self.warnings)
 
     def collect_stats(self) -> None:

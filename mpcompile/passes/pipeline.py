@@ -19,7 +19,7 @@ from .manager import Pass, PassState, check_order
 from .shape import propagate_shapes
 from .stats import collect_stats
 
-__all__ = ["COMPILE", "RECOMPILE", "RECALIBRATE", "STATS", "CAPTURE", "SHAPE", "CLASSIFY", "COVERAGE", "CONDITION", "LOWER"]
+__all__ = ["COMPILE", "RECOMPILE", "RECALIBRATE", "STATS", "CAPTURE", "SHAPE", "CLASSIFY", "COVERAGE", "CONDITION", "ASSIGN", "LOWER"]
 
 
 def _capture(state: PassState) -> None:
