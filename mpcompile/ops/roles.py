@@ -93,6 +93,8 @@ def quantize_role(x: torch.Tensor | None, spec: QuantSpec | None, *, axis: int, 
             n = n or min(default_sr_bits(spec.fmt, x.dtype), COUNTER_BITS)
             bits = counter_bits(torch.tensor(seed, dtype=torch.int64, device=x.device), x.shape)
     if spec.axis is not None:
+        if not -max(x.dim(), 1) <= spec.axis < max(x.dim(), 1):
+            raise SpecError(f"role format {spec}: axis {spec.axis} is not a dim of the role's {x.dim()}-dim tensor")
         axis, blocks = spec.axis, (spec.axis,)
     if isinstance(spec.fmt, BlockFormat):  # unscaled (QuantSpec refuses a scaling)
         if spec.fmt.axis != -1 and spec.axis is None:

@@ -92,3 +92,10 @@ def test_axis_overrides_the_block_axis_and_the_channel_axis():
     per_channel = quantize_role(t, parse_quant("fp8_e4m3:channel:axis=1"), axis=0, seed=None)
     assert torch.equal(per_channel, torch.cat([quantize_role(t[:, i:i + 1], parse_quant("fp8_e4m3:tensor"), axis=0,
                                                              seed=None) for i in range(3)], dim=1))
+
+
+def test_an_axis_the_tensor_does_not_have_is_an_error():
+    x = torch.randn(4, 3)
+    for spec in ("fp8_e4m3:channel:axis=2", "mxfp8_e4m3:axis=-3"):
+        with pytest.raises(Exception, match="is not a dim of the role's 2-dim tensor"):
+            quantize_role(x, parse_quant(spec), axis=0, seed=None)
