@@ -12,7 +12,7 @@ from typing import Iterator
 from .errors import MpcompileError
 from .formats import BlockFormat, FixedFormat, FloatFormat, Format, get, names, parse
 from .models import build_model
-from .policy import Policy, load_policy
+from .policy import OPTIMIZER_KINDS, Policy, load_policy
 from .views import settings_text
 
 __all__ = ["main", "formats_table", "policy_summary", "inspect_model"]
@@ -162,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     tp.add_argument("--batch-size", type=int, default=TrainConfig.batch_size,
                     help=f"default {TrainConfig.batch_size}")
     tp.add_argument("--lr", type=float, default=TrainConfig.lr, help=f"peak learning rate (default {TrainConfig.lr})")
-    tp.add_argument("--optimizer", default=TrainConfig.optimizer,
-                    help=f"sgd (momentum 0.9), adam or adamw (default {TrainConfig.optimizer})")
+    tp.add_argument("--optimizer", default=TrainConfig.optimizer, choices=OPTIMIZER_KINDS,
+                    help="sgd (momentum 0.9), adam, adamw, svrg, lpsvrg, halp or swalp (default: the policy's "
+                         "optimizer kind, else sgd); the variance-reduced ones read T, mu, bits from the policy")
     tp.add_argument("--loss-scale", help="none, dynamic or a number (default: dynamic when gradients are rounded)")
     tp.add_argument("--schedule", default=TrainConfig.schedule,
                     help=f"lr schedule: constant or cosine (default {TrainConfig.schedule})")

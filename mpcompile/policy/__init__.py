@@ -18,10 +18,11 @@ from __future__ import annotations
 from .cascade import Policy, resolve
 from .lock import lock_policy, spec_mapping
 from .parse import SHIPPED_POLICIES, load_policy, shipped_policies
-from .schema import (EPSILON_MODES, GROUPS, NATIVE, SCHEMA_VERSION, TRUST_REGION_METHODS, Assignment, Level, NodeFacts,
-                     OptimizerSettings, RoleSetting, Rule, Selector, Settings, TrustRegionSettings)
+from .schema import (EPSILON_MODES, GROUPS, NATIVE, OPTIMIZER_KINDS, SCHEMA_VERSION, TRUST_REGION_METHODS, Assignment,
+                     Level, NodeFacts, OptimizerSettings, Period, RoleSetting, Rule, Selector, Settings,
+                     TrustRegionSettings)
 
 __all__ = ["SCHEMA_VERSION", "GROUPS", "TRUST_REGION_METHODS", "EPSILON_MODES", "NATIVE", "SHIPPED_POLICIES",
            "RoleSetting", "Settings", "Selector", "Rule", "Level", "Policy", "NodeFacts", "Assignment",
-           "OptimizerSettings", "TrustRegionSettings", "load_policy", "shipped_policies", "resolve",
+           "OPTIMIZER_KINDS", "Period", "OptimizerSettings", "TrustRegionSettings", "load_policy", "shipped_policies", "resolve",
            "lock_policy", "spec_mapping"]

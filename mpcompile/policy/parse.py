@@ -22,8 +22,8 @@ from ..ops.spec import DELAYED_ROLES, ROLES, SCALINGS, ArithSpec, QuantSpec, Rec
 from ..random_bits import COUNTER_BITS
 from ..rounding import ROUNDING_MODES
 from .cascade import Policy
-from .schema import (EPSILON_MODES, GROUPS, NATIVE, SCHEMA_VERSION, TRUST_REGION_METHODS, Level, OptimizerSettings,
-                     RoleSetting, Rule, Selector, Settings, TrustRegionSettings)
+from .schema import (EPSILON_MODES, GROUPS, NATIVE, OPTIMIZER_KEY_KINDS, OPTIMIZER_KINDS, PERIOD_UNITS, SCHEMA_VERSION, TRUST_REGION_METHODS,
+                     Level, OptimizerSettings, Period, RoleSetting, Rule, Selector, Settings, TrustRegionSettings)
 
 __all__ = ["SHIPPED_POLICIES", "SECTION_KEYS", "load_policy", "shipped_policies"]
 
@@ -36,7 +36,7 @@ _RECOMPUTE_KEYS = ("tau", "forward")
 _INF = ("inf", "infinity", "+inf")  # tau as a string: YAML reads "inf" as text (its float is .inf)
 _ROLE_KEYS = ("format", "rounding", "saturate", "sr_bits", "scaling", "axis")
 _ARITH_KEYS = ("mul", "acc", "order", "rounding", "mul_rounding", "fma", "kahan", "sr_bits")
-_OPTIMIZER_KEYS = ("master", "gradient", "momentum", "second_moment", "update_rounding", "weight_decay")
+_OPTIMIZER_KEYS = tuple(f.name for f in dataclasses.fields(OptimizerSettings))
 _SELECTORS = ("type", "name", "name_regex", "first", "last", "index", "kappa_above", "kappa_below")
 _LEVEL = ("name", "set", "keep", "rounding", "saturate")
 _TRUST_REGION = tuple(f.name for f in dataclasses.fields(TrustRegionSettings))
@@ -232,10 +232,22 @@ def _read(root: _Node, source: str) -> Policy:
 def _optimizer(node: _Node, aliases) -> OptimizerSettings:
     section = _mapping(node, "optimizer", _OPTIMIZER_KEYS)
     values: dict[str, Any] = {}
+    if "kind" in section:
+        values["kind"] = _choice(section["kind"], OPTIMIZER_KINDS, "optimizer.kind")
+    kind = values.get("kind")
+    for key, kinds in OPTIMIZER_KEY_KINDS.items():
+        if key in section and kind is None and "sgd" not in kinds:
+            raise section[key].fail(f"optimizer.{key} is read by {' and '.join(kinds)} only; add 'kind: {kinds[0]}' "
+                                    f"to this section")
+        if key in section and kind is not None and kind not in kinds:
+            raise section[key].fail(f"optimizer.{key} is not read by kind {kind} (only by {', '.join(kinds)}); drop it")
     for key in ("master", "gradient", "momentum", "second_moment"):
         if key in section and section[key].value is not None:
             text = _check(section[key], (str,), f"optimizer.{key}")
             values[key] = None if text == "fp32" else _format(section[key], text, aliases, f"optimizer.{key}")
+    if kind == "lpsvrg" and values.get("master") is None:
+        raise node.fail("optimizer kind lpsvrg stores the weights in a low-precision format: set optimizer.master "
+                        "(e.g. master: fixed(8,5)); with fp32 weights it is svrg")
     if "update_rounding" in section:
         values["update_rounding"] = _choice(section["update_rounding"], ROUNDING_MODES, "optimizer.update_rounding")
     if "weight_decay" in section:
@@ -243,7 +255,38 @@ def _optimizer(node: _Node, aliases) -> OptimizerSettings:
         if decay < 0:
             raise section["weight_decay"].fail(f"optimizer.weight_decay must be >= 0, got {decay}")
         values["weight_decay"] = float(decay)
+    for key in ("T", "swa_start", "swa_every"):
+        if key in section:
+            values[key] = _period(section[key], f"optimizer.{key}", allow_zero=key == "swa_start")
+    if kind == "halp" and "mu" not in section:
+        raise node.fail("optimizer kind halp needs mu, the strong-convexity constant its offset scale "
+                        "||g~|| / (mu (2^(bits-1) - 1)) divides by (e.g. mu: 0.01)")
+    if "mu" in section:
+        mu = float(_check(section["mu"], (int, float), "optimizer.mu"))
+        if not (0 < mu < math.inf):
+            raise section["mu"].fail(f"optimizer.mu must be positive and finite, got {mu}")
+        values["mu"] = mu
+    if "bits" in section:
+        values["bits"] = _check(section["bits"], (int,), "optimizer.bits")
+        if not 2 <= values["bits"] <= 32:
+            raise section["bits"].fail(f"optimizer.bits must be 2..32 (a signed integer offset), got {values['bits']}")
     return OptimizerSettings(**values)
+
+
+def _period(node: _Node, what: str, allow_zero: bool = False) -> Period:
+    """``2 epochs``, ``1 epoch``, ``500 steps``; a bare number is refused, its unit would be a guess."""
+    if isinstance(node.value, Period):  # a Python mapping may give one
+        count, unit = node.value.count, node.value.unit
+    else:
+        words = str(node.value).split() if isinstance(node.value, str) else []
+        unit = words[1] + ("" if words[1].endswith("s") else "s") if len(words) == 2 else None
+        if unit not in PERIOD_UNITS or not words[0].isdigit():
+            raise node.fail(f"{what} must be a count with its unit, like '2 epochs' or '500 steps', "
+                            f"got {_kind(node.value)}")
+        count = int(words[0])
+    if count < (0 if allow_zero else 1):
+        raise node.fail(f"{what} must be {'>= 0' if allow_zero else 'positive'}, got {count}")
+    return Period(count, unit)
 
 
 def _trust_region(node: _Node) -> TrustRegionSettings:

@@ -15,7 +15,8 @@ from typing import Any
 from ..ops.spec import ROLES, ArithSpec, QuantSpec, Recompute
 
 __all__ = ["SCHEMA_VERSION", "GROUPS", "TRUST_REGION_METHODS", "EPSILON_MODES", "NATIVE", "RoleSetting", "Settings",
-           "Selector", "Rule", "Level", "NodeFacts", "Assignment", "OptimizerSettings", "TrustRegionSettings"]
+           "Selector", "Rule", "Level", "NodeFacts", "Assignment", "OPTIMIZER_KINDS", "OPTIMIZER_KEY_KINDS", "PERIOD_UNITS", "Period",
+           "OptimizerSettings", "TrustRegionSettings"]
 
 SCHEMA_VERSION = 1
 GROUPS = ("gemm", "elementwise", "norm", "activation", "pool")
@@ -147,23 +148,65 @@ class Assignment:
         return max((f.unit_roundoff for f in formats), default=0.0)
 
 
+OPTIMIZER_KINDS = ("sgd", "adam", "adamw", "svrg", "lpsvrg", "halp", "swalp")
+PERIOD_UNITS = ("steps", "epochs")
+# the optimizer kinds that read each key of the optimizer section; a key a kind does not read is refused
+OPTIMIZER_KEY_KINDS = {
+    "master": ("sgd", "adam", "adamw", "lpsvrg", "swalp"), "gradient": ("sgd", "adam", "adamw", "swalp"),
+    "momentum": ("sgd", "adam", "adamw", "swalp"), "second_moment": ("adam", "adamw"),
+    "T": ("svrg", "lpsvrg", "halp"), "mu": ("halp",), "bits": ("halp",),
+    "swa_start": ("swalp",), "swa_every": ("swalp",),
+    "update_rounding": ("sgd", "adam", "adamw", "lpsvrg", "halp", "swalp"),  # svrg stores nothing rounded
+}
+
+
+@dataclass(frozen=True)
+class Period:
+    """A length of training: ``count`` optimizer steps or epochs (``"2 epochs"``, ``"500 steps"``)."""
+
+    count: int
+    unit: str = "steps"
+
+    def steps(self, steps_per_epoch: int | None) -> int:
+        """The period in steps; an epoch count needs ``steps_per_epoch``."""
+        if self.unit == "steps":
+            return self.count
+        if steps_per_epoch is None:
+            raise ValueError(f"a period of {self} needs the number of steps per epoch")
+        return self.count * steps_per_epoch
+
+    def __str__(self) -> str:
+        return f"{self.count} {self.unit[:-1] if self.count == 1 else self.unit}"
+
+
 @dataclass(frozen=True)
 class OptimizerSettings:
-    """The ``optimizer:`` section: formats of what an optimizer stores; None keeps fp32.
+    """The ``optimizer:`` section: which optimizer trains, and the formats of what it stores;
+    a format None keeps fp32.
 
+    ``kind`` is one of ``OPTIMIZER_KINDS`` (None: the trainer's choice, SGD by default).
     ``master`` is the stored weights themselves (a low-precision master is the LP-SGD / SWALP
-    setting), ``gradient`` the gradients the update reads, ``momentum`` SGD's momentum buffer
-    or Adam's first moment, ``second_moment`` Adam's second moment. ``update_rounding`` rounds
-    every stored value after a step; ``weight_decay`` (None: the optimizer's own) is decoupled
-    for AdamW and L2 otherwise, as torch does it.
+    setting, and LP-SVRG's weight format), ``gradient`` the gradients the update reads,
+    ``momentum`` SGD's momentum buffer or Adam's first moment, ``second_moment`` Adam's second
+    moment. ``update_rounding`` rounds every stored value after a step (HALP's offset z too);
+    ``weight_decay`` (None: the optimizer's own) is decoupled for AdamW and L2 otherwise, as torch
+    does it. ``T`` is the SVRG / LP-SVRG / HALP epoch (steps between full gradients), ``mu`` and
+    ``bits`` HALP's strong-convexity constant and offset word length; ``swa_start`` and
+    ``swa_every`` when SWALP starts averaging and how often it adds an iterate.
     """
 
+    kind: str | None = None
     master: Any = None
     gradient: Any = None
     momentum: Any = None
     second_moment: Any = None
     update_rounding: str = "nearest"
     weight_decay: float | None = None
+    T: Period = Period(1, "epochs")
+    mu: float | None = None
+    bits: int = 8
+    swa_start: Period = Period(1, "epochs")
+    swa_every: Period = Period(1, "epochs")
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ from ..models import MODELS, build_model
 from ..policy import load_policy
 from .data import Dataset, batches, load_dataset, num_batches
 from .model_objective import ModelObjective
-from .optim import OPTIMIZERS, make_optimizer
+from .optim import OPTIMIZERS, SWALP, VARIANCE_REDUCED, make_optimizer, optimizer_kind
 from .scaling import LossScaler, make_loss_scaler
 from .trust_region import TrustRegion, check_record
 
@@ -74,7 +74,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 32
     lr: float = 0.05
-    optimizer: str = "sgd"
+    optimizer: str | None = None
     seed: int = 0
     out: str = "runs/run"
     data_dir: str | None = None
@@ -97,7 +97,7 @@ class TrainConfig:
             raise MpcompileError(f"epochs {self.epochs} must be a non-negative integer")
         if self.schedule not in SCHEDULES:
             raise MpcompileError(f"unknown lr schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        if self.optimizer not in OPTIMIZERS:
+        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             raise MpcompileError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         try:
             device = torch.device(self.device)
@@ -130,6 +130,14 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class _SkippedStep(Exception):
+    """A gradient of a variance-reduced step overflowed, or its loss is not finite."""
+
+    def __init__(self, loss: float):
+        super().__init__(loss)
+        self.loss = loss
+
+
 def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     random.seed(seed)
@@ -158,14 +166,21 @@ class Trainer:
                                                level=config.level)
         self.scaler: LossScaler = make_loss_scaler(self._loss_scale(policy))
         self.optimizer, self.controller, self.objective = None, None, None
+        self.optimizer_kind = optimizer_kind(config.optimizer, policy.optimizer)
+        self._grad_format = policy.optimizer.gradient
+        steps_per_epoch = num_batches(self.data, "train", config.batch_size)
         if tr is None:
-            self.optimizer = make_optimizer(config.optimizer, self.compiled.parameters(), config.lr, policy.optimizer,
-                                            seed=config.seed)
+            self.optimizer = make_optimizer(self.optimizer_kind, self.compiled.parameters(), config.lr,
+                                            policy.optimizer, seed=config.seed, steps_per_epoch=steps_per_epoch,
+                                            full_grad=self._full_gradient)
+        elif (config.optimizer or policy.optimizer.kind or "sgd") != "sgd":
+            raise MpcompileError(f"policy {policy.name} trains with its trust_region controller, which takes the steps "
+                                 f"itself; optimizer {self.optimizer_kind} would not be used: drop it")
         else:
             self.objective = ModelObjective(self.compiled, self.model, F.cross_entropy, self.scaler, tr,
                                             policy.optimizer, seed=config.seed)
             self.controller = TrustRegion(self.objective, tr, lr=config.lr, on_check=self._on_check,
-                                          steps_per_epoch=num_batches(self.data, "train", config.batch_size))
+                                          steps_per_epoch=steps_per_epoch)
         self.out = Path(config.out)
         self.epoch, self.step_in_epoch, self.history, self.nan_loss_steps = 0, 0, [], 0
         self.level_iterations: dict[str, int] = {}
@@ -277,16 +292,62 @@ class Trainer:
             self.level_iterations[level] = self.level_iterations.get(level, 0) + 1
             self.nan_loss_steps = self.objective.nan_loss_steps
             return loss, 0 if skipped else self.objective.last_correct, skipped
+        if self.optimizer_kind in VARIANCE_REDUCED:
+            return self._variance_reduced_step(x, y)
         self.optimizer.zero_grad()
         logits = self.compiled(x)
         loss = F.cross_entropy(logits, y)
         if not torch.isfinite(loss):  # the forward overflowed: no gradient to scale, so the scale stays
             self.nan_loss_steps += 1
             return float(loss.detach()), 0, True
-        skipped = self.scaler.backward(loss, self.compiled.parameters(), self.optimizer.settings.gradient)
+        skipped = self.scaler.backward(loss, self.compiled.parameters(), self._grad_format)
         if not skipped:
             self.optimizer.step()
         return float(loss.detach()), int((logits.argmax(1) == y).sum()), skipped
+
+    def _variance_reduced_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int, bool]:
+        """SVRG / LP-SVRG / HALP: the optimizer calls the closure at w, then at the anchor; a
+        gradient that overflows (the loss scaler skips it) or a non-finite loss in either call
+        abandons the step."""
+        logits = []
+
+        def closure() -> torch.Tensor:
+            out = self.compiled(x)
+            loss = F.cross_entropy(out, y)
+            self._scaled_backward(loss)
+            logits.append(out.detach())
+            return loss.detach()
+
+        try:
+            loss = self.optimizer.step(closure)
+        except _SkippedStep as skip:
+            return skip.loss, 0, True
+        return float(loss), int((logits[0].argmax(1) == y).sum()), False
+
+    def _scaled_backward(self, loss: torch.Tensor, *, unscale: bool = True) -> None:
+        if not torch.isfinite(loss):
+            self.nan_loss_steps += 1
+            raise _SkippedStep(float(loss.detach()))
+        self.scaler.scale(loss).backward()
+        if unscale:
+            self._unscale(float(loss.detach()))
+
+    def _unscale(self, loss: float) -> None:
+        skipped = self.scaler.unscale_(self.compiled.parameters(), self._grad_format)
+        self.scaler.update(skipped)
+        if skipped:
+            raise _SkippedStep(loss)
+
+    def _full_gradient(self) -> None:
+        """The mean loss's gradient over the whole training set, left in ``.grad`` (the variance-
+        reduced optimizers' ``full_grad``): batches of 256 in a fixed order, in train mode,
+        scaled like any step's."""
+        n, total = self.data.size("train"), 0.0
+        for x, y in batches(self.data, "train", 256, shuffle=False, seed=0, epoch=0):
+            loss = F.cross_entropy(self.compiled(x.to(self.device)), y.to(self.device)) * (len(y) / n)
+            self._scaled_backward(loss, unscale=False)
+            total += float(loss.detach())
+        self._unscale(total)
 
     def fit(self) -> dict[str, Any]:
         """Train from where the run stands to ``config.epochs``; write metrics, plots, summary."""
@@ -348,7 +409,7 @@ class Trainer:
                   "test_accuracy": self.evaluate("test"),
                   "seconds": p["seconds"], "loss_scale": self.scaler.scale_value,
                   "overflow_steps": self.scaler.overflow_steps, "nan_loss_steps": self.nan_loss_steps,
-                  "level": self.compiled.level}
+                  "level": self.compiled.level, **self._swa_record()}
         self.history.append(record)
         metrics.write(json.dumps(record) + "\n")
         metrics.flush()
@@ -356,15 +417,25 @@ class Trainer:
         self._partial = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
         self.save()
 
+    def _swa_record(self) -> dict[str, Any]:
+        """SWALP's averaged model, its batch norms recomputed on the training data: its test
+        accuracy and how many iterates it averages (nothing before averaging starts)."""
+        if not isinstance(self.optimizer, SWALP) or not self.optimizer.averaged_count:
+            return {}
+        train = batches(self.data, "train", 256, shuffle=False, seed=0, epoch=0)
+        with self.optimizer.averaged(self.compiled, train):
+            accuracy = self.evaluate("test")
+        return {"swa_test_accuracy": accuracy, "swa_averaged": self.optimizer.averaged_count}
+
     def summary(self) -> dict[str, Any]:
         c, last = self.config, (self.history[-1] if self.history else {})
         return {"model": c.model, "data": c.data, "policy": c.policy, "level": self.compiled.level,
-                "epochs": len(self.history), "seed": c.seed, "optimizer": c.optimizer, "lr": c.lr,
+                "epochs": len(self.history), "seed": c.seed, "optimizer": self.optimizer_kind, "lr": c.lr,
                 "batch_size": c.batch_size, "test_accuracy": last["test_accuracy"] if last else self.evaluate("test"),
                 "train_loss": last.get("train_loss", math.nan),
                 "seconds_per_epoch": float(np.mean([h["seconds"] for h in self.history])) if self.history else 0.0,
                 "overflow_steps": self.scaler.overflow_steps, "nan_loss_steps": self.nan_loss_steps,
-                **self._dynamic_summary()}
+                **{k: last[k] for k in ("swa_test_accuracy", "swa_averaged") if k in last}, **self._dynamic_summary()}
 
     def _dynamic_summary(self) -> dict[str, Any]:
         if self.controller is None:

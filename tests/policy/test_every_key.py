@@ -20,7 +20,7 @@ import mpcompile
 from mpcompile.errors import PolicyError
 from mpcompile.policy import load_policy
 from mpcompile.policy.parse import SECTION_KEYS
-from mpcompile.runtime.optim import make_optimizer
+from mpcompile.runtime.optim import SWALP, VarianceReduced, make_optimizer
 
 E4 = {"format": "fp8_e4m3"}
 
@@ -95,7 +95,18 @@ LEVEL = {
 OPTIMIZER = {key: [Case({}, {key: value}, "steps")] for key, value in
              {"master": "bf16", "gradient": "fp8_e5m2", "momentum": "fp8_e4m3", "second_moment": "bf16",
               "weight_decay": 0.5}.items()}
+OPTIMIZER["second_moment"] = [Case({"kind": "adam"}, {"kind": "adam", "second_moment": "bf16"}, "steps")]
 OPTIMIZER["update_rounding"] = [Case({"master": "bf16"}, {"master": "bf16", "update_rounding": "stochastic"}, "steps")]
+OPTIMIZER |= {
+    "kind": [Case({}, {"kind": "svrg"}, "steps")],
+    "T": [Case({"kind": "svrg", "T": "1 step"}, {"kind": "svrg", "T": "3 steps"}, "steps")],
+    "mu": [Case({"kind": "halp", "mu": 1}, {"kind": "halp", "mu": 4}, "steps")],
+    "bits": [Case({"kind": "halp", "mu": 1}, {"kind": "halp", "mu": 1, "bits": 4}, "steps")],
+    "swa_start": [Case({"kind": "swalp", "swa_start": "0 steps", "swa_every": "1 step"},
+                       {"kind": "swalp", "swa_start": "2 steps", "swa_every": "1 step"}, "steps")],
+    "swa_every": [Case({"kind": "swalp", "swa_start": "0 steps"},
+                       {"kind": "swalp", "swa_start": "0 steps", "swa_every": "1 step"}, "steps")],
+}
 TRUST_REGION = {key: [Case({}, {key: value}, "lock")] for key, value in
                 {"method": "mp_sgd", "eta1": 0.1, "eta2": 0.9, "delta0": 0.2, "delta_max": 5.0, "checks_per_epoch": 7,
                  "epsilon": "bound", "refresh": 3, "momentum": 0.5, "weight_decay": 0.01, "eta": 0.25,
@@ -185,15 +196,25 @@ def _outcome(policy: dict) -> tuple[tuple, str, list[str]]:
 
 
 def _step(policy: dict) -> bytes:
+    """Four steps of the policy's optimizer kind (adam where it names none) on alternating halves
+    of X (the full gradient: all of X); the weights, and SWALP's average."""
     p = load_policy(copy.deepcopy(policy))
     torch.manual_seed(0)
     model = Small()
-    opt = make_optimizer("adam", model.parameters(), 0.1, p.optimizer, seed=0)
-    for _ in range(2):
-        opt.zero_grad()
-        model(X).backward(G)
-        opt.step()
-    return b"".join(_bits(q) for q in model.parameters())
+    full = lambda: model(X).backward(G)  # noqa: E731
+    opt = make_optimizer(p.optimizer.kind or "adam", model.parameters(), 0.1, p.optimizer, seed=0,
+                         steps_per_epoch=2, full_grad=full)
+    for i in range(4):
+        half = slice(i % 2, None, 2)
+        closure = lambda: model(X[half]).backward(G[half])  # noqa: E731
+        if isinstance(opt, VarianceReduced):
+            opt.step(closure)
+        else:
+            opt.zero_grad()
+            closure()
+            opt.step()
+    average = opt.average if isinstance(opt, SWALP) else []
+    return b"".join(_bits(q) for q in [*model.parameters(), *average])
 
 
 def _cases() -> list:

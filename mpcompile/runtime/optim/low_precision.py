@@ -12,13 +12,11 @@ from typing import Iterable
 
 import torch
 
-from ..errors import MpcompileError
-from ..policy import OptimizerSettings
-from ..rounding import quantize
+from ...policy import OptimizerSettings
+from ...rounding import quantize
 
-__all__ = ["StoredRounding", "LowPrecisionOptimizer", "make_optimizer", "OPTIMIZERS"]
+__all__ = ["StoredRounding", "LowPrecisionOptimizer"]
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
 # torch's state names per what they are: SGD keeps momentum_buffer, Adam(W) exp_avg / exp_avg_sq.
 _STATES = {"momentum_buffer": "momentum", "exp_avg": "momentum", "exp_avg_sq": "second_moment"}
 
@@ -36,13 +34,13 @@ class StoredRounding:
         self.rounding, self.seed = rounding, seed
         self._generators: dict[torch.device, torch.Generator] = {}
 
-    def __call__(self, x: torch.Tensor, fmt) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, fmt, *, saturate: bool = False) -> torch.Tensor:
         generator = None
         if self.rounding == "stochastic":
             if x.device not in self._generators:
                 self._generators[x.device] = torch.Generator(x.device).manual_seed(self.seed)
             generator = self._generators[x.device]
-        return quantize(x, fmt, self.rounding, generator=generator)
+        return quantize(x, fmt, self.rounding, saturate=saturate, generator=generator)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {str(d): g.get_state() for d, g in self._generators.items()}
@@ -109,29 +107,3 @@ class LowPrecisionOptimizer:
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self._round.load_state_dict(state["generators"])
-
-
-def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float,
-                   settings: OptimizerSettings = OptimizerSettings(), *, momentum: float = 0.9,
-                   seed: int = 0) -> LowPrecisionOptimizer:
-    """``sgd`` (with momentum), ``adam`` or ``adamw`` over ``params``, wrapped with ``settings``.
-
-    Args:
-        name: one of ``OPTIMIZERS``.
-        params: the parameters (a CompiledModel's survive recompile: they are the same objects).
-        lr: learning rate (> 0).
-        settings: formats from the policy's ``optimizer:`` section.
-        momentum: SGD's momentum.
-        seed: seed of the stochastic rounding.
-    """
-    if not lr > 0:
-        raise MpcompileError(f"learning rate {lr} must be positive")
-    if name == "sgd":
-        inner = torch.optim.SGD(params, lr=lr, momentum=momentum)
-    elif name == "adam":
-        inner = torch.optim.Adam(params, lr=lr)
-    elif name == "adamw":
-        inner = torch.optim.AdamW(params, lr=lr)
-    else:
-        raise MpcompileError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
-    return LowPrecisionOptimizer(inner, settings, seed=seed)
