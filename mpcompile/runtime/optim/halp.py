@@ -53,15 +53,14 @@ class HALP(VarianceReduced):
         self.mu, self.bits = mu, bits
         self.grid = FixedFormat(bits, 0)
 
-    def offset(self, p: torch.Tensor) -> torch.Tensor:
-        """z for parameter ``p``, in ``p``'s dtype (zero before the first anchor)."""
-        state = self.state[p]
-        return state["codes"].to(p.dtype) * state["scale"] if "codes" in state else torch.zeros_like(p)
-
     def _anchor(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         # w~ + z is what the parameters hold, computed in their dtype: it is the new anchor as is
         super()._anchor(params, grads)
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in grads]))
+        decay = {id(p): group["weight_decay"] for group in self.param_groups for p in group["params"]}
+        # the objective's gradient includes the L2 term the steps add: without it the grid
+        # would stop refining at the regularised optimum, where g~ = -weight_decay * w~
+        full = [g.double() + decay[id(p)] * p.double() for p, g in zip(params, grads)]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in full]))
         scale = norm / (self.mu * (2 ** (self.bits - 1) - 1))
         for p in params:
             self.state[p].update(codes=torch.zeros_like(p, dtype=_code_dtype(self.bits)),
@@ -69,14 +68,14 @@ class HALP(VarianceReduced):
 
     def _apply(self, params: list[torch.Tensor], deltas: list[torch.Tensor]) -> None:
         scale = self.state[params[0]]["scale"]  # one scale for all: the full gradient's norm
-        if not scale > 0:  # g~ = 0: the anchor is the optimum, z stays 0
+        if not float(scale) > 0:  # g~ = 0: the anchor is the optimum, z stays 0
             return
         codes = [self.state[p]["codes"] for p in params]
         target = torch.cat([d.reshape(-1).div_(scale).add_(c.reshape(-1)) for d, c in zip(deltas, codes)])
         rounded = self._round(target, self.grid, saturate=True).split([p.numel() for p in params])  # one call a step
         for p, c, r in zip(params, codes, rounded):
             c.copy_(r.view_as(c))
-            torch.add(self.state[p]["anchor"], r.view_as(p), alpha=scale, out=p.data)
+            p.copy_(r.view_as(p).mul_(scale).add_(self.state[p]["anchor"]))  # w = w~ + z, z = codes * s
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)

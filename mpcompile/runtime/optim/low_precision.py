@@ -23,7 +23,9 @@ _STATES = {"momentum_buffer": "momentum", "exp_avg": "momentum", "exp_avg_sq": "
 
 class StoredRounding:
     """Rounds what an optimizer stores, with ``rounding``; stochastic rounding draws from one
-    generator per device, seeded with ``seed``, whose state is checkpointed.
+    generator per device, seeded with ``seed``, whose state is checkpointed. A value beyond a
+    format that has no infinity (fixed point, e4m3) saturates to its largest value, as fixed-point
+    storage does; in a format with inf (bf16, e5m2) it overflows to inf.
 
     Args:
         rounding: a rounding mode (``update_rounding`` of the policy's optimizer section).
@@ -34,12 +36,14 @@ class StoredRounding:
         self.rounding, self.seed = rounding, seed
         self._generators: dict[torch.device, torch.Generator] = {}
 
-    def __call__(self, x: torch.Tensor, fmt, *, saturate: bool = False) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, fmt, *, saturate: bool | None = None) -> torch.Tensor:
         generator = None
         if self.rounding == "stochastic":
             if x.device not in self._generators:
                 self._generators[x.device] = torch.Generator(x.device).manual_seed(self.seed)
             generator = self._generators[x.device]
+        if saturate is None:  # a stored value past a format without inf is clamped, not NaN (nothing recovers from it)
+            saturate = not getattr(fmt, "inf", False)
         return quantize(x, fmt, self.rounding, saturate=saturate, generator=generator)
 
     def state_dict(self) -> dict[str, torch.Tensor]:

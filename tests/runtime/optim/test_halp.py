@@ -91,3 +91,16 @@ def test_bad_settings_are_refused(kwargs, match):
     w = torch.nn.Parameter(torch.zeros(2))
     with pytest.raises(ValueError, match=match):
         HALP([w], lr=0.1, T=1, full_grad=lambda: None, **kwargs)
+
+
+def test_weight_decay_is_part_of_the_gradient_the_grid_shrinks_with():
+    # the same objective with its L2 term as weight_decay: at the optimum g~ of the data term is
+    # -lam w*, not 0, so a scale that left the decay out would stop refining and stall
+    data_only = LeastSquares(PROBLEM.A, PROBLEM.b, 0.0)
+    w = torch.nn.Parameter(torch.zeros(6, dtype=torch.float64))
+    opt = HALP([w], lr=0.1, T=STEPS_PER_EPOCH, full_grad=lambda: data_only.loss(w).backward(), mu=0.1, bits=8,
+               rounding="stochastic", weight_decay=PROBLEM.lam)
+    for epoch in range(25):
+        for rows in PROBLEM.batches(8, epoch):
+            opt.step(lambda: data_only.loss(w, rows).backward())
+    assert PROBLEM.gap(w) < 1e-10

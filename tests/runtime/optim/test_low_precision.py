@@ -122,3 +122,16 @@ def test_bad_optimizer_input():
     with pytest.raises(MpcompileError, match="learning rate -1 must be positive"):
         make_optimizer("sgd", params, -1)
     assert isinstance(make_optimizer("sgd", params, 0.1), LowPrecisionOptimizer)
+
+
+def test_a_stored_value_past_a_format_without_inf_saturates():
+    w = nn.Parameter(torch.tensor([0.45, -0.45]))
+    opt = make_optimizer("sgd", [w], 0.1, OptimizerSettings(master=parse("fixed(8,8)")), momentum=0.0)
+    w.grad = torch.tensor([-1.0, 1.0])
+    opt.step()
+    assert w.tolist() == [127 / 256, -0.5]  # fixed(8,8)'s max and min, not NaN
+    v = nn.Parameter(torch.tensor([3e38]))
+    opt = make_optimizer("sgd", [v], 1.0, OptimizerSettings(master=parse("bf16")), momentum=0.0)
+    v.grad = torch.tensor([-1e38])
+    opt.step()
+    assert v.item() == float("inf")  # bf16 has inf: overflow stays visible
