@@ -13,6 +13,7 @@ from .errors import MpcompileError
 from .formats import BlockFormat, FixedFormat, FloatFormat, Format, get, names, parse
 from .models import build_model
 from .policy import OPTIMIZER_KINDS, Policy, load_policy
+from .policy.lock import runtime_sections
 from .views import settings_text
 
 __all__ = ["main", "formats_table", "policy_summary", "inspect_model"]
@@ -46,6 +47,9 @@ def policy_summary(policy: Policy) -> str:
     lines += [f"  {rule.label}: {settings_text(rule.settings)}" for rule in policy.rules]
     lines += [f"  [{i}] {lv.label}: {settings_text(lv.settings) if i else 'the policy itself'}"
               for i, lv in enumerate(policy.levels)]
+    optimizer = runtime_sections(policy.optimizer, None, False).get("optimizer")
+    if optimizer:
+        lines.append("  optimizer: " + ", ".join(f"{k}={v}" for k, v in optimizer.items()))
     return "\n".join(lines)
 
 

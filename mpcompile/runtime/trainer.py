@@ -19,6 +19,13 @@ already inf/NaN (the forward overflowed a format) is skipped without touching th
 could not help, and counted as a ``nan_loss_steps``. Skipped steps stay out of the epoch's
 train loss and accuracy.
 
+The optimizer is the policy's ``optimizer.kind`` (or ``TrainConfig.optimizer``; the two may not
+disagree). The variance-reduced kinds (svrg, lpsvrg, halp) take each step from two gradients of
+the batch, at w and at the anchor, and their full gradient from the whole training split in
+batches of 256; the loss scaler checks each of these gradients (so it counts two or more checks
+per step), and one that overflows abandons the step. ``swalp`` adds, once averaging has started,
+the averaged model's test accuracy (batch norms recomputed for it) to each epoch's record.
+
 A policy with a ``trust_region:`` section trains with the dynamic-precision controller
 (``trust_region.TrustRegion``) instead of the optimizer: it takes the steps and moves the model
 along the policy's ``levels``. Its checks go to ``metrics.jsonl``, the summary gains ``levels``
@@ -173,7 +180,7 @@ class Trainer:
             self.optimizer = make_optimizer(self.optimizer_kind, self.compiled.parameters(), config.lr,
                                             policy.optimizer, seed=config.seed, steps_per_epoch=steps_per_epoch,
                                             full_grad=self._full_gradient)
-        elif (config.optimizer or policy.optimizer.kind or "sgd") != "sgd":
+        elif self.optimizer_kind != "sgd":
             raise MpcompileError(f"policy {policy.name} trains with its trust_region controller, which takes the steps "
                                  f"itself; optimizer {self.optimizer_kind} would not be used: drop it")
         else:
