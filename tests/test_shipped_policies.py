@@ -17,7 +17,7 @@ from mpcompile.policy import NodeFacts
 
 POLICIES = mpcompile.policy.SHIPPED_POLICIES
 SHIPPED = {"fp32", "bf16", "fp16", "fp8_e4m3", "hfp8", "fp134", "bm8", "swalp8", "mxfp8", "mxfp6", "mxfp4",
-           "keep_ends", "trust_region"}
+           "keep_ends", "trust_region", "halp8", "lpsvrg8"}
 
 # A model with four GEMM-like ops and one activation, in execution order.
 FIRST = NodeFacts("Conv2d", "conv1", "gemm", 0, 4)
