@@ -74,16 +74,16 @@ def sgd(model: nn.Module, full: list[Batch], T: int) -> Optimizer:
 
 
 def svrg(model: nn.Module, full: list[Batch], T: int) -> Optimizer:
-    return SVRG(model.parameters(), LR, T, full, functools.partial(loss_backward, model))
+    return SVRG(model.parameters(), LR, T, full, grad_fn=functools.partial(loss_backward, model))
 
 
 def lpsvrg(model: nn.Module, full: list[Batch], T: int) -> Optimizer:
-    return LPSVRG(model.parameters(), LR, T, full, functools.partial(loss_backward, model), master=parse(MASTER),
+    return LPSVRG(model.parameters(), LR, T, full, parse(MASTER), grad_fn=functools.partial(loss_backward, model),
                   rounding="stochastic")
 
 
 def halp(model: nn.Module, full: list[Batch], T: int) -> Optimizer:
-    return HALP(model.parameters(), LR, T, full, functools.partial(loss_backward, model), mu=1.0, bits=8,
+    return HALP(model.parameters(), LR, T, full, 1.0, 8, grad_fn=functools.partial(loss_backward, model),
                 rounding="stochastic")
 
 

@@ -18,7 +18,7 @@ with w~ + z; z is stored as integers, so every value it takes is exactly on its 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 
@@ -37,19 +37,19 @@ class HALP(VarianceReduced):
     """SVRG with bit centering (equations in the module docstring).
 
     Args:
-        params, lr, T, full_grad, grad_fn, weight_decay, seed: as ``VarianceReduced``.
+        params, lr, T, full_grad: as ``VarianceReduced`` (so are its keyword arguments).
         mu: the strong-convexity constant the scale divides by (> 0).
         bits: word length of the offset's integers (2..32).
         rounding: rounding of the offset (``nearest``, ``stochastic``, ...).
     """
 
-    def __init__(self, params: Iterable, lr: float, T: int, full_grad: FullGradient,
-                 grad_fn: Callable[[Any], Any] | None = None, *, mu: float, bits: int = 8, **kwargs):
+    def __init__(self, params: Iterable, lr: float, T: int, full_grad: FullGradient, mu: float, bits: int = 8,
+                 **kwargs):
         if not 0 < mu < float("inf"):
             raise ValueError(f"mu {mu} must be positive and finite")
         if not isinstance(bits, int) or not 2 <= bits <= 32:
             raise ValueError(f"bits {bits} must be an integer in 2..32")
-        super().__init__(params, lr, T, full_grad, grad_fn, **kwargs)
+        super().__init__(params, lr, T, full_grad, **kwargs)
         self.mu, self.bits = mu, bits
         self.grid = FixedFormat(bits, 0)
 

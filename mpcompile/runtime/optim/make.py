@@ -70,13 +70,14 @@ def make_optimizer(name: str | None, params: Iterable[torch.nn.Parameter], lr: f
         if full_grad is None:
             raise PolicyError(f"optimizer kind {kind} needs data for its full gradient: give full_grad= (a data "
                               f"loader with grad_fn=, or a closure), or train with mpcompile train / Trainer")
-        common = dict(weight_decay=settings.weight_decay or 0.0, rounding=settings.update_rounding, seed=seed)
+        common = dict(grad_fn=grad_fn, weight_decay=settings.weight_decay or 0.0, rounding=settings.update_rounding,
+                      seed=seed)
         T = steps(settings.T, "T")
         if kind == "svrg":
-            return SVRG(params, lr, T, full_grad, grad_fn, **common)
+            return SVRG(params, lr, T, full_grad, **common)
         if kind == "lpsvrg":
-            return LPSVRG(params, lr, T, full_grad, grad_fn, master=settings.master, **common)
-        return HALP(params, lr, T, full_grad, grad_fn, mu=settings.mu, bits=settings.bits, **common)
+            return LPSVRG(params, lr, T, full_grad, settings.master, **common)
+        return HALP(params, lr, T, full_grad, settings.mu, settings.bits, **common)
     if kind in ("sgd", "swalp"):
         inner = torch.optim.SGD(params, lr=lr, momentum=momentum)
     elif kind == "adam":

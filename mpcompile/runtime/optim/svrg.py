@@ -63,8 +63,8 @@ class VarianceReduced(torch.optim.Optimizer):
         seed: seed of stochastic rounding (its generator state is checkpointed).
     """
 
-    def __init__(self, params: Iterable, lr: float, T: int, full_grad: FullGradient,
-                 grad_fn: Callable[[Any], Any] | None = None, *, weight_decay: float = 0.0,
+    def __init__(self, params: Iterable, lr: float, T: int, full_grad: FullGradient, *,
+                 grad_fn: Callable[[Any], Any] | None = None, weight_decay: float = 0.0,
                  rounding: str = "nearest", seed: int = 0):
         if not lr > 0:
             raise ValueError(f"lr {lr} must be positive")
@@ -167,9 +167,8 @@ class LPSVRG(VarianceReduced):
         Other arguments as ``VarianceReduced``.
     """
 
-    def __init__(self, params: Iterable, lr: float, T: int, full_grad: FullGradient,
-                 grad_fn: Callable[[Any], Any] | None = None, *, master: Format, **kwargs):
-        super().__init__(params, lr, T, full_grad, grad_fn, **kwargs)
+    def __init__(self, params: Iterable, lr: float, T: int, full_grad: FullGradient, master: Format, **kwargs):
+        super().__init__(params, lr, T, full_grad, **kwargs)
         self.master = master
         with torch.no_grad():
             for p in self._params():

@@ -104,3 +104,9 @@ def test_weight_decay_is_part_of_the_gradient_the_grid_shrinks_with():
         for rows in PROBLEM.batches(8, epoch):
             opt.step(lambda: data_only.loss(w, rows).backward())
     assert PROBLEM.gap(w) < 1e-10
+
+
+def test_the_issues_positional_signature():
+    w = torch.nn.Parameter(torch.zeros(6, dtype=torch.float64))
+    opt = HALP([w], 0.1, STEPS_PER_EPOCH, lambda: PROBLEM.loss(w).backward(), 0.5, 6)
+    assert (opt.mu, opt.bits, opt.T) == (0.5, 6, STEPS_PER_EPOCH)
