@@ -70,12 +70,18 @@ class SWALP(torch.optim.Optimizer):
 
         Raises:
             RuntimeError: no iterate has been averaged yet.
+            ValueError: batch norms to recompute in a model captured by torch.export, whose graph
+                fixes their momentum (``update_bn`` needs a cumulative average).
         """
         if not self.averaged_count:
             raise RuntimeError(f"no iterate averaged yet: averaging starts at step {self.start} (now {self.steps})")
         params = self._params()
-        kept = [p.detach().clone() for p in params]
         norms = [m for m in (model.modules() if model is not None else ()) if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if norms and loader is not None and getattr(model, "capture", None) == "export":
+            raise ValueError("SWALP.averaged: this model was captured by torch.export, whose graph fixes batch norm's "
+                             "momentum, so its statistics cannot be recomputed through it; pass the source model "
+                             "(compiled.source) to recompute them in its own arithmetic, or an fx-captured model")
+        kept = [p.detach().clone() for p in params]
         buffers = [{k: b.clone() for k, b in m.named_buffers(recurse=False)} for m in norms]
         with torch.no_grad():
             for p, avg in zip(params, self.average):

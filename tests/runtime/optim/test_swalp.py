@@ -89,3 +89,34 @@ def test_state_dict_resumes_bit_identically():
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), straight_model.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(opt.average, straight.average))
     assert opt.averaged_count == straight.averaged_count
+
+
+def test_batch_norms_are_recomputed_through_an_fx_graph_and_refused_through_an_exported_one():
+    import warnings
+
+    import mpcompile
+
+    x = torch.randn(16, 5)
+    loader = [torch.randn(32, 5, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    for capture in ("fx", "export"):
+        model = _model()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compiled = mpcompile.compile(model, "bf16", (x,), capture=capture)
+        opt = _swalp(compiled, start=0, every=1)
+        for i in range(1, 4):
+            _step(compiled, opt, i)
+        if capture == "export":
+            with pytest.raises(ValueError, match="captured by torch.export"):
+                with opt.averaged(compiled, loader):
+                    pass
+            with opt.averaged(compiled.source, loader):  # the source's own batch norms: allowed
+                pass
+            continue
+        expected = copy.deepcopy(model)
+        with torch.no_grad():
+            for p, avg in zip(expected.parameters(), opt.average):
+                p.copy_(avg)
+        torch.optim.swa_utils.update_bn(loader, expected)
+        with opt.averaged(compiled, loader):  # through the bf16 graph: close to the fp32 statistics
+            torch.testing.assert_close(model[1].running_mean, expected[1].running_mean, rtol=0, atol=2e-2)
