@@ -13,6 +13,7 @@ from .errors import MpcompileError
 from .formats import BlockFormat, FixedFormat, FloatFormat, Format, get, names, parse
 from .models import build_model
 from .policy import OPTIMIZER_KINDS, Policy, load_policy
+from .policy.schema import OPTIMIZER_KEY_KINDS
 from .policy.lock import runtime_sections
 from .views import settings_text
 
@@ -47,9 +48,12 @@ def policy_summary(policy: Policy) -> str:
     lines += [f"  {rule.label}: {settings_text(rule.settings)}" for rule in policy.rules]
     lines += [f"  [{i}] {lv.label}: {settings_text(lv.settings) if i else 'the policy itself'}"
               for i, lv in enumerate(policy.levels)]
-    optimizer = runtime_sections(policy.optimizer, None, False).get("optimizer")
+    optimizer = runtime_sections(policy.optimizer, None, False).get("optimizer", {})
+    kind = policy.optimizer.kind
+    read = {k: str(getattr(policy.optimizer, k)) for k, kinds in OPTIMIZER_KEY_KINDS.items()  # defaults shown too
+            if kind in kinds and getattr(policy.optimizer, k) is not None}
     if optimizer:
-        lines.append("  optimizer: " + ", ".join(f"{k}={v}" for k, v in optimizer.items()))
+        lines.append("  optimizer: " + ", ".join(f"{k}={v}" for k, v in (optimizer | read).items()))
     return "\n".join(lines)
 
 

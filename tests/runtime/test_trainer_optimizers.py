@@ -71,4 +71,4 @@ def test_cli_trains_with_a_shipped_halp_policy(tmp_path, capsys):
     assert main(["train", "--policy", "halp8", "--optimizer", "sgd", "--out", str(tmp_path / "x")]) == 2
     assert "is for kind halp, but sgd was asked for" in capsys.readouterr().err
     assert main(["check", "halp8"]) == 0
-    assert "  optimizer: kind=halp, update_rounding=stochastic, mu=1.0" in capsys.readouterr().out
+    assert "  optimizer: kind=halp, update_rounding=stochastic, mu=1.0, T=1 epoch, bits=8" in capsys.readouterr().out
