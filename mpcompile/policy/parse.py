@@ -17,13 +17,15 @@ from typing import Any, Mapping
 import yaml
 
 from ..errors import FormatError, PolicyError, SpecError
+from ..formats import BlockFormat
 from ..formats import parse as parse_format
 from ..ops.spec import DELAYED_ROLES, ROLES, SCALINGS, ArithSpec, QuantSpec, Recompute
 from ..random_bits import COUNTER_BITS
 from ..rounding import ROUNDING_MODES
 from .cascade import Policy
-from .schema import (EPSILON_MODES, GROUPS, NATIVE, OPTIMIZER_KEY_KINDS, OPTIMIZER_KINDS, PERIOD_UNITS, SCHEMA_VERSION, TRUST_REGION_METHODS,
-                     Level, OptimizerSettings, Period, RoleSetting, Rule, Selector, Settings, TrustRegionSettings)
+from .schema import (EPSILON_MODES, GROUPS, NATIVE, OPTIMIZER_KEY_KINDS, OPTIMIZER_KINDS, PERIOD_UNITS, SCHEMA_VERSION,
+                     STORAGES, TRUST_REGION_METHODS, Level, OptimizerSettings, Period, RoleSetting, Rule, Selector,
+                     Settings, TrustRegionSettings)
 
 __all__ = ["SHIPPED_POLICIES", "SECTION_KEYS", "load_policy", "shipped_policies"]
 
@@ -250,6 +252,14 @@ def _optimizer(node: _Node, aliases) -> OptimizerSettings:
                         "(e.g. master: fixed(8,5)); with fp32 weights it is svrg")
     if "update_rounding" in section:
         values["update_rounding"] = _choice(section["update_rounding"], ROUNDING_MODES, "optimizer.update_rounding")
+    if "storage" in section:
+        values["storage"] = _choice(section["storage"], STORAGES, "optimizer.storage")
+        states = {k: values[k] for k in ("momentum", "second_moment") if values.get(k) is not None}
+        wide = [f"{k} ({f})" for k, f in states.items() if not _packable(f)]
+        if values["storage"] == "packed" and (wide or not states):
+            raise section["storage"].fail(f"optimizer.storage: packed stores the momentum / second_moment states as "
+                                          f"codes of at most 16 bits; {', '.join(wide) or 'no state has a format'} "
+                                          f"(e.g. momentum: mxfp8_e4m3)")
     if "weight_decay" in section:
         decay = _check(section["weight_decay"], (int, float), "optimizer.weight_decay")
         if decay < 0:
@@ -271,6 +281,10 @@ def _optimizer(node: _Node, aliases) -> OptimizerSettings:
         if not 2 <= values["bits"] <= 32:
             raise section["bits"].fail(f"optimizer.bits must be 2..32 (a signed integer offset), got {values['bits']}")
     return OptimizerSettings(**values)
+
+
+def _packable(fmt) -> bool:
+    return (fmt.element if isinstance(fmt, BlockFormat) else fmt).bits <= 16
 
 
 def _period(node: _Node, what: str, allow_zero: bool = False) -> Period:

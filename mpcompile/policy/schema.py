@@ -15,7 +15,7 @@ from typing import Any
 from ..ops.spec import ROLES, ArithSpec, QuantSpec, Recompute
 
 __all__ = ["SCHEMA_VERSION", "GROUPS", "TRUST_REGION_METHODS", "EPSILON_MODES", "NATIVE", "RoleSetting", "Settings",
-           "Selector", "Rule", "Level", "NodeFacts", "Assignment", "OPTIMIZER_KINDS", "OPTIMIZER_KEY_KINDS", "PERIOD_UNITS", "Period",
+           "Selector", "Rule", "Level", "NodeFacts", "Assignment", "OPTIMIZER_KINDS", "OPTIMIZER_KEY_KINDS", "PERIOD_UNITS", "STORAGES", "Period",
            "OptimizerSettings", "TrustRegionSettings"]
 
 SCHEMA_VERSION = 1
@@ -150,6 +150,7 @@ class Assignment:
 
 OPTIMIZER_KINDS = ("sgd", "adam", "adamw", "svrg", "lpsvrg", "halp", "swalp")
 PERIOD_UNITS = ("steps", "epochs")
+STORAGES = ("emulated", "packed")
 # the optimizer kinds that read each key of the optimizer section; a key a kind does not read is refused
 OPTIMIZER_KEY_KINDS = {
     "master": ("sgd", "adam", "adamw", "lpsvrg", "swalp"), "gradient": ("sgd", "adam", "adamw", "swalp"),
@@ -157,6 +158,7 @@ OPTIMIZER_KEY_KINDS = {
     "T": ("svrg", "lpsvrg", "halp"), "mu": ("halp",), "bits": ("halp",),
     "swa_start": ("swalp",), "swa_every": ("swalp",),
     "update_rounding": ("sgd", "adam", "adamw", "lpsvrg", "halp", "swalp"),  # svrg stores nothing rounded
+    "storage": ("sgd", "adam", "adamw", "swalp"),
 }
 
 
@@ -192,7 +194,10 @@ class OptimizerSettings:
     ``weight_decay`` (None: the optimizer's own) is decoupled for AdamW and L2 otherwise, as torch
     does it. ``T`` is the SVRG / LP-SVRG / HALP epoch (steps between full gradients), ``mu`` and
     ``bits`` HALP's strong-convexity constant and offset word length; ``swa_start`` and
-    ``swa_every`` when SWALP starts averaging and how often it adds an iterate.
+    ``swa_every`` when SWALP starts averaging and how often it adds an iterate. ``storage``:
+    ``emulated`` keeps rounded states in fp32 tensors, ``packed`` keeps the ``momentum`` /
+    ``second_moment`` states as codes of their format between steps (``formats.encode``), so an
+    8-bit state takes a byte an element.
     """
 
     kind: str | None = None
@@ -207,6 +212,7 @@ class OptimizerSettings:
     bits: int = 8
     swa_start: Period = Period(1, "epochs")
     swa_every: Period = Period(1, "epochs")
+    storage: str = "emulated"
 
 
 @dataclass(frozen=True)

@@ -104,6 +104,8 @@ OPTIMIZER |= {
     "bits": [Case({"kind": "halp", "mu": 1}, {"kind": "halp", "mu": 1, "bits": 4}, "steps")],
     "swa_start": [Case({"kind": "swalp", "swa_start": "0 steps", "swa_every": "1 step"},
                        {"kind": "swalp", "swa_start": "2 steps", "swa_every": "1 step"}, "steps")],
+    "storage": [Case({"kind": "adam", "momentum": "bf16"}, {"kind": "adam", "momentum": "bf16", "storage": "packed"},
+                     "lock")],  # the same numbers by design (tests/runtime/optim), in fewer bytes
     "swa_every": [Case({"kind": "swalp", "swa_start": "0 steps"},
                        {"kind": "swalp", "swa_start": "0 steps", "swa_every": "1 step"}, "steps")],
 }

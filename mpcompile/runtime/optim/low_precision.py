@@ -12,6 +12,7 @@ from typing import Iterable
 
 import torch
 
+from ...formats import Packed, decode, encode
 from ...policy import OptimizerSettings
 from ...rounding import quantize
 
@@ -69,6 +70,8 @@ class LowPrecisionOptimizer:
                  seed: int = 0):
         self.optimizer, self.settings, self.seed = optimizer, settings, seed
         self._round = StoredRounding(settings.update_rounding, seed)
+        # storage: packed: (parameter index, state name) -> the state's codes, between steps
+        self._packed: dict[tuple[int, str], Packed] = {}
         if settings.weight_decay is not None:
             for group in optimizer.param_groups:
                 group["weight_decay"] = settings.weight_decay
@@ -95,19 +98,38 @@ class LowPrecisionOptimizer:
             for p in self._params():
                 if p.grad is not None:
                     p.grad.copy_(self._round(p.grad, s.gradient))
+        self._unpack()
         self.optimizer.step()
-        for p in self._params():
+        for i, p in enumerate(self._params()):
             state = self.optimizer.state.get(p, {})
             for key, role in _STATES.items():
                 fmt = getattr(s, role)
                 if fmt is not None and isinstance(state.get(key), torch.Tensor):
                     state[key].copy_(self._round(state[key], fmt))
+                    if s.storage == "packed":  # between steps only the codes are kept
+                        self._packed[i, key] = encode(state.pop(key), fmt)
             if s.master is not None:
                 p.copy_(self._round(p, s.master))
 
+    def _unpack(self) -> None:
+        """Put the packed states back as the float tensors torch's step reads."""
+        params = list(self._params())
+        for (i, key), packed in self._packed.items():
+            fmt = getattr(self.settings, _STATES[key])
+            self.optimizer.state[params[i]][key] = decode(packed, fmt, params[i].shape, params[i].dtype)
+        self._packed = {}
+
+    def state_bytes(self) -> int:
+        """Bytes the optimizer's states take between steps (packed codes, or torch's tensors)."""
+        tensors = [t for state in self.optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in tensors) + sum(p.nbytes for p in self._packed.values())
+
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "generators": self._round.state_dict()}
+        return {"optimizer": self.optimizer.state_dict(), "generators": self._round.state_dict(),
+                "packed": {f"{i}:{key}": (p.codes, p.scales) for (i, key), p in self._packed.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self._round.load_state_dict(state["generators"])
+        self._packed = {(int(k.split(":")[0]), k.split(":")[1]): Packed(*codes)
+                        for k, codes in state.get("packed", {}).items()}

@@ -135,3 +135,35 @@ def test_a_stored_value_past_a_format_without_inf_saturates():
     v.grad = torch.tensor([-1e38])
     opt.step()
     assert v.item() == float("inf")  # bf16 has inf: overflow stays visible
+
+
+def test_packed_states_train_bit_identically_in_a_quarter_of_the_bytes(tmp_path):
+    from mpcompile.policy import load_policy
+
+    def run(storage: str, steps: int, state=None):
+        policy = load_policy({"version": 1, "optimizer": {"kind": "adam", "momentum": "mxfp8_e4m3",
+                                                          "second_moment": "mxfp8_e5m2",
+                                                          "update_rounding": "stochastic", "storage": storage}})
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+        opt = make_optimizer("adam", model.parameters(), 1e-2, policy.optimizer, seed=3)
+        if state is not None:
+            model.load_state_dict(state[0])
+            opt.load_state_dict(state[1])
+        x = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+        for _ in range(steps):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        return model, opt
+
+    emulated, emulated_opt = run("emulated", 4)
+    packed, packed_opt = run("packed", 4)
+    assert all(torch.equal(a, b) for a, b in zip(emulated.parameters(), packed.parameters()))
+    assert packed_opt.state_bytes() < 0.3 * emulated_opt.state_bytes()
+    path = tmp_path / "ckpt.pt"  # a checkpoint holds the codes, and resumes bit-identically
+    half, half_opt = run("packed", 2)
+    torch.save((half.state_dict(), half_opt.state_dict()), path)
+    assert all(v[0].dtype == torch.uint8 for v in half_opt.state_dict()["packed"].values())
+    resumed, _ = run("packed", 2, torch.load(path, weights_only=False))
+    assert all(torch.equal(a, b) for a, b in zip(resumed.parameters(), packed.parameters()))
