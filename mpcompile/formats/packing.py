@@ -100,8 +100,7 @@ def _encode_elements(x: torch.Tensor, fmt: FloatFormat | FixedFormat) -> torch.T
     if not bool(found.all()):
         bad = x[~found].flatten()[0].item()
         raise FormatError(f"encode: {bad!r} is not a value of {fmt}; round to it first (mpcompile.rounding.quantize)")
-    packed = out.to(torch.int64)
-    return packed.to(torch.uint8) if fmt.bits <= 8 else packed.to(torch.int16)
+    return out.to(_code_dtype(fmt.bits))  # int64 -> int16 wraps codes >= 2**15 to the uint16 pattern
 
 
 def _blocks(x: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:
