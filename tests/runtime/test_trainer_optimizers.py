@@ -72,3 +72,20 @@ def test_cli_trains_with_a_shipped_halp_policy(tmp_path, capsys):
     assert "is for kind halp, but sgd was asked for" in capsys.readouterr().err
     assert main(["check", "halp8"]) == 0
     assert "  optimizer: kind=halp, update_rounding=stochastic, mu=1.0, T=1 epoch, bits=8" in capsys.readouterr().out
+
+
+def test_an_overflowing_gradient_or_a_nan_loss_abandons_a_variance_reduced_step(tmp_path, monkeypatch):
+    trainer = Trainer(_config(tmp_path, "halp", "skip"), progress=False)
+    x, y = trainer.data.batch("train", torch.arange(128))
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    answers = iter([False, True])  # the full gradient is fine, the step's gradient at w overflows
+    unscale = trainer.scaler.unscale_
+    monkeypatch.setattr(trainer.scaler, "unscale_", lambda *a: (unscale(*a), next(answers))[1])
+    loss, correct, skipped = trainer._train_step(x, y)
+    assert skipped and correct == 0 and trainer.scaler.overflow_steps == 1
+    assert all(torch.equal(p, q) for p, q in zip(trainer.model.parameters(), before))
+    assert trainer.optimizer.steps == 0
+    monkeypatch.setattr(trainer.scaler, "unscale_", unscale)
+    _, _, skipped = trainer._train_step(x.clone().fill_(float("nan")), y)
+    assert skipped and trainer.nan_loss_steps == 1
+    assert all(torch.equal(p, q) for p, q in zip(trainer.model.parameters(), before))
