@@ -74,6 +74,10 @@ class QuantParams(NamedTuple):
     min_pos: torch.Tensor  # smallest positive value
     elem_emax: torch.Tensor  # int32: emax of a block's element format
     sr_bits: torch.Tensor  # int64: random bits per value
+    # derived from the above, so that eager code scales by one multiply instead of building 2**k
+    quantum: torch.Tensor  # 2**-man, a fixed format's grid step (1 for float formats)
+    sr_one: torch.Tensor  # 2**sr_bits, in the working dtype
+    sr_mask: torch.Tensor  # int64: 2**sr_bits - 1
 
 
 # -- dtype helpers ----------------------------------------------------------------------------
@@ -114,15 +118,21 @@ def _scale(v: torch.Tensor, k: torch.Tensor, one_step: bool, negate: bool = Fals
 def _round_magnitude(a, neg, qe, plan: QuantPlan, p: QuantParams, bits, bias):
     """Round |x| = a to a multiple of 2**qe by plan.rounding; returns the rounded magnitude.
 
-    ``bias`` turns qe into the biased exponent code (the parity rule of man == 0 formats).
+    ``qe`` None means the fixed format's own grid (``p.quantum``). ``bias`` turns qe into the
+    biased exponent code (the parity rule of man == 0 formats).
     """
     one_step = plan.one_step_scale
-    y = _scale(a, qe, one_step, negate=True)
+    if qe is None:
+        def down(v, out=None): return torch.mul(v, p.quantum, out=out)
+        y = torch.div(a, p.quantum)  # exact: a power of two
+    else:
+        def down(v, out=None): return _scale(v, qe, one_step, out=out)
+        y = _scale(a, qe, one_step, negate=True)
     mode = plan.rounding
     if mode == "nearest" and not plan.parity_by_exponent:
-        return _scale(y.round_(), qe, one_step, out=y)  # torch.round is ties-to-even
+        return down(y.round_(), out=y)  # torch.round is ties-to-even
     if mode == "toward_zero":
-        return _scale(y.floor_(), qe, one_step, out=y)
+        return down(y.floor_(), out=y)
     fl = torch.floor(y)
     delta = y.sub_(fl)  # exact
     if mode in ("odd", "up", "down"):  # far below a coarse quantum, y underflows to 0: still inexact
@@ -140,21 +150,22 @@ def _round_magnitude(a, neg, qe, plan: QuantPlan, p: QuantParams, bits, bias):
     elif mode == "down":
         away = inexact & neg
     else:  # stochastic, as gfloat: delta rounded to sr_bits bits (ties to even), then compared
-        n = p.sr_bits.to(torch.int32)
-        two_n = torch.ones_like(p.sr_bits) << p.sr_bits  # int64, like bits
-        bits = bits & (two_n - 1)  # the low sr_bits bits
-        d = _scale(delta, n, True, out=delta).round_()
+        bits = torch.bitwise_and(bits, p.sr_mask)  # the low sr_bits bits (functions, not operators:
+        # a Tensor operator's Python wrapper costs as much as the op on a small tensor)
+        d = delta.mul_(p.sr_one).round_()
         if plan.sr_int_path:
-            away = d.to(torch.int64) + bits >= two_n
-        else:
-            away = d.add_(bits) >= _pow2(n, a.dtype, False)
-    return _scale(fl.add_(away), qe, one_step, out=fl)
+            away = d.to(torch.int64).add_(bits) > p.sr_mask
+        else:  # d + bits < 2**(sr_bits + 1), exact or rounded below it, so this carry is 0 or 1
+            # (float arithmetic: faster than a bool mask); NaN where y is not finite, and then fl is
+            away = d.add_(bits).div_(p.sr_one).floor_().nan_to_num_(0.0)
+    return down(fl.add_(away), out=fl)
 
 
 def _round_values(x, plan: QuantPlan, p: QuantParams, bits, scale_exp=None):
     """Round every element of x (working dtype) to the format; scale_exp shifts it by 2**s."""
     a = x.abs()
-    neg = torch.signbit(x)
+    clamp_signed = plan.saturate and plan.signed  # clamps x's signed value: no sign mask needed
+    neg = None if clamp_signed and plan.rounding not in ("up", "down") else torch.signbit(x)
     if plan.kind == "float":
         e = _exponent(a, plan.exact_exponent)
         emin = p.emin if scale_exp is None else p.emin + scale_exp
@@ -166,7 +177,7 @@ def _round_values(x, plan: QuantPlan, p: QuantParams, bits, scale_exp=None):
             _, dman, dbias = _DT[a.dtype]
             qe = torch.maximum(qe, torch.clamp_min(e, 1 - dbias) - dman)
     else:
-        qe = -p.man if scale_exp is None else scale_exp - p.man
+        qe = scale_exp - p.man if scale_exp is not None else None if plan.one_step_scale else -p.man
     bias = p.bias if scale_exp is None else p.bias - scale_exp  # codes of the unscaled element
     r = _round_magnitude(a, neg, qe, plan, p, bits, bias)
     if not plan.signed:  # an unsigned format's only non-positive value is 0: negative x is out of
@@ -174,25 +185,29 @@ def _round_values(x, plan: QuantPlan, p: QuantParams, bits, scale_exp=None):
         # fixed format's negatives to 0); in a format without zero (E8M0) every negative x is
         out = neg & ((r > 0) if plan.has_zero else (a > 0))
 
-    amax = torch.where(neg, p.neg_max, p.max) if plan.kind == "fixed" else p.max
+    hi, lo = p.max, p.neg_max  # the largest magnitudes on either side
     if scale_exp is not None:
-        amax = _scale(amax, scale_exp, False)
-    if plan.saturate:
-        r = torch.minimum(r, amax, out=r)  # NaN stays NaN
-    else:
-        if plan.rounding in ("toward_zero", "odd", "up", "down"):  # never round a finite value to inf
-            clamp = torch.isfinite(a)
-            if plan.rounding in ("up", "down"):
-                clamp &= neg if plan.rounding == "up" else ~neg
-            r = torch.where((r > amax) & clamp, amax, r)
-        r = r.masked_fill_(r > amax, torch.inf if plan.has_inf else torch.nan)
+        hi, lo = _scale(hi, scale_exp, False), _scale(lo, scale_exp, False)
+    if not clamp_signed:
+        amax = torch.where(neg, lo, hi) if plan.kind == "fixed" else hi
+        if plan.saturate:
+            r = torch.minimum(r, amax, out=r)  # NaN stays NaN
+        else:
+            if plan.rounding in ("toward_zero", "odd", "up", "down"):  # never round a finite value to inf
+                clamp = torch.isfinite(a)
+                if plan.rounding in ("up", "down"):
+                    clamp &= neg if plan.rounding == "up" else ~neg
+                r = torch.where((r > amax) & clamp, amax, r)
+            r = r.masked_fill_(r > amax, torch.inf if plan.has_inf else torch.nan)
     if not plan.has_zero:  # E8M0: nothing below min_pos, and zero is not a value
         r = torch.where(a == 0, p.min_pos if plan.saturate else torch.nan, torch.maximum(r, p.min_pos))
     if not plan.signed:  # a negative value rounding to 0 gives +0 (r is a magnitude)
         low = p.min_pos if not plan.has_zero else torch.zeros_like(p.min_pos)
         return torch.where(out, low if plan.saturate else torch.nan, r)
     r = torch.copysign(r, x, out=r)
-    return r if plan.has_nz else r.masked_fill_(r == 0, 0.0)
+    if clamp_signed:  # min_pos <= max, so clamping after the zero rule above is the same
+        r = torch.maximum(torch.minimum(r, hi, out=r), lo.neg(), out=r)  # NaN stays NaN
+    return r if plan.has_nz else r.masked_fill_(r.eq(0), 0.0)
 
 
 def _round_blocks(x, plan: QuantPlan, p: QuantParams, bits):
@@ -273,8 +288,10 @@ def plan_quantize(fmt: Format, rounding: str, saturate: bool, dtype: torch.dtype
                          **common)
         nums = dict(man=elem.man, emin=elem.emin, bias=elem.bias, max=_largest_held(work, elem, elem.max),
                     neg_max=_largest_held(work, elem, elem.max), min_pos=elem.min_subnormal)
-    ints = dict(man=torch.int32, emin=torch.int32, bias=torch.int32, elem_emax=torch.int32, sr_bits=torch.int64)
-    nums.update(elem_emax=elem.emax, sr_bits=sr_bits)
+    ints = dict(man=torch.int32, emin=torch.int32, bias=torch.int32, elem_emax=torch.int32, sr_bits=torch.int64,
+                sr_mask=torch.int64)
+    quantum = 2.0 ** -elem.fl if plan.kind == "fixed" and plan.one_step_scale else 1.0
+    nums.update(elem_emax=elem.emax, sr_bits=sr_bits, quantum=quantum, sr_one=2.0**sr_bits, sr_mask=2**sr_bits - 1)
     return plan, QuantParams(**{k: torch.tensor(v, dtype=ints.get(k, work), device=device) for k, v in nums.items()})
 
 
@@ -352,11 +369,12 @@ def get_quantize_kernel() -> str:
     ``MPCOMPILE_QUANTIZE_KERNEL``), or ``"auto"``."""
     if _forced:
         return _forced
-    env = _ENV
-    if _ENV not in os.environ and _OLD_ENV in os.environ:
-        env = _OLD_ENV
+    env, name = _ENV, os.environ.get(_ENV)  # read on every call (one lookup when set): tests and users change it
+    if name is None:
+        env, name = _OLD_ENV, os.environ.get(_OLD_ENV)
+        if name is None:
+            return "auto"
         warnings.warn(f"{_OLD_ENV} is deprecated: set {_ENV} instead", DeprecationWarning, stacklevel=2)
-    name = os.environ.get(env, "auto")
     if name != "auto" and not _known(name):
         raise ValueError(f"{env}={name!r} is not a quantize kernel; use auto, {', '.join(_KERNELS)}")
     return name

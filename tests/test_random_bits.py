@@ -20,7 +20,19 @@ def test_mix32_equals_python_reference():
     g = torch.Generator().manual_seed(0)
     words = torch.cat([torch.tensor([0, 1, M32, 2**31, 2**31 - 1]),
                        torch.randint(0, 2**32, (2000,), generator=g, dtype=torch.int64)])
-    assert mix32(words.clone()).tolist() == [lowbias32(w) for w in words.tolist()]
+    kept = words.clone()
+    assert mix32(words).tolist() == [lowbias32(w) for w in kept.tolist()]
+    assert torch.equal(words, kept)  # mix32 works in place only on its own temporaries
+
+
+def test_eager_words_equal_the_torch_formula_and_are_the_callers_to_change():
+    for n in (1, 650, 1 << 16):  # the cached mix(i) of small tensors, up to one chunk
+        for seed in (torch.tensor(0), torch.tensor(M32)):
+            expected = mix32(mix32(torch.arange(n)) ^ seed)
+            got = counter_bits(seed, torch.Size([n]))
+            assert got.dtype == torch.int64 and torch.equal(got, expected)
+            got.zero_()
+            assert torch.equal(counter_bits(seed, torch.Size([n])), expected)
 
 
 def test_counter_bits_equals_python_reference_and_keeps_shape():
