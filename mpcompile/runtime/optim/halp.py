@@ -52,6 +52,9 @@ class HALP(VarianceReduced):
         super().__init__(params, lr, T, full_grad, **kwargs)
         self.mu, self.bits = mu, bits
         self.grid = FixedFormat(bits, 0)
+        self._flat: dict[str, torch.Tensor] = {}
+        self._weight_views: list[torch.Tensor] = []
+        self._at_optimum = False
 
     def _anchor(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         # w~ + z is what the parameters hold, computed in their dtype: it is the new anchor as is
@@ -65,20 +68,37 @@ class HALP(VarianceReduced):
         for p in params:
             self.state[p].update(codes=torch.zeros_like(p, dtype=_code_dtype(self.bits)),
                                  scale=scale.to(device=p.device, dtype=p.dtype))
+        self._flatten(params)
+
+    def _flatten(self, params: list[torch.Tensor]) -> None:
+        """Keep codes and anchors each in one tensor, the state's entries views of it: a step
+        then rounds, stores and rebuilds w with a few ops instead of a few per parameter."""
+        self._at_optimum = not float(self.state[params[0]]["scale"]) > 0  # g~ = 0: z stays 0
+        sizes = [p.numel() for p in params]
+        for key in ("codes", "anchor"):
+            flat = torch.cat([self.state[p][key].reshape(-1) for p in params])
+            for p, view in zip(params, flat.split(sizes)):
+                self.state[p][key] = view.view_as(p)
+            self._flat[key] = flat
+        self._flat["weights"] = torch.empty_like(self._flat["anchor"])  # w~ + z, then copied into the parameters
+        self._weight_views = [v.view_as(p) for v, p in zip(self._flat["weights"].split(sizes), params)]
 
     def _apply(self, params: list[torch.Tensor], deltas: list[torch.Tensor]) -> None:
-        scale = self.state[params[0]]["scale"]  # one scale for all: the full gradient's norm
-        if not float(scale) > 0:  # g~ = 0: the anchor is the optimum, z stays 0
+        if self._at_optimum:
             return
-        codes = [self.state[p]["codes"] for p in params]
-        target = torch.cat([d.reshape(-1).div_(scale).add_(c.reshape(-1)) for d, c in zip(deltas, codes)])
-        rounded = self._round(target, self.grid, saturate=True).split([p.numel() for p in params])  # one call a step
-        for p, c, r in zip(params, codes, rounded):
-            c.copy_(r.view_as(c))
-            p.copy_(r.view_as(p).mul_(scale).add_(self.state[p]["anchor"]))  # w = w~ + z, z = codes * s
+        scale = self.state[params[0]]["scale"]  # one scale for all: the full gradient's norm
+        codes, anchor = self._flat["codes"], self._flat["anchor"]
+        target = torch.cat([d.view(-1) for d in deltas]).div_(scale).add_(codes)  # in units of s
+        rounded = self._round(target, self.grid, saturate=True)  # one call a step
+        codes.copy_(rounded)
+        torch.add(anchor, rounded.mul_(scale), out=self._flat["weights"])  # w = w~ + z, z = codes * s
+        torch._foreach_copy_(params, self._weight_views)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         for p_state in self.state.values():  # torch casts every state tensor to its parameter's dtype
             if "codes" in p_state:
                 p_state["codes"] = p_state["codes"].to(_code_dtype(self.bits))
+        params = self._params()
+        if all("codes" in self.state[p] for p in params):
+            self._flatten(params)
