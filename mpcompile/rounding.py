@@ -188,10 +188,12 @@ def _round_values(x, plan: QuantPlan, p: QuantParams, bits, scale_exp=None):
     hi, lo = p.max, p.neg_max  # the largest magnitudes on either side
     if scale_exp is not None:
         hi, lo = _scale(hi, scale_exp, False), _scale(lo, scale_exp, False)
-    if not clamp_signed:
+    if clamp_signed:  # lo >= hi (a two's-complement grid's negative side is the longer): the
+        r = torch.minimum(r, lo, out=r)  # positive side is clamped once signed, below; NaN stays NaN
+    else:
         amax = torch.where(neg, lo, hi) if plan.kind == "fixed" else hi
         if plan.saturate:
-            r = torch.minimum(r, amax, out=r)  # NaN stays NaN
+            r = torch.minimum(r, amax, out=r)
         else:
             if plan.rounding in ("toward_zero", "odd", "up", "down"):  # never round a finite value to inf
                 clamp = torch.isfinite(a)
@@ -204,9 +206,14 @@ def _round_values(x, plan: QuantPlan, p: QuantParams, bits, scale_exp=None):
     if not plan.signed:  # a negative value rounding to 0 gives +0 (r is a magnitude)
         low = p.min_pos if not plan.has_zero else torch.zeros_like(p.min_pos)
         return torch.where(out, low if plan.saturate else torch.nan, r)
+    if clamp_signed and not plan.has_nz and scale_exp is None:  # r <= lo, finite (a block's may not be)
+        # r * sign(x) computed as r - r (1 - sign(x)): exact for finite r, and +0 where r is 0,
+        # so no -0 to mask out afterwards (a mask costs several times these float ops)
+        r = r.sub_(torch.sign(x).neg_().add_(1).mul_(r))
+        return torch.minimum(r, hi, out=r)
     r = torch.copysign(r, x, out=r)
-    if clamp_signed:  # min_pos <= max, so clamping after the zero rule above is the same
-        r = torch.maximum(torch.minimum(r, hi, out=r), lo.neg(), out=r)  # NaN stays NaN
+    if clamp_signed and plan.kind == "fixed":
+        r = torch.minimum(r, hi, out=r)
     return r if plan.has_nz else r.masked_fill_(r.eq(0), 0.0)
 
 
