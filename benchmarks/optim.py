@@ -1,6 +1,6 @@
 """One training epoch of SVRG, LP-SVRG, HALP, SWALP and LP-SGD, as ratios to plain SGD in the same process.
 
-    .venv/bin/python benchmarks/optim.py [--repeats 11] [--threads 1]
+    .venv/bin/python benchmarks/optim.py [--repeats 21] [--threads 1]
 
 Models: logistic regression (``logreg``) and LeNet-5 (``lenet5``) on sklearn's digits (8x8
 images, 1347 training examples), float32, on the CPU with --threads intra-op threads (1 by
@@ -163,7 +163,8 @@ def bench_model(name: str, model: nn.Module, data: Dataset, repeats: int) -> Non
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=11, help="timed epochs per variant (median), after a warm-up")
+    parser.add_argument("--repeats", type=int, default=21,
+                        help="timed epochs per variant (median; 21: on a shared 2-core machine 11 left HALP's ratio +-0.15)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args()
     if args.repeats < 1 or args.threads < 1:
