@@ -181,7 +181,8 @@ def lock(cm: "CompiledModel") -> dict[str, Any]:
         (f"; fp32, not emulated: {'; '.join(fp32)}" if fp32 else "")
     return lock_policy(((meta.name, meta.assignment) for _, meta in cm.annotations() if meta.assignment is not None),
                        f"{policy.name}.lock", description,
-                       runtime_sections(policy.optimizer, policy.trust_region, policy.strict))
+                       runtime_sections(policy.optimizer, policy.trust_region, policy.strict,
+                                        policy.monitor))
 
 
 def to_json(cm: "CompiledModel") -> str:

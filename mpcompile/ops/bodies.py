@@ -28,6 +28,7 @@ from .exact import grid_of, round_exact, two_prod, two_sum
 from .gemm_backends import GemmFusion, backend_gemm, has_gemm_backend, rounds_in_kernel
 from .im2col import conv_as_gemm_operands, transposed_conv_operands
 from .kappa import activation, component_kappa, magnitudes
+from .observe import notify
 from .roles import op_seed, quantize_role
 from .spec import ROLES, STREAM_BIAS, STREAM_DIV, ArithSpec, QuantSpec, Recompute, RoleFormats
 
@@ -43,8 +44,12 @@ def round_role(roles: RoleFormats, name: str, x, axis: int, seed: int | None, sc
     ``blocks``), with the op's sub-seed and delayed scale of that role; x itself where the role
     has no format."""
     i = ROLES.index(name)
-    return quantize_role(x, roles.get(name), axis=axis, seed=op_seed(seed, 16 + i),
-                         scale=None if scales is None else scales[i], blocks=blocks)
+    spec = roles.get(name)
+    y = quantize_role(x, spec, axis=axis, seed=op_seed(seed, 16 + i), scale=None if scales is None else scales[i],
+                      blocks=blocks)
+    if spec is not None:
+        notify(name, x, y, spec)
+    return y
 
 
 def kernel_dims(w: torch.Tensor, first: int = 1) -> tuple[int, ...]:

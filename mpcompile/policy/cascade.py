@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..errors import PolicyError
 from ..ops.spec import ROLES, Recompute
-from .schema import (NATIVE, Assignment, Level, NodeFacts, OptimizerSettings, RoleSetting, Rule, Settings,
+from .schema import (NATIVE, Assignment, Level, MonitorSettings, NodeFacts, OptimizerSettings, RoleSetting, Rule, Settings,
                      TrustRegionSettings)
 
 __all__ = ["Policy", "resolve"]
@@ -72,6 +72,7 @@ class Policy:
     trust_region: TrustRegionSettings | None = None  # read by the runtime
     optimizer: OptimizerSettings = OptimizerSettings()
     strict: bool = False  # GEMM work the compiled model runs in fp32 against the policy is an error, not a warning
+    monitor: MonitorSettings | None = None  # read by the runtime: what training records of its numbers
 
     @property
     def wants_calibration(self) -> bool:

@@ -1,7 +1,7 @@
 """The lock file: resolved assignments written back as a policy (a plain dict, ready for JSON or
 YAML) with one rule per op, an exact ``name_regex``, that sets every role and both arithmetic
 specs as resolved, so loading it reproduces the assignments whatever rules, levels and defaults
-produced them; and the sections the runtime reads (``optimizer``, ``trust_region``, ``strict``)
+produced them; and the sections the runtime reads (``optimizer``, ``trust_region``, ``monitor``, ``strict``)
 as the policy gave them, so that training under the lock trains as under the policy.
 """
 from __future__ import annotations
@@ -12,9 +12,9 @@ import re
 from typing import Any, Iterable, Mapping
 
 from ..ops.spec import ArithSpec
-from .schema import SCHEMA_VERSION, Assignment, OptimizerSettings, TrustRegionSettings
+from .schema import SCHEMA_VERSION, Assignment, MonitorSettings, OptimizerSettings, Selector, TrustRegionSettings
 
-__all__ = ["spec_mapping", "lock_policy", "runtime_sections"]
+__all__ = ["spec_mapping", "selector_mapping", "lock_policy", "runtime_sections"]
 
 
 def spec_mapping(spec: ArithSpec) -> dict[str, Any]:
@@ -25,7 +25,7 @@ def spec_mapping(spec: ArithSpec) -> dict[str, Any]:
 
 
 def runtime_sections(optimizer: OptimizerSettings, trust_region: TrustRegionSettings | None,
-                     strict: bool) -> dict[str, Any]:
+                     strict: bool, monitor: MonitorSettings | None = None) -> dict[str, Any]:
     """The policy sections the runtime reads, as a policy spells them; those at their defaults
     left out."""
     sections: dict[str, Any] = {}
@@ -35,7 +35,22 @@ def runtime_sections(optimizer: OptimizerSettings, trust_region: TrustRegionSett
         sections["optimizer"] = {k: v if isinstance(v, (str, float, int)) else str(v) for k, v in stored.items()}
     if trust_region is not None:
         sections["trust_region"] = dataclasses.asdict(trust_region)
+    if monitor is not None:
+        sections["monitor"] = {"every": monitor.every, "roles": list(monitor.roles), "histograms": monitor.histograms}
+        if monitor.ops:
+            sections["monitor"]["ops"] = [selector_mapping(s) for s in monitor.ops]
     return sections | ({"strict": True} if strict else {})
+
+
+def selector_mapping(selector: Selector) -> dict[str, Any]:
+    """A selector as a ``match:`` mapping, the conditions it gives only."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(selector):
+        value = getattr(selector, f.name)
+        if value in (None, ()):
+            continue
+        out[f.name] = value.pattern if isinstance(value, re.Pattern) else list(value) if isinstance(value, tuple) else value
+    return out
 
 
 def lock_policy(entries: Iterable[tuple[str, Assignment]], name: str, description: str,

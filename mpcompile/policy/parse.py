@@ -23,16 +23,16 @@ from ..ops.spec import DELAYED_ROLES, ROLES, SCALINGS, ArithSpec, QuantSpec, Rec
 from ..random_bits import COUNTER_BITS
 from ..rounding import ROUNDING_MODES
 from .cascade import Policy
-from .schema import (EPSILON_MODES, GROUPS, NATIVE, OPTIMIZER_KEY_KINDS, OPTIMIZER_KINDS, PERIOD_UNITS, SCHEMA_VERSION,
-                     STORAGES, TRUST_REGION_METHODS, Level, OptimizerSettings, Period, RoleSetting, Rule, Selector,
-                     Settings, TrustRegionSettings)
+from .schema import (EPSILON_MODES, GROUPS, MONITOR_ROLES, NATIVE, OPTIMIZER_KEY_KINDS, OPTIMIZER_KINDS, PERIOD_UNITS,
+                     SCHEMA_VERSION, STORAGES, TRUST_REGION_METHODS, Level, MonitorSettings, OptimizerSettings, Period,
+                     RoleSetting, Rule, Selector, Settings, TrustRegionSettings)
 
 __all__ = ["SHIPPED_POLICIES", "SECTION_KEYS", "load_policy", "shipped_policies"]
 
 SHIPPED_POLICIES = Path(__file__).resolve().parents[1] / "policies"  # mpcompile/policies
 # the keys each section takes
 _TOP = ("version", "name", "description", "formats", "rounding", "saturate", "default", "rules", "levels",
-        "trust_region", "optimizer", "strict")
+        "trust_region", "optimizer", "monitor", "strict")
 _SETTINGS = ROLES + ("forward", "backward", "recompute", "rounding", "saturate", "keep")
 _RECOMPUTE_KEYS = ("tau", "forward")
 _INF = ("inf", "infinity", "+inf")  # tau as a string: YAML reads "inf" as text (its float is .inf)
@@ -42,11 +42,12 @@ _OPTIMIZER_KEYS = tuple(f.name for f in dataclasses.fields(OptimizerSettings))
 _SELECTORS = ("type", "name", "name_regex", "first", "last", "index", "kappa_above", "kappa_below")
 _LEVEL = ("name", "set", "keep", "rounding", "saturate")
 _TRUST_REGION = tuple(f.name for f in dataclasses.fields(TrustRegionSettings))
+_MONITOR = tuple(f.name for f in dataclasses.fields(MonitorSettings))
 # every key the reader takes, by the section that takes it (docs/policy.md, "Every key")
 SECTION_KEYS: dict[str, tuple[str, ...]] = {
     "policy": _TOP, "settings": _SETTINGS, "role": _ROLE_KEYS, "arithmetic": _ARITH_KEYS,
     "recompute": _RECOMPUTE_KEYS, "rule": ("match",), "match": _SELECTORS, "level": _LEVEL,
-    "optimizer": _OPTIMIZER_KEYS, "trust_region": _TRUST_REGION,
+    "optimizer": _OPTIMIZER_KEYS, "trust_region": _TRUST_REGION, "monitor": _MONITOR,
 }
 _ALIAS = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -228,7 +229,30 @@ def _read(root: _Node, source: str) -> Policy:
     return Policy(_check(top["name"], (str,), "name") if "name" in top else Path(source).stem,
                   _check(top["description"], (str,), "description") if "description" in top else "",
                   default, rules, tuple(levels), source, trust_region, optimizer,
-                  _check(top["strict"], (bool,), "strict") if "strict" in top else False)
+                  _check(top["strict"], (bool,), "strict") if "strict" in top else False,
+                  _monitor(top["monitor"]) if "monitor" in top else None)
+
+
+def _monitor(node: _Node) -> MonitorSettings:
+    section = _mapping(node, "monitor", _MONITOR)
+    values: dict[str, Any] = {}
+    if "every" in section:
+        values["every"] = _check(section["every"], (int,), "monitor.every")
+        if values["every"] < 1:
+            raise section["every"].fail(f"monitor.every must be a positive number of steps, got {values['every']}")
+    if "ops" in section:  # one selector, or a list of them (an op is monitored if any matches)
+        ops = section["ops"]
+        items = ops.value if isinstance(ops.value, list) else [ops]
+        values["ops"] = tuple(_selector(item, f"monitor.ops[{i}]" if isinstance(ops.value, list) else "monitor.ops")
+                              for i, item in enumerate(items))
+    if "roles" in section:
+        values["roles"] = tuple(_choice(item, MONITOR_ROLES, "monitor.roles")
+                                for item in _list(section["roles"], "monitor.roles"))
+        if not values["roles"]:
+            raise section["roles"].fail("monitor.roles is empty: name at least one role, or drop the key for all")
+    if "histograms" in section:
+        values["histograms"] = _check(section["histograms"], (bool,), "monitor.histograms")
+    return MonitorSettings(**values)
 
 
 def _optimizer(node: _Node, aliases) -> OptimizerSettings:

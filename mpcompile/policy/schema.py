@@ -16,7 +16,7 @@ from ..ops.spec import ROLES, ArithSpec, QuantSpec, Recompute
 
 __all__ = ["SCHEMA_VERSION", "GROUPS", "TRUST_REGION_METHODS", "EPSILON_MODES", "NATIVE", "RoleSetting", "Settings",
            "Selector", "Rule", "Level", "NodeFacts", "Assignment", "OPTIMIZER_KINDS", "OPTIMIZER_KEY_KINDS", "PERIOD_UNITS", "STORAGES", "Period",
-           "OptimizerSettings", "TrustRegionSettings"]
+           "OptimizerSettings", "TrustRegionSettings", "MONITOR_ROLES", "MonitorSettings"]
 
 SCHEMA_VERSION = 1
 GROUPS = ("gemm", "elementwise", "norm", "activation", "pool")
@@ -243,3 +243,23 @@ class TrustRegionSettings:
     lower_margin: float = 0.5
     lower_patience: int = 3
     per_layer: bool = False
+
+
+# what monitoring can record: an op's roles, and what the optimizer stores and applies
+MONITOR_ROLES = ROLES + ("master", "momentum", "second_moment", "update")
+
+
+@dataclass(frozen=True)
+class MonitorSettings:
+    """The ``monitor:`` section: what training records about its numbers, every ``every`` steps.
+
+    ``ops`` selects the ops as rules' ``match`` does (any selector matching; none: every op
+    with a quantized role), ``roles`` which of ``MONITOR_ROLES`` (``master``, ``momentum``,
+    ``second_moment`` and ``update`` are the optimizer's, per parameter), ``histograms``
+    whether to record the histogram of log2|x| beside the shares and SQNR.
+    """
+
+    every: int = 50
+    ops: tuple[Selector, ...] = ()
+    roles: tuple[str, ...] = MONITOR_ROLES
+    histograms: bool = True

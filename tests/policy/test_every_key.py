@@ -113,6 +113,9 @@ TRUST_REGION = {key: [Case({}, {key: value}, "lock")] for key, value in
                 {"method": "mp_sgd", "eta1": 0.1, "eta2": 0.9, "delta0": 0.2, "delta_max": 5.0, "checks_per_epoch": 7,
                  "epsilon": "bound", "refresh": 3, "momentum": 0.5, "weight_decay": 0.01, "eta": 0.25,
                  "lower_when_safe": True, "lower_margin": 0.25, "lower_patience": 5, "per_layer": True}.items()}
+# monitoring reads its section while training (tests/runtime/test_monitor.py); compile carries it into the lock
+MONITOR = {key: [Case({"every": 50}, {"every": 50, key: value}, "lock")] for key, value in
+           {"every": 10, "ops": {"type": "Linear"}, "roles": ["weight"], "histograms": False}.items()}
 POLICY = {
     "version": [Case({"version": 1}, {"version": 2}, "refused")],
     "name": [Case({"name": "a"}, {"name": "b"}, "lock")],
@@ -128,10 +131,12 @@ POLICY = {
     "trust_region": [Case({}, {"trust_region": {"delta0": 0.2}}, "lock")],
     "optimizer": [Case({}, {"optimizer": {"master": "bf16"}}, "steps")],
     "strict": [Case({}, {"strict": True}, "lock")],
+    "monitor": [Case({}, {"monitor": {"every": 10}}, "lock")],
 }
 RULE = {"match": [Case({"match": {"type": "Conv2d"}, "input": "fp8_e4m3"}, {"match": {"type": "Linear"}, "input": "fp8_e4m3"})]}
 CASES = {"policy": POLICY, "settings": SETTINGS, "role": ROLE, "arithmetic": ARITH, "recompute": RECOMPUTE,
-         "rule": RULE, "match": MATCH, "level": LEVEL, "optimizer": OPTIMIZER, "trust_region": TRUST_REGION}
+         "rule": RULE, "match": MATCH, "level": LEVEL, "optimizer": OPTIMIZER, "trust_region": TRUST_REGION,
+         "monitor": MONITOR}
 # a base every level case quantizes (a level only changes what is quantized below it)
 LEVEL_BASE = {**{role: "bf16" for role in SETTINGS if role.startswith(("input", "weight", "bias", "output", "grad"))},
               "forward": {"acc": "fp32", "order": "pairwise"}, "backward": {"acc": "fp32", "order": "pairwise"}}
@@ -249,8 +254,13 @@ def test_every_key_changes_what_runs_or_says_it_does_not(section, key, where, ca
 
 def test_the_lock_carries_what_the_runtime_reads():
     policy = {"version": 1, "optimizer": {"master": "bf16", "update_rounding": "stochastic"},
-              "trust_region": {"delta0": 0.2, "per_layer": True}, "strict": True}
+              "trust_region": {"delta0": 0.2, "per_layer": True}, "strict": True,
+              "monitor": {"every": 7, "ops": [{"type": "Linear"}, {"name_regex": "conv.*", "first": True}],
+                          "roles": ["weight", "master"], "histograms": False}}
     cm = mpcompile.compile(Small(), policy, (X,))
     again = load_policy(__import__("json").loads(cm.to_json()))
     p = load_policy(policy)
     assert (again.optimizer, again.trust_region, again.strict) == (p.optimizer, p.trust_region, p.strict)
+    assert (again.monitor.every, again.monitor.roles, again.monitor.histograms) == (7, ("weight", "master"), False)
+    assert [s.type for s in again.monitor.ops] == [("Linear",), ()]
+    assert again.monitor.ops[1].name_regex.pattern == "conv.*" and again.monitor.ops[1].first
