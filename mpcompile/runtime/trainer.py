@@ -34,6 +34,7 @@ plots loss, Delta and the level against iterations.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -50,9 +51,10 @@ import torch.nn.functional as F
 from ..compiler import CompiledModel, compile
 from ..errors import MpcompileError
 from ..models import MODELS, build_model
-from ..policy import load_policy
+from ..policy import MonitorSettings, load_policy
 from .data import Dataset, batches, load_dataset, num_batches
 from .model_objective import ModelObjective
+from .monitor import Monitor
 from .optim import OPTIMIZERS, SWALP, VARIANCE_REDUCED, make_optimizer, optimizer_kind
 from .scaling import LossScaler, make_loss_scaler
 from .trust_region import TrustRegion, check_record
@@ -69,7 +71,8 @@ class TrainConfig:
     ``cosine``, lr * (1 + cos(pi * t / T)) / 2 at step t of T (a function of the step, so a
     resumed run follows it exactly). ``calibration_batches``: training batches calibration
     measures (see the module docstring); ``stats``: measure format statistics even where the
-    policy reads no kappa.
+    policy reads no kappa; ``monitor``: record number statistics every that many steps (the
+    policy's ``monitor:`` section, or its defaults, with this ``every``; see ``runtime.monitor``).
 
     The defaults (10 epochs, SGD with momentum 0.9, lr 0.05 on a cosine schedule, batch 32) take
     lenet5 on digits to about 97.5 % test accuracy in fp32 (mean over seeds 0, 1, 2) in seconds on
@@ -91,6 +94,7 @@ class TrainConfig:
     schedule: str = "cosine"
     calibration_batches: int = 4
     stats: bool = False
+    monitor: int | None = None
 
     def check(self) -> None:
         """Refuse what cannot train, before anything is built."""
@@ -106,6 +110,9 @@ class TrainConfig:
             raise MpcompileError(f"unknown lr schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             raise MpcompileError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.monitor is not None and (isinstance(self.monitor, bool) or not isinstance(self.monitor, int)
+                                         or self.monitor < 1):
+            raise MpcompileError(f"monitor every {self.monitor!r} steps: give a positive number of steps")
         try:
             device = torch.device(self.device)
         except RuntimeError:
@@ -188,11 +195,25 @@ class Trainer:
                                             policy.optimizer, seed=config.seed)
             self.controller = TrustRegion(self.objective, tr, lr=config.lr, on_check=self._on_check,
                                           steps_per_epoch=steps_per_epoch)
+        self.monitor_settings = self._monitor_settings(policy.monitor)
+        self.monitor: Monitor | None = None
         self.out = Path(config.out)
         self.epoch, self.step_in_epoch, self.history, self.nan_loss_steps = 0, 0, [], 0
         self.level_iterations: dict[str, int] = {}
         self._partial = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
         self._metrics = None
+
+    def _monitor_settings(self, policy_settings: MonitorSettings | None) -> MonitorSettings | None:
+        """The policy's ``monitor:`` section, ``every`` replaced by ``config.monitor`` (which
+        turns monitoring on with the defaults where the policy has no section)."""
+        settings = policy_settings
+        if self.config.monitor is not None:
+            settings = dataclasses.replace(settings or MonitorSettings(), every=self.config.monitor)
+        if settings is not None and (self.controller is not None or self.optimizer_kind in VARIANCE_REDUCED):
+            taker = "the trust_region controller" if self.controller is not None else self.optimizer_kind
+            raise MpcompileError(f"monitoring records plain training steps, and {taker} takes its steps itself: "
+                                 f"it is not monitored; drop --monitor and the policy's monitor section")
+        return settings
 
     def _calibration(self, policy) -> list[torch.Tensor]:
         """The first ``calibration_batches`` training batches (in the data's order) where anything
@@ -292,7 +313,7 @@ class Trainer:
             self._metrics.write(json.dumps({"epoch": self.epoch + 1, **check_record(check),  # recompile time so far
                                             "recompile_seconds": self.objective.recompile_seconds}) + "\n")
 
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int, bool]:
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[float, int, bool]:
         if self.controller is not None:
             loss, skipped = self.controller.step((x, y))
             level = self.objective.level  # the level the step was taken at (a raise happens before it)
@@ -302,14 +323,16 @@ class Trainer:
         if self.optimizer_kind in VARIANCE_REDUCED:
             return self._variance_reduced_step(x, y)
         self.optimizer.zero_grad()
-        logits = self.compiled(x)
-        loss = F.cross_entropy(logits, y)
-        if not torch.isfinite(loss):  # the forward overflowed: no gradient to scale, so the scale stays
-            self.nan_loss_steps += 1
-            return float(loss.detach()), 0, True
-        skipped = self.scaler.backward(loss, self.compiled.parameters(), self._grad_format)
-        if not skipped:
-            self.optimizer.step()
+        monitored = self.monitor is not None and self.monitor.due(step)
+        with self.monitor.step(step, self.epoch + 1) if monitored else contextlib.nullcontext():
+            logits = self.monitor.forward(x) if monitored else self.compiled(x)
+            loss = F.cross_entropy(logits, y)
+            if not torch.isfinite(loss):  # the forward overflowed: no gradient to scale, so the scale stays
+                self.nan_loss_steps += 1
+                return float(loss.detach()), 0, True
+            skipped = self.scaler.backward(loss, self.compiled.parameters(), self._grad_format)
+            if not skipped:
+                self.optimizer.step()
         return float(loss.detach()), int((logits.argmax(1) == y).sum()), skipped
 
     def _variance_reduced_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int, bool]:
@@ -361,6 +384,9 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         metrics = (self.out / "metrics.jsonl").open("a" if self.epoch or self.step_in_epoch else "w")
         self._metrics = metrics
+        if self.monitor_settings is not None:
+            self.monitor = Monitor(self.compiled, self.monitor_settings, self.out,
+                                   append=bool(self.epoch or self.step_in_epoch))
         try:
             while self.epoch < self.config.epochs:
                 self._epoch(metrics)
@@ -370,6 +396,9 @@ class Trainer:
         finally:
             metrics.close()
             self._metrics = None
+            if self.monitor is not None:
+                self.monitor.close()
+                self.monitor = None
         summary = self.summary()
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         (self.out / "table.txt").write_text(self.compiled.table() + "\n")
@@ -391,7 +420,7 @@ class Trainer:
                 continue  # resumed mid-epoch: these batches were trained on
             start = time.perf_counter()
             self._set_lr(self.epoch * total + i, c.epochs * total)
-            loss, correct, skipped = self._train_step(x.to(self.device), y.to(self.device))
+            loss, correct, skipped = self._train_step(x.to(self.device), y.to(self.device), self.epoch * total + i)
             p["seconds"] += time.perf_counter() - start
             if not skipped:  # an overflowed step's loss may be inf/NaN; it is counted as an overflow instead
                 p["loss"] += loss * len(y)

@@ -13,6 +13,7 @@ from typing import Iterable
 import torch
 
 from ...formats import Packed, decode, encode
+from ...ops.observe import notify
 from ...policy import OptimizerSettings
 from ...rounding import quantize
 
@@ -105,11 +106,15 @@ class LowPrecisionOptimizer:
             for key, role in _STATES.items():
                 fmt = getattr(s, role)
                 if fmt is not None and isinstance(state.get(key), torch.Tensor):
-                    state[key].copy_(self._round(state[key], fmt))
+                    rounded = self._round(state[key], fmt)
+                    notify(role, state[key], rounded, fmt, i)
+                    state[key].copy_(rounded)
                     if s.storage == "packed":  # between steps only the codes are kept
                         self._packed[i, key] = encode(state.pop(key), fmt)
             if s.master is not None:
-                p.copy_(self._round(p, s.master))
+                rounded = self._round(p, s.master)
+                notify("master", p, rounded, s.master, i)
+                p.copy_(rounded)
 
     def _unpack(self) -> None:
         """Put the packed states back as the float tensors torch's step reads."""
