@@ -74,6 +74,11 @@ class CompiledModel(nn.Module):
         return self._state.lowered
 
     @property
+    def mode_captured(self) -> bool:
+        """Whether the current mode (train or eval) has its own lowered graph (its first call captures it)."""
+        return self._source.training in self._states
+
+    @property
     def warnings(self) -> list[str]:
         return list(dict.fromkeys(w for texts in self._warnings.values() for w in texts))
 

@@ -168,6 +168,8 @@ class Monitor:
 
     def forward(self, *args) -> Any:
         """The compiled model's forward on ``args``, each op's roundings attributed to it."""
+        if not self.model.mode_captured:  # this call captures the mode's graph: the ops go unrecorded this once
+            return self.model(*args)
         return _Attributing(self.model.graph_module, self).run(*args)
 
     def _observe(self, role: str, raw: torch.Tensor, rounded: torch.Tensor, spec, key) -> None:
