@@ -12,12 +12,12 @@ from typing import Iterator
 from .errors import MpcompileError
 from .formats import BlockFormat, FixedFormat, FloatFormat, Format, get, names, parse
 from .models import build_model
-from .policy import OPTIMIZER_KINDS, Policy, load_policy
+from .policy import OPTIMIZER_KINDS, MonitorSettings, Policy, load_policy
 from .policy.schema import OPTIMIZER_KEY_KINDS
 from .policy.lock import runtime_sections
 from .views import settings_text
 
-__all__ = ["main", "formats_table", "policy_summary", "inspect_model"]
+__all__ = ["main", "formats_table", "policy_summary", "inspect_model", "memory_model"]
 
 
 def _specials(fmt: Format) -> str:
@@ -83,6 +83,38 @@ def inspect_model(model_spec: str, policy: str, shape: str, fmt: str, calibrate:
     return views[fmt]()
 
 
+def memory_model(model_spec: str, policy: str, shape: str, batch: int, optimizer: str | None = None,
+                 device: str = "cpu", fmt: str = "table") -> str:
+    """What ``mpcompile memory`` prints: the bytes one training step of the model compiled under
+    ``policy`` holds, by category (``runtime.memory.memory_report``), as a table or JSON.
+
+    Args:
+        model_spec: a model ``models.build_model`` knows.
+        policy: a policy file, a shipped policy's name or YAML text.
+        shape: the example input's shape (comma-separated); the step runs on ``batch`` of it.
+        batch: the batch of the measured step.
+        optimizer: the optimizer kind (None: the policy's, else sgd).
+        device: where the step runs (``cpu``, ``cuda[:N]``).
+        fmt: ``table`` or ``json``.
+    """
+    import torch
+
+    from .compiler import compile as compile_model
+    from .runtime.memory import memory_report
+
+    try:
+        dims = tuple(int(d) for d in shape.split(","))
+    except ValueError:
+        raise MpcompileError(f"--input-shape {shape!r}: give comma-separated sizes, e.g. 1,3,224,224") from None
+    said = _Warnings()
+    with said.caught():
+        model = build_model(model_spec).to(device)
+        cm = compile_model(model, _policy_source(policy), (torch.randn(dims, device=device),), calibration=[])
+        report = memory_report(cm, batch, optimizer=optimizer)
+    said.flush()
+    return report.table() if fmt == "table" else report.to_json()
+
+
 class _Warnings:
     """Python warnings raised under ``caught()``, each printed once to stderr by ``flush``, except
     those the command's own output shows (a table lists its model's warnings)."""
@@ -141,7 +173,15 @@ def _trainer(args):
                                args.batch_size, args.lr,
                                args.optimizer, args.seed, out, args.data_dir, loss_scale,
                                device=args.device, schedule=args.schedule,
-                               calibration_batches=args.calibration_batches, stats=args.stats))
+                               calibration_batches=args.calibration_batches, stats=args.stats,
+                               monitor=args.monitor))
+
+
+def _report(args) -> str:
+    """Write ``mpcompile report``'s page and return its path."""
+    from .report import write_report
+
+    return str(write_report(args.run))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,7 +225,25 @@ def main(argv: list[str] | None = None) -> int:
                          f"(default {TrainConfig.calibration_batches})")
     tp.add_argument("--stats", action="store_true",
                     help="measure overflow, underflow and SQNR per op on the calibration batches (table.txt)")
+    tp.add_argument("--monitor", type=int, nargs="?", const=MonitorSettings.every, metavar="EVERY",
+                    help="record number statistics every EVERY steps (default "
+                         f"{MonitorSettings.every}; the policy's monitor section says which ops and roles): "
+                         "monitor.jsonl and TensorBoard files in tb/, read by `mpcompile report`")
     tp.add_argument("--resume", help="a run folder or checkpoint.pt to continue (to --epochs, if given)")
+    rp = sub.add_parser("report", help="write a run's report.html: per layer exponent heat maps, shares, SQNR, memory")
+    rp.add_argument("run", help="a run folder written by `mpcompile train ... --monitor`")
+    mp = sub.add_parser("memory", help="bytes one training step holds: parameters, master weights, gradients, "
+                                       "optimizer states, activations (nominal, held, fp32)")
+    mp.add_argument("model", help="lenet5, mlp, logreg, resnet20, a torchvision model (resnet18) or package.module:factory")
+    mp.add_argument("--policy", default="fp32", help="a policy file or shipped name (default fp32)")
+    mp.add_argument("--batch", type=int, default=TrainConfig.batch_size,
+                    help=f"batch of the measured step (default {TrainConfig.batch_size})")
+    mp.add_argument("--input-shape", default="1,3,224,224",
+                    help="example input shape (default 1,3,224,224); the step runs on --batch of it")
+    mp.add_argument("--optimizer", choices=OPTIMIZER_KINDS,
+                    help="the optimizer whose states are measured (default: the policy's optimizer kind, else sgd)")
+    mp.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    mp.add_argument("--format", choices=("table", "json"), default="table")
     args = ap.parse_args(argv)
     try:
         if args.command == "formats":
@@ -194,6 +252,11 @@ def main(argv: list[str] | None = None) -> int:
             print(inspect_model(args.model, args.policy, args.input_shape, args.format, args.calibrate))
         elif args.command == "train":
             print(_train(args))
+        elif args.command == "report":
+            print(_report(args))
+        elif args.command == "memory":
+            print(memory_model(args.model, args.policy, args.input_shape, args.batch, args.optimizer, args.device,
+                               args.format))
         elif args.command == "check":
             for path in args.policies:
                 print(policy_summary(load_policy(_policy_source(path))))
