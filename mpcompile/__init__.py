@@ -20,11 +20,11 @@ if TYPE_CHECKING:
     from . import codegen, ops
     from .compiler import CompiledModel, CompileError, compile
     from .policy import load_policy
-    from .runtime import train
+    from .runtime import memory_report, train
 
 __all__ = ["formats", "quantize", "ROUNDING_MODES", "set_quantize_kernel", "set_quantize_backend", "MpcompileError",
            "FormatError", "SpecError", "PolicyError", "ops", "load_policy", "compile", "CompiledModel",
-           "CompileError", "train"]
+           "CompileError", "train", "memory_report"]
 
 # name -> (module, attribute; None: the module itself), imported on first use
 _LAZY: dict[str, tuple[str, str | None]] = {
@@ -35,6 +35,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "CompileError": (".compiler", "CompileError"),
     "load_policy": (".policy", "load_policy"),
     "train": (".runtime", "train"),
+    "memory_report": (".runtime", "memory_report"),
 }
 
 

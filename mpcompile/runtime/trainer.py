@@ -3,7 +3,9 @@
 A run folder holds ``metrics.jsonl`` (one line per step and per epoch), ``summary.json``,
 ``table.txt`` (the compiled model's table at the end: formats, and the kappa and statistics
 of the last calibration), ``curves.png`` (loss and accuracy against epochs) and
-``checkpoint.pt``, written after every epoch and on Ctrl-C. The checkpoint carries the model,
+``checkpoint.pt``, written after every epoch and on Ctrl-C; a monitored run (``monitor``) also
+``monitor.jsonl``, TensorBoard files in ``tb/`` and ``memory.json`` (``runtime.memory``), which
+``mpcompile report`` turns into ``report.html``. The checkpoint carries the model,
 optimizer, loss scaler, policy level, the RNG states of torch, python and numpy, and the
 position in the epoch; the data order is a function of (seed, epoch), so ``resume``
 continues exactly where the run stopped.
@@ -53,6 +55,7 @@ from ..errors import MpcompileError
 from ..models import MODELS, build_model
 from ..policy import MonitorSettings, load_policy
 from .data import Dataset, batches, load_dataset, num_batches
+from .memory import memory_report
 from .model_objective import ModelObjective
 from .monitor import Monitor
 from .optim import OPTIMIZERS, SWALP, VARIANCE_REDUCED, make_optimizer, optimizer_kind
@@ -387,6 +390,9 @@ class Trainer:
         if self.monitor_settings is not None:
             self.monitor = Monitor(self.compiled, self.monitor_settings, self.out,
                                    append=bool(self.epoch or self.step_in_epoch))
+            if not (self.out / "memory.json").exists():  # the report's memory table: one step of a copy
+                report = memory_report(self.compiled, self.config.batch_size, optimizer=self.optimizer_kind)
+                (self.out / "memory.json").write_text(report.to_json() + "\n")
         try:
             while self.epoch < self.config.epochs:
                 self._epoch(metrics)

@@ -51,6 +51,8 @@ def test_a_monitored_run_trains_exactly_as_an_unmonitored_one(monitored, tmp_pat
     for (name, a), b in zip(trainer.compiled.named_parameters(), plain.compiled.parameters()):
         assert torch.equal(a, b), name
     assert not (tmp_path / "plain" / "monitor.jsonl").exists()
+    memory = json.loads((monitored[1] / "memory.json").read_text())  # the report's memory table, measured on a copy
+    assert set(memory["categories"]) == {"parameters", "master_weights", "gradients", "optimizer_states", "activations"}
 
 
 def test_every_monitored_step_has_every_role_of_every_quantized_op(monitored):
