@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -38,6 +39,7 @@ import torch
 
 from ..formats import FixedFormat, FloatFormat, parse
 from ..ops.observe import observing
+from ..ops.registry import kind_named
 from ..policy import MonitorSettings, NodeFacts
 
 __all__ = ["Monitor", "RoleRecord", "number_stats"]
@@ -136,6 +138,18 @@ class Monitor:
         self._seen: dict[tuple[str, str], dict] = {}
         self._before: dict[str, torch.Tensor] = {}  # the weights as the monitored step found them
         self._step = self._epoch = 0
+        unrecorded = [meta.name for meta in self._quantized_elsewhere()]
+        if unrecorded:
+            warnings.warn(f"mpcompile monitor: records the roles of GEMM-like ops and the optimizer's; the quantized "
+                          f"roles of {', '.join(unrecorded)} (elementwise, norm, activation ops) are not recorded",
+                          stacklevel=2)
+
+    def _quantized_elsewhere(self) -> list:
+        """The metadata of selected ops with quantized roles that are not GEMM-like: their
+        roundings are ``mpc::quant`` nodes, which do not say which op and role they round for."""
+        metas = [node.meta.get("mpc") for node in self.model.graph_module.graph.nodes
+                 if self._selected(node) is not None]
+        return [m for m in metas if (kind_named(m.kind) is None or not kind_named(m.kind).is_gemm)]
 
     def due(self, step: int) -> bool:
         """Whether training step ``step`` (counted from 0 over the run) is monitored."""

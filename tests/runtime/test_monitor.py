@@ -146,3 +146,9 @@ def test_monitor_refuses_what_it_cannot_record(tmp_path):
     halp = "version: 1\noptimizer: {kind: halp, mu: 1}\n"
     with pytest.raises(MpcompileError, match="halp takes its steps itself"):
         Trainer(_config(tmp_path, "halp", halp, monitor=5), progress=False)
+
+
+def test_quantized_roles_it_cannot_attribute_are_named(tmp_path):
+    policy = POLICY + "rules:\n  - {match: {type: activation}, output: bf16}\n"
+    with pytest.warns(UserWarning, match=r"features\.1.*are not recorded"):
+        Trainer(_config(tmp_path, "act", policy, epochs=0), progress=False).fit()
