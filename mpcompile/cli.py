@@ -65,14 +65,10 @@ def inspect_model(model_spec: str, policy: str, shape: str, fmt: str, calibrate:
     from .compiler import compile as compile_model
     from .views import rich_table, to_svg
 
-    try:
-        dims = tuple(int(d) for d in shape.split(","))
-    except ValueError:
-        raise MpcompileError(f"--input-shape {shape!r}: give comma-separated sizes, e.g. 1,3,224,224") from None
     said = _Warnings()
     with said.caught():
         cm = compile_model(build_model(model_spec).eval(), _policy_source(policy),
-                           (torch.randn(dims),), calibration=None if calibrate else [])
+                           (torch.randn(_shape(shape)),), calibration=None if calibrate else [])
     said.flush(cm.warnings if fmt == "table" else ())
     if fmt == "table" and sys.stdout.isatty():  # colours by operand bits
         from rich.console import Console
@@ -102,17 +98,21 @@ def memory_model(model_spec: str, policy: str, shape: str, batch: int, optimizer
     from .compiler import compile as compile_model
     from .runtime.memory import memory_report
 
-    try:
-        dims = tuple(int(d) for d in shape.split(","))
-    except ValueError:
-        raise MpcompileError(f"--input-shape {shape!r}: give comma-separated sizes, e.g. 1,3,224,224") from None
     said = _Warnings()
     with said.caught():
         model = build_model(model_spec).to(device)
-        cm = compile_model(model, _policy_source(policy), (torch.randn(dims, device=device),), calibration=[])
+        cm = compile_model(model, _policy_source(policy), (torch.randn(_shape(shape), device=device),), calibration=[])
         report = memory_report(cm, batch, optimizer=optimizer)
     said.flush()
     return report.table() if fmt == "table" else report.to_json()
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    """``--input-shape``: comma-separated sizes."""
+    try:
+        return tuple(int(d) for d in text.split(","))
+    except ValueError:
+        raise MpcompileError(f"--input-shape {text!r}: give comma-separated sizes, e.g. 1,3,224,224") from None
 
 
 class _Warnings:

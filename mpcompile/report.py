@@ -43,13 +43,12 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from .errors import MpcompileError
+from .policy import MONITOR_ROLES
 
 __all__ = ["Record", "Layer", "ROLES", "write_report", "read_records", "group_layers", "exponent_shares",
            "exponent_figure", "shares_figure"]
 
-# The monitor's roles in the order the report lists them; others follow, alphabetically.
-ROLES = ("input", "weight", "bias", "output", "grad_output", "grad_input", "grad_weight", "grad_bias", "master",
-         "momentum", "second_moment", "update")
+ROLES = MONITOR_ROLES  # the order the report lists a layer's roles in; others follow, alphabetically
 OFF_SCALE = 24  # format lines further than this many exponents from the data are not drawn
 TRAINER_PLOTS = ("curves.png", "trust_region.png")
 
