@@ -37,6 +37,7 @@ from typing import Any, Iterator
 
 import torch
 
+from ..compiler import CompiledModel
 from ..formats import FixedFormat, FloatFormat, parse
 from ..ops.observe import observing
 from ..ops.registry import kind_named
@@ -120,7 +121,7 @@ class Monitor:
     """Records ``settings.roles`` of the ops ``settings.ops`` selects, every ``settings.every`` steps.
 
     Args:
-        model: the compiled model being trained.
+        model: the compiled model being trained (a plain module: the optimizer's roles only).
         settings: the policy's ``monitor:`` section.
         out: the run folder: ``monitor.jsonl`` and ``tb/`` are written there.
         append: add to the rows already there (a resumed run) instead of starting them anew.
@@ -147,6 +148,8 @@ class Monitor:
     def _quantized_elsewhere(self) -> list:
         """The metadata of selected ops with quantized roles that are not GEMM-like: their
         roundings are ``mpc::quant`` nodes, which do not say which op and role they round for."""
+        if not isinstance(self.model, CompiledModel):  # a plain module: only the optimizer's roles are recorded
+            return []
         metas = [node.meta.get("mpc") for node in self.model.graph_module.graph.nodes
                  if self._selected(node) is not None]
         return [m for m in metas if (kind_named(m.kind) is None or not kind_named(m.kind).is_gemm)]
@@ -173,7 +176,7 @@ class Monitor:
         self._before = {name: p.detach().clone() for name, p in params.items()}
         with observing(self._observe):
             yield
-        self._current = None
+        self.attribute(None)
         if "update" in self.settings.roles:
             for name, p in params.items():
                 self._record_update(name, p, self._before[name])
@@ -185,6 +188,10 @@ class Monitor:
         if not self.model.mode_captured:  # this call captures the mode's graph: the ops go unrecorded this once
             return self.model(*args)
         return _Attributing(self.model.graph_module, self).run(*args)
+
+    def attribute(self, where: tuple[str, str] | None) -> None:
+        """Roundings that arrive from now on are op ``where`` = (op, module)'s (None: no op's)."""
+        self._current = where
 
     def _observe(self, role: str, raw: torch.Tensor, rounded: torch.Tensor, spec, key) -> None:
         if role not in self.settings.roles:
@@ -264,14 +271,14 @@ class _Attributing(torch.fx.Interpreter):
 
     def run_node(self, node: torch.fx.Node) -> Any:
         where = self.monitor._selected(node)
-        self.monitor._current = where
+        self.monitor.attribute(where)
         out = super().run_node(node)
-        self.monitor._current = None
+        self.monitor.attribute(None)
         if where is not None and isinstance(out, torch.Tensor) and out.grad_fn is not None:
             backward = _mpc_backward(out.grad_fn)
-            if backward is not None:
-                backward.register_prehook(lambda grads, where=where: self.monitor.__setattr__("_current", where))
-                backward.register_hook(lambda grads_in, grads_out: self.monitor.__setattr__("_current", None))
+            if backward is not None:  # autograd runs one node at a time: its roundings are this op's
+                backward.register_prehook(lambda grads, where=where: self.monitor.attribute(where))
+                backward.register_hook(lambda grads_in, grads_out: self.monitor.attribute(None))
         return out
 
 
