@@ -21,8 +21,9 @@ from typing import Callable, Literal, NamedTuple
 import torch
 
 from .backends import PLUGINS, current_backend, load_plugins, resolve_backend, use_backend
-from .formats import BlockFormat, FixedFormat, FloatFormat, Format, parse
+from .formats import BlockFormat, CodebookFormat, FixedFormat, FloatFormat, Format, parse
 from .formats.block_format import SCALE_EXP_MAX, SCALE_EXP_MIN
+from .formats.codebook_codes import quantize_codebook
 from .random_bits import COUNTER_BITS, counter_bits
 
 __all__ = [
@@ -456,6 +457,10 @@ def quantize(
         A tensor of x's shape, dtype and device whose finite entries are values of ``fmt``. It
         carries no gradient (rounding has none): ``mpcompile.ops.quant`` is the straight-through
         quantizer.
+
+    A block-wise codebook format (``blockwise(dynamic8,256)``) rounds to the nearest entry as
+    bitsandbytes does (``formats.codebook_codes``), in float32; it takes ``nearest`` only and
+    ignores ``saturate`` (its absmax scale never overflows).
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"quantize: x must be a floating-point tensor, got "
@@ -464,6 +469,13 @@ def quantize(
     fmt = parse(fmt)
     if rounding not in ROUNDING_MODES:
         raise ValueError(f"quantize: rounding={rounding!r} is not one of {', '.join(ROUNDING_MODES)}")
+    if isinstance(fmt, CodebookFormat):
+        if rounding != "nearest":
+            raise ValueError(f"quantize: {fmt} rounds to the nearest codebook entry only (as bitsandbytes does), not "
+                             f"{rounding!r}; use rounding='nearest' (in a policy: optimizer.update_rounding: nearest)")
+        if random_bits is not None or sr_bits is not None:
+            raise ValueError("quantize: random_bits and sr_bits apply only to rounding='stochastic', not 'nearest'")
+        return quantize_codebook(x, fmt)
     if isinstance(fmt, BlockFormat) and not -x.dim() <= fmt.axis < max(x.dim(), 1):
         raise ValueError(f"quantize: {fmt} blocks run along axis {fmt.axis}, but x has {x.dim()} dims")
     bits = None

@@ -4,9 +4,11 @@ A format of at most 8 bits packs into uint8 codes, one of at most 16 into int16 
 bit pattern). A float format's code is its bit pattern (sign, exponent field, trailing
 significand), a fixed format's its two's complement integer. A block format packs its elements
 so and each block's power-of-two scale as an E8M0 code (exponent + 127; 255 is the NaN of a
-block whose values are NaN), one per ``block_size`` elements along its axis. ``decode(encode(x))``
-is ``x`` bit for bit, for every value of the format (-0, inf and NaN included); ``encode`` refuses
-a value the format does not have (round with ``quantize`` first).
+block whose values are NaN), one per ``block_size`` elements along its axis. A block-wise
+codebook format (``blockwise(dynamic8,256)``) packs a code a byte (two a byte for 4 bits) and
+each block's fp32 absmax. ``decode(encode(x))`` is ``x`` bit for bit, for every value of the
+format (-0, inf and NaN included); ``encode`` refuses a value the format does not have (round
+with ``quantize`` first).
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import torch
 
 from ..errors import FormatError
 from .block_format import SCALE_EXP_MAX, SCALE_EXP_MIN, BlockFormat
+from .codebook_codes import block_values, codes_of_values
+from .codebook_format import CodebookFormat
 from .fixed_format import FixedFormat
 from .float_format import FloatFormat
 
@@ -28,7 +32,8 @@ _E8M0_BIAS, _E8M0_NAN = 127, 255
 
 @dataclass
 class Packed:
-    """Codes of one tensor in one format; ``scales`` are the E8M0 block scales (block formats)."""
+    """Codes of one tensor in one format; ``scales`` are the E8M0 block scales (block formats) or
+    the fp32 absmax of each block (codebook formats)."""
 
     codes: torch.Tensor
     scales: torch.Tensor | None = None
@@ -103,6 +108,11 @@ def _encode_elements(x: torch.Tensor, fmt: FloatFormat | FixedFormat) -> torch.T
     return out.to(_code_dtype(fmt.bits))  # int64 -> int16 wraps codes >= 2**15 to the uint16 pattern
 
 
+def _codebook_bytes(numel: int, fmt: CodebookFormat) -> int:
+    """Bytes of the codes of ``numel`` elements: one each, or one per two for 4 bits."""
+    return -(-numel * fmt.bits // 8)
+
+
 def _blocks(x: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:
     """x as (..., blocks, block_size) along the format's axis, the tail zero-padded (as quantize does)."""
     t = x.movedim(fmt.axis, -1)
@@ -117,6 +127,9 @@ def encode(x: torch.Tensor, fmt) -> Packed:
     Raises:
         FormatError: an entry that is not a value of ``fmt``, or a format wider than 16 bits.
     """
+    if isinstance(fmt, CodebookFormat):
+        codes, absmax = codes_of_values(x, fmt)
+        return Packed(codes[:_codebook_bytes(x.numel(), fmt)].clone(), absmax)
     if not isinstance(fmt, BlockFormat):
         return Packed(_encode_elements(x, fmt))
     elem = fmt.element
@@ -137,7 +150,13 @@ def encode(x: torch.Tensor, fmt) -> Packed:
 
 def decode(packed: Packed, fmt, shape: torch.Size | tuple[int, ...] | None = None,
            dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The values ``packed`` holds, as ``dtype``; a block format needs the tensor's ``shape``."""
+    """The values ``packed`` holds, as ``dtype``; a block or codebook format needs the tensor's ``shape``."""
+    if isinstance(fmt, CodebookFormat):
+        if shape is None:
+            raise ValueError(f"decode: a codebook format ({fmt}) needs the tensor's shape")
+        blocks = packed.scales.numel()
+        codes = torch.nn.functional.pad(packed.codes, (0, blocks * fmt.block_size * fmt.bits // 8 - packed.codes.numel()))
+        return block_values(codes, packed.scales, fmt)[:math.prod(shape)].view(shape).to(dtype)
     if not isinstance(fmt, BlockFormat):
         table = code_values(fmt).to(packed.codes.device)
         index = packed.codes.to(torch.int64) & (2**fmt.bits - 1)  # int16 codes are uint16 patterns

@@ -6,6 +6,7 @@ or ``key=value``::
     fp8_e4m3   e5m10   e4m3fn   e4m3fnuz   e3m2(inf=false,nan=none)   e8m0
     p3109(8,3)   p3109(8,4,unsigned,finite)   fixed(8,4)   fixed(8,8,unsigned)
     mxfp8_e4m3   mx(fp6_e3m2,16)   mx(fixed(8,6),32,axis=0)   bfp(8,16)   bm(2,5,16)
+    blockwise(dynamic8,256)   blockwise(dynamic4u,256)
 """
 from __future__ import annotations
 
@@ -16,13 +17,14 @@ from typing import Union
 
 from ..errors import FormatError
 from .block_format import BlockFloat, BlockFormat, BlockMinifloat, MXFormat, block_spec
+from .codebook_format import CODEBOOKS, CodebookFormat
 from .fixed_format import FixedFormat
 from .float_format import FloatFormat, format_spec, p3109
 from .table import get, lookup, names, store
 
 __all__ = ["Format", "get", "parse", "names", "register", "format_spec", "block_spec"]
 
-Format = Union[FloatFormat, FixedFormat, MXFormat, BlockFloat, BlockMinifloat]
+Format = Union[FloatFormat, FixedFormat, MXFormat, BlockFloat, BlockMinifloat, CodebookFormat]
 
 
 def register(name: str, fmt: Format) -> None:
@@ -50,7 +52,7 @@ def parse(spec: "str | Format") -> Format:
             impossible one; the message quotes the spec.
     """
     if not isinstance(spec, str):
-        if isinstance(spec, (FloatFormat, FixedFormat, BlockFormat)):
+        if isinstance(spec, (FloatFormat, FixedFormat, BlockFormat, CodebookFormat)):
             return spec
         raise FormatError(f"expected a format or a format spec string, got {type(spec).__name__}")
     return _parse_spec(spec)
@@ -116,6 +118,7 @@ _CONSTRUCTORS = {
     "mx": ("mx(element[, block_size][, axis=n])", (0, 1), set(), True, True),
     "bfp": ("bfp(wl, block_size[, axis=n])", (2, 2), set(), False, True),
     "bm": ("bm(exp, man, block_size[, axis=n])", (3, 3), set(), False, True),
+    "blockwise": (f"blockwise({'|'.join(CODEBOOKS)}[, block_size])", (0, 1), set(CODEBOOKS), False, False),
 }
 
 
@@ -154,6 +157,10 @@ def _build(node, spec: str) -> Format:
         return FixedFormat(*ints, signed="unsigned" not in words)
     if low == "mx":
         return MXFormat(element, *ints, **axis)
+    if low == "blockwise":
+        if len(words) != 1:
+            raise bad("name one codebook")
+        return CodebookFormat(words[0], *ints)
     return (BlockFloat if low == "bfp" else BlockMinifloat)(*ints, **axis)
 
 
