@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import MpcompileError
-from .formats import BlockFormat, FixedFormat, FloatFormat, Format, get, names, parse
+from .formats import BlockFormat, CodebookFormat, FixedFormat, FloatFormat, Format, get, names, parse
 from .models import build_model
 from .policy import OPTIMIZER_KINDS, MonitorSettings, Policy, load_policy
 from .policy.schema import OPTIMIZER_KEY_KINDS
@@ -21,6 +21,8 @@ __all__ = ["main", "formats_table", "policy_summary", "inspect_model", "memory_m
 
 
 def _specials(fmt: Format) -> str:
+    if isinstance(fmt, CodebookFormat):
+        return f"{fmt.block_size} x {fmt.bits}-bit codebook index + fp32 absmax (range relative to it)"
     if isinstance(fmt, BlockFormat):
         return f"{fmt.block_size} x {fmt.element} + e8m0 scale"
     if isinstance(fmt, FixedFormat):
@@ -54,6 +56,11 @@ def policy_summary(policy: Policy) -> str:
             if kind in kinds and getattr(policy.optimizer, k) is not None}
     if optimizer:
         lines.append("  optimizer: " + ", ".join(f"{k}={v}" for k, v in (optimizer | read).items()))
+    if any(isinstance(getattr(policy.optimizer, k), CodebookFormat) for k in ("momentum", "second_moment")):
+        from .runtime.optim.codebook_states import MIN_NUMEL
+
+        lines.append(f"    codebook states: parameters of fewer than {MIN_NUMEL} elements keep fp32 states (as "
+                     f"bitsandbytes' 8-bit optimizers)")
     return "\n".join(lines)
 
 

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-__all__ = ["Observer", "observing", "notify"]
+__all__ = ["Observer", "observing", "observed", "notify"]
 
 # (role, raw value, rounded value, its QuantSpec or Format, key): key names a stored value's
 # owner (an optimizer passes the parameter's index); None inside an op
@@ -28,6 +28,12 @@ def observing(observer: Observer) -> Iterator[None]:
         yield
     finally:
         _OBSERVERS.remove(observer)
+
+
+def observed() -> bool:
+    """Whether an observer is installed: a caller whose rounded value costs extra work to form
+    (an optimizer's packed states) forms it only then."""
+    return bool(_OBSERVERS)
 
 
 def notify(role: str, raw: torch.Tensor, rounded: torch.Tensor, spec: Any, key: Any = None) -> None:

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import yaml
 
 from ..errors import FormatError, PolicyError, SpecError
-from ..formats import BlockFormat
+from ..formats import BlockFormat, CodebookFormat
 from ..formats import parse as parse_format
 from ..ops.spec import DELAYED_ROLES, ROLES, SCALINGS, ArithSpec, QuantSpec, Recompute
 from ..random_bits import COUNTER_BITS
@@ -153,13 +153,21 @@ def _choice(node: _Node, choices: tuple[str, ...], what: str) -> str:
     return value
 
 
-def _format(node: _Node, text: str, aliases: Mapping[str, Any], what: str):
+def _format(node: _Node, text: str, aliases: Mapping[str, Any], what: str, codebook: bool = False):
+    """The format ``text`` names (an alias or a spec); a block-wise codebook format only where
+    ``codebook`` (an optimizer state or an alias)."""
     if text in aliases:
-        return aliases[text]
-    try:
-        return parse_format(text)
-    except FormatError as err:
-        raise node.fail(f"{what}: {err}", _did_you_mean(text, aliases)) from None
+        fmt = aliases[text]
+    else:
+        try:
+            fmt = parse_format(text)
+        except FormatError as err:
+            raise node.fail(f"{what}: {err}", _did_you_mean(text, aliases)) from None
+    if isinstance(fmt, CodebookFormat) and not codebook:
+        raise node.fail(f"{what}: {fmt} is a block-wise codebook format, for the optimizer's states only "
+                        f"(optimizer.momentum, optimizer.second_moment)",
+                        "use a float, fixed-point or block format here (e.g. fp8_e4m3, mxfp8_e4m3)")
+    return fmt
 
 
 # -- reading ---------------------------------------------------------------------------------------
@@ -217,7 +225,7 @@ def _read(root: _Node, source: str) -> Policy:
         for alias, node in top["formats"].value.items():
             if not _ALIAS.fullmatch(alias):
                 raise top["formats"].keys[alias].fail(f"format alias '{alias}' must be a name (letters, digits, _)")
-            aliases[alias] = _format(node, _check(node, (str,), f"formats.{alias}"), {}, f"formats.{alias}")
+            aliases[alias] = _format(node, _check(node, (str,), f"formats.{alias}"), {}, f"formats.{alias}", True)
     inherited = _inherit(top, ("nearest", False))
     default = _settings(top["default"], "default", aliases, inherited) if "default" in top else Settings()
     rules = tuple(_rule(node, i, aliases, inherited) for i, node in enumerate(_list(top.get("rules"), "rules")))
@@ -270,12 +278,25 @@ def _optimizer(node: _Node, aliases) -> OptimizerSettings:
     for key in ("master", "gradient", "momentum", "second_moment"):
         if key in section and section[key].value is not None:
             text = _check(section[key], (str,), f"optimizer.{key}")
-            values[key] = None if text == "fp32" else _format(section[key], text, aliases, f"optimizer.{key}")
+            values[key] = None if text == "fp32" else _format(section[key], text, aliases, f"optimizer.{key}",
+                                                               key in ("momentum", "second_moment"))
+    momentum = values.get("momentum")
+    if isinstance(momentum, CodebookFormat) and not momentum.signed:
+        raise section["momentum"].fail(f"optimizer.momentum: {momentum} is unsigned, but momentum takes negative "
+                                       f"values (they would round to 0)",
+                                       f"use blockwise({momentum.codebook[:-1]},{momentum.block_size})")
     if kind == "lpsvrg" and values.get("master") is None:
         raise node.fail("optimizer kind lpsvrg stores the weights in a low-precision format: set optimizer.master "
                         "(e.g. master: fixed(8,5)); with fp32 weights it is svrg")
     if "update_rounding" in section:
         values["update_rounding"] = _choice(section["update_rounding"], ROUNDING_MODES, "optimizer.update_rounding")
+        codebooks = [f"optimizer.{k} ({values[k]})" for k in ("momentum", "second_moment")
+                     if isinstance(values.get(k), CodebookFormat)]
+        if codebooks and values["update_rounding"] != "nearest":
+            raise section["update_rounding"].fail(
+                f"optimizer.update_rounding: {values['update_rounding']}, but {' and '.join(codebooks)} "
+                f"{'round' if len(codebooks) > 1 else 'rounds'} to the nearest codebook entry only (as bitsandbytes "
+                f"does)", "use update_rounding: nearest")
     if "storage" in section:
         values["storage"] = _choice(section["storage"], STORAGES, "optimizer.storage")
         states = {k: values[k] for k in ("momentum", "second_moment") if values.get(k) is not None}

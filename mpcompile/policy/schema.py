@@ -197,7 +197,9 @@ class OptimizerSettings:
     ``swa_every`` when SWALP starts averaging and how often it adds an iterate. ``storage``:
     ``emulated`` keeps rounded states in fp32 tensors, ``packed`` keeps the ``momentum`` /
     ``second_moment`` states as codes of their format between steps (``formats.encode``), so an
-    8-bit state takes a byte an element.
+    8-bit state takes a byte an element. ``momentum`` and ``second_moment`` (only they) may be
+    block-wise codebook formats (``blockwise(dynamic8,256)``, bitsandbytes' 8-bit optimizer
+    states), which round to nearest and leave parameters under 4096 elements in fp32.
     """
 
     kind: str | None = None

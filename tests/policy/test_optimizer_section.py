@@ -70,3 +70,24 @@ def test_make_optimizer_builds_each_kind_and_refuses_what_it_cannot_run():
         make_optimizer("adam", params, 0.1, load_policy("halp8").optimizer, full_grad=full)
     with pytest.raises(PolicyError, match="not read by kind svrg"):
         make_optimizer("svrg", params, 0.1, OptimizerSettings(momentum=load_policy("hfp8").default.roles[0][1]))
+
+
+def test_codebook_formats_are_read_for_the_states_only(tmp_path):
+    body = ("  kind: adamw\n  momentum: blockwise(dynamic8,256)\n  second_moment: q8u\n  storage: packed\n")
+    path = tmp_path / "p.yaml"
+    path.write_text("version: 1\nformats: {q8u: 'blockwise(dynamic8u,256)'}\noptimizer:\n" + body)
+    settings = load_policy(str(path)).optimizer
+    assert (str(settings.momentum), str(settings.second_moment)) == ("blockwise(dynamic8,256)", "blockwise(dynamic8u,256)")
+    assert load_policy({"version": 1, **runtime_sections(settings, None, False)}).optimizer == settings
+    for text, where, says in [
+        ("optimizer:\n  kind: adam\n  momentum: blockwise(dynamic8u,256)\n", "p.yaml:4:13", "unsigned, but momentum"),
+        ("optimizer:\n  kind: adam\n  master: blockwise(dynamic8,256)\n", "p.yaml:4:11", "for the optimizer's states only"),
+        ("optimizer:\n  kind: adam\n  second_moment: blockwise(dynamic4u,256)\n  update_rounding: stochastic\n",
+         "p.yaml:5:20", r"second_moment \(blockwise\(dynamic4u,256\)\) rounds to the nearest"),
+        ("default:\n  weight: blockwise(dynamic8,256)\n", "p.yaml:3:11", "default.weight: blockwise"),
+        ("default:\n  forward: {acc: 'blockwise(dynamic8,256)'}\n", "p.yaml:3:18", "default.forward.acc: blockwise"),
+    ]:
+        path.write_text("version: 1\n" + text)
+        with pytest.raises(PolicyError, match=says) as err:
+            load_policy(str(path))
+        assert where in str(err.value)

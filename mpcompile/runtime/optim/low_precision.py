@@ -5,6 +5,11 @@ fp32, and what the optimizer keeps is rounded to the policy's ``optimizer:`` for
 (gradients before the step; momentum / moments and the weights themselves after). With a
 low-precision ``master`` the stored weights are low precision, which is the LP-SGD / SWALP
 setting; stochastic ``update_rounding`` then keeps small updates alive in expectation.
+
+A state in a block-wise codebook format (``blockwise(dynamic8,256)``, bitsandbytes' 8-bit
+optimizers) is rounded only for parameters of at least ``MIN_NUMEL`` (4096) elements; smaller
+ones keep float32 states, as bitsandbytes' ``min_8bit_size`` does. Packed, such states live in
+one run of codes per state (``codebook_states``).
 """
 from __future__ import annotations
 
@@ -12,10 +17,13 @@ from typing import Iterable
 
 import torch
 
-from ...formats import Packed, decode, encode
-from ...ops.observe import notify
+from ...errors import PolicyError
+from ...formats import CodebookFormat, Packed, decode, encode
+from ...formats.codebook_codes import block_values
+from ...ops.observe import notify, observed
 from ...policy import OptimizerSettings
 from ...rounding import quantize
+from .codebook_states import MIN_NUMEL, CodebookStates
 
 __all__ = ["StoredRounding", "LowPrecisionOptimizer"]
 
@@ -61,6 +69,10 @@ class StoredRounding:
 class LowPrecisionOptimizer:
     """A torch optimizer with formats for what it stores.
 
+    Under a codebook format (``blockwise(dynamic8,256)``) a state of a parameter with fewer than
+    ``MIN_NUMEL`` = 4096 elements stays float32 (bitsandbytes' ``min_8bit_size``), and a parameter
+    that torch did not step (no gradient) keeps its state as it was.
+
     Args:
         optimizer: any ``torch.optim`` optimizer over the (compiled) model's parameters.
         settings: the policy's ``optimizer:`` section.
@@ -70,9 +82,12 @@ class LowPrecisionOptimizer:
     def __init__(self, optimizer: torch.optim.Optimizer, settings: OptimizerSettings = OptimizerSettings(), *,
                  seed: int = 0):
         self.optimizer, self.settings, self.seed = optimizer, settings, seed
+        _check_codebooks(settings)
         self._round = StoredRounding(settings.update_rounding, seed)
         # storage: packed: (parameter index, state name) -> the state's codes, between steps
         self._packed: dict[tuple[int, str], Packed] = {}
+        # storage: packed, codebook formats: (state name, device) -> the run of that state's codes
+        self._runs: dict[tuple[str, torch.device], CodebookStates] = {}
         if settings.weight_decay is not None:
             for group in optimizer.param_groups:
                 group["weight_decay"] = settings.weight_decay
@@ -101,11 +116,13 @@ class LowPrecisionOptimizer:
                     p.grad.copy_(self._round(p.grad, s.gradient))
         self._unpack()
         self.optimizer.step()
-        for i, p in enumerate(self._params()):
+        params = list(self._params())
+        rounded_here = [(key, role, fmt) for key, role in _STATES.items()  # codebooks: _round_codebook_states
+                        if (fmt := getattr(s, role)) is not None and not isinstance(fmt, CodebookFormat)]
+        for i, p in enumerate(params if rounded_here or s.master is not None else ()):
             state = self.optimizer.state.get(p, {})
-            for key, role in _STATES.items():
-                fmt = getattr(s, role)
-                if fmt is not None and isinstance(state.get(key), torch.Tensor):
+            for key, role, fmt in rounded_here:
+                if isinstance(state.get(key), torch.Tensor):
                     rounded = self._round(state[key], fmt)
                     notify(role, state[key], rounded, fmt, i)
                     state[key].copy_(rounded)
@@ -115,6 +132,41 @@ class LowPrecisionOptimizer:
                 rounded = self._round(p, s.master)
                 notify("master", p, rounded, s.master, i)
                 p.copy_(rounded)
+        self._round_codebook_states(params)
+
+    def _round_codebook_states(self, params: list[torch.Tensor]) -> None:
+        """Round the states whose format is a codebook format, of the parameters torch stepped
+        that have at least ``MIN_NUMEL`` elements; packed, encode each state's run at once."""
+        codebooks = [(key, role, fmt) for key, role in _STATES.items()
+                     if isinstance(fmt := getattr(self.settings, role), CodebookFormat)]
+        if not codebooks:
+            return
+        large = [(i, p) for i, p in enumerate(params) if p.numel() >= MIN_NUMEL]
+        stepped = {i for i, p in large if p.grad is not None}
+        for key, role, fmt in codebooks:
+            held: dict[torch.device, dict[int, torch.Tensor]] = {}
+            for i, p in large:
+                state = self.optimizer.state.get(p, {})
+                if isinstance(state.get(key), torch.Tensor):
+                    held.setdefault(state[key].device, {})[i] = state[key]
+            for device, states in held.items():
+                if self.settings.storage != "packed":
+                    for i in sorted(stepped & states.keys()):
+                        rounded = self._round(states[i], fmt)
+                        notify(role, states[i], rounded, fmt, i)
+                        states[i].copy_(rounded)
+                    continue
+                run = self._runs.get((key, device))
+                if run is None or not run.repack(states, stepped):
+                    run = self._runs[key, device] = CodebookStates.pack(fmt, states)
+                if observed():
+                    rounded = block_values(run.codes, run.absmax, fmt)
+                    for seg in run.segments:
+                        if seg.index in stepped:
+                            view = rounded[seg.start:seg.start + seg.numel].view_as(states[seg.index])
+                            notify(role, states[seg.index], view, fmt, seg.index)
+                for i in states:
+                    del self.optimizer.state[params[i]][key]
 
     def _unpack(self) -> None:
         """Put the packed states back as the float tensors torch's step reads."""
@@ -123,18 +175,52 @@ class LowPrecisionOptimizer:
             fmt = getattr(self.settings, _STATES[key])
             self.optimizer.state[params[i]][key] = decode(packed, fmt, params[i].shape, params[i].dtype)
         self._packed = {}
+        for (key, _), run in self._runs.items():
+            for i, state in run.unpack({seg.index: params[seg.index].shape for seg in run.segments}).items():
+                self.optimizer.state[params[i]][key] = state
 
     def state_bytes(self) -> int:
         """Bytes the optimizer's states take between steps (packed codes, or torch's tensors)."""
         tensors = [t for state in self.optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
-        return sum(t.numel() * t.element_size() for t in tensors) + sum(p.nbytes for p in self._packed.values())
+        return (sum(t.numel() * t.element_size() for t in tensors) + sum(p.nbytes for p in self._packed.values())
+                + sum(run.nbytes for run in self._runs.values()))
 
     def state_dict(self) -> dict:
+        packed = dict(self._packed)
+        for (key, _), run in self._runs.items():
+            packed.update({(i, key): p for i, p in run.packed().items()})
         return {"optimizer": self.optimizer.state_dict(), "generators": self._round.state_dict(),
-                "packed": {f"{i}:{key}": (p.codes, p.scales) for (i, key), p in self._packed.items()}}
+                "packed": {f"{i}:{key}": (p.codes, p.scales) for (i, key), p in packed.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self._round.load_state_dict(state["generators"])
-        self._packed = {(int(k.split(":")[0]), k.split(":")[1]): Packed(*codes)
-                        for k, codes in state.get("packed", {}).items()}
+        params = list(self._params())
+        self._packed, runs = {}, {}
+        for name, (codes, scales) in state.get("packed", {}).items():
+            i, key = int(name.split(":")[0]), name.split(":")[1]
+            if isinstance(getattr(self.settings, _STATES[key]), CodebookFormat):
+                device = params[i].device
+                runs.setdefault((key, device), {})[i] = Packed(codes.to(device), scales.to(device))
+            else:
+                self._packed[i, key] = Packed(codes, scales)
+        self._runs = {(key, device): CodebookStates.from_packed(getattr(self.settings, _STATES[key]), packed,
+                                                                {i: params[i].numel() for i in packed})
+                      for (key, device), packed in runs.items()}
+
+
+def _check_codebooks(settings: OptimizerSettings) -> None:
+    """Codebook formats are for the states, signed for the momentum, and round to nearest only
+    (the parser checks a policy's YAML so, at its lines)."""
+    for role in ("master", "gradient"):
+        if isinstance(getattr(settings, role), CodebookFormat):
+            raise PolicyError(f"optimizer.{role}: {getattr(settings, role)} is a block-wise codebook format, for the "
+                              f"states only (momentum, second_moment); use a float, fixed-point or block format")
+    codebooks = [role for role in ("momentum", "second_moment") if isinstance(getattr(settings, role), CodebookFormat)]
+    if "momentum" in codebooks and not settings.momentum.signed:
+        raise PolicyError(f"optimizer.momentum: {settings.momentum} is unsigned, but momentum takes negative values "
+                          f"(they would round to 0); use blockwise({settings.momentum.codebook[:-1]},"
+                          f"{settings.momentum.block_size})")
+    if codebooks and settings.update_rounding != "nearest":
+        raise PolicyError(f"optimizer.update_rounding: {settings.update_rounding}, but optimizer.{codebooks[0]} "
+                          f"({getattr(settings, codebooks[0])}) rounds to the nearest entry only; use nearest")
