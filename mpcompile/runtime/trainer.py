@@ -185,7 +185,7 @@ class Trainer:
         self.optimizer, self.controller, self.objective = None, None, None
         self.optimizer_kind = optimizer_kind(config.optimizer, policy.optimizer)
         self._grad_format = policy.optimizer.gradient
-        steps_per_epoch = num_batches(self.data, "train", config.batch_size)
+        self.steps_per_epoch = steps_per_epoch = num_batches(self.data, "train", config.batch_size)
         if tr is None:
             self.optimizer = make_optimizer(self.optimizer_kind, self.compiled.parameters(), config.lr,
                                             policy.optimizer, seed=config.seed, steps_per_epoch=steps_per_epoch,
@@ -316,7 +316,7 @@ class Trainer:
             self._metrics.write(json.dumps({"epoch": self.epoch + 1, **check_record(check),  # recompile time so far
                                             "recompile_seconds": self.objective.recompile_seconds}) + "\n")
 
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[float, int, bool]:
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int, bool]:
         if self.controller is not None:
             loss, skipped = self.controller.step((x, y))
             level = self.objective.level  # the level the step was taken at (a raise happens before it)
@@ -326,6 +326,7 @@ class Trainer:
         if self.optimizer_kind in VARIANCE_REDUCED:
             return self._variance_reduced_step(x, y)
         self.optimizer.zero_grad()
+        step = self.epoch * self.steps_per_epoch + self.step_in_epoch  # over the run, from 0
         monitored = self.monitor is not None and self.monitor.due(step)
         with self.monitor.step(step, self.epoch + 1) if monitored else contextlib.nullcontext():
             logits = self.monitor.forward(x) if monitored else self.compiled(x)
@@ -426,7 +427,7 @@ class Trainer:
                 continue  # resumed mid-epoch: these batches were trained on
             start = time.perf_counter()
             self._set_lr(self.epoch * total + i, c.epochs * total)
-            loss, correct, skipped = self._train_step(x.to(self.device), y.to(self.device), self.epoch * total + i)
+            loss, correct, skipped = self._train_step(x.to(self.device), y.to(self.device))
             p["seconds"] += time.perf_counter() - start
             if not skipped:  # an overflowed step's loss may be inf/NaN; it is counted as an overflow instead
                 p["loss"] += loss * len(y)

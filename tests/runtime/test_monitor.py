@@ -39,14 +39,14 @@ def _rows(run) -> list[dict]:
 @pytest.fixture(scope="module")
 def monitored(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("monitor")
-    trainer = Trainer(_config(tmp, "monitored"), progress=False)
+    trainer = Trainer(_config(tmp, "monitored", epochs=2), progress=False)
     trainer.fit()
     return trainer, tmp / "monitored"
 
 
 def test_a_monitored_run_trains_exactly_as_an_unmonitored_one(monitored, tmp_path):
     trainer, _ = monitored
-    plain = Trainer(_config(tmp_path, "plain", POLICY.replace("monitor: {every: 4}\n", "")), progress=False)
+    plain = Trainer(_config(tmp_path, "plain", POLICY.replace("monitor: {every: 4}\n", ""), epochs=2), progress=False)
     plain.fit()
     for (name, a), b in zip(trainer.compiled.named_parameters(), plain.compiled.parameters()):
         assert torch.equal(a, b), name
@@ -59,7 +59,8 @@ def test_every_monitored_step_has_every_role_of_every_quantized_op(monitored):
     trainer, run = monitored
     rows = _rows(run)
     steps = sorted({r["step"] for r in rows})
-    assert steps == [0, 4, 8]  # 11 steps of 128 in an epoch of digits
+    assert steps == [0, 4, 8, 12, 16, 20]  # 11 steps of 128 in an epoch of digits, counted over the run
+    assert {r["step"]: r["epoch"] for r in rows} == {0: 1, 4: 1, 8: 1, 12: 2, 16: 2, 20: 2}
     ops = {r["op"] for r in rows if r["role"] == "input"}
     assert ops == {"features_3", "classifier_1", "classifier_3", "classifier_5", "features_0"}
     params = [name for name, _ in trainer.compiled.named_parameters()]
@@ -108,7 +109,7 @@ def test_tensorboard_reader_finds_every_op_and_role(monitored):
         if row["hist"]:
             assert f"{tag}/log2_abs" in histograms
     steps = [e.step for e in events.Scalars("classifier_1/input/underflow")]
-    assert steps == [0, 4, 8]
+    assert steps == [0, 4, 8, 12, 16, 20]
 
 
 def test_number_stats_match_a_hand_count():
