@@ -14,8 +14,8 @@ import torch
 
 __all__ = ["Observer", "observing", "observed", "notify"]
 
-# (role, raw value, rounded value, its QuantSpec or Format, key): key names a stored value's
-# owner (an optimizer passes the parameter's index); None inside an op
+# (role, raw value, rounded value, its QuantSpec or Format, key): key is a stored value's owner
+# (an optimizer passes the parameter); None inside an op
 Observer = Callable[[str, torch.Tensor, torch.Tensor, Any, Any], None]
 _OBSERVERS: list[Observer] = []
 

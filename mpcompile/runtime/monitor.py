@@ -134,7 +134,7 @@ class Monitor:
         self.out.mkdir(parents=True, exist_ok=True)
         self.writer = SummaryWriter(str(self.out / "tb"))
         self.rows = (self.out / "monitor.jsonl").open("a" if append else "w")
-        self._params = [name for name, _ in model.named_parameters()]
+        self._names = {id(p): name for name, p in model.named_parameters()}
         self._current: tuple[str, str] | None = None  # (op, module) whose roundings arrive now
         self._seen: dict[tuple[str, str], dict] = {}
         self._before: dict[str, torch.Tensor] = {}  # the weights as the monitored step found them
@@ -196,8 +196,8 @@ class Monitor:
     def _observe(self, role: str, raw: torch.Tensor, rounded: torch.Tensor, spec, key) -> None:
         if role not in self.settings.roles:
             return
-        if key is not None:  # an optimizer's store: key is the parameter's index
-            name = self._params[key]
+        if key is not None:  # an optimizer's store: key is the parameter
+            name = self._names[id(key)]
             where = (name, name.rpartition(".")[0])
         elif self._current is None:
             return
@@ -209,7 +209,7 @@ class Monitor:
         stats = number_stats(raw, rounded, fmt, scaled=scaled, histograms=self.settings.histograms)
         stats["stagnation"] = None
         if role == "master":
-            stats["stagnation"] = self._stagnation(self._params[key], raw, fmt)
+            stats["stagnation"] = self._stagnation(where[0], raw, fmt)
         self._seen[where, role] = stats
 
     def _stagnation(self, name: str, raw: torch.Tensor, fmt) -> float | None:

@@ -124,13 +124,13 @@ class LowPrecisionOptimizer:
             for key, role, fmt in rounded_here:
                 if isinstance(state.get(key), torch.Tensor):
                     rounded = self._round(state[key], fmt)
-                    notify(role, state[key], rounded, fmt, i)
+                    notify(role, state[key], rounded, fmt, p)
                     state[key].copy_(rounded)
                     if s.storage == "packed":  # between steps only the codes are kept
                         self._packed[i, key] = encode(state.pop(key), fmt)
             if s.master is not None:
                 rounded = self._round(p, s.master)
-                notify("master", p, rounded, s.master, i)
+                notify("master", p, rounded, s.master, p)
                 p.copy_(rounded)
         self._round_codebook_states(params)
 
@@ -153,7 +153,7 @@ class LowPrecisionOptimizer:
                 if self.settings.storage != "packed":
                     for i in sorted(stepped & states.keys()):
                         rounded = self._round(states[i], fmt)
-                        notify(role, states[i], rounded, fmt, i)
+                        notify(role, states[i], rounded, fmt, params[i])
                         states[i].copy_(rounded)
                     continue
                 run = self._runs.get((key, device))
@@ -164,7 +164,7 @@ class LowPrecisionOptimizer:
                     for seg in run.segments:
                         if seg.index in stepped:
                             view = rounded[seg.start:seg.start + seg.numel].view_as(states[seg.index])
-                            notify(role, states[seg.index], view, fmt, seg.index)
+                            notify(role, states[seg.index], view, fmt, params[seg.index])
                 for i in states:
                     del self.optimizer.state[params[i]][key]
 
