@@ -46,6 +46,7 @@ from ..formats import BlockFormat
 from ..ops.registry import kind_named
 from ..ops.spec import QuantSpec
 from ..passes import mpc_meta
+from .optim.low_precision import STATE_ROLES
 from .optim.make import VARIANCE_REDUCED, make_optimizer, optimizer_kind
 from .optim.swalp import SWALP
 
@@ -53,8 +54,6 @@ __all__ = ["CATEGORIES", "MemoryRow", "MemoryReport", "memory_report"]
 
 CATEGORIES = ("parameters", "master_weights", "gradients", "optimizer_states", "activations")
 SCALE_BITS = 8  # one E8M0 scale per block (formats.packing stores every block format's scales so)
-# the optimizer states LowPrecisionOptimizer rounds, by torch's names, and the setting that gives their format
-_STATE_FORMATS = {"momentum_buffer": "momentum", "exp_avg": "momentum", "exp_avg_sq": "second_moment"}
 
 
 @dataclass(frozen=True)
@@ -406,13 +405,13 @@ def _states(optimizer) -> list[_State]:
     for i, state in saved["optimizer"]["state"].items():
         for key, t in state.items():
             if isinstance(t, torch.Tensor):
-                fmt = getattr(settings, _STATE_FORMATS[key]) if key in _STATE_FORMATS else None
+                fmt = getattr(settings, STATE_ROLES[key]) if key in STATE_ROLES else None
                 out.append(_State((t,), tuple(t.shape), t.is_floating_point(), fmt))
     for name, (codes, scales) in saved["packed"].items():
         i, key = name.split(":")
         param = params[int(i)]
         out.append(_State(tuple(t for t in (codes, scales) if t is not None), tuple(param.shape), True,
-                          getattr(settings, _STATE_FORMATS[key])))
+                          getattr(settings, STATE_ROLES[key])))
     out += [_State((avg,), tuple(avg.shape), True, None) for avg in (swalp.average if swalp is not None else ())]
     return out
 

@@ -25,10 +25,11 @@ from ...policy import OptimizerSettings
 from ...rounding import quantize
 from .codebook_states import MIN_NUMEL, CodebookStates
 
-__all__ = ["StoredRounding", "LowPrecisionOptimizer"]
+__all__ = ["StoredRounding", "LowPrecisionOptimizer", "STATE_ROLES"]
 
-# torch's state names per what they are: SGD keeps momentum_buffer, Adam(W) exp_avg / exp_avg_sq.
-_STATES = {"momentum_buffer": "momentum", "exp_avg": "momentum", "exp_avg_sq": "second_moment"}
+# torch's state names -> the optimizer section's key that gives their format (SGD keeps
+# momentum_buffer, Adam(W) exp_avg / exp_avg_sq)
+STATE_ROLES = {"momentum_buffer": "momentum", "exp_avg": "momentum", "exp_avg_sq": "second_moment"}
 
 
 class StoredRounding:
@@ -117,7 +118,7 @@ class LowPrecisionOptimizer:
         self._unpack()
         self.optimizer.step()
         params = list(self._params())
-        rounded_here = [(key, role, fmt) for key, role in _STATES.items()  # codebooks: _round_codebook_states
+        rounded_here = [(key, role, fmt) for key, role in STATE_ROLES.items()  # codebooks: _round_codebook_states
                         if (fmt := getattr(s, role)) is not None and not isinstance(fmt, CodebookFormat)]
         for i, p in enumerate(params if rounded_here or s.master is not None else ()):
             state = self.optimizer.state.get(p, {})
@@ -137,7 +138,7 @@ class LowPrecisionOptimizer:
     def _round_codebook_states(self, params: list[torch.Tensor]) -> None:
         """Round the states whose format is a codebook format, of the parameters torch stepped
         that have at least ``MIN_NUMEL`` elements; packed, encode each state's run at once."""
-        codebooks = [(key, role, fmt) for key, role in _STATES.items()
+        codebooks = [(key, role, fmt) for key, role in STATE_ROLES.items()
                      if isinstance(fmt := getattr(self.settings, role), CodebookFormat)]
         if not codebooks:
             return
@@ -172,7 +173,7 @@ class LowPrecisionOptimizer:
         """Put the packed states back as the float tensors torch's step reads."""
         params = list(self._params())
         for (i, key), packed in self._packed.items():
-            fmt = getattr(self.settings, _STATES[key])
+            fmt = getattr(self.settings, STATE_ROLES[key])
             self.optimizer.state[params[i]][key] = decode(packed, fmt, params[i].shape, params[i].dtype)
         self._packed = {}
         for (key, _), run in self._runs.items():
@@ -199,12 +200,12 @@ class LowPrecisionOptimizer:
         self._packed, runs = {}, {}
         for name, (codes, scales) in state.get("packed", {}).items():
             i, key = int(name.split(":")[0]), name.split(":")[1]
-            if isinstance(getattr(self.settings, _STATES[key]), CodebookFormat):
+            if isinstance(getattr(self.settings, STATE_ROLES[key]), CodebookFormat):
                 device = params[i].device
                 runs.setdefault((key, device), {})[i] = Packed(codes.to(device), scales.to(device))
             else:
                 self._packed[i, key] = Packed(codes, scales)
-        self._runs = {(key, device): CodebookStates.from_packed(getattr(self.settings, _STATES[key]), packed,
+        self._runs = {(key, device): CodebookStates.from_packed(getattr(self.settings, STATE_ROLES[key]), packed,
                                                                 {i: params[i].numel() for i in packed})
                       for (key, device), packed in runs.items()}
 
