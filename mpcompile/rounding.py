@@ -473,9 +473,6 @@ def quantize(
         if rounding != "nearest":
             raise ValueError(f"quantize: {fmt} rounds to the nearest codebook entry only (as bitsandbytes does), not "
                              f"{rounding!r}; use rounding='nearest' (in a policy: optimizer.update_rounding: nearest)")
-        if random_bits is not None or sr_bits is not None:
-            raise ValueError("quantize: random_bits and sr_bits apply only to rounding='stochastic', not 'nearest'")
-        return quantize_codebook(x, fmt)
     if isinstance(fmt, BlockFormat) and not -x.dim() <= fmt.axis < max(x.dim(), 1):
         raise ValueError(f"quantize: {fmt} blocks run along axis {fmt.axis}, but x has {x.dim()} dims")
     bits = None
@@ -486,6 +483,8 @@ def quantize(
         bits = _random_bits(x, n, random_bits, generator)
     elif random_bits is not None or sr_bits is not None:
         raise ValueError(f"quantize: random_bits and sr_bits apply only to rounding='stochastic', not {rounding!r}")
+    if isinstance(fmt, CodebookFormat):
+        return quantize_codebook(x, fmt)
     seeded = bits is not None and random_bits is None and n <= COUNTER_BITS
     plan, params = plan_quantize(fmt, rounding, saturate, x.dtype, n, seeded, x.device)
     xw = x.to(plan.dtype).contiguous()  # kernels write out= in place, which dynamo wants contiguous

@@ -139,5 +139,7 @@ def test_special_blocks_and_what_is_refused():
     assert unsigned.tolist() == [0.0, 2.0, 0.0]  # an unsigned block is scaled by its largest value, not -3
     with pytest.raises(ValueError, match="nearest codebook entry only"):
         quantize(x, fmt, "stochastic")
+    with pytest.raises(ValueError, match="apply only to rounding='stochastic'"):
+        quantize(x, fmt, sr_bits=4)
     with pytest.raises(ValueError, match="needs the tensor's shape"):
         decode(encode(q[3], fmt), fmt)
