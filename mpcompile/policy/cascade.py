@@ -76,11 +76,12 @@ class Policy:
 
     @property
     def wants_calibration(self) -> bool:
-        """Whether a model under this policy needs the condition pass: a rule selects on kappa,
-        or a section recomputes output components by their condition number (whose thresholds
-        are set against the kappa the pass measures)."""
+        """Whether a model under this policy needs the condition pass: a rule or the monitor
+        selects on kappa, or a section recomputes output components by their condition number
+        (whose thresholds are set against the kappa the pass measures)."""
         sections = [self.default] + [r.settings for r in self.rules] + [lv.settings for lv in self.levels]
-        return (any(r.match.needs_kappa for r in self.rules)
+        selectors = [r.match for r in self.rules] + list(self.monitor.ops if self.monitor is not None else ())
+        return (any(s.needs_kappa for s in selectors)
                 or any(isinstance(s.recompute, Recompute) for s in sections))
 
     def level_index(self, level: "int | str") -> int:

@@ -41,7 +41,7 @@ from ..compiler import CompiledModel
 from ..formats import FixedFormat, FloatFormat, parse
 from ..ops.observe import observing
 from ..ops.registry import kind_named
-from ..policy import MonitorSettings, NodeFacts
+from ..policy import MonitorSettings
 
 __all__ = ["Monitor", "RoleRecord", "number_stats"]
 
@@ -162,10 +162,8 @@ class Monitor:
         meta = node.meta.get("mpc")
         if meta is None or meta.assignment is None or not meta.assignment.quantizes:
             return None
-        if self.settings.ops:
-            facts = NodeFacts(meta.op_type or "", meta.name, meta.group, meta.gemm_index, meta.gemm_count)
-            if not any(selector.matches(facts) for selector in self.settings.ops):
-                return None
+        if self.settings.ops and not any(selector.matches(meta.facts) for selector in self.settings.ops):
+            return None
         return node.name if meta.source is None else meta.source, meta.name
 
     @contextlib.contextmanager

@@ -153,3 +153,14 @@ def test_quantized_roles_it_cannot_attribute_are_named(tmp_path):
     policy = POLICY + "rules:\n  - {match: {type: activation}, output: bf16}\n"
     with pytest.warns(UserWarning, match=r"features\.1.*are not recorded"):
         Trainer(_config(tmp_path, "act", policy, epochs=0), progress=False).fit()
+
+
+def test_a_kappa_selector_calibrates_and_selects_by_the_condition_number(tmp_path):
+    # every GEMM's kappa is at least 1, so kappa_above: 1 keeps only ops the condition pass measured
+    policy = POLICY.replace("monitor: {every: 4}", "monitor: {every: 8, ops: {kappa_above: 1}, roles: [input]}")
+    trainer = Trainer(_config(tmp_path, "kappa", policy), progress=False)
+    trainer.fit()
+    measured = {meta.name for _, meta in trainer.compiled.annotations()
+                if meta.kappa is not None and meta.kappa.p99 > 1}
+    rows = _rows(tmp_path / "kappa")
+    assert measured and {r["module"] for r in rows} == measured
