@@ -223,10 +223,9 @@ class Monitor:
     def _record_update(self, name: str, p: torch.Tensor, before: torch.Tensor) -> None:
         update = p.detach() - before
         stats = number_stats(update, update, parse(_DTYPE_FORMATS[p.dtype]), histograms=self.settings.histograms)
-        moved = p.grad is not None and bool((p.grad != 0).any())
-        stats["stagnation"] = (float(((update == 0) & (p.grad != 0)).sum() / (p.grad != 0).sum())
-                               if moved else None)
-        stats["sqnr_db"] = None  # the update is what was applied: nothing rounded it here
+        pushed = None if p.grad is None else p.grad != 0
+        stats["stagnation"] = (float((pushed & (update == 0)).sum() / pushed.sum())
+                               if pushed is not None and bool(pushed.any()) else None)
         stats["sqnr_db"] = None  # the update is what was applied: nothing rounded it here
         self._seen[(name, name.rpartition(".")[0]), "update"] = stats
 
