@@ -299,12 +299,13 @@ def _optimizer(node: _Node, aliases) -> OptimizerSettings:
                 f"does)", "use update_rounding: nearest")
     if "storage" in section:
         values["storage"] = _choice(section["storage"], STORAGES, "optimizer.storage")
-        states = {k: values[k] for k in ("momentum", "second_moment") if values.get(k) is not None}
-        wide = [f"{k} ({f})" for k, f in states.items() if not _packable(f)]
-        if values["storage"] == "packed" and (wide or not states):
-            raise section["storage"].fail(f"optimizer.storage: packed stores the momentum / second_moment states as "
-                                          f"codes of at most 16 bits; {', '.join(wide) or 'no state has a format'} "
-                                          f"(e.g. momentum: mxfp8_e4m3)")
+        stored = {k: values[k] for k in ("master", "momentum", "second_moment") if values.get(k) is not None}
+        wide = [f"{k} ({f})" for k, f in stored.items() if not _packable(f)]
+        if values["storage"] == "packed" and (wide or not stored):
+            raise section["storage"].fail(f"optimizer.storage: packed stores the master weights and the momentum / "
+                                          f"second_moment states as codes of at most 16 bits; "
+                                          f"{', '.join(wide) or 'none of them has a format'} (e.g. momentum: "
+                                          f"mxfp8_e4m3, master: bf16)")
     if "weight_decay" in section:
         decay = _check(section["weight_decay"], (int, float), "optimizer.weight_decay")
         if decay < 0:

@@ -19,8 +19,11 @@ not activations). Columns:
   optimizer step) of a copy of the model: torch's MemTracker counts the live storages of each
   category, once per storage; activations are the storages ``saved_tensors_hooks`` sees saved.
   Formats are emulated in fp32 storage, so parameters, gradients and activations are held in
-  fp32; ``storage: packed`` optimizer states as codes. mpcompile keeps no master copy: the
-  optimizer updates the parameters in place (rounding them to ``master`` where set).
+  fp32; ``storage: packed`` optimizer states as codes. mpcompile keeps no master copy besides
+  the parameters: the optimizer updates them in place (rounding them to ``master`` where set),
+  except with ``storage: packed`` and a ``master`` format, where between steps the weights are
+  held as codes (``master_weights``, measured after the step) and the fp32 parameters only
+  from a forward to the step (``parameters``, measured before the step).
 - ``fp32``: the same tensors as fp32 (integer tensors, such as max-pool indices, as they are);
   fp32 training keeps no master copy either.
 """
@@ -47,6 +50,7 @@ from ..ops.registry import kind_named
 from ..ops.spec import QuantSpec
 from ..passes import mpc_meta
 from .optim.low_precision import STATE_ROLES
+from .optim import unpack_parameters
 from .optim.make import VARIANCE_REDUCED, make_optimizer, optimizer_kind
 from .optim.swalp import SWALP
 
@@ -368,10 +372,11 @@ def _step(model: CompiledModel, optimizer, batch: Inputs, device: torch.device) 
                              "backward to measure")
     torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
     del out, outputs
-    optimizer.step()
-    held["parameters"] = _held_as("Parameter", model)
+    held["parameters"] = _held_as("Parameter", model)  # before the step: packed weights are freed by it
     held["gradients"] = _held_as("Gradient", model)
+    optimizer.step()
     held["optimizer_states"] = _held(*_state_tensors(optimizer))
+    held["master_weights"] = _held(*_weight_codes(optimizer))
     how = "torch's MemTracker (track_external: live storages, each once)"
     if not cuda:
         return _Measured(recorder.saved, held, None, f"{how} on {device}; activations: saved_tensors_hooks")
@@ -414,6 +419,12 @@ def _states(optimizer) -> list[_State]:
                           getattr(settings, STATE_ROLES[key])))
     out += [_State((avg,), tuple(avg.shape), True, None) for avg in (swalp.average if swalp is not None else ())]
     return out
+
+
+def _weight_codes(optimizer) -> list[torch.Tensor]:
+    """The codes (and scales) of the weights an optimizer keeps packed between steps."""
+    low = optimizer.optimizer if isinstance(optimizer, SWALP) else optimizer
+    return [t for pair in low.state_dict().get("weights", {}).values() for t in pair if t is not None]
 
 
 def _state_tensors(optimizer) -> Iterator[torch.Tensor]:
@@ -494,6 +505,7 @@ def memory_report(cm: CompiledModel, batch_size: int, *, optimizer: str | None =
                              f"which one step on one batch cannot measure; measure sgd, adam, adamw or swalp")
     device = next((p.device for p in cm.parameters()), torch.device("cpu"))
     uses = _parameter_uses(cm)
+    unpack_parameters(cm)  # a deep copy reads them
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the random batch too
         batch = _batch(cm, batch_size, inputs, device)
         model = copy.deepcopy(cm).train()
@@ -501,7 +513,7 @@ def memory_report(cm: CompiledModel, batch_size: int, *, optimizer: str | None =
             with torch.no_grad():
                 model(*batch.args, **dict(batch.kwargs))
         model.zero_grad(set_to_none=True)
-        opt = make_optimizer(kind, model.parameters(), 1e-3, settings, steps_per_epoch=1)
+        opt = make_optimizer(kind, model.parameters(), 1e-3, settings, steps_per_epoch=1, module=model)
         measured = _step(model, opt, batch, device)
         rows = [*_parameter_rows(model, uses, settings.master, settings.gradient, measured.held),
                 _state_row(opt, measured.held["optimizer_states"]),

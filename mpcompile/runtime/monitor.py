@@ -42,6 +42,7 @@ from ..formats import FixedFormat, FloatFormat, parse
 from ..ops.observe import observing
 from ..ops.registry import kind_named
 from ..policy import MonitorSettings
+from .optim import unpack_parameters
 
 __all__ = ["Monitor", "RoleRecord", "number_stats"]
 
@@ -171,10 +172,12 @@ class Monitor:
         """Observe one training step (forward through ``forward``, backward, optimizer step)."""
         self._step, self._epoch, self._seen = step, epoch, {}
         params = dict(self.model.named_parameters())
+        unpack_parameters(self.model)  # packed weights (optimizer.storage: packed) are read here, not by a forward
         self._before = {name: p.detach().clone() for name, p in params.items()}
         with observing(self._observe):
             yield
         self.attribute(None)
+        unpack_parameters(self.model)
         if "update" in self.settings.roles:
             for name, p in params.items():
                 self._record_update(name, p, self._before[name])

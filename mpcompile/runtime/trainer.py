@@ -185,14 +185,19 @@ class Trainer:
         self.optimizer, self.controller, self.objective = None, None, None
         self.optimizer_kind = optimizer_kind(config.optimizer, policy.optimizer)
         self._grad_format = policy.optimizer.gradient
+        # the optimizer keeps the weights as codes between steps: checkpoints hold those, not the fp32 values
+        self._packs_weights = policy.optimizer.storage == "packed" and policy.optimizer.master is not None
         self.steps_per_epoch = steps_per_epoch = num_batches(self.data, "train", config.batch_size)
         if tr is None:
             self.optimizer = make_optimizer(self.optimizer_kind, self.compiled.parameters(), config.lr,
                                             policy.optimizer, seed=config.seed, steps_per_epoch=steps_per_epoch,
-                                            full_grad=self._full_gradient)
+                                            full_grad=self._full_gradient, module=self.compiled)
         elif self.optimizer_kind != "sgd":
             raise MpcompileError(f"policy {policy.name} trains with its trust_region controller, which takes the steps "
                                  f"itself; optimizer {self.optimizer_kind} would not be used: drop it")
+        elif policy.optimizer.storage == "packed":
+            raise MpcompileError(f"policy {policy.name} trains with its trust_region controller, which keeps no packed "
+                                 f"storage (it restores the weights exactly on a rejected step); drop optimizer.storage")
         else:
             self.objective = ModelObjective(self.compiled, self.model, F.cross_entropy, self.scaler, tr,
                                             policy.optimizer, seed=config.seed)
@@ -241,8 +246,16 @@ class Trainer:
         return None if spec == "none" else spec
 
     # -- checkpoints --------------------------------------------------------------------------
+    def _weight_names(self) -> set[str]:
+        """The model's state keys that a checkpoint leaves to the optimizer's packed codes."""
+        if not self._packs_weights:
+            return set()
+        return {name for name, _ in self.compiled.named_parameters(remove_duplicate=False)}
+
     def state_dict(self) -> dict[str, Any]:
-        return {"config": dataclasses.asdict(self.config), "model": self.compiled.state_dict(),  # + amax histories
+        packed = self._weight_names()
+        model = {k: v for k, v in self.compiled.state_dict().items() if k not in packed}  # + amax histories
+        return {"config": dataclasses.asdict(self.config), "model": model,
                 "optimizer": self.optimizer.state_dict() if self.optimizer else None,
                 "controller": self.controller.state_dict() if self.controller else None,
                 "objective": self.objective.state_dict() if self.objective else None,
@@ -273,7 +286,11 @@ class Trainer:
         config.out = config.out if out is None else out
         config.level = state["level"]
         trainer = cls(config, progress=progress)
-        trainer.compiled.load_state_dict(state["model"])
+        packed = trainer._weight_names()
+        missing, unexpected = trainer.compiled.load_state_dict(state["model"], strict=not packed)
+        if set(missing) - packed or unexpected:
+            raise MpcompileError(f"--resume {path}: the checkpoint's model state does not fit the model (missing "
+                                 f"{sorted(set(missing) - packed)}, unexpected {sorted(unexpected)})")
         if state.get("kappa") is not None:
             trainer.compiled.load_condition_estimates(state["kappa"])
         if trainer.optimizer:

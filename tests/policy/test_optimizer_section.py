@@ -29,7 +29,9 @@ def _load(tmp_path, body: str):
     ("  kind: svrg\n  update_rounding: stochastic\n", "p.yaml:4:20", "not read by kind svrg"),
     ("  kind: halp\n  mu: 1\n  master: bf16\n", "p.yaml:5:11", "not read by kind halp"),
     ("  kind: sgdd\n", "p.yaml:3:9", "not one of"),
-    ("  kind: adam\n  momentum: fp32\n  storage: packed\n", "p.yaml:5:12", "no state has a format"),
+    ("  kind: adam\n  momentum: fp32\n  storage: packed\n", "p.yaml:5:12", "none of them has a format"),
+    ("  kind: sgd\n  master: fp32\n  storage: packed\n", "p.yaml:5:12", "none of them has a format"),
+    ("  kind: sgd\n  master: tf32\n  storage: packed\n", "p.yaml:5:12", r"master \(tf32\)"),
     ("  kind: adam\n  momentum: tf32\n  storage: packed\n", "p.yaml:5:12", r"momentum \(tf32\)"),
     ("  kind: svrg\n  storage: packed\n", "p.yaml:4:12", "not read by kind svrg"),
 ])

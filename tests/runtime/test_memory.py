@@ -76,7 +76,8 @@ def test_bf16_master_and_packed_fp8_momentum():
     # biases are read as stored: their master bf16 copy is the parameter; each weight has a bf16 master copy
     assert (report["parameters"].nominal, report["parameters"].held) == (WEIGHTS + WEIGHT_BLOCKS + 2 * BIASES,
                                                                          FP32_PARAMETERS)
-    assert (report["master_weights"].nominal, report["master_weights"].held) == (2 * WEIGHTS, 0)
+    # packed storage holds every parameter (biases too) as bf16 codes between steps
+    assert (report["master_weights"].nominal, report["master_weights"].held) == (2 * WEIGHTS, 2 * (WEIGHTS + BIASES))
     # momentum packed as uint8 codes of fp8_e4m3: a byte an element, held as such
     assert (report["optimizer_states"].nominal, report["optimizer_states"].held,
             report["optimizer_states"].fp32) == (21386, 21386, FP32_PARAMETERS)

@@ -9,21 +9,24 @@ setting; stochastic ``update_rounding`` then keeps small updates alive in expect
 A state in a block-wise codebook format (``blockwise(dynamic8,256)``, bitsandbytes' 8-bit
 optimizers) is rounded only for parameters of at least ``MIN_NUMEL`` (4096) elements; smaller
 ones keep float32 states, as bitsandbytes' ``min_8bit_size`` does. Packed, such states live in
-one run of codes per state (``codebook_states``).
+one run of codes per state (``codebook_states``), and the weights themselves, under a ``master``
+format, as codes between steps (``packed_weights``).
 """
 from __future__ import annotations
 
 from typing import Iterable
 
 import torch
+from torch import nn
 
-from ...errors import PolicyError
+from ...errors import MpcompileError, PolicyError
 from ...formats import CodebookFormat, Packed, decode, encode
 from ...formats.codebook_codes import block_values
 from ...ops.observe import notify, observed
 from ...policy import OptimizerSettings
 from ...rounding import quantize
 from .codebook_states import MIN_NUMEL, CodebookStates
+from .packed_weights import PackedWeights
 
 __all__ = ["StoredRounding", "LowPrecisionOptimizer", "STATE_ROLES"]
 
@@ -78,10 +81,15 @@ class LowPrecisionOptimizer:
         optimizer: any ``torch.optim`` optimizer over the (compiled) model's parameters.
         settings: the policy's ``optimizer:`` section.
         seed: seed of the stochastic rounding's generator (its state is checkpointed).
+        module: the module whose forward reads the parameters; needed (only) to store the weights
+            packed (``storage: packed`` with a ``master`` format): its hooks decode them before use.
+
+    Raises:
+        MpcompileError: packed weights without ``module``.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, settings: OptimizerSettings = OptimizerSettings(), *,
-                 seed: int = 0):
+                 seed: int = 0, module: nn.Module | None = None):
         self.optimizer, self.settings, self.seed = optimizer, settings, seed
         _check_codebooks(settings)
         self._round = StoredRounding(settings.update_rounding, seed)
@@ -96,6 +104,13 @@ class LowPrecisionOptimizer:
             with torch.no_grad():
                 for p in self._params():
                     p.copy_(self._round(p, settings.master))
+        self._weights: PackedWeights | None = None
+        if settings.storage == "packed" and settings.master is not None:
+            if module is None:
+                raise MpcompileError(f"optimizer.storage: packed keeps the weights as codes of master "
+                                     f"({settings.master}) between steps, decoded by hooks on the module that reads "
+                                     f"them: pass module= (the model) to LowPrecisionOptimizer / make_optimizer")
+            self._weights = PackedWeights(list(self._params()), settings.master, module)
 
     @property
     def param_groups(self) -> list[dict]:
@@ -107,6 +122,12 @@ class LowPrecisionOptimizer:
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
+    def unpack_weights(self) -> None:
+        """Decode packed weights into the parameters (the module's hooks do this before its
+        forward); call it before reading the parameters any other way between steps."""
+        if self._weights is not None:
+            self._weights.unpack()
+
     @torch.no_grad()
     def step(self) -> None:
         """Round the gradients, take torch's step, round the states and the weights."""
@@ -115,6 +136,7 @@ class LowPrecisionOptimizer:
             for p in self._params():
                 if p.grad is not None:
                     p.grad.copy_(self._round(p.grad, s.gradient))
+        self.unpack_weights()
         self._unpack()
         self.optimizer.step()
         params = list(self._params())
@@ -134,6 +156,8 @@ class LowPrecisionOptimizer:
                 notify("master", p, rounded, s.master, p)
                 p.copy_(rounded)
         self._round_codebook_states(params)
+        if self._weights is not None:
+            self._weights.pack()
 
     def _round_codebook_states(self, params: list[torch.Tensor]) -> None:
         """Round the states whose format is a codebook format, of the parameters torch stepped
@@ -186,12 +210,23 @@ class LowPrecisionOptimizer:
         return (sum(t.numel() * t.element_size() for t in tensors) + sum(p.nbytes for p in self._packed.values())
                 + sum(run.nbytes for run in self._runs.values()))
 
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weights' codes while packed (0 without packed weights, or unpacked)."""
+        return 0 if self._weights is None else self._weights.nbytes
+
     def state_dict(self) -> dict:
+        """torch's state, the generators, the packed states' codes and, with packed weights, the
+        weights' codes (a checkpoint may then leave the parameters out of the model's state)."""
         packed = dict(self._packed)
         for (key, _), run in self._runs.items():
             packed.update({(i, key): p for i, p in run.packed().items()})
-        return {"optimizer": self.optimizer.state_dict(), "generators": self._round.state_dict(),
-                "packed": {f"{i}:{key}": (p.codes, p.scales) for (i, key), p in packed.items()}}
+        state = {"optimizer": self.optimizer.state_dict(), "generators": self._round.state_dict(),
+                 "packed": {f"{i}:{key}": (p.codes, p.scales) for (i, key), p in packed.items()}}
+        if self._weights is not None:
+            weights = self._weights.codes or {i: encode(p, self.settings.master) for i, p in enumerate(self._params())}
+            state["weights"] = {i: (p.codes, p.scales) for i, p in weights.items()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
@@ -208,6 +243,11 @@ class LowPrecisionOptimizer:
         self._runs = {(key, device): CodebookStates.from_packed(getattr(self.settings, STATE_ROLES[key]), packed,
                                                                 {i: params[i].numel() for i in packed})
                       for (key, device), packed in runs.items()}
+        if ("weights" in state) != (self._weights is not None):
+            raise MpcompileError("optimizer state: its weights are packed in only one of the checkpoint and this "
+                                 "optimizer (optimizer.storage / master differ); resume with the policy it was saved under")
+        if self._weights is not None:
+            self._weights.load({int(i): Packed(codes, scales) for i, (codes, scales) in state["weights"].items()})
 
 
 def _check_codebooks(settings: OptimizerSettings) -> None:

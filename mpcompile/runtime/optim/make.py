@@ -48,7 +48,8 @@ def _check_keys(kind: str, settings: OptimizerSettings) -> None:
 def make_optimizer(name: str | None, params: Iterable[torch.nn.Parameter], lr: float,
                    settings: OptimizerSettings = OptimizerSettings(), *, momentum: float = 0.9, seed: int = 0,
                    steps_per_epoch: int | None = None, full_grad: FullGradient | None = None,
-                   grad_fn: Callable[[Any], Any] | None = None) -> torch.optim.Optimizer | LowPrecisionOptimizer:
+                   grad_fn: Callable[[Any], Any] | None = None,
+                   module: torch.nn.Module | None = None) -> torch.optim.Optimizer | LowPrecisionOptimizer:
     """The optimizer of kind ``name`` (``optimizer_kind``) over ``params``, with ``settings``.
 
     Args:
@@ -60,6 +61,7 @@ def make_optimizer(name: str | None, params: Iterable[torch.nn.Parameter], lr: f
         seed: seed of the stochastic rounding.
         steps_per_epoch: converts periods given in epochs (``T``, ``swa_start``, ``swa_every``).
         full_grad, grad_fn: the full gradient of svrg, lpsvrg and halp (``full_gradient``).
+        module: the module that reads ``params``, for weights stored packed (``LowPrecisionOptimizer``).
     """
     if not lr > 0:
         raise MpcompileError(f"learning rate {lr} must be positive")
@@ -84,7 +86,7 @@ def make_optimizer(name: str | None, params: Iterable[torch.nn.Parameter], lr: f
         inner = torch.optim.Adam(params, lr=lr)
     else:
         inner = torch.optim.AdamW(params, lr=lr)
-    optimizer = LowPrecisionOptimizer(inner, settings, seed=seed)
+    optimizer = LowPrecisionOptimizer(inner, settings, seed=seed, module=module)
     if kind == "swalp":
         return SWALP(optimizer, steps(settings.swa_start, "swa_start"), steps(settings.swa_every, "swa_every"))
     return optimizer

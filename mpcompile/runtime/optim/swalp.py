@@ -50,6 +50,11 @@ class SWALP(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
+    def unpack_weights(self) -> None:
+        """The iterates' packed weights decoded (``LowPrecisionOptimizer.unpack_weights``)."""
+        if isinstance(self.optimizer, LowPrecisionOptimizer):
+            self.optimizer.unpack_weights()
+
     @torch.no_grad()
     def step(self, closure=None) -> Any:  # type: ignore[override]
         """The optimizer's step, then the average where this step is one to average."""
@@ -57,6 +62,7 @@ class SWALP(torch.optim.Optimizer):
         self.steps += 1
         if self.steps >= self.start and (self.steps - self.start) % self.every == 0:
             n = self.averaged_count
+            self.unpack_weights()
             for avg, p in zip(self.average, self._params()):
                 avg.mul_(n / (n + 1)).add_(p.to(avg.dtype), alpha=1 / (n + 1))
             self.averaged_count += 1
@@ -76,6 +82,7 @@ class SWALP(torch.optim.Optimizer):
         if not self.averaged_count:
             raise RuntimeError(f"no iterate averaged yet: averaging starts at step {self.start} (now {self.steps})")
         params = self._params()
+        self.unpack_weights()
         norms = [m for m in (model.modules() if model is not None else ()) if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         if norms and loader is not None and getattr(model, "capture", None) == "export":
             raise ValueError("SWALP.averaged: this model was captured by torch.export, whose graph fixes batch norm's "
