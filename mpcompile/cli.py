@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     tp = sub.add_parser("train", help="train a model under a policy (progress, metrics, plots, checkpoints)")
     tp.add_argument("--model", default="lenet5", help="lenet5, mlp, logreg, resnet20, a torchvision model or "
                                                       "package.module:factory (default lenet5)")
-    tp.add_argument("--data", default="digits", help="digits (built in), mnist, cifar10 (from --data-dir) or fake")
+    tp.add_argument("--data", default="digits", help="digits (built in), mnist, fashion_mnist, cifar10 (from --data-dir) or fake")
     tp.add_argument("--data-dir", help="folder holding MNIST/ or cifar-10-batches-py/")
     tp.add_argument("--policy", default="fp32", help="a policy file or shipped name (default fp32)")
     tp.add_argument("--epochs", type=int,

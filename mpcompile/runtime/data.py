@@ -3,7 +3,8 @@
 ``load_dataset`` reads one of ``DATASETS`` into a ``Dataset`` (compact images plus the per-channel
 mean and std that normalize them); ``batches`` walks a split in an order fixed by (seed, epoch)
 alone, so a resumed run sees exactly the batches the interrupted one would have. Nothing is ever
-downloaded: MNIST and CIFAR-10 are read from a local folder laid out as torchvision downloads them.
+downloaded: MNIST, Fashion-MNIST and CIFAR-10 are read from a local folder laid out as torchvision
+downloads them.
 """
 from __future__ import annotations
 
@@ -16,13 +17,13 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from torchvision.datasets import CIFAR10, MNIST
+from torchvision.datasets import CIFAR10, MNIST, FashionMNIST
 
 from ..errors import MpcompileError
 
 __all__ = ["DATASETS", "Dataset", "DataError", "load_dataset", "batches", "num_batches"]
 
-DATASETS = ("digits", "mnist", "cifar10", "fake")
+DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "fake")
 SPLITS = ("train", "test")
 
 _MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -107,13 +108,15 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, fake_size: in
     Args:
         name: one of ``DATASETS``.
         data_dir: folder holding MNIST/ or cifar-10-batches-py/ as torchvision downloads them
-            (needed for mnist and cifar10, ignored otherwise).
+            (needed for mnist, fashion_mnist and cifar10, ignored otherwise).
         fake_size: number of train images of the fake data set (it has fake_size // 4 test images).
     """
     if name == "digits":
         return _load_digits()
     if name == "mnist":
         return _load_mnist(data_dir)
+    if name == "fashion_mnist":
+        return _load_fashion_mnist(data_dir)
     if name == "cifar10":
         return _load_cifar10(data_dir)
     if name == "fake":
@@ -217,6 +220,13 @@ def _load_mnist(data_dir: str | Path | None) -> Dataset:
     train, test = _read("mnist", data_dir, "MNIST/raw", MNIST)
     return Dataset("mnist", train.data.unsqueeze(1).contiguous(), train.targets.long(),
                    test.data.unsqueeze(1).contiguous(), test.targets.long(), 10, (0.1307,), (0.3081,))
+
+
+def _load_fashion_mnist(data_dir: str | Path | None) -> Dataset:
+    _check_files("fashion_mnist", data_dir, "FashionMNIST/raw", _MNIST_FILES, "FashionMNIST")
+    train, test = _read("fashion_mnist", data_dir, "FashionMNIST/raw", FashionMNIST)
+    return Dataset("fashion_mnist", train.data.unsqueeze(1).contiguous(), train.targets.long(),
+                   test.data.unsqueeze(1).contiguous(), test.targets.long(), 10, (0.2860,), (0.3530,))
 
 
 class _LocalCIFAR10(CIFAR10):

@@ -122,8 +122,8 @@ def write_idx(path, magic: int, array: np.ndarray) -> None:
     path.write_bytes(struct.pack(f">{1 + array.ndim}I", magic, *array.shape) + array.astype(np.uint8).tobytes())
 
 
-def write_mnist(root, train_x, train_y, test_x, test_y) -> None:
-    raw = root / "MNIST" / "raw"
+def write_mnist(root, train_x, train_y, test_x, test_y, folder: str = "MNIST") -> None:
+    raw = root / folder / "raw"
     raw.mkdir(parents=True)
     write_idx(raw / "train-images-idx3-ubyte", 2051, train_x)
     write_idx(raw / "train-labels-idx1-ubyte", 2049, train_y)
@@ -131,18 +131,20 @@ def write_mnist(root, train_x, train_y, test_x, test_y) -> None:
     write_idx(raw / "t10k-labels-idx1-ubyte", 2049, test_y)
 
 
-def test_mnist_round_trips_idx_files(tmp_path):
+@pytest.mark.parametrize("name, folder, mean, std", [("mnist", "MNIST", 0.1307, 0.3081),
+                                                     ("fashion_mnist", "FashionMNIST", 0.2860, 0.3530)])
+def test_mnist_round_trips_idx_files(tmp_path, name, folder, mean, std):
     rng = np.random.default_rng(0)
     train_x, test_x = rng.integers(0, 256, (5, 28, 28), np.uint8), rng.integers(0, 256, (3, 28, 28), np.uint8)
     train_y, test_y = np.array([3, 1, 4, 1, 5]), np.array([9, 2, 6])
-    write_mnist(tmp_path, train_x, train_y, test_x, test_y)
-    data = load_dataset("mnist", tmp_path)
+    write_mnist(tmp_path, train_x, train_y, test_x, test_y, folder)
+    data = load_dataset(name, tmp_path)
     assert data.train_x.dtype == torch.uint8 and data.input_shape == (1, 28, 28)
     assert np.array_equal(data.train_x[:, 0].numpy(), train_x) and np.array_equal(data.test_x[:, 0].numpy(), test_x)
     assert data.train_y.tolist() == [3, 1, 4, 1, 5] and data.test_y.tolist() == [9, 2, 6]
     x, y = data.batch("test", torch.tensor([2]))
     assert y.tolist() == [6]
-    assert x[0, 0, 7, 11].item() == pytest.approx((test_x[2, 7, 11] / 255 - 0.1307) / 0.3081, abs=1e-6)
+    assert x[0, 0, 7, 11].item() == pytest.approx((test_x[2, 7, 11] / 255 - mean) / std, abs=1e-6)
 
 
 def test_mnist_truncated_file_is_a_data_error(tmp_path):
@@ -189,7 +191,8 @@ def test_cifar10_round_trips_pickled_batches(tmp_path):
 
 # missing data
 
-@pytest.mark.parametrize("name, expected", [("mnist", "MNIST/raw"), ("cifar10", "cifar-10-batches-py")])
+@pytest.mark.parametrize("name, expected", [("mnist", "MNIST/raw"), ("fashion_mnist", "FashionMNIST/raw"),
+                                            ("cifar10", "cifar-10-batches-py")])
 def test_missing_data_names_directory_and_how_to_download(tmp_path, name, expected):
     with pytest.raises(DataError, match="--data-dir") as e:
         load_dataset(name)
