@@ -17,14 +17,14 @@ from .errors import FormatError, MpcompileError, PolicyError, SpecError
 from .rounding import ROUNDING_MODES, quantize, set_quantize_backend, set_quantize_kernel
 
 if TYPE_CHECKING:
-    from . import codegen, ops
+    from . import codegen, ops, sweep
     from .compiler import CompiledModel, CompileError, compile
     from .policy import load_policy
     from .runtime import memory_report, train
 
 __all__ = ["formats", "quantize", "ROUNDING_MODES", "set_quantize_kernel", "set_quantize_backend", "MpcompileError",
            "FormatError", "SpecError", "PolicyError", "ops", "load_policy", "compile", "CompiledModel",
-           "CompileError", "train", "memory_report"]
+           "CompileError", "train", "memory_report", "sweep"]
 
 # name -> (module, attribute; None: the module itself), imported on first use
 _LAZY: dict[str, tuple[str, str | None]] = {

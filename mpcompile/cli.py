@@ -191,6 +191,17 @@ def _report(args) -> str:
     return str(write_report(args.run))
 
 
+def _sweep(args) -> str:
+    """Run ``mpcompile sweep`` and return where its results are."""
+    from .sweep.runner import sweep
+
+    split = lambda text: [part for part in text.split(",") if part]  # noqa: E731
+    rows = sweep(split(args.models), split(args.precisions), args.seeds, args.out, resume=args.resume,
+                 device=args.device, data_dir=args.data_dir, epochs=args.epochs, progress=True)
+    ok = sum(r["status"] == "ok" for r in rows)
+    return f"{ok} of {len(rows)} runs ok; results: {Path(args.out) / 'results.md'} (and results.csv, results.json, plots/)"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mpcompile", description="Mixed-precision compiler for PyTorch.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -251,6 +262,22 @@ def main(argv: list[str] | None = None) -> int:
                     help="the optimizer whose states are measured (default: the policy's optimizer kind, else sgd)")
     mp.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     mp.add_argument("--format", choices=("table", "json"), default="table")
+    from .sweep.runner import DEFAULT_MODELS, DEFAULT_PRECISIONS
+
+    sp = sub.add_parser("sweep", help="train models in many precisions, natively and emulated: time and accuracy")
+    sp.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                    help="comma-separated: linreg, linreg_qr, linreg_normal, logreg, svm, tree, mlp, lenet5, resnet20, "
+                         "NAME@DATA (logreg@wine, mlp@fashion_mnist) or package.module:factory "
+                         f"(default {','.join(DEFAULT_MODELS)})")
+    sp.add_argument("--precisions", default=",".join(DEFAULT_PRECISIONS),
+                    help="comma-separated: fp64, fp32, bf16, fp16 (native and emulated), shipped policies (fp8_e4m3, "
+                         f"hfp8, mxfp8) or formats (e5m2, 'fixed(8,4)') (default {','.join(DEFAULT_PRECISIONS)})")
+    sp.add_argument("--seeds", type=int, default=3, help="seeds per run (default 3)")
+    sp.add_argument("--epochs", type=int, help="every network's epochs (default: each model's own)")
+    sp.add_argument("--out", default="runs/sweep", help="results folder (default runs/sweep)")
+    sp.add_argument("--resume", action="store_true", help="keep the rows in --out and run what is missing")
+    sp.add_argument("--data-dir", help="folder holding MNIST/, FashionMNIST/ or cifar-10-batches-py/")
+    sp.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     args = ap.parse_args(argv)
     try:
         if args.command == "formats":
@@ -264,12 +291,20 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "memory":
             print(memory_model(args.model, args.policy, args.input_shape, args.batch, args.optimizer, args.device,
                                args.format))
+        elif args.command == "sweep":
+            print(_sweep(args))
         elif args.command == "check":
             for path in args.policies:
                 print(policy_summary(load_policy(_policy_source(path))))
     except MpcompileError as err:
         print(f"mpcompile: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.command != "sweep":
+            raise
+        print(f"mpcompile: interrupted; the finished runs are in {args.out}/results.csv: add --resume to go on",
+              file=sys.stderr)
+        return 130
     return 0
 
 
