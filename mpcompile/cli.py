@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -195,7 +196,7 @@ def _sweep(args) -> str:
     """Run ``mpcompile sweep`` and return where its results are."""
     from .sweep.runner import sweep
 
-    split = lambda text: [part for part in text.split(",") if part]  # noqa: E731
+    split = lambda text: [part for part in re.split(r",(?![^(]*\))", text) if part]  # noqa: E731 - fixed(8,4) is one
     rows = sweep(split(args.models), split(args.precisions), args.seeds, args.out, resume=args.resume,
                  device=args.device, data_dir=args.data_dir, epochs=args.epochs, progress=True)
     ok = sum(r["status"] == "ok" for r in rows)

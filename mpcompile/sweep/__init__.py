@@ -2,7 +2,8 @@
 
 ``mpcompile.sweep(...)`` (this package, called) and ``mpcompile sweep`` run
 ``sweep.runner.sweep``. Its parts, lowest first: ``arithmetic`` (a precision for a solver),
-``precision`` (what a precision's name means and how it runs), ``data`` (the data sets),
+``precision`` (what a precision's name means), ``native`` (how it runs natively on a device:
+cast, autocast, fp8 GEMMs), ``data`` (the data sets),
 ``least_squares`` and ``tree`` (classical solvers in a precision), ``models`` (the models by
 name), ``training`` (one timed run), ``results`` (rows, table, plots) and ``runner``.
 """

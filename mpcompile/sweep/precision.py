@@ -1,7 +1,9 @@
 """The precisions a sweep trains in, and how each one runs: natively, emulated, or both.
 
 A precision is a name. Where torch has a dtype for it (fp64, fp32, bf16, fp16) it runs
-``native``: model, data and arithmetic in that dtype, so the time is the hardware's. Where
+``native``: model, data and arithmetic in that dtype, so the time is the hardware's (on CUDA
+bf16 and fp16 are autocast, and the fp8 formats run fp8 GEMMs where the device has them:
+``sweep.native``). Where
 mpcompile has a format for it, it runs ``emulated``: a network under a policy, a classical
 solver with every result rounded to the format (``Arithmetic``), so the accuracy is the
 format's and the time is the cost of emulating it.
@@ -23,9 +25,8 @@ from ..errors import FormatError, MpcompileError
 from ..formats import FixedFormat, FloatFormat, parse
 from ..policy import Policy, load_policy, shipped_policies
 
-__all__ = ["MODES", "Precision", "resolve_precision"]
+__all__ = ["Precision", "resolve_precision", "mirroring_policy"]
 
-MODES = ("native", "emulated")
 _NATIVE = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _ROLES = ("input", "weight", "bias", "output", "grad_output", "grad_input", "grad_weight")
 
@@ -47,10 +48,6 @@ class Precision:
     fmt: object | None
     policy: Policy | None
 
-    @property
-    def modes(self) -> tuple[str, ...]:
-        """The modes it runs in: ``native`` where it has a dtype, ``emulated`` where a policy."""
-        return tuple(m for m, ok in zip(MODES, (self.dtype is not None, self.policy is not None)) if ok)
 
 
 def resolve_precision(name: str) -> Precision:

@@ -126,11 +126,15 @@ def write_summary(out: Path, rows: list[dict], meta: dict[str, Any], references:
     (out / "results.json").write_text(json.dumps({**meta, "references": references, "findings": found,
                                                   "rows": rows}, indent=1, default=str))
     flagged = [f for f in found if f["flagged"]]
+    overheads = [r["overhead_seconds"] for r in rows if r["overhead_seconds"] is not None]
+    overhead = (f" The sweep's own work per run (outside the run: its row, the files, the progress bar) took "
+                f"{statistics.median(overheads) * 1e3:.3f} ms (median), {max(overheads) * 1e3:.3f} ms at most."
+                if overheads else "")
     lines = [f"# Precision sweep ({meta['device']}, {meta['threads']} CPU threads, torch {meta['torch']})", "",
              f"{meta['machine']}; {len(_ok(rows))} runs ok of {len(rows)}. Training time is wall time of the epochs' "
              f"steps after {meta['warmup_steps']} warm-up steps on a copy, without evaluations; `x fp32 native` is "
              f"the time over fp32's on the same model. `native` runs in the torch dtype (the hardware's speed), "
-             f"`emulated` under an mpcompile policy (the format's accuracy, emulation's time).", "",
+             f"`emulated` under an mpcompile policy (the format's accuracy, emulation's time).{overhead}", "",
              *_table(rows), "## Emulated against native", "",
              "| model | precision | native | emulated | gap | seed noise (2 s.e.) | finding |", "|---|---|---|---|---|---|---|",
              *[f"| {f['model']} | {f['precision']} | {f['native']:.4f} | {f['emulated']:.4f} | {f['gap']:+.4f} | "
@@ -145,6 +149,8 @@ def _plots(folder: Path, rows: list[dict]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import NullFormatter
 
     folder.mkdir(parents=True, exist_ok=True)
     ok = _ok(rows)
@@ -167,13 +173,18 @@ def _plots(folder: Path, rows: list[dict]) -> None:
                        facecolors=colors[precision] if mode == "native" else "none",
                        label=f"{precision} {mode}")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # 2x10^0, 3x10^0, ... overlap
         ax.set_title(f"{model} ({first[model]['data']})")
         ax.set_xlabel("training time (s, log)")
         ax.set_ylabel(first[model]["metric"])
-        ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(models):]:
         ax.axis("off")
-    fig.tight_layout()
+    handles = [Line2D([], [], color=colors[p], marker=m, linestyle="", markerfacecolor=colors[p] if f else "none",
+                      label=f"{p} {mode}") for p in precisions for mode, m, f in (("native", "o", True),
+                                                                                     ("emulated", "^", False))
+               if any(k[1:] == (p, mode) for k in groups)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8)
+    fig.tight_layout(rect=(0, 0.04 * -(-len(handles) // 6), 1, 1))
     fig.savefig(folder / "score_vs_time.png", dpi=110)
     plt.close(fig)
     for model in models:

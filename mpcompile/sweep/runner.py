@@ -23,6 +23,7 @@ import torch
 from ..errors import MpcompileError
 from .data import load_data
 from .models import sweep_model
+from .native import run_modes
 from .precision import resolve_precision
 from .results import append_row, read_rows, write_summary
 from .training import WARMUP_STEPS, run_one
@@ -76,7 +77,7 @@ def sweep(models: Sequence[str] = DEFAULT_MODELS, precisions: Sequence[str] = DE
         for row in kept:
             append_row(csv_path, row)
     done = {_key(r) for r in kept}
-    jobs = [(m, p, mode, seed) for m in specs for p in resolved for mode in p.modes for seed in range(seeds)
+    jobs = [(m, p, mode, seed) for m in specs for p in resolved for mode in run_modes(p, dev) for seed in range(seeds)
             if (m.name, p.name, mode, seed) not in done]
     datasets = {m.name: load_data(m.data, data_dir) for m in specs}  # a missing folder fails before any run
     references = {m.name: (m.reference(datasets[m.name]) if m.reference else None) for m in specs}

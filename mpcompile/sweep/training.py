@@ -9,6 +9,7 @@ network under its policy (emulated) is timed apart, as ``prepare_seconds``.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -22,6 +23,7 @@ from ..runtime.optim import make_optimizer
 from .arithmetic import Arithmetic
 from .data import SweepData
 from .models import Network, SweepModel, network_loss, score
+from .native import NativePlan, native_plan
 from .precision import Precision
 
 __all__ = ["WARMUP_STEPS", "Outcome", "run_one"]
@@ -54,15 +56,26 @@ class Outcome:
 
 
 def run_one(model: SweepModel, data: SweepData, precision: Precision, mode: str, seed: int,
-            device: torch.device) -> Outcome:
+            device: torch.device, *, plan: NativePlan | None = None) -> Outcome:
     """Train ``model`` on ``data`` in ``precision`` run as ``mode``, with ``seed``.
+
+    A solver computes on the CPU whatever ``device`` is (its split search and factorisations
+    are many small steps).
+
+    Args:
+        plan: how a network runs natively (default: ``native_plan``, the device's way).
 
     Raises:
         NotImplementedError, RuntimeError: what torch raises where it cannot compute in the
             precision (the caller records it as unsupported).
     """
     if isinstance(model.trainer, Network):
-        return _train_network(model, model.trainer, data, precision, mode, seed, device)
+        plan = (plan or native_plan(precision, device)) if mode == "native" else None
+        if mode == "native" and plan is None:
+            raise NotImplementedError(f"{precision.name} has no native dtype or fp8 GEMMs on {device}")
+        return _train_network(model, model.trainer, data, precision, plan, seed, device)
+    if mode == "native" and precision.dtype is None:
+        raise NotImplementedError(f"{precision.name} natively is fp8 GEMMs, for networks; a solver has no fp8 arithmetic")
     arith = Arithmetic(precision.dtype) if mode == "native" else _emulating(precision)
     start = time.perf_counter()
     predict = model.trainer.fit(data, arith)
@@ -85,42 +98,55 @@ def _now(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def _train_network(model: SweepModel, net: Network, data: SweepData, precision: Precision, mode: str, seed: int,
-                   device: torch.device) -> Outcome:
+def _train_network(model: SweepModel, net: Network, data: SweepData, precision: Precision, plan: NativePlan | None,
+                   seed: int, device: torch.device) -> Outcome:
+    """Native where ``plan`` is given, else emulated under the precision's policy."""
     data = data.standardized() if net.standardize else data
-    dtype = precision.dtype if mode == "native" else torch.float32
-    x_train, x_test = data.x_train.to(device, dtype), data.x_test.to(device, dtype)
+    x_train, x_test = data.x_train.to(device, torch.float32), data.x_test.to(device, torch.float32)
     y_train, y_test = data.y_train.to(device), data.y_test.to(device)
     if model.metric == "r2":  # standardized targets: the loss stays O(1) in any precision; R2 is unchanged
         mean, std = y_train.mean(), y_train.std()
         y_train, y_test = (y_train - mean) / std, (y_test - mean) / std
     start = _now(device)
     torch.manual_seed(seed)
-    module = net.build(data).to(device, dtype)
-    notes = ""
-    if mode == "emulated":
+    module = net.build(data).to(device)
+    notes = f"native: {plan}" if plan is not None and plan.kind != "cast" else ""
+    if plan is not None:
+        module, x_train = plan.prepare(module, x_train)
+        x_test = x_test.to(x_train.dtype)
+    else:
         module = compile_model(module, precision.policy, (x_train[:2],))
         settings = module.policy.optimizer
         if not any(a.quantizes for a in module.assignments().values()) and settings.master is settings.momentum is None:
             notes = f"fp32: policy {module.policy.name} quantizes no op of this model"
     prepare = _now(device) - start
-    optimizer = _optimizer(module, net, mode, len(x_train), seed)
+    optimizer = _optimizer(module, net, plan is not None, len(x_train), seed)
     order = torch.Generator().manual_seed(seed)
     steps = math.ceil(len(x_train) / net.batch_size)
+    forward = plan.forward if plan is not None else lambda device: contextlib.nullcontext()
 
-    def step(m: nn.Module, opt, batch: torch.Tensor, lr: float) -> float:
+    def step(m: nn.Module, opt, scaler, batch: torch.Tensor, lr: float) -> float:
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad()
-        loss = network_loss(net.loss, m(x_train[batch]), y_train[batch])
-        loss.backward()
-        opt.step()
+        with forward(device):
+            loss = network_loss(net.loss, m(x_train[batch]), y_train[batch])
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
         return float(loss.detach())
 
+    scaler = plan.scaler(device) if plan is not None else None
     warm = copy.deepcopy(module)
-    warm_opt = _optimizer(warm, net, mode, len(x_train), seed)
+    warm_opt = _optimizer(warm, net, plan is not None, len(x_train), seed)
+    warm_scaler = plan.scaler(device) if plan is not None else None
     for i in range(WARMUP_STEPS):
-        step(warm, warm_opt, torch.arange(i * net.batch_size, (i + 1) * net.batch_size) % len(x_train), net.lr)
+        batch = torch.arange(i * net.batch_size, (i + 1) * net.batch_size, device=device) % len(x_train)
+        step(warm, warm_opt, warm_scaler, batch, net.lr)
     del warm, warm_opt
     trained, to_target, losses = 0.0, None, []
     for epoch in range(net.epochs):
@@ -128,9 +154,11 @@ def _train_network(model: SweepModel, net: Network, data: SweepData, precision: 
         start, losses = _now(device), []
         for i, batch in enumerate(torch.randperm(len(x_train), generator=order).split(net.batch_size)):
             t = (epoch * steps + i) / (net.epochs * steps)
-            losses.append(step(module, optimizer, batch.to(device), net.lr * (1 + math.cos(math.pi * t)) / 2))
+            losses.append(step(module, optimizer, scaler, batch.to(device), net.lr * (1 + math.cos(math.pi * t)) / 2))
         trained += _now(device) - start
-        value = _evaluate(module, model.metric, x_test, y_test)
+        module.eval()
+        with torch.no_grad(), forward(device):
+            value = score(model.metric, module(x_test), y_test)
         if to_target is None and value >= model.target:
             to_target = trained
     final = sum(losses) / len(losses)
@@ -139,7 +167,7 @@ def _train_network(model: SweepModel, net: Network, data: SweepData, precision: 
     return Outcome(value, trained, to_target, prepare, net.epochs, final, notes)
 
 
-def _optimizer(module: nn.Module, net: Network, mode: str, n: int, seed: int):
+def _optimizer(module: nn.Module, net: Network, native: bool, n: int, seed: int):
     """SGD with momentum 0.9 and the L2 penalty; emulated, under the policy's optimizer section
     (formats of the weights and momentum)."""
     decay = 0.0 if net.l2_C is None else 1.0 / (net.l2_C * n)
@@ -148,13 +176,8 @@ def _optimizer(module: nn.Module, net: Network, mode: str, n: int, seed: int):
     rest = [p for name, p in named if not (net.penalize_bias or not name.endswith("bias"))]
     groups = [{"params": penalized, "weight_decay": decay}, {"params": rest, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    if mode == "native":
+    if native:
         return torch.optim.SGD(groups, lr=net.lr, momentum=0.9)
     settings = module.policy.optimizer
     return make_optimizer("sgd", groups, net.lr, settings, momentum=0.9, seed=seed, module=module)
 
-
-def _evaluate(module: nn.Module, metric: str, x: torch.Tensor, y: torch.Tensor) -> float:
-    module.eval()
-    with torch.no_grad():
-        return score(metric, module(x), y)

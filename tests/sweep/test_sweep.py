@@ -15,7 +15,9 @@ import mpcompile
 from mpcompile.cli import main
 from mpcompile.errors import MpcompileError
 from mpcompile.sweep.data import load_data
+from mpcompile.formats import parse
 from mpcompile.sweep.models import Network, sweep_model
+from mpcompile.sweep.native import NativePlan, run_modes
 from mpcompile.sweep.precision import resolve_precision
 from mpcompile.sweep.results import findings, read_rows
 from mpcompile.sweep.training import run_one
@@ -142,9 +144,11 @@ def test_findings_flag_a_gap_beyond_seed_noise():
 
 def test_precisions_and_models_are_resolved_or_refused_by_name(capsys):
     fp16, hfp8 = resolve_precision("fp16"), resolve_precision("hfp8")
-    assert fp16.modes == ("native", "emulated") and fp16.dtype == torch.float16
+    assert run_modes(fp16, CPU) == ("native", "emulated") and fp16.dtype == torch.float16
     assert fp16.policy.optimizer.master == fp16.fmt  # emulated fp16 stores its weights in fp16, as native does
-    assert hfp8.modes == ("emulated",) and hfp8.fmt is None and resolve_precision("fp64").modes == ("native",)
+    assert run_modes(hfp8, CPU) == ("emulated",) and hfp8.fmt is None
+    assert run_modes(resolve_precision("fp64"), CPU) == ("native",)
+    assert run_modes(resolve_precision("fp8_e4m3"), CPU) == ("emulated",)  # fp8 GEMMs natively: CUDA, sm_89 on
     assert sweep_model("logreg@wine").data == "wine"
     with pytest.raises(MpcompileError, match="precision 'fp9'"):
         resolve_precision("fp9")
@@ -152,3 +156,32 @@ def test_precisions_and_models_are_resolved_or_refused_by_name(capsys):
         sweep_model("lenet")
     assert main(["sweep", "--precisions", "fp9", "--out", "unused"]) == 2
     assert "precision 'fp9'" in capsys.readouterr().err
+
+
+def test_autocast_and_fp8_gemm_plans_train_here_as_on_a_gpu():
+    model, data = _small("mlp")
+    autocast = run_one(model, data, resolve_precision("bf16"), "native", 0, CPU, plan=NativePlan("autocast", torch.bfloat16))
+    fp8 = run_one(model, data, resolve_precision("fp8_e4m3"), "native", 0, CPU,
+                  plan=NativePlan("fp8", torch.bfloat16, torch.float8_e4m3fn))
+    assert math.isfinite(autocast.final_loss) and math.isfinite(fp8.final_loss)
+    assert autocast.notes == "native: torch.autocast(bfloat16)"
+    assert fp8.notes.startswith("native: torch._scaled_mm in float8_e4m3fn")
+
+
+def test_float8_linear_multiplies_the_amax_scaled_fp8_operands():
+    torch.manual_seed(0)
+    linear, x = nn.Linear(40, 24), torch.randn(5, 3, 40, requires_grad=True)
+    expected_grad = torch.autograd.grad(linear(x).sum(), [x, linear.weight])
+    module, _ = NativePlan("fp8", torch.bfloat16, torch.float8_e4m3fn).prepare(linear, x)
+    out = module(x)
+
+    def fp8(t):  # the operand on e4m3's grid after dividing by amax / 448, and that scale
+        scale = t.detach().abs().amax() / 448
+        return mpcompile.quantize(t.detach() / scale, parse("fp8_e4m3"), saturate=True), scale
+    (xq, sx), (wq, sw) = fp8(x.reshape(-1, 40)), fp8(linear.weight)
+    reference = (xq.double() @ wq.double().T) * float(sx) * float(sw) + linear.bias.detach().double()
+    assert out.shape == (5, 3, 24)
+    assert torch.allclose(out.double().reshape(-1, 24), reference, rtol=1e-5, atol=1e-6)
+    # the backward reads the operands as they came: nn.Linear's own gradients
+    for got, want in zip(torch.autograd.grad(out.sum(), [x, module.weight]), expected_grad):
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
