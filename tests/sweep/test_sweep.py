@@ -158,6 +158,14 @@ def test_precisions_and_models_are_resolved_or_refused_by_name(capsys):
     assert "precision 'fp9'" in capsys.readouterr().err
 
 
+def test_cli_reads_formats_with_commas_in_the_precision_list(tmp_path):
+    assert main(["sweep", "--models", "tree", "--precisions", "fixed(8,4),fp64", "--seeds", "1",
+                 "--out", str(tmp_path)]) == 0
+    rows = read_rows(tmp_path / "results.csv")
+    assert [(r["precision"], r["mode"], r["status"]) for r in rows] == [("fixed(8,4)", "emulated", "ok"),
+                                                                          ("fp64", "native", "ok")]
+
+
 def test_autocast_and_fp8_gemm_plans_train_here_as_on_a_gpu():
     model, data = _small("mlp")
     autocast = run_one(model, data, resolve_precision("bf16"), "native", 0, CPU, plan=NativePlan("autocast", torch.bfloat16))
