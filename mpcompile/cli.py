@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import re
 import sys
 import warnings
@@ -150,18 +151,39 @@ def _policy_source(text: str) -> "Path | str":
     return Path(text) if Path(text).is_file() or text.endswith((".yaml", ".yml")) else text
 
 
-def _train(args) -> str:
+def _train(args, argv: list[str]) -> str | None:
     """Run ``mpcompile train`` and return its final summary table; warnings go to stderr once
-    each, the compiled model's before the run starts."""
+    each, the compiled model's before the run starts. With ``--nproc N`` (and not already a rank
+    of a distributed run) launch N ranks instead; rank 0 alone returns its table."""
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from .runtime.distributed.launch import launch
+
+        launch(_without_nproc(argv), args.nproc)
+        return None
     said = _Warnings()
     with said.caught():
         trainer = _trainer(args)
         said.flush()
         summary = trainer.fit()
     said.flush()
+    if trainer.parallel is not None and not trainer.parallel.leader:
+        return None
     rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in summary.items()]
     width = max(len(k) for k, _ in rows)
     return "\n".join([f"{k.ljust(width)}  {v}" for k, v in rows] + [f"{'run folder'.ljust(width)}  {trainer.out}"])
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` without its ``--nproc N`` (``--nproc=N``)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
 
 
 def _trainer(args):
@@ -249,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
                          f"{MonitorSettings.every}; the policy's monitor section says which ops and roles): "
                          "monitor.jsonl and TensorBoard files in tb/, read by `mpcompile report`")
     tp.add_argument("--resume", help="a run folder or checkpoint.pt to continue (to --epochs, if given)")
+    tp.add_argument("--nproc", type=int, default=1,
+                    help="data-parallel processes on this machine (torch.distributed, gloo on CPU, nccl on CUDA; "
+                         "default 1); --batch-size is the global batch, dealt among them; the policy's "
+                         "communication section sets the format gradients travel in")
     rp = sub.add_parser("report", help="write a run's report.html: per layer exponent heat maps, shares, SQNR, memory")
     rp.add_argument("run", help="a run folder written by `mpcompile train ... --monitor`")
     mp = sub.add_parser("memory", help="bytes one training step holds: parameters, master weights, gradients, "
@@ -286,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "inspect":
             print(inspect_model(args.model, args.policy, args.input_shape, args.format, args.calibrate))
         elif args.command == "train":
-            print(_train(args))
+            text = _train(args, sys.argv[1:] if argv is None else list(argv))
+            if text is not None:
+                print(text)
         elif args.command == "report":
             print(_report(args))
         elif args.command == "memory":
@@ -310,4 +338,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from torch.distributed.elastic.multiprocessing.errors import record  # a rank's exception reaches its launcher
+
+    sys.exit(record(main)())

@@ -182,7 +182,7 @@ def lock(cm: "CompiledModel") -> dict[str, Any]:
     return lock_policy(((meta.name, meta.assignment) for _, meta in cm.annotations() if meta.assignment is not None),
                        f"{policy.name}.lock", description,
                        runtime_sections(policy.optimizer, policy.trust_region, policy.strict,
-                                        policy.monitor))
+                                        policy.monitor, policy.communication))
 
 
 def to_json(cm: "CompiledModel") -> str:

@@ -18,12 +18,12 @@ from __future__ import annotations
 from .cascade import Policy, resolve
 from .lock import lock_policy, spec_mapping
 from .parse import SHIPPED_POLICIES, load_policy, shipped_policies
-from .schema import (EPSILON_MODES, GROUPS, NATIVE, OPTIMIZER_KINDS, SCHEMA_VERSION, TRUST_REGION_METHODS, Assignment,
-                     Level, MonitorSettings, NodeFacts, OptimizerSettings, Period, RoleSetting, Rule, Selector,
+from .schema import (COMM_ROUNDINGS, EPSILON_MODES, GROUPS, NATIVE, OPTIMIZER_KINDS, SCHEMA_VERSION,
+                     TRUST_REGION_METHODS, Assignment, CommunicationSettings, Level, MonitorSettings, NodeFacts, OptimizerSettings, Period, RoleSetting, Rule, Selector,
                      Settings, TrustRegionSettings, MONITOR_ROLES)
 
 __all__ = ["SCHEMA_VERSION", "GROUPS", "TRUST_REGION_METHODS", "EPSILON_MODES", "NATIVE", "SHIPPED_POLICIES",
            "RoleSetting", "Settings", "Selector", "Rule", "Level", "Policy", "NodeFacts", "Assignment",
            "OPTIMIZER_KINDS", "Period", "OptimizerSettings", "TrustRegionSettings", "MONITOR_ROLES", "MonitorSettings",
-           "load_policy", "shipped_policies", "resolve",
+           "COMM_ROUNDINGS", "CommunicationSettings", "load_policy", "shipped_policies", "resolve",
            "lock_policy", "spec_mapping"]

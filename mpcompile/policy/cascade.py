@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from ..errors import PolicyError
 from ..ops.spec import ROLES, Recompute
-from .schema import (NATIVE, Assignment, Level, MonitorSettings, NodeFacts, OptimizerSettings, RoleSetting, Rule, Settings,
-                     TrustRegionSettings)
+from .schema import (NATIVE, Assignment, CommunicationSettings, Level, MonitorSettings, NodeFacts, OptimizerSettings,
+                     RoleSetting, Rule, Settings, TrustRegionSettings)
 
 __all__ = ["Policy", "resolve"]
 
@@ -73,6 +73,7 @@ class Policy:
     optimizer: OptimizerSettings = OptimizerSettings()
     strict: bool = False  # GEMM work the compiled model runs in fp32 against the policy is an error, not a warning
     monitor: MonitorSettings | None = None  # read by the runtime: what training records of its numbers
+    communication: CommunicationSettings | None = None  # read by the runtime: how data-parallel gradients travel
 
     @property
     def wants_calibration(self) -> bool:

@@ -12,7 +12,7 @@ import re
 from typing import Any, Iterable, Mapping
 
 from ..ops.spec import ArithSpec
-from .schema import SCHEMA_VERSION, Assignment, MonitorSettings, OptimizerSettings, Selector, TrustRegionSettings
+from .schema import SCHEMA_VERSION, Assignment, CommunicationSettings, MonitorSettings, OptimizerSettings, Selector, TrustRegionSettings
 
 __all__ = ["spec_mapping", "selector_mapping", "lock_policy", "runtime_sections"]
 
@@ -25,7 +25,8 @@ def spec_mapping(spec: ArithSpec) -> dict[str, Any]:
 
 
 def runtime_sections(optimizer: OptimizerSettings, trust_region: TrustRegionSettings | None,
-                     strict: bool, monitor: MonitorSettings | None = None) -> dict[str, Any]:
+                     strict: bool, monitor: MonitorSettings | None = None,
+                     communication: CommunicationSettings | None = None) -> dict[str, Any]:
     """The policy sections the runtime reads, as a policy spells them; those at their defaults
     left out."""
     sections: dict[str, Any] = {}
@@ -39,6 +40,11 @@ def runtime_sections(optimizer: OptimizerSettings, trust_region: TrustRegionSett
         sections["monitor"] = {"every": monitor.every, "roles": list(monitor.roles), "histograms": monitor.histograms}
         if monitor.ops:
             sections["monitor"]["ops"] = [selector_mapping(s) for s in monitor.ops]
+    if communication is not None:
+        c = communication
+        scaling = f"block({c.block_size})" if c.scaling == "block" else c.scaling
+        sections["communication"] = {"format": str(c.format), "scaling": scaling, "rounding": c.rounding,
+                                     "error_feedback": c.error_feedback, "shared_scale": c.shared_scale}
     return sections | ({"strict": True} if strict else {})
 
 

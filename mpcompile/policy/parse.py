@@ -23,16 +23,17 @@ from ..ops.spec import DELAYED_ROLES, ROLES, SCALINGS, ArithSpec, QuantSpec, Rec
 from ..random_bits import COUNTER_BITS
 from ..rounding import ROUNDING_MODES
 from .cascade import Policy
-from .schema import (EPSILON_MODES, GROUPS, MONITOR_ROLES, NATIVE, OPTIMIZER_KEY_KINDS, OPTIMIZER_KINDS, PERIOD_UNITS,
-                     SCHEMA_VERSION, STORAGES, TRUST_REGION_METHODS, Level, MonitorSettings, OptimizerSettings, Period,
-                     RoleSetting, Rule, Selector, Settings, TrustRegionSettings)
+from .schema import (COMM_ROUNDINGS, EPSILON_MODES, GROUPS, MONITOR_ROLES, NATIVE, OPTIMIZER_KEY_KINDS, OPTIMIZER_KINDS,
+                     PERIOD_UNITS, SCHEMA_VERSION, STORAGES, TRUST_REGION_METHODS, CommunicationSettings, Level,
+                     MonitorSettings, OptimizerSettings, Period, RoleSetting, Rule, Selector, Settings,
+                     TrustRegionSettings)
 
 __all__ = ["SHIPPED_POLICIES", "SECTION_KEYS", "load_policy", "shipped_policies"]
 
 SHIPPED_POLICIES = Path(__file__).resolve().parents[1] / "policies"  # mpcompile/policies
 # the keys each section takes
 _TOP = ("version", "name", "description", "formats", "rounding", "saturate", "default", "rules", "levels",
-        "trust_region", "optimizer", "monitor", "strict")
+        "trust_region", "optimizer", "monitor", "communication", "strict")
 _SETTINGS = ROLES + ("forward", "backward", "recompute", "rounding", "saturate", "keep")
 _RECOMPUTE_KEYS = ("tau", "forward")
 _INF = ("inf", "infinity", "+inf")  # tau as a string: YAML reads "inf" as text (its float is .inf)
@@ -43,11 +44,14 @@ _SELECTORS = ("type", "name", "name_regex", "first", "last", "index", "kappa_abo
 _LEVEL = ("name", "set", "keep", "rounding", "saturate")
 _TRUST_REGION = tuple(f.name for f in dataclasses.fields(TrustRegionSettings))
 _MONITOR = tuple(f.name for f in dataclasses.fields(MonitorSettings))
+_COMMUNICATION = ("format", "scaling", "rounding", "error_feedback", "shared_scale")
+_BLOCK_SCALING = re.compile(r"block\((\d+)\)")
 # every key the reader takes, by the section that takes it (docs/policy.md, "Every key")
 SECTION_KEYS: dict[str, tuple[str, ...]] = {
     "policy": _TOP, "settings": _SETTINGS, "role": _ROLE_KEYS, "arithmetic": _ARITH_KEYS,
     "recompute": _RECOMPUTE_KEYS, "rule": ("match",), "match": _SELECTORS, "level": _LEVEL,
     "optimizer": _OPTIMIZER_KEYS, "trust_region": _TRUST_REGION, "monitor": _MONITOR,
+    "communication": _COMMUNICATION,
 }
 _ALIAS = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -238,7 +242,50 @@ def _read(root: _Node, source: str) -> Policy:
                   _check(top["description"], (str,), "description") if "description" in top else "",
                   default, rules, tuple(levels), source, trust_region, optimizer,
                   _check(top["strict"], (bool,), "strict") if "strict" in top else False,
-                  _monitor(top["monitor"]) if "monitor" in top else None)
+                  _monitor(top["monitor"]) if "monitor" in top else None,
+                  _communication(top["communication"], aliases) if "communication" in top else None)
+
+
+def _communication(node: _Node, aliases: Mapping[str, Any]) -> CommunicationSettings | None:
+    """The ``communication:`` section; None where gradients travel in fp32 (no format)."""
+    section = _mapping(node, "communication", _COMMUNICATION)
+    values: dict[str, Any] = {}
+    for key in ("error_feedback", "shared_scale"):
+        if key in section:
+            values[key] = _check(section[key], (bool,), f"communication.{key}")
+    if "rounding" in section:
+        values["rounding"] = _choice(section["rounding"], COMM_ROUNDINGS, "communication.rounding")
+    if "scaling" in section:
+        text = _check(section["scaling"], (str,), "communication.scaling")
+        block = _BLOCK_SCALING.fullmatch(text.replace(" ", ""))
+        if text not in ("tensor", "none") and not (block and int(block[1]) > 0):
+            raise section["scaling"].fail(f"communication.scaling '{text}' is not one of tensor, none, block(K)",
+                                          "block(32): a scale per 32 elements")
+        values["scaling"], values["block_size"] = ("block", int(block[1])) if block else (text, None)
+    text = _check(section["format"], (str,), "communication.format") if "format" in section else "fp32"
+    fmt = None if text == "fp32" else _format(section["format"], text, aliases, "communication.format")
+    where = section.get("format", node)
+    if fmt is None:
+        if values:
+            raise where.fail(f"communication: {', '.join(values)} set, but gradients travel in fp32 (no format)",
+                             "give communication.format (e.g. fp8_e5m2, bf16, mxfp8_e5m2)")
+        return None
+    element = fmt.element if isinstance(fmt, BlockFormat) else fmt
+    if element.bits > 16:
+        raise where.fail(f"communication.format: {fmt} has {element.bits} bits; codes travel as uint8 or int16 "
+                         f"(at most 16 bits)", "use bf16, fp16, an fp8 or an MX format")
+    if isinstance(fmt, BlockFormat) and values.get("scaling", "tensor") != "none" and "scaling" in section:
+        raise section["scaling"].fail(f"communication.scaling: {fmt} is a block format with its own scales",
+                                      "drop scaling (a block format is scaled per block)")
+    if isinstance(fmt, BlockFormat):
+        if values.get("shared_scale"):
+            raise section["shared_scale"].fail(f"communication.shared_scale: {fmt} scales each block on each rank",
+                                               "drop shared_scale, or use an element format with scaling: block(K)")
+        values["scaling"] = "none"
+    if values.get("shared_scale") and values.get("scaling", "tensor") == "none" and not isinstance(fmt, BlockFormat):
+        raise section["shared_scale"].fail("communication.shared_scale: scaling is none, there is no scale to share",
+                                           "use scaling: tensor or block(K)")
+    return CommunicationSettings(format=fmt, **values)
 
 
 def _monitor(node: _Node) -> MonitorSettings:

@@ -16,7 +16,8 @@ from ..ops.spec import ROLES, ArithSpec, QuantSpec, Recompute
 
 __all__ = ["SCHEMA_VERSION", "GROUPS", "TRUST_REGION_METHODS", "EPSILON_MODES", "NATIVE", "RoleSetting", "Settings",
            "Selector", "Rule", "Level", "NodeFacts", "Assignment", "OPTIMIZER_KINDS", "OPTIMIZER_KEY_KINDS", "PERIOD_UNITS", "STORAGES", "Period",
-           "OptimizerSettings", "TrustRegionSettings", "MONITOR_ROLES", "MonitorSettings"]
+           "OptimizerSettings", "TrustRegionSettings", "MONITOR_ROLES", "MonitorSettings", "COMM_ROUNDINGS",
+           "CommunicationSettings"]
 
 SCHEMA_VERSION = 1
 GROUPS = ("gemm", "elementwise", "norm", "activation", "pool")
@@ -265,3 +266,27 @@ class MonitorSettings:
     ops: tuple[Selector, ...] = ()
     roles: tuple[str, ...] = MONITOR_ROLES
     histograms: bool = True
+
+
+COMM_ROUNDINGS = ("nearest", "stochastic")
+
+
+@dataclass(frozen=True)
+class CommunicationSettings:
+    """The ``communication:`` section: the format gradients travel in between data-parallel ranks.
+
+    ``format`` is an element format of at most 16 bits (sent as uint8 / int16 codes) or an MX /
+    BFP block format (codes and a scale byte per block); None: fp32, torch's own all-reduce.
+    ``scaling`` of an element format: ``tensor`` (one power-of-two scale per bucket, from its
+    amax), ``block`` (one per ``block_size`` elements) or ``none``. ``shared_scale``: every rank
+    uses the largest rank's scale (one all-reduce of the amax first); otherwise each rank's scales
+    travel with its codes. ``error_feedback``: a rank adds what rounding took from its gradient to
+    the next step's (EF-SGD).
+    """
+
+    format: Any = None
+    scaling: str = "tensor"
+    block_size: int | None = None  # scaling: block(k)
+    rounding: str = "nearest"
+    error_feedback: bool = False
+    shared_scale: bool = False

@@ -40,8 +40,10 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,7 @@ from ..errors import MpcompileError
 from ..models import MODELS, build_model
 from ..policy import MonitorSettings, load_policy
 from .data import Dataset, batches, load_dataset, num_batches
+from .distributed import DataParallel
 from .memory import memory_report
 from .model_objective import ModelObjective
 from .monitor import Monitor
@@ -171,11 +174,15 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, *, progress: bool = True):
         config.check()
-        self.config, self.progress = config, progress
+        self.config = config
         policy = load_policy(config.policy)
         self.data = load_dataset(config.data, config.data_dir)
         _seed_everything(config.seed)
         self.device = torch.device(config.device)
+        self.parallel = DataParallel.from_env(self.device)  # None: one process
+        if self.parallel is not None:
+            self.device = self.parallel.device
+        self.progress = progress and (self.parallel is None or self.parallel.leader)
         self.model = model_for(config.model, self.data).to(self.device)
         example = self.data.batch("train", torch.arange(min(8, self.data.size("train"))))[0].to(self.device)
         tr = policy.trust_region
@@ -205,11 +212,33 @@ class Trainer:
                                           steps_per_epoch=steps_per_epoch)
         self.monitor_settings = self._monitor_settings(policy.monitor)
         self.monitor: Monitor | None = None
+        self.train_module: nn.Module = self.compiled  # what the training steps call (DDP's wrapper, distributed)
+        if self.parallel is not None:
+            self._check_parallel(policy)
+            self.train_module = self.parallel.wrap(self.compiled, policy.communication, config.seed)
+        elif policy.communication is not None:
+            warnings.warn(f"mpcompile: policy {policy.name}'s communication section ({policy.communication.format}) is "
+                          f"read by data-parallel runs only (--nproc N or torchrun); this run has one process and "
+                          f"sends no gradients", stacklevel=2)
         self.out = Path(config.out)
         self.epoch, self.step_in_epoch, self.history, self.nan_loss_steps = 0, 0, [], 0
         self.level_iterations: dict[str, int] = {}
         self._partial = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
         self._metrics = None
+
+    def _check_parallel(self, policy) -> None:
+        """Refuse what data-parallel training does not do (yet), rather than train it wrongly."""
+        o = policy.optimizer
+        refused = [("a trust_region section (its checks and recompiles are per process)", self.controller is not None),
+                   (f"optimizer {self.optimizer_kind} (its full gradients would need their own all-reduce)",
+                    self.optimizer_kind in VARIANCE_REDUCED),
+                   ("monitoring (its hooks read one process's numbers)", self.monitor_settings is not None),
+                   ("optimizer.storage: packed with a master format (DDP holds the weights' storage)",
+                    o.storage == "packed" and o.master is not None)]
+        for what, present in refused:
+            if present:
+                raise MpcompileError(f"data-parallel training ({self.parallel.world} ranks) does not support {what}; "
+                                     f"train it in one process")
 
     def _monitor_settings(self, policy_settings: MonitorSettings | None) -> MonitorSettings | None:
         """The policy's ``monitor:`` section, ``every`` replaced by ``config.monitor`` (which
@@ -253,6 +282,10 @@ class Trainer:
         return {name for name, _ in self.compiled.named_parameters(remove_duplicate=False)}
 
     def state_dict(self) -> dict[str, Any]:
+        """The run's state; distributed, on every rank (it gathers each rank's communication state)."""
+        comm = None
+        if self.parallel is not None and self.parallel.hook is not None:
+            comm = self.parallel.gather(self.parallel.hook.state_dict())
         packed = self._weight_names()
         model = {k: v for k, v in self.compiled.state_dict().items() if k not in packed}  # + amax histories
         return {"config": dataclasses.asdict(self.config), "model": model,
@@ -263,12 +296,16 @@ class Trainer:
                 "level_iterations": dict(self.level_iterations), "scaler": self.scaler.state_dict(),
                 "level": self.compiled.level, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "partial": dict(self._partial), "history": list(self.history), "nan_loss_steps": self.nan_loss_steps,
-                "rng": _rng_state()}
+                "rng": _rng_state(), "comm": comm}
 
     def save(self) -> Path:
-        self.out.mkdir(parents=True, exist_ok=True)
+        """Write checkpoint.pt (distributed: every rank takes part, rank 0 writes)."""
         path = self.out / "checkpoint.pt"
-        torch.save(self.state_dict(), path.with_suffix(".tmp"))
+        state = self.state_dict()
+        if self.parallel is not None and not self.parallel.leader:
+            return path
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.save(state, path.with_suffix(".tmp"))
         path.with_suffix(".tmp").replace(path)  # a crash mid-write leaves the previous checkpoint whole
         return path
 
@@ -303,6 +340,8 @@ class Trainer:
         trainer.epoch, trainer.step_in_epoch = state["epoch"], state["step_in_epoch"]
         trainer._partial, trainer.history = state["partial"], state["history"]
         trainer.nan_loss_steps = state["nan_loss_steps"]
+        if trainer.parallel is not None and trainer.parallel.hook is not None and state.get("comm"):
+            trainer.parallel.hook.load_state_dict(state["comm"][trainer.parallel.rank])
         _set_rng_state(state["rng"])
         return trainer
 
@@ -345,6 +384,8 @@ class Trainer:
         self.optimizer.zero_grad()
         step = self.epoch * self.steps_per_epoch + self.step_in_epoch  # over the run, from 0
         monitored = self.monitor is not None and self.monitor.due(step)
+        if self.parallel is not None:
+            return self._parallel_step(x, y)
         with self.monitor.step(step, self.epoch + 1) if monitored else contextlib.nullcontext():
             logits = self.monitor.forward(x) if monitored else self.compiled(x)
             loss = F.cross_entropy(logits, y)
@@ -355,6 +396,23 @@ class Trainer:
             if not skipped:
                 self.optimizer.step()
         return float(loss.detach()), int((logits.argmax(1) == y).sum()), skipped
+
+    def _parallel_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int, bool]:
+        """One step of this rank on its share of the global batch; the loss and the correct
+        count returned are the global batch's, so every rank records what one process would."""
+        local_x, local_y, weight = self.parallel.share(x, y)
+        logits = self.train_module(local_x)
+        mean = F.cross_entropy(logits, local_y) if len(local_y) else logits.sum() * 0.0
+        loss_sum, correct, finite = self.parallel.total(float(mean.detach()) * len(local_y),
+                                                        float((logits.argmax(1) == local_y).sum()),
+                                                        float(torch.isfinite(mean)))
+        if finite < self.parallel.world:  # every rank skips together, or the others would wait in the all-reduce
+            self.nan_loss_steps += 1
+            return loss_sum / len(y), 0, True
+        skipped = self.scaler.backward(mean * weight, self.compiled.parameters(), self._grad_format)
+        if not skipped:
+            self.optimizer.step()
+        return loss_sum / len(y), int(correct), skipped
 
     def _variance_reduced_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int, bool]:
         """SVRG / LP-SVRG / HALP: the optimizer calls the closure at w, then at the anchor; a
@@ -401,9 +459,13 @@ class Trainer:
         self._unscale(total)
 
     def fit(self) -> dict[str, Any]:
-        """Train from where the run stands to ``config.epochs``; write metrics, plots, summary."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        metrics = (self.out / "metrics.jsonl").open("a" if self.epoch or self.step_in_epoch else "w")
+        """Train from where the run stands to ``config.epochs``; write metrics, plots, summary
+        (distributed: rank 0 writes, every rank returns the summary)."""
+        leader = self.parallel is None or self.parallel.leader
+        if leader:
+            self.out.mkdir(parents=True, exist_ok=True)
+        metrics = ((self.out / "metrics.jsonl").open("a" if self.epoch or self.step_in_epoch else "w") if leader
+                   else open(os.devnull, "w"))
         self._metrics = metrics
         if self.monitor_settings is not None:
             self.monitor = Monitor(self.compiled, self.monitor_settings, self.out,
@@ -415,6 +477,9 @@ class Trainer:
             while self.epoch < self.config.epochs:
                 self._epoch(metrics)
         except KeyboardInterrupt:
+            if self.parallel is not None:  # the other ranks are being stopped: no collective can gather their state
+                raise MpcompileError(f"interrupted in epoch {self.epoch + 1}; the last checkpoint is that of epoch "
+                                     f"{self.epoch}: go on with --resume {self.out}") from None
             path = self.save()
             raise MpcompileError(f"interrupted in epoch {self.epoch + 1}: saved {path}; go on with --resume {path}")
         finally:
@@ -424,6 +489,8 @@ class Trainer:
                 self.monitor.close()
                 self.monitor = None
         summary = self.summary()
+        if not leader:
+            return summary
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         (self.out / "table.txt").write_text(self.compiled.table() + "\n")
         self.plot()
@@ -453,6 +520,10 @@ class Trainer:
             self.step_in_epoch = i + 1
             record = {"epoch": self.epoch + 1, "step": i + 1, "loss": loss, "skipped": skipped,
                       "loss_scale": self.scaler.scale_value}
+            traffic = self.parallel.traffic() if self.parallel is not None else None
+            if traffic is not None:  # one rank's gradient bytes this step: sent, at the format's bits, in fp32
+                record.update(comm_bytes_sent=traffic.sent, comm_bytes_nominal=traffic.nominal,
+                              comm_bytes_fp32=traffic.fp32)
             postfix = {}
             if self.controller is not None:
                 record.update(level=self.objective.level, level_index=self.objective.level_index,
@@ -495,6 +566,7 @@ class Trainer:
                 "train_loss": last.get("train_loss", math.nan),
                 "seconds_per_epoch": float(np.mean([h["seconds"] for h in self.history])) if self.history else 0.0,
                 "overflow_steps": self.scaler.overflow_steps, "nan_loss_steps": self.nan_loss_steps,
+                "ranks": self.parallel.world if self.parallel is not None else 1,
                 **{k: last[k] for k in ("swa_test_accuracy", "swa_averaged") if k in last}, **self._dynamic_summary()}
 
     def _dynamic_summary(self) -> dict[str, Any]:

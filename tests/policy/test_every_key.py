@@ -116,6 +116,11 @@ TRUST_REGION = {key: [Case({}, {key: value}, "lock")] for key, value in
 # monitoring reads its section while training (tests/runtime/test_monitor.py); compile carries it into the lock
 MONITOR = {key: [Case({"every": 50}, {"every": 50, key: value}, "lock")] for key, value in
            {"every": 10, "ops": {"type": "Linear"}, "roles": ["weight"], "histograms": False}.items()}
+# the communication hook reads its section while training (tests/runtime/distributed); compile carries it into the lock
+COMMUNICATION = {key: [Case({"format": "fp8_e5m2"}, {"format": "fp8_e5m2", key: value}, "lock")] for key, value in
+                 {"scaling": "block(32)", "rounding": "stochastic", "error_feedback": True,
+                  "shared_scale": True}.items()}
+COMMUNICATION["format"] = [Case({"format": "fp8_e5m2"}, {"format": "bf16"}, "lock")]
 POLICY = {
     "version": [Case({"version": 1}, {"version": 2}, "refused")],
     "name": [Case({"name": "a"}, {"name": "b"}, "lock")],
@@ -132,11 +137,12 @@ POLICY = {
     "optimizer": [Case({}, {"optimizer": {"master": "bf16"}}, "steps")],
     "strict": [Case({}, {"strict": True}, "lock")],
     "monitor": [Case({}, {"monitor": {"every": 10}}, "lock")],
+    "communication": [Case({}, {"communication": {"format": "bf16"}}, "lock")],
 }
 RULE = {"match": [Case({"match": {"type": "Conv2d"}, "input": "fp8_e4m3"}, {"match": {"type": "Linear"}, "input": "fp8_e4m3"})]}
 CASES = {"policy": POLICY, "settings": SETTINGS, "role": ROLE, "arithmetic": ARITH, "recompute": RECOMPUTE,
          "rule": RULE, "match": MATCH, "level": LEVEL, "optimizer": OPTIMIZER, "trust_region": TRUST_REGION,
-         "monitor": MONITOR}
+         "monitor": MONITOR, "communication": COMMUNICATION}
 # a base every level case quantizes (a level only changes what is quantized below it)
 LEVEL_BASE = {**{role: "bf16" for role in SETTINGS if role.startswith(("input", "weight", "bias", "output", "grad"))},
               "forward": {"acc": "fp32", "order": "pairwise"}, "backward": {"acc": "fp32", "order": "pairwise"}}

@@ -1,0 +1,160 @@
+"""A DDP communication hook that sends each gradient bucket in the policy's ``communication`` format.
+
+Each rank adds its error-feedback residual (where on), divides each parameter's gradient by
+its power-of-two scales (one per parameter, or one per block of it; where ``shared_scale``, the
+largest rank's, after one all-reduce of the amaxes), rounds it to the format (nearest, or
+stochastic from a generator per rank and parameter), and packs it (``formats.encode``: uint8 codes for formats of at most 8 bits, int16 up to
+16; MX / BFP formats with their E8M0 block scales). The codes and scales are all-gathered,
+every rank decodes all of them, and the mean of the ranks' gradients is taken in fp32 in rank
+order, so every rank holds the same bytes. A scale is a power of two from ``ceil(log2(amax /
+max))``: dividing by it is exact and no element passes the format's largest value; it travels
+as its int8 exponent. Bytes sent per rank are counted (``Traffic``) against the nominal bits.
+"""
+import math  # no `from __future__ import annotations`: DDP reads the hook's annotations as types
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ...formats import BlockFormat, Packed, decode, encode
+from ...policy import CommunicationSettings
+from ...rounding import quantize
+
+__all__ = ["Traffic", "QuantizedGradients", "quantized_allreduce_hook"]
+
+
+@dataclass
+class Traffic:
+    """Bytes one rank sent since the last ``reset``: as sent, at the format's nominal bits, and in fp32."""
+
+    sent: int = 0
+    nominal: int = 0
+    fp32: int = 0
+
+    def reset(self) -> "Traffic":
+        """The counts so far; the counters start again from 0."""
+        counts = Traffic(self.sent, self.nominal, self.fp32)
+        self.sent = self.nominal = self.fp32 = 0
+        return counts
+
+
+class QuantizedGradients:
+    """The state of ``quantized_allreduce_hook`` on one rank.
+
+    Args:
+        settings: the policy's ``communication`` section.
+        params: the model's parameters (residuals are kept per parameter).
+        seed: the run's seed; stochastic rounding draws from a generator per parameter, seeded with
+            it, the rank and the parameter's index.
+        group: the process group (None: the default one).
+    """
+
+    def __init__(self, settings: CommunicationSettings, params: list[torch.nn.Parameter], seed: int = 0,
+                 group: dist.ProcessGroup | None = None):
+        self.settings, self.group = settings, group
+        self.index = {id(p): i for i, p in enumerate(params)}  # a parameter's key: its place in the model
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        self.seed = seed
+        self.residuals: dict[int, torch.Tensor] = {}  # parameter index -> what rounding took from it last step
+        self.generators: dict[int, torch.Generator] = {}  # parameter index -> its stochastic rounding's stream
+        self.traffic = Traffic()
+
+    def generator(self, key: int, device: torch.device) -> torch.Generator:
+        """Parameter ``key``'s generator on this rank (seeded with the seed, the rank and the key)."""
+        if key not in self.generators:
+            seed = (self.seed * 1_000_003 + self.rank) * 1_000_003 + key
+            self.generators[key] = torch.Generator(device).manual_seed(seed % 2**63)
+        return self.generators[key]
+
+    def state_dict(self) -> dict:
+        """The residuals and generator states of this rank."""
+        return {"residuals": {i: r.cpu() for i, r in self.residuals.items()},
+                "generators": {k: (str(g.device), g.get_state()) for k, g in self.generators.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.residuals = dict(state["residuals"])
+        self.generators = {}
+        for key, (device, rng) in state["generators"].items():
+            self.generator(key, torch.device(device)).set_state(rng)
+
+    @property
+    def element(self):
+        fmt = self.settings.format
+        return fmt.element if isinstance(fmt, BlockFormat) else fmt
+
+
+def _exponents(amax: torch.Tensor, fmt_max: float, shared: bool, group) -> torch.Tensor:
+    """The int8 exponent e of each scale 2**e that brings an ``amax`` to at most ``fmt_max`` (0 for
+    an all-zero or non-finite one); ``shared``: the ranks' largest amax."""
+    if shared:
+        dist.all_reduce(amax, dist.ReduceOp.MAX, group=group)
+    finite = torch.where(torch.isfinite(amax) & (amax > 0), amax, torch.ones_like(amax))
+    return torch.ceil(torch.log2(finite / fmt_max)).clamp(-126, 127).to(torch.int8)
+
+
+def _gather(state: QuantizedGradients, tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's ``tensor``, in rank order; sent as its bytes (gloo has no int16)."""
+    raw = tensor.contiguous().view(torch.uint8)
+    out = [torch.empty_like(raw) for _ in range(state.world)]
+    dist.all_gather(out, raw, group=state.group)
+    state.traffic.sent += raw.numel()
+    return [t.view(tensor.dtype) for t in out]
+
+
+def quantized_allreduce_hook(state: QuantizedGradients, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """Average the bucket's gradients over the ranks, each sent in the format (see the module).
+
+    Scales, blocks and residuals belong to parameters, not to the bucket's layout (which DDP
+    rebuilds after the first step), so a resumed run rounds as the uninterrupted one.
+    """
+    s, grad = state.settings, bucket.buffer()
+    fmt, element = s.format, state.element
+    keys = [state.index[id(p)] for p in bucket.parameters()]
+    sizes = [p.numel() for p in bucket.parameters()]
+    segments = list(grad.float().split(sizes))
+    if s.error_feedback:
+        segments = [g + state.residuals[k].to(g.device) if k in state.residuals else g for g, k in zip(segments, keys)]
+    unit = s.block_size if s.scaling == "block" else fmt.block_size if isinstance(fmt, BlockFormat) else None
+    if unit is not None:  # no block straddles two parameters
+        segments = [F.pad(g, (0, -g.numel() % unit)) for g in segments]
+    padded = [g.numel() for g in segments]
+    x = torch.cat(segments)
+    exponents, scale = None, None
+    if s.scaling == "tensor":
+        amax = torch.stack([g.abs().amax() for g in segments])
+        exponents = _exponents(amax, element.max, s.shared_scale, state.group)
+        scale = torch.exp2(exponents.float()).repeat_interleave(torch.tensor(padded))
+    elif s.scaling == "block":
+        exponents = _exponents(x.view(-1, unit).abs().amax(1), element.max, s.shared_scale, state.group)
+        scale = torch.exp2(exponents.float()).repeat_interleave(unit)
+    scaled = x if scale is None else x / scale
+    if s.rounding == "stochastic":  # each parameter draws from its own stream, whatever bucket it is in
+        q = torch.cat([quantize(part, fmt, "stochastic", saturate=True, generator=state.generator(k, x.device))
+                       for part, k in zip(scaled.split(padded), keys)])
+    else:
+        q = quantize(scaled, fmt, "nearest", saturate=True)
+    if s.error_feedback:
+        left = x - (q if scale is None else q * scale)
+        state.residuals.update({k: r[:n] for k, r, n in zip(keys, left.split(padded), sizes)})
+    packed = encode(q, fmt)
+    codes = _gather(state, packed.codes)
+    block_scales = _gather(state, packed.scales) if packed.scales is not None else [None] * state.world
+    shared = exponents is None or s.shared_scale
+    rank_exponents = [exponents] * state.world if shared else _gather(state, exponents)
+    total = torch.zeros_like(x)
+    for c, b, e in zip(codes, block_scales, rank_exponents):  # in rank order: every rank sums alike
+        values = decode(Packed(c, b), fmt, x.shape, torch.float32)
+        if e is not None:
+            values = values * torch.exp2(e.float()).repeat_interleave(
+                torch.tensor(padded) if s.scaling == "tensor" else unit)
+        total += values
+    mean = torch.cat([t[:n] for t, n in zip((total / state.world).split(padded), sizes)])
+    numel = sum(padded)
+    bits = element.bits * numel + (8 * (numel // fmt.block_size) if isinstance(fmt, BlockFormat) else 0)
+    state.traffic.nominal += math.ceil(bits / 8) + (0 if shared else exponents.numel())
+    state.traffic.fp32 += 4 * sum(sizes)
+    grad.copy_(mean.to(grad.dtype))
+    future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    future.set_result(grad)
+    return future

@@ -1,0 +1,155 @@
+"""Data-parallel training with real processes: 2 gloo ranks on loopback, spawned by the test,
+every collective under a timeout (MPCOMPILE_COLLECTIVE_TIMEOUT), every process ended by it.
+
+- 2 ranks with fp32 gradients train as one process on the same global batches. Tolerance:
+  DDP averages (g0 + g1) / 2 in fp32 where one process computes the mean over the whole batch
+  in one reduction; the two differ by fp32 rounding (~1e-7 relative) per step, summed over the
+  steps, so the weights agree to 1e-5.
+- The hook in bf16 / fp8 equals a one-process emulation that rounds each rank's gradient (the
+  same scale, format and rounding) and averages in fp32, bit for bit; stochastic rounding is
+  reproducible from the seed, per rank.
+- A rank that raises ends the job, with its error reported by the launcher, and no hang.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from mpcompile.cli import main
+from mpcompile.formats import parse
+from mpcompile.policy import CommunicationSettings
+from mpcompile.rounding import quantize
+from mpcompile.runtime.distributed import DataParallel, QuantizedGradients, quantized_allreduce_hook
+
+TIMEOUT_S = "60"
+X, Y = torch.randn(24, 16, generator=torch.Generator().manual_seed(1)), torch.arange(24) % 4
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def _ranks(rank: int, world: int, init: str, settings: CommunicationSettings, out: str, steps: int) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=__import__("datetime").timedelta(seconds=float(TIMEOUT_S)))
+    try:
+        parallel = DataParallel(rank, world, torch.device("cpu"))
+        net = _net()
+        ddp = parallel.wrap(net, settings, seed=3)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        for _ in range(steps):
+            x, y, weight = parallel.share(X, Y)
+            opt.zero_grad()
+            (F.cross_entropy(ddp(x), y) * weight).backward()
+            opt.step()
+        if rank == 0:
+            torch.save({"params": [p.detach() for p in net.parameters()],
+                        "traffic": parallel.traffic()}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(tmp_path, settings, steps=3, name="out.pt"):
+    out = str(tmp_path / name)
+    init = f"file://{tmp_path / (name + '.store')}"
+    mp.spawn(_ranks, args=(2, init, settings, out, steps), nprocs=2, join=True)
+    return torch.load(out, weights_only=False)
+
+
+def _emulated(settings: CommunicationSettings, steps: int = 3) -> list[torch.Tensor]:
+    """One process: each rank's gradient (its share, weighted) rounded as the hook rounds it, averaged."""
+    net = _net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    fmt = settings.format
+    for _ in range(steps):
+        grads = []
+        for rank in range(2):
+            x, y = X[rank::2], Y[rank::2]
+            net.zero_grad()
+            (F.cross_entropy(net(x), y) * (len(y) * 2 / len(Y))).backward()
+            rounded = []
+            for p in net.parameters():  # a power-of-two scale per parameter
+                scale = torch.exp2(torch.ceil(torch.log2(p.grad.abs().amax() / fmt.max)))
+                rounded.append(quantize(p.grad / scale, fmt, "nearest", saturate=True) * scale)
+            grads.append(rounded)
+        for p, g0, g1 in zip(net.parameters(), *grads):
+            p.grad = (g0 + g1) / 2
+        opt.step()
+    return [p.detach() for p in net.parameters()]
+
+
+@pytest.fixture(autouse=True)
+def _timeout(monkeypatch):
+    monkeypatch.setenv("MPCOMPILE_COLLECTIVE_TIMEOUT", TIMEOUT_S)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8_e5m2"])
+def test_the_hook_equals_rounding_each_ranks_gradient_then_averaging(tmp_path, fmt):
+    settings = CommunicationSettings(format=parse(fmt))
+    got = _spawn(tmp_path, settings)
+    for a, b in zip(got["params"], _emulated(settings)):
+        assert torch.equal(a, b)
+    numel = sum(p.numel() for p in _net().parameters())
+    bits = parse(fmt).bits
+    traffic = got["traffic"]  # 3 steps of codes and an int8 scale exponent per parameter tensor
+    step = numel * bits // 8 + len(list(_net().parameters()))
+    assert (traffic.sent, traffic.nominal, traffic.fp32) == (3 * step, 3 * step, 3 * 4 * numel)
+
+
+def test_stochastic_rounding_and_error_feedback_are_reproducible_per_rank(tmp_path):
+    settings = CommunicationSettings(format=parse("fp8_e5m2"), rounding="stochastic", error_feedback=True,
+                                     scaling="block", block_size=32, shared_scale=True)
+    first, again = _spawn(tmp_path, settings, name="a.pt"), _spawn(tmp_path, settings, name="b.pt")
+    assert all(torch.equal(a, b) for a, b in zip(first["params"], again["params"]))
+    nearest = _spawn(tmp_path, CommunicationSettings(format=parse("fp8_e5m2")), name="c.pt")
+    assert not all(torch.equal(a, b) for a, b in zip(first["params"], nearest["params"]))
+
+
+def _train(tmp_path, name, policy, *extra):
+    return ["train", "--model", "logreg", "--data", "digits", "--policy", policy, "--epochs", "1",
+            "--batch-size", "64", "--schedule", "constant", "--out", str(tmp_path / name), *extra]
+
+
+def test_two_ranks_in_fp32_train_as_one_process_and_resume_bit_identically(tmp_path, capsys):
+    policy = tmp_path / "p.yaml"
+    policy.write_text("version: 1\ncommunication: {format: fp8_e5m2, rounding: stochastic, error_feedback: true}\n")
+    assert main(_train(tmp_path, "one", "fp32")) == 0
+    assert main(_train(tmp_path, "two", "fp32", "--nproc", "2")) == 0
+    one = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)["model"]
+    two = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.allclose(one[k], two[k], rtol=0, atol=1e-5) for k in one)
+    # a quantized run resumed equals one run straight through, on every rank (residuals, generators)
+    assert main(_train(tmp_path, "straight", str(policy), "--nproc", "2", "--epochs", "2")) == 0
+    assert main(_train(tmp_path, "split", str(policy), "--nproc", "2")) == 0
+    assert main(["train", "--resume", str(tmp_path / "split"), "--epochs", "2", "--nproc", "2"]) == 0
+    straight = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
+    split = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
+    assert all(torch.equal(straight["model"][k], split["model"][k]) for k in straight["model"])
+    assert len(split["comm"]) == 2 and split["comm"][1]["residuals"]
+    steps = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    sent = [s["comm_bytes_sent"] for s in steps if "step" in s]
+    assert sent and all(b == sent[0] for b in sent) and sent[0] == steps[0]["comm_bytes_fp32"] // 4 + 2  # + 2 scales
+
+
+def failing_on_rank_1(num_classes: int = 10) -> nn.Module:
+    """A model factory that raises on rank 1, as a bug on one machine would."""
+    if os.environ.get("RANK") == "1":
+        raise RuntimeError("rank 1 cannot build its model")
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes))
+
+
+def test_a_rank_that_raises_ends_the_job_with_its_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.path.dirname(__file__))  # each rank imports the factory's module
+    args = _train(tmp_path, "fail", "fp32", "--nproc", "2")
+    args[args.index("logreg")] = "test_data_parallel:failing_on_rank_1"
+    assert main(args) == 2
+    assert "rank 1 of 2 failed: RuntimeError: rank 1 cannot build its model" in capsys.readouterr().err
