@@ -87,7 +87,27 @@ def _encoding(fmt: FloatFormat | FixedFormat) -> tuple[torch.Tensor, torch.Tenso
             torch.tensor([keyed[k] for k in order], dtype=torch.int64), nan)
 
 
+@functools.lru_cache(maxsize=None)
+def _torch_dtype(fmt: FloatFormat | FixedFormat) -> torch.dtype | None:
+    """The torch dtype whose bit patterns are ``fmt``'s codes (bf16, fp16, the OCP fp8s), or None."""
+    from .registry import get
+
+    same = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8_e5m2": torch.float8_e5m2,
+            "fp8_e4m3": torch.float8_e4m3fn}
+    return next((dtype for name, dtype in same.items() if get(name) == fmt), None)
+
+
 def _encode_elements(x: torch.Tensor, fmt: FloatFormat | FixedFormat) -> torch.Tensor:
+    dtype = _torch_dtype(fmt)
+    if dtype is not None:  # a cast gives the code, one pass instead of a search
+        cast = x.detach().to(dtype)
+        isnan = torch.isnan(x)
+        found = (cast.to(x.dtype) == x) | isnan
+        if not bool(found.all()):
+            bad = x[~found].flatten()[0].item()
+            raise FormatError(f"encode: {bad!r} is not a value of {fmt}; round to it first (mpcompile.rounding.quantize)")
+        codes = cast.view(_code_dtype(fmt.bits))
+        return torch.where(isnan, _encoding(fmt)[2], codes) if bool(isnan.any()) else codes
     sorted_values, codes, nan = _encoding(fmt)
     x = x.detach().double()
     device = x.device
@@ -106,6 +126,14 @@ def _encode_elements(x: torch.Tensor, fmt: FloatFormat | FixedFormat) -> torch.T
         bad = x[~found].flatten()[0].item()
         raise FormatError(f"encode: {bad!r} is not a value of {fmt}; round to it first (mpcompile.rounding.quantize)")
     return out.to(_code_dtype(fmt.bits))  # int64 -> int16 wraps codes >= 2**15 to the uint16 pattern
+
+
+def _element_values(codes: torch.Tensor, fmt: FloatFormat | FixedFormat) -> torch.Tensor:
+    """The values of an element format's codes (its torch dtype where it has one, else float64)."""
+    if _torch_dtype(fmt) is not None:
+        return codes.view(_torch_dtype(fmt))
+    table = code_values(fmt).to(codes.device)
+    return table[codes.to(torch.int64) & (2**fmt.bits - 1)]  # int16 codes are uint16 patterns
 
 
 def _codebook_bytes(numel: int, fmt: CodebookFormat) -> int:
@@ -158,13 +186,10 @@ def decode(packed: Packed, fmt, shape: torch.Size | tuple[int, ...] | None = Non
         codes = torch.nn.functional.pad(packed.codes, (0, blocks * fmt.block_size * fmt.bits // 8 - packed.codes.numel()))
         return block_values(codes, packed.scales, fmt)[:math.prod(shape)].view(shape).to(dtype)
     if not isinstance(fmt, BlockFormat):
-        table = code_values(fmt).to(packed.codes.device)
-        index = packed.codes.to(torch.int64) & (2**fmt.bits - 1)  # int16 codes are uint16 patterns
-        return table[index].to(dtype)
+        return _element_values(packed.codes, fmt).to(dtype)
     if shape is None:
         raise ValueError(f"decode: a block format ({fmt}) needs the tensor's shape")
-    table = code_values(fmt.element).to(packed.codes.device)
-    elements = table[packed.codes.to(torch.int64) & (2**fmt.element.bits - 1)]
+    elements = _element_values(packed.codes, fmt.element).double()
     scales = packed.scales.to(torch.int64).unsqueeze(-1)
     values = torch.where(scales == _E8M0_NAN, torch.nan, elements * torch.exp2((scales - _E8M0_BIAS).double()))
     moved = list(shape)
