@@ -25,7 +25,7 @@ from .codebook_format import CodebookFormat
 from .fixed_format import FixedFormat
 from .float_format import FloatFormat
 
-__all__ = ["Packed", "encode", "decode", "code_values"]
+__all__ = ["Packed", "encode", "decode", "code_values", "torch_dtype"]
 
 _E8M0_BIAS, _E8M0_NAN = 127, 255
 
@@ -88,8 +88,9 @@ def _encoding(fmt: FloatFormat | FixedFormat) -> tuple[torch.Tensor, torch.Tenso
 
 
 @functools.lru_cache(maxsize=None)
-def _torch_dtype(fmt: FloatFormat | FixedFormat) -> torch.dtype | None:
-    """The torch dtype whose bit patterns are ``fmt``'s codes (bf16, fp16, the OCP fp8s), or None."""
+def torch_dtype(fmt) -> torch.dtype | None:
+    """The torch dtype whose values and bit patterns are ``fmt``'s values and codes (bf16, fp16,
+    the OCP fp8s), or None: torch's cast to it is ``fmt``'s round to nearest even."""
     from .registry import get
 
     same = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8_e5m2": torch.float8_e5m2,
@@ -98,7 +99,7 @@ def _torch_dtype(fmt: FloatFormat | FixedFormat) -> torch.dtype | None:
 
 
 def _encode_elements(x: torch.Tensor, fmt: FloatFormat | FixedFormat) -> torch.Tensor:
-    dtype = _torch_dtype(fmt)
+    dtype = torch_dtype(fmt)
     if dtype is not None:  # a cast gives the code, one pass instead of a search
         cast = x.detach().to(dtype)
         isnan = torch.isnan(x)
@@ -130,8 +131,8 @@ def _encode_elements(x: torch.Tensor, fmt: FloatFormat | FixedFormat) -> torch.T
 
 def _element_values(codes: torch.Tensor, fmt: FloatFormat | FixedFormat) -> torch.Tensor:
     """The values of an element format's codes (its torch dtype where it has one, else float64)."""
-    if _torch_dtype(fmt) is not None:
-        return codes.view(_torch_dtype(fmt))
+    if torch_dtype(fmt) is not None:
+        return codes.view(torch_dtype(fmt))
     table = code_values(fmt).to(codes.device)
     return table[codes.to(torch.int64) & (2**fmt.bits - 1)]  # int16 codes are uint16 patterns
 

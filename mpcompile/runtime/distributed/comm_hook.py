@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ...formats import BlockFormat, Packed, decode, encode
+from ...formats import BlockFormat, Packed, decode, encode, torch_dtype
 from ...policy import CommunicationSettings
 from ...rounding import quantize
 
@@ -93,6 +93,21 @@ def _exponents(amax: torch.Tensor, fmt_max: float, shared: bool, group) -> torch
     return torch.ceil(torch.log2(finite / fmt_max)).clamp(-126, 127).to(torch.int8)
 
 
+def _scale_(x: torch.Tensor, exponents: torch.Tensor | None, padded: list[int], unit: int | None,
+            sign: int) -> torch.Tensor:
+    """``x`` times 2**(sign * e) in place, e each parameter's (``padded`` lengths) or each block's
+    (``unit`` elements) exponent; x unchanged without exponents."""
+    if exponents is None:
+        return x
+    factors = torch.exp2(sign * exponents.float())
+    if len(exponents) == len(padded) and unit is None:
+        for part, f in zip(x.split(padded), factors):
+            part.mul_(f)
+    else:
+        x.view(-1, unit).mul_(factors[:, None])
+    return x
+
+
 def _gather(state: QuantizedGradients, tensor: torch.Tensor) -> list[torch.Tensor]:
     """Every rank's ``tensor``, in rank order; sent as its bytes (gloo has no int16)."""
     raw = tensor.contiguous().view(torch.uint8)
@@ -119,42 +134,41 @@ def quantized_allreduce_hook(state: QuantizedGradients, bucket: dist.GradBucket)
     if unit is not None:  # no block straddles two parameters
         segments = [F.pad(g, (0, -g.numel() % unit)) for g in segments]
     padded = [g.numel() for g in segments]
-    x = torch.cat(segments)
-    exponents, scale = None, None
+    x = torch.cat(segments)  # a copy: scaled in place from here on
+    exponents = None
     if s.scaling == "tensor":
         amax = torch.stack([g.abs().amax() for g in segments])
         exponents = _exponents(amax, element.max, s.shared_scale, state.group)
-        scale = torch.exp2(exponents.float()).repeat_interleave(torch.tensor(padded))
     elif s.scaling == "block":
         exponents = _exponents(x.view(-1, unit).abs().amax(1), element.max, s.shared_scale, state.group)
-        scale = torch.exp2(exponents.float()).repeat_interleave(unit)
-    scaled = x if scale is None else x / scale
-    if s.rounding == "stochastic":  # each parameter draws from its own stream, whatever bucket it is in
+    _scale_(x, exponents, padded, unit, -1)
+    dtype = torch_dtype(fmt) if s.rounding == "nearest" else None
+    if dtype is not None:  # torch's cast rounds to nearest even: it is the code, clamped first to saturate
+        cast = x.clamp(-element.max, element.max).to(dtype)
+        q, packed = None, Packed(cast.view(torch.uint8 if element.bits <= 8 else torch.int16))
+    elif s.rounding == "stochastic":  # each parameter draws from its own stream, whatever bucket it is in
         q = torch.cat([quantize(part, fmt, "stochastic", saturate=True, generator=state.generator(k, x.device))
-                       for part, k in zip(scaled.split(padded), keys)])
+                       for part, k in zip(x.split(padded), keys)])
     else:
-        q = quantize(scaled, fmt, "nearest", saturate=True)
-    if s.error_feedback:
-        left = x - (q if scale is None else q * scale)
+        q = quantize(x, fmt, "nearest", saturate=True)
+    if s.error_feedback:  # (x / s - q) * s is x - q * s exactly: s is a power of two
+        left = _scale_(x - (cast.float() if q is None else q), exponents, padded, unit, 1)
         state.residuals.update({k: r[:n] for k, r, n in zip(keys, left.split(padded), sizes)})
-    packed = encode(q, fmt)
+    packed = encode(q, fmt) if dtype is None else packed
     codes = _gather(state, packed.codes)
     block_scales = _gather(state, packed.scales) if packed.scales is not None else [None] * state.world
     shared = exponents is None or s.shared_scale
     rank_exponents = [exponents] * state.world if shared else _gather(state, exponents)
     total = torch.zeros_like(x)
     for c, b, e in zip(codes, block_scales, rank_exponents):  # in rank order: every rank sums alike
-        values = decode(Packed(c, b), fmt, x.shape, torch.float32)
-        if e is not None:
-            values = values * torch.exp2(e.float()).repeat_interleave(
-                torch.tensor(padded) if s.scaling == "tensor" else unit)
-        total += values
-    mean = torch.cat([t[:n] for t, n in zip((total / state.world).split(padded), sizes)])
+        total += _scale_(decode(Packed(c, b), fmt, x.shape, torch.float32), e, padded, unit, 1)
+    total /= state.world
+    for g, t, n in zip(grad.split(sizes), total.split(padded), sizes):
+        g.copy_(t[:n])
     numel = sum(padded)
     bits = element.bits * numel + (8 * (numel // fmt.block_size) if isinstance(fmt, BlockFormat) else 0)
     state.traffic.nominal += math.ceil(bits / 8) + (0 if shared else exponents.numel())
     state.traffic.fp32 += 4 * sum(sizes)
-    grad.copy_(mean.to(grad.dtype))
     future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
     future.set_result(grad)
     return future
