@@ -33,7 +33,12 @@ from .policy import Policy, load_policy
 
 __all__ = ["compile", "CompiledModel", "CompileError"]
 
-_GRAPH_STATE = ("_mpc_amax",)  # modules lowering keeps on the traced graph, state a pickle must carry
+_GRAPH_STATE = ("_mpc_amax",)
+# FSDP2 swaps a module's parameters for sharded and unsharded tensors; the lowered graph reads the
+# ones it was compiled with, so it would train on stale weights
+_NOT_SHARDED = ("FSDP2 (fully_shard) does not compose with a CompiledModel yet: its lowered graph reads the parameter "
+                "tensors it was compiled with, not the ones FSDP2 gathers for each forward; train data-parallel with "
+                "DDP (mpcompile train --nproc N), or shard the model before compiling it")  # modules lowering keeps on the traced graph, state a pickle must carry
 
 
 class CompiledModel(nn.Module):
@@ -149,6 +154,11 @@ class CompiledModel(nn.Module):
             self._states = {mode: _restore(self._source, mode, _snapshot(state)) for mode, state in self._states.items()}
         return result
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "__class__" and any(c.__name__ == "FSDPModule" for c in value.__mro__):
+            raise CompileError(_NOT_SHARDED)
+        super().__setattr__(name, value)
+
     def __getstate__(self) -> dict:
         """Everything but the graphs, which are not picklable with their metadata: each mode's
         analysis (``MpcMeta`` by node name) and graph state (amax histories) instead."""
@@ -255,6 +265,8 @@ class CompiledModel(nn.Module):
                 + [f"{k} arithmetic" for k in ("forward", "backward") if not getattr(would, k).is_native])
 
     def forward(self, *args, **kwargs):
+        if type(next(self._source.parameters(), None)).__name__ == "DTensor":  # fully_shard on a submodule
+            raise CompileError(_NOT_SHARDED)
         mode = self._source.training
         state = self._states.get(mode)
         if state is None:  # this mode's first call: capture its code (never run the other mode's)
