@@ -338,6 +338,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from torch.distributed.elastic.multiprocessing.errors import record  # a rank's exception reaches its launcher
-
-    sys.exit(record(main)())
+    sys.exit(main())

@@ -33,7 +33,7 @@ FLOORS = {
     "compiler": 7, "views": 7,  # views beside the compiler, whose table()/explain() call it
     "runtime": 8, "models": 8,  # models: the small models the runtime trains by name
     "sweep": 9, "report": 9,
-    "cli": 10,
+    "cli": 10, "__main__": 10,  # __main__: python -m mpcompile, torchrun -m mpcompile
     "__init__": 11,  # mpcompile/__init__.py: the public API, above everything
 }
 

@@ -1,9 +1,9 @@
 """``mpcompile train --nproc N``: N processes on this machine through torch.distributed's elastic launcher.
 
-The same launcher torchrun is: each process runs ``python -m mpcompile.cli`` with the other
+The same launcher torchrun is: each process runs ``python -m mpcompile`` with the other
 arguments and finds its rank in its environment; the rendezvous is on loopback. If a rank
 fails, the launcher stops the others and the first failure (the failing rank's exception,
-which ``mpcompile.cli`` records for it) is raised here, on the process that launched them.
+which ``mpcompile.__main__`` records for it) is raised here, on the process that launched them.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def launch(argv: list[str], nproc: int) -> None:
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.1,
                           start_method="spawn")
     try:
-        elastic_launch(config, sys.executable)("-m", "mpcompile.cli", *argv)
+        elastic_launch(config, sys.executable)("-m", "mpcompile", *argv)
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()  # the root cause: the launcher stops the others after it
         message = failure.message.get("message") if isinstance(failure.message, dict) else None  # a recorded exception

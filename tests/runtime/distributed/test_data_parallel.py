@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpcompile.cli import main
-from mpcompile.formats import parse
+from mpcompile.formats import BlockFormat, parse
 from mpcompile.policy import CommunicationSettings
 from mpcompile.rounding import quantize
 from mpcompile.runtime.distributed import DataParallel, QuantizedGradients, quantized_allreduce_hook
@@ -77,8 +77,12 @@ def _emulated(settings: CommunicationSettings, steps: int = 3) -> list[torch.Ten
             net.zero_grad()
             (F.cross_entropy(net(x), y) * (len(y) * 2 / len(Y))).backward()
             rounded = []
-            for p in net.parameters():  # a power-of-two scale per parameter
-                scale = torch.exp2(torch.ceil(torch.log2(p.grad.abs().amax() / fmt.max)))
+            for p in net.parameters():
+                if isinstance(fmt, BlockFormat):  # MX: its own blocks, from each parameter's first element
+                    flat = F.pad(p.grad.reshape(-1), (0, -p.numel() % fmt.block_size))
+                    rounded.append(quantize(flat, fmt, "nearest", saturate=True)[:p.numel()].view_as(p))
+                    continue
+                scale = torch.exp2(torch.ceil(torch.log2(p.grad.abs().amax() / fmt.max)))  # one per parameter
                 rounded.append(quantize(p.grad / scale, fmt, "nearest", saturate=True) * scale)
             grads.append(rounded)
         for p, g0, g1 in zip(net.parameters(), *grads):
@@ -92,17 +96,22 @@ def _timeout(monkeypatch):
     monkeypatch.setenv("MPCOMPILE_COLLECTIVE_TIMEOUT", TIMEOUT_S)
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "fp8_e5m2"])
+@pytest.mark.parametrize("fmt", ["bf16", "fp8_e5m2", "e3m2", "mxfp8_e4m3"])
 def test_the_hook_equals_rounding_each_ranks_gradient_then_averaging(tmp_path, fmt):
-    settings = CommunicationSettings(format=parse(fmt))
+    settings = CommunicationSettings(format=parse(fmt), scaling="none" if fmt.startswith("mx") else "tensor")
     got = _spawn(tmp_path, settings)
     for a, b in zip(got["params"], _emulated(settings)):
         assert torch.equal(a, b)
-    numel = sum(p.numel() for p in _net().parameters())
-    bits = parse(fmt).bits
-    traffic = got["traffic"]  # 3 steps of codes and an int8 scale exponent per parameter tensor
-    step = numel * bits // 8 + len(list(_net().parameters()))
-    assert (traffic.sent, traffic.nominal, traffic.fp32) == (3 * step, 3 * step, 3 * 4 * numel)
+    params, element = list(_net().parameters()), parse(fmt)
+    numel = sum(p.numel() for p in params)
+    if isinstance(element, BlockFormat):  # each parameter padded to blocks of 32: a code byte each, a scale byte a block
+        blocks = sum(-(-p.numel() // 32) for p in params)
+        sent = nominal = 33 * blocks
+    else:  # codes (a byte each, two above 8 bits), and an int8 scale exponent per parameter tensor
+        sent = numel * (1 if element.bits <= 8 else 2) + len(params)
+        nominal = -(-numel * element.bits // 8) + len(params)
+    traffic = got["traffic"]  # of 3 steps
+    assert (traffic.sent, traffic.nominal, traffic.fp32) == (3 * sent, 3 * nominal, 3 * 4 * numel)
 
 
 def test_stochastic_rounding_and_error_feedback_are_reproducible_per_rank(tmp_path):
