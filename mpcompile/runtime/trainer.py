@@ -33,6 +33,11 @@ A policy with a ``trust_region:`` section trains with the dynamic-precision cont
 along the policy's ``levels``. Its checks go to ``metrics.jsonl``, the summary gains ``levels``
 (iterations at each level), ``recompiles`` and ``recompile_seconds``, and ``trust_region.png``
 plots loss, Delta and the level against iterations.
+
+Run by torchrun (or ``mpcompile train --nproc N``), each process is one rank of a data-parallel
+run (``distributed.DataParallel``): the compiled model under DDP, gradients sent in the policy's
+``communication`` format, every rank on its share of each global batch, rank 0 writing the run
+folder, every rank's communication state in the checkpoint.
 """
 from __future__ import annotations
 
