@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -23,7 +24,8 @@ from torch import nn
 from ..errors import MpcompileError
 from ..models import build_model
 from .arithmetic import Arithmetic
-from .data import SweepData
+from ..runtime.data import DataError
+from .data import SweepData, load_data
 from .least_squares import least_squares, r2_score
 from .tree import DecisionTree
 
@@ -152,13 +154,19 @@ SWEEP_MODELS: dict[str, tuple[str, Network | Solver, Callable[[SweepData], float
 }
 
 
-def sweep_model(name: str, *, epochs: int | None = None) -> SweepModel:
+# the data sets a model trains on where ``data_dir`` holds them, in order of preference (else its default)
+PREFERRED_DATA = {"mlp": ("fashion_mnist", "mnist"), "lenet5": ("cifar10",), "resnet20": ("cifar10",)}
+
+
+def sweep_model(name: str, *, epochs: int | None = None, data_dir: str | Path | None = None) -> SweepModel:
     """The model ``name``: one of ``SWEEP_MODELS``, ``name@data``, or ``package.module:factory``
-    (trained on digits unless ``@data`` says otherwise).
+    (trained on digits unless ``@data`` says otherwise). Without ``@data``, the MLP trains on
+    Fashion-MNIST or MNIST, LeNet-5 and ResNet-20 on CIFAR-10, where ``data_dir`` holds them.
 
     Args:
         name: as above.
         epochs: a network's epochs instead of its default.
+        data_dir: where mnist, fashion_mnist and cifar10 are.
 
     Raises:
         MpcompileError: an unknown model.
@@ -174,7 +182,17 @@ def sweep_model(name: str, *, epochs: int | None = None) -> SweepModel:
                              f"(e.g. logreg@wine) or package.module:factory")
     if epochs is not None and isinstance(trainer, Network):
         trainer = dataclasses.replace(trainer, epochs=epochs)
+    if not data and data_dir is not None:
+        default_data = next((d for d in PREFERRED_DATA.get(base, ()) if _holds(data_dir, d)), default_data)
     return SweepModel(name, data or default_data, trainer, reference)
+
+
+def _holds(data_dir: str | Path, name: str) -> bool:
+    try:
+        load_data(name, data_dir)
+    except DataError:
+        return False
+    return True
 
 
 def network_loss(kind: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

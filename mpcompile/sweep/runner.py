@@ -62,7 +62,7 @@ def sweep(models: Sequence[str] = DEFAULT_MODELS, precisions: Sequence[str] = DE
 
     if not isinstance(seeds, int) or seeds < 1:
         raise MpcompileError(f"seeds must be a positive integer, got {seeds!r}")
-    specs = [sweep_model(name, epochs=epochs) for name in models]
+    specs = [sweep_model(name, epochs=epochs, data_dir=data_dir) for name in models]
     resolved = [resolve_precision(name) for name in precisions]
     out = Path(out)
     csv_path = out / "results.csv"

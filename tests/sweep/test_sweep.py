@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import struct
 
 import matplotlib.image
 import pytest
@@ -193,3 +194,18 @@ def test_float8_linear_multiplies_the_amax_scaled_fp8_operands():
     # the backward reads the operands as they came: nn.Linear's own gradients
     for got, want in zip(torch.autograd.grad(out.sum(), [x, module.weight]), expected_grad):
         assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_data_dir_with_fashion_mnist_or_cifar10_is_what_the_networks_train_on(tmp_path):
+    import numpy as np
+
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    images, labels = np.zeros((4, 28, 28), np.uint8), np.arange(4, dtype=np.uint8)
+    for name, magic, array in (("train-images-idx3-ubyte", 2051, images), ("train-labels-idx1-ubyte", 2049, labels),
+                               ("t10k-images-idx3-ubyte", 2051, images), ("t10k-labels-idx1-ubyte", 2049, labels)):
+        (raw / name).write_bytes(struct.pack(f">{1 + array.ndim}I", magic, *array.shape) + array.tobytes())
+    assert sweep_model("mlp", data_dir=tmp_path).data == "fashion_mnist"
+    assert sweep_model("lenet5", data_dir=tmp_path).data == "digits"  # no CIFAR-10 there
+    assert sweep_model("mlp@digits", data_dir=tmp_path).data == "digits"
+    assert sweep_model("mlp").data == "digits"
