@@ -84,11 +84,13 @@ class QuantizedGradients:
         return fmt.element if isinstance(fmt, BlockFormat) else fmt
 
 
-def _exponents(amax: torch.Tensor, fmt_max: float, shared: bool, group) -> torch.Tensor:
+def _exponents(state: "QuantizedGradients", amax: torch.Tensor, fmt_max: float) -> torch.Tensor:
     """The int8 exponent e of each scale 2**e that brings an ``amax`` to at most ``fmt_max`` (0 for
-    an all-zero or non-finite one); ``shared``: the ranks' largest amax."""
-    if shared:
-        dist.all_reduce(amax, dist.ReduceOp.MAX, group=group)
+    an all-zero or non-finite one); with ``shared_scale``, of the ranks' largest amax (its
+    all-reduce counted as sent, fp32)."""
+    if state.settings.shared_scale:
+        dist.all_reduce(amax, dist.ReduceOp.MAX, group=state.group)
+        state.traffic.sent += amax.numel() * amax.element_size()
     finite = torch.where(torch.isfinite(amax) & (amax > 0), amax, torch.ones_like(amax))
     return torch.ceil(torch.log2(finite / fmt_max)).clamp(-126, 127).to(torch.int8)
 
@@ -138,9 +140,9 @@ def quantized_allreduce_hook(state: QuantizedGradients, bucket: dist.GradBucket)
     exponents = None
     if s.scaling == "tensor":
         amax = torch.stack([g.abs().amax() for g in segments])
-        exponents = _exponents(amax, element.max, s.shared_scale, state.group)
+        exponents = _exponents(state, amax, element.max)
     elif s.scaling == "block":
-        exponents = _exponents(x.view(-1, unit).abs().amax(1), element.max, s.shared_scale, state.group)
+        exponents = _exponents(state, x.view(-1, unit).abs().amax(1), element.max)
     _scale_(x, exponents, padded, unit, -1)
     dtype = torch_dtype(fmt) if s.rounding == "nearest" else None
     if dtype is not None:  # torch's cast rounds to nearest even: it is the code, clamped first to saturate
