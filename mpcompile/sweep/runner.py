@@ -71,8 +71,9 @@ def sweep(models: Sequence[str] = DEFAULT_MODELS, precisions: Sequence[str] = DE
                              f"another --out")
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device)
-    kept = [r for r in read_rows(csv_path) if not r["status"].startswith("failed")]  # a failed run runs again
-    if csv_path.exists():
+    rows = read_rows(csv_path)
+    kept = [r for r in rows if not r["status"].startswith("failed")]  # a failed run runs again
+    if len(kept) < len(rows):  # rewritten without the failed rows
         csv_path.unlink()
         for row in kept:
             append_row(csv_path, row)
