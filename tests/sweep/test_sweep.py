@@ -159,6 +159,15 @@ def test_precisions_and_models_are_resolved_or_refused_by_name(capsys):
     assert "precision 'fp9'" in capsys.readouterr().err
 
 
+def test_a_factorisation_that_rounding_breaks_is_a_row_and_the_sweep_goes_on(tmp_path):
+    rows = mpcompile.sweep(["linreg_normal", "tree"], ["e5m2"], 1, tmp_path, progress=False)
+    status = {r["model"]: r["status"] for r in rows}
+    assert status["linreg_normal"].startswith("numerical failure: least_squares(method='normal')")
+    assert status["tree"] == "ok"
+    again = mpcompile.sweep(["linreg_normal", "tree"], ["e5m2"], 1, tmp_path, resume=True, progress=False)
+    assert again == rows  # a numerical failure is a result: resume does not run it again
+
+
 def test_cli_reads_formats_with_commas_in_the_precision_list(tmp_path):
     assert main(["sweep", "--models", "tree", "--precisions", "fixed(8,4),fp64", "--seeds", "1",
                  "--out", str(tmp_path)]) == 0
