@@ -162,3 +162,11 @@ def test_a_rank_that_raises_ends_the_job_with_its_error(tmp_path, capsys, monkey
     args[args.index("logreg")] = "test_data_parallel:failing_on_rank_1"
     assert main(args) == 2
     assert "rank 1 of 2 failed: RuntimeError: rank 1 cannot build its model" in capsys.readouterr().err
+
+
+def test_a_one_process_run_says_its_communication_section_is_not_read(tmp_path):
+    from mpcompile.runtime.trainer import TrainConfig, Trainer
+
+    policy = "version: 1\ncommunication: {format: fp8_e5m2}\n"
+    with pytest.warns(UserWarning, match="communication section .* is read by data-parallel runs only"):
+        Trainer(TrainConfig(model="logreg", data="digits", policy=policy, out=str(tmp_path)), progress=False)

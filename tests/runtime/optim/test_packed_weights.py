@@ -130,3 +130,10 @@ def test_memory_report_holds_the_master_weights_as_codes():
     _step(cm, optimizer, torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,)))
     again = {r.category: r.held for r in mpcompile.memory_report(cm, 4).rows}  # a packed model is read first
     assert again == {c: r.held for c, r in rows.items()}
+
+
+def test_the_trust_region_refuses_packed_storage(tmp_path):
+    policy = ("version: 1\ndefault: {input: bf16}\nlevels: [{name: bf16}, {name: fp32, keep: fp32}]\n"
+              "trust_region: {delta0: 0.1}\noptimizer: {master: bf16, storage: packed}\n")
+    with pytest.raises(MpcompileError, match="keeps no packed storage"):
+        Trainer(TrainConfig(model="logreg", data="digits", policy=policy, out=str(tmp_path)), progress=False)
