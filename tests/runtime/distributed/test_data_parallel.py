@@ -170,3 +170,9 @@ def test_a_one_process_run_says_its_communication_section_is_not_read(tmp_path):
     policy = "version: 1\ncommunication: {format: fp8_e5m2}\n"
     with pytest.warns(UserWarning, match="communication section .* is read by data-parallel runs only"):
         Trainer(TrainConfig(model="logreg", data="digits", policy=policy, out=str(tmp_path)), progress=False)
+
+
+def test_what_data_parallel_training_does_not_do_is_refused_on_every_rank(tmp_path, capfd):
+    assert main(_train(tmp_path, "monitored", "fp32", "--nproc", "2", "--monitor", "5")) == 2
+    err = capfd.readouterr().err
+    assert "rank 0 of 2 failed" in err and "data-parallel training (2 ranks) does not support monitoring" in err
