@@ -260,7 +260,9 @@ class _Recorder(torch.fx.Interpreter):
 
 
 def _storage(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
+    """Which storage ``t`` views: its StorageImpl, not its data pointer, which is 0 for every
+    freed storage (packed weights) and must not be read there."""
+    return t.untyped_storage()._cdata
 
 
 def _storage_fp32_bits(t: torch.Tensor) -> int:

@@ -8,7 +8,9 @@ referring to them); ``unpack`` reallocates each storage and decodes the codes in
 bit the weights the step left. Hooks on the modules that own the parameters unpack them before
 a forward, a ``state_dict`` and a ``load_state_dict``; anything else that reads the parameters
 between steps (a node-by-node interpreter, a deep copy, ``named_parameters``) must call
-``unpack_parameters(module)`` first: a freed storage is not safe to read.
+``unpack_parameters(module)`` first. Reading a freed parameter raises an error that says so
+(torch's storage access guard, the one inductor's CUDA graphs set on freed outputs), rather than
+reading freed memory.
 """
 from __future__ import annotations
 
@@ -53,6 +55,11 @@ class PackedWeights:
                 raise MpcompileError(f"optimizer.storage: packed frees each weight's storage between steps, but {name} "
                                      f"shares its storage or is not contiguous; use storage: emulated")
         self.params, self.fmt = params, fmt
+        names = {id(q): n for n, q in module.named_parameters()}
+        self._freed_messages = [
+            f"{names.get(id(p), 'a parameter')} is held as codes of {fmt} between optimizer steps (optimizer.storage: "
+            f"packed) and its storage is freed: call mpcompile.runtime.optim.unpack_parameters(model) before reading "
+            f"it outside the model's forward / state_dict" for p in params]
         self.codes: dict[int, Packed] = {}  # parameter index -> its codes, while packed
         ids = {id(p) for p in params}
         owners = {id(m): m for m in module.modules() if any(id(p) in ids for p in m.parameters(recurse=False))}
@@ -73,12 +80,14 @@ class PackedWeights:
             if i not in self.codes:
                 self.codes[i] = encode(p, self.fmt)
                 p.untyped_storage().resize_(0)
+                torch._C._set_storage_data_ptr_access_error_msg(p.untyped_storage()._cdata, self._freed_messages[i])
 
     @torch.no_grad()
     def unpack(self) -> None:
         """Give each packed parameter its storage back, holding the decoded weights."""
         for i, packed in self.codes.items():
             p = self.params[i]
+            torch._C._clear_storage_data_ptr_access_error_msg(p.untyped_storage()._cdata)
             p.untyped_storage().resize_(p.nbytes)
             p.copy_(decode(packed, self.fmt, p.shape, p.dtype))
         self.codes = {}

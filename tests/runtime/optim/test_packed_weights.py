@@ -80,6 +80,20 @@ def test_load_state_dict_and_optimizer_checkpoint_restore_the_weights_from_their
     assert all(torch.equal(p, expected[n]) for n, p in model.named_parameters())
 
 
+def test_reading_a_packed_weight_outside_the_hooks_raises_instead_of_reading_freed_memory():
+    torch.manual_seed(2)
+    model = build_model("logreg")
+    opt = LowPrecisionOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), _settings("fp8_e5m2", "packed"),
+                                module=model)
+    _step(model, opt, torch.randn(8, 64), torch.randint(0, 10, (8,)))
+    weight = model[1].weight
+    for read in (weight.sum, lambda: copy.deepcopy(model), lambda: weight.detach().numpy()):
+        with pytest.raises(RuntimeError, match=r"1\.weight is held as codes of fp8_e5m2 .*unpack_parameters"):
+            read()
+    unpack_parameters(model)
+    assert torch.equal(weight.detach().clone(), model.state_dict()["1.weight"])  # readable again, and the same
+
+
 def test_packed_weights_need_the_module_and_a_packable_storage():
     model = build_model("logreg")
     with pytest.raises(MpcompileError, match="pass module="):
