@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..errors import FormatError
@@ -96,10 +97,15 @@ def _codes(blocks: torch.Tensor, scales: torch.Tensor, fmt: CodebookFormat, in_p
     1e-38 (as bitsandbytes: an all-zero block takes the code of 0, NaN does too); ``in_place``
     scales ``blocks`` itself."""
     table = _table(fmt, blocks.device)
-    inverse = (1.0 / scales.clamp(min=_SMALLEST_SCALE))[:, None]
-    v = blocks.mul_(inverse) if in_place else blocks * inverse
-    slices = (v.view(torch.int32) >> (32 - _SLICE_BITS)).bitwise_and_(2**_SLICE_BITS - 1).view(-1)
-    above = v.view(-1) >= table.threshold.index_select(0, slices)
+    inverse = scales.clamp(min=_SMALLEST_SCALE).reciprocal_().unsqueeze_(1)  # = 1.0 / scale, as torch computes it
+    v = (blocks.mul_(inverse) if in_place else blocks * inverse).view(-1)
+    if v.device.type == "cpu":  # numpy: a logical uint32 shift (torch has none) and a compare 5x torch's into bool
+        bits = v.numpy().view(np.uint32)
+        slices = torch.from_numpy((bits >> (32 - _SLICE_BITS)).view(np.int32))
+        above = torch.from_numpy(np.greater_equal(v.numpy(), table.threshold.index_select(0, slices).numpy()))
+    else:
+        slices = (v.view(torch.int32) >> (32 - _SLICE_BITS)).bitwise_and_(2**_SLICE_BITS - 1)
+        above = v >= table.threshold.index_select(0, slices)
     codes = table.base.index_select(0, slices).add_(above.view(torch.uint8))  # a bool is a 0/1 byte: no conversion
     if fmt.bits == 8:
         return codes
