@@ -24,21 +24,18 @@ import torch.nn as nn
 from .backends import check_backend
 from .capture import Inputs, as_inputs
 from .errors import CompileError, PolicyError
+from .formats import fits_dtype
 from .ops.registry import kind_named
 from .passes import MpcMeta, PassState, mpc_meta, run_passes
 from .passes.assign import level_of
 from .passes.audit import setting_warnings
 from .passes.pipeline import ASSIGN, CAPTURE, COMPILE, CONDITION, LOWER, RECALIBRATE, RECOMPILE, SHAPE, STATS
+from .passes.source_modules import stale_reads
 from .policy import Policy, load_policy
 
 __all__ = ["compile", "CompiledModel", "CompileError"]
 
-_GRAPH_STATE = ("_mpc_amax",)
-# FSDP2 swaps a module's parameters for sharded and unsharded tensors; the lowered graph reads the
-# ones it was compiled with, so it would train on stale weights
-_NOT_SHARDED = ("FSDP2 (fully_shard) does not compose with a CompiledModel yet: its lowered graph reads the parameter "
-                "tensors it was compiled with, not the ones FSDP2 gathers for each forward; train data-parallel with "
-                "DDP (mpcompile train --nproc N), or shard the model before compiling it")  # modules lowering keeps on the traced graph, state a pickle must carry
+_GRAPH_STATE = ("_mpc_amax",)  # modules lowering keeps on the traced graph, state a pickle must carry
 
 
 class CompiledModel(nn.Module):
@@ -63,6 +60,8 @@ class CompiledModel(nn.Module):
         self._strict = strict
         self._states: dict[bool, PassState] = {source.training: state}
         self._warnings: dict[bool, list[str]] = {source.training: self._check(state)}
+        self._compiled_dtype = next(source.parameters(), torch.empty(0)).dtype
+        self._dtypes_warned: set[tuple[bool, torch.dtype]] = set()
 
     @property
     def source(self) -> nn.Module:
@@ -155,8 +154,9 @@ class CompiledModel(nn.Module):
         return result
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name == "__class__" and any(c.__name__ == "FSDPModule" for c in value.__mro__):
-            raise CompileError(_NOT_SHARDED)
+        if name == "__class__" and _is_fsdp(value):  # fully_shard(cm): its graphs must read what FSDP2 gathers
+            for state in self._states.values():
+                _check_live_reads(state)
         super().__setattr__(name, value)
 
     def __getstate__(self) -> dict:
@@ -265,8 +265,8 @@ class CompiledModel(nn.Module):
                 + [f"{k} arithmetic" for k in ("forward", "backward") if not getattr(would, k).is_native])
 
     def forward(self, *args, **kwargs):
-        if type(next(self._source.parameters(), None)).__name__ == "DTensor":  # fully_shard on a submodule
-            raise CompileError(_NOT_SHARDED)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            _check_unsharded(self._source)
         mode = self._source.training
         state = self._states.get(mode)
         if state is None:  # this mode's first call: capture its code (never run the other mode's)
@@ -277,7 +277,13 @@ class CompiledModel(nn.Module):
                               f"is: its code, traced in one mode, runs in {'train' if mode else 'eval'} mode too; "
                               f"compile the source module to capture each mode's own code", stacklevel=2)
             self._states[mode] = _capture_mode(first, state)
+            if _is_fsdp(type(self)):
+                _check_live_reads(state)
             self._warnings[mode] = self._check(state, issued=self.warnings)
+        param = next(self._source.parameters(), None)
+        if param is not None and param.dtype != self._compiled_dtype and (mode, param.dtype) not in self._dtypes_warned:
+            self._dtypes_warned.add((mode, param.dtype))
+            _warn_narrower_parameters(state, self._compiled_dtype, param.dtype)
         try:
             return state.lowered(*args, **kwargs)
         except TypeError:  # binding the arguments on every call would cost a small model a third of its forward
@@ -424,6 +430,59 @@ def _capture_mode(first: PassState, state: PassState) -> PassState:
     for node, meta in _annotations(state.traced):
         meta.kappa = kappas.get(node.name)
     return run_passes(after, state)
+
+
+def _is_fsdp(cls: type) -> bool:
+    return any(c.__name__ == "FSDPModule" for c in cls.__mro__)
+
+
+def _check_live_reads(state: PassState) -> None:
+    """FSDP2 swaps each parameter between a sharded DTensor and the gathered tensor on its owning
+    module; a graph that reads a parameter through a copy of that module would train on stale weights."""
+    stale = stale_reads(state.lowered, state.model)
+    if stale:
+        raise CompileError(f"fully_shard: this CompiledModel ({state.capture} capture) reads {', '.join(stale[:3])}"
+                           f"{' ...' if len(stale) > 3 else ''} through copies of the modules that own them, so it "
+                           f"would not see the parameters FSDP2 gathers for each forward; train data-parallel with "
+                           f"DDP (mpcompile train --nproc N)")
+
+
+def _check_unsharded(source: nn.Module) -> None:
+    """Every parameter is a plain tensor at the forward: a module sharded as its own FSDP2 unit
+    (fully_shard of a layer) is gathered by hooks around its forward, which the lowered graph,
+    reading its weights directly, never calls."""
+    for name, p in source.named_parameters():
+        if type(p).__name__ == "DTensor":
+            owner = name.rpartition(".")[0] or "the model"
+            raise CompileError(f"fully_shard: {owner} ({type(source.get_submodule(name.rpartition('.')[0])).__name__}) "
+                               f"is sharded as its own FSDP2 unit, but the lowered graph reads its weights without "
+                               f"calling its forward, so FSDP2 never gathers them ({name} is a sharded DTensor here); "
+                               f"apply fully_shard to the CompiledModel alone, as one unit: fully_shard(cm, ...)")
+
+
+def _warn_narrower_parameters(state: PassState, compiled: torch.dtype, dtype: torch.dtype) -> None:
+    """Parameters narrower than the graph was compiled for (FSDP2's ``MixedPrecisionPolicy(
+    param_dtype=...)``, ``.to(dtype)``) make every tensor the graph computes that dtype: the
+    policy's formats then round its values, and a role the policy keeps wider holds its values."""
+    if not (dtype.is_floating_point and torch.finfo(dtype).bits < torch.finfo(compiled).bits):
+        return
+    short = str(dtype).removeprefix("torch.")
+    wider, fp32_ops = [], 0
+    for node, meta in _annotations(state.traced):
+        if meta.assignment is None or not meta.assignment.quantizes:
+            fp32_ops += 1
+            continue
+        roles = [f"{r} {'fp32' if st.quant is None else st.quant.fmt}" for r, st in meta.assignment.roles
+                 if r in meta.roles and (st.quant is None or not fits_dtype(st.quant.fmt, dtype))]
+        if roles:
+            wider.append(f"node {node.name} ({meta.op_type} '{meta.name}'): {', '.join(roles)}")
+    held = "; ".join(wider[:5]) + (f"; and {len(wider) - 5} more ops" if len(wider) > 5 else "")
+    warnings.warn(f"mpcompile: the parameters are {short} at this call and the graph was compiled for "
+                  f"{str(compiled).removeprefix('torch.')} (FSDP2's MixedPrecisionPolicy(param_dtype=...) or "
+                  f".to(dtype) casts them): every tensor it computes is {short}, the policy's formats round {short} "
+                  f"values, and what the policy keeps wider holds {short} values instead"
+                  + (f": {held}" if wider else "") + (f"; {fp32_ops} ops the policy leaves in fp32" if fp32_ops else ""),
+                  stacklevel=5)
 
 
 def _snapshot(state: PassState) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 
 import mpcompile
 from mpcompile import CompileError
+from mpcompile.models import build_model
 
 DELAYED = ("version: 1\ndefault: {input: fp8_e4m3:tensor_delayed, weight: fp8_e4m3, grad_output: fp8_e5m2}\n"
            "levels:\n  - {name: fp8}\n  - {name: bf16, set: {input: bf16, weight: bf16}}\n")
@@ -144,3 +146,21 @@ def test_a_second_mode_takes_the_first_modes_kappa_and_so_its_assignments():
     cm.eval()(x)  # dropout off: estimated again, the kappas would differ
     assert {n.name: (m.kappa, m.assignment) for n, m in cm.annotations()} == trained
     assert any(a is not None and dict(a.roles)["input"].quant.fmt.name == "bf16" for _, a in trained.values())
+
+
+def test_parameters_narrower_than_compiled_warn_once_naming_the_roles_they_round():
+    torch.manual_seed(0)
+    cm = mpcompile.compile(build_model("lenet5"), "fp16", (torch.randn(2, 1, 8, 8),)).to(torch.bfloat16)
+    x = torch.randn(2, 1, 8, 8, dtype=torch.bfloat16)
+    with pytest.warns(UserWarning, match="the parameters are bfloat16 at this call") as caught:
+        assert cm(x).dtype == torch.bfloat16
+    text = next(str(w.message) for w in caught if "parameters are bfloat16" in str(w.message))
+    assert "node features_0 (Conv2d 'features.0'): input fp16, weight fp16" in text  # fp16 holds what bf16 cannot
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cm(x)  # once per mode and dtype
+    fp8 = mpcompile.compile(build_model("lenet5"), "fp8_e4m3", (torch.randn(2, 1, 8, 8),)).to(torch.bfloat16)
+    with pytest.warns(UserWarning, match="the parameters are bfloat16") as caught:
+        fp8(x)
+    text = next(str(w.message) for w in caught if "parameters are bfloat16" in str(w.message))
+    assert "node features_0" not in text and "ops the policy leaves in fp32" in text  # e4m3 roles fit bf16

@@ -7,11 +7,12 @@ reads the types.
 """
 from .block_format import BlockFloat, BlockFormat, BlockMinifloat, MXFormat
 from .codebook_format import CODEBOOKS, CodebookFormat
+from .dtype_fit import fits_dtype
 from .fixed_format import FixedFormat
 from .float_format import FloatFormat, p3109
 from .packing import Packed, code_values, decode, encode, torch_dtype
 from .registry import Format, get, names, parse, register
 
-__all__ = ["Format", "FloatFormat", "FixedFormat", "BlockFormat", "MXFormat", "BlockFloat",
+__all__ = ["fits_dtype", "Format", "FloatFormat", "FixedFormat", "BlockFormat", "MXFormat", "BlockFloat",
            "BlockMinifloat", "CodebookFormat", "CODEBOOKS", "p3109", "get", "parse", "names", "register", "Packed", "encode", "decode", "code_values",
            "torch_dtype"]

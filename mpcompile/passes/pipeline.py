@@ -17,6 +17,7 @@ from .coverage import check_coverage
 from .lower import lower
 from .manager import Pass, PassState, check_order
 from .shape import propagate_shapes
+from .source_modules import bind_source_modules
 from .stats import collect_stats
 
 __all__ = ["COMPILE", "RECOMPILE", "RECALIBRATE", "STATS", "CAPTURE", "SHAPE", "CLASSIFY", "COVERAGE", "CONDITION", "ASSIGN", "LOWER"]
@@ -31,6 +32,7 @@ def _capture(state: PassState) -> None:
 
 def _lower(state: PassState) -> None:
     state.lowered = lower(state.traced, state.backend)
+    bind_source_modules(state.lowered, state.model)
 
 
 CAPTURE = Pass("capture", _capture)

@@ -18,6 +18,7 @@ from typing import Iterable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ...errors import MpcompileError, PolicyError
 from ...formats import CodebookFormat, Packed, decode, encode
@@ -51,6 +52,9 @@ class StoredRounding:
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def __call__(self, x: torch.Tensor, fmt, *, saturate: bool | None = None) -> torch.Tensor:
+        if isinstance(x, DTensor):  # an FSDP2 shard: rounded where it lives (a block format's blocks are the shard's)
+            local = self(x.to_local(), fmt, saturate=saturate)
+            return DTensor.from_local(local, x.device_mesh, x.placements, shape=x.shape, stride=x.stride())
         generator = None
         if self.rounding == "stochastic":
             if x.device not in self._generators:
@@ -92,6 +96,7 @@ class LowPrecisionOptimizer:
                  seed: int = 0, module: nn.Module | None = None):
         self.optimizer, self.settings, self.seed = optimizer, settings, seed
         _check_codebooks(settings)
+        _check_sharded(optimizer, settings)
         self._round = StoredRounding(settings.update_rounding, seed)
         # storage: packed: (parameter index, state name) -> the state's codes, between steps
         self._packed: dict[tuple[int, str], Packed] = {}
@@ -248,6 +253,19 @@ class LowPrecisionOptimizer:
                                  "optimizer (optimizer.storage / master differ); resume with the policy it was saved under")
         if self._weights is not None:
             self._weights.load({int(i): Packed(codes, scales) for i, (codes, scales) in state["weights"].items()})
+
+
+def _check_sharded(optimizer: torch.optim.Optimizer, settings: OptimizerSettings) -> None:
+    """FSDP2's parameters are DTensor shards: element and block formats round each shard where it
+    lives; packed storage and codebook states hold one run of codes over whole tensors, and are refused."""
+    if not any(isinstance(p, DTensor) for group in optimizer.param_groups for p in group["params"]):
+        return
+    codebooks = [r for r in ("momentum", "second_moment") if isinstance(getattr(settings, r), CodebookFormat)]
+    if settings.storage == "packed" or codebooks:
+        what = "optimizer.storage: packed" if settings.storage == "packed" else f"optimizer.{codebooks[0]}: " \
+               f"{getattr(settings, codebooks[0])}"
+        raise MpcompileError(f"{what} is not supported with FSDP2 (the parameters are sharded DTensors): it keeps "
+                             f"codes of whole tensors; use storage: emulated and element or block formats, or DDP")
 
 
 def _check_codebooks(settings: OptimizerSettings) -> None:
