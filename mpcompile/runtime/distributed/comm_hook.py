@@ -110,6 +110,39 @@ def _scale_(x: torch.Tensor, exponents: torch.Tensor | None, padded: list[int], 
     return x
 
 
+def _sum_ranks_(total: torch.Tensor, codes: list[torch.Tensor], block_scales: list, exponents: list,
+                fmt, dtype: torch.dtype | None, padded: list[int], unit: int | None) -> torch.Tensor:
+    """``total`` overwritten with the sum of every rank's decoded, rescaled gradients, in rank
+    order (every rank sums alike). A format with a torch dtype decodes by a cast back: into
+    ``total`` for rank 0, then into one spare buffer."""
+    spare = torch.empty_like(total) if dtype is not None and len(codes) > 1 else None
+    for rank, (c, b, e) in enumerate(zip(codes, block_scales, exponents)):
+        if dtype is not None:
+            part = (spare if rank else total).copy_(c.view(dtype))
+        else:
+            part = decode(Packed(c, b), fmt, total.shape, torch.float32)
+        if rank:
+            _add_scaled_(total, part, e, padded, unit)
+        elif part is total:
+            _scale_(total, e, padded, unit, 1)
+        else:
+            total.copy_(_scale_(part, e, padded, unit, 1))
+    return total
+
+
+def _add_scaled_(total: torch.Tensor, part: torch.Tensor, exponents: torch.Tensor | None, padded: list[int],
+                 unit: int | None) -> None:
+    """``total += part * 2**e`` in place, e as in ``_scale_``: the products are exact, so this is
+    the sum of the scaled part, one pass fewer."""
+    if exponents is None:
+        total.add_(part)
+    elif len(exponents) == len(padded) and unit is None:
+        for t, p, f in zip(total.split(padded), part.split(padded), torch.exp2(exponents.float()).tolist()):
+            t.add_(p, alpha=f)
+    else:
+        total.view(-1, unit).addcmul_(part.view(-1, unit), torch.exp2(exponents.float())[:, None])
+
+
 def _gather(state: QuantizedGradients, tensor: torch.Tensor) -> list[torch.Tensor]:
     """Every rank's ``tensor``, in rank order; sent as its bytes (gloo has no int16)."""
     raw = tensor.contiguous().view(torch.uint8)
@@ -129,24 +162,36 @@ def quantized_allreduce_hook(state: QuantizedGradients, bucket: dist.GradBucket)
     fmt, element = s.format, state.element
     keys = [state.index[id(p)] for p in bucket.parameters()]
     sizes = [p.numel() for p in bucket.parameters()]
-    segments = list(grad.float().split(sizes))
-    if s.error_feedback:
-        segments = [g + state.residuals[k].to(g.device) if k in state.residuals else g for g, k in zip(segments, keys)]
     unit = s.block_size if s.scaling == "block" else fmt.block_size if isinstance(fmt, BlockFormat) else None
-    if unit is not None:  # no block straddles two parameters
-        segments = [F.pad(g, (0, -g.numel() % unit)) for g in segments]
-    padded = [g.numel() for g in segments]
-    x = torch.cat(segments)  # a copy: scaled in place from here on
+    if grad.dtype == torch.float32 and (unit is None or all(n % unit == 0 for n in sizes)):
+        x = grad  # scaled and rounded in place: the bucket is overwritten with the mean anyway
+        if s.error_feedback:
+            for g, k in zip(x.split(sizes), keys):
+                if k in state.residuals:
+                    g.add_(state.residuals[k].to(g.device))
+    else:
+        segments = list(grad.float().split(sizes))
+        if s.error_feedback:
+            segments = [g + state.residuals[k].to(g.device) if k in state.residuals else g
+                        for g, k in zip(segments, keys)]
+        if unit is not None:  # no block straddles two parameters
+            segments = [F.pad(g, (0, -g.numel() % unit)) for g in segments]
+        x = torch.cat(segments)  # a copy: scaled in place from here on
+    padded = [-(-n // unit) * unit for n in sizes] if unit is not None else sizes
     exponents = None
     if s.scaling == "tensor":
-        amax = torch.stack([g.abs().amax() for g in segments])
-        exponents = _exponents(state, amax, element.max)
+        amax = torch.stack([torch.linalg.vector_norm(g, math.inf) for g in x.split(padded)])
     elif s.scaling == "block":
-        exponents = _exponents(state, x.view(-1, unit).abs().amax(1), element.max)
+        amax = torch.linalg.vector_norm(x.view(-1, unit), math.inf, dim=1)
+    if s.scaling in ("tensor", "block"):
+        exponents = _exponents(state, amax, element.max)  # amax: the ranks' largest, with shared_scale
     _scale_(x, exponents, padded, unit, -1)
     dtype = torch_dtype(fmt) if s.rounding == "nearest" else None
     if dtype is not None:  # torch's cast rounds to nearest even: it is the code, clamped first to saturate
-        cast = x.clamp(-element.max, element.max).to(dtype)
+        clamped = x
+        if exponents is None or not bool((amax * torch.exp2(-exponents.float()) <= element.max).all()):
+            clamped = x.clamp(-element.max, element.max) if s.error_feedback else x.clamp_(-element.max, element.max)
+        cast = clamped.to(dtype)
         q, packed = None, Packed(cast.view(torch.uint8 if element.bits <= 8 else torch.int16))
     elif s.rounding == "stochastic":  # each parameter draws from its own stream, whatever bucket it is in
         q = torch.cat([quantize(part, fmt, "stochastic", saturate=True, generator=state.generator(k, x.device))
@@ -161,12 +206,11 @@ def quantized_allreduce_hook(state: QuantizedGradients, bucket: dist.GradBucket)
     block_scales = _gather(state, packed.scales) if packed.scales is not None else [None] * state.world
     shared = exponents is None or s.shared_scale
     rank_exponents = [exponents] * state.world if shared else _gather(state, exponents)
-    total = torch.zeros_like(x)
-    for c, b, e in zip(codes, block_scales, rank_exponents):  # in rank order: every rank sums alike
-        total += _scale_(decode(Packed(c, b), fmt, x.shape, torch.float32), e, padded, unit, 1)
-    total /= state.world
-    for g, t, n in zip(grad.split(sizes), total.split(padded), sizes):
-        g.copy_(t[:n])
+    total = _sum_ranks_(x, codes, block_scales, rank_exponents, fmt, dtype, padded, unit)  # x is dead once rounded
+    total.div_(state.world)
+    if total is not grad:
+        for g, t, n in zip(grad.split(sizes), total.split(padded), sizes):
+            g.copy_(t[:n])
     numel = sum(padded)
     bits = element.bits * numel + (8 * (numel // fmt.block_size) if isinstance(fmt, BlockFormat) else 0)
     state.traffic.nominal += math.ceil(bits / 8) + (0 if shared else exponents.numel())
