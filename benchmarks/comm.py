@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/comm.py [--repeats 7] [--mb 25]
 
 Two gloo ranks on loopback (this machine), one DDP-sized bucket of --mb MB of fp32 gradients
-(normal values, a different stream per rank). Timed on rank 0, each the median of --repeats
+(normal values, a different stream per rank) in one buffer kept for the run, as DDP keeps its
+buckets (a fresh 25 MB tensor a call would time page faults). Timed on rank 0, each the median of --repeats
 rounds after one warm-up, the variants taking turns in each round: torch's fp32 all-reduce of
 the bucket (what DDP does without a hook), and ``quantized_allreduce_hook`` in each format
 (quantize, pack, all-gather of codes and scales, unpack and average). Printed per format: the
@@ -61,16 +62,19 @@ def _rank(rank: int, init: str, numel: int, repeats: int, out: str) -> None:
     param = torch.nn.Parameter(torch.empty(numel))
     states = {name: QuantizedGradients(s, [param], seed=0) for name, s in VARIANTS.items()}
 
+    bucket = torch.empty_like(grad)  # DDP's bucket is one buffer for the whole run: refilled, untimed, each round
+
     def fp32() -> None:
-        dist.all_reduce(grad.clone())
+        dist.all_reduce(bucket)
 
     def hook(name: str):
-        return lambda: quantized_allreduce_hook(states[name], _Bucket(grad.clone(), param)).wait()
+        return lambda: quantized_allreduce_hook(states[name], _Bucket(bucket, param)).wait()
 
     runs = {"fp32 all-reduce": fp32, **{name: hook(name) for name in VARIANTS}}
     times: dict[str, list[float]] = {name: [] for name in runs}
     for round_ in range(repeats + 1):
         for name, run in runs.items():
+            bucket.copy_(grad)
             dist.barrier()
             start = time.perf_counter()
             run()

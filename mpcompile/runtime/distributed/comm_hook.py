@@ -59,6 +59,8 @@ class QuantizedGradients:
         self.residuals: dict[int, torch.Tensor] = {}  # parameter index -> what rounding took from it last step
         self.generators: dict[int, torch.Generator] = {}  # parameter index -> its stochastic rounding's stream
         self.traffic = Traffic()
+        self._device = params[0].device if params else torch.device("cpu")
+        self._buffers: dict[str, torch.Tensor] = {}
 
     def generator(self, key: int, device: torch.device) -> torch.Generator:
         """Parameter ``key``'s generator on this rank (seeded with the seed, the rank and the key)."""
@@ -77,6 +79,14 @@ class QuantizedGradients:
         self.generators = {}
         for key, (device, rng) in state["generators"].items():
             self.generator(key, torch.device(device)).set_state(rng)
+
+    def buffer(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A scratch tensor kept from step to step: a bucket's worth of fresh memory costs more in
+        page faults than the pass that fills it. Its contents are garbage."""
+        held = self._buffers.get(name)
+        if held is None or held.numel() < numel or held.dtype != dtype:
+            held = self._buffers[name] = torch.empty(numel, dtype=dtype, device=self._device)
+        return held[:numel]
 
     @property
     def element(self):
@@ -110,12 +120,11 @@ def _scale_(x: torch.Tensor, exponents: torch.Tensor | None, padded: list[int], 
     return x
 
 
-def _sum_ranks_(total: torch.Tensor, codes: list[torch.Tensor], block_scales: list, exponents: list,
-                fmt, dtype: torch.dtype | None, padded: list[int], unit: int | None) -> torch.Tensor:
+def _sum_ranks_(total: torch.Tensor, spare: torch.Tensor | None, codes: list[torch.Tensor], block_scales: list,
+                exponents: list, fmt, dtype: torch.dtype | None, padded: list[int], unit: int | None) -> torch.Tensor:
     """``total`` overwritten with the sum of every rank's decoded, rescaled gradients, in rank
     order (every rank sums alike). A format with a torch dtype decodes by a cast back: into
-    ``total`` for rank 0, then into one spare buffer."""
-    spare = torch.empty_like(total) if dtype is not None and len(codes) > 1 else None
+    ``total`` for rank 0, then into ``spare``."""
     for rank, (c, b, e) in enumerate(zip(codes, block_scales, exponents)):
         if dtype is not None:
             part = (spare if rank else total).copy_(c.view(dtype))
@@ -143,10 +152,14 @@ def _add_scaled_(total: torch.Tensor, part: torch.Tensor, exponents: torch.Tenso
         total.view(-1, unit).addcmul_(part.view(-1, unit), torch.exp2(exponents.float())[:, None])
 
 
-def _gather(state: QuantizedGradients, tensor: torch.Tensor) -> list[torch.Tensor]:
-    """Every rank's ``tensor``, in rank order; sent as its bytes (gloo has no int16)."""
+def _gather(state: QuantizedGradients, tensor: torch.Tensor, buffer: str | None = None) -> list[torch.Tensor]:
+    """Every rank's ``tensor``, in rank order, into the state's ``buffer`` if named; sent as its
+    bytes (gloo has no int16)."""
     raw = tensor.contiguous().view(torch.uint8)
-    out = [torch.empty_like(raw) for _ in range(state.world)]
+    if buffer is None:
+        out = [torch.empty_like(raw) for _ in range(state.world)]
+    else:
+        out = list(state.buffer(buffer, raw.numel() * state.world, torch.uint8).view(state.world, *raw.shape).unbind())
     dist.all_gather(out, raw, group=state.group)
     state.traffic.sent += raw.numel()
     return [t.view(tensor.dtype) for t in out]
@@ -179,10 +192,11 @@ def quantized_allreduce_hook(state: QuantizedGradients, bucket: dist.GradBucket)
         x = torch.cat(segments)  # a copy: scaled in place from here on
     padded = [-(-n // unit) * unit for n in sizes] if unit is not None else sizes
     exponents = None
-    if s.scaling == "tensor":
-        amax = torch.stack([torch.linalg.vector_norm(g, math.inf) for g in x.split(padded)])
+    if s.scaling == "tensor":  # aminmax: one pass, no |x| copy (linalg's inf-norm is ten times slower)
+        amax = torch.stack([torch.maximum(hi, -lo) for lo, hi in map(torch.aminmax, x.split(padded))])
     elif s.scaling == "block":
-        amax = torch.linalg.vector_norm(x.view(-1, unit), math.inf, dim=1)
+        blocks = x.view(-1, unit)
+        amax = torch.maximum(blocks.amax(1), blocks.amin(1).neg_())
     if s.scaling in ("tensor", "block"):
         exponents = _exponents(state, amax, element.max)  # amax: the ranks' largest, with shared_scale
     _scale_(x, exponents, padded, unit, -1)
@@ -191,7 +205,7 @@ def quantized_allreduce_hook(state: QuantizedGradients, bucket: dist.GradBucket)
         clamped = x
         if exponents is None or not bool((amax * torch.exp2(-exponents.float()) <= element.max).all()):
             clamped = x.clamp(-element.max, element.max) if s.error_feedback else x.clamp_(-element.max, element.max)
-        cast = clamped.to(dtype)
+        cast = state.buffer("codes", x.numel(), dtype).copy_(clamped)
         q, packed = None, Packed(cast.view(torch.uint8 if element.bits <= 8 else torch.int16))
     elif s.rounding == "stochastic":  # each parameter draws from its own stream, whatever bucket it is in
         q = torch.cat([quantize(part, fmt, "stochastic", saturate=True, generator=state.generator(k, x.device))
@@ -199,14 +213,17 @@ def quantized_allreduce_hook(state: QuantizedGradients, bucket: dist.GradBucket)
     else:
         q = quantize(x, fmt, "nearest", saturate=True)
     if s.error_feedback:  # (x / s - q) * s is x - q * s exactly: s is a power of two
-        left = _scale_(x - (cast.float() if q is None else q), exponents, padded, unit, 1)
+        left = state.buffer(f"residuals of {keys[0]}+{len(keys)}", x.numel(), torch.float32)  # this bucket's
+        torch.sub(x, left.copy_(cast if q is None else q), out=left)  # last step's were added to x: free to overwrite
+        _scale_(left, exponents, padded, unit, 1)
         state.residuals.update({k: r[:n] for k, r, n in zip(keys, left.split(padded), sizes)})
     packed = encode(q, fmt) if dtype is None else packed
-    codes = _gather(state, packed.codes)
+    codes = _gather(state, packed.codes, "gathered codes")
     block_scales = _gather(state, packed.scales) if packed.scales is not None else [None] * state.world
     shared = exponents is None or s.shared_scale
     rank_exponents = [exponents] * state.world if shared else _gather(state, exponents)
-    total = _sum_ranks_(x, codes, block_scales, rank_exponents, fmt, dtype, padded, unit)  # x is dead once rounded
+    spare = state.buffer("decoded", x.numel(), torch.float32) if dtype is not None and state.world > 1 else None
+    total = _sum_ranks_(x, spare, codes, block_scales, rank_exponents, fmt, dtype, padded, unit)  # x is dead now
     total.div_(state.world)
     if total is not grad:
         for g, t, n in zip(grad.split(sizes), total.split(padded), sizes):

@@ -67,27 +67,36 @@ def _spawn(tmp_path, settings, steps=3, name="out.pt"):
 
 
 def _emulated(settings: CommunicationSettings, steps: int = 3) -> list[torch.Tensor]:
-    """One process: each rank's gradient (its share, weighted) rounded as the hook rounds it, averaged."""
+    """One process: each rank's gradient (its share, weighted) rounded as the hook rounds it (with
+    its residual from the last step, under error feedback), averaged."""
     net = _net()
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    fmt = settings.format
+    fmt, unit = settings.format, settings.block_size
+    residuals: dict[tuple[int, int], torch.Tensor] = {}
     for _ in range(steps):
         grads = []
         for rank in range(2):
             x, y = X[rank::2], Y[rank::2]
             net.zero_grad()
             (F.cross_entropy(net(x), y) * (len(y) * 2 / len(Y))).backward()
+            grads.append([p.grad.reshape(-1) + residuals.get((rank, i), 0) for i, p in enumerate(net.parameters())])
+        for i, p in enumerate(net.parameters()):
             rounded = []
-            for p in net.parameters():
+            for rank, g in enumerate(gs[i] for gs in grads):
                 if isinstance(fmt, BlockFormat):  # MX: its own blocks, from each parameter's first element
-                    flat = F.pad(p.grad.reshape(-1), (0, -p.numel() % fmt.block_size))
-                    rounded.append(quantize(flat, fmt, "nearest", saturate=True)[:p.numel()].view_as(p))
+                    flat = F.pad(g, (0, -g.numel() % fmt.block_size))
+                    rounded.append(quantize(flat, fmt, "nearest", saturate=True)[:g.numel()])
                     continue
-                scale = torch.exp2(torch.ceil(torch.log2(p.grad.abs().amax() / fmt.max)))  # one per parameter
-                rounded.append(quantize(p.grad / scale, fmt, "nearest", saturate=True) * scale)
-            grads.append(rounded)
-        for p, g0, g1 in zip(net.parameters(), *grads):
-            p.grad = (g0 + g1) / 2
+                if settings.scaling == "block":  # a scale per block of the parameter, the ranks' largest amax
+                    amax = torch.stack([F.pad(gs[i], (0, -g.numel() % unit)).view(-1, unit).abs().amax(1)
+                                        for gs in grads]).amax(0)
+                    scale = torch.exp2(torch.ceil(torch.log2(amax / fmt.max))).repeat_interleave(unit)[:g.numel()]
+                else:  # one per parameter and rank
+                    scale = torch.exp2(torch.ceil(torch.log2(g.abs().amax() / fmt.max)))
+                rounded.append(quantize(g / scale, fmt, "nearest", saturate=True) * scale)
+                if settings.error_feedback:
+                    residuals[rank, i] = g - rounded[-1]
+            p.grad = ((rounded[0] + rounded[1]) / 2).view_as(p)
         opt.step()
     return [p.detach() for p in net.parameters()]
 
@@ -113,6 +122,17 @@ def test_the_hook_equals_rounding_each_ranks_gradient_then_averaging(tmp_path, f
         nominal = -(-numel * element.bits // 8) + len(params)
     traffic = got["traffic"]  # of 3 steps
     assert (traffic.sent, traffic.nominal, traffic.fp32) == (3 * sent, 3 * nominal, 3 * 4 * numel)
+
+
+@pytest.mark.parametrize("settings", [
+    CommunicationSettings(format=parse("fp8_e5m2"), error_feedback=True),
+    CommunicationSettings(format=parse("e3m2"), error_feedback=True),
+    CommunicationSettings(format=parse("fp8_e4m3"), scaling="block", block_size=32, shared_scale=True)],
+    ids=["fp8_e5m2 error feedback", "e3m2 error feedback", "fp8_e4m3 block(32) shared"])
+def test_error_feedback_and_shared_block_scales_equal_their_one_process_emulation(tmp_path, settings):
+    got = _spawn(tmp_path, settings)
+    for a, b in zip(got["params"], _emulated(settings)):
+        assert torch.equal(a, b)
 
 
 def test_stochastic_rounding_and_error_feedback_are_reproducible_per_rank(tmp_path):
