@@ -340,6 +340,28 @@ class CompiledModel(nn.Module):
                 for node, meta in self.annotations()
                 if meta.assignment is not None and meta.assignment.unit_roundoff > 0}
 
+    def graph_state_dict(self) -> dict[str, torch.Tensor]:
+        """What the lowered graphs keep besides the model's own state (which ``state_dict`` holds):
+        each delayed-scaling op's amax history (``_mpc_amax.<node>``), one for all modes. A
+        checkpoint needs it for a resumed run to scale as the uninterrupted one did."""
+        return {f"{name}.{key}": value for name, module in _held(self._state.traced).items()
+                for key, value in module.state_dict().items()}
+
+    def load_graph_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Put back ``graph_state_dict`` (of this model under the same policy, as saved).
+
+        Raises:
+            CompileError: the saved histories are not this model's ops'.
+        """
+        held = _held(self._state.traced)
+        mine = {f"{name}.{key}" for name, module in held.items() for key in module.state_dict()}
+        if set(state) != mine:
+            raise CompileError(f"load_graph_state_dict: the saved amax histories ({', '.join(sorted(state)) or 'none'})"
+                               f" are not this model's ({', '.join(sorted(mine)) or 'none'}); load a graph state "
+                               f"saved from this model under the same policy")
+        for name, module in held.items():
+            module.load_state_dict({k.removeprefix(f"{name}."): v for k, v in state.items() if k.startswith(f"{name}.")})
+
     def condition_estimates(self) -> dict[str, Any]:
         """Node name -> the condition pass's ``KappaSummary``, for every op it estimated: what
         kappa rules selected with (a checkpoint keeps them, see ``load_condition_estimates``)."""

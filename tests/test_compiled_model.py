@@ -164,3 +164,15 @@ def test_parameters_narrower_than_compiled_warn_once_naming_the_roles_they_round
         fp8(x)
     text = next(str(w.message) for w in caught if "parameters are bfloat16" in str(w.message))
     assert "node features_0" not in text and "ops the policy leaves in fp32" in text  # e4m3 roles fit bf16
+
+
+def test_graph_state_round_trips_and_refuses_another_models_histories():
+    cm = mpcompile.compile(Net(), DELAYED, (torch.randn(4, 6),))
+    cm(torch.randn(4, 6))
+    saved = {k: v.clone() for k, v in cm.graph_state_dict().items()}
+    assert saved and all(bool(v.any()) for v in saved.values())
+    cm(torch.randn(4, 6) * 100)  # a new amax enters each history
+    cm.load_graph_state_dict(saved)
+    assert all(torch.equal(v, saved[k]) for k, v in cm.graph_state_dict().items())
+    with pytest.raises(CompileError, match="are not this model's"):
+        cm.load_graph_state_dict({"_mpc_amax.nowhere": torch.zeros(1)})

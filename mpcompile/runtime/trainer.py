@@ -291,9 +291,12 @@ class Trainer:
         comm = None
         if self.parallel is not None and self.parallel.hook is not None:
             comm = self.parallel.gather(self.parallel.hook.state_dict())
+        graph = self.compiled.graph_state_dict()  # amax histories: each rank's, of its own activations
+        if self.parallel is not None:
+            graph = self.parallel.gather(graph)
         packed = self._weight_names()
-        model = {k: v for k, v in self.compiled.state_dict().items() if k not in packed}  # + amax histories
-        return {"config": dataclasses.asdict(self.config), "model": model,
+        model = {k: v for k, v in self.compiled.state_dict().items() if k not in packed}
+        return {"config": dataclasses.asdict(self.config), "model": model, "graph": graph,
                 "optimizer": self.optimizer.state_dict() if self.optimizer else None,
                 "controller": self.controller.state_dict() if self.controller else None,
                 "objective": self.objective.state_dict() if self.objective else None,
@@ -328,6 +331,11 @@ class Trainer:
         config.out = config.out if out is None else out
         config.level = state["level"]
         trainer = cls(config, progress=progress)
+        saved_ranks = len(state["graph"]) if isinstance(state.get("graph"), list) else 1
+        ranks = 1 if trainer.parallel is None else trainer.parallel.world
+        if "graph" in state and saved_ranks != ranks:  # each rank's histories, residuals and streams are its own
+            raise MpcompileError(f"--resume {path}: the run was saved by {saved_ranks} rank(s) and this one has "
+                                 f"{ranks}; resume it with --nproc {saved_ranks}")
         packed = trainer._weight_names()
         missing, unexpected = trainer.compiled.load_state_dict(state["model"], strict=not packed)
         if set(missing) - packed or unexpected:
@@ -335,6 +343,9 @@ class Trainer:
                                  f"{sorted(set(missing) - packed)}, unexpected {sorted(unexpected)})")
         if state.get("kappa") is not None:
             trainer.compiled.load_condition_estimates(state["kappa"])
+        if "graph" in state:
+            graph = state["graph"] if trainer.parallel is None else state["graph"][trainer.parallel.rank]
+            trainer.compiled.load_graph_state_dict(graph)
         if trainer.optimizer:
             trainer.optimizer.load_state_dict(state["optimizer"])
         else:

@@ -46,6 +46,9 @@ def test_two_epochs_equal_one_then_resume_then_one(tmp_path):
     first = Trainer(_config(tmp_path, "split", epochs=1, schedule="constant"), progress=False)
     first.fit()
     resumed = Trainer.resume(tmp_path / "split", epochs=2, progress=False)
+    histories = first.compiled.graph_state_dict()  # the weights' delayed scaling: amax of the last 16 steps
+    assert histories and all(bool(h.any()) for h in histories.values())
+    assert _same(list(histories.values()), list(resumed.compiled.graph_state_dict().values()))
     summary = resumed.fit()
     assert _same(_params(straight), _params(resumed))
     assert _without_time(straight.history) == _without_time(resumed.history)

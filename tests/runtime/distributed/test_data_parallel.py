@@ -144,30 +144,38 @@ def test_stochastic_rounding_and_error_feedback_are_reproducible_per_rank(tmp_pa
     assert not all(torch.equal(a, b) for a, b in zip(first["params"], nearest["params"]))
 
 
-def _train(tmp_path, name, policy, *extra):
-    return ["train", "--model", "logreg", "--data", "digits", "--policy", policy, "--epochs", "1",
+def _train(tmp_path, name, policy, *extra, model="logreg"):
+    return ["train", "--model", model, "--data", "digits", "--policy", policy, "--epochs", "1",
             "--batch-size", "64", "--schedule", "constant", "--out", str(tmp_path / name), *extra]
 
 
 def test_two_ranks_in_fp32_train_as_one_process_and_resume_bit_identically(tmp_path, capsys):
     policy = tmp_path / "p.yaml"
-    policy.write_text("version: 1\ncommunication: {format: fp8_e5m2, rounding: stochastic, error_feedback: true}\n")
+    policy.write_text("version: 1\ndefault: {input: 'fp8_e4m3:tensor_delayed:sat', weight: fp8_e4m3}\n"
+                      "communication: {format: fp8_e5m2, rounding: stochastic, error_feedback: true}\n")
     assert main(_train(tmp_path, "one", "fp32")) == 0
     assert main(_train(tmp_path, "two", "fp32", "--nproc", "2")) == 0
     one = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)["model"]
     two = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)["model"]
     assert all(torch.allclose(one[k], two[k], rtol=0, atol=1e-5) for k in one)
-    # a quantized run resumed equals one run straight through, on every rank (residuals, generators)
-    assert main(_train(tmp_path, "straight", str(policy), "--nproc", "2", "--epochs", "2")) == 0
-    assert main(_train(tmp_path, "split", str(policy), "--nproc", "2")) == 0
+    # a quantized run resumed equals one run straight through, on every rank (residuals, generators,
+    # the amax histories of its delayed scaling)
+    assert main(_train(tmp_path, "straight", str(policy), "--nproc", "2", "--epochs", "2", model="mlp")) == 0
+    assert main(_train(tmp_path, "split", str(policy), "--nproc", "2", model="mlp")) == 0
     assert main(["train", "--resume", str(tmp_path / "split"), "--epochs", "2", "--nproc", "2"]) == 0
     straight = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
     split = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
     assert all(torch.equal(straight["model"][k], split["model"][k]) for k in straight["model"])
     assert len(split["comm"]) == 2 and split["comm"][1]["residuals"]
+    # each rank's amax histories are of its own activations, and resume gives each its own back
+    assert len(split["graph"]) == 2 and not all(torch.equal(split["graph"][0][k], split["graph"][1][k])
+                                                for k in split["graph"][0])
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(straight["graph"], split["graph"]) for k in a)
+    assert main(["train", "--resume", str(tmp_path / "split"), "--epochs", "3"]) == 2  # one process, not 2 ranks
+    assert "the run was saved by 2 rank(s) and this one has 1; resume it with --nproc 2" in capsys.readouterr().err
     steps = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     sent = [s["comm_bytes_sent"] for s in steps if "step" in s]
-    assert sent and all(b == sent[0] for b in sent) and sent[0] == steps[0]["comm_bytes_fp32"] // 4 + 2  # + 2 scales
+    assert sent and all(b == sent[0] for b in sent) and sent[0] == steps[0]["comm_bytes_fp32"] // 4 + len(straight["model"])  # + a scale a tensor
 
 
 def failing_on_rank_1(num_classes: int = 10) -> nn.Module:
