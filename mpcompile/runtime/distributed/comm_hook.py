@@ -12,6 +12,7 @@ as its int8 exponent. Bytes sent per rank are counted (``Traffic``) against the 
 """
 import math  # no `from __future__ import annotations`: DDP reads the hook's annotations as types
 from dataclasses import dataclass
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -22,6 +23,8 @@ from ...policy import CommunicationSettings
 from ...rounding import quantize
 
 __all__ = ["Traffic", "QuantizedGradients", "quantized_allreduce_hook"]
+
+_PIECE = 1 << 17  # elements: 512 KB of fp32, which stay in a core's cache between the passes over them
 
 
 @dataclass
@@ -120,36 +123,75 @@ def _scale_(x: torch.Tensor, exponents: torch.Tensor | None, padded: list[int], 
     return x
 
 
-def _sum_ranks_(total: torch.Tensor, spare: torch.Tensor | None, codes: list[torch.Tensor], block_scales: list,
-                exponents: list, fmt, dtype: torch.dtype | None, padded: list[int], unit: int | None) -> torch.Tensor:
-    """``total`` overwritten with the sum of every rank's decoded, rescaled gradients, in rank
-    order (every rank sums alike). A format with a torch dtype decodes by a cast back: into
-    ``total`` for rank 0, then into ``spare``."""
-    for rank, (c, b, e) in enumerate(zip(codes, block_scales, exponents)):
-        if dtype is not None:
-            part = (spare if rank else total).copy_(c.view(dtype))
-        else:
-            part = decode(Packed(c, b), fmt, total.shape, torch.float32)
-        if rank:
-            _add_scaled_(total, part, e, padded, unit)
-        elif part is total:
-            _scale_(total, e, padded, unit, 1)
-        else:
-            total.copy_(_scale_(part, e, padded, unit, 1))
+def _cast_in_pieces(x: torch.Tensor, codes: torch.Tensor, left: torch.Tensor | None, exponents: torch.Tensor | None,
+                    padded: list[int], unit: int | None, bound: float | None, scratch: torch.Tensor) -> None:
+    """``codes`` (a torch dtype) = ``x / 2**e`` cast, clamped to +-``bound`` first where set; with
+    ``left``, the residual ``(x / 2**e - q) * 2**e`` too. Piece by piece through ``scratch``: x is
+    read from memory once, and the scaled piece stays in cache for the cast and the residual."""
+    per_parameter = exponents is not None and unit is None
+    down, up = _factors(exponents, per_parameter, -1), _factors(exponents, per_parameter, 1)
+    for piece, which in _pieces(padded, unit, per_parameter):
+        scaled = scratch[:piece.stop - piece.start].copy_(x[piece])
+        _scale_piece_(scaled, None if down is None else down[which], unit)
+        cast = codes[piece].copy_(scaled if bound is None else scaled.clamp(-bound, bound))
+        if left is not None:
+            residual = torch.sub(scaled, left[piece].copy_(cast), out=left[piece])
+            _scale_piece_(residual, None if up is None else up[which], unit)
+
+
+def _factors(exponents: torch.Tensor | None, per_parameter: bool, sign: int) -> "list[float] | torch.Tensor | None":
+    """2**(sign * e): a float per parameter, or a (blocks, 1) tensor per block, or None."""
+    if exponents is None:
+        return None
+    factors = torch.exp2(sign * exponents.float())
+    return factors.tolist() if per_parameter else factors[:, None]
+
+
+def _sum_ranks_(total: torch.Tensor, spare: torch.Tensor, values: list[torch.Tensor], exponents: list,
+                padded: list[int], unit: int | None) -> torch.Tensor:
+    """``total`` overwritten with the ranks' ``values`` times their scales 2**e, summed in rank order
+    (every rank sums alike), piece by piece: a piece's partial sum stays in cache while each rank's
+    values are cast into ``spare`` and added (``values``: decoded floats, or codes as a torch
+    dtype). The products are exact, so it is the sum of the rescaled values, in fewer passes over memory."""
+    per_parameter = exponents[0] is not None and unit is None
+    factors = [_factors(e, per_parameter, 1) for e in exponents]
+    for piece, which in _pieces(padded, unit, per_parameter):
+        t = total[piece]
+        for rank, (v, f) in enumerate(zip(values, factors)):
+            f = None if f is None else f[which]
+            if rank == 0:
+                _scale_piece_(t.copy_(v[piece]), f, unit)
+            elif f is None:
+                t.add_(spare[:t.numel()].copy_(v[piece]))
+            elif isinstance(f, float):
+                t.add_(spare[:t.numel()].copy_(v[piece]), alpha=f)
+            else:
+                t.view(-1, unit).addcmul_(spare[:t.numel()].copy_(v[piece]).view(-1, unit), f)
     return total
 
 
-def _add_scaled_(total: torch.Tensor, part: torch.Tensor, exponents: torch.Tensor | None, padded: list[int],
-                 unit: int | None) -> None:
-    """``total += part * 2**e`` in place, e as in ``_scale_``: the products are exact, so this is
-    the sum of the scaled part, one pass fewer."""
-    if exponents is None:
-        total.add_(part)
-    elif len(exponents) == len(padded) and unit is None:
-        for t, p, f in zip(total.split(padded), part.split(padded), torch.exp2(exponents.float()).tolist()):
-            t.add_(p, alpha=f)
-    else:
-        total.view(-1, unit).addcmul_(part.view(-1, unit), torch.exp2(exponents.float())[:, None])
+def _pieces(padded: list[int], unit: int | None, per_parameter: bool) -> Iterator[tuple[slice, Any]]:
+    """The bucket in pieces of at most ``_PIECE`` elements and what scales each: with a scale per
+    parameter, pieces within one parameter and its index; with one per block, pieces of whole
+    blocks and their block slice; with none, None."""
+    start = 0
+    if per_parameter:
+        for i, n in enumerate(padded):
+            for s in range(start, start + n, _PIECE):
+                yield slice(s, min(s + _PIECE, start + n)), i
+            start += n
+        return
+    total, step = sum(padded), _PIECE if unit is None else max(_PIECE // unit, 1) * unit
+    for s in range(0, total, step):
+        e = min(s + step, total)
+        yield slice(s, e), None if unit is None else slice(s // unit, e // unit)
+
+
+def _scale_piece_(t: torch.Tensor, factor, unit: int | None) -> None:
+    if isinstance(factor, float):
+        t.mul_(factor)
+    elif factor is not None:
+        t.view(-1, unit).mul_(factor)
 
 
 def _gather(state: QuantizedGradients, tensor: torch.Tensor, buffer: str | None = None) -> list[torch.Tensor]:
@@ -199,31 +241,33 @@ def quantized_allreduce_hook(state: QuantizedGradients, bucket: dist.GradBucket)
         amax = torch.maximum(blocks.amax(1), blocks.amin(1).neg_())
     if s.scaling in ("tensor", "block"):
         exponents = _exponents(state, amax, element.max)  # amax: the ranks' largest, with shared_scale
-    _scale_(x, exponents, padded, unit, -1)
     dtype = torch_dtype(fmt) if s.rounding == "nearest" else None
+    left = state.buffer(f"residuals of {keys[0]}+{len(keys)}", x.numel(), torch.float32) if s.error_feedback else None
     if dtype is not None:  # torch's cast rounds to nearest even: it is the code, clamped first to saturate
-        clamped = x
-        if exponents is None or not bool((amax * torch.exp2(-exponents.float()) <= element.max).all()):
-            clamped = x.clamp(-element.max, element.max) if s.error_feedback else x.clamp_(-element.max, element.max)
-        cast = state.buffer("codes", x.numel(), dtype).copy_(clamped)
-        q, packed = None, Packed(cast.view(torch.uint8 if element.bits <= 8 else torch.int16))
-    elif s.rounding == "stochastic":  # each parameter draws from its own stream, whatever bucket it is in
-        q = torch.cat([quantize(part, fmt, "stochastic", saturate=True, generator=state.generator(k, x.device))
-                       for part, k in zip(x.split(padded), keys)])
+        fits = exponents is not None and bool((amax * torch.exp2(-exponents.float()) <= element.max).all())
+        codes = state.buffer("codes", x.numel(), dtype)
+        _cast_in_pieces(x, codes, left, exponents, padded, unit, None if fits else element.max,
+                        state.buffer("piece", _PIECE, torch.float32))
+        packed = Packed(codes.view(torch.uint8 if element.bits <= 8 else torch.int16))
     else:
-        q = quantize(x, fmt, "nearest", saturate=True)
-    if s.error_feedback:  # (x / s - q) * s is x - q * s exactly: s is a power of two
-        left = state.buffer(f"residuals of {keys[0]}+{len(keys)}", x.numel(), torch.float32)  # this bucket's
-        torch.sub(x, left.copy_(cast if q is None else q), out=left)  # last step's were added to x: free to overwrite
-        _scale_(left, exponents, padded, unit, 1)
+        _scale_(x, exponents, padded, unit, -1)
+        if s.rounding == "stochastic":  # each parameter draws from its own stream, whatever bucket it is in
+            q = torch.cat([quantize(part, fmt, "stochastic", saturate=True, generator=state.generator(k, x.device))
+                           for part, k in zip(x.split(padded), keys)])
+        else:
+            q = quantize(x, fmt, "nearest", saturate=True)
+        if left is not None:  # (x / s - q) * s is x - q * s exactly: s is a power of two
+            _scale_(torch.sub(x, left.copy_(q), out=left), exponents, padded, unit, 1)
+        packed = encode(q, fmt)
+    if left is not None:  # last step's residuals were added to x: their buffer was free to overwrite
         state.residuals.update({k: r[:n] for k, r, n in zip(keys, left.split(padded), sizes)})
-    packed = encode(q, fmt) if dtype is None else packed
     codes = _gather(state, packed.codes, "gathered codes")
     block_scales = _gather(state, packed.scales) if packed.scales is not None else [None] * state.world
     shared = exponents is None or s.shared_scale
     rank_exponents = [exponents] * state.world if shared else _gather(state, exponents)
-    spare = state.buffer("decoded", x.numel(), torch.float32) if dtype is not None and state.world > 1 else None
-    total = _sum_ranks_(x, spare, codes, block_scales, rank_exponents, fmt, dtype, padded, unit)  # x is dead now
+    values = [c.view(dtype) if dtype is not None else decode(Packed(c, b), fmt, x.shape, torch.float32)
+              for c, b in zip(codes, block_scales)]
+    total = _sum_ranks_(x, state.buffer("piece", _PIECE, torch.float32), values, rank_exponents, padded, unit)
     total.div_(state.world)
     if total is not grad:
         for g, t, n in zip(grad.split(sizes), total.split(padded), sizes):
