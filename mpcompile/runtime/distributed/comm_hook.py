@@ -149,10 +149,11 @@ def _factors(exponents: torch.Tensor | None, per_parameter: bool, sign: int) -> 
 
 def _sum_ranks_(total: torch.Tensor, spare: torch.Tensor, values: list[torch.Tensor], exponents: list,
                 padded: list[int], unit: int | None) -> torch.Tensor:
-    """``total`` overwritten with the ranks' ``values`` times their scales 2**e, summed in rank order
-    (every rank sums alike), piece by piece: a piece's partial sum stays in cache while each rank's
-    values are cast into ``spare`` and added (``values``: decoded floats, or codes as a torch
-    dtype). The products are exact, so it is the sum of the rescaled values, in fewer passes over memory."""
+    """``total`` overwritten with the mean of the ranks' ``values`` times their scales 2**e: summed
+    in rank order (every rank sums alike), then divided by the number of ranks. Piece by piece: a
+    piece's partial sum stays in cache while each rank's values are cast into ``spare`` and added
+    (``values``: decoded floats, or codes as a torch dtype). The products are exact, so this is
+    the mean of the rescaled values, in fewer passes over memory."""
     per_parameter = exponents[0] is not None and unit is None
     factors = [_factors(e, per_parameter, 1) for e in exponents]
     for piece, which in _pieces(padded, unit, per_parameter):
@@ -167,6 +168,7 @@ def _sum_ranks_(total: torch.Tensor, spare: torch.Tensor, values: list[torch.Ten
                 t.add_(spare[:t.numel()].copy_(v[piece]), alpha=f)
             else:
                 t.view(-1, unit).addcmul_(spare[:t.numel()].copy_(v[piece]).view(-1, unit), f)
+        t.div_(len(values))
     return total
 
 
@@ -268,7 +270,6 @@ def quantized_allreduce_hook(state: QuantizedGradients, bucket: dist.GradBucket)
     values = [c.view(dtype) if dtype is not None else decode(Packed(c, b), fmt, x.shape, torch.float32)
               for c, b in zip(codes, block_scales)]
     total = _sum_ranks_(x, state.buffer("piece", _PIECE, torch.float32), values, rank_exponents, padded, unit)
-    total.div_(state.world)
     if total is not grad:
         for g, t, n in zip(grad.split(sizes), total.split(padded), sizes):
             g.copy_(t[:n])
