@@ -10,9 +10,9 @@ from .codebook_format import CODEBOOKS, CodebookFormat
 from .dtype_fit import fits_dtype
 from .fixed_format import FixedFormat
 from .float_format import FloatFormat, p3109
-from .packing import Packed, code_values, decode, encode, torch_dtype
+from .packing import Packed, code_values, decode, encode, torch_dtype, widen
 from .registry import Format, get, names, parse, register
 
 __all__ = ["fits_dtype", "Format", "FloatFormat", "FixedFormat", "BlockFormat", "MXFormat", "BlockFloat",
            "BlockMinifloat", "CodebookFormat", "CODEBOOKS", "p3109", "get", "parse", "names", "register", "Packed", "encode", "decode", "code_values",
-           "torch_dtype"]
+           "torch_dtype", "widen"]

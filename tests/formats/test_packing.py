@@ -10,7 +10,7 @@ import torch
 
 from mpcompile.errors import FormatError
 from mpcompile.formats import (BlockFloat, BlockFormat, BlockMinifloat, FixedFormat, code_values, decode, encode, get,
-                               names, parse)
+                               names, parse, widen)
 from mpcompile.rounding import quantize
 
 ELEMENTS = [n for n in names() if not isinstance(get(n), BlockFormat) and get(n).bits <= 16]
@@ -81,3 +81,13 @@ def test_what_cannot_be_packed_is_refused():
         decode(encode(quantize(torch.ones(32), "mxfp4_e2m1"), get("mxfp4_e2m1")), get("mxfp4_e2m1"))
     assert isinstance(parse("bfp(8,16)"), BlockFloat) and isinstance(parse("bm(2,3,8)"), BlockMinifloat)
     assert isinstance(parse("fixed(8,3)"), FixedFormat)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("out", [torch.float32, torch.float64], ids=str)
+def test_widen_gives_torchs_cast_of_every_code_bit_for_bit(dtype, out):
+    bits = 8 if dtype.itemsize == 1 else 16
+    codes = torch.arange(2**bits, dtype=torch.int32).to(torch.uint8 if bits == 8 else torch.int16).view(dtype)
+    wide = widen(codes.view(16, -1), torch.empty(16, 2**bits // 16, dtype=out))
+    int_view = torch.int32 if out == torch.float32 else torch.int64
+    assert torch.equal(wide.view(-1).view(int_view), codes.to(out).view(int_view))

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ...formats import BlockFormat, Packed, decode, encode, torch_dtype
+from ...formats import BlockFormat, Packed, decode, encode, torch_dtype, widen
 from ...policy import CommunicationSettings
 from ...rounding import quantize
 
@@ -161,13 +161,15 @@ def _sum_ranks_(total: torch.Tensor, spare: torch.Tensor, values: list[torch.Ten
         for rank, (v, f) in enumerate(zip(values, factors)):
             f = None if f is None else f[which]
             if rank == 0:
-                _scale_piece_(t.copy_(v[piece]), f, unit)
-            elif f is None:
-                t.add_(spare[:t.numel()].copy_(v[piece]))
+                _scale_piece_(widen(v[piece], t), f, unit)
+                continue
+            part = widen(v[piece], spare[:t.numel()])
+            if f is None:
+                t.add_(part)
             elif isinstance(f, float):
-                t.add_(spare[:t.numel()].copy_(v[piece]), alpha=f)
+                t.add_(part, alpha=f)
             else:
-                t.view(-1, unit).addcmul_(spare[:t.numel()].copy_(v[piece]).view(-1, unit), f)
+                t.view(-1, unit).addcmul_(part.view(-1, unit), f)
         t.div_(len(values))
     return total
 
