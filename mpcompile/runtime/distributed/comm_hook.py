@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ...formats import BlockFormat, Packed, decode, encode, torch_dtype, widen
+from ...formats import BlockFormat, MXFormat, Packed, decode, encode, torch_dtype, widen
+from ...formats.block_format import SCALE_EXP_MAX, SCALE_EXP_MIN
 from ...policy import CommunicationSettings
 from ...rounding import quantize
 
@@ -106,6 +107,16 @@ def _exponents(state: "QuantizedGradients", amax: torch.Tensor, fmt_max: float) 
         state.traffic.sent += amax.numel() * amax.element_size()
     finite = torch.where(torch.isfinite(amax) & (amax > 0), amax, torch.ones_like(amax))
     return torch.ceil(torch.log2(finite / fmt_max)).clamp(-126, 127).to(torch.int8)
+
+
+def _mx_exponents(amax: torch.Tensor, elem_emax: int) -> torch.Tensor:
+    """OCP MX's E8M0 scale exponents as int8, as ``quantize`` takes them: floor(log2(amax)) - the
+    element's emax, clipped to [-127, 127]; an all-zero block -127, an infinite one 127 (a NaN
+    one: any, its elements are NaN)."""
+    log2 = torch.frexp(amax).exponent - 1  # exact, subnormal amax too
+    e = (log2 - elem_emax).clamp_(SCALE_EXP_MIN, SCALE_EXP_MAX)
+    e = torch.where(amax == 0, SCALE_EXP_MIN, torch.where(torch.isinf(amax), SCALE_EXP_MAX, e))
+    return e.to(torch.int8)
 
 
 def _scale_(x: torch.Tensor, exponents: torch.Tensor | None, padded: list[int], unit: int | None,
@@ -243,12 +254,19 @@ def quantized_allreduce_hook(state: QuantizedGradients, bucket: dist.GradBucket)
     elif s.scaling == "block":
         blocks = x.view(-1, unit)
         amax = torch.maximum(blocks.amax(1), blocks.amin(1).neg_())
+    dtype = torch_dtype(element if isinstance(fmt, MXFormat) else fmt) if s.rounding == "nearest" else None
     if s.scaling in ("tensor", "block"):
         exponents = _exponents(state, amax, element.max)  # amax: the ranks' largest, with shared_scale
-    dtype = torch_dtype(fmt) if s.rounding == "nearest" else None
+    elif isinstance(fmt, MXFormat) and dtype is not None:  # OCP MX: its own scale per block, cast as above
+        blocks = x.view(-1, unit)
+        amax = torch.maximum(blocks.amax(1), blocks.amin(1).neg_())
+        exponents = _mx_exponents(amax, element.emax)
+        if bool(amax.isnan().any()):  # MX: a block holding a NaN is all NaN
+            blocks[amax.isnan()] = torch.nan
     left = state.buffer(f"residuals of {keys[0]}+{len(keys)}", x.numel(), torch.float32) if s.error_feedback else None
     if dtype is not None:  # torch's cast rounds to nearest even: it is the code, clamped first to saturate
         fits = exponents is not None and bool((amax * torch.exp2(-exponents.float()) <= element.max).all())
+        fits = fits and not isinstance(fmt, MXFormat)  # MX scales floor log2(amax): its elements may pass max
         codes = state.buffer("codes", x.numel(), dtype)
         _cast_in_pieces(x, codes, left, exponents, padded, unit, None if fits else element.max,
                         state.buffer("piece", _PIECE, torch.float32))
@@ -267,7 +285,7 @@ def quantized_allreduce_hook(state: QuantizedGradients, bucket: dist.GradBucket)
         state.residuals.update({k: r[:n] for k, r, n in zip(keys, left.split(padded), sizes)})
     codes = _gather(state, packed.codes, "gathered codes")
     block_scales = _gather(state, packed.scales) if packed.scales is not None else [None] * state.world
-    shared = exponents is None or s.shared_scale
+    shared = exponents is None or s.shared_scale and not isinstance(fmt, MXFormat)
     rank_exponents = [exponents] * state.world if shared else _gather(state, exponents)
     values = [c.view(dtype) if dtype is not None else decode(Packed(c, b), fmt, x.shape, torch.float32)
               for c, b in zip(codes, block_scales)]
@@ -277,7 +295,8 @@ def quantized_allreduce_hook(state: QuantizedGradients, bucket: dist.GradBucket)
             g.copy_(t[:n])
     numel = sum(padded)
     bits = element.bits * numel + (8 * (numel // fmt.block_size) if isinstance(fmt, BlockFormat) else 0)
-    state.traffic.nominal += math.ceil(bits / 8) + (0 if shared else exponents.numel())
+    scale_bytes = 0 if shared or isinstance(fmt, MXFormat) else exponents.numel()  # MX's are in ``bits``
+    state.traffic.nominal += math.ceil(bits / 8) + scale_bytes
     state.traffic.fp32 += 4 * sum(sizes)
     future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
     future.set_result(grad)

@@ -5,9 +5,10 @@ every collective under a timeout (MPCOMPILE_COLLECTIVE_TIMEOUT), every process e
   DDP averages (g0 + g1) / 2 in fp32 where one process computes the mean over the whole batch
   in one reduction; the two differ by fp32 rounding (~1e-7 relative) per step, summed over the
   steps, so the weights agree to 1e-5.
-- The hook in bf16 / fp8 equals a one-process emulation that rounds each rank's gradient (the
-  same scale, format and rounding) and averages in fp32, bit for bit; stochastic rounding is
-  reproducible from the seed, per rank.
+- The hook in bf16 / fp8 / MX, with error feedback and shared block scales, equals a one-process
+  emulation that rounds each rank's gradient (the same scale, format and rounding) and averages
+  in fp32, bit for bit, also on MX's edge blocks (zero, subnormal, infinite, NaN); stochastic
+  rounding is reproducible from the seed, per rank.
 - A rank that raises ends the job, with its error reported by the launcher, and no hang.
 """
 from __future__ import annotations
@@ -133,6 +134,52 @@ def test_error_feedback_and_shared_block_scales_equal_their_one_process_emulatio
     got = _spawn(tmp_path, settings)
     for a, b in zip(got["params"], _emulated(settings)):
         assert torch.equal(a, b)
+
+
+def _edge_bucket(rank: int) -> torch.Tensor:
+    """Blocks of 32 that test MX's scale rule: zeros, a subnormal amax, fp32's largest values, an
+    infinity, a NaN, a value at the element's max times a power of two, and normal values."""
+    g = torch.Generator().manual_seed(rank)
+    blocks = [torch.zeros(32), torch.full((32,), 1e-40) * torch.rand(32, generator=g),
+              torch.full((32,), 3e38) * torch.rand(32, generator=g), torch.tensor([float("inf")] + [1.0] * 31),
+              torch.tensor([float("nan")] + [1.0] * 31), torch.tensor([57344.0 * 2**-20] * 32),
+              torch.randn(32 * 4, generator=g) * 10.0 ** (rank - 3)]
+    return torch.cat(blocks)
+
+
+class _OneParameterBucket:
+    def __init__(self, buffer: torch.Tensor, param: nn.Parameter):
+        self._buffer, self._param = buffer, param
+
+    def buffer(self) -> torch.Tensor:
+        return self._buffer
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [self._param]
+
+
+def _hook_ranks(rank: int, init: str, fmt: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2,
+                            timeout=__import__("datetime").timedelta(seconds=float(TIMEOUT_S)))
+    try:
+        bucket = _edge_bucket(rank)
+        param = nn.Parameter(torch.empty_like(bucket))
+        state = QuantizedGradients(CommunicationSettings(format=parse(fmt), scaling="none"), [param])
+        mean = quantized_allreduce_hook(state, _OneParameterBucket(bucket, param)).wait()
+        if rank == 0:
+            torch.save(mean, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fmt", ["mxfp8_e5m2", "mxfp8_e4m3"])
+def test_mx_blocks_at_the_edges_of_the_scale_rule_equal_quantize(tmp_path, fmt):
+    out = str(tmp_path / "mean.pt")
+    mp.spawn(_hook_ranks, args=(f"file://{tmp_path / 'store'}", fmt, out), nprocs=2, join=True)
+    q0, q1 = (quantize(_edge_bucket(r), parse(fmt), "nearest", saturate=True) for r in range(2))
+    expected, got = (q0 + q1) / 2, torch.load(out)
+    assert torch.equal(got.isnan(), expected.isnan()) and bool(got.isnan()[32 * 4])
+    assert torch.equal(got.nan_to_num(), expected.nan_to_num())
 
 
 def test_stochastic_rounding_and_error_feedback_are_reproducible_per_rank(tmp_path):
