@@ -3,12 +3,16 @@
 Each rank adds its error-feedback residual (where on), divides each parameter's gradient by
 its power-of-two scales (one per parameter, or one per block of it; where ``shared_scale``, the
 largest rank's, after one all-reduce of the amaxes), rounds it to the format (nearest, or
-stochastic from a generator per rank and parameter), and packs it (``formats.encode``: uint8 codes for formats of at most 8 bits, int16 up to
-16; MX / BFP formats with their E8M0 block scales). The codes and scales are all-gathered,
-every rank decodes all of them, and the mean of the ranks' gradients is taken in fp32 in rank
-order, so every rank holds the same bytes. A scale is a power of two from ``ceil(log2(amax /
-max))``: dividing by it is exact and no element passes the format's largest value; it travels
-as its int8 exponent. Bytes sent per rank are counted (``Traffic``) against the nominal bits.
+stochastic from a generator per rank and parameter), and packs it: a format with a torch dtype
+(bf16, fp16, the OCP fp8s, and MX formats whose element has one, with OCP's E8M0 exponents) by
+a clamped cast, one byte or two a code; any other through ``formats.encode`` (uint8 codes for
+formats of at most 8 bits, int16 up to 16; MX / BFP with their E8M0 block scales). The codes
+and scales are all-gathered, every rank decodes all of them, and the mean of the ranks'
+gradients is taken in fp32 in rank order, so every rank holds the same bytes. A scale is a
+power of two from ``ceil(log2(amax / max))``: dividing by it is exact and no element passes the
+format's largest value; it travels as its int8 exponent. Bytes sent per rank are counted
+(``Traffic``) against the nominal bits. The cast path runs piece by piece in cache and keeps its
+scratch buffers from step to step (benchmarks/comm.py, docs/distributed.md).
 """
 import math  # no `from __future__ import annotations`: DDP reads the hook's annotations as types
 from dataclasses import dataclass
