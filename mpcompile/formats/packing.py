@@ -129,23 +129,23 @@ def _encode_elements(x: torch.Tensor, fmt: FloatFormat | FixedFormat) -> torch.T
     return out.to(_code_dtype(fmt.bits))  # int64 -> int16 wraps codes >= 2**15 to the uint16 pattern
 
 
-# torch's CPU cast from fp8 e4m3 takes ~4 ns an element (e5m2's, bf16's: under 1); a lookup in a
-# table of its 256 values, ~1
-_WIDENED_BY_TABLE = (torch.float8_e4m3fn,)
-
-
 @functools.lru_cache(maxsize=None)
 def _widening_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.arange(256, dtype=torch.uint8, device=device).view(dtype).float()  # torch's own cast: same bits
 
 
 def widen(values: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Write ``values`` (any dtype; a format's torch dtype) into ``out`` (contiguous), as torch's
-    cast does, bit for bit; fp8 e4m3 on the CPU into float32 through a table of its 256 values."""
-    if values.dtype in _WIDENED_BY_TABLE and values.device.type == "cpu" and out.dtype == torch.float32:
-        index = values.reshape(-1).view(torch.uint8).to(torch.int32)
-        torch.index_select(_widening_table(values.dtype, values.device), 0, index, out=out.view(-1))
-        return out
+    """Write ``values`` (any dtype; a format's torch dtype) into ``out`` (contiguous, values'
+    shape), as torch's cast does, bit for bit. On the CPU into float32, the fp8s take faster
+    roads than torch's cast (~4 ns an element for e4m3, ~0.65 for e5m2): e4m3 a table of its 256
+    values (~1 ns), e5m2 a shift into fp16's top byte and fp16's vectorised cast (~0.35 ns)."""
+    if values.device.type == "cpu" and out.dtype == torch.float32:
+        if values.dtype == torch.float8_e4m3fn:
+            index = values.reshape(-1).view(torch.uint8).to(torch.int32)
+            torch.index_select(_widening_table(values.dtype, values.device), 0, index, out=out.view(-1))
+            return out
+        if values.dtype == torch.float8_e5m2:  # e5m2 is the top byte of fp16, NaN payloads included
+            return out.copy_(values.view(torch.uint8).to(torch.int16).bitwise_left_shift_(8).view(torch.float16))
     return out.copy_(values)
 
 
