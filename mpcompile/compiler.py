@@ -348,19 +348,33 @@ class CompiledModel(nn.Module):
                 for key, value in module.state_dict().items()}
 
     def load_graph_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Put back ``graph_state_dict`` (of this model under the same policy, as saved).
+        """Put back ``graph_state_dict`` (of this model, as saved): every saved history, also of an
+        op the current formats do not scale late (a run that changed levels keeps those for its
+        next recompile, and so does the resumed one).
 
         Raises:
-            CompileError: the saved histories are not this model's ops'.
+            CompileError: a saved history of an op this model does not have.
         """
-        held = _held(self._state.traced)
-        mine = {f"{name}.{key}" for name, module in held.items() for key in module.state_dict()}
-        if set(state) != mine:
-            raise CompileError(f"load_graph_state_dict: the saved amax histories ({', '.join(sorted(state)) or 'none'})"
-                               f" are not this model's ({', '.join(sorted(mine)) or 'none'}); load a graph state "
-                               f"saved from this model under the same policy")
-        for name, module in held.items():
-            module.load_state_dict({k.removeprefix(f"{name}."): v for k, v in state.items() if k.startswith(f"{name}.")})
+        nodes = {n.name for s in self._states.values() for n in s.traced.graph.nodes}
+        for key, value in state.items():
+            name, _, node = key.partition(".")
+            if name not in _GRAPH_STATE or node not in nodes:
+                raise CompileError(f"load_graph_state_dict: {key!r} is not this model's: its graph state holds "
+                                   f"{', '.join(f'{n}.<node>' for n in _GRAPH_STATE)} of the nodes of its graph; load "
+                                   f"a graph state saved from this model")
+            module = self._graph_state_module(name)
+            if node in module._buffers:
+                module._buffers[node].copy_(value)
+            else:
+                module.register_buffer(node, value.to(next(self.parameters(), value).device, copy=True))
+
+    def _graph_state_module(self, name: str) -> nn.Module:
+        """The module ``name`` of ``_GRAPH_STATE`` that every mode's traced graph holds (made if none has it)."""
+        traced = [s.traced for s in self._states.values()]
+        module = next((getattr(t, name) for t in traced if hasattr(t, name)), None) or nn.Module()
+        for t in traced:
+            setattr(t, name, module)
+        return module
 
     def condition_estimates(self) -> dict[str, Any]:
         """Node name -> the condition pass's ``KappaSummary``, for every op it estimated: what

@@ -174,5 +174,10 @@ def test_graph_state_round_trips_and_refuses_another_models_histories():
     cm(torch.randn(4, 6) * 100)  # a new amax enters each history
     cm.load_graph_state_dict(saved)
     assert all(torch.equal(v, saved[k]) for k, v in cm.graph_state_dict().items())
-    with pytest.raises(CompileError, match="are not this model's"):
+    with pytest.raises(CompileError, match="'_mpc_amax.nowhere' is not this model's"):
         cm.load_graph_state_dict({"_mpc_amax.nowhere": torch.zeros(1)})
+    fresh = mpcompile.compile(Net(), "bf16", (torch.randn(4, 6),))  # no late scaling at this level: none held
+    assert fresh.graph_state_dict() == {}
+    fresh.load_graph_state_dict(saved)  # kept for a recompile that scales late again, as the saved run had them
+    fresh.recompile(DELAYED)
+    assert all(torch.equal(v, saved[k]) for k, v in fresh.graph_state_dict().items()) and fresh.graph_state_dict()
