@@ -487,6 +487,8 @@ def _check_unsharded(source: nn.Module) -> None:
     """Every parameter is a plain tensor at the forward: a module sharded as its own FSDP2 unit
     (fully_shard of a layer) is gathered by hooks around its forward, which the lowered graph,
     reading its weights directly, never calls."""
+    if all(type(p).__name__ != "DTensor" for p in source.parameters()):  # every forward: no names built
+        return
     for name, p in source.named_parameters():
         if type(p).__name__ == "DTensor":
             owner = name.rpartition(".")[0] or "the model"
