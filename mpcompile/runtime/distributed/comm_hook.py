@@ -271,10 +271,10 @@ def quantized_allreduce_hook(state: QuantizedGradients, bucket: dist.GradBucket)
     if dtype is not None:  # torch's cast rounds to nearest even: it is the code, clamped first to saturate
         fits = exponents is not None and bool((amax * torch.exp2(-exponents.float()) <= element.max).all())
         fits = fits and not isinstance(fmt, MXFormat)  # MX scales floor log2(amax): its elements may pass max
-        codes = state.buffer("codes", x.numel(), dtype)
-        _cast_in_pieces(x, codes, left, exponents, padded, unit, None if fits else element.max,
+        cast = state.buffer("codes", x.numel(), dtype)
+        _cast_in_pieces(x, cast, left, exponents, padded, unit, None if fits else element.max,
                         state.buffer("piece", _PIECE, torch.float32))
-        packed = Packed(codes.view(torch.uint8 if element.bits <= 8 else torch.int16))
+        packed = Packed(cast.view(torch.uint8 if element.bits <= 8 else torch.int16))
     else:
         _scale_(x, exponents, padded, unit, -1)
         if s.rounding == "stochastic":  # each parameter draws from its own stream, whatever bucket it is in
