@@ -127,14 +127,11 @@ def _scale_(x: torch.Tensor, exponents: torch.Tensor | None, padded: list[int], 
             sign: int) -> torch.Tensor:
     """``x`` times 2**(sign * e) in place, e each parameter's (``padded`` lengths) or each block's
     (``unit`` elements) exponent; x unchanged without exponents."""
-    if exponents is None:
-        return x
-    factors = torch.exp2(sign * exponents.float())
-    if len(exponents) == len(padded) and unit is None:
-        for part, f in zip(x.split(padded), factors):
-            part.mul_(f)
-    else:
-        x.view(-1, unit).mul_(factors[:, None])
+    per_parameter = exponents is not None and unit is None
+    factors = _factors(exponents, per_parameter, sign)
+    if factors is not None:
+        for piece, which in _pieces(padded, unit, per_parameter):
+            _scale_piece_(x[piece], factors[which], unit)
     return x
 
 
@@ -147,11 +144,11 @@ def _cast_in_pieces(x: torch.Tensor, codes: torch.Tensor, left: torch.Tensor | N
     down, up = _factors(exponents, per_parameter, -1), _factors(exponents, per_parameter, 1)
     for piece, which in _pieces(padded, unit, per_parameter):
         scaled = scratch[:piece.stop - piece.start].copy_(x[piece])
-        _scale_piece_(scaled, None if down is None else down[which], unit)
+        _scale_piece_(scaled, _factor(down, which), unit)
         cast = codes[piece].copy_(scaled if bound is None else scaled.clamp(-bound, bound))
         if left is not None:
             residual = torch.sub(scaled, left[piece].copy_(cast), out=left[piece])
-            _scale_piece_(residual, None if up is None else up[which], unit)
+            _scale_piece_(residual, _factor(up, which), unit)
 
 
 def _factors(exponents: torch.Tensor | None, per_parameter: bool, sign: int) -> "list[float] | torch.Tensor | None":
@@ -160,6 +157,11 @@ def _factors(exponents: torch.Tensor | None, per_parameter: bool, sign: int) -> 
         return None
     factors = torch.exp2(sign * exponents.float())
     return factors.tolist() if per_parameter else factors[:, None]
+
+
+def _factor(factors: "list[float] | torch.Tensor | None", which: Any) -> "float | torch.Tensor | None":
+    """The factor(s) of one piece (``_pieces``' ``which``) of what ``_factors`` gave."""
+    return None if factors is None else factors[which]
 
 
 def _sum_ranks_(total: torch.Tensor, spare: torch.Tensor, values: list[torch.Tensor], exponents: list,
@@ -173,8 +175,8 @@ def _sum_ranks_(total: torch.Tensor, spare: torch.Tensor, values: list[torch.Ten
     factors = [_factors(e, per_parameter, 1) for e in exponents]
     for piece, which in _pieces(padded, unit, per_parameter):
         t = total[piece]
-        for rank, (v, f) in enumerate(zip(values, factors)):
-            f = None if f is None else f[which]
+        for rank, (v, rank_factors) in enumerate(zip(values, factors)):
+            f = _factor(rank_factors, which)
             if rank == 0:
                 _scale_piece_(widen(v[piece], t), f, unit)
                 continue
@@ -255,22 +257,21 @@ def quantized_allreduce_hook(state: QuantizedGradients, bucket: dist.GradBucket)
     exponents = None
     if s.scaling == "tensor":  # aminmax: one pass, no |x| copy (linalg's inf-norm is ten times slower)
         amax = torch.stack([torch.maximum(hi, -lo) for lo, hi in map(torch.aminmax, x.split(padded))])
-    elif s.scaling == "block":
+    dtype = torch_dtype(element if isinstance(fmt, MXFormat) else fmt) if s.rounding == "nearest" else None
+    mx = isinstance(fmt, MXFormat) and dtype is not None  # OCP MX: its own scale per block, cast as the rest
+    if s.scaling == "block" or mx:
         blocks = x.view(-1, unit)
         amax = torch.maximum(blocks.amax(1), blocks.amin(1).neg_())
-    dtype = torch_dtype(element if isinstance(fmt, MXFormat) else fmt) if s.rounding == "nearest" else None
     if s.scaling in ("tensor", "block"):
         exponents = _exponents(state, amax, element.max)  # amax: the ranks' largest, with shared_scale
-    elif isinstance(fmt, MXFormat) and dtype is not None:  # OCP MX: its own scale per block, cast as above
-        blocks = x.view(-1, unit)
-        amax = torch.maximum(blocks.amax(1), blocks.amin(1).neg_())
+    elif mx:
         exponents = _mx_exponents(amax, element.emax)
         if bool(amax.isnan().any()):  # MX: a block holding a NaN is all NaN
             blocks[amax.isnan()] = torch.nan
     left = state.buffer(f"residuals of {keys[0]}+{len(keys)}", x.numel(), torch.float32) if s.error_feedback else None
     if dtype is not None:  # torch's cast rounds to nearest even: it is the code, clamped first to saturate
         fits = exponents is not None and bool((amax * torch.exp2(-exponents.float()) <= element.max).all())
-        fits = fits and not isinstance(fmt, MXFormat)  # MX scales floor log2(amax): its elements may pass max
+        fits = fits and not mx  # MX scales floor log2(amax): its elements may pass max
         cast = state.buffer("codes", x.numel(), dtype)
         _cast_in_pieces(x, cast, left, exponents, padded, unit, None if fits else element.max,
                         state.buffer("piece", _PIECE, torch.float32))
@@ -289,7 +290,7 @@ def quantized_allreduce_hook(state: QuantizedGradients, bucket: dist.GradBucket)
         state.residuals.update({k: r[:n] for k, r, n in zip(keys, left.split(padded), sizes)})
     codes = _gather(state, packed.codes, "gathered codes")
     block_scales = _gather(state, packed.scales) if packed.scales is not None else [None] * state.world
-    shared = exponents is None or s.shared_scale and not isinstance(fmt, MXFormat)
+    shared = exponents is None or s.shared_scale and not mx
     rank_exponents = [exponents] * state.world if shared else _gather(state, exponents)
     values = [c.view(dtype) if dtype is not None else decode(Packed(c, b), fmt, x.shape, torch.float32)
               for c, b in zip(codes, block_scales)]
@@ -299,7 +300,7 @@ def quantized_allreduce_hook(state: QuantizedGradients, bucket: dist.GradBucket)
             g.copy_(t[:n])
     numel = sum(padded)
     bits = element.bits * numel + (8 * (numel // fmt.block_size) if isinstance(fmt, BlockFormat) else 0)
-    scale_bytes = 0 if shared or isinstance(fmt, MXFormat) else exponents.numel()  # MX's are in ``bits``
+    scale_bytes = 0 if shared or mx else exponents.numel()  # MX's are in ``bits``
     state.traffic.nominal += math.ceil(bits / 8) + scale_bytes
     state.traffic.fp32 += 4 * sum(sizes)
     future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
