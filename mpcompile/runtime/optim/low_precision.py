@@ -255,12 +255,17 @@ class LowPrecisionOptimizer:
             self._weights.load({int(i): Packed(codes, scales) for i, (codes, scales) in state["weights"].items()})
 
 
+def _codebook_roles(settings: OptimizerSettings) -> list[str]:
+    """The state roles (momentum, second_moment) whose format is a block-wise codebook format."""
+    return [role for role in ("momentum", "second_moment") if isinstance(getattr(settings, role), CodebookFormat)]
+
+
 def _check_sharded(optimizer: torch.optim.Optimizer, settings: OptimizerSettings) -> None:
     """FSDP2's parameters are DTensor shards: element and block formats round each shard where it
     lives; packed storage and codebook states hold one run of codes over whole tensors, and are refused."""
     if not any(isinstance(p, DTensor) for group in optimizer.param_groups for p in group["params"]):
         return
-    codebooks = [r for r in ("momentum", "second_moment") if isinstance(getattr(settings, r), CodebookFormat)]
+    codebooks = _codebook_roles(settings)
     if settings.storage == "packed" or codebooks:
         what = "optimizer.storage: packed" if settings.storage == "packed" else f"optimizer.{codebooks[0]}: " \
                f"{getattr(settings, codebooks[0])}"
@@ -275,7 +280,7 @@ def _check_codebooks(settings: OptimizerSettings) -> None:
         if isinstance(getattr(settings, role), CodebookFormat):
             raise PolicyError(f"optimizer.{role}: {getattr(settings, role)} is a block-wise codebook format, for the "
                               f"states only (momentum, second_moment); use a float, fixed-point or block format")
-    codebooks = [role for role in ("momentum", "second_moment") if isinstance(getattr(settings, role), CodebookFormat)]
+    codebooks = _codebook_roles(settings)
     if "momentum" in codebooks and not settings.momentum.signed:
         raise PolicyError(f"optimizer.momentum: {settings.momentum} is unsigned, but momentum takes negative values "
                           f"(they would round to 0); use blockwise({settings.momentum.codebook[:-1]},"
