@@ -15,7 +15,7 @@ block-wise dynamic tree codebooks of 8-bit optimizers (Dettmers et al. 2022; bit
 Adam8bit): 8-bit ``blockwise(dynamic8,256)`` / ``blockwise(dynamic8u,256)`` and 4-bit
 ``blockwise(dynamic4,256)`` / ``blockwise(dynamic4u,256)``, ``storage: packed``, against
 ``torch.optim.Adam`` in fp32 (its default implementation; the packed variants wrap the same
-one in ``LowPrecisionOptimizer``). Parameters under 4096 elements keep fp32 states, as in
+one in ``LowPrecisionOptimizer``, whose fused CPU kernel steps the packed moments). Parameters under 4096 elements keep fp32 states, as in
 bitsandbytes. Models: resnet20 (0.27M parameters) and an MLP 64-512-10, each variant on its own
 copy of the same initial weights. Every step reads the same gradients in every variant: those
 of four random batches (CIFAR-sized 3x32x32 images for resnet20, 64 features for the MLP,

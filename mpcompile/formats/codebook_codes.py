@@ -23,7 +23,8 @@ import torch
 from ..errors import FormatError
 from .codebook_format import CodebookFormat
 
-__all__ = ["midpoints", "nearest_reference", "block_codes", "block_values", "codes_of_values", "quantize_codebook"]
+__all__ = ["midpoints", "nearest_reference", "RoundingTable", "rounding_table", "block_codes", "block_values",
+           "codes_of_values", "quantize_codebook"]
 
 _SLICE_BITS = 16
 _SMALLEST_SCALE = 1e-38  # bitsandbytes' floor of a block's absmax before taking its reciprocal
@@ -41,7 +42,7 @@ def nearest_reference(v: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class _Table:
+class RoundingTable:
     """Per slice of the float32 line (top 16 bits of v): its lowest code and the float32 from
     which its codes are one higher (+inf where all its codes are equal); and per code byte the
     values of the codes it holds."""
@@ -59,11 +60,11 @@ def _slice_ends(slices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @functools.lru_cache(maxsize=None)
-def _table(fmt: CodebookFormat, device: torch.device = torch.device("cpu")) -> _Table:
-    """The format's table on ``device`` (built on the CPU once, copied to each device once)."""
+def rounding_table(fmt: CodebookFormat, device: torch.device = torch.device("cpu")) -> RoundingTable:
+    """The format's rounding table on ``device`` (built on the CPU once, copied to each device once)."""
     if device.type != "cpu":
-        table = _table(fmt)
-        return _Table(table.base.to(device), table.threshold.to(device), table.byte_values.to(device))
+        table = rounding_table(fmt)
+        return RoundingTable(table.base.to(device), table.threshold.to(device), table.byte_values.to(device))
     codebook = fmt.values()
     slices = torch.arange(2**_SLICE_BITS, dtype=torch.int64)
     lo, hi = _slice_ends(slices)
@@ -80,7 +81,8 @@ def _table(fmt: CodebookFormat, device: torch.device = torch.device("cpu")) -> _
     byte = torch.arange(256)
     codes = torch.stack([(byte >> (fmt.bits * (per_byte - 1 - k))) & (2**fmt.bits - 1) for k in range(per_byte)], -1)
     values = codebook[codes]  # (256, codes a byte): one row a lookup of a 1-D table (a 2-D one is far slower)
-    return _Table(lo_code.to(torch.uint8), threshold, values.view(torch.float32 if per_byte == 1 else torch.int64).view(-1))
+    byte_values = values.view(torch.float32 if per_byte == 1 else torch.int64).view(-1)
+    return RoundingTable(lo_code.to(torch.uint8), threshold, byte_values)
 
 
 def _padded_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -96,7 +98,7 @@ def _codes(blocks: torch.Tensor, scales: torch.Tensor, fmt: CodebookFormat, in_p
     """The bytes of the nearest codes of ``blocks * (1 / scales)``, a scale below 1e-38 taken as
     1e-38 (as bitsandbytes: an all-zero block takes the code of 0, NaN does too); ``in_place``
     scales ``blocks`` itself."""
-    table = _table(fmt, blocks.device)
+    table = rounding_table(fmt, blocks.device)
     inverse = scales.clamp(min=_SMALLEST_SCALE).reciprocal_().unsqueeze_(1)  # = 1.0 / scale, as torch computes it
     v = (blocks.mul_(inverse) if in_place else blocks * inverse).view(-1)
     if v.device.type == "cpu":  # numpy: a logical uint32 shift (torch has none) and a compare 5x torch's into bool
@@ -145,7 +147,7 @@ def _absmax(blocks: torch.Tensor, fmt: CodebookFormat) -> torch.Tensor:
 def block_values(codes: torch.Tensor, absmax: torch.Tensor, fmt: CodebookFormat) -> torch.Tensor:
     """The float32 values of code bytes (``block_codes``' layout): ``fp32(entry * absmax)``,
     flat, the padded blocks' length."""
-    values = _table(fmt, codes.device).byte_values.index_select(0, codes.to(torch.int32)).view(torch.float32)
+    values = rounding_table(fmt, codes.device).byte_values.index_select(0, codes.to(torch.int32)).view(torch.float32)
     return values.view(-1, fmt.block_size).mul_(absmax[:, None]).view(-1)
 
 

@@ -6,6 +6,7 @@
 - ``swalp``: ``SWALP``, the fp32 average of low-precision iterates;
 - ``full_gradient``: the full gradient from a closure or a data loader;
 - ``codebook_states`` / ``packed_weights``: states and weights kept as codes between steps;
+- ``codebook_adam``: Adam stepping codebook moments in place, by the fused CPU kernel;
 - ``make``: the optimizer a policy's ``optimizer:`` section asks for.
 """
 from .full_gradient import full_gradient

@@ -5,7 +5,8 @@ a codebook format (``blockwise(dynamic8,256)``) as bitsandbytes' 8-bit optimizer
 a float32 absmax per block, for every parameter of at least ``MIN_NUMEL`` elements. The states
 of all those parameters live in one flat buffer, each starting on a block boundary, so a step
 decodes the buffer once, hands torch views of it, and encodes it once after torch's update:
-a handful of tensor operations per step, not per parameter.
+a handful of tensor operations per step, not per parameter. (Plain Adam on the CPU skips the
+decoding: ``codebook_adam`` steps the codes in place.)
 """
 from __future__ import annotations
 
@@ -91,7 +92,7 @@ class CodebookStates:
         codes, absmax = block_codes(values, self.fmt, consume=True)
         for s in self.segments:
             if s.index not in stepped:
-                code_range, block_range = self._ranges(s)
+                code_range, block_range = self.ranges(s)
                 codes[code_range], absmax[block_range] = self.codes[code_range], self.absmax[block_range]
         self.codes, self.absmax = codes, absmax
         return True
@@ -100,12 +101,12 @@ class CodebookStates:
         """Each parameter's codes and absmax, views of the run (as ``formats.encode`` lays them out)."""
         out = {}
         for s in self.segments:
-            code_range, block_range = self._ranges(s)
+            code_range, block_range = self.ranges(s)
             used = -(-s.numel * self.fmt.bits // 8)
             out[s.index] = Packed(self.codes[code_range][:used], self.absmax[block_range])
         return out
 
-    def _ranges(self, s: _Segment) -> tuple[slice, slice]:
+    def ranges(self, s: _Segment) -> tuple[slice, slice]:
         """The slices of ``codes`` and ``absmax`` that hold segment ``s``'s blocks."""
         bs, blocks = self.fmt.block_size, -(-s.numel // self.fmt.block_size)
         per_block = bs * self.fmt.bits // 8

@@ -9,8 +9,9 @@ setting; stochastic ``update_rounding`` then keeps small updates alive in expect
 A state in a block-wise codebook format (``blockwise(dynamic8,256)``, bitsandbytes' 8-bit
 optimizers) is rounded only for parameters of at least ``MIN_NUMEL`` (4096) elements; smaller
 ones keep float32 states, as bitsandbytes' ``min_8bit_size`` does. Packed, such states live in
-one run of codes per state (``codebook_states``), and the weights themselves, under a ``master``
-format, as codes between steps (``packed_weights``).
+one run of codes per state (``codebook_states``; plain Adam on the CPU steps them in place, by a
+fused kernel: ``codebook_adam``), and the weights themselves, under a ``master`` format, as codes
+between steps (``packed_weights``).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from ...formats.codebook_codes import block_values
 from ...ops.observe import notify, observed
 from ...policy import OptimizerSettings
 from ...rounding import quantize
+from .codebook_adam import fused_segments, step_fused
 from .codebook_states import MIN_NUMEL, CodebookStates
 from .packed_weights import PackedWeights
 
@@ -142,9 +144,14 @@ class LowPrecisionOptimizer:
                 if p.grad is not None:
                     p.grad.copy_(self._round(p.grad, s.gradient))
         self.unpack_weights()
-        self._unpack()
-        self.optimizer.step()
         params = list(self._params())
+        fused = None if observed() else fused_segments(self.optimizer, self._runs, params,
+                                                       {i for i, p in enumerate(params) if p.numel() >= MIN_NUMEL})
+        self._unpack(runs=fused is None)
+        if fused is None:
+            self.optimizer.step()
+        else:  # the runs stay codes: the fused kernel steps them
+            step_fused(self.optimizer, self._runs, params, fused)
         rounded_here = [(key, role, fmt) for key, role in STATE_ROLES.items()  # codebooks: _round_codebook_states
                         if (fmt := getattr(s, role)) is not None and not isinstance(fmt, CodebookFormat)]
         for i, p in enumerate(params if rounded_here or s.master is not None else ()):
@@ -198,14 +205,15 @@ class LowPrecisionOptimizer:
                 for i in states:
                     del self.optimizer.state[params[i]][key]
 
-    def _unpack(self) -> None:
-        """Put the packed states back as the float tensors torch's step reads."""
+    def _unpack(self, runs: bool = True) -> None:
+        """Put the packed states back as the float tensors torch's step reads (those of the
+        codebook runs too, if ``runs``)."""
         params = list(self._params())
         for (i, key), packed in self._packed.items():
             fmt = getattr(self.settings, STATE_ROLES[key])
             self.optimizer.state[params[i]][key] = decode(packed, fmt, params[i].shape, params[i].dtype)
         self._packed = {}
-        for (key, _), run in self._runs.items():
+        for (key, _), run in self._runs.items() if runs else ():
             for i, state in run.unpack({seg.index: params[seg.index].shape for seg in run.segments}).items():
                 self.optimizer.state[params[i]][key] = state
 
