@@ -12,7 +12,9 @@ gradients is taken in fp32 in rank order, so every rank holds the same bytes. A 
 power of two from ``ceil(log2(amax / max))``: dividing by it is exact and no element passes the
 format's largest value; it travels as its int8 exponent. Bytes sent per rank are counted
 (``Traffic``) against the nominal bits. The cast path runs piece by piece in cache and keeps its
-scratch buffers from step to step (benchmarks/comm.py, docs/distributed.md).
+scratch buffers from step to step; on the CPU the fp8 rounding (with its residual), the ranks'
+sum and the blocks' amaxes are fused C++ kernels (``codegen/comm_hook_cpu.py``), bit-identical
+to the torch operations they replace (benchmarks/comm.py, docs/distributed.md).
 """
 import math  # no `from __future__ import annotations`: DDP reads the hook's annotations as types
 from dataclasses import dataclass
@@ -22,6 +24,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ...backends import run_or_fall_back
+from ...codegen.comm_hook_cpu import FP8_DTYPES, accumulate_fp8_, block_amax, load_kernel, quantize_fp8_
 from ...formats import BlockFormat, MXFormat, Packed, decode, encode, torch_dtype, widen
 from ...formats.block_format import SCALE_EXP_MAX, SCALE_EXP_MIN
 from ...policy import CommunicationSettings
@@ -30,6 +34,7 @@ from ...rounding import quantize
 __all__ = ["Traffic", "QuantizedGradients", "quantized_allreduce_hook"]
 
 _PIECE = 1 << 17  # elements: 512 KB of fp32, which stay in a core's cache between the passes over them
+_FAILED: set[str] = set()  # "cpu" once the CPU kernels failed to build: torch's operations from then on
 
 
 @dataclass
@@ -139,16 +144,28 @@ def _cast_in_pieces(x: torch.Tensor, codes: torch.Tensor, left: torch.Tensor | N
                     padded: list[int], unit: int | None, bound: float | None, scratch: torch.Tensor) -> None:
     """``codes`` (a torch dtype) = ``x / 2**e`` cast, clamped to +-``bound`` first where set; with
     ``left``, the residual ``(x / 2**e - q) * 2**e`` too. Piece by piece through ``scratch``: x is
-    read from memory once, and the scaled piece stays in cache for the cast and the residual."""
+    read from memory once, and the scaled piece stays in cache for the cast and the residual. An
+    fp8 on the CPU takes the fused kernel, one pass a piece."""
     per_parameter = exponents is not None and unit is None
     down, up = _factors(exponents, per_parameter, -1), _factors(exponents, per_parameter, 1)
+    fused = codes.dtype in FP8_DTYPES and codes.device.type == "cpu" and _cpu_kernels()
     for piece, which in _pieces(padded, unit, per_parameter):
+        if fused:
+            quantize_fp8_(x[piece], codes[piece], None if left is None else left[piece],
+                          _factor_tensor(down, which), _factor_tensor(up, which), unit, bound)
+            continue
         scaled = scratch[:piece.stop - piece.start].copy_(x[piece])
         _scale_piece_(scaled, _factor(down, which), unit)
         cast = codes[piece].copy_(scaled if bound is None else scaled.clamp(-bound, bound))
         if left is not None:
             residual = torch.sub(scaled, left[piece].copy_(cast), out=left[piece])
             _scale_piece_(residual, _factor(up, which), unit)
+
+
+def _cpu_kernels() -> bool:
+    """Whether the fused CPU kernels run here (a build failure is warned about once)."""
+    return run_or_fall_back(_FAILED, "cpu", lambda: load_kernel() is not None, lambda: False,
+                            "the communication hook's CPU kernels (codegen/comm_hook_cpu.py)")
 
 
 def _factors(exponents: torch.Tensor | None, per_parameter: bool, sign: int) -> "list[float] | torch.Tensor | None":
@@ -164,6 +181,14 @@ def _factor(factors: "list[float] | torch.Tensor | None", which: Any) -> "float 
     return None if factors is None else factors[which]
 
 
+def _factor_tensor(factors: "list[float] | torch.Tensor | None", which: Any) -> torch.Tensor | None:
+    """``_factor`` as the fp8 kernel takes it: a float32 tensor of one factor, or of one per block."""
+    f = _factor(factors, which)
+    if isinstance(f, float):
+        return torch.tensor([f], dtype=torch.float32)
+    return None if f is None else f.reshape(-1)
+
+
 def _sum_ranks_(total: torch.Tensor, spare: torch.Tensor, values: list[torch.Tensor], exponents: list,
                 padded: list[int], unit: int | None) -> torch.Tensor:
     """``total`` overwritten with the mean of the ranks' ``values`` times their scales 2**e: summed
@@ -173,8 +198,12 @@ def _sum_ranks_(total: torch.Tensor, spare: torch.Tensor, values: list[torch.Ten
     the mean of the rescaled values, in fewer passes over memory."""
     per_parameter = exponents[0] is not None and unit is None
     factors = [_factors(e, per_parameter, 1) for e in exponents]
+    fused = values[0].dtype in FP8_DTYPES and total.device.type == "cpu" and _cpu_kernels()
     for piece, which in _pieces(padded, unit, per_parameter):
         t = total[piece]
+        if fused:  # widen, scale, sum and divide in one pass over the piece
+            accumulate_fp8_([v[piece] for v in values], t, [_factor_tensor(f, which) for f in factors], unit)
+            continue
         for rank, (v, rank_factors) in enumerate(zip(values, factors)):
             f = _factor(rank_factors, which)
             if rank == 0:
@@ -261,7 +290,8 @@ def quantized_allreduce_hook(state: QuantizedGradients, bucket: dist.GradBucket)
     mx = isinstance(fmt, MXFormat) and dtype is not None  # OCP MX: its own scale per block, cast as the rest
     if s.scaling == "block" or mx:
         blocks = x.view(-1, unit)
-        amax = torch.maximum(blocks.amax(1), blocks.amin(1).neg_())
+        amax = block_amax(x, unit) if x.device.type == "cpu" and _cpu_kernels() else \
+            torch.maximum(blocks.amax(1), blocks.amin(1).neg_())
     if s.scaling in ("tensor", "block"):
         exponents = _exponents(state, amax, element.max)  # amax: the ranks' largest, with shared_scale
     elif mx:

@@ -1,0 +1,86 @@
+"""The communication hook's CPU kernels equal, bit for bit, the torch operations they replace:
+scale, clamp and cast to fp8 with the error-feedback residual; widen, scale, sum over ranks and
+divide; each block's largest magnitude."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mpcompile.codegen.comm_hook_cpu import accumulate_fp8_, block_amax, quantize_fp8_
+
+FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit, NaN for NaN."""
+    return bool(((a.view(torch.int32) == b.view(torch.int32)) | (a.isnan() & b.isnan())).all())
+
+
+def _hard(n: int, seed: int = 0) -> torch.Tensor:
+    """Magnitudes over 60 binades, the fp8 edges (saturation, the rounding to inf, NaN of either
+    sign, subnormals) and a run of consecutive float32 patterns across fp8 midpoints."""
+    g = torch.Generator().manual_seed(seed)
+    mag = torch.exp2(torch.empty(n).uniform_(-40, 20, generator=g))
+    x = torch.where(torch.rand(n, generator=g) < 0.5, -mag, mag)
+    x[:16] = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 448.0, 464.0, 57344.0, 470.0, 479.0,
+                           480.0, 61440.0, 61439.0, -float("nan"), 1e-30, 5e-40])
+    x[16:16 + 4096] = (torch.arange(4096, dtype=torch.int32) * 4096 + 0x3A000000).view(torch.float32)
+    return x
+
+
+def _per_element(factors: torch.Tensor, unit: int | None, n: int) -> torch.Tensor:
+    return factors if unit is None else factors.repeat_interleave(unit)[:n]
+
+
+@pytest.mark.parametrize("dtype", FP8)
+def test_every_code_widens_as_torchs_cast(dtype):
+    codes = torch.arange(256, dtype=torch.uint8).view(dtype)
+    assert _same(accumulate_fp8_([codes], torch.empty(256), [None], None), codes.float())
+
+
+@pytest.mark.parametrize("dtype", FP8)
+@pytest.mark.parametrize("bound", [None, 448.0, 57344.0])
+@pytest.mark.parametrize("unit", [None, 32, 20])  # one factor; one per block; blocks with a tail of 4
+def test_quantize_is_torchs_scale_clamp_cast_and_residual(dtype, bound, unit):
+    n = 8192 + 13
+    x = _hard(n)
+    e = torch.randint(-3, 4, (1 if unit is None else -(-n // unit),), generator=torch.Generator().manual_seed(1))
+    down, up = torch.exp2(-e.float()), torch.exp2(e.float())
+    codes, residual = torch.empty(n, dtype=dtype), torch.empty(n)
+    quantize_fp8_(x, codes, residual, down, up, unit, bound)
+    scaled = x * _per_element(down, unit, n)
+    expected = (scaled if bound is None else scaled.clamp(-bound, bound)).to(dtype)
+    assert torch.equal(codes.view(torch.uint8), expected.view(torch.uint8))
+    assert _same(residual, (scaled - expected.float()) * _per_element(up, unit, n))
+
+
+@pytest.mark.parametrize("dtype", FP8)
+@pytest.mark.parametrize("unit", [None, 32, 20])
+def test_the_sum_over_ranks_is_torchs_mul_add_and_divide(dtype, unit):
+    n, ranks = 4096 + 5, 3
+    g = torch.Generator().manual_seed(2)
+    codes = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g).view(dtype) for _ in range(ranks)]
+    blocks = 1 if unit is None else -(-n // unit)
+    factors = [torch.exp2(torch.randint(-130, 120, (blocks,), generator=g).float()) for _ in range(ranks)]
+    got = accumulate_fp8_(codes, torch.empty(n), factors, unit)
+    expected = codes[0].float().mul_(_per_element(factors[0], unit, n))
+    for c, f in zip(codes[1:], factors[1:]):  # the hook's torch path: add_(alpha=) per tensor, addcmul_ per block
+        if unit is None:
+            expected.add_(c.float(), alpha=f.item())
+        else:
+            expected.addcmul_(c.float(), _per_element(f, unit, n))
+    assert _same(got, expected.div_(ranks))
+
+
+@pytest.mark.parametrize("unit", [32, 7])
+def test_block_amax_is_the_largest_magnitude_or_nan(unit):
+    x = _hard(32 * 300)
+    x[128:160] = -0.0
+    padded = torch.nn.functional.pad(x, (0, -x.numel() % unit)).view(-1, unit)
+    assert _same(block_amax(x, unit), torch.maximum(padded.amax(1), padded.amin(1).neg()))
+
+
+def test_factors_that_do_not_match_the_blocks_are_refused():
+    with pytest.raises(ValueError, match="one per unit"):
+        quantize_fp8_(torch.zeros(64), torch.empty(64, dtype=torch.float8_e5m2), None, torch.ones(3), torch.ones(3),
+                      32, None)
