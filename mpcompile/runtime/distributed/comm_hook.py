@@ -107,6 +107,28 @@ class QuantizedGradients:
         return fmt.element if isinstance(fmt, BlockFormat) else fmt
 
 
+def _add_residuals_(x: torch.Tensor, residuals: "list[torch.Tensor | None]", sizes: list[int], padded: list[int],
+                    amax: bool) -> torch.Tensor | None:
+    """Each parameter's residual (where it has one) added to its stretch of ``x``, in place; with
+    ``amax``, each parameter's largest magnitude (NaN if it holds one), from the same pass while a
+    piece is in cache (aminmax: no |x| copy; linalg's inf-norm is ten times slower)."""
+    largest, start = [], 0
+    for residual, n, length in zip(residuals, sizes, padded):
+        ends = []
+        for s in range(start, start + length, _PIECE):
+            piece = x[s:min(s + _PIECE, start + length)]
+            if residual is not None and s < start + n:
+                stop = min(s + _PIECE, start + n)
+                piece[:stop - s].add_(residual[s - start:stop - start].to(x.device))
+            if amax:
+                ends.append(torch.stack(torch.aminmax(piece)))
+        if amax:
+            lo_hi = torch.stack(ends) if ends else x.new_zeros(1, 2)  # a parameter of no elements: 0
+            largest.append(torch.maximum(lo_hi[:, 1].max(), -lo_hi[:, 0].min()))
+        start += length
+    return torch.stack(largest) if amax else None
+
+
 def _exponents(state: "QuantizedGradients", amax: torch.Tensor, fmt_max: float) -> torch.Tensor:
     """The int8 exponent e of each scale 2**e that brings an ``amax`` to at most ``fmt_max`` (0 for
     an all-zero or non-finite one); with ``shared_scale``, of the ranks' largest amax (its
@@ -270,22 +292,15 @@ def quantized_allreduce_hook(state: QuantizedGradients, bucket: dist.GradBucket)
     unit = s.block_size if s.scaling == "block" else fmt.block_size if isinstance(fmt, BlockFormat) else None
     if grad.dtype == torch.float32 and (unit is None or all(n % unit == 0 for n in sizes)):
         x = grad  # scaled and rounded in place: the bucket is overwritten with the mean anyway
-        if s.error_feedback:
-            for g, k in zip(x.split(sizes), keys):
-                if k in state.residuals:
-                    g.add_(state.residuals[k].to(g.device))
     else:
         segments = list(grad.float().split(sizes))
-        if s.error_feedback:
-            segments = [g + state.residuals[k].to(g.device) if k in state.residuals else g
-                        for g, k in zip(segments, keys)]
         if unit is not None:  # no block straddles two parameters
             segments = [F.pad(g, (0, -g.numel() % unit)) for g in segments]
         x = torch.cat(segments)  # a copy: scaled in place from here on
     padded = [-(-n // unit) * unit for n in sizes] if unit is not None else sizes
+    residuals = [state.residuals.get(k) if s.error_feedback else None for k in keys]
+    amax = _add_residuals_(x, residuals, sizes, padded, s.scaling == "tensor")
     exponents = None
-    if s.scaling == "tensor":  # aminmax: one pass, no |x| copy (linalg's inf-norm is ten times slower)
-        amax = torch.stack([torch.maximum(hi, -lo) for lo, hi in map(torch.aminmax, x.split(padded))])
     dtype = torch_dtype(element if isinstance(fmt, MXFormat) else fmt) if s.rounding == "nearest" else None
     mx = isinstance(fmt, MXFormat) and dtype is not None  # OCP MX: its own scale per block, cast as the rest
     if s.scaling == "block" or mx:
