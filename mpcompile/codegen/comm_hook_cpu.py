@@ -4,7 +4,8 @@ The hook rounds a 25 MB bucket piece by piece: scale by a power of two, clamp, c
 with error feedback, widen the codes back and keep ``(scaled - q) * 2**e``; then every rank's
 codes are widened, scaled and summed. In torch each of these is a pass over the piece, and
 torch's casts between fp8 and float32 cost 0.4 to 4 ns an element on the CPU. Here the rounding
-is one vectorised loop and the sum one per rank (GCC's vector extension, eight lanes), computing
+is one vectorised loop and the sum one over all ranks' codes (GCC's vector extension, eight
+lanes), computing
 what torch computes: c10's conversions written lane-wise (e4m3fn saturating to +-448, as torch's
 CPU cast does), the float32 values torch's widening casts give (NaN payloads included), and the
 sum's fused multiply-adds as torch's ``add(alpha=)`` / ``addcmul`` take them. So the codes,
