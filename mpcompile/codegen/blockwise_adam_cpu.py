@@ -4,10 +4,10 @@ Built from torch's operations, a step of 8-bit Adam makes some twenty passes ove
 (decode both states, torch's update, each state's absmax, scaling, table lookups) and costs
 about 3x fp32 Adam on the CPU. Here each block (256 elements) is decoded, updated and encoded
 while it sits in L1, and the parameters updated in a second pass: the same operations in the
-same order, so the results are bit-identical to ``torch.optim.Adam`` / ``AdamW`` (single-tensor implementation)
-followed by ``formats.codebook_codes.block_codes``. The library is compiled once per process by
-inductor's C++ toolchain (``CppCodeCache``, as ``torch.compile`` compiles CPU kernels); where
-it fails, the caller falls back to the torch path with a warning (``backends.run_or_fall_back``).
+same order, so the results are bit-identical to ``torch.optim.Adam`` / ``AdamW`` (their
+single-tensor implementation) followed by ``formats.codebook_codes.block_codes``. The library is
+compiled once by inductor's C++ toolchain (``cpu_kernels.compile_library``); where that fails,
+the caller falls back to the torch path with a warning (``backends.run_or_fall_back``).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import torch
 
 from ..formats import CodebookFormat
 from ..formats.codebook_codes import rounding_table
+from .cpu_kernels import compile_library
 
 __all__ = ["AdamHyper", "load_kernel", "takes_formats", "blockwise_adam_step"]
 
@@ -26,14 +27,8 @@ _CHUNK = 1 << 15  # elements a call takes: both moments' float32 values (256 KB)
 _PARALLEL = 1 << 14  # from this many elements a call splits its blocks among torch's threads
 
 # Each line of the update mirrors one of torch's CPU kernels: lerp's and addcmul's vectorised
-# bodies are fmas; mul, div and addcdiv round each operation (inductor's toolchain builds with
-# -ffp-contract=off, so nothing else fuses). Its -fno-tree-loop-vectorize is lifted here: the
-# decode, update and scale loops vectorise.
+# bodies are fmas; mul, div and addcdiv round each operation (-ffp-contract=off: nothing else fuses).
 _SOURCE = r"""
-#pragma GCC optimize("tree-loop-vectorize")
-#include <math.h>
-#include <stdint.h>
-
 template <int BITS>
 static inline float code_value(const uint8_t* codes, int64_t i, const float* values) {
     if (BITS == 8) return values[codes[i]];
@@ -41,36 +36,11 @@ static inline float code_value(const uint8_t* codes, int64_t i, const float* val
     return values[(i & 1) ? (byte & 15) : (byte >> 4)];  /* the first code in the high nibble */
 }
 
-typedef float f8 __attribute__((vector_size(32)));
-typedef int i8 __attribute__((vector_size(32)));
-
-/* The block's scale as formats.codebook_codes._absmax computes it; NaN if it holds one. In
-   eight lanes (GCC's vector extension), so that no compare waits for the one before. */
+/* The block's scale as formats.codebook_codes._absmax computes it; NaN if it holds one. */
 template <bool SIGNED>
 static inline float block_scale(const float* x, int size) {
-    f8 zero = {}, hi = zero - INFINITY, lo = zero + INFINITY;
-    i8 nan = {};
-    int j = 0;
-    for (; j + 8 <= size; j += 8) {
-        f8 y;
-        __builtin_memcpy(&y, x + j, sizeof y);
-        nan |= y != y;
-        hi = y > hi ? y : hi;
-        lo = y < lo ? y : lo;
-    }
-    float h = -INFINITY, l = INFINITY;
-    int any_nan = 0;
-    for (int k = 0; k < 8; ++k) {
-        any_nan |= nan[k];
-        h = hi[k] > h ? hi[k] : h;
-        l = lo[k] < l ? lo[k] : l;
-    }
-    for (; j < size; ++j) {
-        any_nan |= x[j] != x[j];
-        h = x[j] > h ? x[j] : h;
-        l = x[j] < l ? x[j] : l;
-    }
-    if (any_nan) return NAN;
+    float h, l;
+    if (extremes(x, size, &h, &l)) return NAN;
     if (!SIGNED) return h > 0.0f ? h : 0.0f;
     return fabsf(h > -l ? h : -l);
 }
@@ -176,8 +146,7 @@ class AdamHyper:
 @functools.lru_cache(maxsize=None)
 def load_kernel() -> ctypes.CDLL:
     """The compiled library (compiled on the first call, then from inductor's disk cache)."""
-    from torch._inductor.codecache import CppCodeCache  # inductor loads only where this kernel runs
-    lib = CppCodeCache.load(_SOURCE)
+    lib = compile_library(_SOURCE)
     pointer, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.blockwise_adam_moments.restype = lib.adam_update.restype = None
     lib.blockwise_adam_moments.argtypes = [pointer, pointer, i64, i32, *[pointer, pointer, i32, pointer, pointer, pointer] * 2,

@@ -11,7 +11,8 @@ CPU cast does), the float32 values torch's widening casts give (NaN payloads inc
 sum's fused multiply-adds as torch's ``add(alpha=)`` / ``addcmul`` take them. So the codes,
 residuals and means are bit-identical to the torch path. A block's amax is one pass instead of
 torch's ``amax`` and ``amin`` over (blocks, 32) rows. Compiled once by inductor's C++
-toolchain, as ``blockwise_adam_cpu``; the hook falls back to torch with a warning where that fails.
+toolchain (``cpu_kernels.compile_library``); the hook falls back to torch with a warning where
+that fails.
 """
 from __future__ import annotations
 
@@ -20,20 +21,13 @@ import functools
 
 import torch
 
+from .cpu_kernels import compile_library
+
 __all__ = ["FP8_DTYPES", "load_kernel", "quantize_fp8_", "accumulate_fp8_", "block_amax"]
 
 FP8_DTYPES = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1}
 
 _SOURCE = r"""
-#pragma GCC optimize("tree-loop-vectorize")
-#include <math.h>
-#include <stdint.h>
-
-typedef float f8 __attribute__((vector_size(32)));
-typedef uint32_t u8 __attribute__((vector_size(32)));
-typedef int32_t i8 __attribute__((vector_size(32)));
-typedef uint8_t b8 __attribute__((vector_size(8)));
-
 static inline u8 bits_of(f8 x) { u8 b; __builtin_memcpy(&b, &x, 32); return b; }
 static inline f8 float_of(u8 b) { f8 x; __builtin_memcpy(&x, &b, 32); return x; }
 static inline u8 splat(uint32_t v) { return (u8){} + v; }
@@ -179,29 +173,9 @@ static void accumulate(const uint8_t* const* codes, const float* const* factors,
    torch.maximum(amax, -amin). */
 extern "C" void block_amax(const float* x, int64_t n, int64_t unit, float* out) {
     for (int64_t start = 0, b = 0; start < n; start += unit, ++b) {
-        int64_t end = start + unit < n ? start + unit : n, i = start;
-        f8 hi = (f8){} - INFINITY, lo = (f8){} + INFINITY;
-        i8 nan = {};
-        for (; i + 8 <= end; i += 8) {
-            f8 y;
-            __builtin_memcpy(&y, x + i, 32);
-            nan |= y != y;
-            hi = y > hi ? y : hi;
-            lo = y < lo ? y : lo;
-        }
-        float h = -INFINITY, l = INFINITY;
-        int any_nan = 0;
-        for (int k = 0; k < 8; ++k) {
-            any_nan |= nan[k];
-            h = hi[k] > h ? hi[k] : h;
-            l = lo[k] < l ? lo[k] : l;
-        }
-        for (; i < end; ++i) {
-            any_nan |= x[i] != x[i];
-            h = x[i] > h ? x[i] : h;
-            l = x[i] < l ? x[i] : l;
-        }
-        out[b] = any_nan ? NAN : (h > -l ? h : -l);
+        float h, l;
+        int nan = extremes(x + start, (start + unit < n ? start + unit : n) - start, &h, &l);
+        out[b] = nan ? NAN : (h > -l ? h : -l);
     }
 }
 
@@ -222,8 +196,7 @@ extern "C" void accumulate_fp8(const uint8_t* const* codes, const float* const* 
 @functools.lru_cache(maxsize=None)
 def load_kernel() -> ctypes.CDLL:
     """The compiled library (compiled on the first call, then from inductor's disk cache)."""
-    from torch._inductor.codecache import CppCodeCache  # inductor loads only where this kernel runs
-    lib = CppCodeCache.load(_SOURCE)
+    lib = compile_library(_SOURCE)
     pointer, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.quantize_fp8.restype = lib.accumulate_fp8.restype = lib.block_amax.restype = None
     lib.block_amax.argtypes = [pointer, i64, i64, pointer]
