@@ -115,11 +115,11 @@ def _add_residuals_(x: torch.Tensor, residuals: "list[torch.Tensor | None]", siz
     largest, start = [], 0
     for residual, n, length in zip(residuals, sizes, padded):
         ends = []
-        for s in range(start, start + length, _PIECE):
-            piece = x[s:min(s + _PIECE, start + length)]
-            if residual is not None and s < start + n:
-                stop = min(s + _PIECE, start + n)
-                piece[:stop - s].add_(residual[s - start:stop - start].to(x.device))
+        for first in range(start, start + length, _PIECE):
+            piece = x[first:min(first + _PIECE, start + length)]
+            if residual is not None and first < start + n:
+                stop = min(first + _PIECE, start + n)
+                piece[:stop - first].add_(residual[first - start:stop - start].to(x.device))
             if amax:
                 ends.append(torch.stack(torch.aminmax(piece)))
         if amax:
