@@ -26,8 +26,10 @@ from .cpu_kernels import compile_library
 __all__ = ["FP8_DTYPES", "load_kernel", "quantize_fp8_", "accumulate_fp8_", "block_amax"]
 
 FP8_DTYPES = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1}
+_PARALLEL = 1 << 16  # from this many elements a call splits its blocks among torch's threads
 
 _SOURCE = r"""
+#include <omp.h>
 static inline u8 bits_of(f8 x) { u8 b; __builtin_memcpy(&b, &x, 32); return b; }
 static inline f8 float_of(u8 b) { f8 x; __builtin_memcpy(&x, &b, 32); return x; }
 static inline u8 splat(uint32_t v) { return (u8){} + v; }
@@ -171,7 +173,7 @@ static void accumulate(const uint8_t* const* codes, const float* const* factors,
 
 /* out[b] = max |x| over block b (unit elements; the last may be shorter), NaN if it holds one:
    torch.maximum(amax, -amin). */
-extern "C" void block_amax(const float* x, int64_t n, int64_t unit, float* out) {
+static void amaxes(const float* x, int64_t n, int64_t unit, float* out) {
     for (int64_t start = 0, b = 0; start < n; start += unit, ++b) {
         float h, l;
         int nan = extremes(x + start, (start + unit < n ? start + unit : n) - start, &h, &l);
@@ -179,16 +181,53 @@ extern "C" void block_amax(const float* x, int64_t n, int64_t unit, float* out) 
     }
 }
 
+/* This thread's share [*first, *end) of n elements: whole blocks of unit, or (one block, one
+   factor) any run of 64. Sets *block (the share's first block) and *size (its block size). */
+static inline int share(int64_t n, int64_t unit, int64_t* first, int64_t* end, int64_t* block, int64_t* size) {
+    int64_t grain = unit < n ? unit : 64, grains = (n + grain - 1) / grain;
+    int t = omp_get_thread_num(), threads = omp_get_num_threads();
+    *first = grains * t / threads * grain;
+    *end = grains * (t + 1) / threads * grain;
+    *end = *end < n ? *end : n;
+    *block = unit < n ? *first / unit : 0;
+    *size = unit < n ? unit : *end - *first;
+    return *first < *end;
+}
+
+extern "C" void block_amax(const float* x, int64_t n, int64_t unit, float* out, int threads) {
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int64_t first, end, block, size;
+        if (share(n, unit, &first, &end, &block, &size)) amaxes(x + first, end - first, size, out + block);
+    }
+}
+
 extern "C" void quantize_fp8(const float* x, uint8_t* codes, float* residual, int64_t n, const float* down,
-                             const float* up, int64_t unit, float bound, int e5m2) {
-    if (e5m2) quantize<true>(x, codes, residual, n, down, up, unit, bound);
-    else quantize<false>(x, codes, residual, n, down, up, unit, bound);
+                             const float* up, int64_t unit, float bound, int e5m2, int threads) {
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int64_t first, end, block, size;
+        if (share(n, unit, &first, &end, &block, &size)) {
+            float* r = residual ? residual + first : 0;
+            if (e5m2) quantize<true>(x + first, codes + first, r, end - first, down + block, up + block, size, bound);
+            else quantize<false>(x + first, codes + first, r, end - first, down + block, up + block, size, bound);
+        }
+    }
 }
 
 extern "C" void accumulate_fp8(const uint8_t* const* codes, const float* const* factors, int ranks, float* total,
-                               int64_t n, int64_t unit, int e5m2) {
-    if (e5m2) accumulate<true>(codes, factors, ranks, total, n, unit);
-    else accumulate<false>(codes, factors, ranks, total, n, unit);
+                               int64_t n, int64_t unit, int e5m2, int threads) {
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int64_t first, end, block, size;
+        if (share(n, unit, &first, &end, &block, &size)) {
+            const uint8_t* c[ranks];
+            const float* f[ranks];
+            for (int r = 0; r < ranks; ++r) c[r] = codes[r] + first, f[r] = factors[r] + block;
+            if (e5m2) accumulate<true>(c, f, ranks, total + first, end - first, size);
+            else accumulate<false>(c, f, ranks, total + first, end - first, size);
+        }
+    }
 }
 """
 
@@ -199,9 +238,9 @@ def load_kernel() -> ctypes.CDLL:
     lib = compile_library(_SOURCE)
     pointer, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.quantize_fp8.restype = lib.accumulate_fp8.restype = lib.block_amax.restype = None
-    lib.block_amax.argtypes = [pointer, i64, i64, pointer]
-    lib.quantize_fp8.argtypes = [pointer, pointer, pointer, i64, pointer, pointer, i64, f32, i32]
-    lib.accumulate_fp8.argtypes = [pointer, pointer, i32, pointer, i64, i64, i32]
+    lib.block_amax.argtypes = [pointer, i64, i64, pointer, i32]
+    lib.quantize_fp8.argtypes = [pointer, pointer, pointer, i64, pointer, pointer, i64, f32, i32, i32]
+    lib.accumulate_fp8.argtypes = [pointer, pointer, i32, pointer, i64, i64, i32, i32]
     return lib
 
 
@@ -216,6 +255,11 @@ def _factors(factors: torch.Tensor | None, n: int, unit: int | None) -> tuple[to
         raise ValueError(f"fp8 kernels: float32 factors, one or one per unit of the {n} elements; got "
                          f"{factors.numel()} factors, unit {unit}")
     return factors, max(n, 1) if one else unit
+
+
+def _threads(n: int) -> int:
+    """torch's thread count for a call of ``n`` elements or more than ``_PARALLEL``; else one."""
+    return torch.get_num_threads() if n >= _PARALLEL else 1
 
 
 def _check(tensor: torch.Tensor, dtypes, n: int, name: str) -> None:
@@ -245,7 +289,7 @@ def quantize_fp8_(x: torch.Tensor, codes: torch.Tensor, residual: torch.Tensor |
     (down, unit_), (up, _) = _factors(down, n, unit), _factors(up, n, unit)
     load_kernel().quantize_fp8(x.data_ptr(), codes.data_ptr(), 0 if residual is None else residual.data_ptr(), n,
                                down.data_ptr(), up.data_ptr(), unit_, float("inf") if bound is None else bound,
-                               FP8_DTYPES[codes.dtype])
+                               FP8_DTYPES[codes.dtype], _threads(n))
 
 
 def accumulate_fp8_(codes: list[torch.Tensor], total: torch.Tensor, factors: list[torch.Tensor | None],
@@ -269,7 +313,7 @@ def accumulate_fp8_(codes: list[torch.Tensor], total: torch.Tensor, factors: lis
         raise ValueError("accumulate_fp8_: one factor tensor per rank, all one or all one per unit")
     pointers = ctypes.c_void_p * len(codes)
     load_kernel().accumulate_fp8(pointers(*(c.data_ptr() for c in codes)), pointers(*(f.data_ptr() for f, _ in checked)),
-                                 len(codes), total.data_ptr(), n, checked[0][1], FP8_DTYPES[codes[0].dtype])
+                                 len(codes), total.data_ptr(), n, checked[0][1], FP8_DTYPES[codes[0].dtype], _threads(n))
     return total
 
 
@@ -278,5 +322,5 @@ def block_amax(x: torch.Tensor, unit: int) -> torch.Tensor:
     magnitude, NaN where it holds a NaN: ``torch.maximum(amax, -amin)`` per block."""
     _check(x, (torch.float32,), x.numel(), "x")
     out = torch.empty(-(-x.numel() // unit), dtype=torch.float32)
-    load_kernel().block_amax(x.data_ptr(), x.numel(), unit, out.data_ptr())
+    load_kernel().block_amax(x.data_ptr(), x.numel(), unit, out.data_ptr(), _threads(x.numel()))
     return out

@@ -84,3 +84,25 @@ def test_factors_that_do_not_match_the_blocks_are_refused():
     with pytest.raises(ValueError, match="one per unit"):
         quantize_fp8_(torch.zeros(64), torch.empty(64, dtype=torch.float8_e5m2), None, torch.ones(3), torch.ones(3),
                       32, None)
+
+
+@pytest.mark.parametrize("unit", [None, 32])
+def test_threads_split_the_work_without_changing_a_bit(unit):
+    n = (1 << 17) + 13  # past the size from which a call splits its blocks among torch's threads
+    x = _hard(n - n % 32 if unit else n)
+    n = x.numel()
+    blocks = 1 if unit is None else n // unit
+    e = torch.randint(-3, 4, (blocks,), generator=torch.Generator().manual_seed(3)).float()
+    out = {}
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            codes, residual = torch.empty(n, dtype=torch.float8_e4m3fn), torch.empty(n)
+            quantize_fp8_(x, codes, residual, torch.exp2(-e), torch.exp2(e), unit, 448.0)
+            total = accumulate_fp8_([codes, codes], torch.empty(n), [torch.exp2(e)] * 2, unit)
+            out[threads] = (codes.view(torch.uint8), residual, total, block_amax(x, unit or 32))
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(out[1][0], out[2][0])
+    assert all(_same(a, b) for a, b in zip(out[1][1:], out[2][1:]))
