@@ -3,18 +3,21 @@ is plain Adam(W), with the same numbers as the decode / torch / encode path, and
 that path (warning once) where the kernel cannot be built."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn as nn
 
 from mpcompile.formats import parse
+from mpcompile.ops.observe import observing
 from mpcompile.policy import OptimizerSettings
 from mpcompile.runtime.optim import LowPrecisionOptimizer, codebook_adam
 
 MOMENTS = ("blockwise(dynamic4,128)", "blockwise(dynamic8u,128)")
 
 
-def _train(storage: str, optimizer_cls=torch.optim.AdamW, steps: int = 4, **options) -> nn.Module:
+def _train(storage: str, optimizer_cls=torch.optim.AdamW, steps: int = 4, observe=(), **options) -> nn.Module:
     """A model with large and small parameters, and one large layer that only some steps use."""
     torch.manual_seed(0)
     model = nn.ModuleDict({"a": nn.Linear(64, 100), "b": nn.Linear(100, 10), "spare": nn.Linear(64, 70)})
@@ -29,7 +32,8 @@ def _train(storage: str, optimizer_cls=torch.optim.AdamW, steps: int = 4, **opti
             out = out + model["spare"](x)[:, :10]
         optimizer.zero_grad(set_to_none=True)
         out.square().mean().backward()
-        optimizer.step()
+        with observing(observe[step]) if step < len(observe) and observe[step] else contextlib.nullcontext():
+            optimizer.step()
     return model
 
 
@@ -70,4 +74,18 @@ def test_a_kernel_that_cannot_be_built_falls_back_with_one_warning(monkeypatch):
         packed = _train("packed")
     assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1
     for p, q in zip(emulated.parameters(), packed.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_observed_steps_take_torchs_path_and_change_no_bit(monkeypatch):
+    """A monitored step reads the decoded states, so it decodes and lets torch step; the runs
+    then go on through the kernel with the same numbers as a run nobody watched."""
+    plain = _train("packed", steps=5)
+    seen = []
+    calls = _count_kernel_calls(monkeypatch)
+    watch = lambda role, raw, rounded, spec, key: seen.append(role)  # noqa: E731
+    watched = _train("packed", steps=5, observe=(None, watch, None, watch, None))
+    assert calls == [6400, 4480, 6400, 4480]  # steps 3 and 5, spare layer too (1 packs; 2 and 4 are observed)
+    assert {"momentum", "second_moment"} <= set(seen)
+    for p, q in zip(plain.parameters(), watched.parameters()):
         assert torch.equal(p, q)
