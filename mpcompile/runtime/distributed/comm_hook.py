@@ -16,6 +16,7 @@ scratch buffers from step to step; on the CPU the fp8 rounding (with its residua
 sum and the blocks' amaxes are fused C++ kernels (``codegen/comm_hook_cpu.py``), bit-identical
 to the torch operations they replace (benchmarks/comm.py, docs/distributed.md).
 """
+import itertools
 import math  # no `from __future__ import annotations`: DDP reads the hook's annotations as types
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -112,21 +113,18 @@ def _add_residuals_(x: torch.Tensor, residuals: "list[torch.Tensor | None]", siz
     """Each parameter's residual (where it has one) added to its stretch of ``x``, in place; with
     ``amax``, each parameter's largest magnitude (NaN if it holds one), from the same pass while a
     piece is in cache (aminmax: no |x| copy; linalg's inf-norm is ten times slower)."""
-    largest, start = [], 0
-    for residual, n, length in zip(residuals, sizes, padded):
-        ends = []
-        for first in range(start, start + length, _PIECE):
-            piece = x[first:min(first + _PIECE, start + length)]
-            if residual is not None and first < start + n:
-                stop = min(first + _PIECE, start + n)
-                piece[:stop - first].add_(residual[first - start:stop - start].to(x.device))
-            if amax:
-                ends.append(torch.stack(torch.aminmax(piece)))
+    starts = [0, *itertools.accumulate(padded)]
+    ends: list[list[torch.Tensor]] = [[] for _ in padded]
+    for piece, i in _pieces(padded, None, per_parameter=True):
+        first, stop = piece.start - starts[i], min(piece.stop - starts[i], sizes[i])  # within the parameter
+        if residuals[i] is not None and first < stop:
+            x[piece.start:piece.start + stop - first].add_(residuals[i][first:stop].to(x.device))
         if amax:
-            lo_hi = torch.stack(ends) if ends else x.new_zeros(1, 2)  # a parameter of no elements: 0
-            largest.append(torch.maximum(lo_hi[:, 1].max(), -lo_hi[:, 0].min()))
-        start += length
-    return torch.stack(largest) if amax else None
+            ends[i].append(torch.stack(torch.aminmax(x[piece])))
+    if not amax:
+        return None
+    lo_hi = [torch.stack(e) if e else x.new_zeros(1, 2) for e in ends]  # a parameter of no elements: 0
+    return torch.stack([torch.maximum(t[:, 1].max(), -t[:, 0].min()) for t in lo_hi])
 
 
 def _exponents(state: "QuantizedGradients", amax: torch.Tensor, fmt_max: float) -> torch.Tensor:
