@@ -19,12 +19,11 @@ import torch
 
 from ..formats import CodebookFormat
 from ..formats.codebook_codes import rounding_table
-from .cpu_kernels import compile_library
+from .cpu_kernels import compile_library, require_cpu, threads_for
 
 __all__ = ["AdamHyper", "load_kernel", "takes_formats", "blockwise_adam_step"]
 
 _CHUNK = 1 << 15  # elements a call takes: both moments' float32 values (256 KB) stay in L2
-_PARALLEL = 1 << 14  # from this many elements a call splits its blocks among torch's threads
 
 # Each line of the update mirrors one of torch's CPU kernels: lerp's and addcmul's vectorised
 # bodies are fmas; mul, div and addcdiv round each operation (-ffp-contract=off: nothing else fuses).
@@ -195,7 +194,7 @@ def blockwise_adam_step(param: torch.Tensor, grad: torch.Tensor, m: tuple[torch.
     tables = [(fmt.bits, *(t.data_ptr() for t in _tables(fmt))) for fmt in (m_fmt, v_fmt)]
     for first in range(0, numel, chunk):
         n = min(chunk, numel - first)
-        threads = torch.get_num_threads() if n >= _PARALLEL else 1
+        threads = threads_for(n)
         codes = [(state[0].data_ptr() + first * fmt.bits // 8, state[1].data_ptr() + first // size * 4)
                  for state, fmt in ((m, m_fmt), (v, v_fmt))]
         p, g = param.data_ptr() + 4 * first, grad.data_ptr() + 4 * first
@@ -210,16 +209,14 @@ def blockwise_adam_step(param: torch.Tensor, grad: torch.Tensor, m: tuple[torch.
 def _check(param: torch.Tensor, grad: torch.Tensor, m: tuple[torch.Tensor, torch.Tensor],
            v: tuple[torch.Tensor, torch.Tensor], m_fmt: CodebookFormat, v_fmt: CodebookFormat) -> None:
     """The kernel reads raw pointers: refuse what would make it read or write out of bounds."""
-    tensors = (param, grad, *m, *v)
-    if not all(t.device.type == "cpu" and t.is_contiguous() for t in tensors) or param.shape != grad.shape \
-            or param.dtype != torch.float32 or grad.dtype != torch.float32:
-        raise ValueError("blockwise_adam_step: param and grad must be float32 tensors of one shape, and all tensors "
-                         "contiguous on the CPU")
+    require_cpu("blockwise_adam_step: param", param, (torch.float32,))
+    require_cpu("blockwise_adam_step: grad", grad, (torch.float32,), param.numel())
     if not takes_formats(m_fmt, v_fmt):
         raise ValueError(f"blockwise_adam_step: {m_fmt} and {v_fmt} must share a block size and have 4 or 8 bits")
     blocks = -(-param.numel() // m_fmt.block_size)
     for (codes, absmax), fmt in ((m, m_fmt), (v, v_fmt)):
-        if codes.dtype != torch.uint8 or absmax.dtype != torch.float32 or absmax.numel() != blocks \
-                or codes.numel() != blocks * fmt.block_size * fmt.bits // 8:
+        require_cpu(f"blockwise_adam_step: the codes of {fmt}", codes, (torch.uint8,))
+        require_cpu(f"blockwise_adam_step: the absmax of {fmt}", absmax, (torch.float32,))
+        if absmax.numel() != blocks or codes.numel() != blocks * fmt.block_size * fmt.bits // 8:
             raise ValueError(f"blockwise_adam_step: the codes and absmax of {fmt} do not cover {param.numel()} "
                              f"elements (block_codes' layout)")

@@ -21,12 +21,11 @@ import functools
 
 import torch
 
-from .cpu_kernels import compile_library
+from .cpu_kernels import compile_library, require_cpu, threads_for
 
 __all__ = ["FP8_DTYPES", "load_kernel", "quantize_fp8_", "accumulate_fp8_", "block_amax"]
 
 FP8_DTYPES = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1}
-_PARALLEL = 1 << 16  # from this many elements a call splits its blocks among torch's threads
 
 _SOURCE = r"""
 #include <omp.h>
@@ -250,21 +249,11 @@ def _factors(factors: torch.Tensor | None, n: int, unit: int | None) -> tuple[to
     if factors is None:
         factors = torch.ones(1)
     one = factors.numel() == 1
-    if not (factors.dtype == torch.float32 and factors.is_contiguous() and factors.device.type == "cpu"
-            and (one or unit is not None and factors.numel() == -(-n // unit))):
+    require_cpu("fp8 kernels: factors", factors, (torch.float32,))
+    if not (one or unit is not None and factors.numel() == -(-n // unit)):
         raise ValueError(f"fp8 kernels: float32 factors, one or one per unit of the {n} elements; got "
                          f"{factors.numel()} factors, unit {unit}")
     return factors, max(n, 1) if one else unit
-
-
-def _threads(n: int) -> int:
-    """torch's thread count for a call of ``n`` elements or more than ``_PARALLEL``; else one."""
-    return torch.get_num_threads() if n >= _PARALLEL else 1
-
-
-def _check(tensor: torch.Tensor, dtypes, n: int, name: str) -> None:
-    if not (tensor.dtype in dtypes and tensor.numel() == n and tensor.is_contiguous() and tensor.device.type == "cpu"):
-        raise ValueError(f"fp8 kernels: {name} must be {n} contiguous CPU elements of {dtypes}")
 
 
 def quantize_fp8_(x: torch.Tensor, codes: torch.Tensor, residual: torch.Tensor | None, down: torch.Tensor | None,
@@ -282,14 +271,14 @@ def quantize_fp8_(x: torch.Tensor, codes: torch.Tensor, residual: torch.Tensor |
         bound: the clamp's bound, or None.
     """
     n = x.numel()
-    _check(x, (torch.float32,), n, "x")
-    _check(codes, tuple(FP8_DTYPES), n, "codes")
+    require_cpu("quantize_fp8_: x", x, (torch.float32,), n)
+    require_cpu("quantize_fp8_: codes", codes, tuple(FP8_DTYPES), n)
     if residual is not None:
-        _check(residual, (torch.float32,), n, "residual")
+        require_cpu("quantize_fp8_: residual", residual, (torch.float32,), n)
     (down, unit_), (up, _) = _factors(down, n, unit), _factors(up, n, unit)
     load_kernel().quantize_fp8(x.data_ptr(), codes.data_ptr(), 0 if residual is None else residual.data_ptr(), n,
                                down.data_ptr(), up.data_ptr(), unit_, float("inf") if bound is None else bound,
-                               FP8_DTYPES[codes.dtype], _threads(n))
+                               FP8_DTYPES[codes.dtype], threads_for(n))
 
 
 def accumulate_fp8_(codes: list[torch.Tensor], total: torch.Tensor, factors: list[torch.Tensor | None],
@@ -304,23 +293,23 @@ def accumulate_fp8_(codes: list[torch.Tensor], total: torch.Tensor, factors: lis
         factors, unit: each rank's factors, as ``quantize_fp8_``'s ``down``.
     """
     n = total.numel()
-    _check(total, (torch.float32,), n, "total")
-    for c in codes:
-        _check(c, (codes[0].dtype,), n, "codes")
-    _check(codes[0], tuple(FP8_DTYPES), n, "codes")
+    require_cpu("accumulate_fp8_: total", total, (torch.float32,), n)
+    require_cpu("accumulate_fp8_: codes", codes[0], tuple(FP8_DTYPES), n)
+    for c in codes[1:]:
+        require_cpu("accumulate_fp8_: codes", c, (codes[0].dtype,), n)
     checked = [_factors(f, n, unit) for f in factors]
     if len({u for _, u in checked}) != 1 or len(checked) != len(codes):
         raise ValueError("accumulate_fp8_: one factor tensor per rank, all one or all one per unit")
     pointers = ctypes.c_void_p * len(codes)
     load_kernel().accumulate_fp8(pointers(*(c.data_ptr() for c in codes)), pointers(*(f.data_ptr() for f, _ in checked)),
-                                 len(codes), total.data_ptr(), n, checked[0][1], FP8_DTYPES[codes[0].dtype], _threads(n))
+                                 len(codes), total.data_ptr(), n, checked[0][1], FP8_DTYPES[codes[0].dtype], threads_for(n))
     return total
 
 
 def block_amax(x: torch.Tensor, unit: int) -> torch.Tensor:
     """Each block's (``unit`` elements of float32 ``x``; the last may be shorter) largest
     magnitude, NaN where it holds a NaN: ``torch.maximum(amax, -amin)`` per block."""
-    _check(x, (torch.float32,), x.numel(), "x")
+    require_cpu("block_amax: x", x, (torch.float32,))
     out = torch.empty(-(-x.numel() // unit), dtype=torch.float32)
-    load_kernel().block_amax(x.data_ptr(), x.numel(), unit, out.data_ptr(), _threads(x.numel()))
+    load_kernel().block_amax(x.data_ptr(), x.numel(), unit, out.data_ptr(), threads_for(x.numel()))
     return out

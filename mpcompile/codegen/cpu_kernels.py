@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import ctypes
 
-__all__ = ["PRELUDE", "compile_library"]
+import torch
+
+__all__ = ["PRELUDE", "PARALLEL_FROM", "compile_library", "threads_for", "require_cpu"]
+
+PARALLEL_FROM = 1 << 14  # elements from which a call splits its blocks among torch's threads (OpenMP)
 
 PRELUDE = r"""
 #pragma GCC optimize("tree-loop-vectorize")
@@ -57,3 +61,22 @@ def compile_library(source: str) -> ctypes.CDLL:
     """``PRELUDE + source`` compiled and loaded (inductor caches it on disk by its text)."""
     from torch._inductor.codecache import CppCodeCache  # inductor loads only where a kernel runs
     return CppCodeCache.load(PRELUDE + source)
+
+
+def threads_for(numel: int) -> int:
+    """The threads a kernel call over ``numel`` elements takes: torch's, from ``PARALLEL_FROM`` on."""
+    return torch.get_num_threads() if numel >= PARALLEL_FROM else 1
+
+
+def require_cpu(what: str, tensor: torch.Tensor, dtypes: tuple[torch.dtype, ...], numel: int | None = None) -> None:
+    """The kernels read raw pointers: a tensor of another dtype, size or layout is refused.
+
+    Raises:
+        ValueError: naming ``what``, unless ``tensor`` is contiguous, on the CPU, of one of
+            ``dtypes`` and (where given) of ``numel`` elements.
+    """
+    if not (tensor.dtype in dtypes and tensor.is_contiguous() and tensor.device.type == "cpu"
+            and (numel is None or tensor.numel() == numel)):
+        size = "" if numel is None else f"{numel} "
+        raise ValueError(f"{what} must be {size}contiguous CPU elements of {', '.join(map(str, dtypes))}; got "
+                         f"{tensor.numel()} of {tensor.dtype} on {tensor.device}")
