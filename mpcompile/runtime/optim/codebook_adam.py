@@ -36,14 +36,14 @@ def _numbers(group: dict) -> list:
 
 
 def fused_segments(optimizer: torch.optim.Optimizer, runs: dict[tuple[str, torch.device], CodebookStates],
-                   params: list[torch.Tensor], large: set[int]) -> list[int] | None:
+                   params: list[torch.Tensor], large: list[int]) -> list[int] | None:
     """The parameters (indices) the kernel steps now, or None where torch must step them all.
 
     Args:
         optimizer: the wrapped optimizer.
         runs: the packed runs, by (state name, device).
         params: the optimizer's parameters, in order.
-        large: the indices of the parameters whose states are codebook codes.
+        large: the indices (in order) of the parameters whose states are codebook codes.
     """
     m, v = runs.get(("exp_avg", torch.device("cpu"))), runs.get(("exp_avg_sq", torch.device("cpu")))
     if m is None or v is None or len(runs) != 2 or not _plain(optimizer):
@@ -62,7 +62,7 @@ def fused_segments(optimizer: torch.optim.Optimizer, runs: dict[tuple[str, torch
     if not run_or_fall_back(_FAILED, "kernel", lambda: load_kernel() or True, lambda: False,
                             "the fused CPU 8-bit Adam kernel"):
         return None
-    return sorted(stepped)
+    return stepped
 
 
 def step_fused(optimizer: torch.optim.Optimizer, runs: dict[tuple[str, torch.device], CodebookStates],

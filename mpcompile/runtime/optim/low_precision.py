@@ -145,8 +145,8 @@ class LowPrecisionOptimizer:
                     p.grad.copy_(self._round(p.grad, s.gradient))
         self.unpack_weights()
         params = list(self._params())
-        fused = None if observed() else fused_segments(self.optimizer, self._runs, params,
-                                                       {i for i, p in enumerate(params) if p.numel() >= MIN_NUMEL})
+        large = [i for i, p in enumerate(params) if p.numel() >= MIN_NUMEL]  # their codebook states are codes
+        fused = None if observed() else fused_segments(self.optimizer, self._runs, params, large)
         self._unpack(runs=fused is None)
         if fused is None:
             self.optimizer.step()
@@ -167,23 +167,23 @@ class LowPrecisionOptimizer:
                 rounded = self._round(p, s.master)
                 notify("master", p, rounded, s.master, p)
                 p.copy_(rounded)
-        self._round_codebook_states(params)
+        self._round_codebook_states(params, large)
         if self._weights is not None:
             self._weights.pack()
 
-    def _round_codebook_states(self, params: list[torch.Tensor]) -> None:
+    def _round_codebook_states(self, params: list[torch.Tensor], large: list[int]) -> None:
         """Round the states whose format is a codebook format, of the parameters torch stepped
-        that have at least ``MIN_NUMEL`` elements; packed, encode each state's run at once."""
+        among ``large`` (those of at least ``MIN_NUMEL`` elements); packed, encode each state's
+        run at once."""
         codebooks = [(key, role, fmt) for key, role in STATE_ROLES.items()
                      if isinstance(fmt := getattr(self.settings, role), CodebookFormat)]
         if not codebooks:
             return
-        large = [(i, p) for i, p in enumerate(params) if p.numel() >= MIN_NUMEL]
-        stepped = {i for i, p in large if p.grad is not None}
+        stepped = {i for i in large if params[i].grad is not None}
         for key, role, fmt in codebooks:
             held: dict[torch.device, dict[int, torch.Tensor]] = {}
-            for i, p in large:
-                state = self.optimizer.state.get(p, {})
+            for i in large:
+                state = self.optimizer.state.get(params[i], {})
                 if isinstance(state.get(key), torch.Tensor):
                     held.setdefault(state[key].device, {})[i] = state[key]
             for device, states in held.items():
