@@ -11,10 +11,11 @@ and scales are all-gathered, every rank decodes all of them, and the mean of the
 gradients is taken in fp32 in rank order, so every rank holds the same bytes. A scale is a
 power of two from ``ceil(log2(amax / max))``: dividing by it is exact and no element passes the
 format's largest value; it travels as its int8 exponent. Bytes sent per rank are counted
-(``Traffic``) against the nominal bits. The cast path runs piece by piece in cache and keeps its
-scratch buffers from step to step; on the CPU the fp8 rounding (with its residual), the ranks'
-sum and the blocks' amaxes are fused C++ kernels (``codegen/comm_hook_cpu.py``), bit-identical
-to the torch operations they replace (benchmarks/comm.py, docs/distributed.md).
+(``Traffic``) against the nominal bits. The cast path keeps its scratch buffers from step to
+step; on the CPU the rounding to a torch dtype (with its residual), the ranks' sum and the
+blocks' amaxes are fused C++ kernels (``codegen/comm_hook_cpu.py``), one pass over the bucket
+each and bit-identical to the torch operations they replace, which run piece by piece in cache
+elsewhere (benchmarks/comm.py, docs/distributed.md).
 """
 import itertools
 import math  # no `from __future__ import annotations`: DDP reads the hook's annotations as types
@@ -26,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ...backends import run_or_fall_back
-from ...codegen.comm_hook_cpu import FP8_DTYPES, accumulate_fp8_, block_amax, load_kernel, quantize_fp8_
+from ...codegen.comm_hook_cpu import CODE_DTYPES, accumulate_codes_, block_amax, load_kernel, quantize_codes_
 from ...formats import BlockFormat, MXFormat, Packed, decode, encode, torch_dtype, widen
 from ...formats.block_format import SCALE_EXP_MAX, SCALE_EXP_MIN
 from ...policy import CommunicationSettings
@@ -164,14 +165,14 @@ def _cast_in_pieces(x: torch.Tensor, codes: torch.Tensor, left: torch.Tensor | N
                     padded: list[int], unit: int | None, bound: float | None, scratch: torch.Tensor) -> None:
     """``codes`` (a torch dtype) = ``x / 2**e`` cast, clamped to +-``bound`` first where set; with
     ``left``, the residual ``(x / 2**e - q) * 2**e`` too. Piece by piece through ``scratch``: x is
-    read from memory once, and the scaled piece stays in cache for the cast and the residual. An
-    fp8 on the CPU takes the fused kernel, one pass a piece."""
+    read from memory once, and the scaled piece stays in cache for the cast and the residual. On
+    the CPU the fused kernel takes each stretch of one scale in one pass."""
     per_parameter = exponents is not None and unit is None
     down, up = _factors(exponents, per_parameter, -1), _factors(exponents, per_parameter, 1)
-    fused = codes.dtype in FP8_DTYPES and codes.device.type == "cpu" and _cpu_kernels()
-    for piece, which in _pieces(padded, unit, per_parameter):
+    fused = codes.dtype in CODE_DTYPES and codes.device.type == "cpu" and _cpu_kernels()
+    for piece, which in _pieces(padded, unit, per_parameter, None if fused else _PIECE):
         if fused:
-            quantize_fp8_(x[piece], codes[piece], None if left is None else left[piece],
+            quantize_codes_(x[piece], codes[piece], None if left is None else left[piece],
                           _factor_tensor(down, which), _factor_tensor(up, which), unit, bound)
             continue
         scaled = scratch[:piece.stop - piece.start].copy_(x[piece])
@@ -202,7 +203,7 @@ def _factor(factors: "list[float] | torch.Tensor | None", which: Any) -> "float 
 
 
 def _factor_tensor(factors: "list[float] | torch.Tensor | None", which: Any) -> torch.Tensor | None:
-    """``_factor`` as the fp8 kernel takes it: a float32 tensor of one factor, or of one per block."""
+    """``_factor`` as the fused kernels take it: a float32 tensor of one factor, or of one per block."""
     f = _factor(factors, which)
     if isinstance(f, float):
         return torch.tensor([f], dtype=torch.float32)
@@ -218,11 +219,11 @@ def _sum_ranks_(total: torch.Tensor, spare: torch.Tensor, values: list[torch.Ten
     the mean of the rescaled values, in fewer passes over memory."""
     per_parameter = exponents[0] is not None and unit is None
     factors = [_factors(e, per_parameter, 1) for e in exponents]
-    fused = values[0].dtype in FP8_DTYPES and total.device.type == "cpu" and _cpu_kernels()
-    for piece, which in _pieces(padded, unit, per_parameter):
+    fused = values[0].dtype in CODE_DTYPES and total.device.type == "cpu" and _cpu_kernels()
+    for piece, which in _pieces(padded, unit, per_parameter, None if fused else _PIECE):
         t = total[piece]
         if fused:  # widen, scale, sum and divide in one pass over the piece
-            accumulate_fp8_([v[piece] for v in values], t, [_factor_tensor(f, which) for f in factors], unit)
+            accumulate_codes_([v[piece] for v in values], t, [_factor_tensor(f, which) for f in factors], unit)
             continue
         for rank, (v, rank_factors) in enumerate(zip(values, factors)):
             f = _factor(rank_factors, which)
@@ -240,18 +241,20 @@ def _sum_ranks_(total: torch.Tensor, spare: torch.Tensor, values: list[torch.Ten
     return total
 
 
-def _pieces(padded: list[int], unit: int | None, per_parameter: bool) -> Iterator[tuple[slice, Any]]:
-    """The bucket in pieces of at most ``_PIECE`` elements and what scales each: with a scale per
-    parameter, pieces within one parameter and its index; with one per block, pieces of whole
-    blocks and their block slice; with none, None."""
-    start = 0
+def _pieces(padded: list[int], unit: int | None, per_parameter: bool,
+            limit: int | None = _PIECE) -> Iterator[tuple[slice, Any]]:
+    """The bucket in pieces of at most ``limit`` elements (None: as large as the scales allow)
+    and what scales each: with a scale per parameter, pieces within one parameter and its index;
+    with one per block, pieces of whole blocks and their block slice; with none, None. The fused
+    kernels take whole stretches: they make one pass whatever the length."""
+    start, total = 0, sum(padded)
     if per_parameter:
         for i, n in enumerate(padded):
-            for s in range(start, start + n, _PIECE):
-                yield slice(s, min(s + _PIECE, start + n)), i
+            for s in range(start, start + n, limit or max(n, 1)):
+                yield slice(s, min(s + (limit or n), start + n)), i
             start += n
         return
-    total, step = sum(padded), _PIECE if unit is None else max(_PIECE // unit, 1) * unit
+    step = max(total, 1) if limit is None else limit if unit is None else max(limit // unit, 1) * unit
     for s in range(0, total, step):
         e = min(s + step, total)
         yield slice(s, e), None if unit is None else slice(s // unit, e // unit)
@@ -266,15 +269,14 @@ def _scale_piece_(t: torch.Tensor, factor, unit: int | None) -> None:
 
 def _gather(state: QuantizedGradients, tensor: torch.Tensor, buffer: str | None = None) -> list[torch.Tensor]:
     """Every rank's ``tensor``, in rank order, into the state's ``buffer`` if named; sent as its
-    bytes (gloo has no int16)."""
-    raw = tensor.contiguous().view(torch.uint8)
-    if buffer is None:
-        out = [torch.empty_like(raw) for _ in range(state.world)]
-    else:
-        out = list(state.buffer(buffer, raw.numel() * state.world, torch.uint8).view(state.world, *raw.shape).unbind())
-    dist.all_gather(out, raw, group=state.group)
+    bytes (gloo has no int16), into one tensor (a list of outputs costs gloo a copy of them all)."""
+    raw = tensor.contiguous().view(torch.uint8).reshape(-1)
+    numel = raw.numel() * state.world
+    out = torch.empty(numel, dtype=torch.uint8, device=raw.device) if buffer is None else \
+        state.buffer(buffer, numel, torch.uint8)
+    dist.all_gather_single(out, raw, group=state.group)
     state.traffic.sent += raw.numel()
-    return [t.view(tensor.dtype) for t in out]
+    return [t.view(tensor.dtype).view(tensor.shape) for t in out.view(state.world, -1).unbind()]
 
 
 def quantized_allreduce_hook(state: QuantizedGradients, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

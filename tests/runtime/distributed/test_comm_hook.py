@@ -21,6 +21,8 @@ SETTINGS = {
                                                        shared_scale=True),
     "mxfp8_e5m2": CommunicationSettings(format=parse("mxfp8_e5m2"), scaling="none"),
     "fp8_e4m3 saturating, tensor scale": CommunicationSettings(format=parse("fp8_e4m3")),
+    "bf16": CommunicationSettings(format=parse("bf16")),
+    "fp16 + error feedback, no scale": CommunicationSettings(format=parse("fp16"), scaling="none", error_feedback=True),
 }
 
 
@@ -63,11 +65,11 @@ def _steps(settings: CommunicationSettings, steps: int = 3) -> list[torch.Tensor
 @pytest.mark.parametrize("name", list(SETTINGS))
 def test_the_kernels_give_the_torch_paths_means(one_process_group, monkeypatch, name):
     calls = []
-    for kernel in ("quantize_fp8_", "accumulate_fp8_"):
+    for kernel in ("quantize_codes_", "accumulate_codes_"):
         wrapped = getattr(comm_hook, kernel)
         monkeypatch.setattr(comm_hook, kernel, lambda *a, _k=kernel, _f=wrapped, **kw: (calls.append(_k), _f(*a, **kw))[1])
     fused = _steps(SETTINGS[name])
-    assert {"quantize_fp8_", "accumulate_fp8_"} <= set(calls)
+    assert {"quantize_codes_", "accumulate_codes_"} <= set(calls)
     monkeypatch.setattr(comm_hook, "_cpu_kernels", lambda: False)
     reference = _steps(SETTINGS[name])
     for a, b in zip(fused, reference):
