@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..random_bits import counter_words, stream_seed
+from ..profiling import section
 from .emulate import emulated_matmul
 from .exact import grid_of, round_exact, two_prod, two_sum
 from .gemm_backends import GemmFusion, backend_gemm, has_gemm_backend, rounds_in_kernel
@@ -45,8 +46,9 @@ def round_role(roles: RoleFormats, name: str, x, axis: int, seed: int | None, sc
     has no format."""
     i = ROLES.index(name)
     spec = roles.get(name)
-    y = quantize_role(x, spec, axis=axis, seed=op_seed(seed, 16 + i), scale=None if scales is None else scales[i],
-                      blocks=blocks)
+    with section("quantize"):
+        y = quantize_role(x, spec, axis=axis, seed=op_seed(seed, 16 + i), scale=None if scales is None else scales[i],
+                          blocks=blocks)
     if spec is not None:
         notify(name, x, y, spec)
     return y
@@ -442,7 +444,8 @@ def channel_rows(t: torch.Tensor, groups: int) -> torch.Tensor:
 
 def _conv_gemm(x, w, stride, padding, dilation, groups, spec, seed, roles=(None, None)):
     """An emulated convolution without bias: float64 accumulator values, (N, C_out, *O)."""
-    a, b, out_shape, to_output = conv_as_gemm_operands(x, w, stride, padding, dilation, groups)
+    with section("im2col"):
+        a, b, out_shape, to_output = conv_as_gemm_operands(x, w, stride, padding, dilation, groups)
     return to_output(emulated(a, b, spec, seed, roles, index=conv_index(spec, a, out_shape, groups)))
 
 
@@ -524,13 +527,16 @@ def conv_backward(grad, x, w, has_bias, stride, padding, dilation, groups, roles
     gb = sum_rows(g.rounded.transpose(0, 1).reshape(c_out, -1).t(), bwd, op_seed(seed, 3)) if has_bias else None
 
     def gx_operands(gt, wt):  # grad_input: a stride-1 convolution of the upsampled gradient
-        a, b, x_shape, to_input = conv_as_gemm_operands(
-            *transposed_conv_operands(gt, wt, x.shape, stride, padding, dilation, groups), groups)
+        with section("im2col"):
+            a, b, x_shape, to_input = conv_as_gemm_operands(
+                *transposed_conv_operands(gt, wt, x.shape, stride, padding, dilation, groups), groups)
         return a, b, to_input, conv_index(bwd, a, x_shape, groups)
 
     def gw_operands(gt, xt):  # grad_weight: grad_output's rows against the input's patches
-        patches = conv_as_gemm_operands(xt, w, stride, padding, dilation, groups)[0]
-        return channel_rows(gt, groups), patches, lambda y: y.reshape(w.shape), None
+        with section("im2col"):
+            patches = conv_as_gemm_operands(xt, w, stride, padding, dilation, groups)[0]
+            rows = channel_rows(gt, groups)
+        return rows, patches, lambda y: y.reshape(w.shape), None
 
     # the unfolded and permuted operands are not laid out as their role tensors, and hold padding zeros
     gx = backward_gemm(g, ws, gx_operands, bwd, op_seed(seed, 1), "grad_input", 1, plain=(False, False, False),

@@ -23,7 +23,9 @@ from dataclasses import dataclass
 import torch
 
 from ..backends import run_or_fall_back
+from ..codegen.chunk_fold_cpu import fold_chunks_, load_kernel, takes_grid
 from ..formats import FloatFormat
+from ..profiling import section
 from ..random_bits import counter_words, stream_seed
 from .exact import Grid, grid_of, round_exact, two_prod, two_sum
 from .spec import STREAM_ADD, STREAM_KAHAN, STREAM_MUL, ArithSpec, SpecError
@@ -35,6 +37,7 @@ COMPILE_MIN_STEPS = 64  # ... if the reduction has at least this many steps (els
 _BLOCK = 8  # reduction steps per compiled kernel call
 _SLAB = 8  # chunks per compiled kernel call of the chunk-sum path, if rounding them is cheap
 _EAGER_ELEMS = 1 << 22  # products materialised at once by eager code
+_GROUP_BYTES = 1 << 26  # a chunk(k) GEMM's float64 chunk operands and sums held at once
 _compile_enabled = True
 
 
@@ -236,13 +239,15 @@ def emulated_matmul(a: torch.Tensor, b: torch.Tensor, spec: ArithSpec, *, seed: 
     compiled = _compile_enabled and a.device.type == "cpu" and B * M * N * K >= COMPILE_MIN_WORK
     b64 = b.to(torch.float64)
     if _chunks_reduce(spec):  # reads a[m, k] once per 8 products: converts it in the kernel
-        return _chunks_by_reduction(plan, compiled, acc, comp, a, b64, index, seed)
-    a64 = a.to(torch.float64)
-    if spec.order == "pairwise":
-        return _pairwise(plan, a64, b64, index, seed)
+        with section("fused gemm"):
+            return _chunks_by_reduction(plan, compiled, acc, comp, a, b64, index, seed)
     if spec.chunk is not None and spec.mul is None and not split:
-        return _chunks_by_gemm(plan, acc, comp, a64, b64, index, seed)
-    return _steps(plan, compiled and K >= COMPILE_MIN_STEPS, acc, comp, a64, b64, index, seed)
+        return _chunks_by_gemm(plan, acc, comp, a, b64, index, seed)
+    a64 = a.to(torch.float64)
+    with section("fused gemm"):
+        if spec.order == "pairwise":
+            return _pairwise(plan, a64, b64, index, seed)
+        return _steps(plan, compiled and K >= COMPILE_MIN_STEPS, acc, comp, a64, b64, index, seed)
 
 
 def _chunks_reduce(spec: ArithSpec) -> bool:
@@ -322,16 +327,60 @@ def _products_below_overflow(plan: _Plan, a, b) -> bool:
     return bool(a.abs().amax().double() * b.abs().amax().double() < plan.mul.overflow)
 
 
-def _chunks_by_gemm(plan: _Plan, acc, comp, a, b, index, seed):
-    """chunk(k) with exact products: each chunk's sum is one float64 GEMM."""
-    K, k = a.shape[-1], plan.spec.chunk
-    streams = 5 if plan.spec.kahan else 2
-    for j, k0 in enumerate(range(0, K, k)):
-        partial = _fix_zero_signs(torch.matmul(a[..., k0:k0 + k], b[..., k0:k0 + k, :]), acc, comp,
-                                  a[..., k0:k0 + k], b[..., k0:k0 + k, :])
-        seeds = _step_seeds(seed, streams, range(j, j + 1), a.device)
-        acc, comp = _accumulate(plan, acc, comp, partial, index, None if seeds is None else seeds[:, 0])
+def _chunks_by_gemm(plan: _Plan, acc, comp, a, b, index, seed, kernel: bool = True):
+    """chunk(k) with exact products: the chunk sums come from float64 GEMMs over k-slices of the
+    reduction (one batched GEMM over a group of chunks, reading a and b in place), folded into
+    acc in order by the CPU kernel where it takes the spec (nearest, no Kahan), else by torch a
+    chunk at a time. A chunk sum of zero on a -0 acc is the one place a GEMM's +0 can differ
+    from the products' sum: there the kernel's fold is redone by torch, which looks at the
+    products."""
+    B, M, K = a.shape
+    N, k = b.shape[-1], plan.spec.chunk
+    a = a.to(torch.float64).contiguous()
+    chunks = -(-K // k)
+    group = max(1, min(chunks, _GROUP_BYTES // max(1, 8 * B * M * N)))
+    fold = (kernel and seed is None and comp is None and a.device.type == "cpu" and plan.spec.rounding == "nearest"
+            and takes_grid(plan.acc) and _fold_kernel())
+    start = acc.clone() if fold else None
+    for j0 in range(0, chunks, group):
+        c = min(group, chunks - j0)
+        with section("gemm products"):
+            sums = _chunk_sums(a, b, j0, c, k)
+        with section("chunk rounding"):
+            if fold:
+                if fold_chunks_(acc, sums, plan.acc):  # a zero sum met a -0 acc: torch's fold decides its sign
+                    return _chunks_by_gemm(plan, start, comp, a, b, index, seed, kernel=False)
+                continue
+            for j in range(j0, j0 + c):
+                cols = slice(j * k, min(K, (j + 1) * k))
+                partial = _fix_zero_signs(sums[:, j - j0], acc, comp, a[..., cols], b[:, cols])
+                seeds = _step_seeds(seed, 5 if plan.spec.kahan else 2, range(j, j + 1), a.device)
+                acc, comp = _accumulate(plan, acc, comp, partial, index, None if seeds is None else seeds[:, 0])
     return acc
+
+
+def _chunk_sums(a: torch.Tensor, b: torch.Tensor, j0: int, c: int, k: int) -> torch.Tensor:
+    """(B, c, M, N): the sums of chunks j0 .. j0 + c of the contiguous float64 (B, M, K) @ (B, K, N),
+    each a GEMM over its k columns of a and rows of b, read in place (a's as (c, M, k) with
+    row stride K); the last chunk may be shorter."""
+    B, M, K = a.shape
+    N = b.shape[-1]
+    k0 = j0 * k
+    full = min(c, (K - k0) // k)
+    sums = torch.empty((B, c, M, N), dtype=torch.float64, device=a.device)
+    for i in range(B):
+        if full:
+            torch.bmm(a[i, :, k0:k0 + full * k].unflatten(-1, (full, k)).transpose(0, 1),
+                      b[i, k0:k0 + full * k].unflatten(0, (full, k)), out=sums[i, :full])
+        if full < c:
+            torch.mm(a[i, :, k0 + full * k:], b[i, k0 + full * k:], out=sums[i, full])
+    return sums
+
+
+def _fold_kernel() -> bool:
+    """Whether the CPU fold kernel runs here (a build failure is warned about once)."""
+    return run_or_fall_back(_FAILED, "chunk fold", lambda: load_kernel() is not None, lambda: False,
+                            "the chunk fold's CPU kernel (codegen/chunk_fold_cpu.py)")
 
 
 def _fix_zero_signs(partial, acc, comp, a, b):

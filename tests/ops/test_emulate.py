@@ -101,6 +101,26 @@ def test_negative_zero_sums(order, mul):
     assert got.item() == 0 and math.copysign(1, got.item()) < 0
 
 
+@pytest.mark.parametrize("kernel", [True, False])
+def test_chunk_sums_by_gemm_are_folded_in_order(monkeypatch, kernel):
+    """chunk(k) of exact products: the chunk sums of a group come from GEMMs over k-slices (here
+    two chunks a group, a short last chunk, two batches) and are folded in order, by the CPU
+    kernel or by torch; both equal the reference, overflow to inf and halfway cases included."""
+    folds = []
+    fold = emulate.fold_chunks_
+    monkeypatch.setattr(emulate, "fold_chunks_", lambda *a: (folds.append(a[1].shape), fold(*a))[1])
+    monkeypatch.setattr(emulate, "_GROUP_BYTES", 8 * 2 * 5 * 3 * 2)
+    if not kernel:
+        monkeypatch.setattr(emulate, "_fold_kernel", lambda: False)
+    spec = ArithSpec(acc="e6m9", order="chunk(4)")  # hfp8's accumulator, in short chunks
+    a, b = _operands(2, 5, 19, 3, "fp8_e4m3", 4, seed=7)
+    a[1, 0] *= 2.0**26  # sums past e6m9's largest value
+    got = emulated_matmul(a, b, spec)
+    assert got.isinf().any()
+    assert_bitwise(got, _reference(a, b, spec, 0))
+    assert folds == ([(2, 2, 5, 3)] * 2 + [(2, 1, 5, 3)] if kernel else [])
+
+
 def test_eager_chunk_sums_in_row_blocks(monkeypatch):
     """Eager code bounds the products it holds by splitting the rows; the result is the same."""
     monkeypatch.setattr(emulate, "_EAGER_ELEMS", 64)

@@ -1,0 +1,78 @@
+"""The chunk fold's CPU kernel is ``ops.exact``'s fold bit for bit: ``round_exact(two_sum(acc,
+P_j), nearest)`` chunk after chunk, on accumulator formats with and without infinities, -0 and
+NaN codes; it counts the adds where a zero chunk sum meets a -0 accumulator."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mpcompile.codegen.chunk_fold_cpu import fold_chunks_, takes_grid
+from mpcompile.formats import parse
+from mpcompile.ops.exact import grid_of, round_exact, two_sum
+
+FORMATS = ["e6m9", "fp16", "bf16", "fp8_e5m2", "fp8_e4m3", "fp8_e4m3fnuz"]
+
+
+def _torch_fold(acc: torch.Tensor, partials: torch.Tensor, grid) -> torch.Tensor:
+    for j in range(partials.shape[1]):
+        s, e = two_sum(acc, partials[:, j])
+        acc = round_exact(s, e, grid, "nearest")
+    return acc
+
+
+def _hard_partials(batches: int, chunks: int, n: int, fmt, seed: int = 0) -> torch.Tensor:
+    """Sums over many binades around the format's range (so that two_sum leaves an error and
+    some sums overflow or land in the subnormals), exact midpoints with and without an error
+    behind them, zeros of both signs, infinities and NaN."""
+    g = torch.Generator().manual_seed(seed)
+    span = fmt.emax - fmt.emin + 2 * fmt.man + 8
+    exponents = torch.randint(fmt.emin - fmt.man - 4, fmt.emax + 2, (batches, chunks, n), generator=g)
+    p = torch.randn(batches, chunks, n, generator=g, dtype=torch.float64) * torch.exp2(exponents.double())
+    tiny = torch.exp2(torch.randint(-span, 0, (batches, chunks, n), generator=g).double())
+    p = torch.where(torch.rand(batches, chunks, n, generator=g) < 0.2, p + tiny * p, p)
+    half_ulp = 2.0 ** -(fmt.man + 1)  # of 1: 1 + half_ulp (1 +- 2**-52) is a float64 midpoint plus an error
+    p[:, :, :3] = 0.0
+    p[:, 0, :3] = torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64)
+    p[:, 1, :3] = torch.tensor([half_ulp * (1 + 2.0**-52), half_ulp * (1 - 2.0**-52), -half_ulp * (1 + 2.0**-52)],
+                               dtype=torch.float64)
+    p[:, :, 3] = torch.where(torch.arange(chunks) % 2 == 0, -0.0, 0.0)
+    p[:, 1, 4:8] = torch.tensor([float("inf"), -float("inf"), float("nan"), fmt.max * 2])
+    return p
+
+
+@pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_fold_is_round_exact_of_two_sum_chunk_after_chunk(name, threads):
+    fmt = parse(name)
+    grid = grid_of(fmt, "nearest", 0)
+    assert takes_grid(grid)
+    batches, chunks, n = 2, 5, 8 * 300 + 5  # lanes of eight and a short tail, tiles across batches
+    partials = _hard_partials(batches, chunks, n, fmt, seed=len(name))
+    acc = torch.zeros(batches, n, dtype=torch.float64)
+    expected = _torch_fold(acc.reshape(-1).clone(), partials.transpose(0, 1).reshape(chunks, -1).t(), grid)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fold_chunks_(acc, partials.contiguous(), grid)
+    finally:
+        torch.set_num_threads(previous)
+    got, want = acc.reshape(-1), expected
+    assert torch.equal(got.isnan(), want.isnan())
+    same = (got.view(torch.int64) == want.view(torch.int64)) | want.isnan()
+    assert bool(same.all()), f"{int((~same).sum())} of {got.numel()} differ, e.g. {got[~same][:3]} vs {want[~same][:3]}"
+
+
+def test_zero_sums_on_a_negative_zero_accumulator_are_counted():
+    grid = grid_of(parse("fp16"), "nearest", 0)
+    acc = torch.tensor([[-0.0, -0.0, 0.0, -1.0, -0.0]], dtype=torch.float64)
+    partials = torch.tensor([[[0.0, -0.0, 0.0, 0.0, 2.0**-30]]], dtype=torch.float64)
+    expected = _torch_fold(acc[0].clone(), partials[0].t(), grid)
+    assert fold_chunks_(acc, partials, grid) == 2  # the first two: a -0 acc meets a zero sum
+    assert torch.equal(acc[0].view(torch.int64), expected.view(torch.int64))
+
+
+def test_formats_the_kernel_does_not_round_to_are_refused():
+    grid = grid_of(parse("e3m2(subnormals=false)"), "nearest", 0)
+    assert not takes_grid(grid)
+    with pytest.raises(ValueError, match="reference rounding"):
+        fold_chunks_(torch.zeros(1, 4, dtype=torch.float64), torch.zeros(1, 2, 4, dtype=torch.float64), grid)
