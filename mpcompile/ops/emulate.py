@@ -37,7 +37,8 @@ COMPILE_MIN_STEPS = 64  # ... if the reduction has at least this many steps (els
 _BLOCK = 8  # reduction steps per compiled kernel call
 _SLAB = 8  # chunks per compiled kernel call of the chunk-sum path, if rounding them is cheap
 _EAGER_ELEMS = 1 << 22  # products materialised at once by eager code
-_GROUP_BYTES = 1 << 26  # a chunk(k) GEMM's float64 chunk operands and sums held at once
+_GROUP_BYTES = 1 << 24  # a chunk(k) GEMM's float64 chunk operands and sums held at once: below
+# glibc's mmap threshold (32 MB at most), they reuse freed memory instead of faulting in fresh pages
 _compile_enabled = True
 
 
@@ -329,52 +330,64 @@ def _products_below_overflow(plan: _Plan, a, b) -> bool:
 
 def _chunks_by_gemm(plan: _Plan, acc, comp, a, b, index, seed, kernel: bool = True):
     """chunk(k) with exact products: the chunk sums come from float64 GEMMs over k-slices of the
-    reduction (one batched GEMM over a group of chunks, reading a and b in place), folded into
-    acc in order by the CPU kernel where it takes the spec (nearest, no Kahan), else by torch a
-    chunk at a time. A chunk sum of zero on a -0 acc is the one place a GEMM's +0 can differ
-    from the products' sum: there the kernel's fold is redone by torch, which looks at the
-    products."""
-    B, M, K = a.shape
-    N, k = b.shape[-1], plan.spec.chunk
-    a = a.to(torch.float64).contiguous()
-    chunks = -(-K // k)
-    group = max(1, min(chunks, _GROUP_BYTES // max(1, 8 * B * M * N)))
+    reduction, folded into acc in order by the CPU kernel where it takes the spec (nearest, no
+    Kahan), else by torch a chunk at a time. A chunk sum of zero on a -0 acc is the one place a
+    GEMM's +0 can differ from the products' sum: there the kernel's fold is redone by torch,
+    which looks at the products."""
     fold = (kernel and seed is None and comp is None and a.device.type == "cpu" and plan.spec.rounding == "nearest"
             and takes_grid(plan.acc) and _fold_kernel())
-    start = acc.clone() if fold else None
-    for j0 in range(0, chunks, group):
-        c = min(group, chunks - j0)
-        with section("gemm products"):
-            sums = _chunk_sums(a, b, j0, c, k)
-        with section("chunk rounding"):
-            if fold:
-                if fold_chunks_(acc, sums, plan.acc):  # a zero sum met a -0 acc: torch's fold decides its sign
-                    return _chunks_by_gemm(plan, start, comp, a, b, index, seed, kernel=False)
-                continue
-            for j in range(j0, j0 + c):
-                cols = slice(j * k, min(K, (j + 1) * k))
-                partial = _fix_zero_signs(sums[:, j - j0], acc, comp, a[..., cols], b[:, cols])
-                seeds = _step_seeds(seed, 5 if plan.spec.kahan else 2, range(j, j + 1), a.device)
-                acc, comp = _accumulate(plan, acc, comp, partial, index, None if seeds is None else seeds[:, 0])
+    if not fold:
+        return _chunks_folded_by_torch(plan, acc, comp, a, b, index, seed)
+    B, M, K = a.shape
+    N, k = b.shape[-1], plan.spec.chunk
+    chunks = -(-K // k)
+    rows = max(1, min(M, _GROUP_BYTES // (8 * (k + N))))  # a row block's chunk of a and its sums
+    group = max(1, min(chunks, _GROUP_BYTES // (8 * rows * (k + N))))
+    for i in range(B):
+        for r0 in range(0, M, rows):
+            out = acc[i, r0:r0 + rows]
+            for j0 in range(0, chunks, group):
+                with section("gemm products"):
+                    sums = _chunk_sums(a[i, r0:r0 + rows], b[i], j0, min(group, chunks - j0), k)
+                with section("chunk rounding"):
+                    if fold_chunks_(out[None], sums[None], plan.acc):  # a zero sum met a -0 acc: torch decides
+                        return _chunks_folded_by_torch(plan, acc.zero_(), comp, a, b, index, seed)
     return acc
 
 
 def _chunk_sums(a: torch.Tensor, b: torch.Tensor, j0: int, c: int, k: int) -> torch.Tensor:
-    """(B, c, M, N): the sums of chunks j0 .. j0 + c of the contiguous float64 (B, M, K) @ (B, K, N),
-    each a GEMM over its k columns of a and rows of b, read in place (a's as (c, M, k) with
-    row stride K); the last chunk may be shorter."""
-    B, M, K = a.shape
+    """(c, M, N) float64: the sums of chunks j0 .. j0 + c of (M, K) @ (K, N), each a GEMM over its
+    k columns of a (converted to float64 once, in a buffer of these chunks only, and read as
+    (c, M, k) with row stride c * k) and rows of b; the last chunk may be shorter."""
+    M, K = a.shape
     N = b.shape[-1]
-    k0 = j0 * k
-    full = min(c, (K - k0) // k)
-    sums = torch.empty((B, c, M, N), dtype=torch.float64, device=a.device)
-    for i in range(B):
-        if full:
-            torch.bmm(a[i, :, k0:k0 + full * k].unflatten(-1, (full, k)).transpose(0, 1),
-                      b[i, k0:k0 + full * k].unflatten(0, (full, k)), out=sums[i, :full])
-        if full < c:
-            torch.mm(a[i, :, k0 + full * k:], b[i, k0 + full * k:], out=sums[i, full])
+    k0, k1 = j0 * k, min(K, (j0 + c) * k)
+    full = (k1 - k0) // k
+    a64 = a[:, k0:k1].to(torch.float64)
+    b64 = b[k0:k1].to(torch.float64)
+    sums = torch.empty((c, M, N), dtype=torch.float64, device=a.device)
+    if full:
+        torch.bmm(a64[:, :full * k].unflatten(-1, (full, k)).transpose(0, 1), b64[:full * k].unflatten(0, (full, k)),
+                  out=sums[:full])
+    if full < c:
+        torch.mm(a64[:, full * k:], b64[full * k:], out=sums[full])
     return sums
+
+
+def _chunks_folded_by_torch(plan: _Plan, acc, comp, a, b, index, seed):
+    """chunk(k) with exact products, a chunk at a time: its sum one float64 GEMM, rounded into acc
+    by torch's operations (``_accumulate``), the signs of zero sums from the products."""
+    a, b = a.to(torch.float64), b.to(torch.float64)
+    K, k = a.shape[-1], plan.spec.chunk
+    streams = 5 if plan.spec.kahan else 2
+    for j, k0 in enumerate(range(0, K, k)):
+        with section("gemm products"):
+            partial = _fix_zero_signs(torch.matmul(a[..., k0:k0 + k], b[..., k0:k0 + k, :]), acc, comp,
+                                      a[..., k0:k0 + k], b[..., k0:k0 + k, :])
+        seeds = _step_seeds(seed, streams, range(j, j + 1), a.device)
+        with section("chunk rounding"):
+            acc, comp = _accumulate(plan, acc, comp, partial, index, None if seeds is None else seeds[:, 0])
+    return acc
 
 
 def _fold_kernel() -> bool:

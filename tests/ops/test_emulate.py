@@ -103,13 +103,13 @@ def test_negative_zero_sums(order, mul):
 
 @pytest.mark.parametrize("kernel", [True, False])
 def test_chunk_sums_by_gemm_are_folded_in_order(monkeypatch, kernel):
-    """chunk(k) of exact products: the chunk sums of a group come from GEMMs over k-slices (here
-    two chunks a group, a short last chunk, two batches) and are folded in order, by the CPU
-    kernel or by torch; both equal the reference, overflow to inf and halfway cases included."""
+    """chunk(k) of exact products: the chunk sums come from GEMMs over k-slices (here in blocks of
+    3 rows and one chunk, a short last chunk, two batches) and are folded in order, by the CPU
+    kernel or by torch; both equal the reference, overflow to inf included."""
     folds = []
     fold = emulate.fold_chunks_
     monkeypatch.setattr(emulate, "fold_chunks_", lambda *a: (folds.append(a[1].shape), fold(*a))[1])
-    monkeypatch.setattr(emulate, "_GROUP_BYTES", 8 * 2 * 5 * 3 * 2)
+    monkeypatch.setattr(emulate, "_GROUP_BYTES", 8 * 3 * (4 + 3))  # 3 rows of a chunk of a and its sums
     if not kernel:
         monkeypatch.setattr(emulate, "_fold_kernel", lambda: False)
     spec = ArithSpec(acc="e6m9", order="chunk(4)")  # hfp8's accumulator, in short chunks
@@ -118,7 +118,7 @@ def test_chunk_sums_by_gemm_are_folded_in_order(monkeypatch, kernel):
     got = emulated_matmul(a, b, spec)
     assert got.isinf().any()
     assert_bitwise(got, _reference(a, b, spec, 0))
-    assert folds == ([(2, 2, 5, 3)] * 2 + [(2, 1, 5, 3)] if kernel else [])
+    assert folds == ([(1, 1, 3, 3)] * 5 + [(1, 1, 2, 3)] * 5) * 2 if kernel else not folds
 
 
 def test_eager_chunk_sums_in_row_blocks(monkeypatch):
