@@ -9,7 +9,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..backends import run_or_fall_back
+from ..codegen.im2col_cpu import DTYPES, patch_rows
+
 __all__ = ["patches", "conv_as_gemm_operands", "transposed_conv_operands"]
+
+_FAILED: set[str] = set()  # "im2col" once the CPU kernel failed to build: torch's copy from then on
 
 
 def patches(x: torch.Tensor, kernel: tuple[int, ...], stride, padding, dilation) -> torch.Tensor:
@@ -36,7 +41,12 @@ def conv_as_gemm_operands(x, w, stride, padding, dilation, groups):
     length = 1
     for s in out_sizes:
         length *= s
-    a = cols.reshape(n * length, g, -1).transpose(0, 1)  # (G, N*L, C_g*K)
+    if x.device.type == "cpu" and x.dim() == 4 and x.dtype in DTYPES:  # C++ rows: torch copies 3 elements a run
+        rows = run_or_fall_back(_FAILED, "im2col", lambda: patch_rows(x.contiguous(), kernel, stride, padding, dilation),
+                                lambda: cols.reshape(n * length, -1), "the CPU im2col kernel (codegen/im2col_cpu.py)")
+    else:
+        rows = cols.reshape(n * length, -1)
+    a = rows.view(n * length, g, -1).transpose(0, 1)  # (G, N*L, C_g*K)
     b = w.reshape(g, w.shape[0] // g, -1).transpose(1, 2)  # (G, C_g*K, C_out/G)
     out_shape = (n, w.shape[0], *out_sizes)
 

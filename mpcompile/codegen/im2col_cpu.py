@@ -1,0 +1,91 @@
+"""A 2-D convolution's patches as a GEMM operand, in C++ (CPU): im2col into (N*Ho*Wo, C*kh*kw).
+
+``ops.im2col.conv_as_gemm_operands`` lays the unfolded input out as a matrix whose rows are
+the output positions (n, oh, ow) and whose columns are (c, i, j) in that order. torch does it as
+a copy of a 6-D strided view whose innermost run is the kernel width (3 elements), at 2-3 ns an
+element; here each row is written in order, each run of kw elements read from the (padded)
+input row, at memory speed. The values are copied, so the result equals torch's bit for bit.
+Compiled once by inductor's C++ toolchain (``cpu_kernels.compile_library``); where that fails
+the caller copies with torch.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from .cpu_kernels import compile_library, require_cpu, threads_for
+
+__all__ = ["DTYPES", "load_kernel", "patch_rows"]
+
+DTYPES = {torch.float32: 0, torch.float64: 1}
+
+_SOURCE = r"""
+#include <omp.h>
+#include <string.h>
+template <typename T>
+static void rows(const T* x, T* out, int64_t n, int64_t c, int64_t h, int64_t w, int64_t kh, int64_t kw,
+                 int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t ho, int64_t wo,
+                 int threads) {
+    int64_t k = c * kh * kw;
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+    for (int64_t row = 0; row < n * ho * wo; ++row) {
+        int64_t b = row / (ho * wo), oh = row / wo % ho, ow = row % wo;
+        T* dst = out + row * k;
+        for (int64_t ch = 0; ch < c; ++ch) {
+            const T* plane = x + (b * c + ch) * h * w;
+            for (int64_t i = 0; i < kh; ++i, dst += kw) {
+                int64_t y = oh * sh - ph + i * dh;
+                if (y < 0 || y >= h) {
+                    memset(dst, 0, kw * sizeof(T));
+                    continue;
+                }
+                const T* src = plane + y * w;
+                for (int64_t j = 0; j < kw; ++j) {
+                    int64_t xx = ow * sw - pw + j * dw;
+                    dst[j] = xx >= 0 && xx < w ? src[xx] : (T)0;
+                }
+            }
+        }
+    }
+}
+
+extern "C" void patch_rows(const void* x, void* out, int dtype, int64_t n, int64_t c, int64_t h, int64_t w,
+                           int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
+                           int64_t dw, int64_t ho, int64_t wo, int threads) {
+    if (dtype == 0)
+        rows((const float*)x, (float*)out, n, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, threads);
+    else
+        rows((const double*)x, (double*)out, n, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, threads);
+}
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def load_kernel() -> ctypes.CDLL:
+    """The compiled library (compiled on the first call, then from inductor's disk cache)."""
+    lib = compile_library(_SOURCE)
+    lib.patch_rows.restype = None
+    lib.patch_rows.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 14 + [ctypes.c_int]
+    return lib
+
+
+def patch_rows(x: torch.Tensor, kernel: tuple[int, int], stride, padding, dilation) -> torch.Tensor:
+    """(N*Ho*Wo, C*kh*kw): row (n, oh, ow) holds the window of output position (oh, ow) of sample
+    n, channel-major, zeros where it reaches into the padding; as ``im2col.patches`` reshaped.
+
+    Args:
+        x: (N, C, H, W), contiguous, float32 or float64, on the CPU.
+        kernel, stride, padding, dilation: pairs, as the convolution's.
+    """
+    require_cpu("patch_rows: x", x, tuple(DTYPES))
+    n, c, h, w = x.shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    out = torch.empty((n * max(ho, 0) * max(wo, 0), c * kh * kw), dtype=x.dtype)
+    if out.numel():
+        load_kernel().patch_rows(x.data_ptr(), out.data_ptr(), DTYPES[x.dtype], n, c, h, w, kh, kw, sh, sw, ph, pw,
+                                 dh, dw, ho, wo, threads_for(out.numel()))
+    return out

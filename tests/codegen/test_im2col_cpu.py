@@ -1,0 +1,44 @@
+"""The CPU im2col kernel lays out a 2-D convolution's patches as torch's copy of the unfolded
+view does, bit for bit (NaN payloads and -0 included), for strides, paddings, dilations and
+kernels of every shape; the GEMM operands fall back to torch's copy where it cannot be built."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mpcompile.ops.im2col as im2col
+from mpcompile.codegen.im2col_cpu import patch_rows
+from mpcompile.ops.im2col import conv_as_gemm_operands, patches
+
+CASES = [  # (N, C, H, W), kernel, stride, padding, dilation
+    ((2, 3, 7, 9), (3, 3), (1, 1), (1, 1), (1, 1)),
+    ((1, 2, 8, 5), (2, 3), (2, 1), (0, 2), (1, 1)),
+    ((3, 1, 9, 9), (3, 2), (2, 3), (3, 1), (2, 3)),
+    ((1, 4, 3, 3), (3, 3), (1, 1), (0, 0), (1, 1)),  # one output position
+    ((2, 2, 5, 6), (1, 1), (1, 1), (0, 0), (1, 1)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape, kernel, stride, padding, dilation", CASES)
+def test_patch_rows_are_torchs_patches(dtype, shape, kernel, stride, padding, dilation):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    x.view(-1)[:4] = torch.tensor([-0.0, float("nan"), float("inf"), -float("nan")], dtype=dtype)
+    expected = patches(x, kernel, stride, padding, dilation)
+    rows = patch_rows(x, kernel, stride, padding, dilation)
+    bits = torch.int32 if dtype == torch.float32 else torch.int64
+    assert torch.equal(rows.view(bits), expected.reshape(rows.shape).view(bits))
+
+
+def test_operands_fall_back_to_torchs_copy_with_one_warning(monkeypatch):
+    x, w = torch.randn(2, 4, 6, 6), torch.randn(6, 2, 3, 3)
+    fast = conv_as_gemm_operands(x, w, (1, 1), (1, 1), (1, 1), 2)[0]
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(im2col, "patch_rows", broken)
+    monkeypatch.setattr(im2col, "_FAILED", set())
+    with pytest.warns(RuntimeWarning, match="im2col kernel.*no C\\+\\+ compiler"):
+        slow = conv_as_gemm_operands(x, w, (1, 1), (1, 1), (1, 1), 2)[0]
+    assert torch.equal(fast, slow) and fast.shape == (2, 72, 18)
