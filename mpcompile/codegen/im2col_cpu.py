@@ -71,20 +71,27 @@ def load_kernel() -> ctypes.CDLL:
     return lib
 
 
-def patch_rows(x: torch.Tensor, kernel: tuple[int, int], stride, padding, dilation) -> torch.Tensor:
+def patch_rows(x: torch.Tensor, kernel: tuple[int, int], stride, padding, dilation,
+               memory: torch.Tensor | None = None) -> torch.Tensor:
     """(N*Ho*Wo, C*kh*kw): row (n, oh, ow) holds the window of output position (oh, ow) of sample
     n, channel-major, zeros where it reaches into the padding; as ``im2col.patches`` reshaped.
 
     Args:
         x: (N, C, H, W), contiguous, float32 or float64, on the CPU.
         kernel, stride, padding, dilation: pairs, as the convolution's.
+        memory: where to write the rows (its first elements, of x's dtype); a new tensor if None.
     """
     require_cpu("patch_rows: x", x, tuple(DTYPES))
     n, c, h, w = x.shape
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
     ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    out = torch.empty((n * max(ho, 0) * max(wo, 0), c * kh * kw), dtype=x.dtype)
+    shape = (n * max(ho, 0) * max(wo, 0), c * kh * kw)
+    if memory is None:
+        out = torch.empty(shape, dtype=x.dtype)
+    else:
+        require_cpu("patch_rows: memory", memory, (x.dtype,))
+        out = memory[:shape[0] * shape[1]].view(shape)
     if out.numel():
         load_kernel().patch_rows(x.data_ptr(), out.data_ptr(), DTYPES[x.dtype], n, c, h, w, kh, kw, sh, sw, ph, pw,
                                  dh, dw, ho, wo, threads_for(out.numel()))

@@ -6,6 +6,9 @@ the patch layout here.
 """
 from __future__ import annotations
 
+import math
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -15,6 +18,7 @@ from ..codegen.im2col_cpu import DTYPES, patch_rows
 __all__ = ["patches", "conv_as_gemm_operands", "transposed_conv_operands"]
 
 _FAILED: set[str] = set()  # "im2col" once the CPU kernel failed to build: torch's copy from then on
+_PATCH_MEMORY = threading.local()
 
 
 def patches(x: torch.Tensor, kernel: tuple[int, ...], stride, padding, dilation) -> torch.Tensor:
@@ -38,23 +42,34 @@ def conv_as_gemm_operands(x, w, stride, padding, dilation, groups):
     kernel = tuple(w.shape[2:])
     cols = patches(x, kernel, stride, padding, dilation)  # (N, *O, C, *k)
     out_sizes = tuple(cols.shape[1:1 + len(kernel)])
-    length = 1
-    for s in out_sizes:
-        length *= s
+    length, width = math.prod(out_sizes), math.prod(cols.shape[1 + len(kernel):])  # positions; C*K
     if x.device.type == "cpu" and x.dim() == 4 and x.dtype in DTYPES:  # C++ rows: torch copies 3 elements a run
-        rows = run_or_fall_back(_FAILED, "im2col", lambda: patch_rows(x.contiguous(), kernel, stride, padding, dilation),
-                                lambda: cols.reshape(n * length, -1), "the CPU im2col kernel (codegen/im2col_cpu.py)")
+        memory = _memory(n * length * width, x.dtype)
+        rows = run_or_fall_back(_FAILED, "im2col",
+                                lambda: patch_rows(x.contiguous(), kernel, stride, padding, dilation, memory),
+                                lambda: cols.reshape(n * length, width), "the CPU im2col kernel (codegen/im2col_cpu.py)")
     else:
-        rows = cols.reshape(n * length, -1)
-    a = rows.view(n * length, g, -1).transpose(0, 1)  # (G, N*L, C_g*K)
+        rows = cols.reshape(n * length, width)
+    a = rows.view(n * length, g, width // g).transpose(0, 1)  # (G, N*L, C_g*K)
     b = w.reshape(g, w.shape[0] // g, -1).transpose(1, 2)  # (G, C_g*K, C_out/G)
     out_shape = (n, w.shape[0], *out_sizes)
 
     def to_output(y: torch.Tensor) -> torch.Tensor:
-        y = y.reshape(g, n, length, -1).permute(1, 0, 3, 2)  # (N, G, C_out/G, L)
+        y = y.reshape(g, n, length, w.shape[0] // g).permute(1, 0, 3, 2)  # (N, G, C_out/G, L)
         return y.reshape(out_shape)
 
     return a, b, out_shape, to_output
+
+
+def _memory(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """This thread's memory for CPU patch rows, kept from call to call: a convolution's patches
+    are several times its input (tens of MB), which fresh memory faults in page by page at every
+    call. Patches are dead once their GEMM has run, before the next convolution lays out its own:
+    each op builds its operands and runs its GEMM before returning, on one thread."""
+    held = getattr(_PATCH_MEMORY, "tensor", None)
+    if held is None or held.numel() < numel or held.dtype != dtype:
+        held = _PATCH_MEMORY.tensor = torch.empty(numel, dtype=dtype)
+    return held
 
 
 def transposed_conv_operands(grad, w, input_shape, stride, padding, dilation, groups):

@@ -42,3 +42,14 @@ def test_operands_fall_back_to_torchs_copy_with_one_warning(monkeypatch):
     with pytest.warns(RuntimeWarning, match="im2col kernel.*no C\\+\\+ compiler"):
         slow = conv_as_gemm_operands(x, w, (1, 1), (1, 1), (1, 1), 2)[0]
     assert torch.equal(fast, slow) and fast.shape == (2, 72, 18)
+
+
+def test_successive_convolutions_reuse_the_rows_memory_without_mixing_them():
+    """Each call's operand is its own convolution's patches while its GEMM runs, however the
+    memory is reused; an empty batch has none."""
+    x1, x2, w = torch.randn(2, 3, 6, 6), torch.randn(1, 3, 9, 9), torch.randn(4, 3, 3, 3)
+    a1 = conv_as_gemm_operands(x1, w, (1, 1), (1, 1), (1, 1), 1)[0].clone()
+    a2 = conv_as_gemm_operands(x2, w, (2, 2), (0, 0), (1, 1), 1)[0]
+    assert torch.equal(a1[0], patches(x1, (3, 3), (1, 1), (1, 1), (1, 1)).reshape(72, 27))
+    assert torch.equal(a2[0], patches(x2, (3, 3), (2, 2), (0, 0), (1, 1)).reshape(16, 27))
+    assert conv_as_gemm_operands(x1[:0], w, (1, 1), (1, 1), (1, 1), 1)[0].shape == (1, 0, 27)
