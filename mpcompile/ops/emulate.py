@@ -238,12 +238,12 @@ def emulated_matmul(a: torch.Tensor, b: torch.Tensor, spec: ArithSpec, *, seed: 
     acc = torch.zeros(B, M, N, dtype=torch.float64, device=a.device)
     comp = torch.zeros_like(acc) if spec.kahan else None
     compiled = _compile_enabled and a.device.type == "cpu" and B * M * N * K >= COMPILE_MIN_WORK
+    if spec.chunk is not None and spec.mul is None and not split:  # converts a block of a and b at a time
+        return _chunks_by_gemm(plan, acc, comp, a, b, index, seed)
     b64 = b.to(torch.float64)
     if _chunks_reduce(spec):  # reads a[m, k] once per 8 products: converts it in the kernel
         with section("fused gemm"):
             return _chunks_by_reduction(plan, compiled, acc, comp, a, b64, index, seed)
-    if spec.chunk is not None and spec.mul is None and not split:
-        return _chunks_by_gemm(plan, acc, comp, a, b64, index, seed)
     a64 = a.to(torch.float64)
     with section("fused gemm"):
         if spec.order == "pairwise":
