@@ -328,13 +328,13 @@ def _products_below_overflow(plan: _Plan, a, b) -> bool:
     return bool(a.abs().amax().double() * b.abs().amax().double() < plan.mul.overflow)
 
 
-def _chunks_by_gemm(plan: _Plan, acc, comp, a, b, index, seed, kernel: bool = True):
+def _chunks_by_gemm(plan: _Plan, acc, comp, a, b, index, seed):
     """chunk(k) with exact products: the chunk sums come from float64 GEMMs over k-slices of the
     reduction, folded into acc in order by the CPU kernel where it takes the spec (nearest, no
     Kahan), else by torch a chunk at a time. A chunk sum of zero on a -0 acc is the one place a
     GEMM's +0 can differ from the products' sum: there the kernel's fold is redone by torch,
     which looks at the products."""
-    fold = (kernel and seed is None and comp is None and a.device.type == "cpu" and plan.spec.rounding == "nearest"
+    fold = (seed is None and comp is None and a.device.type == "cpu" and plan.spec.rounding == "nearest"
             and takes_grid(plan.acc) and _fold_kernel())
     if not fold:
         return _chunks_folded_by_torch(plan, acc, comp, a, b, index, seed)
@@ -350,7 +350,8 @@ def _chunks_by_gemm(plan: _Plan, acc, comp, a, b, index, seed, kernel: bool = Tr
                 with section("gemm products"):
                     sums = _chunk_sums(a[i, r0:r0 + rows], b[i], j0, min(group, chunks - j0), k)
                 with section("chunk rounding"):
-                    if fold_chunks_(out[None], sums[None], plan.acc):  # a zero sum met a -0 acc: torch decides
+                    if fold_chunks_(out[None], sums[None], plan.acc):  # a zero sum met a -0 acc: torch
+                        # decides, from the +0 every emulated GEMM starts at
                         return _chunks_folded_by_torch(plan, acc.zero_(), comp, a, b, index, seed)
     return acc
 
