@@ -8,8 +8,9 @@ are bit-identical to the reference, or the call falls back to it).
 
 Plug-ins. The implementations faster than the eager reference live above the ops, in
 ``mpcompile/codegen/``, and register themselves when imported: the fused CPU quantize
-(``rounding.register_quantize_kernel``) and the Triton quantize and GEMM kernels (also
-``ops.gemm_backends.register_gemm_backend``). Importing them with mpcompile would load triton
+(``rounding.register_quantize_kernel``), the CPU chunk fold and im2col
+(``ops.emulate.register_chunk_fold``, ``ops.im2col.register_patch_rows``) and the Triton
+quantize and GEMM kernels (also ``ops.gemm_backends.register_gemm_backend``). Importing them with mpcompile would load triton
 and point imports up the layers, so ``PLUGINS`` names them per backend, as strings, and
 ``load_plugins`` imports a backend's modules (importlib) the first time ``resolve_backend``
 picks that backend, before anything runs on it. The numbers do not depend on when they load.
@@ -37,7 +38,7 @@ _current: ContextVar[str] = ContextVar("mpcompile_backend", default="auto")
 # The modules that register a backend's kernels when imported (see the module docstring), and
 # the top-level packages they need: a backend whose packages are not installed loads nothing.
 PLUGINS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "torch": (("mpcompile.codegen.fused_cpu",), ()),
+    "torch": (("mpcompile.codegen.fused_cpu", "mpcompile.codegen.chunk_fold_cpu", "mpcompile.codegen.im2col_cpu"), ()),
     "triton": (("mpcompile.codegen.triton_quantize", "mpcompile.codegen.triton_gemm"), ("triton",)),
 }
 _loaded: set[str] = set()

@@ -25,6 +25,7 @@ from pathlib import Path
 # The floor of each top-level module or package of mpcompile/ (DESIGN.md, Layout), lowest first.
 FLOORS = {
     "errors": 1, "random_bits": 1, "backends": 1,  # backends: which implementation runs an op
+    "profiling": 1,  # the named sections of an op's work, for torch.profiler
     "formats": 2,
     "rounding": 3,
     "ops": 4,

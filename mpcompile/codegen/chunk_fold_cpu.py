@@ -8,20 +8,19 @@ is one pass: a tile of the accumulator stays in L1 while every chunk's sums stre
 Each step is ``ops.exact.round_exact`` of ``two_sum(acc, P_j)`` to nearest, operation for
 operation (``-ffp-contract=off``: nothing fuses), so the result is bit-identical to the torch
 fold. Compiled once by inductor's C++ toolchain (``cpu_kernels.compile_library``); where that
-fails the caller folds in torch.
+fails the caller folds in torch. A plug-in of the torch backend: ``backends.load_plugins``
+imports it, and it registers itself with ``ops.emulate.register_chunk_fold``.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
-from typing import TYPE_CHECKING
 
 import torch
 
+from ..ops.emulate import ChunkFold, register_chunk_fold
+from ..ops.exact import Grid
 from .cpu_kernels import compile_library, require_cpu, threads_for
-
-if TYPE_CHECKING:  # ops.emulate imports this module
-    from ..ops.exact import Grid
 
 __all__ = ["load_kernel", "takes_grid", "fold_chunks_"]
 
@@ -126,7 +125,7 @@ def _grid_struct(grid: Grid) -> _Grid:
                  2.0**-grid.man, int(grid.has_inf), int(grid.neg_zero))
 
 
-def fold_chunks_(acc: torch.Tensor, partials: torch.Tensor, grid: "Grid") -> int:
+def fold_chunks_(acc: torch.Tensor, partials: torch.Tensor, grid: Grid) -> int:
     """``acc[b] = round(acc[b] + partials[b, j])`` to nearest on ``grid``, for each j in order, in place.
 
     Args:
@@ -151,3 +150,6 @@ def fold_chunks_(acc: torch.Tensor, partials: torch.Tensor, grid: "Grid") -> int
         return 0
     return load_kernel().fold_chunks(acc.data_ptr(), partials.data_ptr(), batches, chunks, n,
                                      ctypes.byref(_grid_struct(grid)), threads_for(batches * chunks * n))
+
+
+register_chunk_fold(ChunkFold(fold_chunks_, lambda grid: takes_grid(grid) and load_kernel() is not None))

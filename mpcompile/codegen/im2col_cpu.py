@@ -6,7 +6,8 @@ a copy of a 6-D strided view whose innermost run is the kernel width (3 elements
 element; here each row is written in order, each run of kw elements read from the (padded)
 input row, at memory speed. The values are copied, so the result equals torch's bit for bit.
 Compiled once by inductor's C++ toolchain (``cpu_kernels.compile_library``); where that fails
-the caller copies with torch.
+the caller copies with torch. A plug-in of the torch backend: ``backends.load_plugins`` imports
+it, and it registers itself with ``ops.im2col.register_patch_rows``.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import functools
 
 import torch
 
+from ..ops.im2col import register_patch_rows
 from .cpu_kernels import compile_library, require_cpu, threads_for
 
 __all__ = ["DTYPES", "load_kernel", "patch_rows"]
@@ -96,3 +98,6 @@ def patch_rows(x: torch.Tensor, kernel: tuple[int, int], stride, padding, dilati
         load_kernel().patch_rows(x.data_ptr(), out.data_ptr(), DTYPES[x.dtype], n, c, h, w, kh, kw, sh, sw, ph, pw,
                                  dh, dw, ho, wo, threads_for(out.numel()))
     return out
+
+
+register_patch_rows(patch_rows, tuple(DTYPES))

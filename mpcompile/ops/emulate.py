@@ -19,18 +19,19 @@ import functools
 import math
 import types
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from ..backends import run_or_fall_back
-from ..codegen.chunk_fold_cpu import fold_chunks_, load_kernel, takes_grid
+from ..backends import load_plugins, run_or_fall_back
 from ..formats import FloatFormat
 from ..profiling import section
 from ..random_bits import counter_words, stream_seed
 from .exact import Grid, grid_of, round_exact, two_prod, two_sum
 from .spec import STREAM_ADD, STREAM_KAHAN, STREAM_MUL, ArithSpec, SpecError
 
-__all__ = ["emulated_matmul", "chunk_is_exact", "COMPILE_MIN_WORK", "COMPILE_MIN_STEPS", "set_compile"]
+__all__ = ["emulated_matmul", "chunk_is_exact", "COMPILE_MIN_WORK", "COMPILE_MIN_STEPS", "set_compile",
+           "ChunkFold", "register_chunk_fold"]
 
 COMPILE_MIN_WORK = 1 << 16  # output elements x reduction steps from which a block is compiled
 COMPILE_MIN_STEPS = 64  # ... if the reduction has at least this many steps (else eager is cheap)
@@ -40,6 +41,29 @@ _EAGER_ELEMS = 1 << 22  # products materialised at once by eager code
 _GROUP_BYTES = 1 << 24  # a chunk(k) GEMM's float64 chunk operands and sums held at once: below
 # glibc's mmap threshold (32 MB at most), they reuse freed memory instead of faulting in fresh pages
 _compile_enabled = True
+
+
+@dataclass(frozen=True)
+class ChunkFold:
+    """A kernel that rounds chunk sums into the accumulator, ``acc = round(acc + P_j)`` to
+    nearest for each chunk in order (``codegen.chunk_fold_cpu``, a plug-in of the torch backend).
+
+    Attributes:
+        fold: ``fold(acc (B, ...), partials (B, chunks, ...), grid)`` in place; returns how many
+            adds met a zero chunk sum on a -0 accumulator.
+        serves: whether it runs here for an accumulator grid (raising where it cannot be built).
+    """
+
+    fold: Callable[[torch.Tensor, torch.Tensor, Grid], int]
+    serves: Callable[[Grid], bool]
+
+
+_CHUNK_FOLD: list[ChunkFold] = []
+
+
+def register_chunk_fold(kernel: ChunkFold) -> None:
+    """Fold the chunk sums of CPU ``chunk(k)`` GEMMs with ``kernel`` from now on."""
+    _CHUNK_FOLD[:] = [kernel]
 
 
 def set_compile(enabled: bool) -> None:
@@ -334,9 +358,9 @@ def _chunks_by_gemm(plan: _Plan, acc, comp, a, b, index, seed):
     Kahan), else by torch a chunk at a time. A chunk sum of zero on a -0 acc is the one place a
     GEMM's +0 can differ from the products' sum: there the kernel's fold is redone by torch,
     which looks at the products."""
-    fold = (seed is None and comp is None and a.device.type == "cpu" and plan.spec.rounding == "nearest"
-            and takes_grid(plan.acc) and _fold_kernel())
-    if not fold:
+    nearest = seed is None and comp is None and plan.spec.rounding == "nearest"
+    fold = _fold_kernel(plan.acc) if nearest and a.device.type == "cpu" else None
+    if fold is None:
         return _chunks_folded_by_torch(plan, acc, comp, a, b, index, seed)
     B, M, K = a.shape
     N, k = b.shape[-1], plan.spec.chunk
@@ -350,7 +374,7 @@ def _chunks_by_gemm(plan: _Plan, acc, comp, a, b, index, seed):
                 with section("gemm products"):
                     sums = _chunk_sums(a[i, r0:r0 + rows], b[i], j0, min(group, chunks - j0), k)
                 with section("chunk rounding"):
-                    if fold_chunks_(out[None], sums[None], plan.acc):  # a zero sum met a -0 acc: torch
+                    if fold.fold(out[None], sums[None], plan.acc):  # a zero sum met a -0 acc: torch
                         # decides, from the +0 every emulated GEMM starts at
                         return _chunks_folded_by_torch(plan, acc.zero_(), comp, a, b, index, seed)
     return acc
@@ -391,10 +415,16 @@ def _chunks_folded_by_torch(plan: _Plan, acc, comp, a, b, index, seed):
     return acc
 
 
-def _fold_kernel() -> bool:
-    """Whether the CPU fold kernel runs here (a build failure is warned about once)."""
-    return run_or_fall_back(_FAILED, "chunk fold", lambda: load_kernel() is not None, lambda: False,
-                            "the chunk fold's CPU kernel (codegen/chunk_fold_cpu.py)")
+def _fold_kernel(grid: Grid) -> ChunkFold | None:
+    """The registered fold kernel where it serves ``grid`` here (a build failure is warned about
+    once), else None."""
+    load_plugins("torch")
+    if not _CHUNK_FOLD:
+        return None
+    kernel = _CHUNK_FOLD[0]
+    served = run_or_fall_back(_FAILED, "chunk fold", lambda: kernel.serves(grid), lambda: False,
+                              "the chunk fold's CPU kernel (codegen/chunk_fold_cpu.py)")
+    return kernel if served else None
 
 
 def _fix_zero_signs(partial, acc, comp, a, b):

@@ -8,17 +8,27 @@ from __future__ import annotations
 
 import math
 import threading
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from ..backends import run_or_fall_back
-from ..codegen.im2col_cpu import DTYPES, patch_rows
+from ..backends import load_plugins, run_or_fall_back
 
-__all__ = ["patches", "conv_as_gemm_operands", "transposed_conv_operands"]
+__all__ = ["patches", "conv_as_gemm_operands", "transposed_conv_operands", "PatchRows", "register_patch_rows"]
 
+# patch_rows(x (N, C, H, W), kernel, stride, padding, dilation, memory) -> (N*Ho*Wo, C*kh*kw) in
+# ``memory``: the patches as rows, as ``patches`` reshaped (``codegen.im2col_cpu``)
+PatchRows = Callable[..., torch.Tensor]
+_PATCH_ROWS: dict[torch.dtype, PatchRows] = {}  # by the input dtypes the kernel takes
 _FAILED: set[str] = set()  # "im2col" once the CPU kernel failed to build: torch's copy from then on
 _PATCH_MEMORY = threading.local()
+
+
+def register_patch_rows(kernel: PatchRows, dtypes: tuple[torch.dtype, ...]) -> None:
+    """Lay out the patches of 2-D CPU convolutions of ``dtypes`` with ``kernel`` from now on (a
+    plug-in of the torch backend, ``codegen.im2col_cpu``)."""
+    _PATCH_ROWS.update(dict.fromkeys(dtypes, kernel))
 
 
 def patches(x: torch.Tensor, kernel: tuple[int, ...], stride, padding, dilation) -> torch.Tensor:
@@ -43,10 +53,13 @@ def conv_as_gemm_operands(x, w, stride, padding, dilation, groups):
     cols = patches(x, kernel, stride, padding, dilation)  # (N, *O, C, *k)
     out_sizes = tuple(cols.shape[1:1 + len(kernel)])
     length, width = math.prod(out_sizes), math.prod(cols.shape[1 + len(kernel):])  # positions; C*K
-    if x.device.type == "cpu" and x.dim() == 4 and x.dtype in DTYPES:  # C++ rows: torch copies 3 elements a run
+    if x.device.type == "cpu" and x.dim() == 4:
+        load_plugins("torch")
+    kernel_rows = _PATCH_ROWS.get(x.dtype) if x.device.type == "cpu" and x.dim() == 4 else None
+    if kernel_rows is not None:  # C++ rows: torch's copy moves 3 elements a run
         memory = _memory(n * length * width, x.dtype)
         rows = run_or_fall_back(_FAILED, "im2col",
-                                lambda: patch_rows(x.contiguous(), kernel, stride, padding, dilation, memory),
+                                lambda: kernel_rows(x.contiguous(), kernel, stride, padding, dilation, memory),
                                 lambda: cols.reshape(n * length, width), "the CPU im2col kernel (codegen/im2col_cpu.py)")
     else:
         rows = cols.reshape(n * length, width)

@@ -37,7 +37,7 @@ def test_operands_fall_back_to_torchs_copy_with_one_warning(monkeypatch):
     def broken(*args):
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(im2col, "patch_rows", broken)
+    monkeypatch.setitem(im2col._PATCH_ROWS, torch.float32, broken)
     monkeypatch.setattr(im2col, "_FAILED", set())
     with pytest.warns(RuntimeWarning, match="im2col kernel.*no C\\+\\+ compiler"):
         slow = conv_as_gemm_operands(x, w, (1, 1), (1, 1), (1, 1), 2)[0]

@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 
+from mpcompile.backends import load_plugins
 from mpcompile.formats import parse
 from mpcompile.ops import ArithSpec, chunk_is_exact, emulated_matmul
 from mpcompile.ops import emulate
@@ -106,12 +107,13 @@ def test_chunk_sums_by_gemm_are_folded_in_order(monkeypatch, kernel):
     """chunk(k) of exact products: the chunk sums come from GEMMs over k-slices (here in blocks of
     3 rows and one chunk, a short last chunk, two batches) and are folded in order, by the CPU
     kernel or by torch; both equal the reference, overflow to inf included."""
-    folds = []
-    fold = emulate.fold_chunks_
-    monkeypatch.setattr(emulate, "fold_chunks_", lambda *a: (folds.append(a[1].shape), fold(*a))[1])
+    load_plugins("torch")  # registers the CPU fold kernel
+    folds, registered = [], emulate._CHUNK_FOLD[0]
+    monkeypatch.setattr(emulate, "_CHUNK_FOLD", [])  # restored after the test
+    if kernel:
+        emulate.register_chunk_fold(emulate.ChunkFold(
+            lambda *a: (folds.append(a[1].shape), registered.fold(*a))[1], registered.serves))
     monkeypatch.setattr(emulate, "_GROUP_BYTES", 8 * 3 * (4 + 3))  # 3 rows of a chunk of a and its sums
-    if not kernel:
-        monkeypatch.setattr(emulate, "_fold_kernel", lambda: False)
     spec = ArithSpec(acc="e6m9", order="chunk(4)")  # hfp8's accumulator, in short chunks
     a, b = _operands(2, 5, 19, 3, "fp8_e4m3", 4, seed=7)
     a[1, 0] *= 2.0**26  # sums past e6m9's largest value
