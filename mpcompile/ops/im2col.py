@@ -50,19 +50,24 @@ def conv_as_gemm_operands(x, w, stride, padding, dilation, groups):
     """
     n, g = x.shape[0], groups
     kernel = tuple(w.shape[2:])
-    cols = patches(x, kernel, stride, padding, dilation)  # (N, *O, C, *k)
-    out_sizes = tuple(cols.shape[1:1 + len(kernel)])
-    length, width = math.prod(out_sizes), math.prod(cols.shape[1 + len(kernel):])  # positions; C*K
-    if x.device.type == "cpu" and x.dim() == 4:
+    out_sizes = tuple((x.shape[2 + d] + 2 * padding[d] - dilation[d] * (kernel[d] - 1) - 1) // stride[d] + 1
+                      for d in range(len(kernel)))
+    length, width = math.prod(out_sizes), x.shape[1] * math.prod(kernel)  # output positions; C*K
+
+    def copied() -> torch.Tensor:  # torch's copy of the unfolded view (which refuses a kernel too large)
+        return patches(x, kernel, stride, padding, dilation).reshape(n * length, width)
+
+    two_d = x.device.type == "cpu" and x.dim() == 4 and min(out_sizes) > 0
+    if two_d:
         load_plugins("torch")
-    kernel_rows = _PATCH_ROWS.get(x.dtype) if x.device.type == "cpu" and x.dim() == 4 else None
+    kernel_rows = _PATCH_ROWS.get(x.dtype) if two_d else None
     if kernel_rows is not None:  # C++ rows: torch's copy moves 3 elements a run
         memory = _memory(n * length * width, x.dtype)
         rows = run_or_fall_back(_FAILED, "im2col",
                                 lambda: kernel_rows(x.contiguous(), kernel, stride, padding, dilation, memory),
-                                lambda: cols.reshape(n * length, width), "the CPU im2col kernel (codegen/im2col_cpu.py)")
+                                copied, "the CPU im2col kernel (codegen/im2col_cpu.py)")
     else:
-        rows = cols.reshape(n * length, width)
+        rows = copied()
     a = rows.view(n * length, g, width // g).transpose(0, 1)  # (G, N*L, C_g*K)
     b = w.reshape(g, w.shape[0] // g, -1).transpose(1, 2)  # (G, C_g*K, C_out/G)
     out_shape = (n, w.shape[0], *out_sizes)
