@@ -173,7 +173,7 @@ def _cast_in_pieces(x: torch.Tensor, codes: torch.Tensor, left: torch.Tensor | N
     for piece, which in _pieces(padded, unit, per_parameter, None if fused else _PIECE):
         if fused:
             quantize_codes_(x[piece], codes[piece], None if left is None else left[piece],
-                          _factor_tensor(down, which), _factor_tensor(up, which), unit, bound)
+                            _factor_tensor(down, which), _factor_tensor(up, which), unit, bound)
             continue
         scaled = scratch[:piece.stop - piece.start].copy_(x[piece])
         _scale_piece_(scaled, _factor(down, which), unit)
