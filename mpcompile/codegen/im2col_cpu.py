@@ -16,7 +16,7 @@ import functools
 
 import torch
 
-from ..ops.im2col import register_patch_rows
+from ..ops.im2col import output_sizes, register_patch_rows
 from .cpu_kernels import compile_library, require_cpu, threads_for
 
 __all__ = ["DTYPES", "load_kernel", "patch_rows"]
@@ -86,8 +86,7 @@ def patch_rows(x: torch.Tensor, kernel: tuple[int, int], stride, padding, dilati
     require_cpu("patch_rows: x", x, tuple(DTYPES))
     n, c, h, w = x.shape
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
-    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    ho, wo = output_sizes((h, w), kernel, stride, padding, dilation)
     shape = (n * max(ho, 0) * max(wo, 0), c * kh * kw)
     if memory is None:
         out = torch.empty(shape, dtype=x.dtype)

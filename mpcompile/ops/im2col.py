@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from ..backends import load_plugins, run_or_fall_back
 
-__all__ = ["patches", "conv_as_gemm_operands", "transposed_conv_operands", "PatchRows", "register_patch_rows"]
+__all__ = ["output_sizes", "patches", "conv_as_gemm_operands", "transposed_conv_operands", "PatchRows",
+           "register_patch_rows"]
 
 # patch_rows(x (N, C, H, W), kernel, stride, padding, dilation, memory) -> (N*Ho*Wo, C*kh*kw) in
 # ``memory``: the patches as rows, as ``patches`` reshaped (``codegen.im2col_cpu``)
@@ -29,6 +30,12 @@ def register_patch_rows(kernel: PatchRows, dtypes: tuple[torch.dtype, ...]) -> N
     """Lay out the patches of 2-D CPU convolutions of ``dtypes`` with ``kernel`` from now on (a
     plug-in of the torch backend, ``codegen.im2col_cpu``)."""
     _PATCH_ROWS.update(dict.fromkeys(dtypes, kernel))
+
+
+def output_sizes(sizes, kernel, stride, padding, dilation) -> tuple[int, ...]:
+    """A convolution's output size along each spatial dim of input ``sizes`` (< 1 where the
+    dilated kernel does not fit the padded input)."""
+    return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in zip(sizes, kernel, stride, padding, dilation))
 
 
 def patches(x: torch.Tensor, kernel: tuple[int, ...], stride, padding, dilation) -> torch.Tensor:
@@ -50,8 +57,7 @@ def conv_as_gemm_operands(x, w, stride, padding, dilation, groups):
     """
     n, g = x.shape[0], groups
     kernel = tuple(w.shape[2:])
-    out_sizes = tuple((x.shape[2 + d] + 2 * padding[d] - dilation[d] * (kernel[d] - 1) - 1) // stride[d] + 1
-                      for d in range(len(kernel)))
+    out_sizes = output_sizes(x.shape[2:], kernel, stride, padding, dilation)
     length, width = math.prod(out_sizes), x.shape[1] * math.prod(kernel)  # output positions; C*K
 
     def copied() -> torch.Tensor:  # torch's copy of the unfolded view (which refuses a kernel too large)
