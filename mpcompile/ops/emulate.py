@@ -366,30 +366,30 @@ def _chunks_by_gemm(plan: _Plan, acc, comp, a, b, index, seed):
     N, k = b.shape[-1], plan.spec.chunk
     chunks = -(-K // k)
     rows = max(1, min(M, _GROUP_BYTES // (8 * (k + N))))  # a row block's chunk of a and its sums
-    group = max(1, min(chunks, _GROUP_BYTES // (8 * rows * (k + N))))
+    group = max(1, min(chunks, _GROUP_BYTES // (8 * (rows * (k + N) + k * N))))  # ... and b's chunk
     for i in range(B):
-        for r0 in range(0, M, rows):
-            out = acc[i, r0:r0 + rows]
-            for j0 in range(0, chunks, group):
+        for j0 in range(0, chunks, group):  # each row still meets its chunks in order
+            cols = slice(j0 * k, min(K, (j0 + group) * k))
+            with section("gemm products"):
+                b64 = b[i, cols].to(torch.float64)  # once for all row blocks
+            for r0 in range(0, M, rows):
                 with section("gemm products"):
-                    sums = _chunk_sums(a[i, r0:r0 + rows], b[i], j0, min(group, chunks - j0), k)
+                    sums = _chunk_sums(a[i, r0:r0 + rows, cols], b64, min(group, chunks - j0), k)
                 with section("chunk rounding"):
-                    if fold.fold(out[None], sums[None], plan.acc):  # a zero sum met a -0 acc: torch
-                        # decides, from the +0 every emulated GEMM starts at
+                    if fold.fold(acc[i, r0:r0 + rows][None], sums[None], plan.acc):  # a zero sum met a -0
+                        # acc: torch decides, from the +0 every emulated GEMM starts at
                         return _chunks_folded_by_torch(plan, acc.zero_(), comp, a, b, index, seed)
     return acc
 
 
-def _chunk_sums(a: torch.Tensor, b: torch.Tensor, j0: int, c: int, k: int) -> torch.Tensor:
-    """(c, M, N) float64: the sums of chunks j0 .. j0 + c of (M, K) @ (K, N), each a GEMM over its
-    k columns of a (converted to float64 once, in a buffer of these chunks only, and read as
-    (c, M, k) with row stride c * k) and rows of b; the last chunk may be shorter."""
-    M, K = a.shape
-    N = b.shape[-1]
-    k0, k1 = j0 * k, min(K, (j0 + c) * k)
-    full = (k1 - k0) // k
-    a64 = a[:, k0:k1].to(torch.float64)
-    b64 = b[k0:k1].to(torch.float64)
+def _chunk_sums(a: torch.Tensor, b64: torch.Tensor, c: int, k: int) -> torch.Tensor:
+    """(c, M, N) float64: the sums of the c chunks of (M, L) @ (L, N), each a GEMM over its k
+    columns of a (converted to float64 once, and read as (c, M, k) with row stride L) and rows of
+    float64 ``b64``; the last chunk may be shorter."""
+    M, L = a.shape
+    N = b64.shape[-1]
+    full = L // k
+    a64 = a.to(torch.float64)
     sums = torch.empty((c, M, N), dtype=torch.float64, device=a.device)
     if full:
         torch.bmm(a64[:, :full * k].unflatten(-1, (full, k)).transpose(0, 1), b64[:full * k].unflatten(0, (full, k)),
