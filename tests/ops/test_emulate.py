@@ -123,6 +123,25 @@ def test_chunk_sums_by_gemm_are_folded_in_order(monkeypatch, kernel):
     assert folds == [(1, 1, 3, 3), (1, 1, 2, 3)] * 5 * 2 if kernel else not folds  # chunk by chunk, each row block
 
 
+def test_a_fold_kernel_that_cannot_be_built_falls_back_with_one_warning(monkeypatch):
+    def broken(grid):
+        raise RuntimeError("no C++ compiler")
+
+    load_plugins("torch")
+    monkeypatch.setattr(emulate, "_CHUNK_FOLD", [])
+    monkeypatch.setattr(emulate, "_FAILED", set())
+    emulate.register_chunk_fold(emulate.ChunkFold(lambda *a: 0, broken))
+    spec = ArithSpec(acc="e6m9", order="chunk(4)")
+    a, b = _operands(1, 3, 10, 2, "fp8_e4m3", 4, seed=8)
+    with pytest.warns(RuntimeWarning, match="chunk fold's CPU kernel.*no C\\+\\+ compiler") as record:
+        first = emulated_matmul(a, b, spec)
+        second = emulated_matmul(a, b, spec)
+    assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1
+    expected = _reference(a, b, spec, 0)
+    assert_bitwise(first, expected)
+    assert_bitwise(second, expected)
+
+
 def test_eager_chunk_sums_in_row_blocks(monkeypatch):
     """Eager code bounds the products it holds by splitting the rows; the result is the same."""
     monkeypatch.setattr(emulate, "_EAGER_ELEMS", 64)
