@@ -204,7 +204,7 @@ def _trainer(args):
                                args.optimizer, args.seed, out, args.data_dir, loss_scale,
                                device=args.device, schedule=args.schedule,
                                calibration_batches=args.calibration_batches, stats=args.stats,
-                               monitor=args.monitor))
+                               monitor=args.monitor, fsdp=args.fsdp))
 
 
 def _report(args) -> str:
@@ -275,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="data-parallel processes on this machine (torch.distributed, gloo on CPU, nccl on CUDA; "
                          "default 1); --batch-size is the global batch, dealt among them; the policy's "
                          "communication section sets the format gradients travel in")
+    tp.add_argument("--fsdp", nargs="?", const="bf16", choices=("fp32", "bf16", "fp16"), metavar="DTYPE",
+                    help="with --nproc N: shard the model with FSDP2 instead of DDP, its parameters gathered for "
+                         "each forward in DTYPE (fp32, bf16 or fp16; default bf16) and gradients reduce-scattered "
+                         "in fp32")
     rp = sub.add_parser("report", help="write a run's report.html: per layer exponent heat maps, shares, SQNR, memory")
     rp.add_argument("run", help="a run folder written by `mpcompile train ... --monitor`")
     mp = sub.add_parser("memory", help="bytes one training step holds: parameters, master weights, gradients, "

@@ -269,9 +269,13 @@ class CompiledModel(nn.Module):
             _check_unsharded(self._source)
         mode = self._source.training
         state = self._states.get(mode)
+        param = next(self._source.parameters(), None)
         if state is None:  # this mode's first call: capture its code (never run the other mode's)
             first = next(iter(self._states.values()))
-            state = replace(first, inputs=first.inputs or Inputs(args, kwargs), traced=None, lowered=None)
+            inputs, calibration = first.inputs or Inputs(args, kwargs), first.calibration
+            if param is not None and param.dtype != self._compiled_dtype:  # cast since compile (FSDP2's param_dtype)
+                inputs, calibration = inputs.floats_as(param.dtype), tuple(b.floats_as(param.dtype) for b in calibration)
+            state = replace(first, inputs=inputs, calibration=calibration, traced=None, lowered=None)
             if first.capture == "graph":
                 warnings.warn(f"mpcompile: {type(self._source).__name__} was given as a GraphModule and is used as it "
                               f"is: its code, traced in one mode, runs in {'train' if mode else 'eval'} mode too; "
@@ -280,7 +284,6 @@ class CompiledModel(nn.Module):
             if _is_fsdp(type(self)):
                 _check_live_reads(state)
             self._warnings[mode] = self._check(state, issued=self.warnings)
-        param = next(self._source.parameters(), None)
         if param is not None and param.dtype != self._compiled_dtype and (mode, param.dtype) not in self._dtypes_warned:
             self._dtypes_warned.add((mode, param.dtype))
             _warn_narrower_parameters(state, self._compiled_dtype, param.dtype)

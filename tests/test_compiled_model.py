@@ -166,6 +166,19 @@ def test_parameters_narrower_than_compiled_warn_once_naming_the_roles_they_round
     assert "node features_0" not in text and "ops the policy leaves in fp32" in text  # e4m3 roles fit bf16
 
 
+def test_a_mode_first_called_after_a_cast_is_captured_on_the_example_inputs_cast_as_well():
+    torch.manual_seed(0)
+    model = build_model("lenet5")
+    cm = mpcompile.compile(copy.deepcopy(model), "fp16", (torch.randn(2, 1, 8, 8),)).to(torch.bfloat16)
+    low = copy.deepcopy(model).to(torch.bfloat16).eval()
+    x = torch.randn(2, 1, 8, 8, dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the narrower parameters' warning, tested above
+        eval_out = cm.eval()(x)  # eval mode's capture runs the fp32 example on bf16 weights unless it is cast
+        expected = mpcompile.compile(low, "fp16", (x,))(x)
+    assert eval_out.dtype == torch.bfloat16 and torch.equal(eval_out, expected)
+
+
 def test_graph_state_round_trips_and_refuses_another_models_histories():
     cm = mpcompile.compile(Net(), DELAYED, (torch.randn(4, 6),))
     cm(torch.randn(4, 6))

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 
 import torch
 from torch.fx._pytree import tree_flatten_spec
+from torch.utils._pytree import tree_map_only
 
 from ..errors import CompileError
 
@@ -20,6 +21,12 @@ class Inputs:
 
     args: tuple = ()
     kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def floats_as(self, dtype: torch.dtype) -> "Inputs":
+        """These inputs with every floating-point tensor cast to ``dtype``."""
+        cast = lambda t: t.to(dtype) if t.is_floating_point() else t  # noqa: E731
+        args, kwargs = tree_map_only(torch.Tensor, cast, (self.args, dict(self.kwargs)))
+        return Inputs(tuple(args), kwargs)
 
 
 def as_inputs(batch: Any) -> Inputs:

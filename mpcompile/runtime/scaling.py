@@ -27,7 +27,9 @@ from numbers import Real
 from typing import Any, Iterable, Mapping
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..errors import MpcompileError
 from ..formats import Format, parse
@@ -113,7 +115,8 @@ class LossScaler:
                 effectively only non-finite gradients count. None checks only for inf/NaN.
 
         Returns:
-            True if any gradient is inf/NaN or exceeds ``grad_format``'s max.
+            True if any gradient is inf/NaN or exceeds ``grad_format``'s max (for FSDP2's
+            sharded gradients, DTensors: on any rank's shard, so the ranks agree).
 
         Raises:
             ScalingError: called again before ``update`` (the gradients would be divided twice).
@@ -124,18 +127,26 @@ class LossScaler:
         limit = math.inf if grad_format is None else parse(grad_format).max
         seen: set[int] = set()
         amax: dict[torch.device, list[torch.Tensor]] = {}
+        sharded = None  # FSDP2's gradient shards: their process group and device, to decide together
         for p in params:
             g = p.grad
             if g is None or id(p) in seen:
                 continue
             seen.add(id(p))
+            if isinstance(g, DTensor):
+                sharded, g = (g.device_mesh.get_group(), g.device), g.to_local()
             g.div_(self._scale)
             if g.numel():
                 amax.setdefault(g.device, []).append(g.detach().abs().amax().float())
         self._unscaled = True
         # One host sync per device; amax propagates NaN, so a non-finite maximum catches inf and NaN.
         peaks = [torch.stack(ts).amax().item() for ts in amax.values()]
-        return any(not math.isfinite(m) or m > limit for m in peaks)
+        skip = any(not math.isfinite(m) or m > limit for m in peaks)
+        if sharded is not None:  # a step every rank takes or skips: FSDP2's next gather waits for all of them
+            flag = torch.tensor([float(skip)], device=sharded[1])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=sharded[0])
+            skip = bool(flag.item())
+        return skip
 
     def update(self, skipped: bool) -> None:
         """Record a step and adjust the scale after it.

@@ -37,7 +37,9 @@ plots loss, Delta and the level against iterations.
 Run by torchrun (or ``mpcompile train --nproc N``), each process is one rank of a data-parallel
 run (``distributed.DataParallel``): the compiled model under DDP, gradients sent in the policy's
 ``communication`` format, every rank on its share of each global batch, rank 0 writing the run
-folder, every rank's communication state in the checkpoint.
+folder, every rank's communication state in the checkpoint. With ``fsdp`` the model is sharded
+by FSDP2 instead (``DataParallel.shard``); its checkpoint holds whole tensors, gathered from the
+shards, and each rank takes its shards back on resume.
 """
 from __future__ import annotations
 
@@ -63,6 +65,8 @@ from ..models import MODELS, build_model
 from ..policy import MonitorSettings, load_policy
 from .data import Dataset, batches, load_dataset, num_batches
 from .distributed import DataParallel
+from .distributed.data_parallel import PARAM_DTYPES
+from .distributed.sharded_state import full_tensors, shard_like
 from .memory import memory_report
 from .model_objective import ModelObjective
 from .monitor import Monitor
@@ -83,7 +87,9 @@ class TrainConfig:
     resumed run follows it exactly). ``calibration_batches``: training batches calibration
     measures (see the module docstring); ``stats``: measure format statistics even where the
     policy reads no kappa; ``monitor``: record number statistics every that many steps (the
-    policy's ``monitor:`` section, or its defaults, with this ``every``; see ``runtime.monitor``).
+    policy's ``monitor:`` section, or its defaults, with this ``every``; see ``runtime.monitor``);
+    ``fsdp``: in a data-parallel run, shard the model with FSDP2 instead of DDP, its parameters
+    gathered in this dtype (``fp32``, ``bf16`` or ``fp16``; see ``distributed.DataParallel.shard``).
 
     The defaults (10 epochs, SGD with momentum 0.9, lr 0.05 on a cosine schedule, batch 32) take
     lenet5 on digits to about 97.5 % test accuracy in fp32 (mean over seeds 0, 1, 2) in seconds on
@@ -106,6 +112,7 @@ class TrainConfig:
     calibration_batches: int = 4
     stats: bool = False
     monitor: int | None = None
+    fsdp: str | None = None
 
     def check(self) -> None:
         """Refuse what cannot train, before anything is built."""
@@ -121,6 +128,9 @@ class TrainConfig:
             raise MpcompileError(f"unknown lr schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             raise MpcompileError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.fsdp is not None and self.fsdp not in PARAM_DTYPES:
+            raise MpcompileError(f"--fsdp {self.fsdp!r}: the dtype FSDP2 gathers parameters in is one of "
+                                 f"{', '.join(PARAM_DTYPES)}")
         if self.monitor is not None and (isinstance(self.monitor, bool) or not isinstance(self.monitor, int)
                                          or self.monitor < 1):
             raise MpcompileError(f"monitor every {self.monitor!r} steps: give a positive number of steps")
@@ -200,6 +210,15 @@ class Trainer:
         # the optimizer keeps the weights as codes between steps: checkpoints hold those, not the fp32 values
         self._packs_weights = policy.optimizer.storage == "packed" and policy.optimizer.master is not None
         self.steps_per_epoch = steps_per_epoch = num_batches(self.data, "train", config.batch_size)
+        self.monitor_settings = self._monitor_settings(policy)
+        self.monitor: Monitor | None = None
+        if self.parallel is not None:
+            self._check_parallel(policy)
+            if config.fsdp is not None:  # before the optimizer: FSDP2 replaces the parameters by shards
+                self.parallel.shard(self.compiled, config.fsdp)
+        elif config.fsdp is not None:
+            raise MpcompileError(f"--fsdp {config.fsdp} shards the model over the ranks of a data-parallel run, and "
+                                 f"this run has one process: add --nproc N (N >= 2) or launch it with torchrun")
         if tr is None:
             self.optimizer = make_optimizer(self.optimizer_kind, self.compiled.parameters(), config.lr,
                                             policy.optimizer, seed=config.seed, steps_per_epoch=steps_per_epoch,
@@ -215,13 +234,10 @@ class Trainer:
                                             policy.optimizer, seed=config.seed)
             self.controller = TrustRegion(self.objective, tr, lr=config.lr, on_check=self._on_check,
                                           steps_per_epoch=steps_per_epoch)
-        self.monitor_settings = self._monitor_settings(policy.monitor)
-        self.monitor: Monitor | None = None
         self.train_module: nn.Module = self.compiled  # what the training steps call (DDP's wrapper, distributed)
-        if self.parallel is not None:
-            self._check_parallel(policy)
+        if self.parallel is not None and not self.parallel.sharded:
             self.train_module = self.parallel.wrap(self.compiled, policy.communication, config.seed)
-        elif policy.communication is not None:
+        elif self.parallel is None and policy.communication is not None:
             warnings.warn(f"mpcompile: policy {policy.name}'s communication section ({policy.communication.format}) is "
                           f"read by data-parallel runs only (--nproc N or torchrun); this run has one process and "
                           f"sends no gradients", stacklevel=2)
@@ -234,7 +250,12 @@ class Trainer:
     def _check_parallel(self, policy) -> None:
         """Refuse what data-parallel training does not do (yet), rather than train it wrongly."""
         o = policy.optimizer
-        refused = [("a trust_region section (its checks and recompiles are per process)", self.controller is not None),
+        if self.config.fsdp is not None and policy.communication is not None:
+            raise MpcompileError(f"policy {policy.name}'s communication section ({policy.communication.format}) sets the "
+                                 f"format of DDP's gradient all-reduce; under --fsdp FSDP2 reduce-scatters the gradients "
+                                 f"in fp32: drop the section, or train with DDP (without --fsdp)")
+        refused = [("a trust_region section (its checks and recompiles are per process)",
+                    policy.trust_region is not None),
                    (f"optimizer {self.optimizer_kind} (its full gradients would need their own all-reduce)",
                     self.optimizer_kind in VARIANCE_REDUCED),
                    ("monitoring (its hooks read one process's numbers)", self.monitor_settings is not None),
@@ -245,14 +266,14 @@ class Trainer:
                 raise MpcompileError(f"data-parallel training ({self.parallel.world} ranks) does not support {what}; "
                                      f"train it in one process")
 
-    def _monitor_settings(self, policy_settings: MonitorSettings | None) -> MonitorSettings | None:
+    def _monitor_settings(self, policy) -> MonitorSettings | None:
         """The policy's ``monitor:`` section, ``every`` replaced by ``config.monitor`` (which
         turns monitoring on with the defaults where the policy has no section)."""
-        settings = policy_settings
+        settings = policy.monitor
         if self.config.monitor is not None:
             settings = dataclasses.replace(settings or MonitorSettings(), every=self.config.monitor)
-        if settings is not None and (self.controller is not None or self.optimizer_kind in VARIANCE_REDUCED):
-            taker = "the trust_region controller" if self.controller is not None else self.optimizer_kind
+        if settings is not None and (policy.trust_region is not None or self.optimizer_kind in VARIANCE_REDUCED):
+            taker = "the trust_region controller" if policy.trust_region is not None else self.optimizer_kind
             raise MpcompileError(f"monitoring records plain training steps, and {taker} takes its steps itself: "
                                  f"it is not monitored; drop --monitor and the policy's monitor section")
         return settings
@@ -295,9 +316,9 @@ class Trainer:
         if self.parallel is not None:
             graph = self.parallel.gather(graph)
         packed = self._weight_names()
-        model = {k: v for k, v in self.compiled.state_dict().items() if k not in packed}
+        model = full_tensors({k: v for k, v in self.compiled.state_dict().items() if k not in packed})
         return {"config": dataclasses.asdict(self.config), "model": model, "graph": graph,
-                "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+                "optimizer": full_tensors(self.optimizer.state_dict()) if self.optimizer else None,
                 "controller": self.controller.state_dict() if self.controller else None,
                 "objective": self.objective.state_dict() if self.objective else None,
                 "kappa": self.compiled.condition_estimates(),  # measured at the last calibration
@@ -337,7 +358,9 @@ class Trainer:
             raise MpcompileError(f"--resume {path}: the run was saved by {saved_ranks} rank(s) and this one has "
                                  f"{ranks}; resume it with --nproc {saved_ranks}")
         packed = trainer._weight_names()
-        missing, unexpected = trainer.compiled.load_state_dict(state["model"], strict=not packed)
+        live = trainer.compiled.state_dict()  # FSDP2's: shards, which take their part of the saved whole tensors
+        model = {k: shard_like(v, live[k]) if k in live else v for k, v in state["model"].items()}
+        missing, unexpected = trainer.compiled.load_state_dict(model, strict=not packed)
         if set(missing) - packed or unexpected:
             raise MpcompileError(f"--resume {path}: the checkpoint's model state does not fit the model (missing "
                                  f"{sorted(set(missing) - packed)}, unexpected {sorted(unexpected)})")
@@ -417,6 +440,8 @@ class Trainer:
         """One step of this rank on its share of the global batch; the loss and the correct
         count returned are the global batch's, so every rank records what one process would."""
         local_x, local_y, weight = self.parallel.share(x, y)
+        if self.parallel.sharded:
+            self.parallel.broadcast_buffers(self.compiled)
         logits = self.train_module(local_x)
         mean = F.cross_entropy(logits, local_y) if len(local_y) else logits.sum() * 0.0
         loss_sum, correct, finite = self.parallel.total(float(mean.detach()) * len(local_y),
@@ -583,6 +608,7 @@ class Trainer:
                 "seconds_per_epoch": float(np.mean([h["seconds"] for h in self.history])) if self.history else 0.0,
                 "overflow_steps": self.scaler.overflow_steps, "nan_loss_steps": self.nan_loss_steps,
                 "ranks": self.parallel.world if self.parallel is not None else 1,
+                **({"fsdp": c.fsdp} if self.parallel is not None and self.parallel.sharded else {}),
                 **{k: last[k] for k in ("swa_test_accuracy", "swa_averaged") if k in last}, **self._dynamic_summary()}
 
     def _dynamic_summary(self) -> dict[str, Any]:

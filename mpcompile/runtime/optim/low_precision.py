@@ -27,6 +27,7 @@ from ...formats.codebook_codes import block_values
 from ...ops.observe import notify, observed
 from ...policy import OptimizerSettings
 from ...rounding import quantize
+from ..distributed.sharded_state import shard_states_like_params
 from .codebook_adam import fused_segments, step_fused
 from .codebook_states import MIN_NUMEL, CodebookStates
 from .packed_weights import PackedWeights
@@ -242,7 +243,10 @@ class LowPrecisionOptimizer:
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict``'s state; states saved whole (a checkpoint of FSDP2's shards) are
+        sharded as their parameters are."""
         self.optimizer.load_state_dict(state["optimizer"])
+        shard_states_like_params(self.optimizer)
         self._round.load_state_dict(state["generators"])
         params = list(self._params())
         self._packed, runs = {}, {}

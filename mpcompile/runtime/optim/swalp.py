@@ -18,6 +18,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
+from ..distributed.sharded_state import shard_like
 from .low_precision import LowPrecisionOptimizer
 
 __all__ = ["SWALP"]
@@ -112,5 +113,5 @@ class SWALP(torch.optim.Optimizer):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         for avg, saved in zip(self.average, state["average"]):
-            avg.copy_(saved)
+            avg.copy_(shard_like(saved, avg))  # whole in a checkpoint of FSDP2's shards
         self.averaged_count, self.steps = state["averaged_count"], state["steps"]
