@@ -165,6 +165,8 @@ def _train(args, argv: list[str]) -> str | None:
         trainer = _trainer(args)
         said.flush()
         summary = trainer.fit()
+        if trainer.parallel is not None:
+            trainer.parallel.close()
     said.flush()
     if trainer.parallel is not None and not trainer.parallel.leader:
         return None

@@ -46,6 +46,7 @@ class DataParallel:
         device: the device it trains on (``cuda:LOCAL_RANK`` on CUDA).
         hook: the communication hook's state, where gradients travel in a format.
         sharded: the model is sharded by FSDP2 (``shard``), not under DDP.
+        owns_group: ``from_env`` joined the process group, so ``close`` ends it.
     """
 
     rank: int
@@ -53,6 +54,7 @@ class DataParallel:
     device: torch.device
     hook: QuantizedGradients | None = None
     sharded: bool = False
+    owns_group: bool = False
 
     @classmethod
     def from_env(cls, device: torch.device) -> "DataParallel | None":
@@ -63,9 +65,18 @@ class DataParallel:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
-        if not dist.is_initialized():
+        owns = not dist.is_initialized()
+        if owns:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
-        return cls(dist.get_rank(), dist.get_world_size(), device)
+        return cls(dist.get_rank(), dist.get_world_size(), device, owns_group=owns)
+
+    def close(self) -> None:
+        """Leave the process group ``from_env`` joined, once every rank is done with it: a group
+        left to the interpreter's exit can abort a rank while another still tears its own down."""
+        if self.owns_group and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+            self.owns_group = False
 
     @property
     def leader(self) -> bool:
