@@ -7,7 +7,16 @@ operations per chunk, each a pass over the output (and a Python loop over the ch
 is one pass: a tile of the accumulator stays in L1 while every chunk's sums stream through it.
 Each step is ``ops.exact.round_exact`` of ``two_sum(acc, P_j)`` to nearest, operation for
 operation (``-ffp-contract=off``: nothing fuses), so the result is bit-identical to the torch
-fold. Compiled once by inductor's C++ toolchain (``cpu_kernels.compile_library``); where that
+fold.
+
+Where the products are rounded too (a ``mul`` format, to nearest), no GEMM can form the chunk
+sums; ``chunk_products_`` forms them in the same pass, as ``ops.emulate``'s steps do: for 8
+columns of one output row it multiplies each a[i, u] by b[u, n:n + 8] (exact in float64 for
+float32 operands), rounds the product as ``ops.exact.round_float`` does (where there is a ``mul``
+format; else it is exact), adds it to the chunk's
+partial sum in float64 (which starts at the chunk's first product) and, at the chunk's end,
+folds the partial sum into the accumulator, which never leaves registers. ``sequential`` order is
+chunks of one product. Compiled once by inductor's C++ toolchain (``cpu_kernels.compile_library``); where that
 fails the caller folds in torch. A plug-in of the torch backend: ``backends.load_plugins``
 imports it, and it registers itself with ``ops.emulate.register_chunk_fold``.
 """
@@ -22,9 +31,10 @@ from ..ops.emulate import ChunkFold, register_chunk_fold
 from ..ops.exact import Grid
 from .cpu_kernels import compile_library, require_cpu, threads_for
 
-__all__ = ["load_kernel", "takes_grid", "fold_chunks_"]
+__all__ = ["load_kernel", "takes_grid", "fold_chunks_", "chunk_products_"]
 
 _TILE = 512  # accumulator elements a thread keeps in L1 while the chunks stream through
+_TILES = 8  # vectors of 8 output columns whose accumulators chunk_products interleaves
 
 _SOURCE = r"""
 #include <omp.h>
@@ -56,6 +66,19 @@ static inline d8 round_nearest(d8 s, d8 e, const grid_t* g) {
     r = r > g->max ? splat(g->has_inf ? INFINITY : NAN) : r;
     r = s < 0 ? -r : r;
     return r == 0 ? (g->neg_zero ? s * 0.0 : splat(0.0)) : r;
+}
+
+/* round_float(p, grid, "nearest", SIGNS, OVERFLOW) of ops.exact: Veltkamp's split in the normal
+   range, a magic add in the subnormal one; OVERFLOW: inf (or NaN) from the overflow threshold on;
+   SIGNS: a zero signed as p (else it may be +0 where p is negative). */
+template <bool SIGNS = true, bool OVERFLOW = true>
+static inline d8 round_product(d8 p, const grid_t* g, double overflow) {
+    d8 c = p * g->split;
+    d8 m = splat(g->magic_qmin);
+    d8 r = abs8(p) < g->min_normal ? (p + m) - m : c - (c - p);
+    if (OVERFLOW) r = abs8(p) >= overflow ? (g->has_inf ? p * INFINITY : splat(NAN)) : r;
+    if (SIGNS) r = r == 0 ? (g->neg_zero ? p * 0.0 : splat(0.0)) : r;
+    return r;
 }
 
 /* acc[i .. i + k) = round(acc + p), k <= 8 (a short group through a zeroed vector); counts in
@@ -95,6 +118,88 @@ extern "C" int64_t fold_chunks(double* acc, const double* partials, int64_t batc
     }
     return risky;
 }
+
+/* round(a_row[u] * b_cols[u * N + n]) for n < w, through a zeroed vector (mul NULL: exact) */
+template <bool SIGNS, bool OVERFLOW>
+static inline d8 product(const float* a_row, const float* b_cols, int64_t u, int64_t N, const grid_t* mul,
+                         double overflow, int w) {
+    f8 y = {};
+    __builtin_memcpy(&y, b_cols + u * N, 4 * w);
+    d8 p = splat((double)a_row[u]) * __builtin_convertvector(y, d8);
+    return mul ? round_product<SIGNS, OVERFLOW>(p, mul, overflow) : p;
+}
+
+/* round(acc + part): round_float of the plain sum where every such sum is exact (ops.emulate's
+   exact_sums: two_sum's error would be 0), else round_exact of two_sum */
+static inline d8 add_rounded(d8 acc, d8 part, const grid_t* g, double acc_overflow, int exact) {
+    d8 s = acc + part;
+    if (exact) return round_product(s, g, acc_overflow);
+    d8 bb = s - acc;
+    return round_nearest(s, (acc - (s - bb)) + (part - bb), g);
+}
+
+/* out[t][n] for tiles t < T of w columns each (T <= TILES): the chunk(k) sum of round(a_row[t][u] *
+   b_cols[t][u * N + n]) over u < K, each chunk's rounded products summed in order from its first,
+   then added into the accumulator and rounded, chunk by chunk. The tiles' accumulators are
+   independent chains: interleaved, one's rounding runs while another's waits on its latency. */
+template <bool SIGNS, bool OVERFLOW>
+static inline void chunk_tiles(double* const* out, const float* const* a_row, const float* const* b_cols,
+                               int64_t K, int64_t N, int64_t k, const grid_t* mul, double overflow,
+                               const grid_t* g, double acc_overflow, int exact, int T, int w) {
+    d8 acc[TILES], part[TILES];
+    for (int t = 0; t < T; ++t) acc[t] = splat(0.0);
+    for (int64_t u0 = 0; u0 < K; u0 += k) {
+        int64_t u1 = u0 + k < K ? u0 + k : K;
+        for (int t = 0; t < T; ++t)
+            part[t] = product<SIGNS, OVERFLOW>(a_row[t], b_cols[t], u0, N, mul, overflow, w);
+        for (int64_t u = u0 + 1; u < u1; ++u)
+            for (int t = 0; t < T; ++t)
+                part[t] += product<SIGNS, OVERFLOW>(a_row[t], b_cols[t], u, N, mul, overflow, w);
+        for (int t = 0; t < T; ++t) acc[t] = add_rounded(acc[t], part[t], g, acc_overflow, exact);
+    }
+    for (int t = 0; t < T; ++t) __builtin_memcpy(out[t], &acc[t], 8 * w);
+}
+
+/* out[b][i][n] = chunk_tiles of row i of a[b] and column n of b[b]: the whole vectors of 8 output
+   columns, in row-major order, TILES to a task (a task may span rows: a tall, narrow GEMM has few
+   vectors to a row); then each row's short last vector on its own. */
+template <bool SIGNS, bool OVERFLOW>
+static void gemm(double* out, const float* a, const float* b, int64_t batches, int64_t M, int64_t K, int64_t N,
+                 int64_t k, const grid_t* mul, double overflow, const grid_t* g, double acc_overflow, int exact,
+                 int threads) {
+    int64_t per_row = N / 8, whole = batches * M * per_row, tails = N % 8 ? batches * M : 0;
+    int64_t blocks = (whole + TILES - 1) / TILES;
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+    for (int64_t task = 0; task < blocks + tails; ++task) {
+        double* o[TILES];
+        const float* ar[TILES];
+        const float* bc[TILES];
+        int T = 0, w = 8;
+        for (int64_t v = task * TILES; task < blocks && v < whole && T < TILES; ++v, ++T) {
+            int64_t row = v / per_row, n0 = v % per_row * 8;
+            o[T] = out + row * N + n0, ar[T] = a + row * K, bc[T] = b + row / M * K * N + n0;
+        }
+        if (task >= blocks) {  /* a row's short last vector */
+            int64_t row = task - blocks, n0 = per_row * 8;
+            o[0] = out + row * N + n0, ar[0] = a + row * K, bc[0] = b + row / M * K * N + n0;
+            T = 1, w = (int)(N - n0);
+        }
+        if (T == TILES)
+            chunk_tiles<SIGNS, OVERFLOW>(o, ar, bc, K, N, k, mul, overflow, g, acc_overflow, exact, TILES, 8);
+        else
+            chunk_tiles<SIGNS, OVERFLOW>(o, ar, bc, K, N, k, mul, overflow, g, acc_overflow, exact, T, w);
+    }
+}
+
+/* gemm, its products' zeros signed or not (signs), their overflow handled or not (overflow) */
+extern "C" void chunk_products(double* out, const float* a, const float* b, int64_t batches, int64_t M,
+                               int64_t K, int64_t N, int64_t k, const grid_t* mul, double overflow,
+                               const grid_t* g, double acc_overflow, int exact, int signs, int overflows,
+                               int threads) {
+    auto run = signs ? (overflows ? gemm<true, true> : gemm<true, false>)
+                     : (overflows ? gemm<false, true> : gemm<false, false>);
+    run(out, a, b, batches, M, K, N, k, mul, overflow, g, acc_overflow, exact, threads);
+}
 """
 
 
@@ -107,10 +212,13 @@ class _Grid(ctypes.Structure):
 @functools.lru_cache(maxsize=None)
 def load_kernel() -> ctypes.CDLL:
     """The compiled library (compiled on the first call, then from inductor's disk cache)."""
-    lib = compile_library(f"#define TILE {_TILE}\n" + _SOURCE)
+    lib = compile_library(f"#define TILE {_TILE}\n#define TILES {_TILES}\n" + _SOURCE)
     lib.fold_chunks.restype = ctypes.c_int64
     lib.fold_chunks.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                 ctypes.POINTER(_Grid), ctypes.c_int]
+    lib.chunk_products.restype = None
+    lib.chunk_products.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 5 + [
+        ctypes.POINTER(_Grid), ctypes.c_double, ctypes.POINTER(_Grid), ctypes.c_double] + [ctypes.c_int] * 4
     return lib
 
 
@@ -152,4 +260,38 @@ def fold_chunks_(acc: torch.Tensor, partials: torch.Tensor, grid: Grid) -> int:
                                      ctypes.byref(_grid_struct(grid)), threads_for(batches * chunks * n))
 
 
-register_chunk_fold(ChunkFold(fold_chunks_, lambda grid: takes_grid(grid) and load_kernel() is not None))
+def chunk_products_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, k: int, mul: Grid | None,
+                    grid: Grid, exact_sums: bool = False, signed_zeros: bool = True, overflow: bool = True) -> None:
+    """``acc`` = the ``chunk(k)`` GEMM ``a @ b`` with each product rounded to nearest on ``mul``
+    and each chunk's sum rounded into the accumulator to nearest on ``grid`` (module docstring).
+
+    Args:
+        acc: float64, contiguous, (B, M, N); overwritten.
+        a: float32, contiguous, (B, M, K); b: float32, contiguous, (B, K, N).
+        k: the chunk length (1: sequential order).
+        mul, grid: the ``Grid`` of the product and accumulator formats (``takes_grid``); mul
+            None: the products are exact.
+        exact_sums: every add into the accumulator is exact in float64 (``ops.emulate``'s
+            ``_sums_are_exact``), so it is rounded without two_sum's error term (which is 0).
+        signed_zeros, overflow: as ``ops.exact.round_float``'s, for the products: False where
+            the sign of a zero product cannot matter, or no product can round past ``mul``'s max.
+    """
+    if not ((mul is None or takes_grid(mul)) and takes_grid(grid)):
+        raise ValueError("chunk_products_: a grid's format needs the reference rounding (no subnormals, zero or sign)")
+    B, M, K = a.shape
+    N = b.shape[-1]
+    require_cpu("chunk_products_: acc", acc, (torch.float64,), B * M * N)
+    require_cpu("chunk_products_: a", a, (torch.float32,))
+    require_cpu("chunk_products_: b", b, (torch.float32,), B * K * N)
+    if k < 1:
+        raise ValueError(f"chunk_products_: chunk length {k} must be positive")
+    if acc.numel():
+        load_kernel().chunk_products(acc.data_ptr(), a.data_ptr(), b.data_ptr(), B, M, K, N, k,
+                                     None if mul is None else ctypes.byref(_grid_struct(mul)),
+                                     0.0 if mul is None else mul.overflow, ctypes.byref(_grid_struct(grid)),
+                                     grid.overflow, int(exact_sums), int(signed_zeros), int(overflow),
+                                     threads_for(B * M * N * K // 8))
+
+
+register_chunk_fold(ChunkFold(fold_chunks_, chunk_products_,
+                              lambda grid: takes_grid(grid) and load_kernel() is not None))

@@ -51,10 +51,15 @@ class ChunkFold:
     Attributes:
         fold: ``fold(acc (B, ...), partials (B, chunks, ...), grid)`` in place; returns how many
             adds met a zero chunk sum on a -0 accumulator.
-        serves: whether it runs here for an accumulator grid (raising where it cannot be built).
+        products: ``products(acc (B, M, N), a (B, M, K) float32, b (B, K, N) float32, k, mul grid
+            or None, grid, exact_sums, signed_zeros, overflow)``: the whole GEMM, its products formed
+            (and rounded to nearest on the mul grid) in the kernel, as ``_steps`` does it (chunks of
+            k products, each summed from its first; k = 1: sequential).
+        serves: whether it runs here for a grid (raising where it cannot be built).
     """
 
     fold: Callable[[torch.Tensor, torch.Tensor, Grid], int]
+    products: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, Grid | None, Grid, bool, bool, bool], None]
     serves: Callable[[Grid], bool]
 
 
@@ -264,6 +269,13 @@ def emulated_matmul(a: torch.Tensor, b: torch.Tensor, spec: ArithSpec, *, seed: 
     compiled = _compile_enabled and a.device.type == "cpu" and B * M * N * K >= COMPILE_MIN_WORK
     if spec.chunk is not None and spec.mul is None and not split:  # converts a block of a and b at a time
         return _chunks_by_gemm(plan, acc, comp, a, b, index, seed)
+    kernel = _products_kernel(plan, a, b)
+    if kernel is not None:
+        with section("fused gemm"):
+            overflow = plan.mul is not None and not _products_below_overflow(plan, a, b)
+            kernel.products(acc, a.contiguous(), b.contiguous(), spec.chunk or 1, plan.mul, plan.acc,
+                            plan.exact_sums, not _chunks_reduce(spec), overflow)
+            return acc
     b64 = b.to(torch.float64)
     if _chunks_reduce(spec):  # reads a[m, k] once per 8 products: converts it in the kernel
         with section("fused gemm"):
@@ -349,7 +361,9 @@ def _products_below_overflow(plan: _Plan, a, b) -> bool:
     largest magnitudes (their product is exact for float32 operands; NaN and inf say no)."""
     if plan.split_products or plan.spec.mul_rounding != "nearest" or a.numel() == 0 or b.numel() == 0:
         return False
-    return bool(a.abs().amax().double() * b.abs().amax().double() < plan.mul.overflow)
+    (a_min, a_max), (b_min, b_max) = torch.aminmax(a), torch.aminmax(b)  # one pass each, no |x| copy
+    largest = torch.stack([torch.maximum(-a_min, a_max), torch.maximum(-b_min, b_max)]).double()
+    return bool(largest[0] * largest[1] < plan.mul.overflow)
 
 
 def _chunks_by_gemm(plan: _Plan, acc, comp, a, b, index, seed):
@@ -413,6 +427,18 @@ def _chunks_folded_by_torch(plan: _Plan, acc, comp, a, b, index, seed):
         with section("chunk rounding"):
             acc, comp = _accumulate(plan, acc, comp, partial, index, None if seeds is None else seeds[:, 0])
     return acc
+
+
+def _products_kernel(plan: _Plan, a: torch.Tensor, b: torch.Tensor) -> ChunkFold | None:
+    """The fold kernel where it forms a GEMM's products itself: sequential or chunk order,
+    float32 operands on the CPU, every rounding to nearest, no Kahan, the grids served."""
+    spec = plan.spec
+    if not (spec.order != "pairwise" and a.dtype == b.dtype == torch.float32 and a.device.type == "cpu"
+            and not spec.kahan
+            and spec.rounding == "nearest" and (spec.mul is None or spec.mul_rounding == "nearest")):
+        return None
+    kernel = _fold_kernel(plan.acc)
+    return kernel if kernel is not None and (plan.mul is None or kernel.serves(plan.mul)) else None
 
 
 def _fold_kernel(grid: Grid) -> ChunkFold | None:

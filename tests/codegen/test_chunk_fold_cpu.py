@@ -1,13 +1,16 @@
 """The chunk fold's CPU kernel is ``ops.exact``'s fold bit for bit: ``round_exact(two_sum(acc,
 P_j), nearest)`` chunk after chunk, on accumulator formats with and without infinities, -0 and
-NaN codes; it counts the adds where a zero chunk sum meets a -0 accumulator."""
+NaN codes; it counts the adds where a zero chunk sum meets a -0 accumulator. Its GEMM of rounded
+products equals torch's chunk-sum path (``ops.emulate``) and the reference dot product."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mpcompile.codegen.chunk_fold_cpu import fold_chunks_, takes_grid
+from mpcompile.codegen.chunk_fold_cpu import chunk_products_, fold_chunks_, takes_grid
 from mpcompile.formats import parse
+from mpcompile.ops import emulate, reference
+from mpcompile.ops.spec import parse_arith
 from mpcompile.ops.exact import grid_of, round_exact, two_sum
 
 FORMATS = ["e6m9", "fp16", "bf16", "fp8_e5m2", "fp8_e4m3", "fp8_e4m3fnuz"]
@@ -76,3 +79,42 @@ def test_formats_the_kernel_does_not_round_to_are_refused():
     assert not takes_grid(grid)
     with pytest.raises(ValueError, match="reference rounding"):
         fold_chunks_(torch.zeros(1, 4, dtype=torch.float64), torch.zeros(1, 2, 4, dtype=torch.float64), grid)
+
+
+def _products_operands(B: int, M: int, K: int, N: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 operands over many binades: products that overflow the product format or fall in
+    its subnormals, exact midpoints, zeros of both signs, an inf and a NaN."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(B, M, K, generator=g) * torch.exp2(torch.randint(-14, 9, (B, M, K), generator=g).float())
+    b = torch.randn(B, K, N, generator=g) * torch.exp2(torch.randint(-14, 9, (B, K, N), generator=g).float())
+    a[0, 0, :4] = torch.tensor([0.0, -0.0, 1.0, 1.0 + 2.0**-3])  # 1 + 2**-3 times 1: e5m2's midpoint
+    b[0, :4, :2] = torch.tensor([[-1.0, 0.0], [2.0, -0.0], [1.0, 3.0], [1.0, 1.0]])
+    a[-1, 1, 2], b[-1, 3, 1] = float("inf"), float("nan")
+    return a, b
+
+
+@pytest.mark.parametrize("spec", ["mul=fp8_e5m2 acc=e5m10 order=chunk(32)", "mul=fp8_e5m2 acc=fp16 order=chunk(5)",
+                                  "mul=fp16 acc=e6m9 order=chunk(16)", "mul=fp8_e4m3 acc=fp8_e5m2 order=chunk(3)",
+                                  "mul=fp8_e5m2 acc=e5m10", "acc=fp16"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gemms_of_rounded_products_equal_torch_and_the_reference(monkeypatch, spec, threads):
+    spec = parse_arith(spec)
+    k = spec.chunk or 1
+    a, b = _products_operands(2, 3, 3 * k + 3 if spec.chunk else 40, 8 * 4 + 5, seed=k)  # a short last chunk,
+    plan = emulate._plan(spec, False)  # and columns past the lanes
+    got = torch.zeros(2, 3, b.shape[-1], dtype=torch.float64)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        chunk_products_(got, a, b, k, plan.mul, plan.acc, plan.exact_sums, not emulate._chunks_reduce(spec))
+    finally:
+        torch.set_num_threads(previous)
+    monkeypatch.setattr(emulate, "_products_kernel", lambda plan, a, b: None)
+    torch_path = emulate.emulated_matmul(a, b, spec)
+    assert torch.equal(got.isnan(), torch_path.isnan()) and (got.isinf() | got.isnan()).any()  # overflows
+    same = (got.view(torch.int64) == torch_path.view(torch.int64)) | got.isnan()  # zeros' signs included
+    assert bool(same.all()), f"{int((~same).sum())} differ from torch's path"
+    for i in range(2):  # the reference dot product, element by element
+        want = torch.tensor([[reference.dot(a[i, m].tolist(), b[i, :, n].tolist(), spec) for n in range(b.shape[-1])]
+                             for m in range(3)], dtype=torch.float64)
+        assert bool(((got[i] == want) | (got[i].isnan() & want.isnan())).all())
