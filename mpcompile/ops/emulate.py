@@ -51,7 +51,7 @@ class ChunkFold:
     Attributes:
         fold: ``fold(acc (B, ...), partials (B, chunks, ...), grid)`` in place; returns how many
             adds met a zero chunk sum on a -0 accumulator.
-        products: ``products(acc (B, M, N), a (B, M, K) float32, b (B, K, N) float32, k, mul grid
+        products: ``products(acc (B, M, N), a (B, M, K) float32, b (B, K, N) float64, k, mul grid
             or None, grid, exact_sums, signed_zeros, overflow)``: the whole GEMM, its products formed
             (and rounded to nearest on the mul grid) in the kernel, as ``_steps`` does it (chunks of
             k products, each summed from its first; k = 1: sequential).
@@ -273,8 +273,9 @@ def emulated_matmul(a: torch.Tensor, b: torch.Tensor, spec: ArithSpec, *, seed: 
     if kernel is not None:
         with section("fused gemm"):
             overflow = plan.mul is not None and not _products_below_overflow(plan, a, b)
-            kernel.products(acc, a.contiguous(), b.contiguous(), spec.chunk or 1, plan.mul, plan.acc,
-                            plan.exact_sums, not _chunks_reduce(spec), overflow)
+            b64 = b.to(torch.float64).contiguous()
+            kernel.products(acc, a.contiguous(), b64, spec.chunk or 1, plan.mul, plan.acc, plan.exact_sums,
+                            not _chunks_reduce(spec), overflow)
             return acc
     b64 = b.to(torch.float64)
     if _chunks_reduce(spec):  # reads a[m, k] once per 8 products: converts it in the kernel

@@ -106,7 +106,7 @@ def test_gemms_of_rounded_products_equal_torch_and_the_reference(monkeypatch, sp
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        chunk_products_(got, a, b, k, plan.mul, plan.acc, plan.exact_sums, not emulate._chunks_reduce(spec))
+        chunk_products_(got, a, b.double(), k, plan.mul, plan.acc, plan.exact_sums, not emulate._chunks_reduce(spec))
     finally:
         torch.set_num_threads(previous)
     monkeypatch.setattr(emulate, "_products_kernel", lambda plan, a, b: None)
