@@ -1,10 +1,13 @@
 """Emulated dot products: a batched GEMM whose every multiply and add is rounded as a spec says.
 
 Vectorised over output elements; the loop runs over the reduction dimension only, a block of
-steps at a time. Large CPU problems run each block as one compiled kernel (inductor fuses the
-block's steps into one pass over the accumulator, which stays in registers); small ones run
-the same code eagerly. ``chunk(k)`` with exact float64 chunk sums sums each chunk's rounded
-products in one reduction instead. Where every addend lies on a grid whose float64 sum is
+steps at a time. On the CPU, with float32 operands and nearest rounding, one C++ kernel runs the
+whole GEMM (``ChunkFold.products``: every product and sum in registers, as these steps do
+them), except exact chunk sums over a large b, which come from float64 GEMMs over k-slices.
+Elsewhere large CPU problems run each block as one compiled kernel (inductor fuses the block's
+steps into one pass over the accumulator, which stays in registers); small ones run the same
+code eagerly. ``chunk(k)`` with exact float64 chunk sums sums each chunk's rounded products in
+one reduction instead. Where every addend lies on a grid whose float64 sum is
 exact (FP8 or fp16 products into an fp16 accumulator), an add is one float64 add with no
 error term. Bit-identical to ``reference.dot`` for every order (``chunk(k)`` where
 ``chunk_is_exact``).
@@ -38,6 +41,8 @@ COMPILE_MIN_STEPS = 64  # ... if the reduction has at least this many steps (els
 _BLOCK = 8  # reduction steps per compiled kernel call
 _SLAB = 8  # chunks per compiled kernel call of the chunk-sum path, if rounding them is cheap
 _EAGER_ELEMS = 1 << 22  # products materialised at once by eager code
+_KERNEL_B_BYTES = 1 << 21  # the largest float64 b the products kernel takes for exact chunk sums: it
+# reads b again for every 8 output vectors, from cache; a larger b is the float64 GEMMs' (blocked)
 _GROUP_BYTES = 1 << 24  # a chunk(k) GEMM's float64 chunk operands and sums held at once: below
 # glibc's mmap threshold (32 MB at most), they reuse freed memory instead of faulting in fresh pages
 _compile_enabled = True
@@ -267,9 +272,10 @@ def emulated_matmul(a: torch.Tensor, b: torch.Tensor, spec: ArithSpec, *, seed: 
     acc = torch.zeros(B, M, N, dtype=torch.float64, device=a.device)
     comp = torch.zeros_like(acc) if spec.kahan else None
     compiled = _compile_enabled and a.device.type == "cpu" and B * M * N * K >= COMPILE_MIN_WORK
-    if spec.chunk is not None and spec.mul is None and not split:  # converts a block of a and b at a time
-        return _chunks_by_gemm(plan, acc, comp, a, b, index, seed)
     kernel = _products_kernel(plan, a, b)
+    by_gemm = spec.chunk is not None and spec.mul is None and not split
+    if by_gemm and (kernel is None or B * K * N * 8 > _KERNEL_B_BYTES):  # converts a block of a and b at a time
+        return _chunks_by_gemm(plan, acc, comp, a, b, index, seed)
     if kernel is not None:
         with section("fused gemm"):
             overflow = plan.mul is not None and not _products_below_overflow(plan, a, b)

@@ -110,6 +110,7 @@ def test_chunk_sums_by_gemm_are_folded_in_order(monkeypatch, kernel):
     load_plugins("torch")  # registers the CPU fold kernel
     folds, registered = [], emulate._CHUNK_FOLD[0]
     monkeypatch.setattr(emulate, "_CHUNK_FOLD", [])  # restored after the test
+    monkeypatch.setattr(emulate, "_KERNEL_B_BYTES", 0)  # b too large for the products kernel: the GEMM path
     if kernel:
         emulate.register_chunk_fold(emulate.ChunkFold(
             lambda *a: (folds.append(a[1].shape), registered.fold(*a))[1], registered.products, registered.serves))
@@ -121,6 +122,21 @@ def test_chunk_sums_by_gemm_are_folded_in_order(monkeypatch, kernel):
     assert got.isinf().any()
     assert_bitwise(got, _reference(a, b, spec, 0))
     assert folds == [(1, 1, 3, 3), (1, 1, 2, 3)] * 5 * 2 if kernel else not folds  # chunk by chunk, each row block
+
+
+def test_exact_chunk_sums_of_a_small_b_are_the_products_kernels(monkeypatch):
+    """chunk(k) of exact products where b fits in cache: the products kernel sums each chunk in
+    registers (no GEMM, no fold call) and equals the reference, zero signs and overflow included."""
+    load_plugins("torch")
+    gemms = []
+    monkeypatch.setattr(emulate, "_chunk_sums", lambda *args: gemms.append(args))
+    spec = ArithSpec(acc="e6m9", order="chunk(4)")
+    a, b = _operands(2, 5, 19, 11, "fp8_e4m3", 4, seed=9)
+    a[1, 0] *= 2.0**26  # sums past e6m9's largest value
+    a[0, 1], b[0, :, 2] = -0.0, 0.0  # products that are all -0: IEEE's sum is -0
+    got = emulated_matmul(a, b, spec)
+    assert got.isinf().any() and not gemms
+    assert_bitwise(got, _reference(a, b, spec, 0))
 
 
 def test_a_fold_kernel_that_cannot_be_built_falls_back_with_one_warning(monkeypatch):
