@@ -1,4 +1,4 @@
-"""The sequential rounding of an emulated ``chunk(k)`` GEMM's chunk sums, in C++ (CPU).
+"""C++ CPU kernels of emulated GEMMs: the rounding of chunk sums, and GEMMs of products one by one.
 
 ``chunk(k)`` accumulation adds each chunk's exact sum of products into the accumulator and
 rounds: ``acc = round(acc + P_j)`` for j = 0, 1, ... in order. The chunk sums P come from one
@@ -9,16 +9,18 @@ Each step is ``ops.exact.round_exact`` of ``two_sum(acc, P_j)`` to nearest, oper
 operation (``-ffp-contract=off``: nothing fuses), so the result is bit-identical to the torch
 fold.
 
-Where the products are rounded too (a ``mul`` format, to nearest), no GEMM can form the chunk
-sums; ``chunk_products_`` forms them in the same pass, as ``ops.emulate``'s steps do: for 8
-columns of one output row it multiplies each a[i, u] by b[u, n:n + 8] (exact in float64 for
-float32 operands), rounds the product as ``ops.exact.round_float`` does (where there is a ``mul``
-format; else it is exact), adds it to the chunk's
-partial sum in float64 (which starts at the chunk's first product) and, at the chunk's end,
-folds the partial sum into the accumulator, which never leaves registers. ``sequential`` order is
-chunks of one product. Compiled once by inductor's C++ toolchain (``cpu_kernels.compile_library``); where that
-fails the caller folds in torch. A plug-in of the torch backend: ``backends.load_plugins``
-imports it, and it registers itself with ``ops.emulate.register_chunk_fold``.
+``chunk_products_`` runs a whole GEMM whose products are formed one by one, as ``ops.emulate``'s
+steps form them: where they are rounded (a ``mul`` format, to nearest), where the order is
+``sequential`` (chunks of one product), and for exact chunk sums where b is small enough to stay
+in cache. For 8 vectors of 8 output columns at a time it multiplies each a[i, u] by
+b[u, n:n + 8] (exact in float64 for float32 operands), rounds the product as
+``ops.exact.round_float`` does where there is a ``mul`` format, adds it to the chunk's partial
+sum (which starts at the chunk's first product) and, at the chunk's end, folds the partial sum
+into the accumulator; partial sums and accumulators never leave registers.
+
+Compiled once by inductor's C++ toolchain (``cpu_kernels.compile_library``); where that fails
+the caller works in torch. A plug-in of the torch backend: ``backends.load_plugins`` imports
+it, and it registers itself with ``ops.emulate.register_chunk_fold``.
 """
 from __future__ import annotations
 
