@@ -162,6 +162,42 @@ static inline void chunk_tiles(double* const* out, const float* const* a_row, co
     for (int t = 0; t < T; ++t) __builtin_memcpy(out[t], &acc[t], 8 * w);
 }
 
+/* chunk_tiles of exact products (no mul format) over R rows of a times all C vectors of a row
+   (R * C = TILES, N = 8 C): each b vector is loaded once for the R rows, each a value converted
+   once for the C vectors (the same arithmetic, in the same order, lane by lane). */
+template <int R, int C>
+static void exact_rows(double* out, const float* a, const double* b, int64_t rows, int64_t M, int64_t K,
+                       int64_t k, const grid_t* g, double acc_overflow, int exact, int threads) {
+    const int64_t N = 8 * C;
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+    for (int64_t r0 = 0; r0 < rows; r0 += R) {
+        const float* ar = a + r0 * K;
+        const double* bc = b + r0 / M * K * N;
+        d8 acc[R][C], part[R][C], y[C];
+        for (int r = 0; r < R; ++r)
+            for (int c = 0; c < C; ++c) acc[r][c] = splat(0.0);
+        for (int64_t u0 = 0; u0 < K; u0 += k) {
+            int64_t u1 = u0 + k < K ? u0 + k : K;
+            for (int c = 0; c < C; ++c) __builtin_memcpy(&y[c], bc + u0 * N + 8 * c, 64);
+            for (int r = 0; r < R; ++r) {
+                d8 x = splat((double)ar[r * K + u0]);
+                for (int c = 0; c < C; ++c) part[r][c] = x * y[c];
+            }
+            for (int64_t u = u0 + 1; u < u1; ++u) {
+                for (int c = 0; c < C; ++c) __builtin_memcpy(&y[c], bc + u * N + 8 * c, 64);
+                for (int r = 0; r < R; ++r) {
+                    d8 x = splat((double)ar[r * K + u]);
+                    for (int c = 0; c < C; ++c) part[r][c] += x * y[c];
+                }
+            }
+            for (int r = 0; r < R; ++r)
+                for (int c = 0; c < C; ++c) acc[r][c] = add_rounded(acc[r][c], part[r][c], g, acc_overflow, exact);
+        }
+        for (int r = 0; r < R; ++r)
+            for (int c = 0; c < C; ++c) __builtin_memcpy(out + (r0 + r) * N + 8 * c, &acc[r][c], 64);
+    }
+}
+
 /* out[b][i][n] = chunk_tiles of row i of a[b] and column n of b[b]: the whole vectors of 8 output
    columns, in row-major order, TILES to a task (a task may span rows: a tall, narrow GEMM has few
    vectors to a row); then each row's short last vector on its own. */
@@ -198,6 +234,10 @@ extern "C" void chunk_products(double* out, const float* a, const double* b, int
                                int64_t K, int64_t N, int64_t k, const grid_t* mul, double overflow,
                                const grid_t* g, double acc_overflow, int exact, int signs, int overflows,
                                int threads) {
+    if (!mul && (N == 8 || N == 16 || N == 32) && M % (8 * TILES / N) == 0) {  /* narrow exact GEMMs */
+        auto rows = N == 8 ? exact_rows<TILES, 1> : N == 16 ? exact_rows<TILES / 2, 2> : exact_rows<TILES / 4, 4>;
+        return rows(out, a, b, batches * M, M, K, k, g, acc_overflow, exact, threads);
+    }
     auto run = signs ? (overflows ? gemm<true, true> : gemm<true, false>)
                      : (overflows ? gemm<false, true> : gemm<false, false>);
     run(out, a, b, batches, M, K, N, k, mul, overflow, g, acc_overflow, exact, threads);

@@ -124,19 +124,27 @@ def test_chunk_sums_by_gemm_are_folded_in_order(monkeypatch, kernel):
     assert folds == [(1, 1, 3, 3), (1, 1, 2, 3)] * 5 * 2 if kernel else not folds  # chunk by chunk, each row block
 
 
-def test_exact_chunk_sums_of_a_small_b_are_the_products_kernels(monkeypatch):
+@pytest.mark.parametrize("n", [11, 8, 16, 32])  # 8, 16, 32 columns: the kernel's blocks of 8, 4, 2 rows
+def test_exact_chunk_sums_of_a_small_b_are_the_products_kernels(monkeypatch, n):
     """chunk(k) of exact products where b fits in cache: the products kernel sums each chunk in
     registers (no GEMM, no fold call) and equals the reference, zero signs and overflow included."""
     load_plugins("torch")
     gemms = []
     monkeypatch.setattr(emulate, "_chunk_sums", lambda *args: gemms.append(args))
     spec = ArithSpec(acc="e6m9", order="chunk(4)")
-    a, b = _operands(2, 5, 19, 11, "fp8_e4m3", 4, seed=9)
+    a, b = _operands(2, 8, 19, n, "fp8_e4m3", 4, seed=9)
     a[1, 0] *= 2.0**26  # sums past e6m9's largest value
-    a[0, 1], b[0, :, 2] = -0.0, 0.0  # products that are all -0: IEEE's sum is -0
     got = emulated_matmul(a, b, spec)
     assert got.isinf().any() and not gemms
     assert_bitwise(got, _reference(a, b, spec, 0))
+    # a chunk that rounds to -0, then one of -0 products: IEEE's sum from the first product keeps -0
+    spec = ArithSpec(acc="fp8_e5m2", order="chunk(2)")
+    a = torch.zeros(1, 8, 4)
+    a[0, 0, 0] = -2.0**-10
+    b = torch.tensor([2.0**-10, -1.0, -3.0, -1.0]).view(1, 4, 1).expand(1, 4, n).contiguous()
+    got = emulated_matmul(a, b, spec)
+    assert_bitwise(got, _reference(a, b, spec, 0))
+    assert not gemms and bool((got[0, 0] == 0).all()) and bool(torch.signbit(got[0, 0]).all())
 
 
 def test_a_fold_kernel_that_cannot_be_built_falls_back_with_one_warning(monkeypatch):
