@@ -65,6 +65,7 @@ def _rank(rank: int, init: str, out: str) -> None:
         said["warnings"] = [str(w.message) for w in caught if "mpcompile" in str(w.message)]
         said["weights"] = {n: p.full_tensor() for n, p in cm.named_parameters()}
         said["skipped"] = [_skips(cm, overflow_on=None), _skips(cm, overflow_on=rank)]
+        said["buffers"] = _broadcast_buffers(rank)
         try:
             LowPrecisionOptimizer(torch.optim.Adam(cm.parameters()), OptimizerSettings(
                 kind="adam", momentum=parse("blockwise(dynamic8,256)")))
@@ -91,6 +92,17 @@ def _skips(cm, overflow_on: int | None) -> list[bool]:
         next(p for p in cm.parameters() if p.grad.to_local().numel()).grad.to_local().view(-1)[0] = torch.inf
     answers = [None, None]
     dist.all_gather_object(answers, DynamicLossScaler().unscale_(cm.parameters()))
+    return answers
+
+
+def _broadcast_buffers(rank: int) -> list[list[float]]:
+    """Every rank's batch-norm statistics after ``broadcast_buffers``, each rank's own before it."""
+    norm = torch.nn.BatchNorm1d(3)
+    norm.running_mean.fill_(rank + 1.0)
+    norm.num_batches_tracked.fill_(rank + 5)
+    DataParallel(rank, 2, torch.device("cpu")).broadcast_buffers(norm)
+    answers = [None, None]
+    dist.all_gather_object(answers, [*norm.running_mean.tolist(), float(norm.num_batches_tracked)])
     return answers
 
 
@@ -127,6 +139,7 @@ def test_fully_shard_trains_a_compiled_model_as_one_process_does(tmp_path):
     assert "not supported with FSDP2" in said["codebook"] and "blockwise(dynamic8,256)" in said["codebook"]
     # rank 0 alone sees an inf: both ranks skip, or rank 1 would step and wait in FSDP2's next gather
     assert said["skipped"] == [[False, False], [True, True]]
+    assert said["buffers"] == [[1.0, 1.0, 1.0, 5.0]] * 2  # rank 0's, float and integer buffers both
     assert "features.0 (FSDPConv2d) is sharded as its own FSDP2 unit" in said["layer"]
     assert "fully_shard(cm, ...)" in said["layer"]
 
@@ -158,6 +171,7 @@ def test_fsdp_from_the_cli_trains_as_ddp_and_resumes_bit_identically(tmp_path, m
     ddp, fsdp = _checkpoint(tmp_path, "ddp"), _checkpoint(tmp_path, "fsdp")
     assert _equal(ddp["model"], fsdp["model"]) and _equal(ddp["optimizer"], fsdp["optimizer"])
     assert fsdp["scaler"]["kind"] == "dynamic"  # fp8 rounds the gradients: the scaler checks the shards
+    assert '"fsdp": "fp32"' in (tmp_path / "fsdp" / "summary.json").read_text()  # sharded, not DDP
     # bf16 parameters (the warning says what they change), resumed after an epoch: as one run straight through
     assert main(_train(tmp_path, "straight", "--fsdp", "--epochs", "2")) == 0
     assert main(_train(tmp_path, "split", "--fsdp")) == 0
