@@ -240,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     ip.add_argument("--input-shape", default="1,3,224,224", help="example input shape (default 1,3,224,224)")
     ip.add_argument("--format", choices=("table", "json", "dot", "svg"), default="table")
     ip.add_argument("--calibrate", action="store_true", help="estimate kappa, overflow and SQNR on a random batch")
+    from .runtime.distributed.data_parallel import PARAM_DTYPES
     from .runtime.trainer import TrainConfig  # its defaults are the command's
 
     tp = sub.add_parser("train", help="train a model under a policy (progress, metrics, plots, checkpoints)")
@@ -277,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="data-parallel processes on this machine (torch.distributed, gloo on CPU, nccl on CUDA; "
                          "default 1); --batch-size is the global batch, dealt among them; the policy's "
                          "communication section sets the format gradients travel in")
-    tp.add_argument("--fsdp", nargs="?", const="bf16", choices=("fp32", "bf16", "fp16"), metavar="DTYPE",
+    tp.add_argument("--fsdp", nargs="?", const="bf16", choices=tuple(PARAM_DTYPES), metavar="DTYPE",
                     help="with --nproc N: shard the model with FSDP2 instead of DDP, its parameters gathered for "
                          "each forward in DTYPE (fp32, bf16 or fp16; default bf16) and gradients reduce-scattered "
                          "in fp32")
