@@ -19,7 +19,7 @@ SECTIONS = {
     "quantize": "rounding a role's tensor to its format",
     "gemm products": "an emulated GEMM's products or exact chunk sums, by torch's GEMM",
     "chunk rounding": "rounding chunk sums into the emulated accumulator",
-    "fused gemm": "compiled kernels that form products and round them in one (sequential, chunk-sum, pairwise)",
+    "fused gemm": "kernels that form products and sum them in one (the C++ products kernel; inductor's steps)",
     "im2col": "a convolution's operands as GEMM operands (patches, upsampled gradients)",
 }
 
