@@ -364,7 +364,7 @@ def _known(name: str) -> bool:
 
 def set_quantize_kernel(name: str | None) -> None:
     """Force a quantize kernel for every ``quantize`` call (``"reference"``: eager torch,
-    ``"fused"``: the reference compiled by torch.compile, ``"triton"``), or ``None``/``"auto"``
+    ``"fused"``: one C++ or inductor-compiled pass over memory, ``"triton"``), or ``None``/``"auto"``
     to choose per call by the op backend. Overrides ``MPCOMPILE_QUANTIZE_KERNEL``."""
     global _forced
     if name not in (None, "auto") and not _known(name):

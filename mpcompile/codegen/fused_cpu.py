@@ -1,11 +1,12 @@
-"""The fused CPU quantize kernel: the reference kernel compiled by torch.compile (inductor).
+"""The fused CPU quantize kernel: one pass over memory instead of eager torch's one per op.
 
-Eager torch makes one pass over memory per op; compiled, the dozen ops of a quantization
-become one loop. A kernel is compiled once per ``QuantPlan`` (format family, rounding mode,
-dtype) with dynamic shapes, since per-format numbers arrive as tensors. Used for CPU tensors
-of at least ``MIN_NUMEL`` elements; if compilation fails the call falls back to the reference
-with a warning. ``mpcompile.backends.load_plugins`` imports this module (and so registers the
-kernel) the first time ``quantize`` runs.
+Float32 plans (elementwise and block formats) go to the C++ kernel of ``quantize_cpu``
+(compiled once per rounding mode and path, about 0.3 s), from ``MIN_NUMEL_CPP`` elements.
+Float64 plans go to the reference compiled by torch.compile (inductor), from ``MIN_NUMEL``: a
+kernel is compiled once per ``QuantPlan`` (format family, rounding mode, dtype) with dynamic
+shapes, since per-format numbers arrive as tensors. If compilation fails the call
+falls back to the reference with a warning. ``mpcompile.backends.load_plugins`` imports this
+module (and so registers the kernel) the first time ``quantize`` runs.
 """
 from __future__ import annotations
 
@@ -15,17 +16,19 @@ import torch
 
 from ..backends import run_or_fall_back
 from ..rounding import QuantParams, QuantPlan, reference_quantize, register_quantize_kernel
+from .quantize_cpu import quantize_cpu, takes_plan
 
-__all__ = ["MIN_NUMEL", "fused_quantize", "compiled_kernels"]
+__all__ = ["MIN_NUMEL", "MIN_NUMEL_CPP", "fused_quantize", "compiled_kernels"]
 
-MIN_NUMEL = 1 << 20  # below this, compile time and call overhead outweigh the fusion
+MIN_NUMEL = 1 << 20  # below this, inductor's compile time and call overhead outweigh the fusion
+MIN_NUMEL_CPP = 1 << 14  # the C++ kernel's call costs microseconds; eager torch's dozen ops, tens of them
 
 _KERNELS: dict[QuantPlan, object] = {}
 _FAILED: set[QuantPlan] = set()
 
 
 def compiled_kernels() -> int:
-    """How many kernels have been compiled in this process."""
+    """How many inductor kernels have been compiled in this process."""
     return len(_KERNELS)
 
 
@@ -45,8 +48,16 @@ def _kernel(plan: QuantPlan):
 
 def fused_quantize(x: torch.Tensor, plan: QuantPlan, params: QuantParams, bits: torch.Tensor | None) -> torch.Tensor:
     """``reference_quantize``, compiled; same contract and bit-identical results."""
-    return run_or_fall_back(_FAILED, plan, lambda: _kernel(plan)(x, params, bits),
-                            lambda: reference_quantize(x, plan, params, bits), f"fused quantize for {plan}")
+    if takes_plan(plan) and x.device.type == "cpu":
+        kernel, what = lambda: quantize_cpu(x, plan, params, bits), "the C++ quantize kernel"
+    else:
+        kernel, what = lambda: _kernel(plan)(x, params, bits), "the inductor quantize kernel"
+    return run_or_fall_back(_FAILED, plan, kernel, lambda: reference_quantize(x, plan, params, bits),
+                            f"{what} for {plan}")
 
 
-register_quantize_kernel("fused", fused_quantize, lambda x, plan: x.device.type == "cpu" and x.numel() >= MIN_NUMEL)
+def _accepts(x: torch.Tensor, plan: QuantPlan) -> bool:
+    return x.device.type == "cpu" and x.numel() >= (MIN_NUMEL_CPP if takes_plan(plan) else MIN_NUMEL)
+
+
+register_quantize_kernel("fused", fused_quantize, _accepts)

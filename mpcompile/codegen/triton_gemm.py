@@ -57,7 +57,8 @@ from ..ops.gemm_backends import GemmBackend, GemmFusion, register_gemm_backend
 from ..ops.spec import STREAM_ADD, STREAM_BIAS, STREAM_KAHAN, STREAM_MUL
 from ..random_bits import COUNTER_BITS
 from ..rounding import default_sr_bits, plan_quantize
-from .triton_round import RoundSpec, counter_word, round_float64, round_spec, round_to_format, stream_seed
+from .round_spec import RoundSpec, round_spec
+from .triton_round import counter_word, round_float64, round_to_format, stream_seed
 
 __all__ = ["SupportError", "triton_matmul", "supports", "rounds"]
 

@@ -29,7 +29,8 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from ..backends import BackendError, run_or_fall_back
 from ..rounding import QuantParams, QuantPlan, reference_quantize, register_quantize_kernel
-from .triton_round import RoundSpec, counter_word, round_blocks, round_spec, round_to_format
+from .round_spec import RoundSpec, round_spec
+from .triton_round import counter_word, round_blocks, round_to_format
 
 __all__ = ["triton_quantize", "INTERPRETED", "ELEMENTS_PER_PROGRAM", "cached_launchers"]
 

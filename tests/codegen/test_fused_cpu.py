@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import mpcompile.codegen.fused_cpu as fused_cpu
+import mpcompile.codegen.quantize_cpu as quantize_cpu
 from mpcompile import quantize, set_quantize_kernel
 from mpcompile.formats import MXFormat, get, parse
 from backend_pairs import reference_and
@@ -61,13 +62,13 @@ def test_fused_stochastic_equals_reference_given_bits():
     assert_bitwise(ref, got)
 
 
-def test_one_kernel_per_family_not_per_shape_or_format():
+def test_one_inductor_kernel_per_family_not_per_shape_or_format():
     before = fused_cpu.compiled_kernels()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a recompile-limit fallback would warn
         warnings.simplefilter("ignore", DeprecationWarning)  # torch's own, from inside inductor (torch 2.11)
         for n, fmt in [(1000, "fp8_e5m2"), (3000, "fp16"), (777, "e4m3")]:  # IEEE-style family, nearest
-            assert_bitwise(*both(torch.randn(n), fmt))
+            assert_bitwise(*both(torch.randn(n, dtype=torch.float64), fmt))  # float64: inductor's, not C++
     assert fused_cpu.compiled_kernels() - before <= 1
 
 
@@ -75,12 +76,16 @@ def test_auto_picks_fused_for_large_cpu_tensors(monkeypatch):
     from mpcompile.rounding import _select, plan_quantize
 
     monkeypatch.setattr(fused_cpu, "MIN_NUMEL", 100)
-    plan, _ = plan_quantize(parse("fp8_e4m3"), "nearest", False, torch.float32, 20)
-    assert _select(torch.zeros(100), plan).name == "fused"
-    assert _select(torch.zeros(99), plan).name == "reference"
+    monkeypatch.setattr(fused_cpu, "MIN_NUMEL_CPP", 10)
+    single, _ = plan_quantize(parse("mxfp8_e4m3"), "nearest", False, torch.float32, 20)  # C++ from 10
+    double, _ = plan_quantize(parse("fp8_e4m3"), "nearest", False, torch.float64, 20)  # inductor from 100
+    assert _select(torch.zeros(10), single).name == "fused"
+    assert _select(torch.zeros(9), single).name == "reference"
+    assert _select(torch.zeros(99, dtype=torch.float64), double).name == "reference"
+    assert _select(torch.zeros(100, dtype=torch.float64), double).name == "fused"
     set_quantize_kernel("reference")
     try:
-        assert _select(torch.zeros(100), plan).name == "reference"
+        assert _select(torch.zeros(100), single).name == "reference"
     finally:
         set_quantize_kernel(None)
 
@@ -123,16 +128,20 @@ def test_the_old_backend_spellings_warn_and_still_work(monkeypatch):
 
 
 @pytest.mark.filterwarnings("default::RuntimeWarning")
-def test_compile_failure_falls_back_with_warning(monkeypatch):
-    def broken(fn, **kw):
+@pytest.mark.parametrize("dtype,kernel", [(torch.float64, "inductor"), (torch.float32, "C++")], ids=str)
+def test_compile_failure_falls_back_with_warning(monkeypatch, dtype, kernel):
+    def broken(*args, **kw):
         raise RuntimeError("no compiler here")
 
     monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(quantize_cpu, "compile_library", broken)
+    monkeypatch.setattr(quantize_cpu, "_LIBRARIES", {})
     monkeypatch.setattr(fused_cpu, "_KERNELS", {})
     monkeypatch.setattr(fused_cpu, "_FAILED", set())
-    x = hard_data(256)
+    x = hard_data(256).to(dtype)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ref, got = both(x, "fp6_e3m2", "toward_zero", saturate=True)
     assert_bitwise(ref, got)
-    assert any("failed to compile" in str(w.message) for w in caught)
+    assert any(f"the {kernel} quantize kernel" in str(w.message) and "failed to compile" in str(w.message)
+               for w in caught)

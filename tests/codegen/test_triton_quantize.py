@@ -294,7 +294,7 @@ _COMPILE_FOR_SM90 = textwrap.dedent("""
     import torch, triton
     from triton.backends.compiler import GPUTarget
     from mpcompile.codegen import triton_quantize as tq
-    from mpcompile.codegen.triton_round import round_spec
+    from mpcompile.codegen.round_spec import round_spec
     from mpcompile.formats import parse
     from mpcompile.rounding import plan_quantize
     assert not tq.INTERPRETED

@@ -14,7 +14,8 @@ if not TRITON_RUNS:
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from mpcompile.codegen.triton_round import round_float64, round_spec  # noqa: E402
+from mpcompile.codegen.round_spec import round_spec  # noqa: E402
+from mpcompile.codegen.triton_round import round_float64  # noqa: E402
 from mpcompile.rounding import ROUNDING_MODES, plan_quantize, reference_quantize  # noqa: E402
 
 _BLOCK = 8192
