@@ -1,14 +1,19 @@
 """The C++ CPU quantize kernel: ``triton_round``'s integer rounding, one pass over memory.
 
-Elementwise float32 plans (float and fixed-point formats, every rounding mode; not block
-formats) are rounded here as ``triton_round.round_to_format`` rounds them: on the float32 bit
-pattern, with its two short paths (ties to even by add-and-mask, stochastic rounding by adding
-the random bits to the dropped ones) and the general path, then ``_finish``'s overflow, zero and
-sign rules. The source is specialised per ``RoundSpec``, every flag and number a ``constexpr``,
-so GCC folds the branches away and vectorises what is left; seeded random words are recomputed
-from each element's index (``random_bits.counter_words``) in 32-bit lanes, whose products wrap
-by definition. A library is compiled once per spec (about 0.3 s) and inductor caches it on disk,
-so another process loads it in milliseconds.
+Float32 plans (float and fixed-point formats, elementwise or in blocks, every rounding mode)
+are rounded here as ``triton_round`` rounds them: on the float32 bit pattern, with its two
+short paths (ties to even by add-and-mask, stochastic rounding by adding the random bits to the
+dropped ones) and the general path, then ``_finish``'s overflow, zero and sign rules; a block's
+scale from its largest magnitude, as ``round_blocks``. Seeded random words are recomputed from
+each element's flat index (``random_bits.counter_words``) in 32-bit lanes, whose products wrap
+by definition.
+
+The source is scalar C++ that GCC vectorises. Only the rounding mode, the path and where the
+random words come from are compiled in: a library per format would be compiled hundreds of
+times by a sweep or the tests. The format's numbers and flags are a ``Format`` argument, and
+the code is written so that GCC still vectorises with them (see ``pick`` and ``low_bit``). A
+library is compiled once (about 0.3 s), and inductor caches it on disk, so another process
+loads it in milliseconds.
 
 ``fused_cpu.fused_quantize`` calls it for the plans ``takes_plan`` accepts; it is bit-identical
 to ``rounding.reference_quantize``.
@@ -53,8 +58,8 @@ typedef struct {
     int32_t fixed, saturate, is_signed, has_inf, has_zero, has_nz, ftz, parity_by_exponent;
 } Format;
 
-/* flag ? a : b for a flag the same in every lane: as a mask, since GCC does not vectorise a
-   scalar condition choosing between vectors */
+/* flag ? a : b, as a mask: GCC does not vectorise a flag of the format (the same in every lane)
+   choosing between vectors */
 static inline uint32_t pick(bool flag, uint32_t a, uint32_t b) { uint32_t m = -(uint32_t)flag; return (a & m) | (b & ~m); }
 static inline int32_t pick(bool flag, int32_t a, int32_t b) { return (int32_t)pick(flag, (uint32_t)a, (uint32_t)b); }
 

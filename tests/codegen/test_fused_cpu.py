@@ -72,15 +72,13 @@ def test_one_inductor_kernel_per_family_not_per_shape_or_format():
     assert fused_cpu.compiled_kernels() - before <= 1
 
 
-def test_auto_picks_fused_for_large_cpu_tensors(monkeypatch):
+def test_auto_picks_fused_for_cpu_tensors(monkeypatch):
     from mpcompile.rounding import _select, plan_quantize
 
     monkeypatch.setattr(fused_cpu, "MIN_NUMEL", 100)
-    monkeypatch.setattr(fused_cpu, "MIN_NUMEL_CPP", 10)
-    single, _ = plan_quantize(parse("mxfp8_e4m3"), "nearest", False, torch.float32, 20)  # C++ from 10
+    single, _ = plan_quantize(parse("mxfp8_e4m3"), "nearest", False, torch.float32, 20)  # C++, any size
     double, _ = plan_quantize(parse("fp8_e4m3"), "nearest", False, torch.float64, 20)  # inductor from 100
-    assert _select(torch.zeros(10), single).name == "fused"
-    assert _select(torch.zeros(9), single).name == "reference"
+    assert _select(torch.zeros(1), single).name == "fused"
     assert _select(torch.zeros(99, dtype=torch.float64), double).name == "reference"
     assert _select(torch.zeros(100, dtype=torch.float64), double).name == "fused"
     set_quantize_kernel("reference")
@@ -88,6 +86,8 @@ def test_auto_picks_fused_for_large_cpu_tensors(monkeypatch):
         assert _select(torch.zeros(100), single).name == "reference"
     finally:
         set_quantize_kernel(None)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # dynamo traces the reference
+    assert _select(torch.zeros(1000), single).name == "reference"
 
 
 def test_kernel_switch_env_and_errors(monkeypatch):
