@@ -260,20 +260,46 @@ extern "C" void quantize(const float* x, float* y, const int64_t* bits, uint32_t
     }
 }
 
-/* Rounds one block of len elements, inner apart from x[0] (flat index i0), of scale exponent k
-   and largest magnitude amax (UNIT: inner is 1, a constant that lets the loop vectorise). */
-template <bool SHORT, bool UNIT>
-static inline void round_block(const float* x, float* y, int64_t i0, int32_t len, int64_t inner, int32_t k,
-                               uint32_t amax, uint32_t seed, const int64_t* bits, const Format& f) {
-    const int64_t stride = UNIT ? 1 : inner;
+/* Rounds one block of len contiguous elements (x[0] at flat index i0) of scale exponent k and
+   largest magnitude amax. */
+template <bool SHORT>
+static inline void round_block(const float* x, float* y, int64_t i0, int32_t len, int32_t k, uint32_t amax,
+                               uint32_t seed, const int64_t* bits, const Format& f) {
     uint32_t max = scaled_bits(f.max, k), neg_max = f.fixed ? scaled_bits(f.neg_max, k) : max;
     if (amax > INF) {  // a block holding NaN is NaN
-        for (int32_t t = 0; t < len; ++t) y[t * stride] = as_float(NAN_BITS);
+        for (int32_t t = 0; t < len; ++t) y[t] = as_float(NAN_BITS);
         return;
     }
     for (int32_t t = 0; t < len; ++t)
-        y[t * stride] = round_in_block<SHORT>(x[t * stride], random_word(i0 + t * stride, seed, bits), k, max,
-                                              neg_max, f);
+        y[t] = round_in_block<SHORT>(x[t], random_word(i0 + t, seed, bits), k, max, neg_max, f);
+}
+
+constexpr int TILE = 64;  // blocks side by side: rows of 256 bytes, which the prefetcher follows
+
+/* Rounds w <= TILE blocks side by side (inner > 1): block j's elements are x[t * inner + j] for
+   t < len (x[0] at flat index i0). Each row of the tile is contiguous, so the loops over j
+   vectorise, a lane per block. */
+template <bool SHORT>
+static inline void round_tile(const float* x, float* y, int64_t i0, int32_t len, int64_t inner, int32_t w,
+                              const uint32_t* amax, const int32_t* k, uint32_t seed, const int64_t* bits,
+                              const Format& f) {
+    uint32_t max[TILE], neg_max[TILE];
+    for (int32_t j = 0; j < w; ++j) {
+        max[j] = scaled_bits(f.max, k[j]);
+        neg_max[j] = f.fixed ? scaled_bits(f.neg_max, k[j]) : max[j];
+    }
+    for (int32_t t = 0; t < len; ++t)
+        for (int32_t j = 0; j < w; ++j) {
+            int64_t at = t * inner + j;
+            float r = round_in_block<SHORT>(x[at], random_word(i0 + at, seed, bits), k[j], max[j], neg_max[j], f);
+            y[at] = amax[j] > INF ? as_float(NAN_BITS) : r;  // a block holding NaN is NaN
+        }
+}
+
+/* Whether nearest_even serves a block of scale exponent k (its emin - man in [-125, 104]). */
+static inline bool short_path(int32_t k, const Format& f) {
+    int32_t e = f.emin + k - f.man;
+    return PATH == NEAREST_EVEN && e >= -125 && e <= 104;
 }
 
 /* Block formats on a contiguous x viewed as (outer, length, inner): blocks of block_size along
@@ -288,20 +314,34 @@ extern "C" void quantize_blocks(const float* x, float* y, const int64_t* bits, u
         int64_t start = l % per_line * block_size;
         int32_t len = (int32_t)(length - start < block_size ? length - start : block_size);
         int64_t base = (l / per_line * length + start) * inner;
-        for (int64_t i = 0; i < inner; ++i) {
+        if (inner == 1) {
             uint32_t amax = 0;  // bit patterns order as magnitudes, NaN above inf
             for (int32_t t = 0; t < len; ++t) {
-                uint32_t a = as_bits(x[base + t * inner + i]) & ABS;
+                uint32_t a = as_bits(x[base + t]) & ABS;
                 amax = a > amax ? a : amax;
             }
-            int32_t k = block_scale_exp(amax, f), emin = f.emin + k;
-            bool short_path = PATH == NEAREST_EVEN && emin - f.man >= -125 && emin - f.man <= 104;
-            const float* xb = x + base + i;
-            float* yb = y + base + i;
-            if (inner == 1 && short_path) round_block<true, true>(xb, yb, base + i, len, inner, k, amax, seed, bits, f);
-            else if (inner == 1) round_block<false, true>(xb, yb, base + i, len, inner, k, amax, seed, bits, f);
-            else if (short_path) round_block<true, false>(xb, yb, base + i, len, inner, k, amax, seed, bits, f);
-            else round_block<false, false>(xb, yb, base + i, len, inner, k, amax, seed, bits, f);
+            int32_t k = block_scale_exp(amax, f);
+            if (short_path(k, f)) round_block<true>(x + base, y + base, base, len, k, amax, seed, bits, f);
+            else round_block<false>(x + base, y + base, base, len, k, amax, seed, bits, f);
+            continue;
+        }
+        for (int64_t i = 0; i < inner; i += TILE) {
+            int32_t w = (int32_t)(inner - i < TILE ? inner - i : TILE);
+            const float* xt = x + base + i;
+            uint32_t amax[TILE] = {};
+            int32_t k[TILE];
+            for (int32_t t = 0; t < len; ++t)
+                for (int32_t j = 0; j < w; ++j) {
+                    uint32_t a = as_bits(xt[t * inner + j]) & ABS;
+                    amax[j] = a > amax[j] ? a : amax[j];
+                }
+            bool all_short = true;
+            for (int32_t j = 0; j < w; ++j) {
+                k[j] = block_scale_exp(amax[j], f);
+                all_short &= short_path(k[j], f);
+            }
+            if (all_short) round_tile<true>(xt, y + base + i, base + i, len, inner, w, amax, k, seed, bits, f);
+            else round_tile<false>(xt, y + base + i, base + i, len, inner, w, amax, k, seed, bits, f);
         }
     }
 }
