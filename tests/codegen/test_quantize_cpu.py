@@ -106,9 +106,11 @@ def test_blocks_equal_the_reference(fmt, rounding, shape):
 
 
 @pytest.mark.parametrize("fmt", ["mxfp8_e5m2", "bfp(8,16)", MXFormat(get("fp4_e2m1"), 32, axis=0)], ids=str)
-def test_stochastic_blocks_equal_the_reference(fmt):
+@pytest.mark.parametrize("source", ["seed", "tensor"])
+def test_stochastic_blocks_equal_the_reference(fmt, source):
     x = values(4 * 8000)[:64 * 500].reshape(64, 500)
-    assert_bitwise(*both(x, fmt, "stochastic", bits=torch.tensor(12345)))
+    bits = torch.tensor(12345) if source == "seed" else torch.randint(0, 2**40, x.shape)
+    assert_bitwise(*both(x, fmt, "stochastic", bits=bits))
 
 
 @pytest.mark.parametrize("first", [2**32 - 5000, 3 * 2**32 + 12345])
