@@ -6,9 +6,9 @@ Float32 plans (elementwise and block formats) go to the C++ kernel of ``quantize
 by torch.compile (inductor), from ``MIN_NUMEL`` elements: a kernel is compiled once per
 ``QuantPlan`` (format family, rounding mode, dtype) with dynamic shapes, since per-format
 numbers arrive as tensors. Under torch.compile's tracing, calls go to the reference, which it
-can trace. If compilation fails the call
-falls back to the reference with a warning. ``mpcompile.backends.load_plugins`` imports this
-module (and so registers the kernel) the first time ``quantize`` runs.
+can trace. If compilation fails the call falls back to the reference with a warning.
+``mpcompile.backends.load_plugins`` imports this module (and so registers the kernel) the first
+time ``quantize`` runs.
 """
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
-"""A quantization's plan and format numbers as one set of compile-time constants: what a
-generated kernel (Triton's ``triton_round``, the C++ ``quantize_cpu``) is specialised for, so that
-every format, rounding mode and saturation flag gets its own code with all constants folded.
+"""A quantization's plan and format numbers as one set of Python values: what a generated
+kernel is specialised for. Triton's (``triton_round``) takes the whole spec as a constexpr, so
+that every format, rounding mode and saturation flag gets its own code with all constants
+folded; the C++ one (``quantize_cpu``) compiles in the rounding mode and path and takes the rest
+as arguments.
 """
 from __future__ import annotations
 
