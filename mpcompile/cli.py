@@ -155,6 +155,8 @@ def _train(args, argv: list[str]) -> str | None:
     """Run ``mpcompile train`` and return its final summary table; warnings go to stderr once
     each, the compiled model's before the run starts. With ``--nproc N`` (and not already a rank
     of a distributed run) launch N ranks instead; rank 0 alone returns its table."""
+    if args.resume:
+        _refuse_ignored_on_resume(argv)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         from .runtime.distributed.launch import launch
 
@@ -173,6 +175,22 @@ def _train(args, argv: list[str]) -> str | None:
     rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in summary.items()]
     width = max(len(k) for k, _ in rows)
     return "\n".join([f"{k.ljust(width)}  {v}" for k, v in rows] + [f"{'run folder'.ljust(width)}  {trainer.out}"])
+
+
+_RESUME_OPTIONS = ("--resume", "--epochs", "--out", "--nproc")  # the rest of a run's settings are its checkpoint's
+
+
+def _refuse_ignored_on_resume(argv: list[str]) -> None:
+    """A resumed run takes its settings from its checkpoint: options it would not apply are refused.
+
+    Raises:
+        MpcompileError: naming the options given besides ``_RESUME_OPTIONS``.
+    """
+    given = sorted({arg.split("=", 1)[0] for arg in argv if arg.startswith("--")} - set(_RESUME_OPTIONS))
+    if given:
+        raise MpcompileError(f"train --resume goes on with the settings saved in the run's checkpoint, so "
+                             f"{', '.join(given)} would not be applied; with --resume only "
+                             f"{', '.join(_RESUME_OPTIONS[1:])} apply: drop the others, or start a new run")
 
 
 def _without_nproc(argv: list[str]) -> list[str]:

@@ -118,6 +118,10 @@ def test_cli_train_and_resume(tmp_path, capsys):
     assert "test_accuracy" in printed and str(out) in printed
     assert main(["train", "--resume", str(out), "--epochs", "2"]) == 0
     assert json.loads((out / "summary.json").read_text())["epochs"] == 2
+    # settings the checkpoint holds are refused, not silently dropped
+    assert main(["train", "--resume", str(out), "--epochs", "3", "--policy", "fp8_e4m3", "--lr=0.1", "--fsdp"]) == 2
+    assert "--fsdp, --lr, --policy would not be applied" in capsys.readouterr().err
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 2
     assert main(["train", "--batch-size", "0", "--out", str(tmp_path / "x")]) == 2
     assert "batch size 0 must be a positive integer" in capsys.readouterr().err
 
