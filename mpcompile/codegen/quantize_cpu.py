@@ -202,29 +202,28 @@ static inline float finish(uint32_t r, uint32_t ux, uint32_t ua, bool neg, bool 
     return as_float(pick((bool)f.is_signed, sign, out ? f.below_zero : r));
 }
 
-static inline float round_value(float x, word rbits, const Format& f) {
+/* x rounded. k, max and neg_max: a block's scale exponent and its scaled largest magnitudes (0
+   and the format's own for elementwise formats). SHORT: the path's short form serves x's grid
+   (nearest_even; stochastic_carry, for elementwise formats only); else the general path. */
+template <bool SHORT>
+static inline float round_value(float x, word rbits, int32_t k, uint32_t max, uint32_t neg_max, const Format& f) {
     uint32_t ux = as_bits(x), ua = ux & ABS;
     bool neg = ux >> 31, finite = ua < INF, is_nan = ua > INF;
     uint32_t r;
-    if constexpr (PATH == NEAREST_EVEN) r = nearest_even(ua, f.emin, f);
-    else if constexpr (PATH == STOCHASTIC_CARRY) r = stochastic_carry(ua, rbits, f);
-    else r = round_magnitude((int32_t)ua, neg, finite, is_nan, rbits, 0, f);
-    return finish(is_nan ? NAN_BITS : r, ux, ua, neg, finite, is_nan, f.max, f.neg_max, f);
-}
-
-/* x rounded in a block of scale exponent k, whose largest magnitudes are max and neg_max; SHORT:
-   nearest_even serves the block's grid. */
-template <bool SHORT>
-static inline float round_in_block(float x, word rbits, int32_t k, uint32_t max, uint32_t neg_max, const Format& f) {
-    uint32_t ux = as_bits(x), ua = ux & ABS;
-    bool neg = ux >> 31, finite = ua < INF, is_nan = ua > INF;
-    uint32_t r = SHORT ? nearest_even(ua, f.emin + k, f) : round_magnitude((int32_t)ua, neg, finite, is_nan, rbits, k, f);
+    if constexpr (SHORT && PATH == NEAREST_EVEN) r = nearest_even(ua, f.emin + k, f);
+    else if constexpr (SHORT && PATH == STOCHASTIC_CARRY) r = stochastic_carry(ua, rbits, f);
+    else r = round_magnitude((int32_t)ua, neg, finite, is_nan, rbits, k, f);
     return finish(is_nan ? NAN_BITS : r, ux, ua, neg, finite, is_nan, max, neg_max, f);
 }
 
+/* counter_words' word of the index whose low 32 bits are low, its bits above folded into fold */
+static inline uint32_t counter_word(uint32_t low, uint32_t fold, uint32_t seed) { return mix32(mix32(low ^ fold) ^ seed); }
+
+static inline uint32_t index_fold(int64_t i) { return (uint32_t)((uint64_t)(i >> 32) * FOLD); }
+
 /* The random word of flat index i: bits[i] (TENSOR), counter_words(i, seed) (SEEDED) or none. */
 static inline word random_word(int64_t i, uint32_t seed, const int64_t* bits) {
-    if constexpr (BITS == SEEDED) return mix32(mix32((uint32_t)i ^ (uint32_t)((uint64_t)(i >> 32) * FOLD)) ^ seed);
+    if constexpr (BITS == SEEDED) return counter_word((uint32_t)i, index_fold(i), seed);
     else if constexpr (BITS == TENSOR) return (word)bits[i];
     else return 0;
 }
@@ -235,6 +234,7 @@ static inline word random_word(int64_t i, uint32_t seed, const int64_t* bits) {
 extern "C" void quantize(const float* x, float* y, const int64_t* bits, uint32_t seed, int64_t n, int64_t first,
                          const Format* format, int threads) {
     constexpr int64_t CHUNK = 1 << 14;
+    constexpr bool SHORT = PATH != GENERAL;  // the spec's short path serves every value of the format
     int64_t chunks = (n + CHUNK - 1) / CHUNK;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
     for (int64_t c = 0; c < chunks; ++c) {
@@ -243,19 +243,19 @@ extern "C" void quantize(const float* x, float* y, const int64_t* bits, uint32_t
         int32_t len = (int32_t)(n - start < CHUNK ? n - start : CHUNK);
         if ((index >> 32) != ((index + len - 1) >> 32)) {  // a chunk across 2**32 (first unaligned)
             for (int32_t j = 0; j < len; ++j)
-                y[start + j] = round_value(x[start + j], random_word(index + j, seed, bits), f);
+                y[start + j] = round_value<SHORT>(x[start + j], random_word(index + j, seed, bits), 0, f.max, f.neg_max, f);
             continue;
         }
-        uint32_t low = (uint32_t)index, fold = (uint32_t)((uint64_t)(index >> 32) * FOLD);
+        uint32_t low = (uint32_t)index, fold = index_fold(index);
         const float* xc = x + start;
         float* yc = y + start;
         const int64_t* bc = bits + (BITS == TENSOR ? start : 0);
 #pragma omp simd
         for (int32_t j = 0; j < len; ++j) {
             word rbits = 0;
-            if constexpr (BITS == SEEDED) rbits = mix32(mix32((low + (uint32_t)j) ^ fold) ^ seed);
+            if constexpr (BITS == SEEDED) rbits = counter_word(low + (uint32_t)j, fold, seed);
             else if constexpr (BITS == TENSOR) rbits = (word)bc[j];
-            yc[j] = round_value(xc[j], rbits, f);
+            yc[j] = round_value<SHORT>(xc[j], rbits, 0, f.max, f.neg_max, f);
         }
     }
 }
@@ -271,7 +271,7 @@ static inline void round_block(const float* x, float* y, int64_t i0, int32_t len
         return;
     }
     for (int32_t t = 0; t < len; ++t)
-        y[t] = round_in_block<SHORT>(x[t], random_word(i0 + t, seed, bits), k, max, neg_max, f);
+        y[t] = round_value<SHORT>(x[t], random_word(i0 + t, seed, bits), k, max, neg_max, f);
 }
 
 constexpr int TILE = 64;  // blocks side by side: rows of 256 bytes, which the prefetcher follows
@@ -291,7 +291,7 @@ static inline void round_tile(const float* x, float* y, int64_t i0, int32_t len,
     for (int32_t t = 0; t < len; ++t)
         for (int32_t j = 0; j < w; ++j) {
             int64_t at = t * inner + j;
-            float r = round_in_block<SHORT>(x[at], random_word(i0 + at, seed, bits), k[j], max[j], neg_max[j], f);
+            float r = round_value<SHORT>(x[at], random_word(i0 + at, seed, bits), k[j], max[j], neg_max[j], f);
             y[at] = amax[j] > INF ? as_float(NAN_BITS) : r;  // a block holding NaN is NaN
         }
 }
