@@ -213,14 +213,14 @@ static void gemm(double* out, const float* a, const double* b, int64_t batches, 
         const float* ar[TILES];
         const double* bc[TILES];
         int T = 0, w = 8;
-        for (int64_t v = task * TILES; task < blocks && v < whole && T < TILES; ++v, ++T) {
-            int64_t row = v / per_row, n0 = v % per_row * 8;
+        auto take = [&](int64_t row, int64_t n0) {  /* the vector at column n0 of row: tile T */
             o[T] = out + row * N + n0, ar[T] = a + row * K, bc[T] = b + row / M * K * N + n0;
-        }
+            ++T;
+        };
+        for (int64_t v = task * TILES; task < blocks && v < whole && T < TILES; ++v) take(v / per_row, v % per_row * 8);
         if (task >= blocks) {  /* a row's short last vector */
-            int64_t row = task - blocks, n0 = per_row * 8;
-            o[0] = out + row * N + n0, ar[0] = a + row * K, bc[0] = b + row / M * K * N + n0;
-            T = 1, w = (int)(N - n0);
+            take(task - blocks, per_row * 8);
+            w = (int)(N - per_row * 8);
         }
         if (T == TILES)
             chunk_tiles<SIGNS, OVERFLOW>(o, ar, bc, K, N, k, mul, overflow, g, acc_overflow, exact, TILES, 8);
