@@ -11,11 +11,7 @@ from mpcompile.codegen.round_spec import round_spec
 from mpcompile.formats import MXFormat, get, parse
 from mpcompile.random_bits import counter_words
 from mpcompile.rounding import default_sr_bits, plan_quantize, reference_quantize
-
-
-def assert_bitwise(ref, got):
-    same = (ref == got) & (torch.signbit(ref) == torch.signbit(got)) | (ref.isnan() & got.isnan())
-    assert same.all(), f"{(~same).sum()} mismatches, first at {(~same).nonzero()[:3].tolist()}"
+from oracles import assert_bitwise
 
 
 def values(n=3 * (1 << 14) + 5, seed=0):
@@ -35,12 +31,15 @@ def values(n=3 * (1 << 14) + 5, seed=0):
     return x
 
 
-def both(x, fmt, rounding, saturate=False, sr_bits=None, bits=None):
+def check(x, fmt, rounding, saturate=False, sr_bits=None, bits=None):
+    """The kernel's result, asserted bit-identical to the reference's."""
     fmt = parse(fmt) if isinstance(fmt, str) else fmt
     sr = default_sr_bits(fmt) if sr_bits is None else sr_bits
     plan, params = plan_quantize(fmt, rounding, saturate, torch.float32, sr, bits is not None and bits.dim() == 0)
     assert takes_plan(plan)
-    return reference_quantize(x, plan, params, bits), quantize_cpu(x, plan, params, bits)
+    got = quantize_cpu(x, plan, params, bits)
+    assert_bitwise(x, got, reference_quantize(x, plan, params, bits), f"{fmt} {rounding} saturate={saturate}")
+    return got
 
 
 @pytest.mark.parametrize("fmt,rounding,saturate", [
@@ -60,7 +59,7 @@ def both(x, fmt, rounding, saturate=False, sr_bits=None, bits=None):
     ("fixed(8,3,unsigned)", "nearest_away", True),
 ])
 def test_deterministic_modes_equal_the_reference(fmt, rounding, saturate):
-    assert_bitwise(*both(values(), fmt, rounding, saturate))
+    check(values(), fmt, rounding, saturate)
 
 
 @pytest.mark.parametrize("fmt,saturate,sr_bits", [
@@ -81,14 +80,12 @@ def test_stochastic_rounding_equals_the_reference(fmt, saturate, sr_bits, source
         bits = torch.tensor(0x9E3779B9, dtype=torch.int64)
     else:  # high bits set too: only the low sr_bits count
         bits = torch.randint(-2**62, 2**62, x.shape, generator=torch.Generator().manual_seed(1))
-    assert_bitwise(*both(x, fmt, "stochastic", saturate, sr_bits, bits))
+    check(x, fmt, "stochastic", saturate, sr_bits, bits)
 
 
 def test_shapes_and_non_contiguous_input():
     x = values(64 * 48).reshape(64, 48).t()
-    ref, got = both(x, "fp8_e4m3", "nearest")
-    assert got.shape == x.shape
-    assert_bitwise(ref, got)
+    assert check(x, "fp8_e4m3", "nearest").shape == x.shape
 
 
 @pytest.mark.parametrize("fmt,rounding,shape", [
@@ -102,7 +99,7 @@ def test_blocks_equal_the_reference(fmt, rounding, shape):
     x = values(3 * 8000)[:torch.Size(shape).numel()].reshape(shape)
     x[1, :7] = float("nan")  # a block holding NaN is NaN
     x[32:48, 3:5] = x[32:48, 3:5] * 2.0**-140  # blocks of subnormals: scales too small for the short path
-    assert_bitwise(*both(x, fmt, rounding))
+    check(x, fmt, rounding)
 
 
 @pytest.mark.parametrize("fmt", ["mxfp8_e5m2", "bfp(8,16)", MXFormat(get("fp4_e2m1"), 32, axis=0)], ids=str)
@@ -110,7 +107,7 @@ def test_blocks_equal_the_reference(fmt, rounding, shape):
 def test_stochastic_blocks_equal_the_reference(fmt, source):
     x = values(4 * 8000)[:64 * 500].reshape(64, 500)
     bits = torch.tensor(12345) if source == "seed" else torch.randint(0, 2**40, x.shape)
-    assert_bitwise(*both(x, fmt, "stochastic", bits=bits))
+    check(x, fmt, "stochastic", bits=bits)
 
 
 @pytest.mark.parametrize("first", [2**32 - 5000, 3 * 2**32 + 12345])
@@ -126,17 +123,17 @@ def test_seeded_words_past_two_to_the_32(first):
     spec = round_spec(seeded, seeded_params)
     out = torch.empty_like(x)
     _library(spec, "seeded").quantize(x.data_ptr(), out.data_ptr(), None, seed, x.numel(), first, _format(spec), 2)
-    assert_bitwise(ref, out)
+    assert_bitwise(x, out, ref, f"seeded words from index {first}")
 
 
 def test_one_library_per_rounding_path_not_per_format(monkeypatch):
     monkeypatch.setattr(quantize_cpu_module, "_LIBRARIES", {})  # loaded again (from inductor's disk cache)
     x = values(100)
-    both(x, "fp8_e5m2", "nearest")
+    check(x, "fp8_e5m2", "nearest")
     for fmt in ("fp16", "e4m3", "bf16"):
-        both(x, fmt, "nearest", saturate=True)  # the same short path, other numbers and flags
+        check(x, fmt, "nearest", saturate=True)  # the same short path, other numbers and flags
     assert compiled_libraries() == 1
-    both(x, "fp8_e5m2", "odd")
+    check(x, "fp8_e5m2", "odd")
     assert compiled_libraries() == 2
 
 
