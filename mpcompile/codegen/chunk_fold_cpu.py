@@ -33,13 +33,17 @@ from ..ops.emulate import ChunkFold, register_chunk_fold
 from ..ops.exact import Grid
 from .cpu_kernels import compile_library, require_cpu, threads_for
 
-__all__ = ["load_kernel", "takes_grid", "fold_chunks_", "chunk_products_"]
+__all__ = ["load_kernel", "takes_grid", "fold_chunks_", "chunk_products_", "offset_gemm_"]
 
 _TILE = 512  # accumulator elements a thread keeps in L1 while the chunks stream through
+_BLOCK_STEPS = 1 << 12  # offset_gemm's steps a tile takes before the next (the block's operands stay in cache)
+_SHAPES = ((24, 1), (12, 2), (8, 3), (6, 4))  # offset_gemm's tiles: (rows, vectors), as its source lists them
 _TILES = 8  # vectors of 8 output columns whose accumulators chunk_products interleaves
 
 _SOURCE = r"""
+#include <immintrin.h>
 #include <omp.h>
+#include <stdlib.h>
 typedef double d8 __attribute__((vector_size(64)));
 typedef int64_t l8 __attribute__((vector_size(64)));
 typedef struct {
@@ -47,7 +51,16 @@ typedef struct {
     int has_inf, neg_zero;
 } grid_t;
 
-static inline d8 splat(double v) { return (d8){} + v; }
+static inline d8 splat(double v) { return (d8){v, v, v, v, v, v, v, v}; }  /* not 0 + v: that is +0 for -0 */
+/* c + a * b, rounded once: where a * b is exact in double (float32 factors) this is c + (a * b) */
+static inline d8 fma8(d8 a, d8 b, d8 c) {
+#ifdef __AVX512F__
+    return _mm512_fmadd_pd(a, b, c);
+#else
+    for (int l = 0; l < 8; ++l) c[l] = __builtin_fma(a[l], b[l], c[l]);
+    return c;
+#endif
+}
 static inline d8 abs8(d8 x) { l8 b; __builtin_memcpy(&b, &x, 64); b &= 0x7FFFFFFFFFFFFFFFll; __builtin_memcpy(&x, &b, 64); return x; }
 
 /* round_exact(s, e, grid, "nearest") of ops.exact, lane by lane, for the exact value s + e:
@@ -70,14 +83,24 @@ static inline d8 round_nearest(d8 s, d8 e, const grid_t* g) {
     return r == 0 ? (g->neg_zero ? s * 0.0 : splat(0.0)) : r;
 }
 
-/* round_float(p, grid, "nearest", SIGNS, OVERFLOW) of ops.exact: Veltkamp's split in the normal
-   range, a magic add in the subnormal one; OVERFLOW: inf (or NaN) from the overflow threshold on;
-   SIGNS: a zero signed as p (else it may be +0 where p is negative). */
+/* round_float(p, grid, "nearest", SIGNS, OVERFLOW) of ops.exact, for p normal in double: p's quantum u
+   on the grid is 2**-man times its binade's 2**e, or min_normal's below it; C = 1.5 * 2**52 * u has
+   ulp u (and an even multiple of it), so p + C rounds p to nearest even on the grid, and - C is exact.
+   Five operations for both ranges (Veltkamp's split and the subnormal magic add with a select: eight).
+   OVERFLOW: inf (or NaN) from the overflow threshold on; SIGNS: a zero signed as p (else it may be +0
+   where p is negative). */
 template <bool SIGNS = true, bool OVERFLOW = true>
 static inline d8 round_product(d8 p, const grid_t* g, double overflow) {
-    d8 c = p * g->split;
-    d8 m = splat(g->magic_qmin);
-    d8 r = abs8(p) < g->min_normal ? (p + m) - m : c - (c - p);
+    l8 bits;
+    int64_t floor;
+    __builtin_memcpy(&bits, &p, 64);
+    __builtin_memcpy(&floor, &g->min_normal, 8);
+    bits &= 0x7FF0000000000000ll;  /* 2**e, e = p's binade */
+    bits = bits > floor ? bits : floor;
+    d8 binade;
+    __builtin_memcpy(&binade, &bits, 64);
+    d8 c = binade * (6755399441055744.0 * g->half_scale);  /* 1.5 * 2**52 * u */
+    d8 r = (p + c) - c;
     if (OVERFLOW) r = abs8(p) >= overflow ? (g->has_inf ? p * INFINITY : splat(NAN)) : r;
     if (SIGNS) r = r == 0 ? (g->neg_zero ? p * 0.0 : splat(0.0)) : r;
     return r;
@@ -242,6 +265,91 @@ extern "C" void chunk_products(double* out, const float* a, const double* b, int
                      : (overflows ? gemm<false, true> : gemm<false, false>);
     run(out, a, b, batches, M, K, N, k, mul, overflow, g, acc_overflow, exact, threads);
 }
+
+/* The R x P tile of offset_gemm over reduction steps [t0, t1) (t0 a multiple of k): acc[r][p]
+   (8 lanes, in memory: touched once a chunk) += the chunk sums of V[vb[p] + voff[t] + l] *
+   S[sb[r] + soff[t]], each chunk's exact products summed in order from its first, as
+   chunk_tiles sums them. */
+static inline d8 widen(const float* x) {  /* 8 floats from x, exactly as doubles */
+#ifdef __AVX512F__
+    return _mm512_cvtps_pd(_mm256_loadu_ps(x));  /* one conversion (GCC splits __builtin_convertvector's in two) */
+#else
+    f8 y;
+    __builtin_memcpy(&y, x, 32);
+    return __builtin_convertvector(y, d8);
+#endif
+}
+
+template <int R, int P>
+static void offset_tile(double* acc, const float* V, const double* S, const int64_t* voff, const int64_t* soff,
+                        int64_t t0, int64_t t1, int64_t k, const int64_t* vb, const int64_t* sb, const grid_t* g,
+                        double acc_overflow) {
+    d8 part[R][P], v[P];
+    for (int64_t u0 = t0; u0 < t1; u0 += k) {
+        int64_t u1 = u0 + k < t1 ? u0 + k : t1;
+        for (int p = 0; p < P; ++p) v[p] = widen(V + vb[p] + voff[u0]);
+        for (int r = 0; r < R; ++r) {
+            d8 s = splat(S[sb[r] + soff[u0]]);
+            for (int p = 0; p < P; ++p) part[r][p] = v[p] * s;
+        }
+        for (int64_t u = u0 + 1; u < u1; ++u) {
+            for (int p = 0; p < P; ++p) v[p] = widen(V + vb[p] + voff[u]);
+            for (int r = 0; r < R; ++r) {
+                d8 s = splat(S[sb[r] + soff[u]]);
+                for (int p = 0; p < P; ++p) part[r][p] = fma8(v[p], s, part[r][p]);
+            }
+        }
+        for (int r = 0; r < R; ++r)
+            for (int p = 0; p < P; ++p) {
+                d8 a;
+                __builtin_memcpy(&a, acc + (r * P + p) * 8, 64);
+                a = add_rounded(a, part[r][p], g, acc_overflow, 0);
+                __builtin_memcpy(acc + (r * P + p) * 8, &a, 64);
+            }
+    }
+}
+
+template <int R, int P>
+static void offset_run(double* out, const float* V, const double* S, const int64_t* voff, const int64_t* soff,
+                       int64_t T, int64_t k, const int64_t* vbase, const int64_t* obase, const int64_t* width,
+                       int64_t nv, const int64_t* sbase, const int64_t* orow, int64_t ns, int64_t block,
+                       const grid_t* g, double acc_overflow, int threads) {
+    int64_t row_tiles = (ns + R - 1) / R, tasks = (nv + P - 1) / P * row_tiles;
+    double* held = T > block ? (double*)calloc(tasks * R * P * 8, sizeof(double)) : NULL;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    for (int64_t t0 = 0; t0 < T; t0 += block) {
+        int64_t t1 = t0 + block < T ? t0 + block : T;
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < tasks; ++task) {
+            int64_t v0 = task / row_tiles * P, s0 = task % row_tiles * R, vb[P], sb[R];
+            double local[R * P * 8] = {};
+            double* acc = held ? held + task * R * P * 8 : local;
+            for (int p = 0; p < P; ++p) vb[p] = vbase[v0 + p < nv ? v0 + p : v0];  /* a short tile repeats */
+            for (int r = 0; r < R; ++r) sb[r] = sbase[s0 + r < ns ? s0 + r : s0];  /* its first vector/row */
+            offset_tile<R, P>(acc, V, S, voff, soff, t0, t1, k, vb, sb, g, acc_overflow);
+            if (t1 < T) continue;
+            for (int r = 0; r < R && s0 + r < ns; ++r)
+                for (int p = 0; p < P && v0 + p < nv; ++p)
+                    __builtin_memcpy(out + obase[v0 + p] + orow[s0 + r], acc + (r * P + p) * 8, 8 * width[v0 + p]);
+        }
+    }
+    free(held);
+}
+
+/* out[obase[i] + orow[j] + l] for l < width[i] = the chunk(k) GEMM (exact products, each chunk summed
+   in order from its first product, then added into the accumulator and rounded to nearest) of the
+   vectors V[vbase[i] + voff[t] + l] and the scalars S[sbase[j] + soff[t]] over steps t < T: a GEMM
+   whose operands are read where offset tables say (a convolution without patches). Vector lanes past
+   width[i] are read (V holds 8 elements past its last) and dropped. Tiles of `shape` (R x P), each over
+   `block` steps (a multiple of k) at a time, so that every tile meets the same block while it is in cache. */
+extern "C" void offset_gemm(double* out, const float* V, const double* S, const int64_t* voff, const int64_t* soff,
+                            int64_t T, int64_t k, const int64_t* vbase, const int64_t* obase, const int64_t* width,
+                            int64_t nv, const int64_t* sbase, const int64_t* orow, int64_t ns, int shape, int64_t block,
+                            const grid_t* g, double acc_overflow, int threads) {
+    auto run = shape == 0 ? offset_run<24, 1> : shape == 1 ? offset_run<12, 2> : shape == 2 ? offset_run<8, 3>
+                                                                                            : offset_run<6, 4>;
+    run(out, V, S, voff, soff, T, k, vbase, obase, width, nv, sbase, orow, ns, block, g, acc_overflow, threads);
+}
 """
 
 
@@ -261,6 +369,10 @@ def load_kernel() -> ctypes.CDLL:
     lib.chunk_products.restype = None
     lib.chunk_products.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 5 + [
         ctypes.POINTER(_Grid), ctypes.c_double, ctypes.POINTER(_Grid), ctypes.c_double] + [ctypes.c_int] * 4
+    lib.offset_gemm.restype = None
+    lib.offset_gemm.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3 + [
+        ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_int, ctypes.c_int64,
+                                                   ctypes.POINTER(_Grid), ctypes.c_double, ctypes.c_int]
     return lib
 
 
@@ -336,5 +448,43 @@ def chunk_products_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, k: int,
                                      threads_for(B * M * N * K // 8))
 
 
+def offset_gemm_(out: torch.Tensor, v: torch.Tensor, s: torch.Tensor, v_steps: torch.Tensor, s_steps: torch.Tensor,
+                 vectors: torch.Tensor, rows: torch.Tensor, k: int, grid: Grid) -> None:
+    """The ``chunk(k)`` GEMM of exact products whose operands are read at offsets (``offset_gemm``
+    in the source): ``out[o_i + o_j + l] = sum over t of v[v_i + v_steps[t] + l] * s[s_j + s_steps[t]]``
+    for lanes ``l < w_i``, chunks of k steps each summed in order, then rounded into the
+    accumulator to nearest on ``grid``.
+
+    Args:
+        out: float64, contiguous; the elements named are overwritten.
+        v: float32, s: float64, contiguous; v holds 8 elements past the last one a vector reads.
+        v_steps, s_steps: int64 (T,): each step's offset into v and into s.
+        vectors: int64 (nv, 3): each output vector's (v_i, o_i, w_i), w_i <= 8 lanes.
+        rows: int64 (ns, 2): each row's (s_j, o_j).
+        k: the chunk length (1: sequential order).
+        grid: the accumulator format's ``Grid`` (``takes_grid``).
+    """
+    if not takes_grid(grid):
+        raise ValueError("offset_gemm_: the grid's format needs the reference rounding (no subnormals, zero or sign)")
+    for name, t, dtype in (("out", out, torch.float64), ("v", v, torch.float32), ("s", s, torch.float64),
+                           ("v_steps", v_steps, torch.int64), ("s_steps", s_steps, torch.int64)):
+        require_cpu(f"offset_gemm_: {name}", t, (dtype,))
+    steps, nv, ns = v_steps.numel(), vectors.shape[0], rows.shape[0]
+    if k < 1 or s_steps.numel() != steps:
+        raise ValueError(f"offset_gemm_: {steps} v steps, {s_steps.numel()} s steps, chunk {k}: the step tables "
+                         f"must match and k be positive")
+    if steps == 0 or nv == 0 or ns == 0:
+        if steps == 0:
+            out.zero_()  # empty sums are +0; out is the whole result (every element a vector's lane)
+        return
+    cols = [c.contiguous() for c in (*vectors.unbind(1), *rows.unbind(1))]
+    shape = min(range(len(_SHAPES)), key=lambda i: (-(-nv // _SHAPES[i][1]) * _SHAPES[i][1]
+                                                     * -(-ns // _SHAPES[i][0]) * _SHAPES[i][0], i))
+    load_kernel().offset_gemm(out.data_ptr(), v.data_ptr(), s.data_ptr(), v_steps.data_ptr(), s_steps.data_ptr(),
+                              steps, k, cols[0].data_ptr(), cols[1].data_ptr(), cols[2].data_ptr(), nv,
+                              cols[3].data_ptr(), cols[4].data_ptr(), ns, shape, max(k, _BLOCK_STEPS // k * k),
+                              ctypes.byref(_grid_struct(grid)), grid.overflow, threads_for(nv * ns * steps))
+
+
 register_chunk_fold(ChunkFold(fold_chunks_, chunk_products_,
-                              lambda grid: takes_grid(grid) and load_kernel() is not None))
+                              lambda grid: takes_grid(grid) and load_kernel() is not None, offset_gemm_))

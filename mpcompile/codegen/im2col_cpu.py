@@ -16,10 +16,10 @@ import functools
 
 import torch
 
-from ..ops.im2col import output_sizes, register_patch_rows
+from ..ops.im2col import output_sizes, register_patch_rows, register_phased_rows
 from .cpu_kernels import compile_library, require_cpu, threads_for
 
-__all__ = ["DTYPES", "load_kernel", "patch_rows"]
+__all__ = ["DTYPES", "load_kernel", "patch_rows", "phased_rows"]
 
 DTYPES = {torch.float32: 0, torch.float64: 1}
 
@@ -53,6 +53,38 @@ static void rows(const T* x, T* out, int64_t n, int64_t c, int64_t h, int64_t w,
     }
 }
 
+/* out[((p * hp + y) * sw + ph) * wq + q] = x[p][y - top][q * sw + ph - left], 0 outside x, for planes p
+   (the padded input with its columns split into sw phases); then 8 zeros. */
+template <typename T>
+static void phases(const float* x, T* out, int64_t planes, int64_t h, int64_t w, int64_t hp, int64_t sw, int64_t wq,
+                   int64_t top, int64_t left, int threads) {
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+    for (int64_t row = 0; row < planes * hp; ++row) {
+        int64_t y = row % hp - top;
+        T* dst = out + row * sw * wq;
+        const float* src = x + (row / hp * h + y) * w;
+        for (int64_t ph = 0; ph < sw; ++ph, dst += wq) {
+            /* columns q * sw + ph - left of x in [0, w): q in [lo, hi) */
+            int64_t lo = left > ph ? (left - ph + sw - 1) / sw : 0, hi = (w + left - ph + sw - 1) / sw;
+            if (y < 0 || y >= h) lo = hi = 0;
+            hi = hi < wq ? hi : wq;
+            lo = lo < hi ? lo : hi;
+            for (int64_t q = 0; q < lo; ++q) dst[q] = 0;
+            for (int64_t q = lo; q < hi; ++q) dst[q] = (T)src[q * sw + ph - left];
+            for (int64_t q = hi; q < wq; ++q) dst[q] = 0;
+        }
+    }
+    for (int l = 0; l < 8; ++l) out[planes * hp * sw * wq + l] = 0;
+}
+
+extern "C" void phased_rows(const float* x, void* out, int dtype, int64_t planes, int64_t h, int64_t w, int64_t hp,
+                            int64_t sw, int64_t wq, int64_t top, int64_t left, int threads) {
+    if (dtype == 0)
+        phases(x, (float*)out, planes, h, w, hp, sw, wq, top, left, threads);
+    else
+        phases(x, (double*)out, planes, h, w, hp, sw, wq, top, left, threads);
+}
+
 extern "C" void patch_rows(const void* x, void* out, int dtype, int64_t n, int64_t c, int64_t h, int64_t w,
                            int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
                            int64_t dw, int64_t ho, int64_t wo, int threads) {
@@ -70,6 +102,8 @@ def load_kernel() -> ctypes.CDLL:
     lib = compile_library(_SOURCE)
     lib.patch_rows.restype = None
     lib.patch_rows.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 14 + [ctypes.c_int]
+    lib.phased_rows.restype = None
+    lib.phased_rows.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 8 + [ctypes.c_int]
     return lib
 
 
@@ -99,4 +133,24 @@ def patch_rows(x: torch.Tensor, kernel: tuple[int, int], stride, padding, dilati
     return out
 
 
+def phased_rows(x: torch.Tensor, padding, stride, memory: torch.Tensor) -> torch.Tensor:
+    """``ops.im2col.phased_input`` in one pass: x padded, its columns split into stride phases,
+    converted to memory's dtype, flat, with 8 zeros after it.
+
+    Args:
+        x: (N, C, H, W), contiguous float32 on the CPU.
+        padding, stride: pairs, as the convolution's.
+        memory: float32 or float64, contiguous, of the result's size; returned, filled.
+    """
+    require_cpu("phased_rows: x", x, (torch.float32,))
+    n, c, h, w = x.shape
+    (ph, pw), (sh, sw) = padding, stride
+    hp, wq = h + 2 * ph, -(-(w + 2 * pw) // sw)
+    require_cpu("phased_rows: memory", memory, tuple(DTYPES), n * c * hp * sw * wq + 8)
+    load_kernel().phased_rows(x.data_ptr(), memory.data_ptr(), DTYPES[memory.dtype], n * c, h, w, hp, sw, wq, ph,
+                              pw, threads_for(memory.numel()))
+    return memory
+
+
 register_patch_rows(patch_rows, tuple(DTYPES))
+register_phased_rows(phased_rows)

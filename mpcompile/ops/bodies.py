@@ -28,6 +28,7 @@ from .emulate import emulated_matmul
 from .exact import grid_of, round_exact, two_prod, two_sum
 from .gemm_backends import GemmFusion, backend_gemm, has_gemm_backend, rounds_in_kernel
 from .im2col import conv_as_gemm_operands, transposed_conv_operands
+from .implicit_conv import conv_sums, serves, weight_grad_sums
 from .kappa import activation, component_kappa, magnitudes
 from .observe import notify
 from .roles import op_seed, quantize_role
@@ -126,14 +127,17 @@ _GemmOperands = Callable[[torch.Tensor, torch.Tensor],
 def backward_gemm(left: RoleTensor, right: RoleTensor, operands: _GemmOperands, spec: ArithSpec, gemm_seed,
                   out: str, axis: int, *, plain: tuple[bool, bool, bool] = (True, True, True),
                   padded: tuple[bool, bool] = (False, False),
-                  transposed: tuple[bool, bool] = (False, False), out_blocks: tuple[int, ...] = (-1,)) -> torch.Tensor:
+                  transposed: tuple[bool, bool] = (False, False), out_blocks: tuple[int, ...] = (-1,),
+                  direct: Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | None"] | None = None) -> torch.Tensor:
     """The GEMM of role tensors ``left`` and ``right`` (``operands``), rounded to role ``out``.
 
     Where the op's backend has a generated GEMM, the roles are rounded in its prologue and
     epilogue as far as ``rounds_in_kernel`` allows, else in memory. ``plain``: whether a's,
     b's and the result's flat index is their role tensor's (``transposed``: a's or b's is its
     transpose's); ``padded``: whether a or b holds zeros an unfold padded in; ``out_blocks``:
-    the dims a block format's blocks of role ``out`` run along.
+    the dims a block format's blocks of role ``out`` run along; ``direct``: the emulated GEMM
+    (float64, finished) of the rounded role tensors without laying out operands, or None where it
+    does not serve (``implicit_conv``), tried where the backend has no generated GEMM.
     """
     roles, seed, scales = left.roles, left.seed, left.scales
     operand_roles = (roles.get(left.name), roles.get(right.name))
@@ -149,6 +153,9 @@ def backward_gemm(left: RoleTensor, right: RoleTensor, operands: _GemmOperands, 
         if y is not None:
             y = finish(y.to(a.dtype))
             return y if out_role is not None else round_role(roles, out, y, axis, seed, None, out_blocks)
+    y = None if direct is None or spec.is_native else direct(left.rounded, right.rounded)
+    if y is not None:
+        return round_role(roles, out, y.to(left.rounded.dtype), axis, seed, scales, out_blocks)
     a, b, finish, index = operands(left.rounded, right.rounded)
     y = gemm(a, b, spec, gemm_seed, roles=operand_roles, index=index)
     return round_role(roles, out, finish(y), axis, seed, scales, out_blocks)
@@ -444,6 +451,9 @@ def channel_rows(t: torch.Tensor, groups: int) -> torch.Tensor:
 
 def _conv_gemm(x, w, stride, padding, dilation, groups, spec, seed, roles=(None, None)):
     """An emulated convolution without bias: float64 accumulator values, (N, C_out, *O)."""
+    y = conv_sums(x, w, stride, padding, dilation, groups, spec)
+    if y is not None:
+        return y
     with section("im2col"):
         a, b, out_shape, to_output = conv_as_gemm_operands(x, w, stride, padding, dilation, groups)
     return to_output(emulated(a, b, spec, seed, roles, index=conv_index(spec, a, out_shape, groups)))
@@ -538,11 +548,21 @@ def conv_backward(grad, x, w, has_bias, stride, padding, dilation, groups, roles
             rows = channel_rows(gt, groups)
         return rows, patches, lambda y: y.reshape(w.shape), None
 
+    def gx_direct(gt, wt):
+        if not serves(bwd, gt, wt, groups):
+            return None
+        with section("im2col"):
+            operands = transposed_conv_operands(gt, wt, x.shape, stride, padding, dilation, groups)
+        return conv_sums(*operands, groups, bwd)
+
+    def gw_direct(gt, xt):
+        return weight_grad_sums(gt, xt, w.shape, stride, padding, dilation, groups, bwd)
+
     # the unfolded and permuted operands are not laid out as their role tensors, and hold padding zeros
     gx = backward_gemm(g, ws, gx_operands, bwd, op_seed(seed, 1), "grad_input", 1, plain=(False, False, False),
-                       padded=(True, False), out_blocks=(1,))
+                       padded=(True, False), out_blocks=(1,), direct=gx_direct)
     gw = backward_gemm(g, xs, gw_operands, bwd, op_seed(seed, 2), "grad_weight", 0, plain=(False, False, True),
-                       padded=(False, True), out_blocks=kernel_dims(w))
+                       padded=(False, True), out_blocks=kernel_dims(w), direct=gw_direct)
     return gx, gw, round_role(roles, "grad_bias", gb, 0, seed, scales)
 
 

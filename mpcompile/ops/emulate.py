@@ -34,7 +34,7 @@ from .exact import Grid, grid_of, round_exact, two_prod, two_sum
 from .spec import STREAM_ADD, STREAM_KAHAN, STREAM_MUL, ArithSpec, SpecError
 
 __all__ = ["emulated_matmul", "chunk_is_exact", "COMPILE_MIN_WORK", "COMPILE_MIN_STEPS", "set_compile",
-           "ChunkFold", "register_chunk_fold"]
+           "ChunkFold", "register_chunk_fold", "offsets_kernel"]
 
 COMPILE_MIN_WORK = 1 << 16  # output elements x reduction steps from which a block is compiled
 COMPILE_MIN_STEPS = 64  # ... if the reduction has at least this many steps (else eager is cheap)
@@ -61,11 +61,15 @@ class ChunkFold:
             (and rounded to nearest on the mul grid) in the kernel, as ``_steps`` does it (chunks of
             k products, each summed from its first; k = 1: sequential).
         serves: whether it runs here for a grid (raising where it cannot be built).
+        offsets: ``offsets(out, v, s, v_steps, s_steps, vectors, rows, k, grid)``: a GEMM of exact
+            products in the order of ``products`` (chunks of k), its float64 operands read at
+            offsets that tables give (``ops.implicit_conv``; ``codegen.chunk_fold_cpu.offset_gemm_``).
     """
 
     fold: Callable[[torch.Tensor, torch.Tensor, Grid], int]
     products: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, Grid | None, Grid, bool, bool, bool], None]
     serves: Callable[[Grid], bool]
+    offsets: Callable[..., None]
 
 
 _CHUNK_FOLD: list[ChunkFold] = []
@@ -272,7 +276,7 @@ def emulated_matmul(a: torch.Tensor, b: torch.Tensor, spec: ArithSpec, *, seed: 
     acc = torch.zeros(B, M, N, dtype=torch.float64, device=a.device)
     comp = torch.zeros_like(acc) if spec.kahan else None
     compiled = _compile_enabled and a.device.type == "cpu" and B * M * N * K >= COMPILE_MIN_WORK
-    kernel = _products_kernel(plan, a, b)
+    kernel = _products_kernel(plan, a.dtype, a.device)
     by_gemm = spec.chunk is not None and spec.mul is None and not split
     if by_gemm and (kernel is None or B * K * N * 8 > _KERNEL_B_BYTES):  # converts a block of a and b at a time
         return _chunks_by_gemm(plan, acc, comp, a, b, index, seed)
@@ -436,16 +440,29 @@ def _chunks_folded_by_torch(plan: _Plan, acc, comp, a, b, index, seed):
     return acc
 
 
-def _products_kernel(plan: _Plan, a: torch.Tensor, b: torch.Tensor) -> ChunkFold | None:
+def _products_kernel(plan: _Plan, dtype: torch.dtype, device: torch.device) -> ChunkFold | None:
     """The fold kernel where it forms a GEMM's products itself: sequential or chunk order,
     float32 operands on the CPU, every rounding to nearest, no Kahan, the grids served."""
     spec = plan.spec
-    if not (spec.order != "pairwise" and a.dtype == b.dtype == torch.float32 and a.device.type == "cpu"
+    if not (spec.order != "pairwise" and dtype == torch.float32 and device.type == "cpu"
             and not spec.kahan
             and spec.rounding == "nearest" and (spec.mul is None or spec.mul_rounding == "nearest")):
         return None
     kernel = _fold_kernel(plan.acc)
     return kernel if kernel is not None and (plan.mul is None or kernel.serves(plan.mul)) else None
+
+
+def offsets_kernel(spec: ArithSpec, dtype: torch.dtype, device: torch.device) -> Callable[..., None] | None:
+    """``ChunkFold.offsets`` with ``spec``'s chunk length and accumulator bound, where it runs a GEMM
+    of ``spec`` on ``dtype`` operands here as ``emulated_matmul`` would: float32 (exact products in
+    float64), no mul format, else as ``_products_kernel``; else None."""
+    if spec.mul is not None or dtype != torch.float32:
+        return None
+    plan = _plan(spec, False)
+    kernel = _products_kernel(plan, dtype, device)
+    if kernel is None:
+        return None
+    return functools.partial(kernel.offsets, k=spec.chunk or 1, grid=plan.acc)
 
 
 def _fold_kernel(grid: Grid) -> ChunkFold | None:

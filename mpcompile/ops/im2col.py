@@ -15,21 +15,29 @@ import torch.nn.functional as F
 
 from ..backends import load_plugins, run_or_fall_back
 
-__all__ = ["output_sizes", "patches", "conv_as_gemm_operands", "transposed_conv_operands", "PatchRows",
-           "register_patch_rows"]
+__all__ = ["output_sizes", "patches", "conv_as_gemm_operands", "transposed_conv_operands", "phased_input",
+           "held_memory", "PatchRows", "register_patch_rows", "PhasedRows", "register_phased_rows"]
 
 # patch_rows(x (N, C, H, W), kernel, stride, padding, dilation, memory) -> (N*Ho*Wo, C*kh*kw) in
 # ``memory``: the patches as rows, as ``patches`` reshaped (``codegen.im2col_cpu``)
 PatchRows = Callable[..., torch.Tensor]
 _PATCH_ROWS: dict[torch.dtype, PatchRows] = {}  # by the input dtypes the kernel takes
-_FAILED: set[str] = set()  # "im2col" once the CPU kernel failed to build: torch's copy from then on
-_PATCH_MEMORY = threading.local()
+# phased_rows(x (N, C, H, W) float32, padding, stride, memory) -> ``phased_input`` in memory (``codegen.im2col_cpu``)
+PhasedRows = Callable[..., torch.Tensor]
+_PHASED_ROWS: list[PhasedRows] = []
+_FAILED: set[str] = set()  # "im2col", "phases" once the CPU kernel failed to build: torch's copy from then on
+_HELD = threading.local()  # slot -> this thread's memory (held_memory)
 
 
 def register_patch_rows(kernel: PatchRows, dtypes: tuple[torch.dtype, ...]) -> None:
     """Lay out the patches of 2-D CPU convolutions of ``dtypes`` with ``kernel`` from now on (a
     plug-in of the torch backend, ``codegen.im2col_cpu``)."""
     _PATCH_ROWS.update(dict.fromkeys(dtypes, kernel))
+
+
+def register_phased_rows(kernel: PhasedRows) -> None:
+    """Lay out ``phased_input`` of float32 CPU inputs with ``kernel`` from now on (``codegen.im2col_cpu``)."""
+    _PHASED_ROWS[:] = [kernel]
 
 
 def output_sizes(sizes, kernel, stride, padding, dilation) -> tuple[int, ...]:
@@ -68,7 +76,7 @@ def conv_as_gemm_operands(x, w, stride, padding, dilation, groups):
         load_plugins("torch")
     kernel_rows = _PATCH_ROWS.get(x.dtype) if two_d else None
     if kernel_rows is not None:  # C++ rows: torch's copy moves 3 elements a run
-        memory = _memory(n * length * width, x.dtype)
+        memory = held_memory(n * length * width, x.dtype)
         rows = run_or_fall_back(_FAILED, "im2col",
                                 lambda: kernel_rows(x.contiguous(), kernel, stride, padding, dilation, memory),
                                 copied, "the CPU im2col kernel (codegen/im2col_cpu.py)")
@@ -85,15 +93,40 @@ def conv_as_gemm_operands(x, w, stride, padding, dilation, groups):
     return a, b, out_shape, to_output
 
 
-def _memory(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """This thread's memory for CPU patch rows, kept from call to call: a convolution's patches
-    are several times its input (tens of MB), which fresh memory faults in page by page at every
-    call. Patches are dead once their GEMM has run, before the next convolution lays out its own:
-    each op builds its operands and runs its GEMM before returning, on one thread."""
-    held = getattr(_PATCH_MEMORY, "tensor", None)
+def phased_input(x: torch.Tensor, padding, stride, dtype: torch.dtype, slot: str) -> torch.Tensor:
+    """x (N, C, H, W) zero-padded, each row's columns split into ``stride[1]`` phases, as flat
+    ``dtype`` with 8 zeros after it, in ``held_memory(..., slot)``: padded element (n, c, y, X) at
+    ``((n * C + c) * Hp + y) * sw * Wq + (X % sw) * Wq + X // sw`` (Wq = ceil(Wp / sw)), so that
+    the inputs of output columns ow, ow + 1, ... under one kernel element are consecutive."""
+    load_plugins("torch")
+    n, c, h, w = x.shape
+    (ph, pw), sw = padding, stride[1]
+    hp, wq = h + 2 * ph, -(-(w + 2 * pw) // sw)
+    memory = held_memory(n * c * hp * sw * wq + 8, dtype, slot)
+
+    def copied() -> torch.Tensor:
+        padded = F.pad(x, (pw, wq * sw - w - pw, ph, ph))
+        memory[:-8].view(n, c, hp, sw, wq).copy_(padded.view(n, c, hp, wq, sw).transpose(-1, -2))
+        memory[-8:] = 0
+        return memory
+
+    if not (_PHASED_ROWS and x.device.type == "cpu" and x.dtype == torch.float32):
+        return copied()
+    return run_or_fall_back(_FAILED, "phases", lambda: _PHASED_ROWS[0](x.contiguous(), padding, stride, memory),
+                            copied, "the CPU kernel of a convolution's padded input (codegen/im2col_cpu.py)")
+
+
+def held_memory(numel: int, dtype: torch.dtype, slot: str = "patches") -> torch.Tensor:
+    """This thread's memory for a convolution's CPU operand layout (``slot``: one per operand alive
+    at once), kept from call to call: patches are several times a convolution's input (tens of
+    MB), which fresh memory faults in page by page at every call. An operand laid out here is dead
+    once its GEMM has run, before the next convolution lays out its own: each op builds its
+    operands and runs its GEMM before returning, on one thread."""
+    memory = _HELD.__dict__
+    held = memory.get(slot)
     if held is None or held.numel() < numel or held.dtype != dtype:
-        held = _PATCH_MEMORY.tensor = torch.empty(numel, dtype=dtype)
-    return held
+        held = memory[slot] = torch.empty(numel, dtype=dtype)
+    return held[:numel]
 
 
 def transposed_conv_operands(grad, w, input_shape, stride, padding, dilation, groups):

@@ -4,6 +4,8 @@ NaN codes; it counts the adds where a zero chunk sum meets a -0 accumulator. Its
 products equals torch's chunk-sum path (``ops.emulate``) and the reference dot product."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -109,7 +111,7 @@ def test_gemms_of_rounded_products_equal_torch_and_the_reference(monkeypatch, sp
         chunk_products_(got, a, b.double(), k, plan.mul, plan.acc, plan.exact_sums, not emulate._chunks_reduce(spec))
     finally:
         torch.set_num_threads(previous)
-    monkeypatch.setattr(emulate, "_products_kernel", lambda plan, a, b: None)
+    monkeypatch.setattr(emulate, "_products_kernel", lambda plan, dtype, device: None)
     torch_path = emulate.emulated_matmul(a, b, spec)
     assert torch.equal(got.isnan(), torch_path.isnan()) and (got.isinf() | got.isnan()).any()  # overflows
     same = (got.view(torch.int64) == torch_path.view(torch.int64)) | got.isnan()  # zeros' signs included
@@ -118,3 +120,20 @@ def test_gemms_of_rounded_products_equal_torch_and_the_reference(monkeypatch, sp
         want = torch.tensor([[reference.dot(a[i, m].tolist(), b[i, :, n].tolist(), spec) for n in range(b.shape[-1])]
                              for m in range(3)], dtype=torch.float64)
         assert bool(((got[i] == want) | (got[i].isnan() & want.isnan())).all())
+
+
+@pytest.mark.parametrize("spec", ["acc=e5m10", "acc=e5m10 order=chunk(2)", "mul=fp16 acc=e5m10"])
+@pytest.mark.parametrize("n", [8, 11])  # the exact kernel's rows of 8 columns, the general tiles
+def test_a_negative_zero_factor_gives_a_negative_zero_product(spec, n):
+    """a = (-2**-30, -0, -0) against ones: the first product rounds the accumulator to -0, and the
+    -0 products after it keep it there, as the reference says (a factor splat as 0 + a is +0);
+    rounded to fp16 first, the first product is -0 and +0 + -0 leaves the accumulator +0."""
+    spec = parse_arith(spec)
+    plan = emulate._plan(spec, False)
+    a = torch.tensor([-2.0**-30, -0.0, -0.0]).repeat(1, 8, 1)
+    got = torch.zeros(1, 8, n, dtype=torch.float64)
+    chunk_products_(got, a, torch.ones(1, 3, n, dtype=torch.float64), spec.chunk or 1, plan.mul, plan.acc,
+                    plan.exact_sums, not emulate._chunks_reduce(spec))
+    want = reference.dot(a[0, 0].tolist(), [1.0] * 3, spec)  # -0; +0 where the product rounds to -0 first
+    assert want == 0.0 and math.copysign(1.0, want) == (1.0 if spec.mul else -1.0)
+    assert bool((got == 0).all()) and bool(torch.signbit(got).all()) == (spec.mul is None)

@@ -113,7 +113,8 @@ def test_chunk_sums_by_gemm_are_folded_in_order(monkeypatch, kernel):
     monkeypatch.setattr(emulate, "_KERNEL_B_BYTES", 0)  # b too large for the products kernel: the GEMM path
     if kernel:
         emulate.register_chunk_fold(emulate.ChunkFold(
-            lambda *a: (folds.append(a[1].shape), registered.fold(*a))[1], registered.products, registered.serves))
+            lambda *a: (folds.append(a[1].shape), registered.fold(*a))[1], registered.products, registered.serves,
+            registered.offsets))
     monkeypatch.setattr(emulate, "_GROUP_BYTES", 8 * 3 * (4 + 3))  # 3 rows of a chunk of a and its sums
     spec = ArithSpec(acc="e6m9", order="chunk(4)")  # hfp8's accumulator, in short chunks
     a, b = _operands(2, 5, 19, 3, "fp8_e4m3", 4, seed=7)
@@ -154,7 +155,7 @@ def test_a_fold_kernel_that_cannot_be_built_falls_back_with_one_warning(monkeypa
     load_plugins("torch")
     monkeypatch.setattr(emulate, "_CHUNK_FOLD", [])
     monkeypatch.setattr(emulate, "_FAILED", set())
-    emulate.register_chunk_fold(emulate.ChunkFold(lambda *a: 0, lambda *a: None, broken))
+    emulate.register_chunk_fold(emulate.ChunkFold(lambda *a: 0, lambda *a: None, broken, lambda *a: None))
     spec = ArithSpec(acc="e6m9", order="chunk(4)")
     a, b = _operands(1, 3, 10, 2, "fp8_e4m3", 4, seed=8)
     with pytest.warns(RuntimeWarning, match="chunk fold's CPU kernel.*no C\\+\\+ compiler") as record:
@@ -216,7 +217,7 @@ def test_chunk_exactness_rule():
     ArithSpec(mul="fp8_e5m2", acc="e5m10"),  # steps, exact float64 sums
 ], ids=str)
 def test_compiled_blocks_equal_eager(monkeypatch, spec):
-    monkeypatch.setattr(emulate, "_products_kernel", lambda plan, a, b: None)  # the C++ kernel's fallback: torch's steps
+    monkeypatch.setattr(emulate, "_products_kernel", lambda plan, dtype, device: None)  # the C++ kernel's fallback: torch's steps
     a, b = _operands(1, 8, 40, 16, None, 4, seed=5)
     eager = emulated_matmul(a, b, spec, seed=99)
     for name in ("_BLOCK", "_SLAB"):  # kernels of 2 steps or chunks: the same code, compiled in seconds
