@@ -266,10 +266,6 @@ extern "C" void chunk_products(double* out, const float* a, const double* b, int
     run(out, a, b, batches, M, K, N, k, mul, overflow, g, acc_overflow, exact, threads);
 }
 
-/* The R x P tile of offset_gemm over reduction steps [t0, t1) (t0 a multiple of k): acc[r][p]
-   (8 lanes, in memory: touched once a chunk) += the chunk sums of V[vb[p] + voff[t] + l] *
-   S[sb[r] + soff[t]], each chunk's exact products summed in order from its first, as
-   chunk_tiles sums them. */
 static inline d8 widen(const float* x) {  /* 8 floats from x, exactly as doubles */
 #ifdef __AVX512F__
     return _mm512_cvtps_pd(_mm256_loadu_ps(x));  /* one conversion (GCC splits __builtin_convertvector's in two) */
@@ -280,40 +276,58 @@ static inline d8 widen(const float* x) {  /* 8 floats from x, exactly as doubles
 #endif
 }
 
-template <int R, int P>
+/* The products of offset_gemm's operands: the kernel's parameters past the grid of the accumulator */
+typedef struct {
+    const grid_t* mul;  /* the products' format (MUL), rounded to nearest */
+    double overflow, acc_overflow;
+    int exact;  /* add_rounded's: every add into the accumulator is exact */
+} terms_t;
+
+/* round(v * s) where MUL, else the exact v * s (float32 factors) */
+template <bool MUL, bool SIGNS, bool OVERFLOW>
+static inline d8 term(d8 v, d8 s, const terms_t* t) {
+    return MUL ? round_product<SIGNS, OVERFLOW>(v * s, t->mul, t->overflow) : v * s;
+}
+
+/* The R x P tile of offset_gemm over reduction steps [t0, t1) (t0 a multiple of k): acc[r][p]
+   (8 lanes, in memory: touched once a chunk) takes the chunk sums of the terms of V[vb[p] + voff[t] + l]
+   and S[sb[r] + soff[t]], each chunk's terms summed in order from its first, as chunk_tiles sums them
+   (an exact product added by one fused multiply-add: the same sum). */
+template <int R, int P, bool MUL, bool SIGNS, bool OVERFLOW>
 static void offset_tile(double* acc, const float* V, const double* S, const int64_t* voff, const int64_t* soff,
                         int64_t t0, int64_t t1, int64_t k, const int64_t* vb, const int64_t* sb, const grid_t* g,
-                        double acc_overflow) {
+                        const terms_t* t) {
     d8 part[R][P], v[P];
     for (int64_t u0 = t0; u0 < t1; u0 += k) {
         int64_t u1 = u0 + k < t1 ? u0 + k : t1;
         for (int p = 0; p < P; ++p) v[p] = widen(V + vb[p] + voff[u0]);
         for (int r = 0; r < R; ++r) {
             d8 s = splat(S[sb[r] + soff[u0]]);
-            for (int p = 0; p < P; ++p) part[r][p] = v[p] * s;
+            for (int p = 0; p < P; ++p) part[r][p] = term<MUL, SIGNS, OVERFLOW>(v[p], s, t);
         }
         for (int64_t u = u0 + 1; u < u1; ++u) {
             for (int p = 0; p < P; ++p) v[p] = widen(V + vb[p] + voff[u]);
             for (int r = 0; r < R; ++r) {
                 d8 s = splat(S[sb[r] + soff[u]]);
-                for (int p = 0; p < P; ++p) part[r][p] = fma8(v[p], s, part[r][p]);
+                for (int p = 0; p < P; ++p)
+                    part[r][p] = MUL ? part[r][p] + term<MUL, SIGNS, OVERFLOW>(v[p], s, t) : fma8(v[p], s, part[r][p]);
             }
         }
         for (int r = 0; r < R; ++r)
             for (int p = 0; p < P; ++p) {
                 d8 a;
                 __builtin_memcpy(&a, acc + (r * P + p) * 8, 64);
-                a = add_rounded(a, part[r][p], g, acc_overflow, 0);
+                a = add_rounded(a, part[r][p], g, t->acc_overflow, t->exact);
                 __builtin_memcpy(acc + (r * P + p) * 8, &a, 64);
             }
     }
 }
 
-template <int R, int P>
+template <int R, int P, bool MUL, bool SIGNS, bool OVERFLOW>
 static void offset_run(double* out, const float* V, const double* S, const int64_t* voff, const int64_t* soff,
                        int64_t T, int64_t k, const int64_t* vbase, const int64_t* obase, const int64_t* width,
                        int64_t nv, const int64_t* sbase, const int64_t* orow, int64_t ns, int64_t block,
-                       const grid_t* g, double acc_overflow, int threads) {
+                       const grid_t* g, const terms_t* t, int threads) {
     int64_t row_tiles = (ns + R - 1) / R, tasks = (nv + P - 1) / P * row_tiles;
     double* held = T > block ? (double*)calloc(tasks * R * P * 8, sizeof(double)) : NULL;
 #pragma omp parallel num_threads(threads) if (threads > 1)
@@ -326,7 +340,7 @@ static void offset_run(double* out, const float* V, const double* S, const int64
             double* acc = held ? held + task * R * P * 8 : local;
             for (int p = 0; p < P; ++p) vb[p] = vbase[v0 + p < nv ? v0 + p : v0];  /* a short tile repeats */
             for (int r = 0; r < R; ++r) sb[r] = sbase[s0 + r < ns ? s0 + r : s0];  /* its first vector/row */
-            offset_tile<R, P>(acc, V, S, voff, soff, t0, t1, k, vb, sb, g, acc_overflow);
+            offset_tile<R, P, MUL, SIGNS, OVERFLOW>(acc, V, S, voff, soff, t0, t1, k, vb, sb, g, t);
             if (t1 < T) continue;
             for (int r = 0; r < R && s0 + r < ns; ++r)
                 for (int p = 0; p < P && v0 + p < nv; ++p)
@@ -336,19 +350,33 @@ static void offset_run(double* out, const float* V, const double* S, const int64
     free(held);
 }
 
-/* out[obase[i] + orow[j] + l] for l < width[i] = the chunk(k) GEMM (exact products, each chunk summed
-   in order from its first product, then added into the accumulator and rounded to nearest) of the
-   vectors V[vbase[i] + voff[t] + l] and the scalars S[sbase[j] + soff[t]] over steps t < T: a GEMM
-   whose operands are read where offset tables say (a convolution without patches). Vector lanes past
-   width[i] are read (V holds 8 elements past its last) and dropped. Tiles of `shape` (R x P), each over
-   `block` steps (a multiple of k) at a time, so that every tile meets the same block while it is in cache. */
+typedef void (*offset_run_t)(double*, const float*, const double*, const int64_t*, const int64_t*, int64_t, int64_t,
+                             const int64_t*, const int64_t*, const int64_t*, int64_t, const int64_t*, const int64_t*,
+                             int64_t, int64_t, const grid_t*, const terms_t*, int);
+
+template <bool MUL, bool SIGNS, bool OVERFLOW>
+static offset_run_t offset_shape(int shape) {
+    return shape == 0 ? offset_run<24, 1, MUL, SIGNS, OVERFLOW> : shape == 1 ? offset_run<12, 2, MUL, SIGNS, OVERFLOW>
+         : shape == 2 ? offset_run<8, 3, MUL, SIGNS, OVERFLOW> : offset_run<6, 4, MUL, SIGNS, OVERFLOW>;
+}
+
+/* out[obase[i] + orow[j] + l] for l < width[i] = the chunk(k) GEMM (each product rounded to nearest on
+   mul where there is one, each chunk summed in order from its first term, then added into the
+   accumulator and rounded to nearest) of the vectors V[vbase[i] + voff[t] + l] and the scalars
+   S[sbase[j] + soff[t]] over steps t < T: a GEMM whose operands are read where offset tables say (a
+   convolution without patches). Vector lanes past width[i] are read (V holds 8 elements past its last)
+   and dropped. Tiles of `shape` (R x P), each over `block` steps (a multiple of k) at a time, so that
+   every tile meets the same block while it is in cache. signs, overflows: as chunk_products's. */
 extern "C" void offset_gemm(double* out, const float* V, const double* S, const int64_t* voff, const int64_t* soff,
                             int64_t T, int64_t k, const int64_t* vbase, const int64_t* obase, const int64_t* width,
                             int64_t nv, const int64_t* sbase, const int64_t* orow, int64_t ns, int shape, int64_t block,
-                            const grid_t* g, double acc_overflow, int threads) {
-    auto run = shape == 0 ? offset_run<24, 1> : shape == 1 ? offset_run<12, 2> : shape == 2 ? offset_run<8, 3>
-                                                                                            : offset_run<6, 4>;
-    run(out, V, S, voff, soff, T, k, vbase, obase, width, nv, sbase, orow, ns, block, g, acc_overflow, threads);
+                            const grid_t* g, double acc_overflow, const grid_t* mul, double overflow, int exact,
+                            int signs, int overflows, int threads) {
+    terms_t t = {mul, overflow, acc_overflow, exact};
+    offset_run_t run = !mul ? offset_shape<false, false, false>(shape)
+                     : signs ? (overflows ? offset_shape<true, true, true>(shape) : offset_shape<true, true, false>(shape))
+                             : (overflows ? offset_shape<true, false, true>(shape) : offset_shape<true, false, false>(shape));
+    run(out, V, S, voff, soff, T, k, vbase, obase, width, nv, sbase, orow, ns, block, g, &t, threads);
 }
 """
 
@@ -371,8 +399,9 @@ def load_kernel() -> ctypes.CDLL:
         ctypes.POINTER(_Grid), ctypes.c_double, ctypes.POINTER(_Grid), ctypes.c_double] + [ctypes.c_int] * 4
     lib.offset_gemm.restype = None
     lib.offset_gemm.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3 + [
-        ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_int, ctypes.c_int64,
-                                                   ctypes.POINTER(_Grid), ctypes.c_double, ctypes.c_int]
+        ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_int, ctypes.c_int64, ctypes.POINTER(_Grid),
+                                                   ctypes.c_double, ctypes.POINTER(_Grid), ctypes.c_double] + [
+        ctypes.c_int] * 4
     return lib
 
 
@@ -449,11 +478,13 @@ def chunk_products_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, k: int,
 
 
 def offset_gemm_(out: torch.Tensor, v: torch.Tensor, s: torch.Tensor, v_steps: torch.Tensor, s_steps: torch.Tensor,
-                 vectors: torch.Tensor, rows: torch.Tensor, k: int, grid: Grid) -> None:
-    """The ``chunk(k)`` GEMM of exact products whose operands are read at offsets (``offset_gemm``
-    in the source): ``out[o_i + o_j + l] = sum over t of v[v_i + v_steps[t] + l] * s[s_j + s_steps[t]]``
-    for lanes ``l < w_i``, chunks of k steps each summed in order, then rounded into the
-    accumulator to nearest on ``grid``.
+                 vectors: torch.Tensor, rows: torch.Tensor, k: int, grid: Grid, mul: Grid | None = None,
+                 exact_sums: bool = False, signed_zeros: bool = True, overflow: bool = True) -> None:
+    """The ``chunk(k)`` GEMM of products formed one by one, its operands read at offsets
+    (``offset_gemm`` in the source): ``out[o_i + o_j + l] = sum over t of v[v_i + v_steps[t] + l] *
+    s[s_j + s_steps[t]]`` for lanes ``l < w_i``, each product rounded to nearest on ``mul`` (exact
+    where None), chunks of k steps each summed in order, then rounded into the accumulator to
+    nearest on ``grid``: ``chunk_products_``'s sums.
 
     Args:
         out: float64, contiguous; the elements named are overwritten.
@@ -462,10 +493,11 @@ def offset_gemm_(out: torch.Tensor, v: torch.Tensor, s: torch.Tensor, v_steps: t
         vectors: int64 (nv, 3): each output vector's (v_i, o_i, w_i), w_i <= 8 lanes.
         rows: int64 (ns, 2): each row's (s_j, o_j).
         k: the chunk length (1: sequential order).
-        grid: the accumulator format's ``Grid`` (``takes_grid``).
+        grid, mul: the ``Grid`` of the accumulator and product formats (``takes_grid``).
+        exact_sums, signed_zeros, overflow: as ``chunk_products_``'s.
     """
-    if not takes_grid(grid):
-        raise ValueError("offset_gemm_: the grid's format needs the reference rounding (no subnormals, zero or sign)")
+    if not ((mul is None or takes_grid(mul)) and takes_grid(grid)):
+        raise ValueError("offset_gemm_: a grid's format needs the reference rounding (no subnormals, zero or sign)")
     for name, t, dtype in (("out", out, torch.float64), ("v", v, torch.float32), ("s", s, torch.float64),
                            ("v_steps", v_steps, torch.int64), ("s_steps", s_steps, torch.int64)):
         require_cpu(f"offset_gemm_: {name}", t, (dtype,))
@@ -483,7 +515,10 @@ def offset_gemm_(out: torch.Tensor, v: torch.Tensor, s: torch.Tensor, v_steps: t
     load_kernel().offset_gemm(out.data_ptr(), v.data_ptr(), s.data_ptr(), v_steps.data_ptr(), s_steps.data_ptr(),
                               steps, k, cols[0].data_ptr(), cols[1].data_ptr(), cols[2].data_ptr(), nv,
                               cols[3].data_ptr(), cols[4].data_ptr(), ns, shape, max(k, _BLOCK_STEPS // k * k),
-                              ctypes.byref(_grid_struct(grid)), grid.overflow, threads_for(nv * ns * steps))
+                              ctypes.byref(_grid_struct(grid)), grid.overflow,
+                              None if mul is None else ctypes.byref(_grid_struct(mul)),
+                              0.0 if mul is None else mul.overflow, int(exact_sums), int(signed_zeros), int(overflow),
+                              threads_for(nv * ns * steps))
 
 
 register_chunk_fold(ChunkFold(fold_chunks_, chunk_products_,

@@ -34,7 +34,7 @@ from .exact import Grid, grid_of, round_exact, two_prod, two_sum
 from .spec import STREAM_ADD, STREAM_KAHAN, STREAM_MUL, ArithSpec, SpecError
 
 __all__ = ["emulated_matmul", "chunk_is_exact", "COMPILE_MIN_WORK", "COMPILE_MIN_STEPS", "set_compile",
-           "ChunkFold", "register_chunk_fold", "offsets_kernel"]
+           "ChunkFold", "register_chunk_fold", "offsets_kernel", "products_overflow"]
 
 COMPILE_MIN_WORK = 1 << 16  # output elements x reduction steps from which a block is compiled
 COMPILE_MIN_STEPS = 64  # ... if the reduction has at least this many steps (else eager is cheap)
@@ -61,9 +61,9 @@ class ChunkFold:
             (and rounded to nearest on the mul grid) in the kernel, as ``_steps`` does it (chunks of
             k products, each summed from its first; k = 1: sequential).
         serves: whether it runs here for a grid (raising where it cannot be built).
-        offsets: ``offsets(out, v, s, v_steps, s_steps, vectors, rows, k, grid)``: a GEMM of exact
-            products in the order of ``products`` (chunks of k), its float64 operands read at
-            offsets that tables give (``ops.implicit_conv``; ``codegen.chunk_fold_cpu.offset_gemm_``).
+        offsets: ``offsets(out, v, s, v_steps, s_steps, vectors, rows, k, grid, mul, exact_sums,
+            signed_zeros, overflow)``: ``products``' GEMM with its operands read at offsets that
+            tables give (``ops.implicit_conv``; ``codegen.chunk_fold_cpu.offset_gemm_``).
     """
 
     fold: Callable[[torch.Tensor, torch.Tensor, Grid], int]
@@ -453,16 +453,24 @@ def _products_kernel(plan: _Plan, dtype: torch.dtype, device: torch.device) -> C
 
 
 def offsets_kernel(spec: ArithSpec, dtype: torch.dtype, device: torch.device) -> Callable[..., None] | None:
-    """``ChunkFold.offsets`` with ``spec``'s chunk length and accumulator bound, where it runs a GEMM
-    of ``spec`` on ``dtype`` operands here as ``emulated_matmul`` would: float32 (exact products in
-    float64), no mul format, else as ``_products_kernel``; else None."""
-    if spec.mul is not None or dtype != torch.float32:
+    """``ChunkFold.offsets`` bound to ``spec``'s chunk length, formats and product rounding, where it
+    runs a GEMM of ``spec`` on ``dtype`` operands here as ``emulated_matmul`` would (float32: the
+    products exact in float64; as ``_products_kernel``); else None. The caller passes ``overflow``
+    (``products_overflow``)."""
+    if dtype != torch.float32:
         return None
     plan = _plan(spec, False)
     kernel = _products_kernel(plan, dtype, device)
     if kernel is None:
         return None
-    return functools.partial(kernel.offsets, k=spec.chunk or 1, grid=plan.acc)
+    return functools.partial(kernel.offsets, k=spec.chunk or 1, grid=plan.acc, mul=plan.mul,
+                             exact_sums=plan.exact_sums, signed_zeros=not _chunks_reduce(spec))
+
+
+def products_overflow(spec: ArithSpec, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a product of ``a``'s and ``b``'s values may round past ``spec.mul``'s largest value
+    (by their extremes; no mul format: no)."""
+    return spec.mul is not None and not _products_below_overflow(_plan(spec, False), a, b)
 
 
 def _fold_kernel(grid: Grid) -> ChunkFold | None:

@@ -8,15 +8,16 @@ memory), a float64 operand of the other side, and a table of offsets per reducti
 reduction runs over the same (c, i, j) (forward) or (n, oh, ow) (weight gradient) in the same
 order as over patches, so the sums are the same, bit for bit.
 
-Served: float32 operands (exact products) on the CPU, ``groups == 1``, the orders and roundings
-``emulate.offsets_kernel`` takes. Elsewhere these return None and the caller lays out patches.
+Served: float32 operands (exact products in float64, rounded where a ``mul`` format says) on
+the CPU, ``groups == 1``, the orders and roundings ``emulate.offsets_kernel`` takes (nearest, no
+Kahan, not pairwise). Elsewhere these return None and the caller lays out patches.
 """
 from __future__ import annotations
 
 import torch
 
 from ..profiling import section
-from .emulate import offsets_kernel
+from .emulate import offsets_kernel, products_overflow
 from .gemm_backends import has_gemm_backend
 from .im2col import held_memory, output_sizes, phased_input
 from .spec import ArithSpec
@@ -98,7 +99,7 @@ def conv_sums(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, group
     out = torch.empty(n, c_out, ho, wo, dtype=torch.float64)
     with section("fused gemm"):
         kernel(out, phased.values, weight, steps, torch.arange(steps.numel()) * c_out, vectors,
-               torch.stack([channels, channels * (ho * wo)], dim=-1))
+               torch.stack([channels, channels * (ho * wo)], dim=-1), overflow=products_overflow(spec, x, w))
     return out
 
 
@@ -122,5 +123,6 @@ def weight_grad_sums(g: torch.Tensor, x: torch.Tensor, w_shape, stride, padding,
     with section("fused gemm"):
         kernel(out, grad, phased.values, torch.arange(positions.numel()) * c_out, positions,
                torch.stack([starts, starts, (c_out - starts).clamp(max=_LANES)], dim=-1),
-               torch.stack([k_steps, torch.arange(k_steps.numel()) * c_out], dim=-1))
+               torch.stack([k_steps, torch.arange(k_steps.numel()) * c_out], dim=-1),
+               overflow=products_overflow(spec, g, x))
     return out.t().reshape(w_shape)

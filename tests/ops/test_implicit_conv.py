@@ -1,7 +1,7 @@
 """Emulated convolutions without patches (``ops.implicit_conv``) equal the emulated GEMM over
 patches bit for bit (zeros' signs, infinities and NaN included) for strides, paddings, dilations,
-kernels and widths that are not multiples of the vector, forward and weight gradient, in one
-block of reduction steps or many, and the reference dot product; ``ops.conv2d``'s gradients are
+kernels and widths that are not multiples of the vector, forward and weight gradient, exact or
+rounded products, in one block of reduction steps or many, and the reference dot product; ``ops.conv2d``'s gradients are
 the same with and without them; what they do not serve falls to the patches."""
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ CASES = [  # (N, C, H, W), (C_out, kh, kw), stride, padding, dilation
     ((1, 3, 6, 20), (8, 2, 3), (1, 2), (0, 1), (2, 1)),
     ((1, 2, 3, 3), (4, 3, 3), (1, 1), (0, 0), (1, 1)),  # one output position
 ]
-SPECS = ["acc=e6m9 order=chunk(64)", "acc=e5m10 order=chunk(7)", "acc=bf16", "acc=fp8_e5m2 order=chunk(4)"]
+SPECS = ["acc=e6m9 order=chunk(64)", "acc=e5m10 order=chunk(7)", "acc=bf16", "acc=fp8_e5m2 order=chunk(4)",
+         "mul=fp8_e5m2 acc=e5m10 order=chunk(5)", "mul=fp16 acc=e6m9", "mul=bf16 acc=fp16 order=chunk(3)"]
 
 
 def _spread(shape, seed: int) -> torch.Tensor:
@@ -83,11 +84,12 @@ def test_weight_gradient_sums_are_the_patches_gemms(monkeypatch, block, spec, x_
     assert _same(got, want)
 
 
+@pytest.mark.parametrize("spec", ["acc=e5m10 order=chunk(5)", "mul=fp8_e4m3 acc=e5m10 order=chunk(3)"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_sums_are_the_reference_dot_products(threads):
+def test_sums_are_the_reference_dot_products(spec, threads):
     """Every output element of a strided, dilated convolution of FP8 values against ``reference.dot``
     over its window (chunk sums of FP8 products are exact: one answer for every order)."""
-    spec = parse_arith("acc=e5m10 order=chunk(5)")
+    spec = parse_arith(spec)
     x, w = (t.to(torch.float8_e4m3fn).float() for t in _operands((2, 3, 7, 8), (4, 3, 2, 3), seed=5))
     x.view(-1)[:3] = torch.tensor([-2.0**-9, -0.0, -0.0])  # e4m3's smallest: its products round acc to -0
     stride, padding, dilation = (2, 1), (1, 2), (2, 1)
@@ -104,10 +106,11 @@ def test_sums_are_the_reference_dot_products(threads):
     assert _same(got, want) and bool(torch.signbit(got[0, :, 0, 0]).any())
 
 
-@pytest.mark.parametrize("case", ["groups", "float64", "stochastic", "mul", "kahan", "pairwise"])
+@pytest.mark.parametrize("case", ["groups", "float64", "stochastic", "stochastic products", "kahan", "pairwise"])
 def test_what_is_not_served_is_left_to_the_patches(case):
-    spec = {"stochastic": "acc=e6m9 rounding=stochastic", "mul": "mul=fp8_e5m2 acc=e6m9 order=chunk(4)",
-            "kahan": "acc=e6m9 kahan=true", "pairwise": "acc=e6m9 order=pairwise"}.get(case, "acc=e6m9 order=chunk(4)")
+    spec = {"stochastic": "acc=e6m9 rounding=stochastic", "kahan": "acc=e6m9 kahan=true",
+            "stochastic products": "mul=fp8_e5m2 acc=e6m9 mul_rounding=stochastic order=chunk(4)",
+            "pairwise": "acc=e6m9 order=pairwise"}.get(case, "acc=e6m9 order=chunk(4)")
     x, w = torch.randn(1, 4, 5, 5), torch.randn(2, 2 if case == "groups" else 4, 3, 3)
     if case == "float64":
         x, w = x.double(), w.double()
@@ -118,11 +121,12 @@ def test_what_is_not_served_is_left_to_the_patches(case):
                                           groups, spec) is None
 
 
+@pytest.mark.parametrize("spec", ["acc=e6m9 order=chunk(16)", "mul=bf16 acc=fp16 order=chunk(4)"])  # no overflow
 @pytest.mark.parametrize("stride", [1, 2])
-def test_conv2d_gradients_are_the_same_without_patches(monkeypatch, stride):
+def test_conv2d_gradients_are_the_same_without_patches(monkeypatch, spec, stride):
     """``ops.conv2d`` forward and backward (the input gradient as a convolution of the upsampled
     gradient, the weight gradient over positions) with and without the implicit GEMMs."""
-    spec = parse_arith("acc=e6m9 order=chunk(16)")
+    spec = parse_arith(spec)
     x0, w0 = _operands((2, 3, 9, 10), (5, 3, 3, 3), seed=11)
     x0[0, 0, 4, 5] = w0.view(-1)[-1] = 1.0  # finite gradients
 
