@@ -19,8 +19,9 @@ SECTIONS = {
     "quantize": "rounding a role's tensor to its format",
     "gemm products": "an emulated GEMM's products or exact chunk sums, by torch's GEMM",
     "chunk rounding": "rounding chunk sums into the emulated accumulator",
-    "fused gemm": "kernels that form products and sum them in one (the C++ products kernel; inductor's steps)",
-    "im2col": "a convolution's operands as GEMM operands (patches, upsampled gradients)",
+    "fused gemm": "kernels that form products and sum them in one (the C++ products and implicit-GEMM "
+                  "kernels; inductor's steps)",
+    "im2col": "a convolution's operands as GEMM operands (patches, padded inputs, upsampled gradients)",
 }
 
 
