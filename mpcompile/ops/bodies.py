@@ -446,7 +446,8 @@ def channel_rows(t: torch.Tensor, groups: int) -> torch.Tensor:
     """(N, C, *S) as a weight gradient's left operand: (groups, C / groups, N * prod(S)), each
     channel's values over (sample, position) in row-major order."""
     n, c = t.shape[:2]
-    return t.reshape(n, groups, c // groups, -1).permute(1, 2, 0, 3).reshape(groups, c // groups, -1)
+    positions = _numel(t.shape, range(2, t.dim()))  # not -1: an empty batch has no size to infer
+    return t.reshape(n, groups, c // groups, positions).permute(1, 2, 0, 3).reshape(groups, c // groups, n * positions)
 
 
 def _conv_gemm(x, w, stride, padding, dilation, groups, spec, seed, roles=(None, None)):

@@ -166,3 +166,20 @@ def test_other_ranks_and_empty_outputs_are_left_to_the_patches():
                                    spec) is None
     assert implicit_conv.weight_grad_sums(torch.randn(1, 3, 7), torch.randn(1, 2, 7), (3, 2, 3), (1,), (1,), (1,), 1,
                                           spec) is None
+
+
+def test_an_empty_batch_has_an_empty_output_and_a_zero_weight_gradient(monkeypatch):
+    spec = parse_arith("acc=e6m9 order=chunk(16)")
+
+    def run():
+        x, w = torch.randn(0, 3, 6, 6, requires_grad=True), torch.randn(4, 3, 3, 3, requires_grad=True)
+        y = ops.conv2d(x, w, None, padding=1, forward=spec, backward=spec)
+        y.sum().backward()
+        return y.detach(), x.grad, w.grad
+
+    direct = run()
+    monkeypatch.setattr(implicit_conv, "_served", lambda *args: None)
+    for got, want in zip(direct, run()):  # over patches: channel_rows of an empty batch
+        assert torch.equal(got, want)
+    assert direct[0].shape == (0, 4, 6, 6) and torch.equal(direct[2], torch.zeros(4, 3, 3, 3))
+    assert not torch.signbit(direct[2]).any()
