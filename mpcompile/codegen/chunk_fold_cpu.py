@@ -373,9 +373,13 @@ extern "C" void offset_gemm(double* out, const float* V, const double* S, const 
                             const grid_t* g, double acc_overflow, const grid_t* mul, double overflow, int exact,
                             int signs, int overflows, int threads) {
     terms_t t = {mul, overflow, acc_overflow, exact};
-    offset_run_t run = !mul ? offset_shape<false, false, false>(shape)
-                     : signs ? (overflows ? offset_shape<true, true, true>(shape) : offset_shape<true, true, false>(shape))
-                             : (overflows ? offset_shape<true, false, true>(shape) : offset_shape<true, false, false>(shape));
+    offset_run_t run;
+    if (!mul)
+        run = offset_shape<false, false, false>(shape);
+    else if (signs)
+        run = overflows ? offset_shape<true, true, true>(shape) : offset_shape<true, true, false>(shape);
+    else
+        run = overflows ? offset_shape<true, false, true>(shape) : offset_shape<true, false, false>(shape);
     run(out, V, S, voff, soff, T, k, vbase, obase, width, nv, sbase, orow, ns, block, g, &t, threads);
 }
 """

@@ -2,11 +2,12 @@
 
 A convolution's emulated GEMM over patches (``im2col``) copies its input nine times for a 3x3
 kernel, and that copy cost as much as the GEMM. Here the GEMM's operands are read in place, as
-``ChunkFold.offsets`` takes them: a float64 copy of the padded input whose columns are split by
-the stride into phases (so that the input of consecutive output columns is consecutive in
-memory), a float64 operand of the other side, and a table of offsets per reduction step. The
-reduction runs over the same (c, i, j) (forward) or (n, oh, ow) (weight gradient) in the same
-order as over patches, so the sums are the same, bit for bit.
+``ChunkFold.offsets`` takes them: a copy of the padded input whose columns are split by the
+stride into phases (so that the inputs of consecutive output columns are consecutive in memory),
+the other operand, and a table of offsets per reduction step. The vector side (8 output columns,
+or 8 output channels of the weight gradient) is float32, the scalar side float64. The reduction
+runs over the same (c, i, j) (forward) or (n, oh, ow) (weight gradient) in the same order as over
+patches, so the sums are the same, bit for bit.
 
 Served: float32 operands (exact products in float64, rounded where a ``mul`` format says) on
 the CPU, ``groups == 1``, the orders and roundings ``emulate.offsets_kernel`` takes (nearest, no
@@ -89,7 +90,8 @@ def conv_sums(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, group
     with section("im2col"):
         phased = _PhasedInput(x, padding, stride, torch.float32, "vectors")
         steps = phased.kernel_steps(w.shape[2:], dilation)
-        weight = _with_slack(w.reshape(c_out, -1).t(), torch.float64, "scalars")  # (C * kh * kw, C_out): a step's scalars side by side
+        # (C * kh * kw, C_out): a step's scalars side by side
+        weight = _with_slack(w.reshape(c_out, -1).t(), torch.float64, "scalars")
     starts = torch.arange(0, wo, _LANES)  # vectors: _LANES output columns of a row (n, oh) each
     vectors = torch.stack([phased.positions(n, ho, starts),
                            (torch.arange(n).view(n, 1, 1) * (c_out * ho * wo) + torch.arange(ho).view(1, ho, 1) * wo
@@ -115,7 +117,8 @@ def weight_grad_sums(g: torch.Tensor, x: torch.Tensor, w_shape, stride, padding,
     n, c_out, ho, wo = g.shape
     with section("im2col"):
         phased = _PhasedInput(x, padding, stride, torch.float64, "scalars")
-        grad = _with_slack(g.permute(0, 2, 3, 1), torch.float32, "vectors")  # (N, Ho, Wo, C_out): a position's vectors side by side
+        # (N, Ho, Wo, C_out): a position's vectors side by side
+        grad = _with_slack(g.permute(0, 2, 3, 1), torch.float32, "vectors")
     starts = torch.arange(0, c_out, _LANES)  # vectors: _LANES output channels each
     k_steps = phased.kernel_steps(w_shape[2:], dilation)
     positions = phased.positions(n, ho, torch.arange(wo)).reshape(-1)
