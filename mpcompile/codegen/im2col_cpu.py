@@ -16,7 +16,7 @@ import functools
 
 import torch
 
-from ..ops.im2col import output_sizes, register_patch_rows, register_phased_rows
+from ..ops.im2col import output_sizes, phased_size, register_patch_rows, register_phased_rows
 from .cpu_kernels import compile_library, require_cpu, threads_for
 
 __all__ = ["DTYPES", "load_kernel", "patch_rows", "phased_rows"]
@@ -144,8 +144,8 @@ def phased_rows(x: torch.Tensor, padding, stride, memory: torch.Tensor) -> torch
     """
     require_cpu("phased_rows: x", x, (torch.float32,))
     n, c, h, w = x.shape
-    (ph, pw), (sh, sw) = padding, stride
-    hp, wq = h + 2 * ph, -(-(w + 2 * pw) // sw)
+    (ph, pw), sw = padding, stride[1]
+    hp, wq = phased_size(h, w, padding, stride)
     require_cpu("phased_rows: memory", memory, tuple(DTYPES), n * c * hp * sw * wq + 8)
     load_kernel().phased_rows(x.data_ptr(), memory.data_ptr(), DTYPES[memory.dtype], n * c, h, w, hp, sw, wq, ph,
                               pw, threads_for(memory.numel()))

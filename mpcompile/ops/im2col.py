@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from ..backends import load_plugins, run_or_fall_back
 
-__all__ = ["output_sizes", "patches", "conv_as_gemm_operands", "transposed_conv_operands", "phased_input",
-           "held_memory", "PatchRows", "register_patch_rows", "PhasedRows", "register_phased_rows"]
+__all__ = ["output_sizes", "patches", "conv_as_gemm_operands", "transposed_conv_operands", "phased_size",
+           "phased_input", "held_memory", "PatchRows", "register_patch_rows", "PhasedRows", "register_phased_rows"]
 
 # patch_rows(x (N, C, H, W), kernel, stride, padding, dilation, memory) -> (N*Ho*Wo, C*kh*kw) in
 # ``memory``: the patches as rows, as ``patches`` reshaped (``codegen.im2col_cpu``)
@@ -93,6 +93,11 @@ def conv_as_gemm_operands(x, w, stride, padding, dilation, groups):
     return a, b, out_shape, to_output
 
 
+def phased_size(h: int, w: int, padding, stride) -> tuple[int, int]:
+    """(Hp, Wq) of ``phased_input``: the padded height, and the columns of a row's phase."""
+    return h + 2 * padding[0], -(-(w + 2 * padding[1]) // stride[1])
+
+
 def phased_input(x: torch.Tensor, padding, stride, dtype: torch.dtype, slot: str) -> torch.Tensor:
     """x (N, C, H, W) zero-padded, each row's columns split into ``stride[1]`` phases, as flat
     ``dtype`` with 8 zeros after it, in ``held_memory(..., slot)``: padded element (n, c, y, X) at
@@ -101,7 +106,7 @@ def phased_input(x: torch.Tensor, padding, stride, dtype: torch.dtype, slot: str
     load_plugins("torch")
     n, c, h, w = x.shape
     (ph, pw), sw = padding, stride[1]
-    hp, wq = h + 2 * ph, -(-(w + 2 * pw) // sw)
+    hp, wq = phased_size(h, w, padding, stride)
     memory = held_memory(n * c * hp * sw * wq + 8, dtype, slot)
 
     def copied() -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 from ..profiling import section
 from .emulate import offsets_kernel, products_overflow
 from .gemm_backends import has_gemm_backend
-from .im2col import held_memory, output_sizes, phased_input
+from .im2col import held_memory, output_sizes, phased_input, phased_size
 from .spec import ArithSpec
 
 __all__ = ["serves", "conv_sums", "weight_grad_sums"]
@@ -56,7 +56,7 @@ class _PhasedInput:
     def __init__(self, x: torch.Tensor, padding, stride, dtype: torch.dtype, slot: str):
         self.values = phased_input(x, padding, stride, dtype, slot)
         (self.sh, self.sw), self.c = stride, x.shape[1]
-        self.hp, self.wq = x.shape[2] + 2 * padding[0], -(-(x.shape[3] + 2 * padding[1]) // self.sw)
+        self.hp, self.wq = phased_size(*x.shape[2:], padding, stride)
 
     def positions(self, n: int, ho: int, ow: torch.Tensor) -> torch.Tensor:
         """Offsets of output positions (n, oh, ow) for every n, oh and the given ow: (n, ho, len(ow))."""
