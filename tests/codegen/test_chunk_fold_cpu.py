@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from mpcompile.codegen.chunk_fold_cpu import chunk_products_, fold_chunks_, takes_grid
+from mpcompile.codegen.chunk_fold_cpu import chunk_products_, fold_chunks_, offset_gemm_, takes_grid
 from mpcompile.formats import parse
 from mpcompile.ops import emulate, reference
 from mpcompile.ops.spec import parse_arith
@@ -137,3 +137,21 @@ def test_a_negative_zero_factor_gives_a_negative_zero_product(spec, n):
     want = reference.dot(a[0, 0].tolist(), [1.0] * 3, spec)  # -0; +0 where the product rounds to -0 first
     assert want == 0.0 and math.copysign(1.0, want) == (1.0 if spec.mul else -1.0)
     assert bool((got == 0).all()) and bool(torch.signbit(got).all()) == (spec.mul is None)
+
+
+def test_the_offset_gemm_refuses_what_it_cannot_read():
+    """A format it does not round to, step tables of different lengths, a chunk length below 1
+    and a float64 vector side are each refused, naming what is wrong."""
+    grid = grid_of(parse("e6m9"), "nearest", 0)
+    out, v, s = torch.zeros(8, dtype=torch.float64), torch.zeros(16), torch.zeros(4, dtype=torch.float64)
+    steps, vectors, rows = torch.arange(4), torch.tensor([[0, 0, 8]]), torch.tensor([[0, 0]])
+    with pytest.raises(ValueError, match="reference rounding"):
+        offset_gemm_(out, v, s, steps, steps, vectors, rows, 2, grid_of(parse("e3m2(subnormals=false)"), "nearest", 0))
+    with pytest.raises(ValueError, match="4 v steps, 3 s steps"):
+        offset_gemm_(out, v, s, steps, steps[:3], vectors, rows, 2, grid)
+    with pytest.raises(ValueError, match="chunk 0"):
+        offset_gemm_(out, v, s, steps, steps, vectors, rows, 0, grid)
+    with pytest.raises(ValueError, match="offset_gemm_: v must be"):
+        offset_gemm_(out, v.double(), s, steps, steps, vectors, rows, 2, grid)
+    offset_gemm_(out, v + 1, s + 2, steps, steps, vectors, rows, 2, grid)  # 4 products of 2: 8 in every lane
+    assert torch.equal(out, torch.full((8,), 8.0, dtype=torch.float64))
