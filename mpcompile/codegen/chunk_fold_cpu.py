@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 
 import torch
 
@@ -33,7 +34,7 @@ from ..ops.emulate import ChunkFold, register_chunk_fold
 from ..ops.exact import Grid
 from .cpu_kernels import compile_library, require_cpu, threads_for
 
-__all__ = ["load_kernel", "takes_grid", "fold_chunks_", "chunk_products_", "offset_gemm_"]
+__all__ = ["load_kernel", "takes_grid", "rounds_in_float32", "fold_chunks_", "chunk_products_", "offset_gemm_"]
 
 _TILE = 512  # accumulator elements a thread keeps in L1 while the chunks stream through
 _BLOCK_STEPS = 1 << 12  # offset_gemm's steps a tile takes before the next (the block's operands stay in cache)
@@ -52,6 +53,7 @@ typedef struct {
 } grid_t;
 
 static inline d8 splat(double v) { return (d8){v, v, v, v, v, v, v, v}; }  /* not 0 + v: that is +0 for -0 */
+static inline f8 splat32(float v) { return (f8){v, v, v, v, v, v, v, v}; }
 /* c + a * b, rounded once: where a * b is exact in double (float32 factors) this is c + (a * b) */
 static inline d8 fma8(d8 a, d8 b, d8 c) {
 #ifdef __AVX512F__
@@ -106,6 +108,69 @@ static inline d8 round_product(d8 p, const grid_t* g, double overflow) {
     return r;
 }
 
+static inline d8 widen8(f8 x) {  /* exactly, as doubles */
+#ifdef __AVX512F__
+    return _mm512_cvtps_pd((__m256)x);  /* one conversion (GCC splits __builtin_convertvector's in two) */
+#else
+    return __builtin_convertvector(x, d8);
+#endif
+}
+
+/* A mul format that float32 holds (rounds_in_float32): its grid as float32 lanes */
+typedef struct {
+    i8 floor, offset;  /* min_normal's bits; + offset: 2**e's bits to C's, below */
+    f8 max, beyond;  /* beyond: the power of 2 above max */
+    int has_inf, neg_zero;
+} grid32_t;
+
+static inline grid32_t grid32(const grid_t* g) {
+    float floor = (float)g->min_normal;
+    int32_t bits, man = -ilogb(g->half_scale);
+    __builtin_memcpy(&bits, &floor, 4);
+    grid32_t m = {(i8){} + bits, (i8){} + (((23 - man) << 23) + 0x400000), (f8){} + (float)g->max,
+                  (f8){} + ldexpf(1.0f, ilogb(g->max) + 1), g->has_inf, g->neg_zero};
+    return m;
+}
+
+/* round_product of the exact product x * y of float32 lanes, in float32: the float32 product p gives
+   the binade (rounding it cannot cross a midpoint of the grid, and where it rounds up to the next
+   binade both grids round to that power of 2), C = 1.5 * 2**23 * u, and fma(x, y, C) rounds the exact
+   product on the grid in one step (ties by the exact value), - C exact. Overflow: above max after
+   rounding, or p past the binade of max (where C need not be finite). Eight lanes at a time: the
+   product format's range and precision fit, and the double's widening is then one conversion. */
+template <bool SIGNS, bool OVERFLOW>
+static inline f8 round_product32(f8 x, f8 y, const grid32_t* m) {
+    f8 p = x * y, c;
+    i8 bits;
+    __builtin_memcpy(&bits, &p, 32);
+    bits &= 0x7F800000;
+#ifdef __AVX2__
+    bits = (i8)_mm256_max_epi32((__m256i)bits, (__m256i)m->floor);  /* one instruction, not a compare and blend */
+#else
+    bits = bits > m->floor ? bits : m->floor;
+#endif
+    bits += m->offset;
+    __builtin_memcpy(&c, &bits, 32);
+#ifdef __FMA__
+    f8 r = (f8)_mm256_fmadd_ps((__m256)x, (__m256)y, (__m256)c) - c;
+#else
+    f8 r;
+    for (int l = 0; l < 8; ++l) r[l] = __builtin_fmaf(x[l], y[l], c[l]) - c[l];
+#endif
+    if (OVERFLOW) {
+        i8 sign = (i8){} + INT32_MIN, rb, pb;
+        __builtin_memcpy(&rb, &r, 32);
+        __builtin_memcpy(&pb, &p, 32);
+        f8 ra, pa;
+        rb &= ~sign, pb &= ~sign;
+        __builtin_memcpy(&ra, &rb, 32);
+        __builtin_memcpy(&pa, &pb, 32);
+        r = (ra > m->max) | (pa >= m->beyond) ? (m->has_inf ? p * INFINITY : (f8){} + NAN) : r;
+    }
+    if (SIGNS) r = r == 0 ? (m->neg_zero ? p * 0.0f : (f8){}) : r;
+    return r;
+}
+
 /* acc[i .. i + k) = round(acc + p), k <= 8 (a short group through a zeroed vector); counts in
    *hits the lanes where p is a zero and acc a -0. */
 static inline void fold_group(double* acc, const double* p, int k, const grid_t* g, l8* hits) {
@@ -144,14 +209,27 @@ extern "C" int64_t fold_chunks(double* acc, const double* partials, int64_t batc
     return risky;
 }
 
-/* round(a_row[u] * b_cols[u * N + n]) for n < w, through a zeroed vector (mul NULL: exact) */
+/* The products' format and rounding: mul64_t for b in float64 (g NULL: exact products), grid32_t for b
+   in float32 (rounded in float32 lanes) */
+typedef struct {
+    const grid_t* g;
+    double overflow;
+} mul64_t;
+
+/* round(a_row[u] * b_cols[u * N + n]) for n < w, through a zeroed vector */
 template <bool SIGNS, bool OVERFLOW>
-static inline d8 product(const float* a_row, const double* b_cols, int64_t u, int64_t N, const grid_t* mul,
-                         double overflow, int w) {
+static inline d8 product(const float* a_row, const double* b_cols, int64_t u, int64_t N, const mul64_t* mul, int w) {
     d8 y = {};
     __builtin_memcpy(&y, b_cols + u * N, 8 * w);
     d8 p = splat((double)a_row[u]) * y;
-    return mul ? round_product<SIGNS, OVERFLOW>(p, mul, overflow) : p;
+    return mul->g ? round_product<SIGNS, OVERFLOW>(p, mul->g, mul->overflow) : p;
+}
+
+template <bool SIGNS, bool OVERFLOW>
+static inline d8 product(const float* a_row, const float* b_cols, int64_t u, int64_t N, const grid32_t* mul, int w) {
+    f8 y = {};
+    __builtin_memcpy(&y, b_cols + u * N, 4 * w);
+    return widen8(round_product32<SIGNS, OVERFLOW>(splat32(a_row[u]), y, mul));
 }
 
 /* round(acc + part): round_float of the plain sum where every such sum is exact (ops.emulate's
@@ -166,20 +244,24 @@ static inline d8 add_rounded(d8 acc, d8 part, const grid_t* g, double acc_overfl
 /* out[t][n] for tiles t < T of w columns each (T <= TILES): the chunk(k) sum of round(a_row[t][u] *
    b_cols[t][u * N + n]) over u < K, each chunk's rounded products summed in order from its first,
    then added into the accumulator and rounded, chunk by chunk. The tiles' accumulators are
-   independent chains: interleaved, one's rounding runs while another's waits on its latency. */
-template <bool SIGNS, bool OVERFLOW>
-static inline void chunk_tiles(double* const* out, const float* const* a_row, const double* const* b_cols,
-                               int64_t K, int64_t N, int64_t k, const grid_t* mul, double overflow,
-                               const grid_t* g, double acc_overflow, int exact, int T, int w) {
+   independent chains: interleaved, one's rounding runs while another's waits on its latency.
+   ROW: the tiles are consecutive vectors of one row (a_row[t] = a_row[0], b_cols[t] = b_cols[0] + 8 t),
+   so that a[u] is loaded and broadcast once for all of them. */
+template <typename Bt, typename Mt, bool SIGNS, bool OVERFLOW, bool ROW>
+static inline void chunk_tiles(double* const* out, const float* const* a_row, const Bt* const* b_cols,
+                               int64_t K, int64_t N, int64_t k, const Mt* mul, const grid_t* g,
+                               double acc_overflow, int exact, int T, int w) {
     d8 acc[TILES], part[TILES];
+    auto ar = [&](int t) { return ROW ? a_row[0] : a_row[t]; };
+    auto bc = [&](int t) { return ROW ? b_cols[0] + 8 * t : b_cols[t]; };
     for (int t = 0; t < T; ++t) acc[t] = splat(0.0);
     for (int64_t u0 = 0; u0 < K; u0 += k) {
         int64_t u1 = u0 + k < K ? u0 + k : K;
         for (int t = 0; t < T; ++t)
-            part[t] = product<SIGNS, OVERFLOW>(a_row[t], b_cols[t], u0, N, mul, overflow, w);
+            part[t] = product<SIGNS, OVERFLOW>(ar(t), bc(t), u0, N, mul, w);
         for (int64_t u = u0 + 1; u < u1; ++u)
             for (int t = 0; t < T; ++t)
-                part[t] += product<SIGNS, OVERFLOW>(a_row[t], b_cols[t], u, N, mul, overflow, w);
+                part[t] += product<SIGNS, OVERFLOW>(ar(t), bc(t), u, N, mul, w);
         for (int t = 0; t < T; ++t) acc[t] = add_rounded(acc[t], part[t], g, acc_overflow, exact);
     }
     for (int t = 0; t < T; ++t) __builtin_memcpy(out[t], &acc[t], 8 * w);
@@ -224,17 +306,16 @@ static void exact_rows(double* out, const float* a, const double* b, int64_t row
 /* out[b][i][n] = chunk_tiles of row i of a[b] and column n of b[b]: the whole vectors of 8 output
    columns, in row-major order, TILES to a task (a task may span rows: a tall, narrow GEMM has few
    vectors to a row); then each row's short last vector on its own. */
-template <bool SIGNS, bool OVERFLOW>
-static void gemm(double* out, const float* a, const double* b, int64_t batches, int64_t M, int64_t K, int64_t N,
-                 int64_t k, const grid_t* mul, double overflow, const grid_t* g, double acc_overflow, int exact,
-                 int threads) {
+template <typename Bt, typename Mt, bool SIGNS, bool OVERFLOW>
+static void gemm(double* out, const float* a, const Bt* b, int64_t batches, int64_t M, int64_t K, int64_t N,
+                 int64_t k, const Mt* mul, const grid_t* g, double acc_overflow, int exact, int threads) {
     int64_t per_row = N / 8, whole = batches * M * per_row, tails = N % 8 ? batches * M : 0;
     int64_t blocks = (whole + TILES - 1) / TILES;
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
     for (int64_t task = 0; task < blocks + tails; ++task) {
         double* o[TILES];
         const float* ar[TILES];
-        const double* bc[TILES];
+        const Bt* bc[TILES];
         int T = 0, w = 8;
         auto take = [&](int64_t row, int64_t n0) {  /* the vector at column n0 of row: tile T */
             o[T] = out + row * N + n0, ar[T] = a + row * K, bc[T] = b + row / M * K * N + n0;
@@ -245,35 +326,48 @@ static void gemm(double* out, const float* a, const double* b, int64_t batches, 
             take(task - blocks, per_row * 8);
             w = (int)(N - per_row * 8);
         }
-        if (T == TILES)
-            chunk_tiles<SIGNS, OVERFLOW>(o, ar, bc, K, N, k, mul, overflow, g, acc_overflow, exact, TILES, 8);
+        if (T == TILES && ar[TILES - 1] == ar[0] && bc[TILES - 1] == bc[0] + 8 * (TILES - 1))
+            chunk_tiles<Bt, Mt, SIGNS, OVERFLOW, true>(o, ar, bc, K, N, k, mul, g, acc_overflow, exact, TILES, 8);
+        else if (T == TILES)
+            chunk_tiles<Bt, Mt, SIGNS, OVERFLOW, false>(o, ar, bc, K, N, k, mul, g, acc_overflow, exact, TILES, 8);
         else
-            chunk_tiles<SIGNS, OVERFLOW>(o, ar, bc, K, N, k, mul, overflow, g, acc_overflow, exact, T, w);
+            chunk_tiles<Bt, Mt, SIGNS, OVERFLOW, false>(o, ar, bc, K, N, k, mul, g, acc_overflow, exact, T, w);
     }
 }
 
-/* gemm, its products' zeros signed or not (signs), their overflow handled or not (overflow) */
-extern "C" void chunk_products(double* out, const float* a, const double* b, int64_t batches, int64_t M,
+template <typename Bt, typename Mt>
+static void gemm_of(double* out, const float* a, const Bt* b, int64_t batches, int64_t M, int64_t K, int64_t N,
+                    int64_t k, const Mt* mul, const grid_t* g, double acc_overflow, int exact, int signs,
+                    int overflows, int threads) {
+    auto run = signs ? (overflows ? gemm<Bt, Mt, true, true> : gemm<Bt, Mt, true, false>)
+                     : (overflows ? gemm<Bt, Mt, false, true> : gemm<Bt, Mt, false, false>);
+    run(out, a, b, batches, M, K, N, k, mul, g, acc_overflow, exact, threads);
+}
+
+/* gemm, its products' zeros signed or not (signs), their overflow handled or not (overflow); b float32
+   (b32: mul rounds in float32) or float64 */
+extern "C" void chunk_products(double* out, const float* a, const void* b, int b32, int64_t batches, int64_t M,
                                int64_t K, int64_t N, int64_t k, const grid_t* mul, double overflow,
                                const grid_t* g, double acc_overflow, int exact, int signs, int overflows,
                                int threads) {
+    if (b32) {
+        grid32_t m = grid32(mul);
+        return gemm_of(out, a, (const float*)b, batches, M, K, N, k, &m, g, acc_overflow, exact, signs, overflows,
+                       threads);
+    }
+    const double* b64 = (const double*)b;
     if (!mul && (N == 8 || N == 16 || N == 32) && M % (8 * TILES / N) == 0) {  /* narrow exact GEMMs */
         auto rows = N == 8 ? exact_rows<TILES, 1> : N == 16 ? exact_rows<TILES / 2, 2> : exact_rows<TILES / 4, 4>;
-        return rows(out, a, b, batches * M, M, K, k, g, acc_overflow, exact, threads);
+        return rows(out, a, b64, batches * M, M, K, k, g, acc_overflow, exact, threads);
     }
-    auto run = signs ? (overflows ? gemm<true, true> : gemm<true, false>)
-                     : (overflows ? gemm<false, true> : gemm<false, false>);
-    run(out, a, b, batches, M, K, N, k, mul, overflow, g, acc_overflow, exact, threads);
+    mul64_t m = {mul, overflow};
+    gemm_of(out, a, b64, batches, M, K, N, k, &m, g, acc_overflow, exact, signs, overflows, threads);
 }
 
 static inline d8 widen(const float* x) {  /* 8 floats from x, exactly as doubles */
-#ifdef __AVX512F__
-    return _mm512_cvtps_pd(_mm256_loadu_ps(x));  /* one conversion (GCC splits __builtin_convertvector's in two) */
-#else
     f8 y;
     __builtin_memcpy(&y, x, 32);
-    return __builtin_convertvector(y, d8);
-#endif
+    return widen8(y);
 }
 
 /* The products of offset_gemm's operands: the kernel's parameters past the grid of the accumulator */
@@ -399,7 +493,8 @@ def load_kernel() -> ctypes.CDLL:
     lib.fold_chunks.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                 ctypes.POINTER(_Grid), ctypes.c_int]
     lib.chunk_products.restype = None
-    lib.chunk_products.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 5 + [
+    lib.chunk_products.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int] + [
+        ctypes.c_int64] * 5 + [
         ctypes.POINTER(_Grid), ctypes.c_double, ctypes.POINTER(_Grid), ctypes.c_double] + [ctypes.c_int] * 4
     lib.offset_gemm.restype = None
     lib.offset_gemm.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3 + [
@@ -447,6 +542,14 @@ def fold_chunks_(acc: torch.Tensor, partials: torch.Tensor, grid: Grid) -> int:
                                      ctypes.byref(_grid_struct(grid)), threads_for(batches * chunks * n))
 
 
+def rounds_in_float32(grid: Grid) -> bool:
+    """Whether the kernel rounds products of float32 factors to ``grid``'s format in float32 lanes
+    (``round_product32``): its precision and range leave the rounding's constant C = 1.5 * 2**23 * u
+    finite and normal up to the binade of max (bf16's does not), and min_normal is float32's normal."""
+    emax = math.floor(math.log2(grid.max))
+    return takes_grid(grid) and grid.man <= 20 and grid.min_normal >= 2.0**-126 and 23 + emax - grid.man <= 126
+
+
 def chunk_products_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, k: int, mul: Grid | None,
                     grid: Grid, exact_sums: bool = False, signed_zeros: bool = True, overflow: bool = True) -> None:
     """``acc`` = the ``chunk(k)`` GEMM ``a @ b`` with each product rounded to nearest on ``mul``
@@ -454,8 +557,9 @@ def chunk_products_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, k: int,
 
     Args:
         acc: float64, contiguous, (B, M, N); overwritten.
-        a: float32, contiguous, (B, M, K); b: float64, contiguous, (B, K, N) (converted once
-            here, not once per row in the kernel: a quarter faster).
+        a, b: float32, contiguous, (B, M, K) and (B, K, N). Where ``mul`` rounds in float32
+            (``rounds_in_float32``) the kernel reads b as it is, else b is converted to float64
+            once here (converting it in the kernel, once per row that reads it, is a quarter slower).
         k: the chunk length (1: sequential order).
         mul, grid: the ``Grid`` of the product and accumulator formats (``takes_grid``); mul
             None: the products are exact.
@@ -470,15 +574,18 @@ def chunk_products_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, k: int,
     N = b.shape[-1]
     require_cpu("chunk_products_: acc", acc, (torch.float64,), B * M * N)
     require_cpu("chunk_products_: a", a, (torch.float32,))
-    require_cpu("chunk_products_: b", b, (torch.float64,), B * K * N)
+    require_cpu("chunk_products_: b", b, (torch.float32,), B * K * N)
     if k < 1:
         raise ValueError(f"chunk_products_: chunk length {k} must be positive")
-    if acc.numel():
-        load_kernel().chunk_products(acc.data_ptr(), a.data_ptr(), b.data_ptr(), B, M, K, N, k,
-                                     None if mul is None else ctypes.byref(_grid_struct(mul)),
-                                     0.0 if mul is None else mul.overflow, ctypes.byref(_grid_struct(grid)),
-                                     grid.overflow, int(exact_sums), int(signed_zeros), int(overflow),
-                                     threads_for(B * M * N * K // 8))
+    if not acc.numel():
+        return
+    b32 = mul is not None and rounds_in_float32(mul)
+    b = b if b32 else b.to(torch.float64)
+    load_kernel().chunk_products(acc.data_ptr(), a.data_ptr(), b.data_ptr(), int(b32), B, M, K, N, k,
+                                 None if mul is None else ctypes.byref(_grid_struct(mul)),
+                                 0.0 if mul is None else mul.overflow, ctypes.byref(_grid_struct(grid)),
+                                 grid.overflow, int(exact_sums), int(signed_zeros), int(overflow),
+                                 threads_for(B * M * N * K // 8))
 
 
 def offset_gemm_(out: torch.Tensor, v: torch.Tensor, s: torch.Tensor, v_steps: torch.Tensor, s_steps: torch.Tensor,

@@ -56,7 +56,7 @@ class ChunkFold:
     Attributes:
         fold: ``fold(acc (B, ...), partials (B, chunks, ...), grid)`` in place; returns how many
             adds met a zero chunk sum on a -0 accumulator.
-        products: ``products(acc (B, M, N), a (B, M, K) float32, b (B, K, N) float64, k, mul grid
+        products: ``products(acc (B, M, N), a (B, M, K) float32, b (B, K, N) float32, k, mul grid
             or None, grid, exact_sums, signed_zeros, overflow)``: the whole GEMM, its products formed
             (and rounded to nearest on the mul grid) in the kernel, as ``_steps`` does it (chunks of
             k products, each summed from its first; k = 1: sequential).
@@ -273,18 +273,18 @@ def emulated_matmul(a: torch.Tensor, b: torch.Tensor, spec: ArithSpec, *, seed: 
         seed = index = None
     elif index is None:
         index = torch.arange(B * M * N, dtype=torch.int64, device=a.device).view(B, M, N)
-    acc = torch.zeros(B, M, N, dtype=torch.float64, device=a.device)
-    comp = torch.zeros_like(acc) if spec.kahan else None
-    compiled = _compile_enabled and a.device.type == "cpu" and B * M * N * K >= COMPILE_MIN_WORK
     kernel = _products_kernel(plan, a.dtype, a.device)
     by_gemm = spec.chunk is not None and spec.mul is None and not split
-    if by_gemm and (kernel is None or B * K * N * 8 > _KERNEL_B_BYTES):  # converts a block of a and b at a time
+    by_kernel = kernel is not None and not (by_gemm and B * K * N * 8 > _KERNEL_B_BYTES)
+    acc = (torch.empty if by_kernel else torch.zeros)(B, M, N, dtype=torch.float64, device=a.device)  # the kernel writes all
+    comp = torch.zeros_like(acc) if spec.kahan else None
+    compiled = _compile_enabled and a.device.type == "cpu" and B * M * N * K >= COMPILE_MIN_WORK
+    if by_gemm and not by_kernel:  # converts a block of a and b at a time
         return _chunks_by_gemm(plan, acc, comp, a, b, index, seed)
-    if kernel is not None:
+    if by_kernel:
         with section("fused gemm"):
             overflow = plan.mul is not None and not _products_below_overflow(plan, a, b)
-            b64 = b.to(torch.float64).contiguous()
-            kernel.products(acc, a.contiguous(), b64, spec.chunk or 1, plan.mul, plan.acc, plan.exact_sums,
+            kernel.products(acc, a.contiguous(), b.contiguous(), spec.chunk or 1, plan.mul, plan.acc, plan.exact_sums,
                             not _chunks_reduce(spec), overflow)
             return acc
     b64 = b.to(torch.float64)
@@ -373,8 +373,8 @@ def _products_below_overflow(plan: _Plan, a, b) -> bool:
     if plan.split_products or plan.spec.mul_rounding != "nearest" or a.numel() == 0 or b.numel() == 0:
         return False
     (a_min, a_max), (b_min, b_max) = torch.aminmax(a), torch.aminmax(b)  # one pass each, no |x| copy
-    largest = torch.stack([torch.maximum(-a_min, a_max), torch.maximum(-b_min, b_max)]).double()
-    return bool(largest[0] * largest[1] < plan.mul.overflow)
+    a_min, a_max, b_min, b_max = (x.item() for x in (a_min, a_max, b_min, b_max))  # a NaN makes both NaN
+    return max(-a_min, a_max) * max(-b_min, b_max) < plan.mul.overflow  # exact in float64 for float32 values
 
 
 def _chunks_by_gemm(plan: _Plan, acc, comp, a, b, index, seed):

@@ -108,7 +108,7 @@ def test_gemms_of_rounded_products_equal_torch_and_the_reference(monkeypatch, sp
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        chunk_products_(got, a, b.double(), k, plan.mul, plan.acc, plan.exact_sums, not emulate._chunks_reduce(spec))
+        chunk_products_(got, a, b, k, plan.mul, plan.acc, plan.exact_sums, not emulate._chunks_reduce(spec))
     finally:
         torch.set_num_threads(previous)
     monkeypatch.setattr(emulate, "_products_kernel", lambda plan, dtype, device: None)
@@ -132,11 +132,27 @@ def test_a_negative_zero_factor_gives_a_negative_zero_product(spec, n):
     plan = emulate._plan(spec, False)
     a = torch.tensor([-2.0**-30, -0.0, -0.0]).repeat(1, 8, 1)
     got = torch.zeros(1, 8, n, dtype=torch.float64)
-    chunk_products_(got, a, torch.ones(1, 3, n, dtype=torch.float64), spec.chunk or 1, plan.mul, plan.acc,
+    chunk_products_(got, a, torch.ones(1, 3, n), spec.chunk or 1, plan.mul, plan.acc,
                     plan.exact_sums, not emulate._chunks_reduce(spec))
     want = reference.dot(a[0, 0].tolist(), [1.0] * 3, spec)  # -0; +0 where the product rounds to -0 first
     assert want == 0.0 and math.copysign(1.0, want) == (1.0 if spec.mul else -1.0)
     assert bool((got == 0).all()) and bool(torch.signbit(got).all()) == (spec.mul is None)
+
+
+@pytest.mark.parametrize("spec", ["mul=fp16 acc=fp8_e5m2", "mul=fp16 acc=fp8_e5m2 order=chunk(2)"])
+@pytest.mark.parametrize("n", [8, 11])
+def test_a_negative_zero_factor_keeps_a_negative_zero_accumulator_with_rounded_products(spec, n):
+    """a = (-2**-20, -0, -0, -0) against ones, products rounded in float32 lanes: -2**-20 is an fp16
+    subnormal and rounds to -0 in e5m2's accumulator; the -0 products after it keep it there."""
+    spec = parse_arith(spec)
+    plan = emulate._plan(spec, False)
+    a = torch.tensor([-2.0**-20, -0.0, -0.0, -0.0]).repeat(1, 8, 1)
+    got = torch.zeros(1, 8, n, dtype=torch.float64)
+    chunk_products_(got, a, torch.ones(1, 4, n), spec.chunk or 1, plan.mul, plan.acc, plan.exact_sums,
+                    not emulate._chunks_reduce(spec))
+    want = reference.dot(a[0, 0].tolist(), [1.0] * 4, spec)
+    assert want == 0.0 and math.copysign(1.0, want) == -1.0
+    assert bool((got == 0).all()) and bool(torch.signbit(got).all())
 
 
 def test_the_offset_gemm_refuses_what_it_cannot_read():
@@ -155,3 +171,60 @@ def test_the_offset_gemm_refuses_what_it_cannot_read():
         offset_gemm_(out, v.double(), s, steps, steps, vectors, rows, 2, grid)
     offset_gemm_(out, v + 1, s + 2, steps, steps, vectors, rows, 2, grid)  # 4 products of 2: 8 in every lane
     assert torch.equal(out, torch.full((8,), 8.0, dtype=torch.float64))
+
+
+def _float32_ties(targets: list[float], per_side: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs (a, b) of float32 values whose float32 product is exactly a target and whose exact
+    product is not: per_side each with the exact product above and below, for each target."""
+    a = 1.0 + torch.arange(1, 400, dtype=torch.float32) * 2.0**-20
+    pairs = []
+    for t in targets:
+        b0 = (t / a.double()).float()
+        for b in (b0, torch.nextafter(b0, b0 + abs(t)), torch.nextafter(b0, b0 - abs(t))):
+            exact = a.double() * b.double()
+            hit = (a * b == t) & (exact != t)
+            for side in (exact > t, exact < t):
+                i = torch.nonzero(hit & side).flatten()[:per_side]
+                pairs += list(zip(a[i].tolist(), b[i].tolist()))
+    pairs = list(dict.fromkeys(pairs))
+    return torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
+
+
+@pytest.mark.parametrize("name", ["fp8_e5m2", "fp8_e4m3", "fp16"])
+def test_products_rounded_in_float32_are_rounded_by_their_exact_value(name):
+    """The float32 product can land on a midpoint of the format, on the power of 2 above the
+    product's binade, on the overflow threshold or on half the smallest subnormal where the exact
+    product is just off it: every product is rounded as the reference rounds the exact one (a
+    rounding of the float32 product would differ on some of these pairs, which the test checks).
+    Products far past max overflow, also where the rounding's constant would not be finite."""
+    spec = parse_arith(f"mul={name} acc=fp32")
+    plan = emulate._plan(spec, False)
+    from mpcompile.codegen.chunk_fold_cpu import rounds_in_float32
+    assert rounds_in_float32(plan.mul)
+    g = plan.mul
+    grid = [(1 + j * 2.0**-g.man) * 2.0**e for e in (0, 3) for j in sorted({0, 1, 2, 2**g.man - 1})]  # odd, even
+    midpoints = [x * (1 + 2.0**-(g.man + 1)) for x in grid if x < 2 ** 3]  # x + half its quantum
+    targets = midpoints + [2.0, 8.0, g.overflow if g.overflow == float(torch.tensor(g.overflow)) else g.max
+                           + 2 ** (math.floor(math.log2(g.max)) - g.man - 1), g.qmin / 2, g.qmin * 1.5]
+    a, b = _float32_ties(targets + [-t for t in targets])
+    assert len(a) > 4 * len(targets)
+    huge = [2.0**j for j in range(30, 68)]  # products up to 2**131: the constant past float32's max
+    a, b = torch.cat([a, torch.full((len(huge),), 2.0**64)]), torch.cat([b, torch.tensor(huge)])
+    got = torch.zeros(1, len(a), len(b), dtype=torch.float64)
+    chunk_products_(got, a[None, :, None], b[None, None, :], 1, plan.mul, plan.acc, plan.exact_sums, True, True)
+    want = torch.tensor([[reference.dot([x], [y], spec) for y in b.tolist()] for x in a.tolist()], dtype=torch.float64)
+    assert bool(((got[0] == want) | (got[0].isnan() & want.isnan())).all())
+    assert bool(((torch.signbit(got[0]) == torch.signbit(want)) | want.isnan()).all())  # zeros' signs
+    diagonal = torch.tensor([reference.dot([float(x * y)], [1.0], spec) for x, y in zip(a, b)], dtype=torch.float64)
+    assert bool((diagonal != want.diagonal()).any())  # the pairs tell the two roundings apart
+
+
+@pytest.mark.parametrize("name", ["fp8_e5m2", "fp8_e4m3", "fp16", "e6m9", "bf16", "fp32", "e8m2"])
+def test_which_product_formats_round_in_float32(name):
+    """In float32 lanes where the rounding's constant 1.5 * 2**23 * u stays finite up to max's binade
+    and the quantum holds in float32; bf16's and e8m2's range, fp32's precision do not fit."""
+    from mpcompile.codegen.chunk_fold_cpu import rounds_in_float32
+    g = emulate._plan(parse_arith(f"mul={name} acc=fp32"), False).mul
+    constant = 1.5 * 2.0**23 * 2.0 ** (math.floor(math.log2(g.max)) - g.man)
+    fits = g.man <= 20 and constant < 2.0**127 and g.min_normal >= 2.0**-126
+    assert rounds_in_float32(g) == fits and fits == (name in ("fp8_e5m2", "fp8_e4m3", "fp16", "e6m9"))
