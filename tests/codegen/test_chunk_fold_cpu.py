@@ -228,3 +228,34 @@ def test_which_product_formats_round_in_float32(name):
     constant = 1.5 * 2.0**23 * 2.0 ** (math.floor(math.log2(g.max)) - g.man)
     fits = g.man <= 20 and constant < 2.0**127 and g.min_normal >= 2.0**-126
     assert rounds_in_float32(g) == fits and fits == (name in ("fp8_e5m2", "fp8_e4m3", "fp16", "e6m9"))
+
+
+@pytest.mark.parametrize("spec", ["mul=fp8_e5m2 acc=fp32 order=chunk(32)", "mul=fp8_e4m3 acc=fp32 order=chunk(32)",
+                                  "mul=fp8_e4m3 acc=fp32 order=chunk(128)", "mul=fp8_e5m2 acc=fp32 order=chunk(1024)"])
+def test_chunk_sums_over_the_whole_range_of_the_products_are_exact(spec):
+    """Chunks whose products run from the format's smallest subnormal to its max, both signs: the
+    float32 sums (two split by binade, or one) are exact, as the float64 sum in order is; where
+    float32 could not hold them (chunk(1024)) each product is summed in float64."""
+    from mpcompile.codegen.chunk_fold_cpu import float32_sums
+    spec = parse_arith(spec)
+    plan = emulate._plan(spec, False)
+    g, k = plan.mul, spec.chunk
+    split = float32_sums(g, k)
+    assert (split is None) == (k == 1024) and (split == math.inf) == (spec.mul.man == 3 and k == 32)
+    gen = torch.Generator().manual_seed(k)
+    binades = torch.randint(round(math.log2(g.min_normal)), math.floor(math.log2(g.max)) + 1, (2 * k + 3, 8), generator=gen)
+    b = (1 + torch.randint(0, 2**g.man, binades.shape, generator=gen) * 2.0**-g.man) * torch.exp2(binades.double())
+    b[::5] = g.max
+    b[1::7] = g.qmin * torch.randint(1, 2**g.man, b[1::7].shape, generator=gen)  # subnormals
+    b = (b * torch.where(torch.rand(b.shape, generator=gen) < 0.5, -1.0, 1.0)).float()
+    a = torch.ones(2, b.shape[0])
+    a[1, ::3] = -1.0
+    got = torch.zeros(1, 2, 8, dtype=torch.float64)
+    chunk_products_(got, a[None], b[None], k, g, plan.acc, plan.exact_sums, not emulate._chunks_reduce(spec), False)
+    want = torch.tensor([[reference.dot(a[m].tolist(), b[:, n].tolist(), spec) for n in range(8)] for m in range(2)],
+                        dtype=torch.float64)
+    assert torch.equal(got[0], want)
+    first = (a[0, :k, None] * b[:k]).double()  # the first chunk's products
+    exact_in_float32 = bool((first.float().sum(0, dtype=torch.float32).double() == first.sum(0)).all())
+    assert exact_in_float32 or split != math.inf
+    assert not exact_in_float32 or spec.mul.man != 2  # e5m2's 30 binades: one float32 sum of this data rounds
