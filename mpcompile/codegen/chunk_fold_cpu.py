@@ -201,7 +201,7 @@ struct sum64_t {
 struct sums32_t {
     f8 lo, hi;
     void first(rounded32_t p, const grid32_t* m) {
-        lo = hi = (f8){} - 0.0f;
+        lo = hi = splat32(-0.0f);  /* not 0 - 0: that is +0 */
         add(p, m);
     }
     void add(rounded32_t p, const grid32_t* m) {
