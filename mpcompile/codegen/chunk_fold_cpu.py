@@ -41,6 +41,7 @@ _TILE = 512  # accumulator elements a thread keeps in L1 while the chunks stream
 _BLOCK_STEPS = 1 << 12  # offset_gemm's steps a tile takes before the next (the block's operands stay in cache)
 _SHAPES = ((24, 1), (12, 2), (8, 3), (6, 4))  # offset_gemm's tiles: (rows, vectors), as its source lists them
 _TILES = 8  # vectors of 8 output columns whose accumulators chunk_products interleaves
+_FLOAT32_SUMS_FROM = 8  # chunk length from which float32_sums sums a chunk in float32
 
 _SOURCE = r"""
 #include <immintrin.h>
@@ -604,11 +605,14 @@ def float32_sums(mul: Grid, k: int) -> float | None:
     the binade from which products go to the higher of two float32 sums (inf: one sum holds all),
     such that both sums are exact and so is the float64 sum in order that they stand for (every
     product is a multiple of the format's smallest subnormal); None: each product is widened to
-    float64 and summed there.
+    float64 and summed there, as also for chunks of fewer than ``_FLOAT32_SUMS_FROM`` products (the
+    two sums' widening at the chunk's end would cost more than it saves).
 
     A sum of k products from binades [lo, hi] of a format with man fraction bits counts at most
     k * 2**(hi + 1 - lo + man) quanta of binade lo; float32 holds 2**24 of them exactly, float64 2**53.
     """
+    if k < _FLOAT32_SUMS_FROM:
+        return None
     lo, hi = round(math.log2(mul.min_normal)), math.floor(math.log2(mul.max))
     binades, bits = hi + 1 - lo, math.ceil(math.log2(k))
     per_sum = 24 - mul.man - bits  # binades whose sum float32 holds exactly

@@ -141,19 +141,20 @@ def test_a_negative_zero_factor_gives_a_negative_zero_product(spec, n):
 
 @pytest.mark.parametrize("spec, first", [("mul=fp16 acc=fp8_e5m2", -2.0**-20), ("mul=fp16 acc=fp8_e5m2 order=chunk(2)", -2.0**-20),
                                          ("mul=fp8_e5m2 acc=fp8_e4m3", -2.0**-16),
-                                         ("mul=fp8_e5m2 acc=fp8_e4m3 order=chunk(2)", -2.0**-16)])
+                                         ("mul=fp8_e5m2 acc=fp8_e4m3 order=chunk(8)", -2.0**-16)])
 @pytest.mark.parametrize("n", [8, 11])
 def test_a_negative_zero_factor_keeps_a_negative_zero_accumulator_with_rounded_products(spec, first, n):
-    """a = (first, -0, -0, -0) against ones, products rounded in float32 lanes (fp16's products summed
-    in float64, e5m2's in float32): first is a subnormal of the product format and rounds to -0 in the
-    accumulator's; the -0 products after it, and their chunk sums, keep it there."""
+    """a = (first, -0, ..., -0) (16 steps) against ones, products rounded in float32 lanes (chunk(8) of
+    e5m2 products summed in float32, the others in float64): first is a subnormal of the product
+    format and rounds to -0 in the accumulator's; the -0 products after it, and the chunk sums of
+    -0 products, keep it there."""
     spec = parse_arith(spec)
     plan = emulate._plan(spec, False)
-    a = torch.tensor([first, -0.0, -0.0, -0.0]).repeat(1, 8, 1)
+    a = torch.tensor([first] + [-0.0] * 15).repeat(1, 8, 1)
     got = torch.zeros(1, 8, n, dtype=torch.float64)
-    chunk_products_(got, a, torch.ones(1, 4, n), spec.chunk or 1, plan.mul, plan.acc, plan.exact_sums,
+    chunk_products_(got, a, torch.ones(1, 16, n), spec.chunk or 1, plan.mul, plan.acc, plan.exact_sums,
                     not emulate._chunks_reduce(spec))
-    want = reference.dot(a[0, 0].tolist(), [1.0] * 4, spec)
+    want = reference.dot(a[0, 0].tolist(), [1.0] * 16, spec)
     assert want == 0.0 and math.copysign(1.0, want) == -1.0
     assert bool((got == 0).all()) and bool(torch.signbit(got).all())
 
