@@ -1,4 +1,4 @@
-"""Emulated arithmetic against torch, same data, same process: ratios of medians (>= 5 runs).
+"""Emulated arithmetic against torch, same data, same process: medians of paired ratios (>= 5 runs).
 
     .venv/bin/python benchmarks/arith.py [--runs 7]
 
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from mpcompile import ops
 from mpcompile.ops import ArithSpec
-from timing import median_seconds
+from timing import paired_ratio
 
 
 def linear_step(x, w, b, **kw):
@@ -43,23 +43,22 @@ def main() -> None:
     a, b = torch.randn(256, 256), torch.randn(256, 256)
     seq = ArithSpec(mul="fp8_e5m2", acc="e5m10")
     chunk = ArithSpec(mul="fp8_e5m2", acc="e5m10", order="chunk(32)")
-    t_mm = median_seconds(lambda: torch.mm(a, b), max(args.runs, 21), warmup=True)
     rows = []
     for name, spec, bar in (("gemm 256^3 e5m2/e5m10 sequential", seq, 150), ("gemm 256^3 e5m2/e5m10 chunk(32)", chunk, 8)):
-        t = median_seconds(lambda: ops.matmul(a, b, forward=spec), args.runs, warmup=True)
-        rows.append((name, t, t / t_mm, f"torch.mm {t_mm * 1e3:.3f} ms", bar))
+        t, t_mm, ratio = paired_ratio(lambda: ops.matmul(a, b, forward=spec), lambda: torch.mm(a, b), args.runs)
+        rows.append((name, t, ratio, f"torch.mm {t_mm * 1e3:.3f} ms", bar))
 
     x, w, bias = torch.randn(256, 256), torch.randn(256, 256), torch.randn(256)
-    t_lin = median_seconds(lambda: linear_step(x, w, bias), max(args.runs, 21), warmup=True)
-    t = median_seconds(lambda: linear_step(x, w, bias, forward=seq, backward=seq), args.runs, warmup=True)
-    rows.append(("linear 256->256 b256 fwd+bwd sequential", t, t / t_lin, f"nn.Linear {t_lin * 1e3:.3f} ms", 60))
+    t, t_lin, ratio = paired_ratio(lambda: linear_step(x, w, bias, forward=seq, backward=seq),
+                                   lambda: linear_step(x, w, bias), args.runs)
+    rows.append(("linear 256->256 b256 fwd+bwd sequential", t, ratio, f"nn.Linear {t_lin * 1e3:.3f} ms", 60))
 
     xc, wc, bc = torch.randn(32, 16, 32, 32), torch.randn(16, 16, 3, 3), torch.randn(16)
-    t_conv = median_seconds(lambda: conv_step(xc, wc, bc), max(args.runs, 11), warmup=True)
-    t = median_seconds(lambda: conv_step(xc, wc, bc, forward=chunk, backward=chunk), args.runs, warmup=True)
-    rows.append(("conv2d 3x3 16->16 32x32 b32 fwd+bwd chunk(32)", t, t / t_conv, f"F.conv2d {t_conv * 1e3:.3f} ms", 10))
+    t, t_conv, ratio = paired_ratio(lambda: conv_step(xc, wc, bc, forward=chunk, backward=chunk),
+                                    lambda: conv_step(xc, wc, bc), args.runs)
+    rows.append(("conv2d 3x3 16->16 32x32 b32 fwd+bwd chunk(32)", t, ratio, f"F.conv2d {t_conv * 1e3:.3f} ms", 10))
 
-    print(f"threads: {torch.get_num_threads()}, runs: {args.runs} (median)")
+    print(f"threads: {torch.get_num_threads()}, runs: {args.runs} (each the op, then its torch baseline; medians)")
     for name, t, ratio, base, bar in rows:
         verdict = f"  bar <= {bar}x: {'ok' if ratio <= bar else 'MISSED'}"
         print(f"{name:48s} {t * 1e3:9.2f} ms  {ratio:8.1f}x  ({base}){verdict}")

@@ -592,6 +592,7 @@ def fold_chunks_(acc: torch.Tensor, partials: torch.Tensor, grid: Grid) -> int:
                                      ctypes.byref(_grid_struct(grid)), threads_for(batches * chunks * n))
 
 
+@functools.lru_cache(maxsize=64)
 def rounds_in_float32(grid: Grid) -> bool:
     """Whether the kernel rounds products of float32 factors to ``grid``'s format in float32 lanes
     (``round_product32``): its precision and range leave the rounding's constant C = 1.5 * 2**23 * u
@@ -600,6 +601,7 @@ def rounds_in_float32(grid: Grid) -> bool:
     return takes_grid(grid) and grid.man <= 20 and grid.min_normal >= 2.0**-126 and 23 + emax - grid.man <= 126
 
 
+@functools.lru_cache(maxsize=256)
 def float32_sums(mul: Grid, k: int) -> float | None:
     """Where a chunk of k products rounded in float32 (``rounds_in_float32``) is summed in float32:
     the binade from which products go to the higher of two float32 sums (inf: one sum holds all),
