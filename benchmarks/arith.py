@@ -44,7 +44,8 @@ def main() -> None:
     seq = ArithSpec(mul="fp8_e5m2", acc="e5m10")
     chunk = ArithSpec(mul="fp8_e5m2", acc="e5m10", order="chunk(32)")
     rows = []
-    for name, spec, bar in (("gemm 256^3 e5m2/e5m10 sequential", seq, 150), ("gemm 256^3 e5m2/e5m10 chunk(32)", chunk, 8)):
+    for name, spec, bar in (("gemm 256^3 e5m2/e5m10 sequential", seq, 150),
+                            ("gemm 256^3 e5m2/e5m10 chunk(32)", chunk, 8)):
         t, t_mm, ratio = paired_ratio(lambda: ops.matmul(a, b, forward=spec), lambda: torch.mm(a, b), args.runs)
         rows.append((name, t, ratio, f"torch.mm {t_mm * 1e3:.3f} ms", bar))
 

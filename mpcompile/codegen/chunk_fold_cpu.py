@@ -16,7 +16,10 @@ in cache. For 8 vectors of 8 output columns at a time it multiplies each a[i, u]
 b[u, n:n + 8] (exact in float64 for float32 operands), rounds the product as
 ``ops.exact.round_float`` does where there is a ``mul`` format, adds it to the chunk's partial
 sum (which starts at the chunk's first product) and, at the chunk's end, folds the partial sum
-into the accumulator; partial sums and accumulators never leave registers.
+into the accumulator; partial sums and accumulators never leave registers. Where the ``mul``
+format fits float32 (``rounds_in_float32``: fp8, fp16) the products are rounded in float32
+lanes instead, by a fused multiply-add on the exact product, and a chunk's rounded products
+are summed in one or two float32 sums where ``float32_sums`` proves them exact.
 
 Compiled once by inductor's C++ toolchain (``cpu_kernels.compile_library``); where that fails
 the caller works in torch. A plug-in of the torch backend: ``backends.load_plugins`` imports
@@ -149,8 +152,8 @@ typedef struct {
    the binade (rounding it cannot cross a midpoint of the grid, and where it rounds up to the next
    binade both grids round to that power of 2), C = 1.5 * 2**23 * u, and fma(x, y, C) rounds the exact
    product on the grid in one step (ties by the exact value), - C exact. Overflow: above max after
-   rounding, or p past the binade of max (where C need not be finite). Eight lanes at a time: the
-   product format's range and precision fit, and the double's widening is then one conversion. */
+   rounding, or p past the binade of max (where C need not be finite). Eight lanes, as the float64
+   sums of a chunk take them. */
 template <bool SIGNS, bool OVERFLOW>
 static inline rounded32_t round_product32(f8 x, f8 y, const grid32_t* m) {
     f8 p = x * y, c;
@@ -411,7 +414,8 @@ extern "C" void chunk_products(double* out, const float* a, const void* b, int b
         return rows(out, a, b64, batches * M, M, K, k, g, acc_overflow, exact, threads);
     }
     mul64_t m = {mul, overflow};
-    gemm_of<double, mul64_t, sum64_t>(out, a, b64, batches, M, K, N, k, &m, g, acc_overflow, exact, signs, overflows, threads);
+    gemm_of<double, mul64_t, sum64_t>(out, a, b64, batches, M, K, N, k, &m, g, acc_overflow, exact, signs, overflows,
+                                      threads);
 }
 
 static inline d8 widen(const float* x) {  /* 8 floats from x, exactly as doubles */

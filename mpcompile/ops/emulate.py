@@ -276,7 +276,8 @@ def emulated_matmul(a: torch.Tensor, b: torch.Tensor, spec: ArithSpec, *, seed: 
     kernel = _products_kernel(plan, a.dtype, a.device)
     by_gemm = spec.chunk is not None and spec.mul is None and not split
     by_kernel = kernel is not None and not (by_gemm and B * K * N * 8 > _KERNEL_B_BYTES)
-    acc = (torch.empty if by_kernel else torch.zeros)(B, M, N, dtype=torch.float64, device=a.device)  # the kernel writes all
+    empty = torch.empty if by_kernel else torch.zeros  # the kernel writes every element
+    acc = empty(B, M, N, dtype=torch.float64, device=a.device)
     comp = torch.zeros_like(acc) if spec.kahan else None
     compiled = _compile_enabled and a.device.type == "cpu" and B * M * N * K >= COMPILE_MIN_WORK
     if by_gemm and not by_kernel:  # converts a block of a and b at a time

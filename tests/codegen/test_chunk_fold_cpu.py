@@ -1,7 +1,9 @@
 """The chunk fold's CPU kernel is ``ops.exact``'s fold bit for bit: ``round_exact(two_sum(acc,
 P_j), nearest)`` chunk after chunk, on accumulator formats with and without infinities, -0 and
 NaN codes; it counts the adds where a zero chunk sum meets a -0 accumulator. Its GEMM of rounded
-products equals torch's chunk-sum path (``ops.emulate``) and the reference dot product."""
+products equals torch's chunk-sum path (``ops.emulate``) and the reference dot product, also
+where products are rounded and chunks summed in float32: on the products whose float32 value
+hides their rounding (ties, binade edges, overflow) and chunks over the products' whole range."""
 from __future__ import annotations
 
 import math
@@ -9,7 +11,8 @@ import math
 import pytest
 import torch
 
-from mpcompile.codegen.chunk_fold_cpu import chunk_products_, fold_chunks_, offset_gemm_, takes_grid
+from mpcompile.codegen.chunk_fold_cpu import (chunk_products_, float32_sums, fold_chunks_, offset_gemm_,
+                                              rounds_in_float32, takes_grid)
 from mpcompile.formats import parse
 from mpcompile.ops import emulate, reference
 from mpcompile.ops.spec import parse_arith
@@ -139,7 +142,8 @@ def test_a_negative_zero_factor_gives_a_negative_zero_product(spec, n):
     assert bool((got == 0).all()) and bool(torch.signbit(got).all()) == (spec.mul is None)
 
 
-@pytest.mark.parametrize("spec, first", [("mul=fp16 acc=fp8_e5m2", -2.0**-20), ("mul=fp16 acc=fp8_e5m2 order=chunk(2)", -2.0**-20),
+@pytest.mark.parametrize("spec, first", [("mul=fp16 acc=fp8_e5m2", -2.0**-20),
+                                         ("mul=fp16 acc=fp8_e5m2 order=chunk(2)", -2.0**-20),
                                          ("mul=fp8_e5m2 acc=fp8_e4m3", -2.0**-16),
                                          ("mul=fp8_e5m2 acc=fp8_e4m3 order=chunk(8)", -2.0**-16)])
 @pytest.mark.parametrize("n", [8, 11])
@@ -203,7 +207,6 @@ def test_products_rounded_in_float32_are_rounded_by_their_exact_value(name):
     Products far past max overflow, also where the rounding's constant would not be finite."""
     spec = parse_arith(f"mul={name} acc=fp32")
     plan = emulate._plan(spec, False)
-    from mpcompile.codegen.chunk_fold_cpu import rounds_in_float32
     assert rounds_in_float32(plan.mul)
     g = plan.mul
     grid = [(1 + j * 2.0**-g.man) * 2.0**e for e in (0, 3) for j in sorted({0, 1, 2, 2**g.man - 1})]  # odd, even
@@ -227,7 +230,6 @@ def test_products_rounded_in_float32_are_rounded_by_their_exact_value(name):
 def test_which_product_formats_round_in_float32(name):
     """In float32 lanes where the rounding's constant 1.5 * 2**23 * u stays finite up to max's binade
     and the quantum holds in float32; bf16's and e8m2's range, fp32's precision do not fit."""
-    from mpcompile.codegen.chunk_fold_cpu import rounds_in_float32
     g = emulate._plan(parse_arith(f"mul={name} acc=fp32"), False).mul
     constant = 1.5 * 2.0**23 * 2.0 ** (math.floor(math.log2(g.max)) - g.man)
     fits = g.man <= 20 and constant < 2.0**127 and g.min_normal >= 2.0**-126
@@ -240,14 +242,14 @@ def test_chunk_sums_over_the_whole_range_of_the_products_are_exact(spec):
     """Chunks whose products run from the format's smallest subnormal to its max, both signs: the
     float32 sums (two split by binade, or one) are exact, as the float64 sum in order is; where
     float32 could not hold them (chunk(1024)) each product is summed in float64."""
-    from mpcompile.codegen.chunk_fold_cpu import float32_sums
     spec = parse_arith(spec)
     plan = emulate._plan(spec, False)
     g, k = plan.mul, spec.chunk
     split = float32_sums(g, k)
     assert (split is None) == (k == 1024) and (split == math.inf) == (spec.mul.man == 3 and k == 32)
     gen = torch.Generator().manual_seed(k)
-    binades = torch.randint(round(math.log2(g.min_normal)), math.floor(math.log2(g.max)) + 1, (2 * k + 3, 8), generator=gen)
+    lo, hi = round(math.log2(g.min_normal)), math.floor(math.log2(g.max))
+    binades = torch.randint(lo, hi + 1, (2 * k + 3, 8), generator=gen)
     b = (1 + torch.randint(0, 2**g.man, binades.shape, generator=gen) * 2.0**-g.man) * torch.exp2(binades.double())
     b = b.clamp(max=g.max)  # no product overflows (the kernel is told so)
     b[::5] = g.max
