@@ -137,21 +137,21 @@ class ArithSpec:
         return self == _NATIVE
 
     def __str__(self) -> str:
-        return _arith_text(self)
+        return self._text
 
-
-@functools.lru_cache(maxsize=256)
-def _arith_text(self: ArithSpec) -> str:
-    """``str(ArithSpec)``, cached: every op call passes its specs to the custom op as strings."""
-    parts = [f"mul={self.mul}"] if self.mul is not None else []
-    parts.append(f"acc={self.acc}")
-    parts += [f"order={self.order}"] if self.order != "sequential" else []
-    parts += [f"rounding={self.rounding}"] if self.rounding != "nearest" else []
-    parts += [f"mul_rounding={self.mul_rounding}"] if self.mul_rounding != self.rounding else []
-    parts += ["fma=true"] if self.fma else []
-    parts += ["kahan=true"] if self.kahan else []
-    parts += [f"sr_bits={self.sr_bits}"] if self.sr_bits is not None else []
-    return " ".join(parts)
+    @functools.cached_property
+    def _text(self) -> str:
+        """``str(self)``, kept on the instance: every op call passes its specs to the custom op as
+        strings. Per instance, not per value: fp16 and e5m10 are equal formats with their own names."""
+        parts = [f"mul={self.mul}"] if self.mul is not None else []
+        parts.append(f"acc={self.acc}")
+        parts += [f"order={self.order}"] if self.order != "sequential" else []
+        parts += [f"rounding={self.rounding}"] if self.rounding != "nearest" else []
+        parts += [f"mul_rounding={self.mul_rounding}"] if self.mul_rounding != self.rounding else []
+        parts += ["fma=true"] if self.fma else []
+        parts += ["kahan=true"] if self.kahan else []
+        parts += [f"sr_bits={self.sr_bits}"] if self.sr_bits is not None else []
+        return " ".join(parts)
 
 
 def _canonical_order(order: "str | tuple") -> str:
