@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..random_bits import counter_words, stream_seed
 from ..profiling import section
-from .emulate import emulated_matmul
+from .emulate import emulated_matmul, rounded_add_
 from .exact import grid_of, round_exact, two_prod, two_sum
 from .gemm_backends import GemmFusion, backend_gemm, has_gemm_backend, rounds_in_kernel
 from .im2col import conv_as_gemm_operands, transposed_conv_operands
@@ -173,7 +173,10 @@ def _round_acc(s: torch.Tensor, e: torch.Tensor, spec: ArithSpec, seed: int | No
 
 def add_bias(y64: torch.Tensor, bias: torch.Tensor, spec: ArithSpec, seed: int | None) -> torch.Tensor:
     """One more rounded add into the accumulator: y + bias (broadcast to y), from the exact sum;
-    a stochastic rounding's bits are numbered by y's flat index."""
+    a stochastic rounding's bits are numbered by y's flat index. y64 (the op's own sums) may be
+    overwritten: the fold kernel adds in place where it serves."""
+    if rounded_add_(y64, bias, spec):
+        return y64
     return _round_acc(*two_sum(y64, bias.to(torch.float64)), spec, seed, STREAM_BIAS)
 
 

@@ -34,7 +34,7 @@ from .exact import Grid, grid_of, round_exact, two_prod, two_sum
 from .spec import STREAM_ADD, STREAM_KAHAN, STREAM_MUL, ArithSpec, SpecError
 
 __all__ = ["emulated_matmul", "chunk_is_exact", "COMPILE_MIN_WORK", "COMPILE_MIN_STEPS", "set_compile",
-           "ChunkFold", "register_chunk_fold", "offsets_kernel", "products_overflow"]
+           "ChunkFold", "register_chunk_fold", "offsets_kernel", "products_overflow", "rounded_add_"]
 
 COMPILE_MIN_WORK = 1 << 16  # output elements x reduction steps from which a block is compiled
 COMPILE_MIN_STEPS = 64  # ... if the reduction has at least this many steps (else eager is cheap)
@@ -472,6 +472,28 @@ def products_overflow(spec: ArithSpec, a: torch.Tensor, b: torch.Tensor) -> bool
     """Whether a product of ``a``'s and ``b``'s values may round past ``spec.mul``'s largest value
     (by their extremes; no mul format: no)."""
     return spec.mul is not None and not _products_below_overflow(_plan(spec, False), a, b)
+
+
+def rounded_add_(acc: torch.Tensor, p: torch.Tensor, spec: ArithSpec) -> bool:
+    """``acc = round(acc + p)`` once, to nearest on ``spec.acc``, in place, by the fold kernel
+    (``round_exact(two_sum(acc, p))`` operation for operation, as torch computes it) where it
+    serves: float64 contiguous CPU ``acc``, nearest rounding; else False and acc is untouched.
+
+    Args:
+        acc: float64, the accumulator values.
+        p: what is added, broadcastable to acc.
+        spec: the arithmetic whose accumulator format rounds the sum.
+    """
+    if not (spec.rounding == "nearest" and acc.dtype == torch.float64 and acc.is_contiguous()
+            and acc.device.type == "cpu"):
+        return False
+    grid = _plan(spec, False).acc
+    fold = _fold_kernel(grid)
+    if fold is None:
+        return False
+    terms = p.to(torch.float64).expand(acc.shape).reshape(1, 1, -1)  # one chunk: a contiguous copy
+    fold.fold(acc.view(1, -1), terms, grid)  # its count is of GEMMs' +0 sums on a -0 acc: p is no GEMM's sum
+    return True
 
 
 def _fold_kernel(grid: Grid) -> ChunkFold | None:

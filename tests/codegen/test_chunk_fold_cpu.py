@@ -266,3 +266,23 @@ def test_chunk_sums_over_the_whole_range_of_the_products_are_exact(spec):
     exact_in_float32 = bool((first.float().sum(0, dtype=torch.float32).double() == first.sum(0)).all())
     assert exact_in_float32 or split != math.inf
     assert not exact_in_float32 or spec.mul.man != 2  # e5m2's 30 binades: one float32 sum of this data rounds
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_a_bias_add_by_the_fold_kernel_is_torchs_rounded_add(monkeypatch, name):
+    """``emulate.rounded_add_`` (``bodies.add_bias`` in place by the fold kernel) equals torch's
+    ``round_exact(two_sum(y, bias))`` bit for bit: ties with an error behind them, overflow,
+    subnormals, zeros of both signs, inf and NaN, a bias broadcast over channels."""
+    spec = parse_arith(f"acc={name}")
+    y = _hard_partials(1, 4, 80, parse(name), seed=3).reshape(2, 8, 4, 5)
+    bias = _hard_partials(1, 2, 8, parse(name), seed=4)[0, 1].reshape(1, 8, 1, 1)  # ties, inf, -inf, NaN
+    y[0, 3], y[1, 3], bias[0, 3] = -0.0, 0.0, -0.0  # -0 + -0 is -0, +0 + -0 is +0
+    got = y.clone()
+    assert emulate.rounded_add_(got, bias, spec)
+    want = round_exact(*two_sum(y, bias.expand(y.shape)), grid_of(parse(name), "nearest", spec.sr_bits_for(spec.acc)),
+                       "nearest")
+    same = (got.view(torch.int64) == want.view(torch.int64)) | (got.isnan() & want.isnan())
+    assert bool(same.all()) and bool(got.isnan().any())
+    assert bool((got[:, 3] == 0).all()) and bool(torch.signbit(got[0, 3]).all()) == bool(parse(name).neg_zero)
+    assert not bool(torch.signbit(got[1, 3]).any())
+    assert not emulate.rounded_add_(y.clone(), bias, parse_arith(f"acc={name} rounding=stochastic"))
