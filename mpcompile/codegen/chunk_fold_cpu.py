@@ -429,7 +429,26 @@ typedef struct {
     const grid_t* mul;  /* the products' format (MUL), rounded to nearest */
     double overflow, acc_overflow;
     int exact;  /* add_rounded's: every add into the accumulator is exact */
+    grid32_t mul32;  /* mul's grid where the scalars are float32 (rounds_in_float32) */
 } terms_t;
+
+/* A step's vectors and scalars in the lanes its products are formed in: float64, or float32 where the
+   scalars are float32 (the products then rounded by round_product32) */
+template <typename St> struct step_lanes;
+template <> struct step_lanes<double> {
+    typedef d8 V;
+    static d8 vec(const float* x) { return widen(x); }
+    static d8 scalar(double s) { return splat(s); }
+};
+template <> struct step_lanes<float> {
+    typedef f8 V;
+    static f8 vec(const float* x) {
+        f8 y;
+        __builtin_memcpy(&y, x, 32);
+        return y;
+    }
+    static f8 scalar(float s) { return splat32(s); }
+};
 
 /* round(v * s) where MUL, else the exact v * s (float32 factors) */
 template <bool MUL, bool SIGNS, bool OVERFLOW>
@@ -437,28 +456,39 @@ static inline d8 term(d8 v, d8 s, const terms_t* t) {
     return MUL ? round_product<SIGNS, OVERFLOW>(v * s, t->mul, t->overflow) : v * s;
 }
 
+template <bool MUL, bool SIGNS, bool OVERFLOW>
+static inline d8 term(f8 v, f8 s, const terms_t* t) {
+    return widen8(round_product32<SIGNS, OVERFLOW>(v, s, &t->mul32).r);
+}
+
 /* The R x P tile of offset_gemm over reduction steps [t0, t1) (t0 a multiple of k): acc[r][p]
    (8 lanes, in memory: touched once a chunk) takes the chunk sums of the terms of V[vb[p] + voff[t] + l]
    and S[sb[r] + soff[t]], each chunk's terms summed in order from its first, as chunk_tiles sums them
    (an exact product added by one fused multiply-add: the same sum). */
-template <int R, int P, bool MUL, bool SIGNS, bool OVERFLOW>
-static void offset_tile(double* acc, const float* V, const double* S, const int64_t* voff, const int64_t* soff,
+template <int R, int P, typename St, bool MUL, bool SIGNS, bool OVERFLOW>
+static void offset_tile(double* acc, const float* V, const St* S, const int64_t* voff, const int64_t* soff,
                         int64_t t0, int64_t t1, int64_t k, const int64_t* vb, const int64_t* sb, const grid_t* g,
                         const terms_t* t) {
-    d8 part[R][P], v[P];
+    typedef step_lanes<St> L;
+    d8 part[R][P];
+    typename L::V v[P];
     for (int64_t u0 = t0; u0 < t1; u0 += k) {
         int64_t u1 = u0 + k < t1 ? u0 + k : t1;
-        for (int p = 0; p < P; ++p) v[p] = widen(V + vb[p] + voff[u0]);
+        for (int p = 0; p < P; ++p) v[p] = L::vec(V + vb[p] + voff[u0]);
         for (int r = 0; r < R; ++r) {
-            d8 s = splat(S[sb[r] + soff[u0]]);
+            typename L::V s = L::scalar(S[sb[r] + soff[u0]]);
             for (int p = 0; p < P; ++p) part[r][p] = term<MUL, SIGNS, OVERFLOW>(v[p], s, t);
         }
         for (int64_t u = u0 + 1; u < u1; ++u) {
-            for (int p = 0; p < P; ++p) v[p] = widen(V + vb[p] + voff[u]);
+            for (int p = 0; p < P; ++p) v[p] = L::vec(V + vb[p] + voff[u]);
             for (int r = 0; r < R; ++r) {
-                d8 s = splat(S[sb[r] + soff[u]]);
-                for (int p = 0; p < P; ++p)
-                    part[r][p] = MUL ? part[r][p] + term<MUL, SIGNS, OVERFLOW>(v[p], s, t) : fma8(v[p], s, part[r][p]);
+                typename L::V s = L::scalar(S[sb[r] + soff[u]]);
+                for (int p = 0; p < P; ++p) {
+                    if constexpr (MUL)
+                        part[r][p] += term<MUL, SIGNS, OVERFLOW>(v[p], s, t);
+                    else
+                        part[r][p] = fma8(v[p], s, part[r][p]);
+                }
             }
         }
         for (int r = 0; r < R; ++r)
@@ -471,8 +501,8 @@ static void offset_tile(double* acc, const float* V, const double* S, const int6
     }
 }
 
-template <int R, int P, bool MUL, bool SIGNS, bool OVERFLOW>
-static void offset_run(double* out, const float* V, const double* S, const int64_t* voff, const int64_t* soff,
+template <int R, int P, typename St, bool MUL, bool SIGNS, bool OVERFLOW>
+static void offset_run(double* out, const float* V, const St* S, const int64_t* voff, const int64_t* soff,
                        int64_t T, int64_t k, const int64_t* vbase, const int64_t* obase, const int64_t* width,
                        int64_t nv, const int64_t* sbase, const int64_t* orow, int64_t ns, int64_t block,
                        const grid_t* g, const terms_t* t, int threads) {
@@ -488,7 +518,7 @@ static void offset_run(double* out, const float* V, const double* S, const int64
             double* acc = held ? held + task * R * P * 8 : local;
             for (int p = 0; p < P; ++p) vb[p] = vbase[v0 + p < nv ? v0 + p : v0];  /* a short tile repeats */
             for (int r = 0; r < R; ++r) sb[r] = sbase[s0 + r < ns ? s0 + r : s0];  /* its first vector/row */
-            offset_tile<R, P, MUL, SIGNS, OVERFLOW>(acc, V, S, voff, soff, t0, t1, k, vb, sb, g, t);
+            offset_tile<R, P, St, MUL, SIGNS, OVERFLOW>(acc, V, S, voff, soff, t0, t1, k, vb, sb, g, t);
             if (t1 < T) continue;
             for (int r = 0; r < R && s0 + r < ns; ++r)
                 for (int p = 0; p < P && v0 + p < nv; ++p)
@@ -498,14 +528,24 @@ static void offset_run(double* out, const float* V, const double* S, const int64
     free(held);
 }
 
-typedef void (*offset_run_t)(double*, const float*, const double*, const int64_t*, const int64_t*, int64_t, int64_t,
-                             const int64_t*, const int64_t*, const int64_t*, int64_t, const int64_t*, const int64_t*,
-                             int64_t, int64_t, const grid_t*, const terms_t*, int);
+template <typename St>
+using offset_run_t = void (*)(double*, const float*, const St*, const int64_t*, const int64_t*, int64_t, int64_t,
+                              const int64_t*, const int64_t*, const int64_t*, int64_t, const int64_t*, const int64_t*,
+                              int64_t, int64_t, const grid_t*, const terms_t*, int);
 
-template <bool MUL, bool SIGNS, bool OVERFLOW>
-static offset_run_t offset_shape(int shape) {
-    return shape == 0 ? offset_run<24, 1, MUL, SIGNS, OVERFLOW> : shape == 1 ? offset_run<12, 2, MUL, SIGNS, OVERFLOW>
-         : shape == 2 ? offset_run<8, 3, MUL, SIGNS, OVERFLOW> : offset_run<6, 4, MUL, SIGNS, OVERFLOW>;
+template <typename St, bool MUL, bool SIGNS, bool OVERFLOW>
+static offset_run_t<St> offset_shape(int shape) {
+    return shape == 0   ? offset_run<24, 1, St, MUL, SIGNS, OVERFLOW>
+           : shape == 1 ? offset_run<12, 2, St, MUL, SIGNS, OVERFLOW>
+           : shape == 2 ? offset_run<8, 3, St, MUL, SIGNS, OVERFLOW>
+                        : offset_run<6, 4, St, MUL, SIGNS, OVERFLOW>;
+}
+
+template <typename St, bool MUL>
+static offset_run_t<St> offset_variant(int shape, int signs, int overflows) {
+    if (signs)
+        return overflows ? offset_shape<St, MUL, true, true>(shape) : offset_shape<St, MUL, true, false>(shape);
+    return overflows ? offset_shape<St, MUL, false, true>(shape) : offset_shape<St, MUL, false, false>(shape);
 }
 
 /* out[obase[i] + orow[j] + l] for l < width[i] = the chunk(k) GEMM (each product rounded to nearest on
@@ -514,21 +554,23 @@ static offset_run_t offset_shape(int shape) {
    S[sbase[j] + soff[t]] over steps t < T: a GEMM whose operands are read where offset tables say (a
    convolution without patches). Vector lanes past width[i] are read (V holds 8 elements past its last)
    and dropped. Tiles of `shape` (R x P), each over `block` steps (a multiple of k) at a time, so that
-   every tile meets the same block while it is in cache. signs, overflows: as chunk_products's. */
-extern "C" void offset_gemm(double* out, const float* V, const double* S, const int64_t* voff, const int64_t* soff,
-                            int64_t T, int64_t k, const int64_t* vbase, const int64_t* obase, const int64_t* width,
-                            int64_t nv, const int64_t* sbase, const int64_t* orow, int64_t ns, int shape, int64_t block,
-                            const grid_t* g, double acc_overflow, const grid_t* mul, double overflow, int exact,
-                            int signs, int overflows, int threads) {
+   every tile meets the same block while it is in cache. S is float32 (s32) where mul rounds in float32,
+   else float64. signs, overflows: as chunk_products's. */
+extern "C" void offset_gemm(double* out, const float* V, const void* S, int s32, const int64_t* voff,
+                            const int64_t* soff, int64_t T, int64_t k, const int64_t* vbase, const int64_t* obase,
+                            const int64_t* width, int64_t nv, const int64_t* sbase, const int64_t* orow, int64_t ns,
+                            int shape, int64_t block, const grid_t* g, double acc_overflow, const grid_t* mul,
+                            double overflow, int exact, int signs, int overflows, int threads) {
     terms_t t = {mul, overflow, acc_overflow, exact};
-    offset_run_t run;
-    if (!mul)
-        run = offset_shape<false, false, false>(shape);
-    else if (signs)
-        run = overflows ? offset_shape<true, true, true>(shape) : offset_shape<true, true, false>(shape);
-    else
-        run = overflows ? offset_shape<true, false, true>(shape) : offset_shape<true, false, false>(shape);
-    run(out, V, S, voff, soff, T, k, vbase, obase, width, nv, sbase, orow, ns, block, g, &t, threads);
+    if (s32) {
+        t.mul32 = grid32(mul, 0.0);
+        return offset_variant<float, true>(shape, signs, overflows)(out, V, (const float*)S, voff, soff, T, k, vbase,
+                                                                     obase, width, nv, sbase, orow, ns, block, g, &t,
+                                                                     threads);
+    }
+    auto run = mul ? offset_variant<double, true>(shape, signs, overflows)
+                   : offset_shape<double, false, false, false>(shape);
+    run(out, V, (const double*)S, voff, soff, T, k, vbase, obase, width, nv, sbase, orow, ns, block, g, &t, threads);
 }
 """
 
@@ -551,7 +593,8 @@ def load_kernel() -> ctypes.CDLL:
         ctypes.c_int64] * 5 + [
         ctypes.POINTER(_Grid), ctypes.c_double, ctypes.POINTER(_Grid), ctypes.c_double] + [ctypes.c_int] * 4
     lib.offset_gemm.restype = None
-    lib.offset_gemm.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3 + [
+    lib.offset_gemm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [
+        ctypes.c_void_p] * 3 + [
         ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_int, ctypes.c_int64, ctypes.POINTER(_Grid),
                                                    ctypes.c_double, ctypes.POINTER(_Grid), ctypes.c_double] + [
         ctypes.c_int] * 4
@@ -677,7 +720,10 @@ def offset_gemm_(out: torch.Tensor, v: torch.Tensor, s: torch.Tensor, v_steps: t
 
     Args:
         out: float64, contiguous; the elements named are overwritten.
-        v: float32, s: float64, contiguous; v holds 8 elements past the last one a vector reads.
+        v: float32, contiguous, with 8 elements past the last one a vector reads.
+        s: float32 or float64, contiguous. float32 where ``mul`` rounds in float32
+            (``rounds_in_float32``): the products are formed and rounded in float32 lanes; a
+            float32 s is converted to float64 (a copy) for other specs.
         v_steps, s_steps: int64 (T,): each step's offset into v and into s.
         vectors: int64 (nv, 3): each output vector's (v_i, o_i, w_i), w_i <= 8 lanes.
         rows: int64 (ns, 2): each row's (s_j, o_j).
@@ -687,9 +733,10 @@ def offset_gemm_(out: torch.Tensor, v: torch.Tensor, s: torch.Tensor, v_steps: t
     """
     if not ((mul is None or takes_grid(mul)) and takes_grid(grid)):
         raise ValueError("offset_gemm_: a grid's format needs the reference rounding (no subnormals, zero or sign)")
-    for name, t, dtype in (("out", out, torch.float64), ("v", v, torch.float32), ("s", s, torch.float64),
-                           ("v_steps", v_steps, torch.int64), ("s_steps", s_steps, torch.int64)):
-        require_cpu(f"offset_gemm_: {name}", t, (dtype,))
+    for name, t, dtypes in (("out", out, (torch.float64,)), ("v", v, (torch.float32,)),
+                            ("s", s, (torch.float32, torch.float64)), ("v_steps", v_steps, (torch.int64,)),
+                            ("s_steps", s_steps, (torch.int64,))):
+        require_cpu(f"offset_gemm_: {name}", t, dtypes)
     steps, nv, ns = v_steps.numel(), vectors.shape[0], rows.shape[0]
     if k < 1 or s_steps.numel() != steps:
         raise ValueError(f"offset_gemm_: {steps} v steps, {s_steps.numel()} s steps, chunk {k}: the step tables "
@@ -698,12 +745,15 @@ def offset_gemm_(out: torch.Tensor, v: torch.Tensor, s: torch.Tensor, v_steps: t
         if steps == 0:
             out.zero_()  # empty sums are +0; out is the whole result (every element a vector's lane)
         return
+    s32 = s.dtype == torch.float32 and mul is not None and rounds_in_float32(mul)
+    s = s if s32 else s.to(torch.float64)
     cols = [c.contiguous() for c in (*vectors.unbind(1), *rows.unbind(1))]
     shape = min(range(len(_SHAPES)), key=lambda i: (-(-nv // _SHAPES[i][1]) * _SHAPES[i][1]
                                                      * -(-ns // _SHAPES[i][0]) * _SHAPES[i][0], i))
-    load_kernel().offset_gemm(out.data_ptr(), v.data_ptr(), s.data_ptr(), v_steps.data_ptr(), s_steps.data_ptr(),
-                              steps, k, cols[0].data_ptr(), cols[1].data_ptr(), cols[2].data_ptr(), nv,
-                              cols[3].data_ptr(), cols[4].data_ptr(), ns, shape, max(k, _BLOCK_STEPS // k * k),
+    load_kernel().offset_gemm(out.data_ptr(), v.data_ptr(), s.data_ptr(), int(s32), v_steps.data_ptr(),
+                              s_steps.data_ptr(), steps, k, cols[0].data_ptr(), cols[1].data_ptr(),
+                              cols[2].data_ptr(), nv, cols[3].data_ptr(), cols[4].data_ptr(), ns, shape,
+                              max(k, _BLOCK_STEPS // k * k),
                               ctypes.byref(_grid_struct(grid)), grid.overflow,
                               None if mul is None else ctypes.byref(_grid_struct(mul)),
                               0.0 if mul is None else mul.overflow, int(exact_sums), int(signed_zeros), int(overflow),

@@ -5,7 +5,8 @@ kernel, and that copy cost as much as the GEMM. Here the GEMM's operands are rea
 ``ChunkFold.offsets`` takes them: a copy of the padded input whose columns are split by the
 stride into phases (so that the inputs of consecutive output columns are consecutive in memory),
 the other operand, and a table of offsets per reduction step. The vector side (8 output columns,
-or 8 output channels of the weight gradient) is float32, the scalar side float64. The reduction
+or 8 output channels of the weight gradient) is float32, the scalar side float64 for exact
+products and float32 for rounded ones (``_scalars``). The reduction
 runs over the same (c, i, j) (forward) or (n, oh, ow) (weight gradient) in the same order as over
 patches, so the sums are the same, bit for bit.
 
@@ -39,6 +40,12 @@ def _served(spec: ArithSpec, x: torch.Tensor, other: torch.Tensor, groups: int):
             and not has_gemm_backend(x.device)):
         return None
     return offsets_kernel(spec, x.dtype, x.device)
+
+
+def _scalars(spec: ArithSpec) -> torch.dtype:
+    """The scalar side's dtype: float32 where products are rounded (the kernel forms them in float32
+    lanes where the format fits, and converts for the others), float64 for exact products."""
+    return torch.float64 if spec.mul is None else torch.float32
 
 
 def _with_slack(t: torch.Tensor, dtype: torch.dtype, slot: str) -> torch.Tensor:
@@ -91,7 +98,7 @@ def conv_sums(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, group
         phased = _PhasedInput(x, padding, stride, torch.float32, "vectors")
         steps = phased.kernel_steps(w.shape[2:], dilation)
         # (C * kh * kw, C_out): a step's scalars side by side
-        weight = _with_slack(w.reshape(c_out, -1).t(), torch.float64, "scalars")
+        weight = _with_slack(w.reshape(c_out, -1).t(), _scalars(spec), "scalars")
     starts = torch.arange(0, wo, _LANES)  # vectors: _LANES output columns of a row (n, oh) each
     vectors = torch.stack([phased.positions(n, ho, starts),
                            (torch.arange(n).view(n, 1, 1) * (c_out * ho * wo) + torch.arange(ho).view(1, ho, 1) * wo
@@ -116,7 +123,7 @@ def weight_grad_sums(g: torch.Tensor, x: torch.Tensor, w_shape, stride, padding,
         return None
     n, c_out, ho, wo = g.shape
     with section("im2col"):
-        phased = _PhasedInput(x, padding, stride, torch.float64, "scalars")
+        phased = _PhasedInput(x, padding, stride, _scalars(spec), "scalars")
         # (N, Ho, Wo, C_out): a position's vectors side by side
         grad = _with_slack(g.permute(0, 2, 3, 1), torch.float32, "vectors")
     starts = torch.arange(0, c_out, _LANES)  # vectors: _LANES output channels each
