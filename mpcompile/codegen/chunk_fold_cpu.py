@@ -148,6 +148,14 @@ typedef struct {
     i8 c;  /* the bits of its rounding's C (monotone in its binade) */
 } rounded32_t;
 
+/* The products of a GEMM and how they are summed: the kernels' parameters past the accumulator's grid */
+typedef struct {
+    const grid_t* mul;  /* the products' format, rounded to nearest (NULL: exact products) */
+    double overflow, acc_overflow;
+    int exact;  /* add_rounded's: every add into the accumulator is exact */
+    grid32_t mul32;  /* mul's grid where the products are rounded in float32 lanes (rounds_in_float32) */
+} terms_t;
+
 /* round_product of the exact product x * y of float32 lanes, in float32: the float32 product p gives
    the binade (rounding it cannot cross a midpoint of the grid, and where it rounds up to the next
    binade both grids round to that power of 2), C = 1.5 * 2**23 * u, and fma(x, y, C) rounds the exact
@@ -191,10 +199,10 @@ static inline rounded32_t round_product32(f8 x, f8 y, const grid32_t* m) {
 /* A chunk's sum of its products, in order from its first, in float64 */
 struct sum64_t {
     d8 s;
-    void first(d8 p, const void*) { s = p; }
-    void add(d8 p, const void*) { s += p; }
-    void first(rounded32_t p, const grid32_t*) { s = widen8(p.r); }
-    void add(rounded32_t p, const grid32_t*) { s += widen8(p.r); }
+    void first(d8 p, const terms_t*) { s = p; }
+    void add(d8 p, const terms_t*) { s += p; }
+    void first(rounded32_t p, const terms_t*) { s = widen8(p.r); }
+    void add(rounded32_t p, const terms_t*) { s += widen8(p.r); }
     d8 total() const { return s; }
 };
 
@@ -204,17 +212,17 @@ struct sum64_t {
    it took a third of the kernel's time. */
 struct sums32_t {
     f8 lo, hi;
-    void first(rounded32_t p, const grid32_t* m) {
+    void first(rounded32_t p, const terms_t* t) {
         lo = hi = splat32(-0.0f);  /* not 0 - 0: that is +0 */
-        add(p, m);
+        add(p, t);
     }
-    void add(rounded32_t p, const grid32_t* m) {
+    void add(rounded32_t p, const terms_t* t) {
 #ifdef __AVX512VL__
-        __mmask8 high = _mm256_cmpge_epi32_mask((__m256i)p.c, (__m256i)m->split);
+        __mmask8 high = _mm256_cmpge_epi32_mask((__m256i)p.c, (__m256i)t->mul32.split);
         hi = (f8)_mm256_mask_add_ps((__m256)hi, high, (__m256)hi, (__m256)p.r);
         lo = (f8)_mm256_mask_add_ps((__m256)lo, (__mmask8)~high, (__m256)lo, (__m256)p.r);
 #else
-        i8 high = p.c >= m->split;
+        i8 high = p.c >= t->mul32.split;
         hi = high ? hi + p.r : hi;
         lo = high ? lo : lo + p.r;
 #endif
@@ -260,28 +268,22 @@ extern "C" int64_t fold_chunks(double* acc, const double* partials, int64_t batc
     return risky;
 }
 
-/* The products' format and rounding: mul64_t for b in float64 (g NULL: exact products), grid32_t for b
-   in float32 (rounded in float32 lanes) */
-typedef struct {
-    const grid_t* g;
-    double overflow;
-} mul64_t;
-
-/* round(a_row[u] * b_cols[u * N + n]) for n < w, through a zeroed vector */
+/* round(a_row[u] * b_cols[u * N + n]) for n < w, through a zeroed vector: b in float64 (exact products
+   where t->mul is NULL), or in float32 (rounded in float32 lanes) */
 template <bool SIGNS, bool OVERFLOW>
-static inline d8 product(const float* a_row, const double* b_cols, int64_t u, int64_t N, const mul64_t* mul, int w) {
+static inline d8 product(const float* a_row, const double* b_cols, int64_t u, int64_t N, const terms_t* t, int w) {
     d8 y = {};
     __builtin_memcpy(&y, b_cols + u * N, 8 * w);
     d8 p = splat((double)a_row[u]) * y;
-    return mul->g ? round_product<SIGNS, OVERFLOW>(p, mul->g, mul->overflow) : p;
+    return t->mul ? round_product<SIGNS, OVERFLOW>(p, t->mul, t->overflow) : p;
 }
 
 template <bool SIGNS, bool OVERFLOW>
-static inline rounded32_t product(const float* a_row, const float* b_cols, int64_t u, int64_t N,
-                                  const grid32_t* mul, int w) {
+static inline rounded32_t product(const float* a_row, const float* b_cols, int64_t u, int64_t N, const terms_t* t,
+                                  int w) {
     f8 y = {};
     __builtin_memcpy(&y, b_cols + u * N, 4 * w);
-    return round_product32<SIGNS, OVERFLOW>(splat32(a_row[u]), y, mul);
+    return round_product32<SIGNS, OVERFLOW>(splat32(a_row[u]), y, &t->mul32);
 }
 
 /* round(acc + part): round_float of the plain sum where every such sum is exact (ops.emulate's
@@ -299,10 +301,10 @@ static inline d8 add_rounded(d8 acc, d8 part, const grid_t* g, double acc_overfl
    independent chains: interleaved, one's rounding runs while another's waits on its latency.
    ROW: the tiles are consecutive vectors of one row (a_row[t] = a_row[0], b_cols[t] = b_cols[0] + 8 t),
    so that a[u] is loaded and broadcast once for all of them. */
-template <typename Bt, typename Mt, typename Sum, bool SIGNS, bool OVERFLOW, bool ROW>
+template <typename Bt, typename Sum, bool SIGNS, bool OVERFLOW, bool ROW>
 static inline void chunk_tiles(double* const* out, const float* const* a_row, const Bt* const* b_cols,
-                               int64_t K, int64_t N, int64_t k, const Mt* mul, const grid_t* g,
-                               double acc_overflow, int exact, int T, int w) {
+                               int64_t K, int64_t N, int64_t k, const grid_t* g, const terms_t* terms, int T,
+                               int w) {
     d8 acc[TILES];
     Sum part[TILES];
     auto ar = [&](int t) { return ROW ? a_row[0] : a_row[t]; };
@@ -310,10 +312,11 @@ static inline void chunk_tiles(double* const* out, const float* const* a_row, co
     for (int t = 0; t < T; ++t) acc[t] = splat(0.0);
     for (int64_t u0 = 0; u0 < K; u0 += k) {
         int64_t u1 = u0 + k < K ? u0 + k : K;
-        for (int t = 0; t < T; ++t) part[t].first(product<SIGNS, OVERFLOW>(ar(t), bc(t), u0, N, mul, w), mul);
+        for (int t = 0; t < T; ++t) part[t].first(product<SIGNS, OVERFLOW>(ar(t), bc(t), u0, N, terms, w), terms);
         for (int64_t u = u0 + 1; u < u1; ++u)
-            for (int t = 0; t < T; ++t) part[t].add(product<SIGNS, OVERFLOW>(ar(t), bc(t), u, N, mul, w), mul);
-        for (int t = 0; t < T; ++t) acc[t] = add_rounded(acc[t], part[t].total(), g, acc_overflow, exact);
+            for (int t = 0; t < T; ++t) part[t].add(product<SIGNS, OVERFLOW>(ar(t), bc(t), u, N, terms, w), terms);
+        for (int t = 0; t < T; ++t)
+            acc[t] = add_rounded(acc[t], part[t].total(), g, terms->acc_overflow, terms->exact);
     }
     for (int t = 0; t < T; ++t) __builtin_memcpy(out[t], &acc[t], 8 * w);
 }
@@ -357,9 +360,9 @@ static void exact_rows(double* out, const float* a, const double* b, int64_t row
 /* out[b][i][n] = chunk_tiles of row i of a[b] and column n of b[b]: the whole vectors of 8 output
    columns, in row-major order, TILES to a task (a task may span rows: a tall, narrow GEMM has few
    vectors to a row); then each row's short last vector on its own. */
-template <typename Bt, typename Mt, typename Sum, bool SIGNS, bool OVERFLOW>
+template <typename Bt, typename Sum, bool SIGNS, bool OVERFLOW>
 static void gemm(double* out, const float* a, const Bt* b, int64_t batches, int64_t M, int64_t K, int64_t N,
-                 int64_t k, const Mt* mul, const grid_t* g, double acc_overflow, int exact, int threads) {
+                 int64_t k, const grid_t* g, const terms_t* terms, int threads) {
     int64_t per_row = N / 8, whole = batches * M * per_row, tails = N % 8 ? batches * M : 0;
     int64_t blocks = (whole + TILES - 1) / TILES;
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
@@ -378,21 +381,20 @@ static void gemm(double* out, const float* a, const Bt* b, int64_t batches, int6
             w = (int)(N - per_row * 8);
         }
         if (T == TILES && ar[TILES - 1] == ar[0] && bc[TILES - 1] == bc[0] + 8 * (TILES - 1))
-            chunk_tiles<Bt, Mt, Sum, SIGNS, OVERFLOW, true>(o, ar, bc, K, N, k, mul, g, acc_overflow, exact, TILES, 8);
+            chunk_tiles<Bt, Sum, SIGNS, OVERFLOW, true>(o, ar, bc, K, N, k, g, terms, TILES, 8);
         else if (T == TILES)
-            chunk_tiles<Bt, Mt, Sum, SIGNS, OVERFLOW, false>(o, ar, bc, K, N, k, mul, g, acc_overflow, exact, TILES, 8);
+            chunk_tiles<Bt, Sum, SIGNS, OVERFLOW, false>(o, ar, bc, K, N, k, g, terms, TILES, 8);
         else
-            chunk_tiles<Bt, Mt, Sum, SIGNS, OVERFLOW, false>(o, ar, bc, K, N, k, mul, g, acc_overflow, exact, T, w);
+            chunk_tiles<Bt, Sum, SIGNS, OVERFLOW, false>(o, ar, bc, K, N, k, g, terms, T, w);
     }
 }
 
-template <typename Bt, typename Mt, typename Sum>
+template <typename Bt, typename Sum>
 static void gemm_of(double* out, const float* a, const Bt* b, int64_t batches, int64_t M, int64_t K, int64_t N,
-                    int64_t k, const Mt* mul, const grid_t* g, double acc_overflow, int exact, int signs,
-                    int overflows, int threads) {
-    auto run = signs ? (overflows ? gemm<Bt, Mt, Sum, true, true> : gemm<Bt, Mt, Sum, true, false>)
-                     : (overflows ? gemm<Bt, Mt, Sum, false, true> : gemm<Bt, Mt, Sum, false, false>);
-    run(out, a, b, batches, M, K, N, k, mul, g, acc_overflow, exact, threads);
+                    int64_t k, const grid_t* g, const terms_t* terms, int signs, int overflows, int threads) {
+    auto run = signs ? (overflows ? gemm<Bt, Sum, true, true> : gemm<Bt, Sum, true, false>)
+                     : (overflows ? gemm<Bt, Sum, false, true> : gemm<Bt, Sum, false, false>);
+    run(out, a, b, batches, M, K, N, k, g, terms, threads);
 }
 
 /* gemm, its products' zeros signed or not (signs), their overflow handled or not (overflow); b float32
@@ -402,20 +404,18 @@ extern "C" void chunk_products(double* out, const float* a, const void* b, int b
                                int64_t M, int64_t K, int64_t N, int64_t k, const grid_t* mul, double overflow,
                                const grid_t* g, double acc_overflow, int exact, int signs, int overflows,
                                int threads) {
+    terms_t t = {mul, overflow, acc_overflow, exact};
     if (b32) {
-        grid32_t m = grid32(mul, split);
-        auto run = split > 0 ? gemm_of<float, grid32_t, sums32_t> : gemm_of<float, grid32_t, sum64_t>;
-        return run(out, a, (const float*)b, batches, M, K, N, k, &m, g, acc_overflow, exact, signs, overflows,
-                   threads);
+        t.mul32 = grid32(mul, split);
+        auto run = split > 0 ? gemm_of<float, sums32_t> : gemm_of<float, sum64_t>;
+        return run(out, a, (const float*)b, batches, M, K, N, k, g, &t, signs, overflows, threads);
     }
     const double* b64 = (const double*)b;
     if (!mul && (N == 8 || N == 16 || N == 32) && M % (8 * TILES / N) == 0) {  /* narrow exact GEMMs */
         auto rows = N == 8 ? exact_rows<TILES, 1> : N == 16 ? exact_rows<TILES / 2, 2> : exact_rows<TILES / 4, 4>;
         return rows(out, a, b64, batches * M, M, K, k, g, acc_overflow, exact, threads);
     }
-    mul64_t m = {mul, overflow};
-    gemm_of<double, mul64_t, sum64_t>(out, a, b64, batches, M, K, N, k, &m, g, acc_overflow, exact, signs, overflows,
-                                      threads);
+    gemm_of<double, sum64_t>(out, a, b64, batches, M, K, N, k, g, &t, signs, overflows, threads);
 }
 
 static inline d8 widen(const float* x) {  /* 8 floats from x, exactly as doubles */
@@ -423,14 +423,6 @@ static inline d8 widen(const float* x) {  /* 8 floats from x, exactly as doubles
     __builtin_memcpy(&y, x, 32);
     return widen8(y);
 }
-
-/* The products of offset_gemm's operands: the kernel's parameters past the grid of the accumulator */
-typedef struct {
-    const grid_t* mul;  /* the products' format (MUL), rounded to nearest */
-    double overflow, acc_overflow;
-    int exact;  /* add_rounded's: every add into the accumulator is exact */
-    grid32_t mul32;  /* mul's grid where the scalars are float32 (rounds_in_float32) */
-} terms_t;
 
 /* A step's vectors and scalars in the lanes its products are formed in: float64, or float32 where the
    scalars are float32 (the products then rounded by round_product32) */
