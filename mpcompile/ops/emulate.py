@@ -455,9 +455,8 @@ def _products_kernel(plan: _Plan, dtype: torch.dtype, device: torch.device) -> C
 
 def offsets_kernel(spec: ArithSpec, dtype: torch.dtype, device: torch.device) -> Callable[..., None] | None:
     """``ChunkFold.offsets`` bound to ``spec``'s chunk length, formats and product rounding, where it
-    runs a GEMM of ``spec`` on ``dtype`` operands here as ``emulated_matmul`` would (float32: the
-    products exact in float64; as ``_products_kernel``); else None. The caller passes ``overflow``
-    (``products_overflow``)."""
+    runs a GEMM of ``spec`` on ``dtype`` operands here as ``emulated_matmul`` would (float32 operands,
+    as ``_products_kernel``); else None. The caller passes ``overflow`` (``products_overflow``)."""
     if dtype != torch.float32:
         return None
     plan = _plan(spec, False)

@@ -26,7 +26,7 @@ _PATCH_ROWS: dict[torch.dtype, PatchRows] = {}  # by the input dtypes the kernel
 PhasedRows = Callable[..., torch.Tensor]
 _PHASED_ROWS: list[PhasedRows] = []
 _FAILED: set[str] = set()  # "im2col", "phases" once the CPU kernel failed to build: torch's copy from then on
-_HELD = threading.local()  # slot -> this thread's memory (held_memory)
+_HELD = threading.local()  # (slot, dtype) -> this thread's memory (held_memory)
 
 
 def register_patch_rows(kernel: PatchRows, dtypes: tuple[torch.dtype, ...]) -> None:
@@ -126,11 +126,13 @@ def held_memory(numel: int, dtype: torch.dtype, slot: str = "patches") -> torch.
     at once), kept from call to call: patches are several times a convolution's input (tens of
     MB), which fresh memory faults in page by page at every call. An operand laid out here is dead
     once its GEMM has run, before the next convolution lays out its own: each op builds its
-    operands and runs its GEMM before returning, on one thread."""
+    operands and runs its GEMM before returning, on one thread. Kept per dtype too: a model whose
+    convolutions alternate exact products (float64 scalars) and rounded ones (float32) would
+    otherwise lay out each in fresh memory."""
     memory = _HELD.__dict__
-    held = memory.get(slot)
-    if held is None or held.numel() < numel or held.dtype != dtype:
-        held = memory[slot] = torch.empty(numel, dtype=dtype)
+    held = memory.get((slot, dtype))
+    if held is None or held.numel() < numel:
+        held = memory[(slot, dtype)] = torch.empty(numel, dtype=dtype)
     return held[:numel]
 
 
