@@ -37,14 +37,15 @@ from ..ops.emulate import ChunkFold, register_chunk_fold
 from ..ops.exact import Grid
 from .cpu_kernels import compile_library, require_cpu, threads_for
 
-__all__ = ["load_kernel", "takes_grid", "rounds_in_float32", "float32_sums", "fold_chunks_", "chunk_products_",
-           "offset_gemm_"]
+__all__ = ["load_kernel", "takes_grid", "rounds_in_float32", "float32_sums", "integer_sums", "fold_chunks_",
+           "chunk_products_", "offset_gemm_"]
 
 _TILE = 512  # accumulator elements a thread keeps in L1 while the chunks stream through
 _BLOCK_STEPS = 1 << 12  # offset_gemm's steps a tile takes before the next (the block's operands stay in cache)
 _SHAPES = ((24, 1), (12, 2), (8, 3), (6, 4))  # offset_gemm's tiles: (rows, vectors), as its source lists them
 _TILES = 8  # vectors of 8 output columns whose accumulators chunk_products interleaves
 _FLOAT32_SUMS_FROM = 8  # chunk length from which float32_sums sums a chunk in float32
+_INT32_COUNTS = 2.0**31  # what integer_sums' partial sums must stay below, in counts of the smallest subnormal
 
 _SOURCE = r"""
 #include <immintrin.h>
@@ -121,7 +122,8 @@ static inline d8 widen8(f8 x) {  /* exactly, as doubles */
 #endif
 }
 
-/* A mul format that float32 holds (rounds_in_float32): its grid as float32 lanes */
+/* A mul format that float32 holds (rounds_in_float32): its grid as float32 lanes, scaled by a power of 2
+   (sumi_t's products are counts of the smallest subnormal) */
 typedef struct {
     i8 floor, offset;  /* min_normal's bits; + offset: 2**e's bits to C's, below */
     f8 max, beyond;  /* beyond: the power of 2 above max */
@@ -129,16 +131,17 @@ typedef struct {
     int has_inf, neg_zero;
 } grid32_t;
 
-static inline grid32_t grid32(const grid_t* g, double split) {
-    float floor = (float)g->min_normal;
+static inline grid32_t grid32(const grid_t* g, double split, float scale) {
+    float floor = (float)g->min_normal * scale;
     int32_t bits, man = -ilogb(g->half_scale), offset = ((23 - man) << 23) + 0x400000, high = INT32_MAX;
     __builtin_memcpy(&bits, &floor, 4);
     if (split > 0 && split < INFINITY) {
-        float binade = (float)split;
+        float binade = (float)split * scale;
         __builtin_memcpy(&high, &binade, 4);
         high += offset;
     }
-    grid32_t m = {(i8){} + bits, (i8){} + offset, (f8){} + (float)g->max, (f8){} + ldexpf(1.0f, ilogb(g->max) + 1),
+    grid32_t m = {(i8){} + bits, (i8){} + offset, (f8){} + (float)g->max * scale,
+                  (f8){} + ldexpf(scale, ilogb(g->max) + 1),
                   (i8){} + high, g->has_inf, g->neg_zero};
     return m;
 }
@@ -154,6 +157,7 @@ typedef struct {
     double overflow, acc_overflow;
     int exact;  /* add_rounded's: every add into the accumulator is exact */
     grid32_t mul32;  /* mul's grid where the products are rounded in float32 lanes (rounds_in_float32) */
+    float scale;  /* the factor of a where the products are summed as integers (sumi_t), else 1 */
 } terms_t;
 
 /* round_product of the exact product x * y of float32 lanes, in float32: the float32 product p gives
@@ -198,12 +202,13 @@ static inline rounded32_t round_product32(f8 x, f8 y, const grid32_t* m) {
 
 /* A chunk's sum of its products, in order from its first, in float64 */
 struct sum64_t {
+    static constexpr bool SCALED = false;
     d8 s;
     void first(d8 p, const terms_t*) { s = p; }
     void add(d8 p, const terms_t*) { s += p; }
     void first(rounded32_t p, const terms_t*) { s = widen8(p.r); }
     void add(rounded32_t p, const terms_t*) { s += widen8(p.r); }
-    d8 total() const { return s; }
+    d8 total(const terms_t*) const { return s; }
 };
 
 /* The same sum as two float32 sums, of the products below the split binade and of those from it on,
@@ -211,6 +216,7 @@ struct sum64_t {
    too. Each starts at -0, the identity that keeps a chunk of -0 products at -0. No widening per product:
    it took a third of the kernel's time. */
 struct sums32_t {
+    static constexpr bool SCALED = false;
     f8 lo, hi;
     void first(rounded32_t p, const terms_t* t) {
         lo = hi = splat32(-0.0f);  /* not 0 - 0: that is +0 */
@@ -227,7 +233,19 @@ struct sums32_t {
         lo = high ? lo : lo + p.r;
 #endif
     }
-    d8 total() const { return widen8(hi) + widen8(lo); }
+    d8 total(const terms_t*) const { return widen8(hi) + widen8(lo); }
+};
+
+/* The same sum in int32 lanes, of products that round_product32 gives as counts of the format's smallest
+   subnormal (a scaled by terms->scale, its inverse): exact where no partial sum can pass 2**31 (integer_sums
+   decides), with one conversion per product instead of sums32_t's compare and two masked adds. Its zeros
+   are unsigned: only for SIGNS false. */
+struct sumi_t {
+    static constexpr bool SCALED = true;
+    i8 s;
+    void first(rounded32_t p, const terms_t*) { s = __builtin_convertvector(p.r, i8); }
+    void add(rounded32_t p, const terms_t*) { s += __builtin_convertvector(p.r, i8); }
+    d8 total(const terms_t* t) const { return __builtin_convertvector(s, d8) * (1.0 / t->scale); }
 };
 
 /* acc[i .. i + k) = round(acc + p), k <= 8 (a short group through a zeroed vector); counts in
@@ -270,7 +288,7 @@ extern "C" int64_t fold_chunks(double* acc, const double* partials, int64_t batc
 
 /* round(a_row[u] * b_cols[u * N + n]) for n < w, through a zeroed vector: b in float64 (exact products
    where t->mul is NULL), or in float32 (rounded in float32 lanes) */
-template <bool SIGNS, bool OVERFLOW>
+template <bool SIGNS, bool OVERFLOW, bool SCALED>
 static inline d8 product(const float* a_row, const double* b_cols, int64_t u, int64_t N, const terms_t* t, int w) {
     d8 y = {};
     __builtin_memcpy(&y, b_cols + u * N, 8 * w);
@@ -278,12 +296,12 @@ static inline d8 product(const float* a_row, const double* b_cols, int64_t u, in
     return t->mul ? round_product<SIGNS, OVERFLOW>(p, t->mul, t->overflow) : p;
 }
 
-template <bool SIGNS, bool OVERFLOW>
+template <bool SIGNS, bool OVERFLOW, bool SCALED>
 static inline rounded32_t product(const float* a_row, const float* b_cols, int64_t u, int64_t N, const terms_t* t,
                                   int w) {
     f8 y = {};
     __builtin_memcpy(&y, b_cols + u * N, 4 * w);
-    return round_product32<SIGNS, OVERFLOW>(splat32(a_row[u]), y, &t->mul32);
+    return round_product32<SIGNS, OVERFLOW>(splat32(SCALED ? a_row[u] * t->scale : a_row[u]), y, &t->mul32);
 }
 
 /* round(acc + part): round_float of the plain sum where every such sum is exact (ops.emulate's
@@ -312,11 +330,11 @@ static inline void chunk_tiles(double* const* out, const float* const* a_row, co
     for (int t = 0; t < T; ++t) acc[t] = splat(0.0);
     for (int64_t u0 = 0; u0 < K; u0 += k) {
         int64_t u1 = u0 + k < K ? u0 + k : K;
-        for (int t = 0; t < T; ++t) part[t].first(product<SIGNS, OVERFLOW>(ar(t), bc(t), u0, N, terms, w), terms);
+        for (int t = 0; t < T; ++t) part[t].first(product<SIGNS, OVERFLOW, Sum::SCALED>(ar(t), bc(t), u0, N, terms, w), terms);
         for (int64_t u = u0 + 1; u < u1; ++u)
-            for (int t = 0; t < T; ++t) part[t].add(product<SIGNS, OVERFLOW>(ar(t), bc(t), u, N, terms, w), terms);
+            for (int t = 0; t < T; ++t) part[t].add(product<SIGNS, OVERFLOW, Sum::SCALED>(ar(t), bc(t), u, N, terms, w), terms);
         for (int t = 0; t < T; ++t)
-            acc[t] = add_rounded(acc[t], part[t].total(), g, terms->acc_overflow, terms->exact);
+            acc[t] = add_rounded(acc[t], part[t].total(terms), g, terms->acc_overflow, terms->exact);
     }
     for (int t = 0; t < T; ++t) __builtin_memcpy(out[t], &acc[t], 8 * w);
 }
@@ -398,15 +416,17 @@ static void gemm_of(double* out, const float* a, const Bt* b, int64_t batches, i
 }
 
 /* gemm, its products' zeros signed or not (signs), their overflow handled or not (overflow); b float32
-   (b32: mul rounds in float32; split > 0: each chunk summed as sums32_t from that binade, inf: one sum)
-   or float64 */
-extern "C" void chunk_products(double* out, const float* a, const void* b, int b32, double split, int64_t batches,
-                               int64_t M, int64_t K, int64_t N, int64_t k, const grid_t* mul, double overflow,
-                               const grid_t* g, double acc_overflow, int exact, int signs, int overflows,
-                               int threads) {
-    terms_t t = {mul, overflow, acc_overflow, exact};
+   (b32: mul rounds in float32; scale > 0: each chunk summed as sumi_t, a scaled by it, where neither signs
+   nor overflows; else split > 0: as sums32_t from that binade, inf: one sum) or float64 */
+extern "C" void chunk_products(double* out, const float* a, const void* b, int b32, double split, float scale,
+                               int64_t batches, int64_t M, int64_t K, int64_t N, int64_t k, const grid_t* mul,
+                               double overflow, const grid_t* g, double acc_overflow, int exact, int signs,
+                               int overflows, int threads) {
+    terms_t t = {mul, overflow, acc_overflow, exact, {}, scale > 0 ? scale : 1.0f};
     if (b32) {
-        t.mul32 = grid32(mul, split);
+        t.mul32 = grid32(mul, split, t.scale);
+        if (scale > 0)
+            return gemm<float, sumi_t, false, false>(out, a, (const float*)b, batches, M, K, N, k, g, &t, threads);
         auto run = split > 0 ? gemm_of<float, sums32_t> : gemm_of<float, sum64_t>;
         return run(out, a, (const float*)b, batches, M, K, N, k, g, &t, signs, overflows, threads);
     }
@@ -553,9 +573,9 @@ extern "C" void offset_gemm(double* out, const float* V, const void* S, int s32,
                             const int64_t* width, int64_t nv, const int64_t* sbase, const int64_t* orow, int64_t ns,
                             int shape, int64_t block, const grid_t* g, double acc_overflow, const grid_t* mul,
                             double overflow, int exact, int signs, int overflows, int threads) {
-    terms_t t = {mul, overflow, acc_overflow, exact};
+    terms_t t = {mul, overflow, acc_overflow, exact, {}, 1.0f};
     if (s32) {
-        t.mul32 = grid32(mul, 0.0);
+        t.mul32 = grid32(mul, 0.0, 1.0f);
         return offset_variant<float, true>(shape, signs, overflows)(out, V, (const float*)S, voff, soff, T, k, vbase,
                                                                      obase, width, nv, sbase, orow, ns, block, g, &t,
                                                                      threads);
@@ -581,8 +601,8 @@ def load_kernel() -> ctypes.CDLL:
     lib.fold_chunks.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                 ctypes.POINTER(_Grid), ctypes.c_int]
     lib.chunk_products.restype = None
-    lib.chunk_products.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_double] + [
-        ctypes.c_int64] * 5 + [
+    lib.chunk_products.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_double,
+                                   ctypes.c_float] + [ctypes.c_int64] * 5 + [
         ctypes.POINTER(_Grid), ctypes.c_double, ctypes.POINTER(_Grid), ctypes.c_double] + [ctypes.c_int] * 4
     lib.offset_gemm.restype = None
     lib.offset_gemm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [
@@ -662,8 +682,28 @@ def float32_sums(mul: Grid, k: int) -> float | None:
     return math.inf if per_sum >= binades else 2.0 ** (lo + per_sum)
 
 
+def integer_sums(mul: Grid, k: int, largest: tuple[float, float]) -> float | None:
+    """The factor by which a is scaled where a chunk of k products rounded in float32
+    (``rounds_in_float32``) is summed in int32 lanes, as counts of ``mul``'s smallest subnormal
+    (``sumi_t``; the factor is its inverse, a power of 2); None where it is not.
+
+    One conversion per product replaces ``float32_sums``' two sums (a compare and two masked adds)
+    where that takes two float32 sums or none; it serves where no partial sum can reach 2**31
+    counts, by the operands' largest magnitudes ``largest`` (max|a|, max|b|; NaN: unknown), and
+    the scaled a stays finite in float32. Its zeros are unsigned: the caller uses it only where
+    the sign of a zero product cannot matter.
+    """
+    if k < _FLOAT32_SUMS_FROM or float32_sums(mul, k) == math.inf:
+        return None
+    a_max, b_max = largest
+    scale = 1.0 / mul.qmin
+    rounded = a_max * b_max * (1 + 2.0**-mul.man) + mul.qmin  # above every product's rounded magnitude
+    return scale if k * rounded * scale < _INT32_COUNTS and a_max * scale < 2.0**128 else None  # NaN: None
+
+
 def chunk_products_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, k: int, mul: Grid | None,
-                    grid: Grid, exact_sums: bool = False, signed_zeros: bool = True, overflow: bool = True) -> None:
+                    grid: Grid, exact_sums: bool = False, signed_zeros: bool = True,
+                    largest: tuple[float, float] = (math.inf, math.inf)) -> None:
     """``acc`` = the ``chunk(k)`` GEMM ``a @ b`` with each product rounded to nearest on ``mul``
     and each chunk's sum rounded into the accumulator to nearest on ``grid`` (module docstring).
 
@@ -677,8 +717,11 @@ def chunk_products_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, k: int,
             None: the products are exact.
         exact_sums: every add into the accumulator is exact in float64 (``ops.emulate``'s
             ``_sums_are_exact``), so it is rounded without two_sum's error term (which is 0).
-        signed_zeros, overflow: as ``ops.exact.round_float``'s, for the products: False where
-            the sign of a zero product cannot matter, or no product can round past ``mul``'s max.
+        signed_zeros: as ``ops.exact.round_float``'s, for the products: False where the sign of a
+            zero product cannot matter.
+        largest: the largest magnitudes of a and of b (NaN where one is NaN; inf: not known), whose
+            product bounds the products': where it rounds below ``mul``'s overflow threshold
+            no product is checked for overflow, and it decides ``integer_sums``.
     """
     if not ((mul is None or takes_grid(mul)) and takes_grid(grid)):
         raise ValueError("chunk_products_: a grid's format needs the reference rounding (no subnormals, zero or sign)")
@@ -691,10 +734,13 @@ def chunk_products_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, k: int,
         raise ValueError(f"chunk_products_: chunk length {k} must be positive")
     if not acc.numel():
         return
+    overflow = mul is not None and not largest[0] * largest[1] < mul.overflow  # exact for float32 operands
     b32 = mul is not None and rounds_in_float32(mul)
-    split = (float32_sums(mul, k) or 0.0) if b32 else 0.0
+    scale = integer_sums(mul, k, largest) if b32 and not (signed_zeros or overflow) else None
+    split = (float32_sums(mul, k) or 0.0) if b32 and scale is None else 0.0
     b = b if b32 else b.to(torch.float64)
-    load_kernel().chunk_products(acc.data_ptr(), a.data_ptr(), b.data_ptr(), int(b32), split, B, M, K, N, k,
+    load_kernel().chunk_products(acc.data_ptr(), a.data_ptr(), b.data_ptr(), int(b32), split, scale or 0.0,
+                                 B, M, K, N, k,
                                  None if mul is None else ctypes.byref(_grid_struct(mul)),
                                  0.0 if mul is None else mul.overflow, ctypes.byref(_grid_struct(grid)),
                                  grid.overflow, int(exact_sums), int(signed_zeros), int(overflow),
@@ -721,7 +767,9 @@ def offset_gemm_(out: torch.Tensor, v: torch.Tensor, s: torch.Tensor, v_steps: t
         rows: int64 (ns, 2): each row's (s_j, o_j).
         k: the chunk length (1: sequential order).
         grid, mul: the ``Grid`` of the accumulator and product formats (``takes_grid``).
-        exact_sums, signed_zeros, overflow: as ``chunk_products_``'s.
+        exact_sums, signed_zeros: as ``chunk_products_``'s.
+        overflow: whether a product may round past ``mul``'s max (``ops.emulate.products_overflow``);
+            False: none is checked.
     """
     if not ((mul is None or takes_grid(mul)) and takes_grid(grid)):
         raise ValueError("offset_gemm_: a grid's format needs the reference rounding (no subnormals, zero or sign)")

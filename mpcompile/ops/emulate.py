@@ -57,9 +57,9 @@ class ChunkFold:
         fold: ``fold(acc (B, ...), partials (B, chunks, ...), grid)`` in place; returns how many
             adds met a zero chunk sum on a -0 accumulator.
         products: ``products(acc (B, M, N), a (B, M, K) float32, b (B, K, N) float32, k, mul grid
-            or None, grid, exact_sums, signed_zeros, overflow)``: the whole GEMM, its products formed
+            or None, grid, exact_sums, signed_zeros, largest)``: the whole GEMM, its products formed
             (and rounded to nearest on the mul grid) in the kernel, as ``_steps`` does it (chunks of
-            k products, each summed from its first; k = 1: sequential).
+            k products, each summed from its first; k = 1: sequential); largest: (max|a|, max|b|).
         serves: whether it runs here for a grid (raising where it cannot be built).
         offsets: ``offsets(out, v, s, v_steps, s_steps, vectors, rows, k, grid, mul, exact_sums,
             signed_zeros, overflow)``: ``products``' GEMM with its operands read at offsets that
@@ -67,7 +67,8 @@ class ChunkFold:
     """
 
     fold: Callable[[torch.Tensor, torch.Tensor, Grid], int]
-    products: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, Grid | None, Grid, bool, bool, bool], None]
+    products: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, Grid | None, Grid, bool, bool,
+                        tuple[float, float]], None]
     serves: Callable[[Grid], bool]
     offsets: Callable[..., None]
 
@@ -284,9 +285,9 @@ def emulated_matmul(a: torch.Tensor, b: torch.Tensor, spec: ArithSpec, *, seed: 
         return _chunks_by_gemm(plan, acc, comp, a, b, index, seed)
     if by_kernel:
         with section("fused gemm"):
-            overflow = plan.mul is not None and not _products_below_overflow(plan, a, b)
+            largest = _largest(a, b) if plan.mul is not None else (math.inf, math.inf)  # exact products: unused
             kernel.products(acc, a.contiguous(), b.contiguous(), spec.chunk or 1, plan.mul, plan.acc, plan.exact_sums,
-                            not _chunks_reduce(spec), overflow)
+                            not _chunks_reduce(spec), largest)
             return acc
     b64 = b.to(torch.float64)
     if _chunks_reduce(spec):  # reads a[m, k] once per 8 products: converts it in the kernel
@@ -368,14 +369,25 @@ def _chunks_by_reduction(plan: _Plan, compiled: bool, acc, comp, a, b, index, se
     return acc
 
 
+def _largest(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """max|a| and max|b| (NaN where a NaN is in; 0 where empty), whose product bounds every product's
+    magnitude (exactly in float64, for float32 operands)."""
+    def largest(x: torch.Tensor) -> float:
+        if x.numel() == 0:
+            return 0.0
+        lo, hi = torch.aminmax(x)  # one pass, no |x| copy; a NaN makes both NaN
+        lo, hi = lo.item(), hi.item()
+        return hi if math.isnan(hi) else max(-lo, hi)
+    return largest(a), largest(b)
+
+
 def _products_below_overflow(plan: _Plan, a, b) -> bool:
     """Whether no product can round to nearest above the mul format's max, by the operands'
-    largest magnitudes (their product is exact for float32 operands; NaN and inf say no)."""
-    if plan.split_products or plan.spec.mul_rounding != "nearest" or a.numel() == 0 or b.numel() == 0:
+    largest magnitudes (NaN and inf say no)."""
+    if plan.split_products or plan.spec.mul_rounding != "nearest":
         return False
-    (a_min, a_max), (b_min, b_max) = torch.aminmax(a), torch.aminmax(b)  # one pass each, no |x| copy
-    a_min, a_max, b_min, b_max = (x.item() for x in (a_min, a_max, b_min, b_max))  # a NaN makes both NaN
-    return max(-a_min, a_max) * max(-b_min, b_max) < plan.mul.overflow  # exact in float64 for float32 values
+    a_max, b_max = _largest(a, b)
+    return a_max * b_max < plan.mul.overflow
 
 
 def _chunks_by_gemm(plan: _Plan, acc, comp, a, b, index, seed):

@@ -2,8 +2,9 @@
 P_j), nearest)`` chunk after chunk, on accumulator formats with and without infinities, -0 and
 NaN codes; it counts the adds where a zero chunk sum meets a -0 accumulator. Its GEMM of rounded
 products equals torch's chunk-sum path (``ops.emulate``) and the reference dot product, also
-where products are rounded and chunks summed in float32: on the products whose float32 value
-hides their rounding (ties, binade edges, overflow) and chunks over the products' whole range."""
+where products are rounded and chunks summed in float32 or as int32 counts: on the products whose
+float32 value hides their rounding (ties, binade edges, overflow), chunks over the products' whole
+range and partial sums up to the int32 bound."""
 from __future__ import annotations
 
 import math
@@ -11,8 +12,8 @@ import math
 import pytest
 import torch
 
-from mpcompile.codegen.chunk_fold_cpu import (chunk_products_, float32_sums, fold_chunks_, offset_gemm_,
-                                              rounds_in_float32, takes_grid)
+from mpcompile.codegen.chunk_fold_cpu import (chunk_products_, float32_sums, fold_chunks_, integer_sums,
+                                              offset_gemm_, rounds_in_float32, takes_grid)
 from mpcompile.formats import parse
 from mpcompile.ops import emulate, reference
 from mpcompile.ops.spec import parse_arith
@@ -218,7 +219,7 @@ def test_products_rounded_in_float32_are_rounded_by_their_exact_value(name):
     huge = [2.0**j for j in range(30, 68)]  # products up to 2**131: the constant past float32's max
     a, b = torch.cat([a, torch.full((len(huge),), 2.0**64)]), torch.cat([b, torch.tensor(huge)])
     got = torch.zeros(1, len(a), len(b), dtype=torch.float64)
-    chunk_products_(got, a[None, :, None], b[None, None, :], 1, plan.mul, plan.acc, plan.exact_sums, True, True)
+    chunk_products_(got, a[None, :, None], b[None, None, :], 1, plan.mul, plan.acc, plan.exact_sums)
     want = torch.tensor([[reference.dot([x], [y], spec) for y in b.tolist()] for x in a.tolist()], dtype=torch.float64)
     assert bool(((got[0] == want) | (got[0].isnan() & want.isnan())).all())
     assert bool(((torch.signbit(got[0]) == torch.signbit(want)) | want.isnan()).all())  # zeros' signs
@@ -258,7 +259,8 @@ def test_chunk_sums_over_the_whole_range_of_the_products_are_exact(spec):
     a = torch.ones(2, b.shape[0])
     a[1, ::3] = -1.0
     got = torch.zeros(1, 2, 8, dtype=torch.float64)
-    chunk_products_(got, a[None], b[None], k, g, plan.acc, plan.exact_sums, not emulate._chunks_reduce(spec), False)
+    chunk_products_(got, a[None], b[None], k, g, plan.acc, plan.exact_sums, not emulate._chunks_reduce(spec),
+                    (1.0, g.max))
     want = torch.tensor([[reference.dot(a[m].tolist(), b[:, n].tolist(), spec) for n in range(8)] for m in range(2)],
                         dtype=torch.float64)
     assert torch.equal(got[0], want)
@@ -266,6 +268,63 @@ def test_chunk_sums_over_the_whole_range_of_the_products_are_exact(spec):
     exact_in_float32 = bool((first.float().sum(0, dtype=torch.float32).double() == first.sum(0)).all())
     assert exact_in_float32 or split != math.inf
     assert not exact_in_float32 or spec.mul.man != 2  # e5m2's 30 binades: one float32 sum of this data rounds
+
+
+def _mul_grid(spec: str):
+    return emulate._plan(parse_arith(spec), False).mul
+
+
+def test_integer_sums_serve_where_no_partial_sum_reaches_2_31_counts():
+    """e5m2 products (2**16 counts of its smallest subnormal per unit) in chunks of 32: up to a bound
+    of about 1024 per product; not where one float32 sum serves (e4m3), below chunk(8), for an
+    unknown (NaN, inf) bound, nor where a scaled by 2**16 would pass float32's range."""
+    e5m2, e4m3 = _mul_grid("mul=fp8_e5m2 acc=fp32"), _mul_grid("mul=fp8_e4m3 acc=fp32")
+    assert integer_sums(e5m2, 32, (4.5, 4.5)) == 2.0**16
+    assert integer_sums(e5m2, 1024, (1.0, 1.0)) == 2.0**16  # a chunk float32 could not sum at all
+    below = (2.0**31 / 32 / 2.0**16 - e5m2.qmin) / 1.25  # k * (x * 1.25 + qmin) * 2**16 = 2**31 counts
+    assert integer_sums(e5m2, 32, (1.0, below * (1 - 2.0**-20))) == 2.0**16
+    assert integer_sums(e5m2, 32, (1.0, below)) is None
+    assert integer_sums(e4m3, 32, (1.0, 1.0)) is None and float32_sums(e4m3, 32) == math.inf
+    assert integer_sums(e5m2, 4, (1.0, 1.0)) is None
+    assert integer_sums(e5m2, 32, (float("nan"), 1.0)) is None and integer_sums(e5m2, 32, (math.inf, 0.0)) is None
+    assert integer_sums(e5m2, 32, (2.0**112, 2.0**-120)) is None and integer_sums(e5m2, 32, (2.0**111, 2.0**-120))
+
+
+@pytest.mark.parametrize("spec", ["mul=fp8_e5m2 acc=fp32 order=chunk(32)", "mul=fp8_e5m2 acc=e5m10 order=chunk(8)",
+                                  "mul=fp16 acc=fp32 order=chunk(16)"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_chunks_summed_as_integer_counts_equal_torch_and_the_reference(monkeypatch, spec, threads):
+    """Products rounded from float32 factors (ties and the subnormals included), in chunks whose
+    partial sums come near 2**31 counts of the smallest subnormal: the int32 sums, a scaled by the
+    inverse of that subnormal, give torch's path and the reference dot product bit for bit."""
+    spec = parse_arith(spec)
+    plan = emulate._plan(spec, False)
+    g, k = plan.mul, spec.chunk
+    gen = torch.Generator().manual_seed(k)
+    top = 2.0**31 * g.qmin / k / 1.25 * 0.99  # near the bound integer_sums allows
+    a = torch.rand(2, 3, 3 * k + 5, generator=gen) * torch.where(torch.rand(2, 3, 3 * k + 5, generator=gen) < 0.5, -1, 1)
+    a[:, 0] = 1.0  # row 0: b's values as they are, each chunk at its largest sum
+    b = torch.full((2, 3 * k + 5, 37), top)
+    b[:, 1::3] = torch.rand(b[:, 1::3].shape, generator=gen) * top
+    b[:, 2::5] = g.qmin * torch.randint(0, 8, b[:, 2::5].shape, generator=gen) * 0.75  # subnormal products, ties
+    b[0, :4, :3] = torch.tensor([1.0 + 2.0**-g.man / 2, -(1.0 + 2.0**-g.man / 2), 0.0])[None]  # exact midpoints
+    largest = emulate._largest(a, b)
+    assert emulate._chunks_reduce(spec) and integer_sums(g, k, largest) == 1 / g.qmin  # zeros unsigned: it serves
+    got = torch.zeros(2, 3, b.shape[-1], dtype=torch.float64)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        chunk_products_(got, a, b, k, g, plan.acc, plan.exact_sums, False, largest)
+    finally:
+        torch.set_num_threads(previous)
+    assert float(got.abs().max()) > k * top * 0.9  # a sum near the bound was formed
+    monkeypatch.setattr(emulate, "_products_kernel", lambda plan, dtype, device: None)
+    torch_path = emulate.emulated_matmul(a, b, spec)
+    assert torch.equal(got, torch_path)
+    for i in range(2):
+        want = torch.tensor([[reference.dot(a[i, m].tolist(), b[i, :, n].tolist(), spec) for n in range(b.shape[-1])]
+                             for m in range(3)], dtype=torch.float64)
+        assert torch.equal(got[i], want)
 
 
 @pytest.mark.parametrize("name", FORMATS)
