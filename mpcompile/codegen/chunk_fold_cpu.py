@@ -18,8 +18,10 @@ b[u, n:n + 8] (exact in float64 for float32 operands), rounds the product as
 sum (which starts at the chunk's first product) and, at the chunk's end, folds the partial sum
 into the accumulator; partial sums and accumulators never leave registers. Where the ``mul``
 format fits float32 (``rounds_in_float32``: fp8, fp16) the products are rounded in float32
-lanes instead, by a fused multiply-add on the exact product, and a chunk's rounded products
-are summed in one or two float32 sums where ``float32_sums`` proves them exact.
+lanes instead (16 to a vector, 4 vectors at a time), by a fused multiply-add on the exact
+product, and a chunk's rounded products are summed in one or two float32 sums where
+``float32_sums`` proves them exact, or as int32 counts of the smallest subnormal where
+``integer_sums`` does.
 
 Compiled once by inductor's C++ toolchain (``cpu_kernels.compile_library``); where that fails
 the caller works in torch. A plug-in of the torch backend: ``backends.load_plugins`` imports
@@ -43,7 +45,7 @@ __all__ = ["load_kernel", "takes_grid", "rounds_in_float32", "float32_sums", "in
 _TILE = 512  # accumulator elements a thread keeps in L1 while the chunks stream through
 _BLOCK_STEPS = 1 << 12  # offset_gemm's steps a tile takes before the next (the block's operands stay in cache)
 _SHAPES = ((24, 1), (12, 2), (8, 3), (6, 4))  # offset_gemm's tiles: (rows, vectors), as its source lists them
-_TILES = 8  # vectors of 8 output columns whose accumulators chunk_products interleaves
+_TILES = 8  # vectors of 8 output columns whose accumulators chunk_products interleaves (or TILES / 2 of 16)
 _FLOAT32_SUMS_FROM = 8  # chunk length from which float32_sums sums a chunk in float32
 _INT32_COUNTS = 2.0**31  # what integer_sums' partial sums must stay below, in counts of the smallest subnormal
 
@@ -122,12 +124,73 @@ static inline d8 widen8(f8 x) {  /* exactly, as doubles */
 #endif
 }
 
-/* A mul format that float32 holds (rounds_in_float32): its grid as float32 lanes, scaled by a power of 2
+/* 16 float32 or int32 lanes, an AVX-512 register: the products kernel's float32 lanes, where Zen 4 runs
+   each 512-bit operation as one instruction of twice the work (fewer instructions in flight for the same work) */
+typedef float fw __attribute__((vector_size(64)));
+typedef int32_t iw __attribute__((vector_size(64)));
+template <int L> struct lanes32;
+template <> struct lanes32<8> {
+    typedef f8 F;
+    typedef i8 I;
+    static f8 splat(float v) { return splat32(v); }
+};
+template <> struct lanes32<16> {
+    typedef fw F;
+    typedef iw I;
+    static fw splat(float v) { return (fw){v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v}; }
+};
+
+/* c + a * b rounded once, and the largest of two, in one instruction each where the ISA has it */
+static inline f8 fma32(f8 a, f8 b, f8 c) {
+#ifdef __FMA__
+    return (f8)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+    for (int l = 0; l < 8; ++l) c[l] = __builtin_fmaf(a[l], b[l], c[l]);
+    return c;
+#endif
+}
+static inline fw fma32(fw a, fw b, fw c) {
+#ifdef __AVX512F__
+    return (fw)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#else
+    for (int l = 0; l < 16; ++l) c[l] = __builtin_fmaf(a[l], b[l], c[l]);
+    return c;
+#endif
+}
+static inline i8 max32(i8 a, i8 b) {
+#ifdef __AVX2__
+    return (i8)_mm256_max_epi32((__m256i)a, (__m256i)b);  /* not a compare and blend */
+#else
+    return a > b ? a : b;
+#endif
+}
+static inline iw max32(iw a, iw b) {
+#ifdef __AVX512F__
+    return (iw)_mm512_max_epi32((__m512i)a, (__m512i)b);
+#else
+    return a > b ? a : b;
+#endif
+}
+
+/* x's lanes, exactly, as L / 8 vectors of doubles */
+static inline void widen_to(d8* out, f8 x) { out[0] = widen8(x); }
+static inline void widen_to(d8* out, i8 x) { out[0] = __builtin_convertvector(x, d8); }
+template <typename V>
+static inline void widen_to(d8* out, V x) {  /* 16 lanes: two halves */
+    typedef decltype(x[0] + 0) S;
+    typedef S H __attribute__((vector_size(32)));
+    H half[2];
+    __builtin_memcpy(half, &x, 64);
+    widen_to(out, half[0]);
+    widen_to(out + 1, half[1]);
+}
+
+/* A mul format that float32 holds (rounds_in_float32): its grid in float32, scaled by a power of 2
    (sumi_t's products are counts of the smallest subnormal) */
 typedef struct {
-    i8 floor, offset;  /* min_normal's bits; + offset: 2**e's bits to C's, below */
-    f8 max, beyond;  /* beyond: the power of 2 above max */
-    i8 split;  /* C's bits for the binade from which products go to a chunk's high float32 sum (sums32_t) */
+    int32_t floor, offset;  /* min_normal's bits; + offset: 2**e's bits to C's, below */
+    float max, beyond;  /* beyond: the power of 2 above max */
+    int32_t split;  /* C's bits for the binade from which products go to a chunk's high float32 sum (sums32_t) */
     int has_inf, neg_zero;
 } grid32_t;
 
@@ -140,16 +203,15 @@ static inline grid32_t grid32(const grid_t* g, double split, float scale) {
         __builtin_memcpy(&high, &binade, 4);
         high += offset;
     }
-    grid32_t m = {(i8){} + bits, (i8){} + offset, (f8){} + (float)g->max * scale,
-                  (f8){} + ldexpf(scale, ilogb(g->max) + 1),
-                  (i8){} + high, g->has_inf, g->neg_zero};
+    grid32_t m = {bits, offset, (float)g->max * scale, ldexpf(scale, ilogb(g->max) + 1), high, g->has_inf,
+                  g->neg_zero};
     return m;
 }
 
-typedef struct {
-    f8 r;  /* a product rounded on the grid */
-    i8 c;  /* the bits of its rounding's C (monotone in its binade) */
-} rounded32_t;
+template <int L> struct rounded32_t {
+    typename lanes32<L>::F r;  /* a product rounded on the grid */
+    typename lanes32<L>::I c;  /* the bits of its rounding's C (monotone in its binade) */
+};
 
 /* The products of a GEMM and how they are summed: the kernels' parameters past the accumulator's grid */
 typedef struct {
@@ -164,88 +226,106 @@ typedef struct {
    the binade (rounding it cannot cross a midpoint of the grid, and where it rounds up to the next
    binade both grids round to that power of 2), C = 1.5 * 2**23 * u, and fma(x, y, C) rounds the exact
    product on the grid in one step (ties by the exact value), - C exact. Overflow: above max after
-   rounding, or p past the binade of max (where C need not be finite). Eight lanes, as the float64
-   sums of a chunk take them. */
-template <bool SIGNS, bool OVERFLOW>
-static inline rounded32_t round_product32(f8 x, f8 y, const grid32_t* m) {
-    f8 p = x * y, c;
-    i8 bits;
-    __builtin_memcpy(&bits, &p, 32);
-    bits &= 0x7F800000;
-#ifdef __AVX2__
-    bits = (i8)_mm256_max_epi32((__m256i)bits, (__m256i)m->floor);  /* one instruction, not a compare and blend */
-#else
-    bits = bits > m->floor ? bits : m->floor;
-#endif
-    bits += m->offset;
-    __builtin_memcpy(&c, &bits, 32);
-#ifdef __FMA__
-    f8 r = (f8)_mm256_fmadd_ps((__m256)x, (__m256)y, (__m256)c) - c;
-#else
-    f8 r;
-    for (int l = 0; l < 8; ++l) r[l] = __builtin_fmaf(x[l], y[l], c[l]) - c[l];
-#endif
+   rounding, or p past the binade of max (where C need not be finite). L lanes: 16 for the products
+   kernel, 8 for the implicit GEMM's float64 sums. */
+template <bool SIGNS, bool OVERFLOW, int L>
+static inline rounded32_t<L> round_product32(typename lanes32<L>::F x, typename lanes32<L>::F y,
+                                             const grid32_t* m) {
+    typedef typename lanes32<L>::F F;
+    typedef typename lanes32<L>::I I;
+    F p = x * y, c;
+    I bits;
+    __builtin_memcpy(&bits, &p, sizeof p);
+    bits = max32(bits & 0x7F800000, (I){} + m->floor) + m->offset;
+    __builtin_memcpy(&c, &bits, sizeof c);
+    F r = fma32(x, y, c) - c;
     if (OVERFLOW) {
-        i8 sign = (i8){} + INT32_MIN, rb, pb;
-        __builtin_memcpy(&rb, &r, 32);
-        __builtin_memcpy(&pb, &p, 32);
-        f8 ra, pa;
-        rb &= ~sign, pb &= ~sign;
-        __builtin_memcpy(&ra, &rb, 32);
-        __builtin_memcpy(&pa, &pb, 32);
-        r = (ra > m->max) | (pa >= m->beyond) ? (m->has_inf ? p * INFINITY : (f8){} + NAN) : r;
+        I rb, pb;
+        __builtin_memcpy(&rb, &r, sizeof r);
+        __builtin_memcpy(&pb, &p, sizeof p);
+        F ra, pa;
+        rb &= INT32_MAX, pb &= INT32_MAX;
+        __builtin_memcpy(&ra, &rb, sizeof r);
+        __builtin_memcpy(&pa, &pb, sizeof p);
+        r = (ra > m->max) | (pa >= m->beyond) ? (m->has_inf ? p * INFINITY : (F){} + NAN) : r;
     }
-    if (SIGNS) r = r == 0 ? (m->neg_zero ? p * 0.0f : (f8){}) : r;
-    rounded32_t t = {r, bits};
+    if (SIGNS) r = r == 0 ? (m->neg_zero ? p * 0.0f : (F){}) : r;
+    rounded32_t<L> t = {r, bits};
     return t;
 }
 
-/* A chunk's sum of its products, in order from its first, in float64 */
+/* A chunk's sum of its products, in order from its first, in float64: L / 8 vectors (float64 products
+   come 8 lanes at a time, float32 ones 16) */
+template <int L>
 struct sum64_t {
+    static constexpr int LANES = L;
     static constexpr bool SCALED = false;
-    d8 s;
-    void first(d8 p, const terms_t*) { s = p; }
-    void add(d8 p, const terms_t*) { s += p; }
-    void first(rounded32_t p, const terms_t*) { s = widen8(p.r); }
-    void add(rounded32_t p, const terms_t*) { s += widen8(p.r); }
-    d8 total(const terms_t*) const { return s; }
+    d8 s[L / 8];
+    void first(d8 p, const terms_t*) { s[0] = p; }
+    void add(d8 p, const terms_t*) { s[0] += p; }
+    void first(rounded32_t<L> p, const terms_t*) { widen_to(s, p.r); }
+    void add(rounded32_t<L> p, const terms_t*) {
+        d8 w[L / 8];
+        widen_to(w, p.r);
+        for (int h = 0; h < L / 8; ++h) s[h] += w[h];
+    }
+    void total(d8* out, const terms_t*) const {
+        for (int h = 0; h < L / 8; ++h) out[h] = s[h];
+    }
 };
+
+/* hi += r where c >= split, else lo += r: a compare into a mask and two masked adds */
+template <typename F, typename I>
+static inline void add_split(F& lo, F& hi, F r, I c, int32_t split) {
+    I high = c >= split;
+    hi = high ? hi + r : hi;
+    lo = high ? lo : lo + r;
+}
+#ifdef __AVX512F__
+static inline void add_split(fw& lo, fw& hi, fw r, iw c, int32_t split) {
+    __mmask16 high = _mm512_cmpge_epi32_mask((__m512i)c, _mm512_set1_epi32(split));
+    hi = (fw)_mm512_mask_add_ps((__m512)hi, high, (__m512)hi, (__m512)r);
+    lo = (fw)_mm512_mask_add_ps((__m512)lo, (__mmask16)~high, (__m512)lo, (__m512)r);
+}
+#endif
 
 /* The same sum as two float32 sums, of the products below the split binade and of those from it on,
    where both are exact (float32_sums): their float64 sum is then the float64 sum in order, which is exact
    too. Each starts at -0, the identity that keeps a chunk of -0 products at -0. No widening per product:
    it took a third of the kernel's time. */
+template <int L>
 struct sums32_t {
+    static constexpr int LANES = L;
     static constexpr bool SCALED = false;
-    f8 lo, hi;
-    void first(rounded32_t p, const terms_t* t) {
-        lo = hi = splat32(-0.0f);  /* not 0 - 0: that is +0 */
+    typename lanes32<L>::F lo, hi;
+    void first(rounded32_t<L> p, const terms_t* t) {
+        lo = hi = lanes32<L>::splat(-0.0f);  /* not 0 - 0: that is +0 */
         add(p, t);
     }
-    void add(rounded32_t p, const terms_t* t) {
-#ifdef __AVX512VL__
-        __mmask8 high = _mm256_cmpge_epi32_mask((__m256i)p.c, (__m256i)t->mul32.split);
-        hi = (f8)_mm256_mask_add_ps((__m256)hi, high, (__m256)hi, (__m256)p.r);
-        lo = (f8)_mm256_mask_add_ps((__m256)lo, (__mmask8)~high, (__m256)lo, (__m256)p.r);
-#else
-        i8 high = p.c >= t->mul32.split;
-        hi = high ? hi + p.r : hi;
-        lo = high ? lo : lo + p.r;
-#endif
+    void add(rounded32_t<L> p, const terms_t* t) { add_split(lo, hi, p.r, p.c, t->mul32.split); }
+    void total(d8* out, const terms_t*) const {
+        d8 l[L / 8];
+        widen_to(out, hi);
+        widen_to(l, lo);
+        for (int h = 0; h < L / 8; ++h) out[h] += l[h];
     }
-    d8 total(const terms_t*) const { return widen8(hi) + widen8(lo); }
 };
 
 /* The same sum in int32 lanes, of products that round_product32 gives as counts of the format's smallest
    subnormal (a scaled by terms->scale, its inverse): exact where no partial sum can pass 2**31 (integer_sums
    decides), with one conversion per product instead of sums32_t's compare and two masked adds. Its zeros
    are unsigned: only for SIGNS false. */
+template <int L>
 struct sumi_t {
+    static constexpr int LANES = L;
     static constexpr bool SCALED = true;
-    i8 s;
-    void first(rounded32_t p, const terms_t*) { s = __builtin_convertvector(p.r, i8); }
-    void add(rounded32_t p, const terms_t*) { s += __builtin_convertvector(p.r, i8); }
-    d8 total(const terms_t* t) const { return __builtin_convertvector(s, d8) * (1.0 / t->scale); }
+    typename lanes32<L>::I s;
+    void first(rounded32_t<L> p, const terms_t*) { s = __builtin_convertvector(p.r, typename lanes32<L>::I); }
+    void add(rounded32_t<L> p, const terms_t*) { s += __builtin_convertvector(p.r, typename lanes32<L>::I); }
+    void total(d8* out, const terms_t* t) const {
+        widen_to(out, s);
+        for (int h = 0; h < L / 8; ++h) out[h] *= 1.0 / t->scale;
+    }
 };
 
 /* acc[i .. i + k) = round(acc + p), k <= 8 (a short group through a zeroed vector); counts in
@@ -287,8 +367,8 @@ extern "C" int64_t fold_chunks(double* acc, const double* partials, int64_t batc
 }
 
 /* round(a_row[u] * b_cols[u * N + n]) for n < w, through a zeroed vector: b in float64 (exact products
-   where t->mul is NULL), or in float32 (rounded in float32 lanes) */
-template <bool SIGNS, bool OVERFLOW, bool SCALED>
+   where t->mul is NULL; 8 lanes), or in float32 (rounded in L float32 lanes, a scaled where SCALED) */
+template <bool SIGNS, bool OVERFLOW, bool SCALED, int L>
 static inline d8 product(const float* a_row, const double* b_cols, int64_t u, int64_t N, const terms_t* t, int w) {
     d8 y = {};
     __builtin_memcpy(&y, b_cols + u * N, 8 * w);
@@ -296,12 +376,13 @@ static inline d8 product(const float* a_row, const double* b_cols, int64_t u, in
     return t->mul ? round_product<SIGNS, OVERFLOW>(p, t->mul, t->overflow) : p;
 }
 
-template <bool SIGNS, bool OVERFLOW, bool SCALED>
-static inline rounded32_t product(const float* a_row, const float* b_cols, int64_t u, int64_t N, const terms_t* t,
-                                  int w) {
-    f8 y = {};
+template <bool SIGNS, bool OVERFLOW, bool SCALED, int L>
+static inline rounded32_t<L> product(const float* a_row, const float* b_cols, int64_t u, int64_t N,
+                                     const terms_t* t, int w) {
+    typename lanes32<L>::F y = {};
     __builtin_memcpy(&y, b_cols + u * N, 4 * w);
-    return round_product32<SIGNS, OVERFLOW>(splat32(SCALED ? a_row[u] * t->scale : a_row[u]), y, &t->mul32);
+    return round_product32<SIGNS, OVERFLOW, L>(lanes32<L>::splat(SCALED ? a_row[u] * t->scale : a_row[u]), y,
+                                               &t->mul32);
 }
 
 /* round(acc + part): round_float of the plain sum where every such sum is exact (ops.emulate's
@@ -313,30 +394,38 @@ static inline d8 add_rounded(d8 acc, d8 part, const grid_t* g, double acc_overfl
     return round_nearest(s, (acc - (s - bb)) + (part - bb), g);
 }
 
-/* out[t][n] for tiles t < T of w columns each (T <= TILES): the chunk(k) sum of round(a_row[t][u] *
-   b_cols[t][u * N + n]) over u < K, each chunk's rounded products summed in order from its first,
-   then added into the accumulator and rounded, chunk by chunk. The tiles' accumulators are
+/* out[t][n] for tiles t < T of w columns each (T <= TILES, w <= Sum::LANES): the chunk(k) sum of
+   round(a_row[t][u] * b_cols[t][u * N + n]) over u < K, each chunk's rounded products summed in order from
+   its first, then added into the accumulator and rounded, chunk by chunk. The tiles' accumulators are
    independent chains: interleaved, one's rounding runs while another's waits on its latency.
-   ROW: the tiles are consecutive vectors of one row (a_row[t] = a_row[0], b_cols[t] = b_cols[0] + 8 t),
+   ROW: the tiles are consecutive vectors of one row (a_row[t] = a_row[0], b_cols[t] = b_cols[0] + L t),
    so that a[u] is loaded and broadcast once for all of them. */
 template <typename Bt, typename Sum, bool SIGNS, bool OVERFLOW, bool ROW>
 static inline void chunk_tiles(double* const* out, const float* const* a_row, const Bt* const* b_cols,
                                int64_t K, int64_t N, int64_t k, const grid_t* g, const terms_t* terms, int T,
                                int w) {
-    d8 acc[TILES];
+    constexpr int L = Sum::LANES, H = L / 8;
+    d8 acc[TILES][H];
     Sum part[TILES];
     auto ar = [&](int t) { return ROW ? a_row[0] : a_row[t]; };
-    auto bc = [&](int t) { return ROW ? b_cols[0] + 8 * t : b_cols[t]; };
-    for (int t = 0; t < T; ++t) acc[t] = splat(0.0);
+    auto bc = [&](int t) { return ROW ? b_cols[0] + L * t : b_cols[t]; };
+    auto term = [&](int t, int64_t u) { return product<SIGNS, OVERFLOW, Sum::SCALED, L>(ar(t), bc(t), u, N, terms, w); };
+    for (int t = 0; t < T; ++t)
+        for (int h = 0; h < H; ++h) acc[t][h] = splat(0.0);
     for (int64_t u0 = 0; u0 < K; u0 += k) {
         int64_t u1 = u0 + k < K ? u0 + k : K;
-        for (int t = 0; t < T; ++t) part[t].first(product<SIGNS, OVERFLOW, Sum::SCALED>(ar(t), bc(t), u0, N, terms, w), terms);
+        for (int t = 0; t < T; ++t) part[t].first(term(t, u0), terms);
         for (int64_t u = u0 + 1; u < u1; ++u)
-            for (int t = 0; t < T; ++t) part[t].add(product<SIGNS, OVERFLOW, Sum::SCALED>(ar(t), bc(t), u, N, terms, w), terms);
-        for (int t = 0; t < T; ++t)
-            acc[t] = add_rounded(acc[t], part[t].total(terms), g, terms->acc_overflow, terms->exact);
+            for (int t = 0; t < T; ++t) part[t].add(term(t, u), terms);
+        for (int t = 0; t < T; ++t) {
+            d8 sum[H];
+            part[t].total(sum, terms);
+            for (int h = 0; h < H; ++h) acc[t][h] = add_rounded(acc[t][h], sum[h], g, terms->acc_overflow, terms->exact);
+        }
     }
-    for (int t = 0; t < T; ++t) __builtin_memcpy(out[t], &acc[t], 8 * w);
+    for (int t = 0; t < T; ++t)
+        for (int h = 0; h < H && 8 * h < w; ++h)
+            __builtin_memcpy(out[t] + 8 * h, &acc[t][h], 8 * (w - 8 * h < 8 ? w - 8 * h : 8));
 }
 
 /* chunk_tiles of exact products (no mul format) over R rows of a times all C vectors of a row
@@ -375,33 +464,35 @@ static void exact_rows(double* out, const float* a, const double* b, int64_t row
     }
 }
 
-/* out[b][i][n] = chunk_tiles of row i of a[b] and column n of b[b]: the whole vectors of 8 output
-   columns, in row-major order, TILES to a task (a task may span rows: a tall, narrow GEMM has few
-   vectors to a row); then each row's short last vector on its own. */
+/* out[b][i][n] = chunk_tiles of row i of a[b] and column n of b[b]: the whole vectors of L = Sum::LANES
+   output columns, in row-major order, TILES * 8 columns to a task (a task may span rows: a tall, narrow GEMM
+   has few vectors to a row); then each row's short last vector on its own. 16 float32 lanes of 4 vectors
+   ran the 256^3 chunk(32) GEMM a quarter faster than 8 of 8; 8 of 16 spilled the accumulators. */
 template <typename Bt, typename Sum, bool SIGNS, bool OVERFLOW>
 static void gemm(double* out, const float* a, const Bt* b, int64_t batches, int64_t M, int64_t K, int64_t N,
                  int64_t k, const grid_t* g, const terms_t* terms, int threads) {
-    int64_t per_row = N / 8, whole = batches * M * per_row, tails = N % 8 ? batches * M : 0;
-    int64_t blocks = (whole + TILES - 1) / TILES;
+    constexpr int L = Sum::LANES, V = TILES * 8 / L;  /* vectors to a task: TILES * 8 columns */
+    int64_t per_row = N / L, whole = batches * M * per_row, tails = N % L ? batches * M : 0;
+    int64_t blocks = (whole + V - 1) / V;
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
     for (int64_t task = 0; task < blocks + tails; ++task) {
-        double* o[TILES];
-        const float* ar[TILES];
-        const Bt* bc[TILES];
-        int T = 0, w = 8;
+        double* o[V];
+        const float* ar[V];
+        const Bt* bc[V];
+        int T = 0, w = L;
         auto take = [&](int64_t row, int64_t n0) {  /* the vector at column n0 of row: tile T */
             o[T] = out + row * N + n0, ar[T] = a + row * K, bc[T] = b + row / M * K * N + n0;
             ++T;
         };
-        for (int64_t v = task * TILES; task < blocks && v < whole && T < TILES; ++v) take(v / per_row, v % per_row * 8);
+        for (int64_t v = task * V; task < blocks && v < whole && T < V; ++v) take(v / per_row, v % per_row * L);
         if (task >= blocks) {  /* a row's short last vector */
-            take(task - blocks, per_row * 8);
-            w = (int)(N - per_row * 8);
+            take(task - blocks, per_row * L);
+            w = (int)(N - per_row * L);
         }
-        if (T == TILES && ar[TILES - 1] == ar[0] && bc[TILES - 1] == bc[0] + 8 * (TILES - 1))
-            chunk_tiles<Bt, Sum, SIGNS, OVERFLOW, true>(o, ar, bc, K, N, k, g, terms, TILES, 8);
-        else if (T == TILES)
-            chunk_tiles<Bt, Sum, SIGNS, OVERFLOW, false>(o, ar, bc, K, N, k, g, terms, TILES, 8);
+        if (T == V && ar[V - 1] == ar[0] && bc[V - 1] == bc[0] + L * (V - 1))
+            chunk_tiles<Bt, Sum, SIGNS, OVERFLOW, true>(o, ar, bc, K, N, k, g, terms, V, L);
+        else if (T == V)
+            chunk_tiles<Bt, Sum, SIGNS, OVERFLOW, false>(o, ar, bc, K, N, k, g, terms, V, L);
         else
             chunk_tiles<Bt, Sum, SIGNS, OVERFLOW, false>(o, ar, bc, K, N, k, g, terms, T, w);
     }
@@ -426,8 +517,8 @@ extern "C" void chunk_products(double* out, const float* a, const void* b, int b
     if (b32) {
         t.mul32 = grid32(mul, split, t.scale);
         if (scale > 0)
-            return gemm<float, sumi_t, false, false>(out, a, (const float*)b, batches, M, K, N, k, g, &t, threads);
-        auto run = split > 0 ? gemm_of<float, sums32_t> : gemm_of<float, sum64_t>;
+            return gemm<float, sumi_t<16>, false, false>(out, a, (const float*)b, batches, M, K, N, k, g, &t, threads);
+        auto run = split > 0 ? gemm_of<float, sums32_t<16>> : gemm_of<float, sum64_t<16>>;
         return run(out, a, (const float*)b, batches, M, K, N, k, g, &t, signs, overflows, threads);
     }
     const double* b64 = (const double*)b;
@@ -435,7 +526,7 @@ extern "C" void chunk_products(double* out, const float* a, const void* b, int b
         auto rows = N == 8 ? exact_rows<TILES, 1> : N == 16 ? exact_rows<TILES / 2, 2> : exact_rows<TILES / 4, 4>;
         return rows(out, a, b64, batches * M, M, K, k, g, acc_overflow, exact, threads);
     }
-    gemm_of<double, sum64_t>(out, a, b64, batches, M, K, N, k, g, &t, signs, overflows, threads);
+    gemm_of<double, sum64_t<8>>(out, a, b64, batches, M, K, N, k, g, &t, signs, overflows, threads);
 }
 
 static inline d8 widen(const float* x) {  /* 8 floats from x, exactly as doubles */
@@ -470,7 +561,7 @@ static inline d8 term(d8 v, d8 s, const terms_t* t) {
 
 template <bool MUL, bool SIGNS, bool OVERFLOW>
 static inline d8 term(f8 v, f8 s, const terms_t* t) {
-    return widen8(round_product32<SIGNS, OVERFLOW>(v, s, &t->mul32).r);
+    return widen8(round_product32<SIGNS, OVERFLOW, 8>(v, s, &t->mul32).r);
 }
 
 /* The R x P tile of offset_gemm over reduction steps [t0, t1) (t0 a multiple of k): acc[r][p]

@@ -106,7 +106,7 @@ def _products_operands(B: int, M: int, K: int, N: int, seed: int) -> tuple[torch
 def test_gemms_of_rounded_products_equal_torch_and_the_reference(monkeypatch, spec, threads):
     spec = parse_arith(spec)
     k = spec.chunk or 1
-    a, b = _products_operands(2, 3, 3 * k + 3 if spec.chunk else 40, 8 * 4 + 5, seed=k)  # a short last chunk,
+    a, b = _products_operands(2, 3, 3 * k + 3 if spec.chunk else 40, 16 * 2 + 13, seed=k)  # a short last chunk,
     plan = emulate._plan(spec, False)  # and columns past the lanes
     got = torch.zeros(2, 3, b.shape[-1], dtype=torch.float64)
     previous = torch.get_num_threads()
@@ -304,7 +304,7 @@ def test_chunks_summed_as_integer_counts_equal_torch_and_the_reference(monkeypat
     top = 2.0**31 * g.qmin / k / 1.25 * 0.99  # near the bound integer_sums allows
     a = torch.rand(2, 3, 3 * k + 5, generator=gen) * torch.where(torch.rand(2, 3, 3 * k + 5, generator=gen) < 0.5, -1, 1)
     a[:, 0] = 1.0  # row 0: b's values as they are, each chunk at its largest sum
-    b = torch.full((2, 3 * k + 5, 37), top)
+    b = torch.full((2, 3 * k + 5, 16 * 8 + 11), top)  # a row of 8 whole vectors, a tail of 11
     b[:, 1::3] = torch.rand(b[:, 1::3].shape, generator=gen) * top
     b[:, 2::5] = g.qmin * torch.randint(0, 8, b[:, 2::5].shape, generator=gen) * 0.75  # subnormal products, ties
     b[0, :4, :3] = torch.tensor([1.0 + 2.0**-g.man / 2, -(1.0 + 2.0**-g.man / 2), 0.0])[None]  # exact midpoints
