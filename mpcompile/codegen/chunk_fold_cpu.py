@@ -385,6 +385,20 @@ static inline rounded32_t<L> product(const float* a_row, const float* b_cols, in
                                                &t->mul32);
 }
 
+/* The products kernel's output: float64, or float32 rounded to nearest where f32 (torch's .to(float32)) */
+struct out_t {
+    void* p;
+    int f32;
+    void store(int64_t i, d8 v, int n) const {  /* v's first n lanes to elements i, i + 1, ... */
+        if (f32) {
+            f8 x = __builtin_convertvector(v, f8);
+            __builtin_memcpy((float*)p + i, &x, 4 * n);
+        } else {
+            __builtin_memcpy((double*)p + i, &v, 8 * n);
+        }
+    }
+};
+
 /* round(acc + part): round_float of the plain sum where every such sum is exact (ops.emulate's
    exact_sums: two_sum's error would be 0), else round_exact of two_sum */
 static inline d8 add_rounded(d8 acc, d8 part, const grid_t* g, double acc_overflow, int exact) {
@@ -394,14 +408,14 @@ static inline d8 add_rounded(d8 acc, d8 part, const grid_t* g, double acc_overfl
     return round_nearest(s, (acc - (s - bb)) + (part - bb), g);
 }
 
-/* out[t][n] for tiles t < T of w columns each (T <= TILES, w <= Sum::LANES): the chunk(k) sum of
+/* out[o[t] + n] for tiles t < T of w columns each (T <= TILES, w <= Sum::LANES): the chunk(k) sum of
    round(a_row[t][u] * b_cols[t][u * N + n]) over u < K, each chunk's rounded products summed in order from
    its first, then added into the accumulator and rounded, chunk by chunk. The tiles' accumulators are
    independent chains: interleaved, one's rounding runs while another's waits on its latency.
    ROW: the tiles are consecutive vectors of one row (a_row[t] = a_row[0], b_cols[t] = b_cols[0] + L t),
    so that a[u] is loaded and broadcast once for all of them. */
 template <typename Bt, typename Sum, bool SIGNS, bool OVERFLOW, bool ROW>
-static inline void chunk_tiles(double* const* out, const float* const* a_row, const Bt* const* b_cols,
+static inline void chunk_tiles(out_t out, const int64_t* o, const float* const* a_row, const Bt* const* b_cols,
                                int64_t K, int64_t N, int64_t k, const grid_t* g, const terms_t* terms, int T,
                                int w) {
     constexpr int L = Sum::LANES, H = L / 8;
@@ -424,15 +438,14 @@ static inline void chunk_tiles(double* const* out, const float* const* a_row, co
         }
     }
     for (int t = 0; t < T; ++t)
-        for (int h = 0; h < H && 8 * h < w; ++h)
-            __builtin_memcpy(out[t] + 8 * h, &acc[t][h], 8 * (w - 8 * h < 8 ? w - 8 * h : 8));
+        for (int h = 0; h < H && 8 * h < w; ++h) out.store(o[t] + 8 * h, acc[t][h], w - 8 * h < 8 ? w - 8 * h : 8);
 }
 
 /* chunk_tiles of exact products (no mul format) over R rows of a times all C vectors of a row
    (R * C = TILES, N = 8 C): each b vector is loaded once for the R rows, each a value converted
    once for the C vectors (the same arithmetic, in the same order, lane by lane). */
 template <int R, int C>
-static void exact_rows(double* out, const float* a, const double* b, int64_t rows, int64_t M, int64_t K,
+static void exact_rows(out_t out, const float* a, const double* b, int64_t rows, int64_t M, int64_t K,
                        int64_t k, const grid_t* g, double acc_overflow, int exact, int threads) {
     const int64_t N = 8 * C;
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
@@ -460,7 +473,7 @@ static void exact_rows(double* out, const float* a, const double* b, int64_t row
                 for (int c = 0; c < C; ++c) acc[r][c] = add_rounded(acc[r][c], part[r][c], g, acc_overflow, exact);
         }
         for (int r = 0; r < R; ++r)
-            for (int c = 0; c < C; ++c) __builtin_memcpy(out + (r0 + r) * N + 8 * c, &acc[r][c], 64);
+            for (int c = 0; c < C; ++c) out.store((r0 + r) * N + 8 * c, acc[r][c], 8);
     }
 }
 
@@ -469,19 +482,19 @@ static void exact_rows(double* out, const float* a, const double* b, int64_t row
    has few vectors to a row); then each row's short last vector on its own. 16 float32 lanes of 4 vectors
    ran the 256^3 chunk(32) GEMM a quarter faster than 8 of 8; 8 of 16 spilled the accumulators. */
 template <typename Bt, typename Sum, bool SIGNS, bool OVERFLOW>
-static void gemm(double* out, const float* a, const Bt* b, int64_t batches, int64_t M, int64_t K, int64_t N,
+static void gemm(out_t out, const float* a, const Bt* b, int64_t batches, int64_t M, int64_t K, int64_t N,
                  int64_t k, const grid_t* g, const terms_t* terms, int threads) {
     constexpr int L = Sum::LANES, V = TILES * 8 / L;  /* vectors to a task: TILES * 8 columns */
     int64_t per_row = N / L, whole = batches * M * per_row, tails = N % L ? batches * M : 0;
     int64_t blocks = (whole + V - 1) / V;
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
     for (int64_t task = 0; task < blocks + tails; ++task) {
-        double* o[V];
+        int64_t o[V];
         const float* ar[V];
         const Bt* bc[V];
         int T = 0, w = L;
         auto take = [&](int64_t row, int64_t n0) {  /* the vector at column n0 of row: tile T */
-            o[T] = out + row * N + n0, ar[T] = a + row * K, bc[T] = b + row / M * K * N + n0;
+            o[T] = row * N + n0, ar[T] = a + row * K, bc[T] = b + row / M * K * N + n0;
             ++T;
         };
         for (int64_t v = task * V; task < blocks && v < whole && T < V; ++v) take(v / per_row, v % per_row * L);
@@ -490,29 +503,31 @@ static void gemm(double* out, const float* a, const Bt* b, int64_t batches, int6
             w = (int)(N - per_row * L);
         }
         if (T == V && ar[V - 1] == ar[0] && bc[V - 1] == bc[0] + L * (V - 1))
-            chunk_tiles<Bt, Sum, SIGNS, OVERFLOW, true>(o, ar, bc, K, N, k, g, terms, V, L);
+            chunk_tiles<Bt, Sum, SIGNS, OVERFLOW, true>(out, o, ar, bc, K, N, k, g, terms, V, L);
         else if (T == V)
-            chunk_tiles<Bt, Sum, SIGNS, OVERFLOW, false>(o, ar, bc, K, N, k, g, terms, V, L);
+            chunk_tiles<Bt, Sum, SIGNS, OVERFLOW, false>(out, o, ar, bc, K, N, k, g, terms, V, L);
         else
-            chunk_tiles<Bt, Sum, SIGNS, OVERFLOW, false>(o, ar, bc, K, N, k, g, terms, T, w);
+            chunk_tiles<Bt, Sum, SIGNS, OVERFLOW, false>(out, o, ar, bc, K, N, k, g, terms, T, w);
     }
 }
 
 template <typename Bt, typename Sum>
-static void gemm_of(double* out, const float* a, const Bt* b, int64_t batches, int64_t M, int64_t K, int64_t N,
+static void gemm_of(out_t out, const float* a, const Bt* b, int64_t batches, int64_t M, int64_t K, int64_t N,
                     int64_t k, const grid_t* g, const terms_t* terms, int signs, int overflows, int threads) {
     auto run = signs ? (overflows ? gemm<Bt, Sum, true, true> : gemm<Bt, Sum, true, false>)
                      : (overflows ? gemm<Bt, Sum, false, true> : gemm<Bt, Sum, false, false>);
     run(out, a, b, batches, M, K, N, k, g, terms, threads);
 }
 
-/* gemm, its products' zeros signed or not (signs), their overflow handled or not (overflow); b float32
+/* gemm into result (float32 where out32, else float64), its products' zeros signed or not (signs), their
+   overflow handled or not (overflow); b float32
    (b32: mul rounds in float32; scale > 0: each chunk summed as sumi_t, a scaled by it, where neither signs
    nor overflows; else split > 0: as sums32_t from that binade, inf: one sum) or float64 */
-extern "C" void chunk_products(double* out, const float* a, const void* b, int b32, double split, float scale,
-                               int64_t batches, int64_t M, int64_t K, int64_t N, int64_t k, const grid_t* mul,
-                               double overflow, const grid_t* g, double acc_overflow, int exact, int signs,
-                               int overflows, int threads) {
+extern "C" void chunk_products(void* result, int out32, const float* a, const void* b, int b32, double split,
+                               float scale, int64_t batches, int64_t M, int64_t K, int64_t N, int64_t k,
+                               const grid_t* mul, double overflow, const grid_t* g, double acc_overflow, int exact,
+                               int signs, int overflows, int threads) {
+    out_t out = {result, out32};
     terms_t t = {mul, overflow, acc_overflow, exact, {}, scale > 0 ? scale : 1.0f};
     if (b32) {
         t.mul32 = grid32(mul, split, t.scale);
@@ -692,8 +707,8 @@ def load_kernel() -> ctypes.CDLL:
     lib.fold_chunks.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                 ctypes.POINTER(_Grid), ctypes.c_int]
     lib.chunk_products.restype = None
-    lib.chunk_products.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_double,
-                                   ctypes.c_float] + [ctypes.c_int64] * 5 + [
+    lib.chunk_products.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                                   ctypes.c_double, ctypes.c_float] + [ctypes.c_int64] * 5 + [
         ctypes.POINTER(_Grid), ctypes.c_double, ctypes.POINTER(_Grid), ctypes.c_double] + [ctypes.c_int] * 4
     lib.offset_gemm.restype = None
     lib.offset_gemm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [
@@ -799,7 +814,8 @@ def chunk_products_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, k: int,
     and each chunk's sum rounded into the accumulator to nearest on ``grid`` (module docstring).
 
     Args:
-        acc: float64, contiguous, (B, M, N); overwritten.
+        acc: float64, contiguous, (B, M, N); overwritten. Or float32: the float64 result rounded to
+            nearest, as ``.to(torch.float32)`` would (without its float64 copy).
         a, b: float32, contiguous, (B, M, K) and (B, K, N). Where ``mul`` rounds in float32
             (``rounds_in_float32``) the kernel reads b as it is, else b is converted to float64
             once here (converting it in the kernel, once per row that reads it, is a quarter slower).
@@ -818,7 +834,7 @@ def chunk_products_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, k: int,
         raise ValueError("chunk_products_: a grid's format needs the reference rounding (no subnormals, zero or sign)")
     B, M, K = a.shape
     N = b.shape[-1]
-    require_cpu("chunk_products_: acc", acc, (torch.float64,), B * M * N)
+    require_cpu("chunk_products_: acc", acc, (torch.float64, torch.float32), B * M * N)
     require_cpu("chunk_products_: a", a, (torch.float32,))
     require_cpu("chunk_products_: b", b, (torch.float32,), B * K * N)
     if k < 1:
@@ -830,8 +846,8 @@ def chunk_products_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, k: int,
     scale = integer_sums(mul, k, largest) if b32 and not (signed_zeros or overflow) else None
     split = (float32_sums(mul, k) or 0.0) if b32 and scale is None else 0.0
     b = b if b32 else b.to(torch.float64)
-    load_kernel().chunk_products(acc.data_ptr(), a.data_ptr(), b.data_ptr(), int(b32), split, scale or 0.0,
-                                 B, M, K, N, k,
+    load_kernel().chunk_products(acc.data_ptr(), int(acc.dtype == torch.float32), a.data_ptr(), b.data_ptr(),
+                                 int(b32), split, scale or 0.0, B, M, K, N, k,
                                  None if mul is None else ctypes.byref(_grid_struct(mul)),
                                  0.0 if mul is None else mul.overflow, ctypes.byref(_grid_struct(grid)),
                                  grid.overflow, int(exact_sums), int(signed_zeros), int(overflow),

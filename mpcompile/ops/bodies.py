@@ -63,12 +63,14 @@ def kernel_dims(w: torch.Tensor, first: int = 1) -> tuple[int, ...]:
 
 def emulated(a: torch.Tensor, b: torch.Tensor, spec: ArithSpec, seed: int | None,
              roles: tuple[QuantSpec | None, QuantSpec | None] = (None, None), *,
-             index: torch.Tensor | None = None, exact_products: bool = False) -> torch.Tensor:
-    """``emulated_matmul`` (float64 holding acc values), by the op's backend where it emulates it."""
+             index: torch.Tensor | None = None, exact_products: bool = False,
+             dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``emulated_matmul`` (float64 holding acc values, or them rounded to ``dtype``), by the op's
+    backend where it emulates it."""
     y = backend_gemm(a, b, spec, roles, seed=seed, index=index)
     if y is not None:
-        return y.to(torch.float64)
-    return emulated_matmul(a, b, spec, seed=seed, index=index, exact_products=exact_products)
+        return y.to(torch.float64).to(dtype)
+    return emulated_matmul(a, b, spec, seed=seed, index=index, exact_products=exact_products, dtype=dtype)
 
 
 def gemm(a: torch.Tensor, b: torch.Tensor, spec: ArithSpec, seed: int | None, *, exact_products: bool = False,
@@ -78,7 +80,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor, spec: ArithSpec, seed: int | None, *,
     ``roles``: the formats a and b were rounded to, which a generated kernel may rely on."""
     if spec.is_native:
         return torch.matmul(a, b)
-    return emulated(a, b, spec, seed, roles, index=index, exact_products=exact_products).to(a.dtype)
+    return emulated(a, b, spec, seed, roles, index=index, exact_products=exact_products, dtype=a.dtype)
 
 
 def _seed_of(role: str, seed: int | None) -> int:
@@ -307,7 +309,9 @@ def _as_matrices(a, b):
     """torch.matmul's broadcasting: (batch, M, K) and (batch, K, N) views, and how to undo it."""
     va = a.unsqueeze(0) if a.dim() == 1 else a
     vb = b.unsqueeze(-1) if b.dim() == 1 else b
-    batch = torch.broadcast_shapes(va.shape[:-2], vb.shape[:-2])
+    batch = va.shape[:-2]
+    if vb.shape[:-2] != batch:  # torch.broadcast_shapes takes 20 us
+        batch = torch.broadcast_shapes(batch, vb.shape[:-2])
     return va.expand(*batch, *va.shape[-2:]), vb.expand(*batch, *vb.shape[-2:]), batch
 
 

@@ -250,8 +250,10 @@ def _step_seeds(seed: int | None, streams: int, steps: range, device) -> torch.T
 
 
 def emulated_matmul(a: torch.Tensor, b: torch.Tensor, spec: ArithSpec, *, seed: int | None = None,
-                    index: torch.Tensor | None = None, exact_products: bool = False) -> torch.Tensor:
-    """``a @ b`` with the arithmetic of ``spec``; float64 result holding values of ``spec.acc``.
+                    index: torch.Tensor | None = None, exact_products: bool = False,
+                    dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``a @ b`` with the arithmetic of ``spec``: float64 holding values of ``spec.acc``, or those
+    values rounded to nearest in ``dtype``, as ``.to(dtype)`` (the products kernel writes float32 so).
 
     Args:
         a: (B, M, K) float tensor; b: (B, K, N), same dtype and device.
@@ -260,6 +262,7 @@ def emulated_matmul(a: torch.Tensor, b: torch.Tensor, spec: ArithSpec, *, seed: 
         index: int64 (B, M, N): the number of each output element in the op's output (the
             counter of its random bits); default row-major.
         exact_products: the products are exact in float64 whatever the dtype (b is all ones).
+        dtype: the result's dtype.
     """
     split = a.dtype == torch.float64 and not exact_products
     if split and spec.mul is None:
@@ -276,19 +279,25 @@ def emulated_matmul(a: torch.Tensor, b: torch.Tensor, spec: ArithSpec, *, seed: 
         index = torch.arange(B * M * N, dtype=torch.int64, device=a.device).view(B, M, N)
     kernel = _products_kernel(plan, a.dtype, a.device)
     by_gemm = spec.chunk is not None and spec.mul is None and not split
-    by_kernel = kernel is not None and not (by_gemm and B * K * N * 8 > _KERNEL_B_BYTES)
-    empty = torch.empty if by_kernel else torch.zeros  # the kernel writes every element
-    acc = empty(B, M, N, dtype=torch.float64, device=a.device)
-    comp = torch.zeros_like(acc) if spec.kahan else None
-    compiled = _compile_enabled and a.device.type == "cpu" and B * M * N * K >= COMPILE_MIN_WORK
-    if by_gemm and not by_kernel:  # converts a block of a and b at a time
-        return _chunks_by_gemm(plan, acc, comp, a, b, index, seed)
-    if by_kernel:
+    if kernel is not None and not (by_gemm and B * K * N * 8 > _KERNEL_B_BYTES):
+        out = torch.empty(B, M, N, dtype=torch.float32 if dtype == torch.float32 else torch.float64, device=a.device)
         with section("fused gemm"):
             largest = _largest(a, b) if plan.mul is not None else (math.inf, math.inf)  # exact products: unused
-            kernel.products(acc, a.contiguous(), b.contiguous(), spec.chunk or 1, plan.mul, plan.acc, plan.exact_sums,
+            kernel.products(out, a.contiguous(), b.contiguous(), spec.chunk or 1, plan.mul, plan.acc, plan.exact_sums,
                             not _chunks_reduce(spec), largest)
-            return acc
+        return out.to(dtype)
+    return _emulated_by_torch(plan, a, b, index, seed, by_gemm).to(dtype)
+
+
+def _emulated_by_torch(plan: _Plan, a, b, index, seed, by_gemm: bool) -> torch.Tensor:
+    """``emulated_matmul``'s float64 result where the products kernel does not run it."""
+    spec = plan.spec
+    B, M, K = a.shape
+    acc = torch.zeros(B, M, b.shape[-1], dtype=torch.float64, device=a.device)
+    comp = torch.zeros_like(acc) if spec.kahan else None
+    compiled = _compile_enabled and a.device.type == "cpu" and acc.numel() * K >= COMPILE_MIN_WORK
+    if by_gemm:  # converts a block of a and b at a time
+        return _chunks_by_gemm(plan, acc, comp, a, b, index, seed)
     b64 = b.to(torch.float64)
     if _chunks_reduce(spec):  # reads a[m, k] once per 8 products: converts it in the kernel
         with section("fused gemm"):
