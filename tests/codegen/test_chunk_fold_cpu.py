@@ -327,6 +327,31 @@ def test_chunks_summed_as_integer_counts_equal_torch_and_the_reference(monkeypat
         assert torch.equal(got[i], want)
 
 
+@pytest.mark.parametrize("spec", ["acc=e10m26 order=chunk(16)", "mul=fp8_e5m2 acc=e10m26 order=chunk(16)",
+                                  "acc=e8m30 order=chunk(8)", "mul=fp16 acc=e5m10",
+                                  "mul=fp8_e4m3 acc=fp32 order=chunk(32)"])
+def test_a_float32_result_is_the_float64_one_rounded_to_nearest(spec):
+    """Written in float32, the result is the float64 one converted as ``.to(torch.float32)`` does it,
+    bit for bit: accumulators with more precision or range than float32 (ties of the conversion,
+    past float32's max, in its subnormals), infs and NaNs from the operands."""
+    spec = parse_arith(spec)
+    plan = emulate._plan(spec, False)
+    k = spec.chunk or 1
+    a, b = _products_operands(2, 5, 3 * k + 3, 16 * 2 + 13, seed=7)
+    a[0, 1:3] *= 2.0**118  # exact products past float32's range (e10m26 holds them)
+    a[0, 3:5] = torch.rand(2, a.shape[-1], generator=torch.Generator().manual_seed(1)) * 2.0**-136  # its subnormals
+    wide = torch.empty(2, 5, b.shape[-1], dtype=torch.float64)
+    narrow = torch.empty(2, 5, b.shape[-1], dtype=torch.float32)
+    for out in (wide, narrow):
+        chunk_products_(out, a, b, k, plan.mul, plan.acc, plan.exact_sums, not emulate._chunks_reduce(spec))
+    want = wide.to(torch.float32)
+    assert bool(((narrow.view(torch.int32) == want.view(torch.int32)) | want.isnan()).all())
+    assert torch.equal(narrow.isnan(), want.isnan()) and bool((~narrow.isfinite()).any())
+    assert spec.acc.man <= 23 or bool((wide != narrow.double()).any())  # the conversion rounded some
+    if spec.mul is None and spec.acc.emax > 127:
+        assert bool((narrow.isinf() & wide.isfinite()).any()) and bool(((narrow.abs() < 2.0**-126) & (narrow != 0)).any())
+
+
 @pytest.mark.parametrize("name", FORMATS)
 def test_a_bias_add_by_the_fold_kernel_is_torchs_rounded_add(monkeypatch, name):
     """``emulate.rounded_add_`` (``bodies.add_bias`` in place by the fold kernel) equals torch's
