@@ -4,9 +4,10 @@
 
 A step is forward, cross-entropy, backward and an SGD step (momentum 0.9) on a fixed random
 batch of 3x32x32 inputs and labels. Every variant trains its own copy of the same initial
-model; each is called once untimed first (that call compiles), then the median of --runs
-steps is taken, and divided by the median of eager fp32 steps (the plain nn.Module, no
-mpcompile) timed just before it. Variants:
+model; each is called once untimed first (that call compiles); its ratio to eager fp32 (the
+plain nn.Module, no mpcompile) is the median over --runs pairs of the variant's step and an
+eager step timed back to back (``timing.paired_ratio``: this machine's speed drifts by a third
+from one minute to the next). Variants:
 
 - compiled fp32: ``compile(model, "fp32")``, i.e. the traced graph with nothing to emulate.
 - hfp8 (fp32 arithmetic, quantized tensors): the shipped hfp8.yaml without its forward/backward
@@ -16,7 +17,8 @@ mpcompile) timed just before it. Variants:
   order: chunk(32)}, the emulated 16-bit chunked accumulator.
 - shipped hfp8 (e6m9 chunk(64)): ``compile(model, "hfp8")`` as shipped, for reference.
 
-Bar (issue): hfp8 (fp32 arithmetic, quantized tensors) <= 2x eager fp32.
+Bars (issue 27): hfp8 (fp32 arithmetic, quantized tensors) <= 1.3x eager fp32 (an earlier
+issue's was 2x), shipped hfp8 <= 4x (goal 2x).
 """
 from __future__ import annotations
 
@@ -31,9 +33,9 @@ import yaml
 import mpcompile
 from mpcompile.models import resnet20
 from mpcompile.policy import SHIPPED_POLICIES
-from timing import median_seconds
+from timing import paired_ratio
 
-BAR = ("hfp8 (fp32 arithmetic, quantized tensors)", 2.0)
+BARS = {"hfp8 (fp32 arithmetic, quantized tensors)": 1.3, "shipped hfp8 (e6m9 chunk(64))": 4.0}
 
 
 def hfp8_variant(name: str, arith: dict | None) -> dict:
@@ -72,7 +74,6 @@ def main() -> None:
     x = torch.randn(args.batch, 3, 32, 32)
     y = torch.randint(0, 10, (args.batch,))
     eager = make_step(copy.deepcopy(base), x, y)
-    eager_runs = max(args.runs, 11)
     variants = [("compiled fp32", "fp32"),
                 ("hfp8 (fp32 arithmetic, quantized tensors)", hfp8_variant("hfp8_tensors", None)),
                 ("hfp8 roles + e6m9 chunk(32) accumulation",
@@ -81,15 +82,13 @@ def main() -> None:
     rows = []
     for name, policy in variants:
         step = make_step(mpcompile.compile(copy.deepcopy(base), policy), x, y)
-        # eager fp32 is timed right before each variant, so slow drift of the machine cancels in the ratio
-        t_eager = median_seconds(eager, eager_runs, warmup=True)
-        rows.append((name, median_seconds(step, args.runs, warmup=True), t_eager))
+        rows.append((name, *paired_ratio(step, eager, args.runs)))
 
     print(f"resnet20, batch {args.batch}, 3x32x32, SGD step; threads: {torch.get_num_threads()}, "
-          f"runs: {args.runs} (median; eager fp32 {eager_runs}, timed again before each variant)")
-    for name, t, t_eager in rows:
-        ratio = t / t_eager
-        verdict = f"  bar <= {BAR[1]:g}x eager fp32: {'ok' if ratio <= BAR[1] else 'MISSED'}" if name == BAR[0] else ""
+          f"runs: {args.runs} (each the variant's step, then an eager fp32 step; medians)")
+    for name, t, t_eager, ratio in rows:
+        bar = BARS.get(name)
+        verdict = f"  bar <= {bar:g}x eager fp32: {'ok' if ratio <= bar else 'MISSED'}" if bar else ""
         print(f"{name:44s} {t * 1e3:9.1f} ms  {ratio:7.2f}x  (eager fp32 {t_eager * 1e3:.1f} ms){verdict}")
 
 
