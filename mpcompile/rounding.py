@@ -11,6 +11,7 @@ Other quantize kernels (the fused CPU path, Triton kernels) register with
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -322,6 +323,8 @@ def _largest_held(dtype: torch.dtype, fmt: FloatFormat | FixedFormat, v: float) 
 # op-level word (``mpcompile.backends``: auto, torch, triton); under ``torch`` the kernel is the
 # eager reference or, for large CPU tensors, the fused one; under ``triton`` the Triton one.
 Kernel = Callable[[torch.Tensor, QuantPlan, QuantParams, "torch.Tensor | None"], torch.Tensor]
+# a kernel that writes into a given contiguous tensor of x's shape and the plan's dtype (its last argument)
+KernelInto = Callable[[torch.Tensor, QuantPlan, QuantParams, "torch.Tensor | None", torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -329,6 +332,7 @@ class _QuantizeKernel:
     name: str
     kernel: Kernel
     accepts: Callable[[torch.Tensor, QuantPlan], bool]
+    into: KernelInto | None = None
 
 
 _KERNELS: dict[str, _QuantizeKernel] = {"reference": _QuantizeKernel("reference", reference_quantize, lambda x, plan: True)}
@@ -337,7 +341,8 @@ _OLD_ENV = "MPCOMPILE_QUANTIZE_BACKEND"  # deprecated spelling, still read
 _forced: str | None = None
 
 
-def register_quantize_kernel(name: str, kernel: Kernel, accepts: Callable[[torch.Tensor, QuantPlan], bool]) -> None:
+def register_quantize_kernel(name: str, kernel: Kernel, accepts: Callable[[torch.Tensor, QuantPlan], bool],
+                             into: KernelInto | None = None) -> None:
     """Add a quantize kernel; in ``auto`` mode the most recently registered one that accepts a call runs it.
 
     mpcompile's own kernels (``fused``, ``triton``, in ``mpcompile/codegen/``) register when
@@ -348,9 +353,11 @@ def register_quantize_kernel(name: str, kernel: Kernel, accepts: Callable[[torch
         name: the name ``set_quantize_kernel`` and ``MPCOMPILE_QUANTIZE_KERNEL`` use.
         kernel: same contract as ``reference_quantize``, and bit-identical to it.
         accepts: whether the kernel should take this input and plan when not forced.
+        into: the same kernel writing into a given tensor (``quantize``'s ``out``), where it
+            saves the allocation; None: ``out`` takes a copy of the kernel's result.
     """
     load_plugins("torch")
-    _KERNELS[name] = _QuantizeKernel(name, kernel, accepts)
+    _KERNELS[name] = _QuantizeKernel(name, kernel, accepts, into)
 
 
 def _known(name: str) -> bool:
@@ -433,6 +440,7 @@ def quantize(
     random_bits: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     backend: str | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Round every element of ``x`` to a value of ``fmt``.
 
@@ -452,6 +460,8 @@ def quantize(
             The bits are ``counter_bits(seed)``: the same on every backend and device.
         backend: ``auto``, ``torch`` or ``triton`` (``mpcompile.backends``); default: the
             enclosing ``use_backend``'s, else ``auto``. ``set_quantize_kernel`` overrides it.
+        out: a contiguous tensor of x's shape, dtype and device that takes the result (and is
+            returned), as torch's ``out=``: memory a caller reuses is not faulted in afresh.
 
     Returns:
         A tensor of x's shape, dtype and device whose finite entries are values of ``fmt``. It
@@ -483,17 +493,22 @@ def quantize(
         bits = _random_bits(x, n, random_bits, generator)
     elif random_bits is not None or sr_bits is not None:
         raise ValueError(f"quantize: random_bits and sr_bits apply only to rounding='stochastic', not {rounding!r}")
+    if out is not None and not (out.shape == x.shape and out.dtype == x.dtype and out.device == x.device
+                                and out.is_contiguous()):
+        raise ValueError(f"quantize: out must be a contiguous tensor of x's shape {tuple(x.shape)}, dtype {x.dtype} "
+                         f"and device {x.device}; got {tuple(out.shape)}, {out.dtype}, {out.device}")
     if isinstance(fmt, CodebookFormat):
-        return quantize_codebook(x, fmt)
+        y = quantize_codebook(x, fmt)
+        return y if out is None else out.copy_(y)
     seeded = bits is not None and random_bits is None and n <= COUNTER_BITS
     plan, params = plan_quantize(fmt, rounding, saturate, x.dtype, n, seeded, x.device)
     xw = x.to(plan.dtype).contiguous()  # kernels write out= in place, which dynamo wants contiguous
-    if backend is None:
-        out = _select(xw, plan).kernel(xw, plan, params, bits)
-    else:
-        with use_backend(backend):
-            out = _select(xw, plan).kernel(xw, plan, params, bits)
-    return out.to(x.dtype)
+    with use_backend(backend) if backend is not None else contextlib.nullcontext():
+        kernel = _select(xw, plan)
+        if out is not None and kernel.into is not None and out.dtype == plan.dtype:
+            return kernel.into(xw, plan, params, bits, out)
+        y = kernel.kernel(xw, plan, params, bits).to(x.dtype)
+    return y if out is None else out.copy_(y)
 
 
 def _random_bits(x: torch.Tensor, n: int, random_bits: torch.Tensor | None, generator) -> torch.Tensor:

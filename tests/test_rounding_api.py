@@ -74,3 +74,22 @@ def test_saturation_clamps_to_the_largest_format_value_the_dtype_holds(fmt, held
     got = quantize(x, fmt, saturate=True)
     assert got.tolist() == [held_max, held_max, -held_max if fmt != "fixed(32,16)" else -32768.0]
     assert bool((quantize(got, fmt, saturate=True) == got).all())  # values of the format
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "mxfp8_e4m3", "fixed(8,4)", "blockwise(dynamic8,256)"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_out_takes_the_result(fmt, dtype):
+    """out= holds the same values quantize returns without it (the C++ kernel writes float32 there
+    itself, other kernels' results are copied), and is what is returned."""
+    x = (torch.randn(4, 512, dtype=torch.float64) * 20).to(dtype)
+    out = torch.full_like(x, float("nan"))
+    got = quantize(x, fmt, out=out)
+    assert got is out
+    torch.testing.assert_close(out, quantize(x, fmt), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("out, match", [(torch.empty(4, 8), "shape"), (torch.empty(8, 4, dtype=torch.float64), "dtype"),
+                                        (torch.empty(4, 8).t(), "contiguous")])
+def test_an_out_of_another_shape_dtype_or_layout_is_refused(out, match):
+    with pytest.raises(ValueError, match=f"out must be a {'contiguous' if match == 'contiguous' else ''}.*"):
+        quantize(torch.randn(8, 4), "fp8_e4m3", out=out)

@@ -29,7 +29,7 @@ import torch
 from ..formats.block_format import SCALE_EXP_MAX, SCALE_EXP_MIN
 from ..random_bits import INDEX_FOLD, MIX_MUL1, MIX_MUL2
 from ..rounding import ROUNDING_MODES, QuantParams, QuantPlan
-from .cpu_kernels import compile_library, threads_for
+from .cpu_kernels import compile_library, require_cpu, threads_for
 from .round_spec import RoundSpec, round_spec
 
 __all__ = ["takes_plan", "quantize_cpu", "compiled_libraries"]
@@ -403,7 +403,8 @@ def _format(spec: RoundSpec) -> _Format:
                    spec.parity_by_exponent)
 
 
-def quantize_cpu(x: torch.Tensor, plan: QuantPlan, params: QuantParams, bits: torch.Tensor | None) -> torch.Tensor:
+def quantize_cpu(x: torch.Tensor, plan: QuantPlan, params: QuantParams, bits: torch.Tensor | None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """``reference_quantize`` for a plan of ``takes_plan``: same contract, bit-identical results.
 
     Args:
@@ -411,6 +412,8 @@ def quantize_cpu(x: torch.Tensor, plan: QuantPlan, params: QuantParams, bits: to
         plan, params: from ``plan_quantize``.
         bits: for stochastic rounding, an integer tensor of x's shape holding the random bits,
             or (``plan.seeded``) the 0-d seed of ``counter_bits``.
+        out: a contiguous float32 tensor of x's size the result is written into (returned);
+            None: a new one.
 
     Raises:
         ValueError: a plan the kernel does not take, or stochastic rounding without bits.
@@ -427,7 +430,10 @@ def quantize_cpu(x: torch.Tensor, plan: QuantPlan, params: QuantParams, bits: to
         else:
             mode, words = "tensor", bits.reshape(x.shape).to(torch.int64).contiguous()
     xc = x.contiguous()
-    out = torch.empty_like(xc)
+    if out is None:
+        out = torch.empty_like(xc)
+    else:
+        require_cpu("quantize_cpu: out", out, (torch.float32,), xc.numel())
     n = xc.numel()
     if n == 0:
         return out

@@ -27,7 +27,7 @@ from ..profiling import section
 from .emulate import emulated_matmul, rounded_add_
 from .exact import grid_of, round_exact, two_prod, two_sum
 from .gemm_backends import GemmFusion, backend_gemm, has_gemm_backend, rounds_in_kernel
-from .im2col import conv_as_gemm_operands, transposed_conv_operands
+from .im2col import conv_as_gemm_operands, held_memory, transposed_conv_operands
 from .implicit_conv import conv_sums, serves, weight_grad_sums
 from .kappa import activation, component_kappa, magnitudes
 from .observe import notify
@@ -41,15 +41,20 @@ __all__ = ["gemm", "emulated", "round_role", "kernel_dims", "k_dim", "RoleTensor
 
 
 def round_role(roles: RoleFormats, name: str, x, axis: int, seed: int | None, scales: torch.Tensor | None,
-               blocks: tuple[int, ...] = (-1,)):
+               blocks: tuple[int, ...] = (-1,), *, operand: bool = False):
     """x rounded to role ``name`` of ``roles`` (channel axis ``axis``, block formats' blocks along
     ``blocks``), with the op's sub-seed and delayed scale of that role; x itself where the role
-    has no format."""
+    has no format. ``operand``: the result is dead once the op's GEMMs have run (it is no output
+    and nothing keeps it), so it may be written into this thread's held memory of the role
+    (``im2col.held_memory``) instead of fresh memory faulted in page by page at every call."""
     i = ROLES.index(name)
     spec = roles.get(name)
+    out = None
+    if operand and spec is not None and x.device.type == "cpu":
+        out = held_memory(x.numel(), x.dtype, f"rounded {name}").view(x.shape)
     with section("quantize"):
         y = quantize_role(x, spec, axis=axis, seed=op_seed(seed, 16 + i), scale=None if scales is None else scales[i],
-                          blocks=blocks)
+                          blocks=blocks, out=out)
     if spec is not None:
         notify(name, x, y, spec)
     return y
@@ -108,8 +113,8 @@ class RoleTensor:
     blocks: tuple[int, ...] = (-1,)
 
     @functools.cached_property
-    def rounded(self) -> torch.Tensor:
-        return round_role(self.roles, self.name, self.raw, self.axis, self.seed, self.scales, self.blocks)
+    def rounded(self) -> torch.Tensor:  # an operand of the op's GEMMs: in held memory
+        return round_role(self.roles, self.name, self.raw, self.axis, self.seed, self.scales, self.blocks, operand=True)
 
     def for_kernel(self, plain: bool = True, padded: bool = False) -> tuple[torch.Tensor, bool]:
         """(the tensor, whether the kernel rounds it as it loads it): raw where it may
@@ -195,8 +200,8 @@ def native_grads(fn: Callable, xq, wq, has_bias: bool, grad: torch.Tensor) -> tu
 
 # -- linear ---------------------------------------------------------------------------------------
 def _linear_operands(x, w, b, roles: RoleFormats, seed, scales):
-    return (round_role(roles, "input", x, -1, seed, scales), round_role(roles, "weight", w, 0, seed, scales),
-            round_role(roles, "bias", b, 0, seed, scales))
+    return (round_role(roles, "input", x, -1, seed, scales, operand=True),
+            round_role(roles, "weight", w, 0, seed, scales, operand=True), round_role(roles, "bias", b, 0, seed, scales))
 
 
 def _linear_sums(xq, wq, bq, fwd: ArithSpec, seed: int | None, roles: RoleFormats) -> torch.Tensor:
@@ -367,14 +372,16 @@ def matmul_forward(a, b, roles: RoleFormats, fwd: ArithSpec, seed, scales=None) 
     y = _fused_matmul(a, b, roles, fwd, seed, scales)
     if y is not None:
         return y
-    aq, bq = round_role(roles, "input", a, -1, seed, scales), round_role(roles, "weight", b, -1, seed, scales, k_dim(b))
+    aq = round_role(roles, "input", a, -1, seed, scales, operand=True)
+    bq = round_role(roles, "weight", b, -1, seed, scales, k_dim(b), operand=True)
     return round_role(roles, "output", _matmul_sums(aq, bq, fwd, seed, roles), -1, seed, scales)
 
 
 def matmul_recompute(a, b, roles: RoleFormats, fwd: ArithSpec, high: Recompute, phi: str, seed,
                      scales=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``matmul_forward`` with the components ``high`` selects recomputed; and how many stayed low."""
-    aq, bq = round_role(roles, "input", a, -1, seed, scales), round_role(roles, "weight", b, -1, seed, scales, k_dim(b))
+    aq = round_role(roles, "input", a, -1, seed, scales, operand=True)
+    bq = round_role(roles, "weight", b, -1, seed, scales, k_dim(b), operand=True)
     y, low = _recomputed(lambda spec: _matmul_sums(aq, bq, spec, seed, roles), lambda: magnitudes("matmul", aq, bq),
                          fwd, high, phi)
     return round_role(roles, "output", y, -1, seed, scales), low
@@ -479,8 +486,9 @@ def _conv_sums(xq, wq, bq, stride, padding, dilation, groups, fwd: ArithSpec, se
 
 
 def _conv_operands(x, w, b, roles: RoleFormats, seed, scales):
-    return (round_role(roles, "input", x, 1, seed, scales, (1,)),
-            round_role(roles, "weight", w, 0, seed, scales, kernel_dims(w)), round_role(roles, "bias", b, 0, seed, scales))
+    return (round_role(roles, "input", x, 1, seed, scales, (1,), operand=True),
+            round_role(roles, "weight", w, 0, seed, scales, kernel_dims(w), operand=True),
+            round_role(roles, "bias", b, 0, seed, scales))
 
 
 def _fused_conv(x, w, b, conv: tuple, roles: RoleFormats, fwd: ArithSpec, seed, scales) -> torch.Tensor | None:

@@ -122,11 +122,11 @@ def phased_input(x: torch.Tensor, padding, stride, dtype: torch.dtype, slot: str
 
 
 def held_memory(numel: int, dtype: torch.dtype, slot: str = "patches") -> torch.Tensor:
-    """This thread's memory for a convolution's CPU operand layout (``slot``: one per operand alive
-    at once), kept from call to call: patches are several times a convolution's input (tens of
-    MB), which fresh memory faults in page by page at every call. An operand laid out here is dead
-    once its GEMM has run, before the next convolution lays out its own: each op builds its
-    operands and runs its GEMM before returning, on one thread. Kept per dtype too: a model whose
+    """This thread's memory for an op's CPU operand layouts and rounded operands (``slot``: one
+    per operand alive at once), kept from call to call: patches are several times a convolution's
+    input (tens of MB), which fresh memory faults in page by page at every call. An operand laid
+    out here is dead once its GEMM has run, before the next op lays out its own: each op builds
+    its operands and runs its GEMM before returning, on one thread. Kept per dtype too: a model whose
     convolutions alternate exact products (float64 scalars) and rounded ones (float32) would
     otherwise lay out each in fresh memory."""
     memory = _HELD.__dict__

@@ -3,7 +3,9 @@
 Every rounding of a role (``bodies.round_role``, forward and backward) and every value an
 optimizer stores in a format calls ``notify(role, raw, rounded, spec)`` while an observer is
 installed with ``observing``. Observers only read: an observed step computes exactly what an
-unobserved one does. With none installed, ``notify`` costs one truth test.
+unobserved one does. The rounded value of a GEMM operand lives in memory the ops reuse at their
+next call (``bodies.round_role``'s ``operand``): an observer that keeps it past the call keeps a
+clone. With none installed, ``notify`` costs one truth test.
 """
 from __future__ import annotations
 

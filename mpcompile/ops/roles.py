@@ -67,7 +67,8 @@ def record_amax(history: torch.Tensor, x: torch.Tensor) -> None:
 
 
 def quantize_role(x: torch.Tensor | None, spec: QuantSpec | None, *, axis: int, seed: int | None,
-                  scale: torch.Tensor | None = None, blocks: tuple[int, ...] = (-1,)) -> torch.Tensor | None:
+                  scale: torch.Tensor | None = None, blocks: tuple[int, ...] = (-1,),
+                  out: torch.Tensor | None = None) -> torch.Tensor | None:
     """x rounded as ``spec`` says (x itself if spec is None).
 
     Args:
@@ -80,6 +81,8 @@ def quantize_role(x: torch.Tensor | None, spec: QuantSpec | None, *, axis: int, 
         blocks: the dims a block format's blocks run along, flattened in this order: the
             reduction dims of the GEMM the tensor feeds (a conv weight's in_channels and kernel
             elements, in im2col order). A block format with an axis of its own keeps it.
+        out: memory the result may be written into (contiguous, x's shape and dtype): where the
+            format is elementwise and unscaled it is (``quantize``'s out); use what is returned.
     """
     if x is None or spec is None:
         return x
@@ -101,7 +104,7 @@ def quantize_role(x: torch.Tensor | None, spec: QuantSpec | None, *, axis: int, 
             blocks = (spec.fmt.axis,)
         return _blocked(x, spec, blocks, n, bits)
     if spec.scaling == "none":
-        return quantize(x, spec.fmt, spec.rounding, saturate=spec.saturate, sr_bits=n, random_bits=bits)
+        return quantize(x, spec.fmt, spec.rounding, saturate=spec.saturate, sr_bits=n, random_bits=bits, out=out)
     s = scale.to(torch.float64) if spec.scaling == "tensor_delayed" else _scale(x, spec, axis)
     y = quantize(x.to(torch.float64) * s, spec.fmt, spec.rounding, saturate=spec.saturate, sr_bits=n, random_bits=bits)
     return (y / s).to(x.dtype)

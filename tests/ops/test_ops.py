@@ -415,3 +415,30 @@ def test_a_chunk_longer_than_the_reduction_is_one_chunk():
     one = ArithSpec(acc="bf16", order="chunk(5)")
     assert torch.equal(ops.linear(x, w, forward=ArithSpec(acc="bf16", order="chunk(64)")), ops.linear(x, w, forward=one))
     assert torch.equal(ops.sum(x, 1, spec="acc=bf16 order=chunk(64)"), ops.sum(x, 1, spec=one))
+
+
+@pytest.mark.parametrize("op", ["conv2d", "linear", "matmul"])
+def test_rounded_operands_in_held_memory_do_not_leak_between_calls(op):
+    """GEMM operands are rounded into memory each thread keeps from call to call: a second call
+    of another shape and values in between leaves the first call's output, and its backward (which
+    rounds the raw operands again), equal to the reference of fresh rounding."""
+    from mpcompile.ops import im2col
+
+    formats = {"input": "fp8_e4m3", "weight": "fp8_e4m3", "grad_output": "fp8_e5m2"}
+    call = {"conv2d": lambda x, w: ops.conv2d(x, w, padding=1, formats=formats),
+            "linear": lambda x, w: ops.linear(x, w, formats=formats),
+            "matmul": lambda x, w: ops.matmul(x, w, formats=formats)}[op]
+    torch_op = {"conv2d": lambda x, w: F.conv2d(x, w, padding=1), "linear": F.linear, "matmul": torch.matmul}[op]
+    shapes = {"conv2d": ((2, 3, 6, 6), (4, 3, 3, 3)), "linear": ((5, 7), (6, 7)), "matmul": ((5, 7), (7, 6))}[op]
+    g = torch.Generator().manual_seed(1)
+    x, w = (torch.randn(s, generator=g, requires_grad=True) for s in shapes)
+    y = call(x, w)
+    other = [(torch.randn(*(2 * d for d in s), generator=g) * 100).requires_grad_() for s in shapes]  # a larger call
+    call(*other).sum().backward()
+    gy = torch.randn(y.shape, generator=g)
+    gx, gw = torch.autograd.grad(y, (x, w), gy)
+    xq, wq = (quantize(t.detach(), "fp8_e4m3").requires_grad_() for t in (x, w))
+    y_ref = torch_op(xq, wq)
+    gx_ref, gw_ref = torch.autograd.grad(y_ref, (xq, wq), quantize(gy, "fp8_e5m2"))
+    assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref) and torch.equal(gw, gw_ref)
+    assert ("rounded input", torch.float32) in im2col._HELD.__dict__  # the operands went there
