@@ -520,9 +520,9 @@ static void gemm_of(out_t out, const float* a, const Bt* b, int64_t batches, int
 }
 
 /* gemm into result (float32 where out32, else float64), its products' zeros signed or not (signs), their
-   overflow handled or not (overflow); b float32
-   (b32: mul rounds in float32; scale > 0: each chunk summed as sumi_t, a scaled by it, where neither signs
-   nor overflows; else split > 0: as sums32_t from that binade, inf: one sum) or float64 */
+   overflow handled or not (overflow); b float32 (b32: mul rounds in float32; scale > 0: each chunk summed
+   as sumi_t, a scaled by it, where neither signs nor overflows; else split > 0: as sums32_t from that
+   binade, inf: one sum) or float64 */
 extern "C" void chunk_products(void* result, int out32, const float* a, const void* b, int b32, double split,
                                float scale, int64_t batches, int64_t M, int64_t K, int64_t N, int64_t k,
                                const grid_t* mul, double overflow, const grid_t* g, double acc_overflow, int exact,
