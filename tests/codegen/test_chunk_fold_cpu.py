@@ -354,6 +354,21 @@ def test_a_float32_result_is_the_float64_one_rounded_to_nearest(spec):
         assert bool((narrow.isinf() & wide.isfinite()).any()) and bool(((narrow.abs() < 2.0**-126) & (narrow != 0)).any())
 
 
+@pytest.mark.parametrize("n", [8, 16, 32])
+def test_narrow_exact_gemms_write_a_float32_result_too(n):
+    """The exact products' row kernel (N of 8, 16 or 32 columns) stores float32 as the general one does."""
+    spec = parse_arith("acc=e10m26 order=chunk(4)")
+    plan = emulate._plan(spec, False)
+    a, b = _products_operands(1, 16, 19, n, seed=n)
+    a[0, 1:3] *= 2.0**118  # sums past float32's range
+    wide, narrow = torch.empty(1, 16, n, dtype=torch.float64), torch.empty(1, 16, n, dtype=torch.float32)
+    for out in (wide, narrow):
+        chunk_products_(out, a, b, 4, None, plan.acc, plan.exact_sums, not emulate._chunks_reduce(spec))
+    want = wide.to(torch.float32)
+    assert bool(((narrow.view(torch.int32) == want.view(torch.int32)) | want.isnan()).all())
+    assert bool((narrow.isinf() & wide.isfinite()).any()) and bool((wide != narrow.double()).any())
+
+
 @pytest.mark.parametrize("name", FORMATS)
 def test_a_bias_add_by_the_fold_kernel_is_torchs_rounded_add(monkeypatch, name):
     """``emulate.rounded_add_`` (``bodies.add_bias`` in place by the fold kernel) equals torch's
