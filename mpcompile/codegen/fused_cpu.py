@@ -20,7 +20,7 @@ from ..backends import run_or_fall_back
 from ..rounding import QuantParams, QuantPlan, reference_quantize, register_quantize_kernel
 from .quantize_cpu import quantize_cpu, takes_plan
 
-__all__ = ["MIN_NUMEL", "fused_quantize", "fused_quantize_into", "compiled_kernels"]
+__all__ = ["MIN_NUMEL", "fused_quantize", "compiled_kernels"]
 
 MIN_NUMEL = 1 << 20  # below this, inductor's compile time and call overhead outweigh the fusion
 
@@ -47,25 +47,18 @@ def _kernel(plan: QuantPlan):
     return kernel
 
 
-def fused_quantize(x: torch.Tensor, plan: QuantPlan, params: QuantParams, bits: torch.Tensor | None) -> torch.Tensor:
-    """``reference_quantize``, compiled; same contract and bit-identical results."""
+def fused_quantize(x: torch.Tensor, plan: QuantPlan, params: QuantParams, bits: torch.Tensor | None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """``reference_quantize``, compiled; same contract and bit-identical results. Into ``out``
+    where given (contiguous, x's shape and the plan's dtype): the C++ kernel writes there, the
+    others' results are copied."""
     if takes_plan(plan) and x.device.type == "cpu":
-        kernel, what = lambda: quantize_cpu(x, plan, params, bits), "the C++ quantize kernel"
+        kernel, what = lambda: quantize_cpu(x, plan, params, bits, out), "the C++ quantize kernel"
     else:
         kernel, what = lambda: _kernel(plan)(x, params, bits), "the inductor quantize kernel"
-    return run_or_fall_back(_FAILED, plan, kernel, lambda: reference_quantize(x, plan, params, bits),
-                            f"{what} for {plan}")
-
-
-def fused_quantize_into(x: torch.Tensor, plan: QuantPlan, params: QuantParams, bits: torch.Tensor | None,
-                        out: torch.Tensor) -> torch.Tensor:
-    """``fused_quantize`` into ``out`` (contiguous, x's shape and the plan's dtype): the C++ kernel
-    writes there, the others' results are copied."""
-    if takes_plan(plan) and x.device.type == "cpu":
-        return run_or_fall_back(_FAILED, plan, lambda: quantize_cpu(x, plan, params, bits, out),
-                                lambda: out.copy_(reference_quantize(x, plan, params, bits)),
-                                f"the C++ quantize kernel for {plan}")
-    return out.copy_(fused_quantize(x, plan, params, bits))
+    y = run_or_fall_back(_FAILED, plan, kernel, lambda: reference_quantize(x, plan, params, bits),
+                         f"{what} for {plan}")
+    return y if out is None or y is out else out.copy_(y)
 
 
 def _accepts(x: torch.Tensor, plan: QuantPlan) -> bool:
@@ -73,4 +66,4 @@ def _accepts(x: torch.Tensor, plan: QuantPlan) -> bool:
             and (takes_plan(plan) or x.numel() >= MIN_NUMEL))
 
 
-register_quantize_kernel("fused", fused_quantize, _accepts, fused_quantize_into)
+register_quantize_kernel("fused", fused_quantize, _accepts, into=fused_quantize)

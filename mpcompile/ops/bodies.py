@@ -74,7 +74,7 @@ def emulated(a: torch.Tensor, b: torch.Tensor, spec: ArithSpec, seed: int | None
     backend where it emulates it."""
     y = backend_gemm(a, b, spec, roles, seed=seed, index=index)
     if y is not None:
-        return y.to(torch.float64).to(dtype)
+        return y.to(dtype)  # y (float32 or float64) converts to float64 exactly: one rounding, as through float64
     return emulated_matmul(a, b, spec, seed=seed, index=index, exact_products=exact_products, dtype=dtype)
 
 
